@@ -1,0 +1,224 @@
+"""Learner: one DeepSpeed rank. N of them form one data-parallel engine (gloo on CPU, NCCL on GPU).
+
+Each rank receives its shard of the batch. Losses are normalised by counts of the *whole*
+batch (tokens or sequences), so the update does not depend on how the batch is cut into
+ranks and micro-batches: DeepSpeed averages gradients over ranks, hence the ``* world_size``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .batching import pack, token_logprobs
+from .loss import LossConfig, aggregate, grpo_token_losses
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    threads_per_rank: int = 1  # torch intra-op threads on CPU
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def _micro_batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class LearnerRank:
+    """Plain class: a world of one works in-process; ``cluster/`` runs one Ray actor per rank."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.model_path, self.cfg, self.rank, self.world_size, self.seed = model_path, cfg, rank, world_size, seed
+        self.engine = None
+        self.step_count = 0
+        self.batch_size = None
+
+    def __repr__(self) -> str:
+        return f"LearnerRank({self.rank}/{self.world_size})"
+
+    def setup(self, master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0) -> dict:
+        """Join the process group and build the DeepSpeed engine (all ranks call this together)."""
+        import datetime
+
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            torch.set_num_threads(self.cfg.threads_per_rank)
+        torch.manual_seed(self.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        warmup = max(1, o.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(gas=1))
+        self.device = self.engine.device
+        return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
+
+    def start_phase(self, lr: float, warmup_steps: int = 0, reset_optimizer: bool = True) -> None:
+        """Switch learning rate (and forget Adam's moments) between SFT warm-up and GRPO."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
+        if reset_optimizer:
+            inner.state.clear()  # AdamW re-creates its moments lazily at the next step
+        for group in inner.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        # A fresh linear warm-up from this point; DeepSpeed steps whatever scheduler it holds.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+        self.engine.lr_scheduler = self.scheduler
+
+    def _ds_config(self, gas: int) -> dict:
+        c = self.cfg
+        return {
+            "train_micro_batch_size_per_gpu": c.micro_batch_size,
+            "gradient_accumulation_steps": gas,
+            "train_batch_size": c.micro_batch_size * gas * self.world_size,
+            "zero_optimization": {"stage": c.zero_stage},
+            "gradient_clipping": c.optim.grad_clip,
+            "bf16": {"enabled": c.dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
+            "steps_per_print": 10**9,
+        }
+
+    def _set_micro_batches(self, n_local: int) -> int:
+        """DeepSpeed steps the optimizer after a fixed number of micro-batches: set it per batch."""
+        gas = -(-n_local // self.cfg.micro_batch_size)
+        size = self.cfg.micro_batch_size * gas * self.world_size
+        if size != self.batch_size:
+            self.engine.set_train_batch_size(size)
+            self.batch_size = size
+        return gas
+
+    def _run_micro_batches(self, items: list, loss_fn) -> dict:
+        """Forward/backward over micro-batches, one optimizer step. Pads to full micro-batches
+        with zero-weight repeats so every rank takes the same number of DeepSpeed micro-steps."""
+        gas = self._set_micro_batches(len(items))
+        self.engine.train()
+        sums: dict[str, float] = {}
+        for mb_index, mb in enumerate(_micro_batches(items, self.cfg.micro_batch_size)):
+            loss, stats = loss_fn(mb)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+            for k, v in stats.items():
+                sums[k] = max(sums.get(k, float("-inf")), v) if k.endswith("_max") else sums.get(k, 0.0) + v
+        for _ in range(gas - mb_index - 1):  # ranks with fewer items still complete the step
+            loss, _ = loss_fn(items[:1], weight=0.0)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+        self.step_count += 1
+        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        sums["lr"] = float(self.scheduler.get_last_lr()[0])
+        return sums
+
+    def sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> dict:
+        """Cross-entropy on completion tokens; ``global_tokens`` counts them over all ranks."""
+        t0 = time.perf_counter()
+
+        def loss_fn(mb, weight: float = 1.0):
+            packed = pack([p for p, _ in mb], [c for _, c in mb], self.pad_id).to(self.device)
+            logp = token_logprobs(self.engine, packed)
+            nll = -(logp * packed.completion_mask).sum()
+            loss = nll / global_tokens * self.world_size * weight
+            return loss, {"nll_sum": float(nll.detach()) * weight}
+
+        sums = self._run_micro_batches(examples, loss_fn)
+        return {**sums, "time_s": time.perf_counter() - t0}
+
+    def grpo_step(self, samples: list[dict], global_denom: float) -> dict:
+        """One policy-gradient step over this rank's samples.
+
+        Each sample: prompt_ids, completion_ids, logprobs (behaviour), advantage, and
+        ref_logprobs when the KL penalty is on. ``global_denom`` is the batch's token count
+        (``token_mean``) or sequence count (``seq_mean``) over all ranks.
+        """
+        t0 = time.perf_counter()
+        lc = self.cfg.loss
+
+        def loss_fn(mb, weight: float = 1.0):
+            packed = pack([s["prompt_ids"] for s in mb], [s["completion_ids"] for s in mb], self.pad_id)
+            old = packed.scatter([s["logprobs"] for s in mb]).to(self.device)
+            ref = packed.scatter([s["ref_logprobs"] for s in mb]).to(self.device) if lc.kl_coef else None
+            adv = torch.tensor([s["advantage"] for s in mb], dtype=torch.float32, device=self.device)
+            packed = packed.to(self.device)
+            logp = token_logprobs(self.engine, packed, lc.temperature)
+            tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref)
+            loss = aggregate(tok_loss, packed.completion_mask, lc.aggregation, global_denom) * self.world_size * weight
+            m = packed.completion_mask.bool()
+            stats = {
+                "loss_sum": float(loss.detach()) / self.world_size,
+                "tokens": float(m.sum()) * weight,
+                "clipped": float(parts["clipped"][m].sum()) * weight,
+                "ratio_sum": float(parts["ratio"][m].sum()) * weight,
+                "ratio_max": float(parts["ratio"][m].max()) if weight else float("-inf"),
+                "logp_diff_abs_sum": float((logp.detach() - old)[m].abs().sum()) * weight,
+            }
+            if "kl" in parts:
+                stats["kl_sum"] = float(parts["kl"][m].sum()) * weight
+            return loss, stats
+
+        sums = self._run_micro_batches(samples, loss_fn)
+        return {**sums, "time_s": time.perf_counter() - t0}
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (ZeRO-3 shards are gathered; every rank must call this)."""
+        import deepspeed
+
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        return state
+
+    def export_weights(self, dtype: str = "float32") -> bytes | None:
+        """Serialised full state dict (rank 0), what generators and the reference load."""
+        state = self._full_state_dict()
+        if state is None:
+            return None
+        target = getattr(torch, dtype)
+        buf = io.BytesIO()
+        torch.save({k: v.to(target) for k, v in state.items()}, buf)
+        return buf.getvalue()
+
+    def save_hf(self, path: str) -> str | None:
+        """HF-format checkpoint (``from_pretrained`` loads it) written by rank 0."""
+        state = self._full_state_dict()
+        if state is None:
+            return None
+        self.engine.module.save_pretrained(path, state_dict=state)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def ping(self) -> str:
+        return "ok"

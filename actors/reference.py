@@ -1,0 +1,44 @@
+"""Reference: a frozen copy of the initial policy that computes reference log-probs for the KL term."""
+from __future__ import annotations
+
+import torch
+
+from .batching import pack, token_logprobs
+
+
+class Reference:
+    def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 32,
+                 temperature: float = 1.0, threads: int = 1, device: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        tok = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+
+    def __repr__(self) -> str:
+        return "Reference()"
+
+    def load_weights(self, blob: bytes) -> None:
+        """Re-anchor the reference (e.g. to the SFT checkpoint before GRPO starts)."""
+        import io
+
+        self.model.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True), strict=False)
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[dict]) -> list[list[float]]:
+        """Per completion token log-probs under the reference, aligned with ``completion_ids``."""
+        out: list[list[float]] = []
+        for i in range(0, len(samples), self.micro_batch_size):
+            mb = samples[i : i + self.micro_batch_size]
+            packed = pack([s["prompt_ids"] for s in mb], [s["completion_ids"] for s in mb], self.pad_id)
+            lp = token_logprobs(self.model, packed.to(self.device), self.temperature)
+            out.extend(packed.gather(lp.cpu()))
+        return out
+
+    def ping(self) -> str:
+        return "ok"

@@ -1,0 +1,63 @@
+"""``r1ray``: the command line. Every config error is reported before Ray starts."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1ray", description="GRPO for reasoning models as a Ray actor system.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a recipe: SFT warm-up, held-out eval, GRPO, eval, checkpoint")
+    t.add_argument("recipe", help="YAML path or a shipped recipe name (e.g. configs/tiny-cpu.yaml, tiny-cpu)")
+    t.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set grpo.steps=50 (repeatable)")
+    c = sub.add_parser("check", help="validate a recipe and print the resolved config; starts nothing")
+    c.add_argument("recipe")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
+    w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
+    w.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .schema import ConfigError
+
+    if args.command == "tiny":
+        from .tiny import build_tiny_world
+
+        out = build_tiny_world(os.path.expanduser(args.dir), force=args.force)
+        print(f"tiny world: {out}/model (model + tokenizer), {out}/data (train/test)")
+        return 0
+    from .config import load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None))
+    except ConfigError as e:
+        print(f"r1ray: invalid config: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        return 0
+    if not any(x > 0 for x in (recipe.learner.gpus_per_rank,)):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .train import train
+
+    summary = train(recipe)
+    print(f"run directory: {summary['run_dir']}")
+    for key in ("eval_before", "eval_after", "wall_s"):
+        if key in summary:
+            print(f"{key}: {summary[key]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The recipe schema: each layer's own config, composed; loaded from YAML and validated up front."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ..actors.generator import GeneratorConfig, SamplingConfig
+from ..actors.learner import LearnerConfig
+from ..actors.scorer import RewardSpec, ScorerConfig, check_specs
+from .schema import ConfigError, apply_override, build, to_dict
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+TINY = "tiny"  # model.path / data.path value meaning "the locally built tiny world"
+
+
+@dataclass
+class ModelConfig:
+    path: str = TINY  # hub name, local path, or "tiny"
+    tiny_dir: str = "~/.cache/r1ray/tiny-world"  # where the tiny world is built when path is "tiny"
+
+
+@dataclass
+class DataConfig:
+    path: str = TINY  # datasets.load_from_disk dir, a hub dataset name, or "tiny"
+    name: str | None = None  # hub dataset config name
+    train_split: str = "train"
+    test_split: str = "test"
+    prompt_column: str = "problem"
+    solution_column: str = "solution"
+    messages_column: str = "messages"  # SFT traces (chat messages ending with the assistant turn)
+    system_prompt: str | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS, a local `ray start` cluster, or start one
+    namespace: str = "r1ray"
+    num_cpus: int | None = None  # only when starting a local cluster; default: all cores
+    num_gpus: int | None = None
+    dashboard: bool = True
+    object_store_mb: int = 256
+    call_timeout_s: float = 600.0  # every remote call is bounded by this
+
+
+@dataclass
+class GeneratorGroupConfig(GeneratorConfig):
+    num_actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+
+
+@dataclass
+class LearnerGroupConfig(LearnerConfig):
+    cpus_per_rank: float = 0.5
+    gpus_per_rank: float = 0.0
+
+
+@dataclass
+class ReferenceConfig:
+    cpus: float = 0.25
+    gpus: float = 0.0
+    micro_batch_size: int = 64
+
+
+@dataclass
+class SftConfig:
+    steps: int = 0  # 0 skips the warm-up
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+
+
+@dataclass
+class GrpoConfig:
+    steps: int = 100
+    prompts_per_step: int = 16
+    num_generations: int = 8  # completions per prompt (the group)
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    max_staleness: int = 0  # 0: strictly on-policy
+    log_completions_every: int = 0  # 0: never; N: write a few completions every N steps
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 200  # held-out prompts for pass@1 before and after
+    max_new_tokens: int | None = None  # default: sampling.max_new_tokens
+    reward: str = "accuracy"  # the function that decides pass/fail
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    generator: GeneratorGroupConfig = field(default_factory=GeneratorGroupConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.2)])
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    learner: LearnerGroupConfig = field(default_factory=LearnerGroupConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def resolve_recipe_path(path: str) -> Path:
+    """A path, or a recipe name shipped in configs/ (``tiny-cpu`` or ``tiny-cpu.yaml``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (PACKAGE_DIR / "configs" / path, PACKAGE_DIR / "configs" / f"{path}.yaml"):
+        if cand.exists():
+            return cand
+    shipped = sorted(x.stem for x in (PACKAGE_DIR / "configs").glob("*.yaml"))
+    raise ConfigError(f"recipe {path!r} not found: give a YAML path or one of {', '.join(shipped)}")
+
+
+def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    data: dict = {}
+    if path:
+        text = resolve_recipe_path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path}: the top level must be a mapping, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    recipe = build(Recipe, data)
+    validate(recipe)
+    return recipe
+
+
+def _positive(key: str, value, allow_zero: bool = False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': got {value!r}; accepted: a number {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(r: Recipe, available_cpus: float | None = None, available_gpus: float | None = None) -> None:
+    """Cross-field checks: everything that would otherwise fail minutes later inside an actor."""
+    g, lc = r.grpo, r.learner
+    for key, value in [("grpo.num_generations", g.num_generations), ("grpo.prompts_per_step", g.prompts_per_step),
+                       ("learner.num_ranks", lc.num_ranks), ("learner.micro_batch_size", lc.micro_batch_size),
+                       ("generator.num_actors", r.generator.num_actors), ("scorer.num_actors", r.scorer.num_actors),
+                       ("scorer.workers_per_actor", r.scorer.workers_per_actor), ("sampling.max_new_tokens", r.sampling.max_new_tokens),
+                       ("sampling.temperature", r.sampling.temperature), ("learner.optim.lr", lc.optim.lr),
+                       ("scorer.timeout_s", r.scorer.timeout_s), ("ray.call_timeout_s", r.ray.call_timeout_s)]:
+        _positive(key, value)
+    for key, value in [("grpo.steps", g.steps), ("sft.steps", r.sft.steps), ("grpo.max_staleness", g.max_staleness),
+                       ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts)]:
+        _positive(key, value, allow_zero=True)
+    if g.num_generations < 2:
+        raise ConfigError(f"config key 'grpo.num_generations': got {g.num_generations}; accepted: an integer >= 2 "
+                          "(group-normalised advantages need at least two completions per prompt)")
+    if not 0 < r.sampling.top_p <= 1:
+        raise ConfigError(f"config key 'sampling.top_p': got {r.sampling.top_p}; accepted: a number in (0, 1]")
+    batch = g.prompts_per_step * g.num_generations
+    if batch % lc.num_ranks:
+        raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
+                          f"do not divide over learner.num_ranks={lc.num_ranks}; accepted: a batch divisible by the rank count")
+    if r.sft.steps and r.sft.batch_size % lc.num_ranks:
+        raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "
+                          f"learner.num_ranks={lc.num_ranks}")
+    if lc.dtype == "bfloat16" and lc.zero_stage == 0:
+        raise ConfigError("config key 'learner.dtype': 'bfloat16' needs learner.zero_stage >= 1 under DeepSpeed; "
+                          "accepted: zero_stage 1, 2 or 3 with bfloat16, or dtype 'float32'")
+    if r.sampling.max_new_tokens >= r.generator.max_model_len:
+        raise ConfigError(f"config key 'sampling.max_new_tokens': got {r.sampling.max_new_tokens}; accepted: fewer than "
+                          f"generator.max_model_len={r.generator.max_model_len}")
+    if r.eval.num_prompts and r.eval.reward not in {s.name for s in r.rewards} | {"accuracy"}:
+        raise ConfigError(f"config key 'eval.reward': got {r.eval.reward!r}; accepted: 'accuracy' or one of the "
+                          f"configured rewards ({', '.join(s.name for s in r.rewards)})")
+    if not r.rewards:
+        raise ConfigError("config key 'rewards': got an empty list; accepted: at least one reward function")
+    try:
+        check_specs(r.rewards)
+    except ValueError as e:
+        raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
+    check_resources(r, available_cpus, available_gpus)
+
+
+def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = None) -> None:
+    """Reject placements that could never be scheduled (Ray would wait forever on them)."""
+    if cpus is None:
+        cpus = r.ray.num_cpus if r.ray.num_cpus is not None else (os.cpu_count() or 1)
+    if gpus is None:
+        gpus = r.ray.num_gpus if r.ray.num_gpus is not None else _local_gpus()
+    lc = r.learner
+    need_learner_cpus = lc.num_ranks * lc.cpus_per_rank
+    if need_learner_cpus > cpus:
+        raise ConfigError(f"config key 'learner.num_ranks': got {lc.num_ranks} ranks x {lc.cpus_per_rank} CPUs = "
+                          f"{need_learner_cpus} CPUs, but only {cpus} are available; accepted: at most "
+                          f"{int(cpus // lc.cpus_per_rank) if lc.cpus_per_rank else 'any'} ranks")
+    need_gpus = lc.num_ranks * lc.gpus_per_rank + r.generator.num_actors * r.generator.gpus_per_actor
+    if lc.loss.kl_coef:
+        need_gpus += r.reference.gpus
+    if need_gpus > gpus:
+        raise ConfigError(f"config keys 'learner.gpus_per_rank' / 'generator.gpus_per_actor': the recipe needs {need_gpus} "
+                          f"GPUs but {gpus} are available; accepted: at most {gpus} GPUs in all")
+    total = (need_learner_cpus + r.generator.num_actors * r.generator.cpus_per_actor
+             + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if lc.loss.kl_coef else 0))
+    if total > cpus:
+        raise ConfigError(f"config: the actors ask for {total:g} CPUs in all (learner {need_learner_cpus:g}, generator "
+                          f"{r.generator.num_actors * r.generator.cpus_per_actor:g}, scorer "
+                          f"{r.scorer.num_actors * r.scorer.cpus_per_actor:g}, reference "
+                          f"{r.reference.cpus if lc.loss.kl_coef else 0:g}) but {cpus} are available; "
+                          "accepted: lower *.cpus_per_* or the actor counts")
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch CUDA runtime means no GPUs
+        return 0
+
+
+def dump(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

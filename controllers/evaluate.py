@@ -1,0 +1,21 @@
+"""Held-out pass@1: greedy completions of test prompts, judged by one reward function."""
+from __future__ import annotations
+
+import time
+
+from .grpo import generate, split
+from .system import System
+
+
+def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accuracy") -> dict:
+    """Fraction of prompts whose greedy completion scores 1 (a None score counts as a miss)."""
+    t0 = time.perf_counter()
+    rollouts = generate(system, prompts, 1, sampling, greedy=True)
+    chunks = [c for c in split(rollouts, len(system.scorers)) if c]
+    refs = [system.scorers.call(i, "score_one", reward, c) for i, c in enumerate(chunks)]
+    scores = [s for part in system.scorers.get(refs, "score_one") for s in part]
+    passed = sum(1 for s in scores if s is not None and s >= 1.0)
+    return {"pass@1": passed / max(1, len(prompts)), "n": len(prompts), "passed": passed,
+            "completion_len/mean": sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),
+            "time_s": time.perf_counter() - t0,
+            "examples": [{"prompt_id": r.prompt_id, "text": r.text, "score": s} for r, s in list(zip(rollouts, scores))[:5]]}

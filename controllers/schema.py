@@ -1,0 +1,148 @@
+"""Typed config loading: YAML + ``--set key.sub=value`` overrides -> nested dataclasses.
+
+Errors name the full key, the value and what is accepted, and are raised before Ray starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe value that cannot be used; the message names key, value and what is accepted."""
+
+
+def _describe(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Any: "anything"}.get(tp, str(tp))
+
+
+def _fail(key: str, value: Any, accepted: str) -> ConfigError:
+    return ConfigError(f"config key '{key}': got {value!r}; accepted: {accepted}")
+
+
+def coerce(tp, value: Any, key: str):
+    """Check ``value`` against type ``tp`` (recursively building dataclasses)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        raise _fail(key, value, _describe(tp))
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise _fail(key, value, _describe(tp))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(key, value, _describe(tp))
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _fail(key, value, f"a list of {len(args)} items")
+            return tuple(coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(key, value, "a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(key, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _fail(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _fail(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(key, value, "a string")
+    raise TypeError(f"schema type {tp!r} at '{key}' is not supported")
+
+
+def build(cls, data: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise _fail(prefix or "<root>", data, _describe(cls))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        raise ConfigError(f"config key {where} is not known; accepted keys{' under ' + repr(prefix) if prefix else ''}: "
+                          + ", ".join(sorted(fields)))
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.c=value``: the value is parsed as YAML (so 3 is an int, true a bool, [1,2] a list)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key segment in {key!r}")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({e})") from None

@@ -1,0 +1,31 @@
+"""SFT on reasoning traces, on the learner group (the warm-up before GRPO, or a run of its own)."""
+from __future__ import annotations
+
+import time
+
+from .config import SftConfig
+from .data import EpochSampler, PromptRenderer
+from .grpo import split
+from .system import System
+
+
+def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, metrics, seed: int,
+            progress=None) -> list[dict]:
+    system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps)
+    sampler = EpochSampler(len(train), seed + 1)
+    records = []
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        pairs = [renderer.sft_pair(train[idx]) for idx, _ in sampler.take(cfg.batch_size)]
+        tokens = sum(len(c) for _, c in pairs)
+        shards = split(pairs, len(system.learners))
+        refs = [system.learners.call(i, "sft_step", s, tokens) for i, s in enumerate(shards)]
+        parts = system.learners.get(refs, "sft_step")
+        record = {"step": step, "loss": sum(p["nll_sum"] for p in parts) / tokens, "tokens": tokens,
+                  "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "time/step_s": time.perf_counter() - t0}
+        metrics.write(record, prefix="sft/")
+        records.append(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+    return records

@@ -1,0 +1,85 @@
+"""The four actor groups of one run, started from a recipe and torn down together."""
+from __future__ import annotations
+
+import logging
+import time
+
+from ..actors.generator import Generator, GeneratorConfig
+from ..actors.learner import LearnerConfig, LearnerRank
+from ..actors.reference import Reference
+from ..actors.scorer import RewardScorer, ScorerConfig
+from ..cluster.groups import ActorGroup, rendezvous_on
+from ..cluster.weight_sync import broadcast_weights
+from .config import Recipe
+from .schema import build, to_dict
+
+log = logging.getLogger("r1ray")
+
+
+def _plain(cls, group_cfg):
+    """The actor's own config out of the group config (which adds placement fields)."""
+    names = {f for f in cls.__dataclass_fields__}
+    return build(cls, {k: v for k, v in to_dict(group_cfg).items() if k in names})
+
+
+class System:
+    def __init__(self, recipe: Recipe, model_path: str):
+        self.r, self.model_path = recipe, model_path
+        self.version = 0
+        self.timeout = recipe.ray.call_timeout_s
+        self.learners = self.generators = self.scorers = self.reference = None
+        self.startup_s: dict[str, float] = {}
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.r.learner.loss.kl_coef > 0
+
+    def start(self) -> "System":
+        r, ns = self.r, self.r.ray.namespace
+        t0 = time.perf_counter()
+        lcfg = _plain(LearnerConfig, r.learner)
+        n = r.learner.num_ranks
+        self.learners = ActorGroup("learner-rank", LearnerRank, n,
+                                   lambda i: ((self.model_path, lcfg, i, n, r.seed), {}),
+                                   num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank,
+                                   timeout_s=self.timeout, namespace=ns)
+        gcfg = _plain(GeneratorConfig, r.generator)
+        self.generators = ActorGroup("generator", Generator, r.generator.num_actors,
+                                     lambda i: ((self.model_path, gcfg, r.seed + 7919 * i), {}),
+                                     num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
+                                     timeout_s=self.timeout, namespace=ns)
+        self.scorers = ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
+                                  lambda i: ((r.rewards, _plain(ScorerConfig, r.scorer)), {}),
+                                  num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns)
+        if self.uses_reference:
+            rc = r.reference
+            self.reference = ActorGroup("reference", Reference, 1,
+                                        lambda i: ((self.model_path, "float32" if r.learner.dtype == "float32" else "bfloat16",
+                                                    rc.micro_batch_size, r.learner.loss.temperature,
+                                                    r.learner.threads_per_rank), {}),
+                                        num_cpus=rc.cpus, num_gpus=rc.gpus, timeout_s=self.timeout, namespace=ns)
+        addr, port = rendezvous_on(self.learners.actors[0])
+        setup = self.learners.call_all("setup", addr, port, min(self.timeout, 600.0))
+        infos = self.learners.get(setup, "setup (DeepSpeed init)")
+        self.startup_s["learner"] = time.perf_counter() - t0
+        for name, group in [("generator", self.generators), ("scorer", self.scorers), ("reference", self.reference)]:
+            if group is not None:
+                group.wait_ready()
+                self.startup_s[name] = time.perf_counter() - t0
+        log.info("actors up in %.1fs: %d learner ranks (%s params), %d generators, %d scorers%s",
+                 time.perf_counter() - t0, n, f"{infos[0]['params']:,}", len(self.generators), len(self.scorers),
+                 ", 1 reference" if self.reference else "")
+        return self
+
+    def sync_weights(self, include_reference: bool = False) -> float:
+        """New weights to every generator (version + 1); optionally re-anchor the reference."""
+        self.version += 1
+        receivers = [(self.generators, "load_weights", (self.version,))]
+        if include_reference and self.reference is not None:
+            receivers.append((self.reference, "load_weights", ()))
+        return broadcast_weights(self.learners, receivers, self.r.generator.dtype)
+
+    def shutdown(self) -> None:
+        for group in (self.scorers, self.generators, self.reference, self.learners):
+            if group is not None:
+                group.kill()

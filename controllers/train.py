@@ -1,0 +1,113 @@
+"""The main job: tiny world (if asked) -> Ray -> actors -> SFT warm-up -> eval -> GRPO -> eval -> checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import TINY, Recipe, dump
+from .data import PromptRenderer, load_splits
+from .evaluate import pass_at_1
+from .grpo import GrpoDriver
+from .metrics import MetricsWriter
+from .sft import run_sft
+from .system import System
+
+log = logging.getLogger("r1ray")
+
+
+def prepare_model(recipe: Recipe) -> tuple[str, Path | None]:
+    """Resolve model.path; build the tiny world when the recipe asks for it and it is missing."""
+    if recipe.model.path != TINY and recipe.data.path != TINY:
+        return recipe.model.path, None
+    from .tiny import build_tiny_world
+
+    tiny_dir = Path(os.path.expanduser(recipe.model.tiny_dir))
+    t0 = time.perf_counter()
+    build_tiny_world(tiny_dir)
+    log.info("tiny world ready in %s (%.1fs)", tiny_dir, time.perf_counter() - t0)
+    model_path = str(tiny_dir / "model") if recipe.model.path == TINY else recipe.model.path
+    return model_path, tiny_dir
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    """A fresh run directory: an existing non-empty one is never overwritten (suffix -1, -2, ...)."""
+    base = Path(recipe.output_dir).expanduser()
+    candidate, i = base, 0
+    while candidate.exists() and any(candidate.iterdir()):
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+def train(recipe: Recipe) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..cluster import runtime
+
+    t_start = time.perf_counter()
+    run_dir = run_dir_for(recipe)
+    dump(recipe, run_dir / "config.yaml")
+    log.info("run directory: %s", run_dir)
+    model_path, tiny_dir = prepare_model(recipe)
+    train_ds, test_ds = load_splits(recipe.data, tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    renderer = PromptRenderer(tokenizer, recipe.data)
+    eval_prompts = [renderer.prompt(test_ds[i], f"test-{i}") for i in range(min(recipe.eval.num_prompts, len(test_ds)))]
+    eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
+        type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
+
+    on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
+    runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
+                  recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu)
+    system = System(recipe, model_path)
+    metrics = MetricsWriter(run_dir)
+    summary: dict = {"run_dir": str(run_dir), "model": model_path}
+    try:
+        system.start()
+        summary["startup_s"] = system.startup_s
+        if recipe.sft.steps:
+            sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
+            with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
+                t0 = time.perf_counter()
+                sft = run_sft(system, recipe.sft, train_ds, renderer, sft_metrics, recipe.seed, bar)
+            sft_metrics.close()
+            summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0}
+            # Generators and the reference start GRPO from the SFT policy.
+            system.sync_weights(include_reference=True)
+        if eval_prompts:
+            summary["eval_before_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
+            summary["eval_before"] = summary["eval_before_detail"]["pass@1"]
+            log.info("held-out pass@1 before GRPO: %.3f", summary["eval_before"])
+        system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
+        completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
+        driver = GrpoDriver(system, recipe, train_ds, renderer, metrics, completions_log=completions_log)
+        with tqdm(total=recipe.grpo.steps, desc="GRPO", unit="step", dynamic_ncols=True) as bar:
+            driver.progress = bar
+            t0 = time.perf_counter()
+            records = driver.run()
+        completions_log.close()
+        summary["grpo"] = {"steps": len(records), "time_s": time.perf_counter() - t0,
+                           "samples": len(driver.consumed), "policy_version": system.version,
+                           "reward_first": records[0]["reward/mean"] if records else None,
+                           "reward_last": records[-1]["reward/mean"] if records else None}
+        if eval_prompts:
+            summary["eval_after_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
+            summary["eval_after"] = summary["eval_after_detail"]["pass@1"]
+            log.info("held-out pass@1 after GRPO: %.3f", summary["eval_after"])
+        ckpt = run_dir / "checkpoint-final"
+        system.learners.run_all("save_hf", str(ckpt))
+        summary["checkpoint"] = str(ckpt)
+        (run_dir / "consumed_sample_ids.json").write_text(json.dumps(driver.consumed))
+    finally:
+        summary["wall_s"] = time.perf_counter() - t_start
+        metrics.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        system.shutdown()
+        runtime.stop()
+    return summary

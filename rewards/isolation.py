@@ -1,0 +1,347 @@
+"""VerifierPool: run reward functions in worker processes under a hard
+wall-clock limit, so that no completion can hang or crash a run.
+
+A worker is a persistent process (started with "spawn", which is safe in
+Ray actors and threaded programs) that resolves the reward with `get()`
+and calls it one completion at a time in its main thread, where
+math-verify's own signal-based timeouts also work. The parent gives each
+call `timeout_s`; a worker that overruns is SIGKILLed and replaced, and
+its completion scores 0.0. Completions are spread over the workers.
+
+The clock starts when the worker begins the call, after it has resolved
+the function and imported what the function needs (`warm_up`), so the
+first call on a fresh worker is not charged for importing sympy.
+
+A function marked `group_relative = True` (its score for one completion
+depends on the others, like `length`) gets the whole batch in one call,
+with a limit of `timeout_s` per completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+from .registry import get
+
+logger = logging.getLogger("r1ray.rewards")
+
+_START_TIMEOUT_S = 60.0  # a worker that is not ready by then is replaced
+_RESOLVE_TIMEOUT_S = 60.0  # time to import a reward before the call's clock starts
+_MAX_START_FAILURES = 3  # workers dying before they are ready: give up
+
+
+@dataclass
+class ScoreResult:
+    scores: list[float | None]
+    timeouts: list[int] = field(default_factory=list)  # indices that ran out of time
+    errors: list[int] = field(default_factory=list)  # indices whose call raised or crashed
+
+
+class VerifierPool:
+    """Persistent verifier workers with a hard per-completion time limit.
+
+    memory_mb, when set, caps each worker's address space (soft
+    RLIMIT_AS), so a verifier that blows up symbolically fails with
+    MemoryError instead of exhausting the node.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, *, memory_mb: int | None = None):
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"VerifierPool: num_workers must be an integer >= 1, got {num_workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"VerifierPool: timeout_s must be > 0, got {timeout_s!r}")
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self._memory_mb = memory_mb
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()  # one score() at a time owns the workers
+        self._closed = False
+        self._resolved: dict[tuple, object] = {}
+        self._task_ids = itertools.count()
+        self._start_failures = 0
+        self._workers = [_Worker(self._ctx, memory_mb) for _ in range(num_workers)]
+        # Runs at close(), garbage collection or interpreter exit, once.
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    def __enter__(self) -> "VerifierPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._finalizer()
+
+    def score(self, name: str, params: dict, completions: list, columns: dict[str, list],
+              sample_ids: list[str] | None = None) -> ScoreResult:
+        """Score each completion with reward `name` built with `params`.
+
+        `columns` holds every other keyword the reward receives (prompts,
+        completion_ids, dataset columns), each a list aligned with
+        `completions`. Bad names or params raise here, in the caller.
+        """
+        params, columns = dict(params or {}), dict(columns or {})
+        n = len(completions)
+        _check_columns(columns, n)
+        ids = [str(i) for i in range(n)] if sample_ids is None else list(sample_ids)
+        if len(ids) != n:
+            raise ValueError(f"VerifierPool.score: {len(ids)} sample_ids for {n} completions")
+        fn = self._resolve(name, params)
+        if getattr(fn, "group_relative", False):
+            tasks = [list(range(n))] if n else []
+        else:
+            tasks = [[i] for i in range(n)]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("VerifierPool is closed")
+            job = _Job(name, params, completions, columns, ids, self.timeout_s)
+            try:
+                self._run(job, deque(tasks))
+            except BaseException:
+                # Leave no worker holding a task from this call.
+                for slot, worker in enumerate(self._workers):
+                    if worker.task is not None:
+                        self._replace(slot)
+                raise
+            return job.result
+
+    def _resolve(self, name: str, params: dict):
+        # Validates name and params in the caller, once per combination.
+        key = (name, repr(sorted(params.items())))
+        if key not in self._resolved:
+            self._resolved[key] = get(name, **params)
+        return self._resolved[key]
+
+    def _run(self, job: "_Job", pending: deque) -> None:
+        while pending or any(w.task is not None for w in self._workers):
+            for worker in self._workers:
+                if worker.ready and worker.task is None and pending:
+                    self._dispatch(worker, job, pending)
+            waiting = {w.conn: slot for slot, w in enumerate(self._workers) if w.task is not None or not w.ready}
+            if not waiting:  # cannot happen while work remains; guards the min() below
+                break
+            deadline = min(self._workers[slot].deadline for slot in waiting.values())
+            for conn in wait(list(waiting), timeout=max(0.0, deadline - time.monotonic())):
+                self._receive(waiting[conn], job, pending)
+            self._expire(job)
+
+    def _dispatch(self, worker: "_Worker", job: "_Job", pending: deque) -> None:
+        indices = pending.popleft()
+        task_id = next(self._task_ids)
+        message = (task_id, job.name, job.params, [job.completions[i] for i in indices],
+                   {key: [values[i] for i in indices] for key, values in job.columns.items()})
+        try:
+            worker.conn.send(message)
+        except (BrokenPipeError, ConnectionError, EOFError):
+            # It died while idle; try again on its replacement.
+            pending.appendleft(indices)
+            self._replace(self._workers.index(worker))
+            return
+        worker.task = (task_id, indices)
+        worker.call_started = False
+        worker.deadline = time.monotonic() + _RESOLVE_TIMEOUT_S
+
+    def _receive(self, slot: int, job: "_Job", pending: deque) -> None:
+        worker = self._workers[slot]
+        try:
+            kind, task_id, payload = worker.conn.recv()
+        except (EOFError, OSError):
+            self._crashed(slot, job)
+            return
+        if kind == "ready":
+            worker.ready, self._start_failures = True, 0
+            worker.deadline = float("inf")
+        elif worker.task is None or task_id != worker.task[0]:
+            logger.error("verifier worker sent a message for an unknown task: %r", kind)
+        elif kind == "started":
+            worker.call_started = True
+            worker.deadline = time.monotonic() + job.timeout_s * len(worker.task[1])
+        elif kind == "ok":
+            for i, score in zip(worker.task[1], payload):
+                job.result.scores[i] = score
+            worker.finish()
+        else:  # "error": the function raised; the worker itself is fine
+            job.fail(worker.task[1], job.result.errors, f"failed, scored 0.0:\n{payload}")
+            worker.finish()
+
+    def _crashed(self, slot: int, job: "_Job") -> None:
+        worker = self._workers[slot]
+        code = worker.process.exitcode
+        if worker.task is not None:
+            job.fail(worker.task[1], job.result.errors, f"crashed its worker (exit code {code}), scored 0.0")
+        elif not worker.ready:
+            self._start_failed(slot, f"died before it was ready (exit code {code}); see its stderr")
+            return
+        self._replace(slot)
+
+    def _start_failed(self, slot: int, why: str) -> None:
+        # A worker that cannot start (r1ray not importable there, a main
+        # module without the `if __name__ == "__main__":` guard that "spawn"
+        # needs) will not start next time either: stop instead of looping.
+        self._replace(slot)
+        self._start_failures += 1
+        logger.error("verifier worker %s", why)
+        if self._start_failures >= _MAX_START_FAILURES:
+            raise RuntimeError(f"verifier workers keep failing to start: the last one {why}")
+
+    def _expire(self, job: "_Job") -> None:
+        now = time.monotonic()
+        for slot, worker in enumerate(self._workers):
+            if worker.deadline > now:
+                continue
+            if worker.task is None:
+                self._start_failed(slot, f"was not ready within {_START_TIMEOUT_S:.0f} s")
+                continue
+            if worker.call_started:
+                limit = job.timeout_s * len(worker.task[1])
+                job.fail(worker.task[1], job.result.timeouts,
+                         f"timed out after {limit:.1f} s, scored 0.0; worker killed and replaced")
+            else:
+                job.fail(worker.task[1], job.result.errors,
+                         f"could not load the reward within {_RESOLVE_TIMEOUT_S:.0f} s, scored 0.0")
+            self._replace(slot)
+
+    def _replace(self, slot: int) -> None:
+        self._workers[slot].kill()
+        self._workers[slot] = _Worker(self._ctx, self._memory_mb)
+
+
+@dataclass
+class _Job:
+    """One score() call: its inputs and the result being filled in."""
+
+    name: str
+    params: dict
+    completions: list
+    columns: dict
+    sample_ids: list
+    timeout_s: float
+    result: ScoreResult = field(init=False)
+
+    def __post_init__(self):
+        self.result = ScoreResult(scores=[0.0] * len(self.completions))
+
+    def fail(self, indices: list[int], bucket: list[int], what: str) -> None:
+        for i in indices:
+            bucket.append(i)
+            self.result.scores[i] = 0.0
+        ids = ", ".join(repr(self.sample_ids[i]) for i in indices)
+        logger.warning("reward %r on sample %s %s", self.name, ids, what)
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, ctx, memory_mb: int | None):
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, memory_mb),
+                                   name="r1ray-verifier", daemon=True)
+        self.process.start()
+        child_conn.close()  # so that the worker's death reads as EOF here
+        self.ready = False
+        self.task: tuple[int, list[int]] | None = None
+        self.call_started = False
+        self.deadline = time.monotonic() + _START_TIMEOUT_S
+
+    def finish(self) -> None:
+        self.task = None
+        self.deadline = float("inf")
+
+    def kill(self) -> None:
+        # SIGKILL: a verifier stuck in C code (a huge sympy power) ignores
+        # anything gentler. Its sandbox children die with it (PDEATHSIG).
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        try:
+            worker.conn.send(None)  # ask politely first: no stray SIGKILL in logs
+        except (OSError, ValueError):
+            pass
+    for worker in workers:
+        worker.process.join(timeout=1)
+        worker.kill()
+
+
+def _check_columns(columns: dict, n: int) -> None:
+    if "completions" in columns:
+        raise ValueError("VerifierPool.score: pass completions as the argument, not in columns")
+    for key, values in columns.items():
+        if len(values) != n:
+            raise ValueError(f"VerifierPool.score: column {key!r} has {len(values)} values for {n} completions")
+
+
+# ---- inside the worker process ------------------------------------------
+
+
+def _worker_main(conn, memory_mb: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if memory_mb:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 1024 * 1024, hard))
+    _exit_with_parent()
+    # math-verify logs every timed-out input in full; the pool reports its own.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    functions: dict[tuple, object] = {}
+    conn.send(("ready", None, None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task_id, name, params, completions, columns = message
+        try:
+            key = (name, repr(sorted(params.items())))
+            if key not in functions:
+                functions[key] = get(name, **params)
+            fn = functions[key]
+            warm_up = getattr(fn, "warm_up", None)
+            if callable(warm_up):
+                warm_up()
+            conn.send(("started", task_id, None))
+            scores = _as_scores(fn(completions=completions, **columns), len(completions))
+            conn.send(("ok", task_id, scores))
+        except BaseException:  # noqa: BLE001 - user code may raise anything, SystemExit included
+            # backslashreplace: the text may quote a completion with lone surrogates.
+            report = traceback.format_exc(limit=20)[-4000:].encode("utf-8", "backslashreplace").decode()
+            conn.send(("error", task_id, report))
+
+
+def _exit_with_parent() -> None:
+    # A worker stuck in a long call would outlive a parent that was
+    # SIGKILLed; a watcher thread notices the re-parenting and exits.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="r1ray-parent-watch", daemon=True).start()
+
+
+def _as_scores(out, n: int) -> list[float | None]:
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
+        raise TypeError(f"a reward function must return a list of {n} scores, got {type(out).__name__}: {out!r:.200}")
+    return [None if x is None else float(x) for x in out]
