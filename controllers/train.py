@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import TINY, Recipe, dump
+from .config import TINY, Recipe, check_resources, dump, joins_cluster
 from .data import PromptRenderer, load_splits
 from .evaluate import pass_at_1
 from .grpo import GrpoDriver
@@ -63,8 +63,10 @@ def train(recipe: Recipe) -> dict:
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
 
     on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
-    runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
-                  recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu)
+    resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
+                              recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu)
+    if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
+        check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
     system = System(recipe, model_path)
     metrics = MetricsWriter(run_dir)
     summary: dict = {"run_dir": str(run_dir), "model": model_path}

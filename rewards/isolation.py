@@ -54,6 +54,12 @@ class VerifierPool:
     memory_mb, when set, caps each worker's address space (soft
     RLIMIT_AS), so a verifier that blows up symbolically fails with
     MemoryError instead of exhausting the node.
+
+    Workers are started with "spawn": a script that builds a pool at top
+    level needs the usual `if __name__ == "__main__":` guard (Ray actors
+    and pytest need nothing). Workers are daemonic, so a reward function
+    cannot itself start multiprocessing children (subprocess is fine).
+    A worker sees the sys.path its parent had when the worker started.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, *, memory_mb: int | None = None):
@@ -92,6 +98,9 @@ class VerifierPool:
         `columns` holds every other keyword the reward receives (prompts,
         completion_ids, dataset columns), each a list aligned with
         `completions`. Bad names or params raise here, in the caller.
+        A completion whose call times out or fails scores 0.0, is listed
+        in `timeouts` or `errors`, and is logged with its sample id
+        (default: its index). Thread-safe: concurrent calls take turns.
         """
         params, columns = dict(params or {}), dict(columns or {})
         n = len(completions)
@@ -343,5 +352,7 @@ def _exit_with_parent() -> None:
 
 def _as_scores(out, n: int) -> list[float | None]:
     if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
-        raise TypeError(f"a reward function must return a list of {n} scores, got {type(out).__name__}: {out!r:.200}")
+        raise TypeError(
+            f"a reward function must return a list of {n} scores, got {type(out).__name__}: {out!r:.200}"
+        )
     return [None if x is None else float(x) for x in out]

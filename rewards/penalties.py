@@ -20,7 +20,9 @@ def make_repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0, lang
     ngram_size = _checks.integer("repetition_penalty", "ngram_size", ngram_size, minimum=1)
     max_penalty = _checks.number("repetition_penalty", "max_penalty", max_penalty)
     if max_penalty > 0:
-        raise ValueError(f"reward 'repetition_penalty': parameter 'max_penalty' must not be positive, got {max_penalty}")
+        raise ValueError(
+            f"reward 'repetition_penalty': parameter 'max_penalty' must not be positive, got {max_penalty}"
+        )
     if language != "en":
         # Open-R1 splits Chinese with jieba; we only split on whitespace.
         raise ValueError(f"reward 'repetition_penalty': parameter 'language' accepts only 'en', got {language!r}")

@@ -10,8 +10,10 @@ this machine actually gave us):
   (stdout/stderr go to files, so output is bounded too), RLIMIT_NOFILE,
   no core files;
 - a wall-clock limit: on expiry the whole process group is SIGKILLed;
-- when we are root, the program runs as `nobody`, so RLIMIT_NPROC counts
-  only sandboxed processes (the kernel ignores it for root);
+- when we are root, the program runs as an unused uid (no passwd entry,
+  one per process that runs sandboxes), so RLIMIT_NPROC counts only that
+  process's sandboxed programs (the kernel ignores it for root), and a
+  fork bomb in one VerifierPool worker cannot starve another's programs;
 - when `unshare` works (root, or unprivileged user namespaces): a new
   network namespace with no interfaces but a down loopback, so no
   network at all, and a new PID namespace, so every process the program
@@ -39,7 +41,8 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("r1ray.rewards")
 
-NOBODY = 65534
+# Sandbox uids: a free one from this range, picked per process.
+_UID_BASE, _UID_COUNT = 64000, 1000
 
 # Runs inside the sandbox process: limits first, then drop root, then the
 # network guard, then the program itself as __main__. Dropping root
@@ -51,9 +54,18 @@ cfg = json.loads(sys.argv[1])
 for name, soft, hard in cfg["rlimits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
 if cfg["uid"] is not None:
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None).prctl
+    except (ImportError, OSError, AttributeError):
+        prctl = None
     os.setgroups([])
     os.setgid(cfg["uid"])
     os.setuid(cfg["uid"])
+    if prctl is not None:
+        prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL again: changing uid cleared it
+        if os.getppid() == 1:
+            os._exit(137)  # the parent died before we re-armed it
     cfg.update(uid=None, rlimits=[])
     os.execv(sys.executable, [sys.executable, "-I", "-X", "utf8", "-c", cfg["bootstrap"], json.dumps(cfg)])
 if cfg["block_sockets"]:
@@ -120,22 +132,36 @@ def isolation() -> Isolation:
     uid, python = None, sys.executable
     mapped_root = "--map-root-user" in prefix  # inside, "root" is us: no uid to drop to
     if os.geteuid() == 0 and not mapped_root:
-        # Our interpreter may live where `nobody` cannot read (a venv under
+        # Our interpreter may live where others cannot read (a venv under
         # /root); then a system Python runs the program, without our venv.
-        for candidate in _interpreters():
-            probe = _run("print('ok')", "", Limits(timeout_s=10), Isolation(prefix, NOBODY, candidate))
+        sandbox_uid = _free_uid()
+        for candidate in _interpreters() if sandbox_uid is not None else []:
+            probe = _run("print('ok')", "", Limits(timeout_s=10), Isolation(prefix, sandbox_uid, candidate))
             if probe.stdout.strip() == "ok":
-                uid, python = NOBODY, candidate
+                uid, python = sandbox_uid, candidate
                 break
         else:
-            logger.warning("sandbox: no Python runs as uid %d; programs run as root and "
-                           "RLIMIT_NPROC does not bind (the kernel exempts root)", NOBODY)
+            logger.warning("sandbox: no Python runs as an unprivileged uid; programs run as root and "
+                           "RLIMIT_NPROC does not bind (the kernel exempts root)")
     result = Isolation(prefix, uid, python)
     if not prefix:
         logger.warning("sandbox: unshare is unavailable; network is only blocked at the Python socket level")
     logger.info("sandbox isolation: network=%s pid_namespace=%s uid=%s python=%s",
                 result.network, bool(prefix), uid, python)
     return result
+
+
+def _free_uid() -> int | None:
+    # Starting from our pid spreads concurrent workers over the range.
+    import pwd
+
+    for i in range(_UID_COUNT):
+        uid = _UID_BASE + (os.getpid() + i) % _UID_COUNT
+        try:
+            pwd.getpwuid(uid)  # a real account: never run untrusted code as it
+        except KeyError:
+            return uid
+    return None
 
 
 def _interpreters() -> list[str]:

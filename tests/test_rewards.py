@@ -255,6 +255,16 @@ def test_accuracy_calls_verify_gold_first():
     assert fn(["\\boxed{1<x<2}"], solution=["$(1,2)$"]) == [0.0]
 
 
+def test_math_rewards_work_off_the_main_thread():
+    # math-verify's alarm-based timeouts need the main thread; elsewhere
+    # they are switched off rather than raising.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as thread:
+        scores = thread.submit(rewards.get("accuracy"), ["\\boxed{42}"], solution=["$42$"]).result()
+    assert scores == [1.0]
+
+
 def test_cosine_hand_computed():
     fn = rewards.get("cosine", max_len=100)
     right = "\\boxed{42}"  # 10 characters: progress 0.1

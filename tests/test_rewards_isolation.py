@@ -20,7 +20,7 @@ import pytest
 
 from r1ray import rewards
 from r1ray.rewards import ScoreResult, VerifierPool
-from r1ray.rewards.sandbox import Limits, isolation, run_python
+from r1ray.rewards.sandbox import Isolation, Limits, _run, isolation, run_python
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -301,6 +301,21 @@ def test_sandbox_leaves_no_process_behind():
     assert _processes_with(marker) == []
 
 
+def test_killing_a_worker_mid_program_kills_the_program(pool):
+    # The pool's limit (3 s) is shorter than the sandbox's (30 s): the
+    # worker is SIGKILLed while its program runs; the program must not
+    # outlive it.
+    marker = f"r1ray-orphan-{uuid.uuid4().hex}"
+    code = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)  # {marker}'])"
+    info = {"language": "python", "test_cases": [{"input": "", "output": "", "type": "stdin_stdout"}]}
+    result = pool.score("code", {"timeout_s": 30.0}, [f"```python\n{code}\n```"], {"verification_info": [info]})
+    assert result.timeouts == [0]
+    deadline = time.monotonic() + 5
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker) == []
+
+
 def _processes_with(marker):
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -335,6 +350,15 @@ def test_sandbox_has_no_network():
     assert "connected" not in result.stdout
     assert result.stdout.count("refused") == 2
     assert elapsed < 10
+
+
+def test_sandbox_fallback_without_namespaces_still_refuses_sockets():
+    # What a machine without unshare gets: limits, and Python-level blocking.
+    bare = Isolation(prefix=(), uid=None, python=sys.executable)
+    program = ("import socket\ntry:\n    socket.socket()\nexcept PermissionError:\n    print('refused')\n"
+               "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0] // 2 ** 20)")
+    result = _run(program, "", QUICK, bare)
+    assert result.stdout.split() == ["refused", str(QUICK.memory_mb)], result.stderr
 
 
 @pytest.mark.timeout(90)

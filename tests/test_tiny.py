@@ -1,0 +1,41 @@
+"""The tiny offline world: model, tokenizer and dataset load through the normal HF code paths."""
+import re
+
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from r1ray.controllers.tiny import TinySpec, build_tiny_world, make_example
+
+
+def test_example_is_reversed_addition_with_trace():
+    ex = make_example(123, 989, 3)  # 123 + 989 = 1112, written least significant digit first
+    assert ex["problem"] == "321+989"
+    assert ex["answer"] == "2111" and ex["solution"] == "\\boxed{2111}"
+    trace = ex["messages"][-1]["content"]
+    assert trace == "<think>3+9+0=12 2+8+1=11 1+9+1=11</think><answer>\\boxed{2111}</answer>"
+
+
+def test_world_loads_with_auto_classes(tiny_world):
+    tok = AutoTokenizer.from_pretrained(tiny_world / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "model")
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == TinySpec().num_layers
+    text = "<think>1+4+0=5 2+6+0=8</think><answer>\\boxed{58}</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text  # spaces and tags survive the round trip
+    assert tok.convert_ids_to_tokens(ids)[0] == "<think>"  # tags are single tokens
+    prompt = tok.apply_chat_template([{"role": "user", "content": "12+34"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    data = load_from_disk(str(tiny_world / "data"))
+    assert set(data) == {"train", "test"}
+    assert {"problem", "solution", "messages"} <= set(data["train"].column_names)
+    train_problems = set(data["train"]["problem"])
+    assert not train_problems & set(data["test"]["problem"])  # held-out really is held out
+    row = data["test"][0]
+    a, b = (int(x[::-1]) for x in row["problem"].split("+"))
+    assert re.fullmatch(r"\\boxed\{(\d+)\}", row["solution"]).group(1)[::-1].lstrip("0") == str(a + b).lstrip("0") or a + b == 0
+
+
+def test_build_is_idempotent(tiny_world):
+    stamp = (tiny_world / "model" / "model.safetensors").stat().st_mtime
+    build_tiny_world(tiny_world)
+    assert (tiny_world / "model" / "model.safetensors").stat().st_mtime == stamp
