@@ -31,30 +31,19 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
     runtime_env = {"env_vars": actor_env(on_gpu)}
     joining = address is not None or "RAY_ADDRESS" in os.environ
     if joining:
-        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+        ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env)
     else:
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                       object_store_memory=max(80, object_store_mb) * 2**20)
-        try:
-            ray.init(address=None, namespace=namespace, runtime_env=runtime_env, **kwargs)
-        except ConnectionError:
-            ray.init(address="local", namespace=namespace, runtime_env=runtime_env, **kwargs)
-    ctx = ray.get_runtime_context()
-    url = getattr(ray, "_private", None) and ray.get_runtime_context().gcs_address
-    dash = getattr(ctx, "dashboard_url", None) or _dashboard_url()
-    if dash:
-        log.info("Ray dashboard: http://%s", dash)
-    log.info("Ray cluster %s: %s", url, ray.cluster_resources())
-    return ray.cluster_resources()
-
-
-def _dashboard_url() -> str | None:
-    try:
-        import ray
-
-        return ray.worker.get_dashboard_url()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - the dashboard is optional
-        return None
+        try:  # starts a local cluster, unless one was started here with `ray start` ...
+            ctx = ray.init(namespace=namespace, runtime_env=runtime_env, **kwargs)
+        except ValueError:  # ... which refuses resource arguments: join it as it is
+            ctx = ray.init(address="auto", namespace=namespace, runtime_env=runtime_env)
+    if getattr(ctx, "dashboard_url", None):
+        log.info("Ray dashboard: http://%s", ctx.dashboard_url)
+    resources = ray.cluster_resources()
+    log.info("Ray cluster: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
+    return resources
 
 
 def stop() -> None:
