@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,7 @@ from typing import Literal
 import torch
 
 from .rollout import Rollout
+from .spans import SpanLog
 
 
 @dataclass
@@ -49,50 +51,108 @@ class Generator:
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
+        self.spans = SpanLog(f"generator@{os.getpid()}")
+        self._lock = threading.Lock()  # one request at a time; weights change only between requests
+        self._pending_lock = threading.Lock()
+        self._pending = None  # (state dict, bytes, version) staged by load_weights
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix and the dashboard's Repr column
         return f"Generator({self.cfg.backend}, v{self.version})"
 
-    def generate(self, prompts: list[dict], n: int, sampling: SamplingConfig, greedy: bool = False) -> list[Rollout]:
+    def generate(self, prompts: list[dict], n: int, sampling: SamplingConfig, greedy: bool = False,
+                 chunk_tokens: int = 0) -> list[Rollout]:
         """``prompts``: dicts with ``prompt_id``, ``prompt_ids`` and optional ``columns``.
 
-        Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order.
+        Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order. Weights that
+        arrived meanwhile are adopted before the request starts; with ``chunk_tokens`` > 0 also
+        every ``chunk_tokens`` tokens, continuing the unfinished sequences with the new weights
+        (partial rollouts): each token records the version that produced it.
         """
-        self.calls += 1
-        seed = self.seed * 100_003 + self.calls
-        outs = self._engine.generate([p["prompt_ids"] for p in prompts], n, sampling, greedy, seed)
-        rollouts = []
+        with self._lock, self.spans.span("generate", sequences=len(prompts) * n):
+            self._adopt_pending()
+            seqs = [_Seq(p["prompt_ids"]) for p in prompts for _ in range(n)]
+            budget = sampling.max_new_tokens
+            step = budget if chunk_tokens <= 0 else min(chunk_tokens, budget)
+            first = True
+            while True:
+                active = [q for q in seqs if not q.done]
+                if not active:
+                    break
+                if not first:
+                    self._adopt_pending()
+                sp = SamplingConfig(sampling.temperature, sampling.top_p, min(step, budget - len(active[0].ids)))
+                self.calls += 1
+                seed = self.seed * 100_003 + self.calls
+                if first:  # one request per prompt with n samples: engines share the prompt's prefill
+                    outs = self._engine.generate([p["prompt_ids"] for p in prompts], n, sp, greedy, seed)
+                else:
+                    outs = self._engine.generate([q.prompt + q.ids for q in active], 1, sp, greedy, seed)
+                for q, (ids, lps, reason) in zip(active, outs):
+                    q.extend(ids, lps, self.version, reason, budget)
+                first = False
+            return self._rollouts(prompts, n, seqs)
+
+    def _rollouts(self, prompts: list[dict], n: int, seqs: list["_Seq"]) -> list[Rollout]:
+        out = []
         for i, p in enumerate(prompts):
             for k in range(n):
-                ids, lps, reason = outs[i * n + k]
-                rollouts.append(
-                    Rollout(
-                        sample_id=f"{p['prompt_id']}/{k}",
-                        prompt_id=p["prompt_id"],
-                        prompt_ids=list(p["prompt_ids"]),
-                        completion_ids=ids,
-                        logprobs=lps,
-                        versions=[self.version] * len(ids),
-                        finish_reason=reason,
-                        text=self._engine.tokenizer.decode(ids, skip_special_tokens=True),
-                        columns=dict(p.get("columns", {})),
-                    )
-                )
-        return rollouts
+                q = seqs[i * n + k]
+                out.append(Rollout(
+                    sample_id=f"{p['prompt_id']}/{k}", prompt_id=p["prompt_id"], prompt_ids=list(p["prompt_ids"]),
+                    completion_ids=q.ids, logprobs=q.lps, versions=q.versions, finish_reason=q.reason,
+                    text=self._engine.tokenizer.decode(q.ids, skip_special_tokens=True),
+                    columns=dict(p.get("columns", {}))))
+        return out
 
     def load_weights(self, blob: bytes, version: int) -> float:
-        """Adopt weights serialised by the learner (``torch.save`` of a state dict). Returns seconds."""
+        """Stage weights serialised by the learner (``torch.save`` of a state dict).
+
+        Called concurrently with ``generate`` (Ray's "control" concurrency group): an idle
+        generator adopts them at once, a busy one between requests (or chunks). Returns seconds.
+        """
         t0 = time.perf_counter()
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        self._engine.load_state_dict(state, blob)
-        self.version = version
+        with self.spans.span("load_weights", version=version):
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            with self._pending_lock:
+                self._pending = (state, blob, version)
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._adopt_pending()
+                finally:
+                    self._lock.release()
         return time.perf_counter() - t0
+
+    def _adopt_pending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            state, blob, version = pending
+            self._engine.load_state_dict(state, blob)
+            self.version = version
 
     def get_version(self) -> int:
         return self.version
 
+    def drain_spans(self) -> list[dict]:
+        return self.spans.drain()
+
     def ping(self) -> str:
         return "ok"
+
+
+class _Seq:
+    """One completion being built, possibly over several chunks and policy versions."""
+
+    def __init__(self, prompt: list[int]):
+        self.prompt, self.ids, self.lps, self.versions = list(prompt), [], [], []
+        self.done, self.reason = False, "length"
+
+    def extend(self, ids: list[int], lps: list[float], version: int, reason: str, budget: int) -> None:
+        self.ids += ids
+        self.lps += lps
+        self.versions += [version] * len(ids)
+        self.reason = reason
+        self.done = reason == "stop" or len(self.ids) >= budget or not ids
 
 
 class _HfEngine:

@@ -16,6 +16,7 @@ import torch
 
 from .batching import pack, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
+from .spans import SpanLog
 
 
 @dataclass
@@ -50,6 +51,7 @@ class LearnerRank:
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.model_path, self.cfg, self.rank, self.world_size, self.seed = model_path, cfg, rank, world_size, seed
         self.engine = None
+        self.spans = SpanLog(f"learner-rank-{rank}")
         self.step_count = 0
         self.batch_size = None
 
@@ -130,7 +132,12 @@ class LearnerRank:
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
             for k, v in stats.items():
-                sums[k] = max(sums.get(k, float("-inf")), v) if k.endswith("_max") else sums.get(k, 0.0) + v
+                if k.endswith("_max"):
+                    sums[k] = max(sums.get(k, float("-inf")), v)
+                elif k.endswith("_min"):
+                    sums[k] = min(sums.get(k, float("inf")), v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + v
         for _ in range(gas - mb_index - 1):  # ranks with fewer items still complete the step
             loss, _ = loss_fn(items[:1], weight=0.0)
             self.engine.backward(loss, scale_wrt_gas=False)
@@ -141,6 +148,10 @@ class LearnerRank:
         return sums
 
     def sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> dict:
+        with self.spans.span("sft_step", samples=len(examples)):
+            return self._sft_step(examples, global_tokens)
+
+    def _sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> dict:
         """Cross-entropy on completion tokens; ``global_tokens`` counts them over all ranks."""
         t0 = time.perf_counter()
 
@@ -155,6 +166,10 @@ class LearnerRank:
         return {**sums, "time_s": time.perf_counter() - t0}
 
     def grpo_step(self, samples: list[dict], global_denom: float) -> dict:
+        with self.spans.span("train", samples=len(samples)):
+            return self._grpo_step(samples, global_denom)
+
+    def _grpo_step(self, samples: list[dict], global_denom: float) -> dict:
         """One policy-gradient step over this rank's samples.
 
         Each sample: prompt_ids, completion_ids, logprobs (behaviour), advantage, and
@@ -180,6 +195,9 @@ class LearnerRank:
                 "clipped": float(parts["clipped"][m].sum()) * weight,
                 "ratio_sum": float(parts["ratio"][m].sum()) * weight,
                 "ratio_max": float(parts["ratio"][m].max()) if weight else float("-inf"),
+                "ratio_min": float(parts["ratio"][m].min()) if weight else float("inf"),
+                "is_weight_sum": float(parts["is_weight"][m].sum()) * weight,
+                "is_truncated": float(parts["is_truncated"][m].sum()) * weight,
                 "logp_diff_abs_sum": float((logp.detach() - old)[m].abs().sum()) * weight,
             }
             if "kl" in parts:
@@ -203,6 +221,10 @@ class LearnerRank:
 
     def export_weights(self, dtype: str = "float32") -> bytes | None:
         """Serialised full state dict (rank 0), what generators and the reference load."""
+        with self.spans.span("export_weights"):
+            return self._export(dtype)
+
+    def _export(self, dtype: str) -> bytes | None:
         state = self._full_state_dict()
         if state is None:
             return None
@@ -219,6 +241,9 @@ class LearnerRank:
         self.engine.module.save_pretrained(path, state_dict=state)
         self.tokenizer.save_pretrained(path)
         return path
+
+    def drain_spans(self) -> list[dict]:
+        return self.spans.drain()
 
     def ping(self) -> str:
         return "ok"

@@ -21,6 +21,13 @@ class LossConfig:
     kl_coef: float = 0.0  # beta of the k3 penalty to the reference; 0 skips the reference group
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     temperature: float = 1.0  # log-probs are taken of logits / temperature, as the generator samples
+    # Off-policy correction for samples from older policies (asynchronous runs):
+    #   "none":      PPO ratio against the behaviour log-probs (clipping zeroes far-off tokens)
+    #   "decoupled": ratio against the proximal policy (the learner's weights before this step),
+    #                times the importance weight pi_prox / pi_behaviour (AReaL's decoupled PPO)
+    #   "tis":       the same with the importance weight truncated at ``is_cap`` (truncated IS)
+    off_policy: Literal["none", "decoupled", "tis"] = "none"
+    is_cap: float = 2.0
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -50,18 +57,31 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def grpo_token_losses(
     logp: torch.Tensor,
-    old_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
     advantages: torch.Tensor,
     cfg: LossConfig,
     ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss ``-min(r A, clip(r) A) + beta * k3``, with r = exp(logp - old_logp)."""
-    ratio = torch.exp(logp - old_logp)
+    """Per-token loss ``-w * min(r A, clip(r) A) + beta * k3``.
+
+    With ``off_policy="none"``: r = pi / pi_behaviour, w = 1. Otherwise r = pi / pi_prox and
+    w = pi_prox / pi_behaviour (truncated at ``is_cap`` for "tis"). The learner takes one
+    optimizer step per batch, so the proximal policy is the current weights: pi_prox is
+    ``logp`` detached, and no extra forward pass is needed.
+    """
+    behaviour_ratio = torch.exp(logp.detach() - behaviour_logp)
+    if cfg.off_policy == "none":
+        old, weight = behaviour_logp, torch.ones_like(logp)
+    else:
+        old = logp.detach()
+        weight = behaviour_ratio if cfg.off_policy == "decoupled" else torch.clamp(behaviour_ratio, max=cfg.is_cap)
+    ratio = torch.exp(logp - old)
     adv = advantages.unsqueeze(-1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    parts = {"ratio": ratio.detach(), "clipped": (clipped < unclipped).detach()}
+    loss = -torch.minimum(unclipped, clipped) * weight
+    parts = {"ratio": behaviour_ratio, "clipped": (clipped < unclipped).detach(), "is_weight": weight,
+             "is_truncated": (behaviour_ratio > cfg.is_cap) if cfg.off_policy == "tis" else torch.zeros_like(ratio, dtype=torch.bool)}
     if cfg.kl_coef and ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
         loss = loss + cfg.kl_coef * kl

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .batching import pack, token_logprobs
+from .spans import SpanLog
 
 
 class Reference:
@@ -19,6 +20,7 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.spans = SpanLog("reference")
 
     def __repr__(self) -> str:
         return "Reference()"
@@ -29,9 +31,13 @@ class Reference:
 
         self.model.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True), strict=False)
 
-    @torch.no_grad()
     def logprobs(self, samples: list[dict]) -> list[list[float]]:
         """Per completion token log-probs under the reference, aligned with ``completion_ids``."""
+        with self.spans.span("ref_logprobs", samples=len(samples)):
+            return self._logprobs(samples)
+
+    @torch.no_grad()
+    def _logprobs(self, samples: list[dict]) -> list[list[float]]:
         out: list[list[float]] = []
         for i in range(0, len(samples), self.micro_batch_size):
             mb = samples[i : i + self.micro_batch_size]
@@ -39,6 +45,9 @@ class Reference:
             lp = token_logprobs(self.model, packed.to(self.device), self.temperature)
             out.extend(packed.gather(lp.cpu()))
         return out
+
+    def drain_spans(self) -> list[dict]:
+        return self.spans.drain()
 
     def ping(self) -> str:
         return "ok"

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import rewards
 from .rollout import Rollout
+from .spans import SpanLog
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RewardScorer:
         check_specs(specs)
         self.specs, self.cfg = specs, cfg
         self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s)
+        self.spans = SpanLog("reward-scorer")
 
     def __repr__(self) -> str:
         return f"RewardScorer({', '.join(s.name for s in self.specs)})"
@@ -63,6 +65,10 @@ class RewardScorer:
 
         Returns the rollouts and counts per function: timeouts, errors, seconds.
         """
+        with self.spans.span("score", samples=len(rollouts)):
+            return self._score(rollouts)
+
+    def _score(self, rollouts: list[Rollout]) -> tuple[list[Rollout], dict]:
         t0 = time.perf_counter()
         completions, columns = self._inputs(rollouts)
         stats: dict[str, float] = {}
@@ -88,6 +94,9 @@ class RewardScorer:
 
     def close(self) -> None:
         self.pool.close()
+
+    def drain_spans(self) -> list[dict]:
+        return self.spans.drain()
 
     def ping(self) -> str:
         return "ok"

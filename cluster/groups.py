@@ -23,14 +23,21 @@ def get(refs, timeout_s: float, what: str):
         raise RemoteCallError(f"{what}: the actor died ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
+CONTROL = "control"  # concurrency group for calls that must not wait behind long work (weights, spans, ping)
+
+
 class ActorGroup:
-    """``name-0 … name-(n-1)``: the names the dashboard shows and ``ray.get_actor`` finds."""
+    """``name-0 … name-(n-1)``: the names the dashboard shows and ``ray.get_actor`` finds.
+
+    Work methods run one at a time, in submission order; ``control=True`` calls run in a
+    separate concurrency group, beside whatever work is in progress.
+    """
 
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
                  num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, max_concurrency: int = 1,
                  namespace: str | None = None):
         self.name, self.timeout_s = name, timeout_s
-        remote_cls = ray.remote(cls)
+        remote_cls = ray.remote(concurrency_groups={CONTROL: 2})(cls)
         self.actors = []
         for i in range(count):
             args, kwargs = make_args(i)
@@ -43,22 +50,23 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call(self, i: int, method: str, *args, **kwargs):
-        return getattr(self.actors[i], method).remote(*args, **kwargs)
+    def call(self, i: int, method: str, *args, control: bool = False, **kwargs):
+        m = getattr(self.actors[i], method)
+        return (m.options(concurrency_group=CONTROL) if control else m).remote(*args, **kwargs)
 
-    def call_all(self, method: str, *args, **kwargs) -> list:
-        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+    def call_all(self, method: str, *args, control: bool = False, **kwargs) -> list:
+        return [self.call(i, method, *args, control=control, **kwargs) for i in range(len(self.actors))]
 
     def get(self, refs, what: str, timeout_s: float | None = None):
         return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}")
 
-    def run_all(self, method: str, *args, timeout_s: float | None = None, **kwargs) -> list:
-        return self.get(self.call_all(method, *args, **kwargs), method, timeout_s)
+    def run_all(self, method: str, *args, timeout_s: float | None = None, control: bool = False, **kwargs) -> list:
+        return self.get(self.call_all(method, *args, control=control, **kwargs), method, timeout_s)
 
     def wait_ready(self, timeout_s: float | None = None) -> float:
         """Block until every actor answers ``ping`` (constructors done). Returns seconds."""
         t0 = time.perf_counter()
-        self.run_all("ping", timeout_s=timeout_s)
+        self.run_all("ping", timeout_s=timeout_s, control=True)
         return time.perf_counter() - t0
 
     def kill(self) -> None:

@@ -11,19 +11,27 @@ import time
 from .groups import ActorGroup
 
 
+def start_broadcast(learners: ActorGroup, receivers: list[tuple[ActorGroup, str, tuple]],
+                    dtype: str = "float32") -> tuple[list, list]:
+    """Queue the export on every rank and the loads on every receiver; returns (exports, loads).
+
+    Nothing waits here: a learner runs the export after the step queued before it, and the
+    receivers' ``load_weights`` (control concurrency group) starts once rank 0's bytes exist.
+    """
+    exports = learners.call_all("export_weights", dtype)
+    blob = exports[0]  # rank 0 holds the full state dict; other ranks return None
+    loads = [ref for group, method, extra in receivers for ref in group.call_all(method, blob, *extra, control=True)]
+    return exports, loads
+
+
 def broadcast_weights(learners: ActorGroup, receivers: list[tuple[ActorGroup, str, tuple]],
                       dtype: str = "float32") -> float:
-    """Export from the learner group, then call ``method(blob, *extra)`` on every receiver.
+    """Export from the learner group and load into every receiver, waiting for all of it.
 
     Returns the wall seconds from the start of the export until the last receiver loaded.
     """
     t0 = time.perf_counter()
-    exports = learners.call_all("export_weights", dtype)
-    blob = exports[0]  # rank 0 holds the full state dict; other ranks return None
-    loads = []
-    for group, method, extra in receivers:
-        loads.append((group, group.call_all(method, blob, *extra)))
-    learners.get(exports[1:], "export_weights") if len(exports) > 1 else None
-    for group, refs in loads:
-        group.get(refs, "load_weights")
+    exports, loads = start_broadcast(learners, receivers, dtype)
+    # Not exports[0]: a successful load implies it, and getting it would copy the weights here.
+    learners.get(exports[1:] + loads, "weight broadcast")
     return time.perf_counter() - t0

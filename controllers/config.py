@@ -80,7 +80,10 @@ class GrpoConfig:
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt (the group)
     advantage_scale: Literal["group", "batch", "none"] = "group"
-    max_staleness: int = 0  # 0: strictly on-policy
+    max_staleness: int = 0  # eta: samples are at most this many versions old; 0 = synchronous on-policy
+    groups_per_request: int = 0  # prompt groups per generate call; 0: prompts_per_step / generators
+    partial_rollout_tokens: int = 0  # > 0: generators adopt new weights mid-request every N tokens
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, sample until the batch is full
     log_completions_every: int = 0  # 0: never; N: write a few completions every N steps
 
 
@@ -168,6 +171,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("scorer.timeout_s", r.scorer.timeout_s), ("ray.call_timeout_s", r.ray.call_timeout_s)]:
         _positive(key, value)
     for key, value in [("grpo.steps", g.steps), ("sft.steps", r.sft.steps), ("grpo.max_staleness", g.max_staleness),
+                       ("grpo.groups_per_request", g.groups_per_request),
+                       ("grpo.partial_rollout_tokens", g.partial_rollout_tokens), ("learner.loss.is_cap", lc.loss.is_cap),
                        ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts)]:
         _positive(key, value, allow_zero=True)
     if g.num_generations < 2:

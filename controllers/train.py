@@ -16,6 +16,7 @@ from .grpo import GrpoDriver
 from .metrics import MetricsWriter
 from .sft import run_sft
 from .system import System
+from .telemetry import utilisation, write_timeline
 
 log = logging.getLogger("r1ray")
 
@@ -88,16 +89,29 @@ def train(recipe: Recipe) -> dict:
             log.info("held-out pass@1 before GRPO: %.3f", summary["eval_before"])
         system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
-        driver = GrpoDriver(system, recipe, train_ds, renderer, metrics, completions_log=completions_log)
-        with tqdm(total=recipe.grpo.steps, desc="GRPO", unit="step", dynamic_ncols=True) as bar:
+        samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
+        driver = GrpoDriver(system, recipe, train_ds, renderer, metrics, completions_log=completions_log,
+                            samples_log=samples_log)
+        with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
+                  dynamic_ncols=True) as bar:
             driver.progress = bar
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             records = driver.run()
+            grpo_s, wall1 = time.perf_counter() - t0, time.time()
         completions_log.close()
-        summary["grpo"] = {"steps": len(records), "time_s": time.perf_counter() - t0,
-                           "samples": len(driver.consumed), "policy_version": system.version,
-                           "reward_first": records[0]["reward/mean"] if records else None,
-                           "reward_last": records[-1]["reward/mean"] if records else None}
+        samples_log.close()
+        tokens = sum(r["completion_len/mean"] * r["samples"] for r in records)
+        summary["grpo"] = {
+            "steps": len(records), "time_s": grpo_s, "samples": len(driver.consumed), "policy_version": system.version,
+            "max_staleness": recipe.grpo.max_staleness, "samples_per_s": len(driver.consumed) / grpo_s,
+            "tokens_per_s": tokens / grpo_s,
+            "reward_first": records[0]["reward/mean"] if records else None,
+            "reward_last": records[-1]["reward/mean"] if records else None,
+            "staleness_histogram": {str(k): v for k, v in sorted(driver.staleness_hist.items())},
+            "counts": dict(driver.counts),
+            "utilisation": utilisation(driver.spans, wall0, wall1, driver.groups()),
+        }
+        write_timeline(driver.spans, run_dir / "timeline.json")
         if eval_prompts:
             summary["eval_after_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
             summary["eval_after"] = summary["eval_after_detail"]["pass@1"]
@@ -105,7 +119,6 @@ def train(recipe: Recipe) -> dict:
         ckpt = run_dir / "checkpoint-final"
         system.learners.run_all("save_hf", str(ckpt))
         summary["checkpoint"] = str(ckpt)
-        (run_dir / "consumed_sample_ids.json").write_text(json.dumps(driver.consumed))
     finally:
         summary["wall_s"] = time.perf_counter() - t_start
         metrics.close()

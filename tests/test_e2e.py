@@ -4,8 +4,10 @@ Small step counts: these check the plumbing and the artifacts; learning itself i
 the full tiny recipe (README) and by benchmarks/.
 """
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,16 +16,21 @@ REQUIRED = {"step", "reward/mean", "reward/accuracy/mean", "reward/format/mean",
             "time/step_s", "time/generate_s", "time/train_s", "time/weight_sync_s", "policy_version"}
 
 
-def _train(tmp_path, tiny_world, backend: str, extra=()):
-    out = tmp_path / f"run-{backend}"
+def _train(tmp_path, tiny_world, backend: str, extra=(), name=None):
+    out = tmp_path / (name or f"run-{backend}")
     cmd = [sys.executable, "-m", "r1ray.controllers.cli", "train", "configs/tiny-cpu.yaml", "--output-dir", str(out),
            "--set", f"model.tiny_dir={tiny_world}", "--set", "ray.dashboard=false",
            "--set", "sft.steps=3", "--set", "grpo.steps=3", "--set", "grpo.prompts_per_step=4",
            "--set", "grpo.num_generations=4", "--set", "sampling.max_new_tokens=16", "--set", "eval.num_prompts=8",
            "--set", f"generator.backend={backend}", "--set", "learner.micro_batch_size=4", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, proc
+
+
+def _samples(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
 def _check_run(out, steps=3, samples_per_step=16):
@@ -36,12 +43,20 @@ def _check_run(out, steps=3, samples_per_step=16):
         assert r["kl"] >= 0 and r["time/weight_sync_s"] > 0
     # one policy version per learner step, starting after the SFT sync (version 1)
     assert [r["policy_version"] for r in records] == [2 + i for i in range(steps)]
+    timeline = json.loads((out / "timeline.json").read_text())
+    boxes = [e for e in timeline["traceEvents"] if e["ph"] == "X"]
+    assert {"generate", "score", "train", "load_weights"} <= {e["name"] for e in boxes}
+    assert all(isinstance(e["ts"], float) and e["dur"] >= 0 and isinstance(e["tid"], int) for e in boxes)
+    named = {e["tid"] for e in timeline["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {e["tid"] for e in boxes} <= named
     summary = json.loads((out / "summary.json").read_text())
     for key in ("eval_before", "eval_after", "wall_s", "checkpoint"):
         assert key in summary
     assert 0.0 <= summary["eval_after"] <= 1.0
-    consumed = json.loads((out / "consumed_sample_ids.json").read_text())
-    assert len(consumed) == len(set(consumed)) == steps * samples_per_step  # nothing lost or duplicated
+    samples = _samples(out)
+    ids = [s["sample_id"] for s in samples]
+    assert len(ids) == len(set(ids)) == steps * samples_per_step  # nothing lost or duplicated
+    assert all(s["tokens"] == s["logprobs"] > 0 for s in samples)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = out / "checkpoint-final"
@@ -74,3 +89,46 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     second = run_dir_for(load_recipe("configs/tiny-cpu.yaml", output_dir=str(first)))
     assert second != first and second.name == "run-1"
     assert (first / "metrics.jsonl").read_text() == "precious\n"
+
+
+def _overlap(a, b):
+    return min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - max(a["ts"], b["ts"])
+
+
+@pytest.mark.timeout(900)
+def test_streaming_respects_the_staleness_bound_and_loses_nothing(tmp_path, tiny_world):
+    """eta = 1 with partial rollouts (weights adopted every 4 tokens) and dynamic sampling."""
+    steps = 5
+    out, _ = _train(tmp_path, tiny_world, "hf", name="run-async", extra=[
+        "--set", f"grpo.steps={steps}", "--set", "grpo.max_staleness=1", "--set", "grpo.groups_per_request=2",
+        "--set", "grpo.partial_rollout_tokens=4", "--set", "learner.loss.off_policy=tis", "--set", "grpo.dynamic_sampling=true",
+        "--set", "rewards=[{name: 'plugin_rewards:half_the_groups'}, {name: accuracy}, {name: format}]"])
+    samples = _samples(out)
+    staleness = [s["trained_at"] - s["min_version"] for s in samples]
+    assert max(staleness) <= 1  # the bound holds on every consumed sample, token by token
+    assert 1 in staleness  # and the run really was asynchronous
+    assert any(s["max_version"] > s["min_version"] for s in samples)  # requests continued with new weights
+    ids = [s["sample_id"] for s in samples]
+    assert len(ids) == len(set(ids)) == steps * 16
+    assert {i.rsplit("/", 1)[1] for i in ids} == {"0", "1", "2", "3"}  # whole groups, all 4 completions each
+    assert all(s["tokens"] == s["logprobs"] for s in samples)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["grpo"]["staleness_histogram"].keys() <= {"0", "1"}
+    assert summary["grpo"]["counts"]["groups/dropped"] > 0  # dynamic sampling dropped and replaced groups
+    util = summary["grpo"]["utilisation"]
+    assert {"generator", "scorer", "learner", "reference"} <= set(util)
+    assert all(0 <= u["idle_ratio"] <= 1 for u in util.values())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["staleness/max"] <= 1 and "util/generator/idle_ratio" in r for r in records)
+
+
+@pytest.mark.timeout(900)
+def test_max_staleness_zero_is_the_synchronous_on_policy_loop(tmp_path, tiny_world):
+    out, _ = _train(tmp_path, tiny_world, "hf", name="run-sync", extra=["--set", "grpo.max_staleness=0"])
+    samples = _samples(out)
+    assert all(s["min_version"] == s["max_version"] == s["trained_at"] for s in samples)
+    events = [e for e in json.loads((out / "timeline.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    generate = [e for e in events if e["name"] == "generate"]
+    train = [e for e in events if e["name"] == "train"]
+    # on-policy: the generator never works while the learner trains
+    assert all(_overlap(g, t) <= 0 for g in generate for t in train)

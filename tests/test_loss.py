@@ -68,3 +68,22 @@ def test_pack_aligns_completion_positions():
     assert p.completion_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     vals = p.scatter([[0.1, 0.2], [0.3, 0.4, 0.5]])
     assert p.gather(vals) == [pytest.approx([0.1, 0.2]), pytest.approx([0.3, 0.4, 0.5])]
+
+
+def test_off_policy_corrections_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.2]])).requires_grad_(True)
+    behaviour = torch.log(torch.tensor([[0.25, 0.4]]))  # token 0 is 2x likelier now, token 1 half as likely
+    adv = torch.tensor([1.0])
+    none, parts = grpo_token_losses(logp, behaviour, adv, LossConfig(off_policy="none", clip_eps_high=0.28))
+    assert parts["ratio"].tolist()[0] == pytest.approx([2.0, 0.5])
+    assert (-none).tolist()[0] == pytest.approx([1.28, 0.5])  # PPO clip against the behaviour policy
+    dec, parts = grpo_token_losses(logp, behaviour, adv, LossConfig(off_policy="decoupled"))
+    # proximal = current weights: ratio 1 in value, the importance weight carries pi_prox / pi_behaviour
+    assert (-dec).tolist()[0] == pytest.approx([2.0, 0.5])
+    assert parts["is_weight"].tolist()[0] == pytest.approx([2.0, 0.5])
+    tis, parts = grpo_token_losses(logp, behaviour, adv, LossConfig(off_policy="tis", is_cap=1.5))
+    assert (-tis).tolist()[0] == pytest.approx([1.5, 0.5])
+    assert parts["is_truncated"].tolist()[0] == [True, False]
+    # the gradient is w * A * d logp: the weight scales, the ratio's value (1) does not clip
+    tis.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-1.5, -0.5])

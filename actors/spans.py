@@ -1,0 +1,30 @@
+"""Busy intervals of an actor (what it was doing, from when to when), drained by the driver.
+
+Wall-clock ``time.time()`` so intervals from different processes line up on one timeline.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+
+class SpanLog:
+    def __init__(self, actor: str = ""):
+        self.actor = actor
+        self._spans: list[dict] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def span(self, kind: str, **args):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._spans.append({"actor": self.actor, "kind": kind, "t0": t0, "t1": time.time(), "args": args})
+
+    def drain(self) -> list[dict]:
+        with self._lock:
+            out, self._spans = self._spans, []
+        return out

@@ -1,0 +1,37 @@
+"""Utilisation accounting and the Chrome-trace timeline, from the actors' busy spans."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
+    """Busy and idle seconds and the idle ratio of each actor group over [start, end]."""
+    wall = max(end - start, 1e-9)
+    out = {}
+    for name, kinds, n in groups:
+        busy = 0.0
+        for sp in spans:
+            if sp["kind"] in kinds:
+                busy += max(0.0, min(sp["t1"], end) - max(sp["t0"], start))
+        busy /= n
+        out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
+                     "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
+    return out
+
+
+def write_timeline(spans: list[dict], path: Path) -> None:
+    """Chrome trace format (chrome://tracing, ui.perfetto.dev): one row per actor, one box per span."""
+    if not spans:
+        path.write_text(json.dumps({"traceEvents": [], "displayTimeUnit": "ms"}))
+        return
+    t0 = min(sp["t0"] for sp in spans)
+    actors = sorted({sp["actor"] for sp in spans})
+    tid = {a: i + 1 for i, a in enumerate(actors)}
+    events = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "r1ray"}}]
+    events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid[a], "args": {"name": a}} for a in actors]
+    for sp in sorted(spans, key=lambda s: s["t0"]):
+        events.append({"name": sp["kind"], "cat": sp["actor"].split("@")[0], "ph": "X", "pid": 1, "tid": tid[sp["actor"]],
+                       "ts": round((sp["t0"] - t0) * 1e6, 1), "dur": round(max(0.0, sp["t1"] - sp["t0"]) * 1e6, 1),
+                       "args": sp.get("args", {})})
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
