@@ -249,7 +249,9 @@ class GrpoDriver:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        records, t_last = [], time.perf_counter()
+        records: list[dict] = []
+        unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
+        t_last = time.perf_counter()
         self.window_start = time.time()
         while len(records) < self.r.grpo.steps:
             self.admit()
@@ -261,15 +263,18 @@ class GrpoDriver:
                 self.on_scored(payload, value)
             elif stage == "reference":
                 self.on_reference(payload, value)
+            elif stage == "train":
+                step = len(records) + len(unsynced) + 1
+                now = time.perf_counter()
+                record = {"step": step, **self.on_trained(payload, value, step), **self.step_timing(now - t_last)}
+                t_last = now
+                unsynced[record["policy_version"]] = record
+                self.log_completions(step, payload)
             elif stage == "sync":
                 self.on_synced(payload)
-            elif stage == "train":
-                record = self.on_trained(payload, value, len(records) + 1)
-                now = time.perf_counter()
-                record = {"step": len(records) + 1, **record, **self.step_timing(now - t_last)}
-                t_last = now
+                record = unsynced.pop(payload)
+                record["time/weight_sync_s"] = self.last_sync_s
                 self.metrics.write(record, prefix="grpo/")
-                self.log_completions(record["step"], payload)
                 records.append(record)
                 if self.progress is not None:
                     self.progress.update(1)
@@ -329,7 +334,7 @@ class GrpoDriver:
         out = {"time/step_s": step_s, "time/generate_s": busy.get("generate", 0.0),
                "time/score_s": busy.get("score", 0.0), "time/reference_s": busy.get("ref_logprobs", 0.0),
                "time/train_s": busy.get("train", 0.0) / len(self.system.learners),
-               "time/weight_sync_s": self.last_sync_s, **self.queue_depths()}
+               **self.queue_depths()}
         for group, kinds, n in self.groups():
             b = sum(busy.get(k, 0.0) for k in kinds) / n
             out[f"util/{group}/busy_s"] = b
@@ -353,12 +358,7 @@ class GrpoDriver:
             self.spans.extend(part)
 
     def finish(self) -> None:
-        """Wait for the last weight sync (evaluation follows) and collect the last spans."""
-        for key, (stage, payload) in list(self.inflight.items()):
-            if stage == "sync":
-                get(key.refs, self.system.timeout, "final weight sync")
-                self.on_synced(payload)
-                del self.inflight[key]
+        """Let spare work drain (the generators serve evaluation next) and collect the last spans."""
         if self.inflight:  # only groups beyond the last batch (dynamic sampling's spares) are left
             ray.wait([x for key in self.inflight for x in (key.pending if isinstance(key, _Many) else (key,))],
                      num_returns=len(self.inflight), timeout=self.system.timeout, fetch_local=False)
