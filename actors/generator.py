@@ -51,7 +51,7 @@ class Generator:
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
-        self.spans = SpanLog(f"generator@{os.getpid()}")
+        self.spans = SpanLog("generator")
         self._lock = threading.Lock()  # one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
         self._pending = None  # (state dict, bytes, version) staged by load_weights
@@ -114,7 +114,10 @@ class Generator:
         with self.spans.span("load_weights", version=version):
             state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             with self._pending_lock:
-                self._pending = (state, blob, version)
+                # Loads may overlap (two control threads): never let an older version win.
+                newest = max(self.version, self._pending[2] if self._pending else self.version)
+                if version > newest:
+                    self._pending = (state, blob, version)
             if self._lock.acquire(blocking=False):
                 try:
                     self._adopt_pending()

@@ -39,18 +39,6 @@ def generate(system: System, prompts: list[dict], n: int, sampling, greedy: bool
     return [r for part in system.generators.get(refs, "generate") for r in part]
 
 
-def score(system: System, rollouts: list[Rollout], group_size: int) -> tuple[list[Rollout], dict]:
-    groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
-    chunks = [sum(c, []) for c in split(groups, len(system.scorers)) if c]
-    refs = [system.scorers.call(i, "score", c) for i, c in enumerate(chunks)]
-    scored, stats = [], {}
-    for part, part_stats in system.scorers.get(refs, "score"):
-        scored.extend(part)
-        for k, v in part_stats.items():
-            stats[k] = stats.get(k, 0) + v
-    return scored, stats
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -125,6 +113,8 @@ class GrpoDriver:
         self.admitted = self.dropped = self.consecutive_drops = 0
         self.inflight: dict = {}  # object ref -> (stage, payload)
         self.gen_load = [0] * n_gen  # outstanding requests per generator
+        self.score_load = [0] * len(system.scorers)
+        self.turn = 0
         self.ready: list[Group] = []
         self.training: list[Group] | None = None
         self.sync_started: dict[int, float] = {}
@@ -132,7 +122,8 @@ class GrpoDriver:
         self.consumed: list[str] = []  # sample ids the learner trained on, in order
         self.spans: list[dict] = []  # every actor's busy intervals, for utilisation and the timeline
         self.staleness_hist: Counter = Counter()
-        self.counts = Counter()  # dropped groups, interrupted (multi-version) samples
+        self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier timeouts
+        self.window_counts = Counter()  # the same, since the last learner step
 
     # -- admission ---------------------------------------------------------------------------
     def may_admit(self) -> bool:
@@ -146,7 +137,7 @@ class GrpoDriver:
                 idx, pid = self.sampler.take(1)[0]
                 groups.append(Group(self.admitted, self.renderer.prompt(self.train[idx], pid), self.confirmed))
                 self.admitted += 1
-            i = min(range(len(self.gen_load)), key=self.gen_load.__getitem__)
+            i = self.pick(self.gen_load)
             ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
                                               False, self.r.grpo.partial_rollout_tokens)
             self.gen_load[i] += 1
@@ -158,14 +149,23 @@ class GrpoDriver:
         self.gen_load[i] -= 1
         for k, g in enumerate(groups):
             g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
-        j = min(range(len(self.system.scorers)), key=lambda s: sum(1 for st, p in self.inflight.values()
-                                                                    if st == "score" and p[0] == s))
+        j = self.pick(self.score_load)
+        self.score_load[j] += 1
         self.inflight[self.system.scorers.call(j, "score", rollouts)] = ("score", (j, groups))
 
+    def pick(self, load: list[int]) -> int:
+        """The least loaded actor; ties go round-robin so every actor of the group gets work."""
+        self.turn += 1
+        n = len(load)
+        return min(range(n), key=lambda i: (load[i], (i - self.turn) % n))
+
     def on_scored(self, payload, result) -> None:
-        _, groups = payload
+        j, groups = payload
+        self.score_load[j] -= 1
         rollouts, stats = result
-        self.counts.update({f"reward/{k}": v for k, v in stats.items() if k != "time_s"})
+        per_fn = {f"reward/{k}": v for k, v in stats.items() if k != "time_s"}
+        self.counts.update(per_fn)
+        self.window_counts.update(per_fn)
         kept = []
         for k, g in enumerate(groups):
             g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
@@ -175,6 +175,7 @@ class GrpoDriver:
             if self.r.grpo.dynamic_sampling and len(set(rewards.tolist())) == 1:
                 self.dropped += 1
                 self.counts["groups/dropped"] += 1
+                self.window_counts["groups/dropped"] += 1
                 self.consecutive_drops += 1
                 if self.consecutive_drops > 20 * self.B:
                     raise RuntimeError(f"grpo.dynamic_sampling dropped {self.consecutive_drops} groups in a row: every "
@@ -230,7 +231,9 @@ class GrpoDriver:
                                         "min_version": r.version, "max_version": max(r.versions, default=-1),
                                         "tokens": len(r.completion_ids), "logprobs": len(r.logprobs),
                                         "reward": r.reward, "finish_reason": r.finish_reason})
-        self.counts["samples/interrupted"] += sum(len(set(r.versions)) > 1 for r in rollouts)
+        interrupted = sum(len(set(r.versions)) > 1 for r in rollouts)
+        self.counts["samples/interrupted"] += interrupted
+        self.window_counts["samples/interrupted"] += interrupted
         version = self.system.version + 1
         self.system.version = version
         # Queue the export behind this step and the loads on every generator; nothing waits.
@@ -238,7 +241,8 @@ class GrpoDriver:
                                          self.r.generator.dtype)
         self.sync_started[version] = time.perf_counter()
         self.inflight[_Many(exports[1:] + loads)] = ("sync", version)
-        return {"policy_version": version, "samples": len(rollouts),
+        window, self.window_counts = dict(self.window_counts), Counter()
+        return {"policy_version": version, "samples": len(rollouts), **window,
                 **rollout_metrics(rollouts, self.reward_names, self.G), **combine_learner_stats(parts),
                 "staleness/mean": statistics.fmean(version - 1 - r.version for r in rollouts),
                 "staleness/max": max(version - 1 - r.version for r in rollouts)}
@@ -351,10 +355,13 @@ class GrpoDriver:
         return out
 
     def drain_spans(self) -> None:
+        """Collect the actors' busy spans, labelled with the names the dashboard shows."""
         s = self.system
-        refs = [ref for grp in (s.generators, s.scorers, s.learners, s.reference) if grp is not None
-                for ref in grp.call_all("drain_spans", control=True)]
-        for part in get(refs, self.system.timeout, "drain_spans"):
+        groups = [grp for grp in (s.generators, s.scorers, s.learners, s.reference) if grp is not None]
+        calls = [(f"{grp.name}-{i}", ref) for grp in groups for i, ref in enumerate(grp.call_all("drain_spans", control=True))]
+        for (name, _), part in zip(calls, get([ref for _, ref in calls], self.system.timeout, "drain_spans")):
+            for sp in part:
+                sp["actor"] = name
             self.spans.extend(part)
 
     def finish(self) -> None:

@@ -31,7 +31,7 @@ def write_timeline(spans: list[dict], path: Path) -> None:
     events = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "r1ray"}}]
     events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid[a], "args": {"name": a}} for a in actors]
     for sp in sorted(spans, key=lambda s: s["t0"]):
-        events.append({"name": sp["kind"], "cat": sp["actor"].split("@")[0], "ph": "X", "pid": 1, "tid": tid[sp["actor"]],
+        events.append({"name": sp["kind"], "cat": sp["actor"].rsplit("-", 1)[0], "ph": "X", "pid": 1, "tid": tid[sp["actor"]],
                        "ts": round((sp["t0"] - t0) * 1e6, 1), "dur": round(max(0.0, sp["t1"] - sp["t0"]) * 1e6, 1),
                        "args": sp.get("args", {})})
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

@@ -45,11 +45,21 @@ def test_recipe_by_shipped_name():
     (["learner.optim.lr=true"], "'learner.optim.lr': got True; accepted: a number"),
     (["sft.batch_size=63"], "'sft.batch_size': got 63"),
     (["scorer.cpus_per_actor=2"], "CPUs in all"),
+    (["sft.stop_at_pass_rate=1.5"], "'sft.stop_at_pass_rate': got 1.5"),
+    (["grpo.max_staleness=-1"], "'grpo.max_staleness': got -1"),
+    (["learner.loss.off_policy=is"], "one of 'none', 'decoupled', 'tis'"),
 ])
 def test_bad_configs_name_the_key_value_and_what_is_accepted(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_recipe(TINY, override)
     assert fragment in str(e.value)
+
+
+def test_gpu_recipe_validates_for_its_cluster_and_not_for_this_machine():
+    r = load_recipe("configs/qwen2.5-1.5b-h100.yaml", cpus=128, gpus=8)
+    assert r.generator.backend == "vllm" and r.learner.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="GPUs"):
+        load_recipe("configs/qwen2.5-1.5b-h100.yaml", cpus=128, gpus=4)
 
 
 def test_gpu_count_checked():

@@ -102,6 +102,7 @@ def test_streaming_respects_the_staleness_bound_and_loses_nothing(tmp_path, tiny
     out, _ = _train(tmp_path, tiny_world, "hf", name="run-async", extra=[
         "--set", f"grpo.steps={steps}", "--set", "grpo.max_staleness=1", "--set", "grpo.groups_per_request=2",
         "--set", "grpo.partial_rollout_tokens=4", "--set", "learner.loss.off_policy=tis", "--set", "grpo.dynamic_sampling=true",
+        "--set", "scorer.num_actors=2", "--set", "scorer.cpus_per_actor=0.1",
         "--set", "rewards=[{name: 'plugin_rewards:half_the_groups'}, {name: accuracy}, {name: format}]"])
     samples = _samples(out)
     staleness = [s["trained_at"] - s["min_version"] for s in samples]
@@ -120,6 +121,11 @@ def test_streaming_respects_the_staleness_bound_and_loses_nothing(tmp_path, tiny
     assert all(0 <= u["idle_ratio"] <= 1 for u in util.values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["staleness/max"] <= 1 and "util/generator/idle_ratio" in r for r in records)
+    assert sum(r.get("groups/dropped", 0) for r in records) == summary["grpo"]["counts"]["groups/dropped"]
+    assert all(r["reward/accuracy/timeouts"] == 0 and "reward/plugin_rewards:half_the_groups/mean" in r for r in records)
+    events = json.loads((out / "timeline.json").read_text())["traceEvents"]
+    rows = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"generator-0", "reward-scorer-0", "reward-scorer-1", "learner-rank-0", "learner-rank-1", "reference-0"} <= rows
 
 
 @pytest.mark.timeout(900)

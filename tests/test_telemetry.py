@@ -1,0 +1,47 @@
+"""Utilisation accounting and the Chrome-trace timeline, on hand-made spans."""
+import json
+
+import pytest
+
+from r1ray.actors.spans import SpanLog
+from r1ray.controllers.grpo import busy_seconds
+from r1ray.controllers.telemetry import utilisation, write_timeline
+
+SPANS = [
+    {"actor": "generator-0", "kind": "generate", "t0": 100.0, "t1": 103.0, "args": {}},
+    {"actor": "generator-0", "kind": "load_weights", "t0": 103.0, "t1": 103.5, "args": {"version": 2}},
+    {"actor": "learner-rank-0", "kind": "train", "t0": 101.0, "t1": 105.0, "args": {}},
+    {"actor": "learner-rank-1", "kind": "train", "t0": 101.0, "t1": 103.0, "args": {}},
+]
+
+
+def test_busy_seconds_clips_to_the_window():
+    assert busy_seconds(SPANS, 102.0, 104.0) == pytest.approx({"generate": 1.0, "load_weights": 0.5, "train": 3.0})
+
+
+def test_utilisation_averages_over_the_actors_of_a_group():
+    u = utilisation(SPANS, 100.0, 110.0, [("generator", ("generate", "load_weights"), 1), ("learner", ("train",), 2)])
+    assert u["generator"] == {"actors": 1, "busy_s": 3.5, "idle_s": 6.5, "idle_ratio": 0.65}
+    assert u["learner"]["busy_s"] == 3.0 and u["learner"]["idle_ratio"] == pytest.approx(0.7)
+
+
+def test_timeline_is_chrome_trace_json(tmp_path):
+    path = tmp_path / "timeline.json"
+    write_timeline(SPANS, path)
+    trace = json.loads(path.read_text())
+    boxes = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(boxes) == 4 and boxes[0]["ts"] == 0.0 and boxes[0]["dur"] == 3e6
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert sorted(names.values()) == ["generator-0", "learner-rank-0", "learner-rank-1"]
+    assert {b["tid"] for b in boxes} == set(names)
+    assert next(b for b in boxes if b["name"] == "load_weights")["args"] == {"version": 2}
+
+
+def test_span_log_records_even_when_the_work_raises():
+    log = SpanLog("x")
+    with pytest.raises(RuntimeError):
+        with log.span("train", samples=3):
+            raise RuntimeError("boom")
+    (sp,) = log.drain()
+    assert sp["kind"] == "train" and sp["t1"] >= sp["t0"] and sp["args"] == {"samples": 3}
+    assert log.drain() == []
