@@ -72,13 +72,6 @@ class SftConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 20
-    # Early stop once held-out pass@1 (greedy, on `probe_prompts` test prompts that the final
-    # evaluation does not use) reaches this rate; checked every `probe_every` steps from
-    # `probe_from` on. null: always run `steps`.
-    stop_at_pass_rate: float | None = None
-    probe_every: int = 10
-    probe_from: int = 0
-    probe_prompts: int = 64
 
 
 @dataclass
@@ -191,8 +184,6 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if batch % lc.num_ranks:
         raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
                           f"do not divide over learner.num_ranks={lc.num_ranks}; accepted: a batch divisible by the rank count")
-    if r.sft.stop_at_pass_rate is not None and not 0 < r.sft.stop_at_pass_rate <= 1:
-        raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {r.sft.stop_at_pass_rate}; accepted: a number in (0, 1] or null")
     if r.sft.steps and r.sft.batch_size % lc.num_ranks:
         raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "
                           f"learner.num_ranks={lc.num_ranks}")

@@ -45,7 +45,6 @@ def test_recipe_by_shipped_name():
     (["learner.optim.lr=true"], "'learner.optim.lr': got True; accepted: a number"),
     (["sft.batch_size=63"], "'sft.batch_size': got 63"),
     (["scorer.cpus_per_actor=2"], "CPUs in all"),
-    (["sft.stop_at_pass_rate=1.5"], "'sft.stop_at_pass_rate': got 1.5"),
     (["grpo.max_staleness=-1"], "'grpo.max_staleness': got -1"),
     (["learner.loss.off_policy=is"], "one of 'none', 'decoupled', 'tis'"),
 ])
