@@ -5,7 +5,7 @@
 One SFT warm-up first (shared by every run, so all start from the same checkpoint); then the
 tiny recipe's GRPO for each eta with the same seed and the same number of samples. Prints
 samples/s, tokens/s, the speed-up against eta = 0 measured here, idle ratios, staleness and
-held-out pass@1; writes benchmarks/results/async_vs_sync.{json,md,png}.
+held-out pass@1; writes benchmarks/results/<name>.{json,md,png} (--name, default async_vs_sync).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="runs/bench-async")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--name", default="async_vs_sync", help="stem of the result files in benchmarks/results/")
     args = ap.parse_args()
     out = Path(args.out)
     sft = train(out / "sft", ["grpo.steps=0", "eval.num_prompts=0", *args.overrides])
@@ -68,9 +69,9 @@ def main() -> int:
     print("\n" + table)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "async_vs_sync.json").write_text(json.dumps(rows, indent=2))
-    (results / "async_vs_sync.md").write_text(table + "\n")
-    plot(rows, results / "async_vs_sync.png")
+    (results / f"{args.name}.json").write_text(json.dumps({"overrides": args.overrides, "rows": rows}, indent=2))
+    (results / f"{args.name}.md").write_text(table + "\n")
+    plot(rows, results / f"{args.name}.png")
     return 0
 
 
