@@ -20,6 +20,7 @@ from ..cluster.weight_sync import start_broadcast
 from .config import Recipe
 from .data import EpochSampler, PromptRenderer
 from .system import System
+from .telemetry import busy_seconds
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -390,13 +391,3 @@ class _Many:
 
     def __hash__(self) -> int:
         return id(self)
-
-
-def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
-    """Seconds of each span kind that fall inside [start, end] (summed over actors)."""
-    out: dict[str, float] = {}
-    for sp in spans:
-        overlap = min(sp["t1"], end) - max(sp["t0"], start)
-        if overlap > 0:
-            out[sp["kind"]] = out.get(sp["kind"], 0.0) + overlap
-    return out

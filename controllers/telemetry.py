@@ -5,16 +5,23 @@ import json
 from pathlib import Path
 
 
+def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
+    """Seconds of each span kind that fall inside [start, end] (summed over actors)."""
+    out: dict[str, float] = {}
+    for sp in spans:
+        overlap = min(sp["t1"], end) - max(sp["t0"], start)
+        if overlap > 0:
+            out[sp["kind"]] = out.get(sp["kind"], 0.0) + overlap
+    return out
+
+
 def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
     """Busy and idle seconds and the idle ratio of each actor group over [start, end]."""
     wall = max(end - start, 1e-9)
+    by_kind = busy_seconds(spans, start, end)
     out = {}
     for name, kinds, n in groups:
-        busy = 0.0
-        for sp in spans:
-            if sp["kind"] in kinds:
-                busy += max(0.0, min(sp["t1"], end) - max(sp["t0"], start))
-        busy /= n
+        busy = sum(by_kind.get(k, 0.0) for k in kinds) / n
         out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
                      "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
     return out

@@ -4,8 +4,7 @@ import json
 import pytest
 
 from r1ray.actors.spans import SpanLog
-from r1ray.controllers.grpo import busy_seconds
-from r1ray.controllers.telemetry import utilisation, write_timeline
+from r1ray.controllers.telemetry import busy_seconds, utilisation, write_timeline
 
 SPANS = [
     {"actor": "generator-0", "kind": "generate", "t0": 100.0, "t1": 103.0, "args": {}},
