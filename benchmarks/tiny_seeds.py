@@ -38,13 +38,18 @@ def main() -> int:
             return proc.returncode
         run_dir = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run directory"))
         s = json.loads((Path(run_dir) / "summary.json").read_text())
-        rows.append({"seed": seed, "eval_before": s["eval_before"], "eval_after": s["eval_after"],
-                     "grpo_s": s["grpo"]["time_s"], "wall_s": s["wall_s"], "run_dir": run_dir,
-                     "process_s": time.perf_counter() - t0})
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        acc = [r["reward/accuracy/mean"] for r in records]
+        rows.append({"seed": seed, "sft_steps": s.get("sft", {}).get("steps", 0), "eval_before": s["eval_before"],
+                     "eval_after": s["eval_after"], "sampled_acc_first10": sum(acc[:10]) / len(acc[:10]),
+                     "sampled_acc_last10": sum(acc[-10:]) / len(acc[-10:]), "grpo_s": s["grpo"]["time_s"],
+                     "wall_s": s["wall_s"], "run_dir": run_dir, "process_s": time.perf_counter() - t0})
         print(f"seed {seed}: pass@1 {s['eval_before']:.3f} -> {s['eval_after']:.3f} in {s['wall_s']:.0f} s", flush=True)
-    print("\n| seed | held-out pass@1 after SFT | after GRPO | GRPO s | wall s |\n|---|---|---|---|---|")
+    print("\n| seed | SFT steps | held-out pass@1 after SFT | after GRPO | training-batch accuracy, "
+          "first 10 -> last 10 GRPO steps | GRPO s | wall s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['eval_before']:.3f} | {r['eval_after']:.3f} | {r['grpo_s']:.0f} | {r['wall_s']:.0f} |")
+        print(f"| {r['seed']} | {r['sft_steps']} | {r['eval_before']:.3f} | {r['eval_after']:.3f} | "
+              f"{r['sampled_acc_first10']:.2f} -> {r['sampled_acc_last10']:.2f} | {r['grpo_s']:.0f} | {r['wall_s']:.0f} |")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "tiny_seeds.json").write_text(json.dumps(rows, indent=2))
     return 0

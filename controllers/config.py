@@ -72,6 +72,16 @@ class SftConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 20
+    # Early stop once the policy, sampled as GRPO will sample it (one completion per prompt at
+    # `sampling`), is right on this share of `probe_prompts` held-out prompts that the final
+    # evaluation does not use (judged by `eval.reward`): enough right answers in each group for
+    # GRPO to learn from. Checked every `probe_every` steps from `probe_from` on.
+    # null: always run `steps`.
+    stop_at_pass_rate: float | None = None
+    probe_every: int = 10
+    probe_from: int = 0
+    probe_prompts: int = 64
+    save_checkpoint: bool = True  # HF-format checkpoint-sft/ in the run directory after the warm-up
 
 
 @dataclass
@@ -180,10 +190,16 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                           "(group-normalised advantages need at least two completions per prompt)")
     if not 0 < r.sampling.top_p <= 1:
         raise ConfigError(f"config key 'sampling.top_p': got {r.sampling.top_p}; accepted: a number in (0, 1]")
+    if lc.loss.temperature != r.sampling.temperature:
+        raise ConfigError(f"config key 'learner.loss.temperature': got {lc.loss.temperature}; accepted: the value of "
+                          f"sampling.temperature ({r.sampling.temperature}), because the learner must score each token "
+                          "at the temperature the generator sampled it with")
     batch = g.prompts_per_step * g.num_generations
     if batch % lc.num_ranks:
         raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
                           f"do not divide over learner.num_ranks={lc.num_ranks}; accepted: a batch divisible by the rank count")
+    if r.sft.stop_at_pass_rate is not None and not 0 < r.sft.stop_at_pass_rate <= 1:
+        raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {r.sft.stop_at_pass_rate}; accepted: a number in (0, 1] or null")
     if r.sft.steps and r.sft.batch_size % lc.num_ranks:
         raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "
                           f"learner.num_ranks={lc.num_ranks}")

@@ -1,4 +1,4 @@
-"""Held-out pass@1: greedy completions of test prompts, judged by one reward function."""
+"""Held-out pass@1: one completion per test prompt (greedy by default), judged by one reward function."""
 from __future__ import annotations
 
 import time
@@ -7,10 +7,11 @@ from .grpo import generate, split
 from .system import System
 
 
-def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accuracy") -> dict:
-    """Fraction of prompts whose greedy completion scores 1 (a None score counts as a miss)."""
+def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accuracy", greedy: bool = True) -> dict:
+    """Fraction of prompts whose completion (greedy, or one sample with ``sampling``) scores 1
+    (a None score counts as a miss)."""
     t0 = time.perf_counter()
-    rollouts = generate(system, prompts, 1, sampling, greedy=True)
+    rollouts = generate(system, prompts, 1, sampling, greedy=greedy)
     chunks = [c for c in split(rollouts, len(system.scorers)) if c]
     refs = [system.scorers.call(i, "score_one", reward, c) for i, c in enumerate(chunks)]
     scores = [s for part in system.scorers.get(refs, "score_one") for s in part]

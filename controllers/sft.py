@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from .config import SftConfig
 from .data import EpochSampler, PromptRenderer
@@ -10,7 +11,9 @@ from .system import System
 
 
 def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, metrics, seed: int,
-            progress=None) -> list[dict]:
+            progress=None, probe: Callable[[], float] | None = None) -> list[dict]:
+    """``cfg.steps`` steps; with ``cfg.stop_at_pass_rate`` and a ``probe`` (held-out pass@1 of
+    the current weights), it stops early once the probe reaches that rate."""
     system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps)
     sampler = EpochSampler(len(train), seed + 1)
     records = []
@@ -23,9 +26,17 @@ def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, met
         parts = system.learners.get(refs, "sft_step")
         record = {"step": step, "loss": sum(p["nll_sum"] for p in parts) / tokens, "tokens": tokens,
                   "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "time/step_s": time.perf_counter() - t0}
+        stop = False
+        if probe is not None and cfg.stop_at_pass_rate and cfg.probe_every and step % cfg.probe_every == 0 \
+                and step >= cfg.probe_from:
+            record["probe_pass@1"] = probe()
+            stop = record["probe_pass@1"] >= cfg.stop_at_pass_rate
         metrics.write(record, prefix="sft/")
         records.append(record)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.3f}")
+            progress.set_postfix(loss=f"{record['loss']:.3f}", **({"probe": f"{record['probe_pass@1']:.2f}"}
+                                                                 if "probe_pass@1" in record else {}))
+        if stop:
+            break
     return records

@@ -46,6 +46,22 @@ def run_dir_for(recipe: Recipe) -> Path:
     return candidate
 
 
+def make_probe(system: System, recipe: Recipe, test_ds, renderer: PromptRenderer, eval_used: int):
+    """For the SFT early stop: pass@1 of the learner's current weights sampled as GRPO will
+    sample them (one completion per prompt at ``sampling``), on test prompts the final
+    evaluation does not use (the tail of the test split)."""
+    n = min(recipe.sft.probe_prompts, len(test_ds) - eval_used)
+    if not recipe.sft.stop_at_pass_rate or n <= 0:
+        return None
+    prompts = [renderer.prompt(test_ds[i], f"test-{i}") for i in range(len(test_ds) - n, len(test_ds))]
+
+    def probe() -> float:
+        system.sync_weights()
+        return pass_at_1(system, prompts, recipe.sampling, recipe.eval.reward, greedy=False)["pass@1"]
+
+    return probe
+
+
 def train(recipe: Recipe) -> dict:
     from transformers import AutoTokenizer
 
@@ -78,9 +94,14 @@ def train(recipe: Recipe) -> dict:
             sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
                 t0 = time.perf_counter()
-                sft = run_sft(system, recipe.sft, train_ds, renderer, sft_metrics, recipe.seed, bar)
+                sft = run_sft(system, recipe.sft, train_ds, renderer, sft_metrics, recipe.seed, bar,
+                              probe=make_probe(system, recipe, test_ds, renderer, len(eval_prompts)))
             sft_metrics.close()
-            summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0}
+            summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
+                              "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
+            if recipe.sft.save_checkpoint:
+                summary["sft"]["checkpoint"] = str(run_dir / "checkpoint-sft")
+                system.learners.run_all("save_hf", summary["sft"]["checkpoint"])
             # Generators and the reference start GRPO from the SFT policy.
             system.sync_weights(include_reference=True)
         if eval_prompts:

@@ -18,6 +18,7 @@ from typing import Callable
 from .code_reward import make_code
 from .formatting import format_reward, make_code_format, reasoning_steps_reward, tag_count_reward
 from .math_rewards import accuracy_reward, length_reward, make_cosine
+from .partial import digit_match_reward
 from .penalties import make_repetition_penalty, make_soft_overlong_punishment
 
 RewardFn = Callable[..., list]
@@ -37,6 +38,7 @@ _FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "code": make_code,
     "code_format": make_code_format,
     "cosine": make_cosine,
+    "digit_match": _without_params(digit_match_reward),
     "format": _without_params(format_reward),
     "length": _without_params(length_reward),
     "reasoning_steps": _without_params(reasoning_steps_reward),

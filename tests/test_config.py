@@ -46,6 +46,8 @@ def test_recipe_by_shipped_name():
     (["sft.batch_size=63"], "'sft.batch_size': got 63"),
     (["scorer.cpus_per_actor=2"], "CPUs in all"),
     (["grpo.max_staleness=-1"], "'grpo.max_staleness': got -1"),
+    (["sft.stop_at_pass_rate=1.5"], "'sft.stop_at_pass_rate': got 1.5"),
+    (["sampling.temperature=0.55"], "accepted: the value of sampling.temperature (0.55)"),
     (["learner.loss.off_policy=is"], "one of 'none', 'decoupled', 'tis'"),
 ])
 def test_bad_configs_name_the_key_value_and_what_is_accepted(override, fragment):

@@ -67,9 +67,21 @@ def _check_run(out, steps=3, samples_per_step=16):
 
 @pytest.mark.timeout(900)
 def test_tiny_recipe_end_to_end_hf_backend(tmp_path, tiny_world):
-    out, proc = _train(tmp_path, tiny_world, "hf")
+    """Also the SFT early stop: the probe (judged here by a reward that passes everything) is
+    first taken at step 2 and stops the warm-up there; the SFT checkpoint is written."""
+    out, proc = _train(tmp_path, tiny_world, "hf", [
+        "--set", "sft.stop_at_pass_rate=0.5", "--set", "sft.probe_from=2", "--set", "sft.probe_every=1",
+        "--set", "rewards=[{name: accuracy}, {name: format}, {name: 'plugin_rewards:every_answer', weight: 0.0}]",
+        "--set", "eval.reward=plugin_rewards:every_answer"])
     _check_run(out)
     assert "eval_after" in proc.stdout
+    sft = [json.loads(line) for line in (out / "sft_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft] == [1, 2] and "probe_pass@1" not in sft[0] and sft[1]["probe_pass@1"] == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sft"]["steps"] == 2 and summary["sft"]["probes"] == {"2": 1.0}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-sft")
 
 
 @pytest.mark.timeout(900)

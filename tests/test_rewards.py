@@ -30,7 +30,7 @@ def chat(text):
 
 def test_names_lists_every_open_r1_reward():
     assert rewards.names() == [
-        "accuracy", "code", "code_format", "cosine", "format", "length",
+        "accuracy", "code", "code_format", "cosine", "digit_match", "format", "length",
         "reasoning_steps", "repetition_penalty", "soft_overlong_punishment", "tag_count",
     ]
 
@@ -327,3 +327,29 @@ def test_code_is_none_without_test_cases_and_rejects_other_languages():
     assert fn([ECHO_SUM], verification_info=[{"language": "python", "test_cases": []}]) == [None]
     with pytest.raises(ValueError, match="cpp"):
         fn([ECHO_SUM], verification_info=[{"language": "cpp", "test_cases": SUM_INFO["test_cases"]}])
+
+
+# ---- digit_match (partial credit) --------------------------------------------
+
+
+@pytest.mark.parametrize("completion, solution, score", [
+    ("<answer>\\boxed{975}</answer>", "\\boxed{975}", 1.0),
+    ("<answer>\\boxed{965}</answer>", "\\boxed{975}", 2 / 3),
+    ("<answer>\\boxed{9751}</answer>", "\\boxed{975}", 3 / 4),   # an extra digit costs one
+    ("<answer>\\boxed{97}</answer>", "\\boxed{975}", 2 / 3),     # a missing one too
+    ("\\boxed{1} then \\boxed{9 7 5}", "\\boxed{975}", 1.0),    # last box, spaces ignored
+    ("no box 975", "\\boxed{975}", 0.0),
+    ("\\boxed{975} and \\boxed{97", "\\boxed{975}", 1.0),       # unclosed last box: the earlier one
+    ("\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}", 1.0),  # nested braces
+    ("\\boxed{42}", "42", 1.0),                                    # plain gold used whole
+    ("\\boxed{42}", "  ", None),                                   # empty gold: not applicable
+])
+def test_digit_match(completion, solution, score):
+    got = rewards.get("digit_match")([completion], solution=[solution])
+    assert got == [pytest.approx(score)] if score is not None else got == [None]
+
+
+def test_digit_match_is_linear_on_hostile_text():
+    fn = rewards.get("digit_match")
+    assert fn(["\\boxed{" * 100_000, "{" * 1_000_000 + "\\boxed{1}"], solution=["\\boxed{1}"] * 2) == [0.0, 1.0]
+    assert fn([chat("\\boxed{12}")], solution=["\\boxed{13}"]) == [0.5]
