@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .train import train
 
-    summary = train(recipe)
+    try:
+        summary = train(recipe)
+    except ConfigError as e:  # what only the data or the joined cluster can tell, still before any actor starts
+        print(f"r1ray: invalid config: {e}", file=sys.stderr)
+        return 2
     print(f"run directory: {summary['run_dir']}")
     for key in ("eval_before", "eval_after", "wall_s"):
         if key in summary:

@@ -198,8 +198,13 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if batch % lc.num_ranks:
         raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
                           f"do not divide over learner.num_ranks={lc.num_ranks}; accepted: a batch divisible by the rank count")
-    if r.sft.stop_at_pass_rate is not None and not 0 < r.sft.stop_at_pass_rate <= 1:
-        raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {r.sft.stop_at_pass_rate}; accepted: a number in (0, 1] or null")
+    if r.sft.stop_at_pass_rate is not None:
+        if not 0 < r.sft.stop_at_pass_rate <= 1:
+            raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {r.sft.stop_at_pass_rate}; accepted: a number in "
+                              "(0, 1] or null")
+        for key, value in [("sft.probe_every", r.sft.probe_every), ("sft.probe_prompts", r.sft.probe_prompts)]:
+            _positive(key, value)
+        _positive("sft.probe_from", r.sft.probe_from, allow_zero=True)
     if r.sft.steps and r.sft.batch_size % lc.num_ranks:
         raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "
                           f"learner.num_ranks={lc.num_ranks}")

@@ -14,6 +14,7 @@ from .data import PromptRenderer, load_splits
 from .evaluate import pass_at_1
 from .grpo import GrpoDriver
 from .metrics import MetricsWriter
+from .schema import ConfigError
 from .sft import run_sft
 from .system import System
 from .telemetry import utilisation, write_timeline
@@ -46,14 +47,24 @@ def run_dir_for(recipe: Recipe) -> Path:
     return candidate
 
 
-def make_probe(system: System, recipe: Recipe, test_ds, renderer: PromptRenderer, eval_used: int):
-    """For the SFT early stop: pass@1 of the learner's current weights sampled as GRPO will
-    sample them (one completion per prompt at ``sampling``), on test prompts the final
-    evaluation does not use (the tail of the test split)."""
+def probe_prompts(recipe: Recipe, test_ds, renderer: PromptRenderer, eval_used: int) -> list[dict]:
+    """Prompts for the SFT early stop: the tail of the test split, which the final evaluation
+    (its first ``eval_used`` rows) does not use."""
+    if not (recipe.sft.steps and recipe.sft.stop_at_pass_rate):
+        return []
     n = min(recipe.sft.probe_prompts, len(test_ds) - eval_used)
-    if not recipe.sft.stop_at_pass_rate or n <= 0:
+    if n <= 0:
+        raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {recipe.sft.stop_at_pass_rate}, but no held-out "
+                          f"prompts are left for the probe (the test split has {len(test_ds)} rows and "
+                          f"eval.num_prompts={recipe.eval.num_prompts} uses them); accepted: fewer eval prompts, or null")
+    return [renderer.prompt(test_ds[i], f"test-{i}") for i in range(len(test_ds) - n, len(test_ds))]
+
+
+def make_probe(system: System, recipe: Recipe, prompts: list[dict]):
+    """pass@1 of the learner's current weights sampled as GRPO will sample them (one
+    completion per prompt at ``sampling``), judged by ``eval.reward``."""
+    if not prompts:
         return None
-    prompts = [renderer.prompt(test_ds[i], f"test-{i}") for i in range(len(test_ds) - n, len(test_ds))]
 
     def probe() -> float:
         system.sync_weights()
@@ -76,6 +87,7 @@ def train(recipe: Recipe) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     renderer = PromptRenderer(tokenizer, recipe.data)
     eval_prompts = [renderer.prompt(test_ds[i], f"test-{i}") for i in range(min(recipe.eval.num_prompts, len(test_ds)))]
+    probes = probe_prompts(recipe, test_ds, renderer, len(eval_prompts))
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
 
@@ -95,7 +107,7 @@ def train(recipe: Recipe) -> dict:
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
                 t0 = time.perf_counter()
                 sft = run_sft(system, recipe.sft, train_ds, renderer, sft_metrics, recipe.seed, bar,
-                              probe=make_probe(system, recipe, test_ds, renderer, len(eval_prompts)))
+                              probe=make_probe(system, recipe, probes))
             sft_metrics.close()
             summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
                               "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}

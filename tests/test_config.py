@@ -47,6 +47,7 @@ def test_recipe_by_shipped_name():
     (["scorer.cpus_per_actor=2"], "CPUs in all"),
     (["grpo.max_staleness=-1"], "'grpo.max_staleness': got -1"),
     (["sft.stop_at_pass_rate=1.5"], "'sft.stop_at_pass_rate': got 1.5"),
+    (["sft.probe_every=0"], "'sft.probe_every': got 0"),
     (["sampling.temperature=0.55"], "accepted: the value of sampling.temperature (0.55)"),
     (["learner.loss.off_policy=is"], "one of 'none', 'decoupled', 'tis'"),
 ])

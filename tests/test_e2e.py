@@ -106,6 +106,17 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     assert (first / "metrics.jsonl").read_text() == "precious\n"
 
 
+def test_probe_without_held_out_prompts_is_refused_before_ray_starts(tmp_path, tiny_world, capsys):
+    from r1ray.controllers.cli import main
+
+    code = main(["train", "configs/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run"), "--set",
+                 f"model.tiny_dir={tiny_world}", "--set", "eval.num_prompts=100000"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'sft.stop_at_pass_rate'" in err and "no held-out prompts are left" in err and "eval.num_prompts=100000" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def _overlap(a, b):
     return min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - max(a["ts"], b["ts"])
 
