@@ -3,7 +3,7 @@
     python benchmarks/tiny_seeds.py --seeds 0 1 2 [--set grpo.steps=100 ...]
 
 Each seed is a full `r1ray train configs/tiny-cpu.yaml` run in its own process (SFT warm-up,
-eval, GRPO, eval). Prints a Markdown table and writes benchmarks/results/tiny_seeds.json.
+eval, GRPO, eval). Prints a Markdown table and writes benchmarks/results/<--name>.json (default tiny_seeds).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main() -> int:
     ap.add_argument("--recipe", default=str(HERE.parent / "configs" / "tiny-cpu.yaml"))
     ap.add_argument("--out", default="runs/bench-seeds")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--name", default="tiny_seeds", help="stem of the result file in benchmarks/results/")
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
@@ -51,7 +52,7 @@ def main() -> int:
         print(f"| {r['seed']} | {r['sft_steps']} | {r['eval_before']:.3f} | {r['eval_after']:.3f} | "
               f"{r['sampled_acc_first10']:.2f} -> {r['sampled_acc_last10']:.2f} | {r['grpo_s']:.0f} | {r['wall_s']:.0f} |")
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "tiny_seeds.json").write_text(json.dumps(rows, indent=2))
+    (HERE / "results" / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
     return 0
 
 
