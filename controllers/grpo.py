@@ -160,13 +160,16 @@ class GrpoDriver:
         n = len(load)
         return min(range(n), key=lambda i: (load[i], (i - self.turn) % n))
 
+    def tally(self, counts: dict) -> None:
+        """Add to the run's totals and to the window the next learner step reports."""
+        self.counts.update(counts)
+        self.window_counts.update(counts)
+
     def on_scored(self, payload, result) -> None:
         j, groups = payload
         self.score_load[j] -= 1
         rollouts, stats = result
-        per_fn = {f"reward/{k}": v for k, v in stats.items() if k != "time_s"}
-        self.counts.update(per_fn)
-        self.window_counts.update(per_fn)
+        self.tally({f"reward/{k}": v for k, v in stats.items() if k != "time_s"})
         kept = []
         for k, g in enumerate(groups):
             g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
@@ -175,8 +178,7 @@ class GrpoDriver:
                 r.advantage = a
             if self.r.grpo.dynamic_sampling and len(set(rewards.tolist())) == 1:
                 self.dropped += 1
-                self.counts["groups/dropped"] += 1
-                self.window_counts["groups/dropped"] += 1
+                self.tally({"groups/dropped": 1})
                 self.consecutive_drops += 1
                 if self.consecutive_drops > 20 * self.B:
                     raise RuntimeError(f"grpo.dynamic_sampling dropped {self.consecutive_drops} groups in a row: every "
@@ -232,9 +234,7 @@ class GrpoDriver:
                                         "min_version": r.version, "max_version": max(r.versions, default=-1),
                                         "tokens": len(r.completion_ids), "logprobs": len(r.logprobs),
                                         "reward": r.reward, "finish_reason": r.finish_reason})
-        interrupted = sum(len(set(r.versions)) > 1 for r in rollouts)
-        self.counts["samples/interrupted"] += interrupted
-        self.window_counts["samples/interrupted"] += interrupted
+        self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
         version = self.system.version + 1
         self.system.version = version
         # Queue the export behind this step and the loads on every generator; nothing waits.

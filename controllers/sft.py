@@ -12,8 +12,8 @@ from .system import System
 
 def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, metrics, seed: int,
             progress=None, probe: Callable[[], float] | None = None) -> list[dict]:
-    """``cfg.steps`` steps; with ``cfg.stop_at_pass_rate`` and a ``probe`` (held-out pass@1 of
-    the current weights), it stops early once the probe reaches that rate."""
+    """``cfg.steps`` steps; with a ``probe`` (held-out pass@1 of the current weights, given only
+    when ``cfg.stop_at_pass_rate`` is set) it stops early once the probe reaches that rate."""
     system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps)
     sampler = EpochSampler(len(train), seed + 1)
     records = []
@@ -27,8 +27,7 @@ def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, met
         record = {"step": step, "loss": sum(p["nll_sum"] for p in parts) / tokens, "tokens": tokens,
                   "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "time/step_s": time.perf_counter() - t0}
         stop = False
-        if probe is not None and cfg.stop_at_pass_rate and cfg.probe_every and step % cfg.probe_every == 0 \
-                and step >= cfg.probe_from:
+        if probe is not None and step >= cfg.probe_from and step % cfg.probe_every == 0:
             record["probe_pass@1"] = probe()
             stop = record["probe_pass@1"] >= cfg.stop_at_pass_rate
         metrics.write(record, prefix="sft/")
