@@ -11,24 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from _train import train
+
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "configs" / "tiny-cpu.yaml"
-
-
-def train(out: Path, sets: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "r1ray.controllers.cli", "train", str(RECIPE), "--output-dir", str(out),
-           "--set", "ray.dashboard=false"]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    run_dir = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run directory"))
-    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def main() -> int:
@@ -40,12 +29,12 @@ def main() -> int:
     ap.add_argument("--name", default="async_vs_sync", help="stem of the result files in benchmarks/results/")
     args = ap.parse_args()
     out = Path(args.out)
-    sft = train(out / "sft", ["grpo.steps=0", "eval.num_prompts=0", *args.overrides])
+    sft = train(RECIPE, out / "sft", ["grpo.steps=0", "eval.num_prompts=0", *args.overrides])
     ckpt = sft["checkpoint"]
     print(f"SFT checkpoint: {ckpt}", flush=True)
     rows = []
     for eta in args.etas:
-        s = train(out / f"eta-{eta}", [f"model.path={ckpt}", "sft.steps=0", f"grpo.steps={args.steps}",
+        s = train(RECIPE, out / f"eta-{eta}", [f"model.path={ckpt}", "sft.steps=0", f"grpo.steps={args.steps}",
                                        f"grpo.max_staleness={eta}", *args.overrides])
         g = s["grpo"]
         hist = {int(k): v for k, v in g["staleness_histogram"].items()}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _train import train
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,17 +29,9 @@ def main() -> int:
     rows = []
     for seed in args.seeds:
         out = Path(args.out) / f"seed-{seed}"
-        cmd = [sys.executable, "-m", "r1ray.controllers.cli", "train", args.recipe, "--output-dir", str(out),
-               "--set", f"seed={seed}", "--set", "ray.dashboard=false"]
-        for o in args.overrides:
-            cmd += ["--set", o]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        run_dir = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run directory"))
-        s = json.loads((Path(run_dir) / "summary.json").read_text())
+        s = train(args.recipe, out, [f"seed={seed}", *args.overrides])
+        run_dir = s["run_dir"]
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         acc = [r["reward/accuracy/mean"] for r in records]
         rows.append({"seed": seed, "sft_steps": s.get("sft", {}).get("steps", 0), "eval_before": s["eval_before"],

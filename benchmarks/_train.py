@@ -1,0 +1,22 @@
+"""One `r1ray train` run in its own process, as the benchmarks launch them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def train(recipe: str | Path, out: Path, sets: list[str]) -> dict:
+    """Runs the recipe with ``--set`` overrides (no dashboard) into ``out``; returns its summary.json.
+    A failed run ends the benchmark with the command, the tail of its stderr and its exit code."""
+    cmd = [sys.executable, "-m", "r1ray.controllers.cli", "train", str(recipe), "--output-dir", str(out),
+           "--set", "ray.dashboard=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"run failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}", file=sys.stderr)
+        sys.exit(proc.returncode)
+    run_dir = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run directory"))
+    return json.loads((Path(run_dir) / "summary.json").read_text())
