@@ -51,7 +51,7 @@ class Generator:
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
-        self.spans = SpanLog("generator")
+        self.spans = SpanLog()
         self._lock = threading.Lock()  # one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
         self._pending = None  # (state dict, bytes, version) staged by load_weights
@@ -132,9 +132,6 @@ class Generator:
             state, blob, version = pending
             self._engine.load_state_dict(state, blob)
             self.version = version
-
-    def get_version(self) -> int:
-        return self.version
 
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()

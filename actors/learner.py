@@ -7,15 +7,17 @@ ranks and micro-batches: DeepSpeed averages gradients over ranks, hence the ``* 
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 
 from .batching import pack, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
+from .rollout import TrainSample
 from .spans import SpanLog
 
 
@@ -40,6 +42,66 @@ class LearnerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
+@dataclass
+class GrpoStats:
+    """One rank's sums over its micro-batches of a GRPO step (every count is over completion
+    tokens); ``combine`` turns the ranks' parts into the step's metrics."""
+
+    tokens: float = 0.0
+    loss_sum: float = 0.0
+    kl_sum: float = 0.0
+    clipped: float = 0.0
+    ratio_sum: float = 0.0
+    ratio_max: float = -math.inf
+    ratio_min: float = math.inf
+    is_weight_sum: float = 0.0
+    is_truncated: float = 0.0
+    logp_diff_abs_sum: float = 0.0
+    grad_norm: float = 0.0  # global, set once per step
+    lr: float = 0.0
+    time_s: float = 0.0
+
+    def add(self, other: "GrpoStats") -> None:
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, max(a, b) if f.name == "ratio_max" else min(a, b) if f.name == "ratio_min" else a + b)
+
+    @staticmethod
+    def combine(parts: list["GrpoStats"]) -> dict:
+        """Per-rank sums -> batch metrics (ranks saw disjoint shards of the batch)."""
+        tokens = sum(p.tokens for p in parts) or 1.0
+        return {
+            "loss": sum(p.loss_sum for p in parts),
+            "kl": sum(p.kl_sum for p in parts) / tokens,
+            "clip_ratio": sum(p.clipped for p in parts) / tokens,
+            "ratio/mean": sum(p.ratio_sum for p in parts) / tokens,
+            "ratio/max": max(p.ratio_max for p in parts),
+            "ratio/min": min(p.ratio_min for p in parts),
+            "is_weight/mean": sum(p.is_weight_sum for p in parts) / tokens,
+            "is_weight/truncated_ratio": sum(p.is_truncated for p in parts) / tokens,
+            "logprob_mismatch/mean_abs": sum(p.logp_diff_abs_sum for p in parts) / tokens,
+            "grad_norm": parts[0].grad_norm,
+            "lr": parts[0].lr,
+        }
+
+
+@dataclass
+class SftStats:
+    """One rank's summed negative log-likelihood over its share of an SFT step."""
+
+    nll_sum: float = 0.0
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    time_s: float = 0.0
+
+    def add(self, other: "SftStats") -> None:
+        self.nll_sum += other.nll_sum
+
+    @staticmethod
+    def combine(parts: list["SftStats"], tokens: int) -> dict:
+        return {"loss": sum(p.nll_sum for p in parts) / tokens, "grad_norm": parts[0].grad_norm, "lr": parts[0].lr}
+
+
 def _micro_batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -51,8 +113,7 @@ class LearnerRank:
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.model_path, self.cfg, self.rank, self.world_size, self.seed = model_path, cfg, rank, world_size, seed
         self.engine = None
-        self.spans = SpanLog(f"learner-rank-{rank}")
-        self.step_count = 0
+        self.spans = SpanLog()
         self.batch_size = None
 
     def __repr__(self) -> str:
@@ -88,11 +149,10 @@ class LearnerRank:
         self.device = self.engine.device
         return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
 
-    def start_phase(self, lr: float, warmup_steps: int = 0, reset_optimizer: bool = True) -> None:
-        """Switch learning rate (and forget Adam's moments) between SFT warm-up and GRPO."""
+    def start_phase(self, lr: float, warmup_steps: int = 0) -> None:
+        """Switch learning rate and forget Adam's moments between SFT warm-up and GRPO."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
-        if reset_optimizer:
-            inner.state.clear()  # AdamW re-creates its moments lazily at the next step
+        inner.state.clear()  # AdamW re-creates its moments lazily at the next step
         for group in inner.param_groups:
             group["lr"] = group["initial_lr"] = lr
         # A fresh linear warm-up from this point; DeepSpeed steps whatever scheduler it holds.
@@ -121,91 +181,64 @@ class LearnerRank:
             self.batch_size = size
         return gas
 
-    def _run_micro_batches(self, items: list, loss_fn) -> dict:
-        """Forward/backward over micro-batches, one optimizer step. Pads to full micro-batches
-        with zero-weight repeats so every rank takes the same number of DeepSpeed micro-steps."""
+    def _run_micro_batches(self, items: list, loss_fn, total):
+        """Forward/backward over micro-batches, one optimizer step; ``loss_fn(mb, weight)``
+        returns (loss, stats), and the stats of real micro-batches are added to ``total``.
+        Pads to full micro-batches with zero-weight repeats so every rank takes the same
+        number of DeepSpeed micro-steps."""
+        t0 = time.perf_counter()
         gas = self._set_micro_batches(len(items))
         self.engine.train()
-        sums: dict[str, float] = {}
         for mb_index, mb in enumerate(_micro_batches(items, self.cfg.micro_batch_size)):
             loss, stats = loss_fn(mb)
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
-            for k, v in stats.items():
-                if k.endswith("_max"):
-                    sums[k] = max(sums.get(k, float("-inf")), v)
-                elif k.endswith("_min"):
-                    sums[k] = min(sums.get(k, float("inf")), v)
-                else:
-                    sums[k] = sums.get(k, 0.0) + v
+            total.add(stats)
         for _ in range(gas - mb_index - 1):  # ranks with fewer items still complete the step
             loss, _ = loss_fn(items[:1], weight=0.0)
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
-        self.step_count += 1
-        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        sums["lr"] = float(self.scheduler.get_last_lr()[0])
-        return sums
+        total.grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        total.lr = float(self.scheduler.get_last_lr()[0])
+        total.time_s = time.perf_counter() - t0
+        return total
 
-    def sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> dict:
-        with self.spans.span("sft_step", samples=len(examples)):
-            return self._sft_step(examples, global_tokens)
-
-    def _sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> dict:
+    def sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> SftStats:
         """Cross-entropy on completion tokens; ``global_tokens`` counts them over all ranks."""
-        t0 = time.perf_counter()
+        with self.spans.span("sft_step", samples=len(examples)):
+            def loss_fn(mb, weight: float = 1.0):
+                packed = pack([p for p, _ in mb], [c for _, c in mb], self.pad_id).to(self.device)
+                nll = -(token_logprobs(self.engine, packed) * packed.completion_mask).sum()
+                return nll / global_tokens * self.world_size * weight, SftStats(nll_sum=float(nll.detach()))
 
-        def loss_fn(mb, weight: float = 1.0):
-            packed = pack([p for p, _ in mb], [c for _, c in mb], self.pad_id).to(self.device)
-            logp = token_logprobs(self.engine, packed)
-            nll = -(logp * packed.completion_mask).sum()
-            loss = nll / global_tokens * self.world_size * weight
-            return loss, {"nll_sum": float(nll.detach()) * weight}
+            return self._run_micro_batches(examples, loss_fn, SftStats())
 
-        sums = self._run_micro_batches(examples, loss_fn)
-        return {**sums, "time_s": time.perf_counter() - t0}
-
-    def grpo_step(self, samples: list[dict], global_denom: float) -> dict:
+    def grpo_step(self, samples: list[TrainSample], global_denom: float) -> GrpoStats:
+        """One policy-gradient step over this rank's samples. ``global_denom`` is the batch's
+        token count (``token_mean``) or sequence count (``seq_mean``) over all ranks."""
         with self.spans.span("train", samples=len(samples)):
-            return self._grpo_step(samples, global_denom)
+            return self._run_micro_batches(samples, lambda mb, weight=1.0: self._grpo_loss(mb, global_denom, weight),
+                                           GrpoStats())
 
-    def _grpo_step(self, samples: list[dict], global_denom: float) -> dict:
-        """One policy-gradient step over this rank's samples.
-
-        Each sample: prompt_ids, completion_ids, logprobs (behaviour), advantage, and
-        ref_logprobs when the KL penalty is on. ``global_denom`` is the batch's token count
-        (``token_mean``) or sequence count (``seq_mean``) over all ranks.
-        """
-        t0 = time.perf_counter()
+    def _grpo_loss(self, mb: list[TrainSample], global_denom: float, weight: float) -> tuple[torch.Tensor, GrpoStats]:
         lc = self.cfg.loss
-
-        def loss_fn(mb, weight: float = 1.0):
-            packed = pack([s["prompt_ids"] for s in mb], [s["completion_ids"] for s in mb], self.pad_id)
-            old = packed.scatter([s["logprobs"] for s in mb]).to(self.device)
-            ref = packed.scatter([s["ref_logprobs"] for s in mb]).to(self.device) if lc.kl_coef else None
-            adv = torch.tensor([s["advantage"] for s in mb], dtype=torch.float32, device=self.device)
-            packed = packed.to(self.device)
-            logp = token_logprobs(self.engine, packed, lc.temperature)
-            tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref)
-            loss = aggregate(tok_loss, packed.completion_mask, lc.aggregation, global_denom) * self.world_size * weight
-            m = packed.completion_mask.bool()
-            stats = {
-                "loss_sum": float(loss.detach()) / self.world_size,
-                "tokens": float(m.sum()) * weight,
-                "clipped": float(parts["clipped"][m].sum()) * weight,
-                "ratio_sum": float(parts["ratio"][m].sum()) * weight,
-                "ratio_max": float(parts["ratio"][m].max()) if weight else float("-inf"),
-                "ratio_min": float(parts["ratio"][m].min()) if weight else float("inf"),
-                "is_weight_sum": float(parts["is_weight"][m].sum()) * weight,
-                "is_truncated": float(parts["is_truncated"][m].sum()) * weight,
-                "logp_diff_abs_sum": float((logp.detach() - old)[m].abs().sum()) * weight,
-            }
-            if "kl" in parts:
-                stats["kl_sum"] = float(parts["kl"][m].sum()) * weight
-            return loss, stats
-
-        sums = self._run_micro_batches(samples, loss_fn)
-        return {**sums, "time_s": time.perf_counter() - t0}
+        packed = pack([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
+        old = packed.scatter([s.logprobs for s in mb]).to(self.device)
+        ref = packed.scatter([s.ref_logprobs for s in mb]).to(self.device) if lc.kl_coef else None
+        adv = torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=self.device)
+        packed = packed.to(self.device)
+        logp = token_logprobs(self.engine, packed, lc.temperature)
+        tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref)
+        loss = aggregate(tok_loss, packed.completion_mask, lc.aggregation, global_denom) * self.world_size * weight
+        m = packed.completion_mask.bool()
+        stats = GrpoStats(
+            tokens=float(m.sum()), loss_sum=float(loss.detach()) / self.world_size,
+            kl_sum=float(parts["kl"][m].sum()) if "kl" in parts else 0.0,
+            clipped=float(parts["clipped"][m].sum()), ratio_sum=float(parts["ratio"][m].sum()),
+            ratio_max=float(parts["ratio"][m].max()), ratio_min=float(parts["ratio"][m].min()),
+            is_weight_sum=float(parts["is_weight"][m].sum()), is_truncated=float(parts["is_truncated"][m].sum()),
+            logp_diff_abs_sum=float((logp.detach() - old)[m].abs().sum()))
+        return loss, stats
 
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (ZeRO-3 shards are gathered; every rank must call this)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .batching import pack, token_logprobs
+from .rollout import TrainSample
 from .spans import SpanLog
 
 
@@ -20,7 +21,7 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
-        self.spans = SpanLog("reference")
+        self.spans = SpanLog()
 
     def __repr__(self) -> str:
         return "Reference()"
@@ -31,17 +32,17 @@ class Reference:
 
         self.model.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True), strict=False)
 
-    def logprobs(self, samples: list[dict]) -> list[list[float]]:
+    def logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
         """Per completion token log-probs under the reference, aligned with ``completion_ids``."""
         with self.spans.span("ref_logprobs", samples=len(samples)):
             return self._logprobs(samples)
 
     @torch.no_grad()
-    def _logprobs(self, samples: list[dict]) -> list[list[float]]:
+    def _logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
         out: list[list[float]] = []
         for i in range(0, len(samples), self.micro_batch_size):
             mb = samples[i : i + self.micro_batch_size]
-            packed = pack([s["prompt_ids"] for s in mb], [s["completion_ids"] for s in mb], self.pad_id)
+            packed = pack([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
             lp = token_logprobs(self.model, packed.to(self.device), self.temperature)
             out.extend(packed.gather(lp.cpu()))
         return out

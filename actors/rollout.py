@@ -25,3 +25,19 @@ class Rollout:
     def version(self) -> int:
         """The oldest policy version that contributed a token (what staleness is measured on)."""
         return min(self.versions) if self.versions else -1
+
+
+@dataclass
+class TrainSample:
+    """What the learner (and the reference) needs of one rollout: tokens, behaviour log-probs,
+    the advantage, and the reference log-probs once the reference has computed them."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    advantage: float = 0.0
+    ref_logprobs: list[float] | None = None
+
+    @classmethod
+    def of(cls, r: Rollout) -> "TrainSample":
+        return cls(r.prompt_ids, r.completion_ids, r.logprobs, r.advantage, r.ref_logprobs)

@@ -45,7 +45,7 @@ class RewardScorer:
         check_specs(specs)
         self.specs, self.cfg = specs, cfg
         self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s)
-        self.spans = SpanLog("reward-scorer")
+        self.spans = SpanLog()
 
     def __repr__(self) -> str:
         return f"RewardScorer({', '.join(s.name for s in self.specs)})"
@@ -87,7 +87,7 @@ class RewardScorer:
         stats["time_s"] = time.perf_counter() - t0
         return rollouts, stats
 
-    def score_one(self, name: str, rollouts: list[Rollout], params: dict | None = None) -> list[float | None]:
+    def score_one(self, rollouts: list[Rollout], name: str, params: dict | None = None) -> list[float | None]:
         """Scores of one function (e.g. accuracy for evaluation), configured or not."""
         completions, columns = self._inputs(rollouts)
         return self.pool.score(name, params or {}, completions, columns, [r.sample_id for r in rollouts]).scores

@@ -10,8 +10,9 @@ from contextlib import contextmanager
 
 
 class SpanLog:
-    def __init__(self, actor: str = ""):
-        self.actor = actor
+    """The driver labels each span with the actor's dashboard name when it drains them."""
+
+    def __init__(self):
         self._spans: list[dict] = []
         self._lock = threading.Lock()
 
@@ -22,7 +23,7 @@ class SpanLog:
             yield
         finally:
             with self._lock:
-                self._spans.append({"actor": self.actor, "kind": kind, "t0": t0, "t1": time.time(), "args": args})
+                self._spans.append({"kind": kind, "t0": t0, "t1": time.time(), "args": args})
 
     def drain(self) -> list[dict]:
         with self._lock:

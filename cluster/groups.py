@@ -23,6 +23,17 @@ def get(refs, timeout_s: float, what: str):
         raise RemoteCallError(f"{what}: the actor died ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
+def split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks (keeps a prompt's group together when len is a multiple)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
 CONTROL = "control"  # concurrency group for calls that must not wait behind long work (weights, spans, ping)
 
 
@@ -34,15 +45,14 @@ class ActorGroup:
     """
 
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
-                 num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, max_concurrency: int = 1,
-                 namespace: str | None = None):
+                 num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, namespace: str | None = None):
         self.name, self.timeout_s = name, timeout_s
         remote_cls = ray.remote(concurrency_groups={CONTROL: 2})(cls)
         self.actors = []
         for i in range(count):
             args, kwargs = make_args(i)
             opts: dict[str, Any] = dict(name=f"{name}-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
-                                        max_concurrency=max_concurrency, lifetime=None)
+                                        lifetime=None)
             if namespace:
                 opts["namespace"] = namespace
             self.actors.append(remote_cls.options(**opts).remote(*args, **kwargs))
@@ -56,6 +66,15 @@ class ActorGroup:
 
     def call_all(self, method: str, *args, control: bool = False, **kwargs) -> list:
         return [self.call(i, method, *args, control=control, **kwargs) for i in range(len(self.actors))]
+
+    def shard(self, method: str, items: list, *args) -> list:
+        """Split ``items`` into contiguous chunks, one per actor, and call ``method(chunk, *args)``
+        on each (actors whose chunk is empty are skipped). Returns the object refs, in order."""
+        return [self.call(i, method, chunk, *args) for i, chunk in enumerate(split(items, len(self))) if chunk]
+
+    def map(self, method: str, items: list, *args) -> list:
+        """``shard`` and wait: the actors' results (lists) concatenated in the order of ``items``."""
+        return [x for part in self.get(self.shard(method, items, *args), method) for x in part]
 
     def get(self, refs, what: str, timeout_s: float | None = None):
         return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}")

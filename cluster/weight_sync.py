@@ -6,8 +6,6 @@ All ranks take part in the export because ZeRO-3 has to gather the shards.
 """
 from __future__ import annotations
 
-import time
-
 from .groups import ActorGroup
 
 
@@ -23,15 +21,3 @@ def start_broadcast(learners: ActorGroup, receivers: list[tuple[ActorGroup, str,
     loads = [ref for group, method, extra in receivers for ref in group.call_all(method, blob, *extra, control=True)]
     return exports, loads
 
-
-def broadcast_weights(learners: ActorGroup, receivers: list[tuple[ActorGroup, str, tuple]],
-                      dtype: str = "float32") -> float:
-    """Export from the learner group and load into every receiver, waiting for all of it.
-
-    Returns the wall seconds from the start of the export until the last receiver loaded.
-    """
-    t0 = time.perf_counter()
-    exports, loads = start_broadcast(learners, receivers, dtype)
-    # Not exports[0]: a successful load implies it, and getting it would copy the weights here.
-    learners.get(exports[1:] + loads, "weight broadcast")
-    return time.perf_counter() - t0

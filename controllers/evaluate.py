@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-from .grpo import generate, split
 from .system import System
 
 
@@ -11,10 +10,8 @@ def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accu
     """Fraction of prompts whose completion (greedy, or one sample with ``sampling``) scores 1
     (a None score counts as a miss)."""
     t0 = time.perf_counter()
-    rollouts = generate(system, prompts, 1, sampling, greedy=greedy)
-    chunks = [c for c in split(rollouts, len(system.scorers)) if c]
-    refs = [system.scorers.call(i, "score_one", reward, c) for i, c in enumerate(chunks)]
-    scores = [s for part in system.scorers.get(refs, "score_one") for s in part]
+    rollouts = system.generators.map("generate", prompts, 1, sampling, greedy)
+    scores = system.scorers.map("score_one", rollouts, reward)
     passed = sum(1 for s in scores if s is not None and s >= 1.0)
     return {"pass@1": passed / max(1, len(prompts)), "n": len(prompts), "passed": passed,
             "completion_len/mean": sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),

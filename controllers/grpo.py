@@ -1,7 +1,8 @@
-"""The GRPO driver: prompts -> generators -> reward scorers -> advantages -> reference -> learner -> sync.
+"""The GRPO driver: prompt groups stream through generators -> scorers -> reference -> learner.
 
-The driver moves object references and keeps counts; actors do the work. Every rollout
-carries the policy version that generated it, which the learner step records.
+The driver moves object references and keeps counts; actors do the work, and
+``StalenessManager`` decides which groups may start and which form the next batch. Every
+rollout carries the policy versions that generated it; samples.jsonl records them.
 """
 from __future__ import annotations
 
@@ -9,73 +10,21 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import ray
 import torch
 
+from ..actors.learner import GrpoStats
 from ..actors.loss import group_advantages
-from ..actors.rollout import Rollout
+from ..actors.rollout import Rollout, TrainSample
 from ..cluster.groups import RemoteCallError, get
-from ..cluster.weight_sync import start_broadcast
 from .config import Recipe
 from .data import EpochSampler, PromptRenderer
+from .metrics import rollout_metrics
+from .staleness import StalenessManager
 from .system import System
-from .telemetry import busy_seconds
-
-
-def split(items: list, parts: int) -> list[list]:
-    """Contiguous, near-equal chunks (keeps a prompt's group together when len is a multiple)."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        out.append(items[start:end])
-        start = end
-    return out
-
-
-def generate(system: System, prompts: list[dict], n: int, sampling, greedy: bool = False) -> list[Rollout]:
-    chunks = [c for c in split(prompts, len(system.generators)) if c]
-    refs = [system.generators.call(i, "generate", c, n, sampling, greedy) for i, c in enumerate(chunks)]
-    return [r for part in system.generators.get(refs, "generate") for r in part]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
-def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size: int) -> dict:
-    m: dict[str, float] = {}
-    m["reward/mean"], m["reward/std"] = _mean_std([r.reward for r in rollouts])
-    for name in reward_names:
-        vals = [r.scores.get(name) for r in rollouts]
-        m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _mean_std([v for v in vals if v is not None])
-    lens = [len(r.completion_ids) for r in rollouts]
-    m["completion_len/mean"], m["completion_len/max"] = statistics.fmean(lens), max(lens)
-    m["completion/truncated_ratio"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
-    groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
-    m["groups/zero_std_ratio"] = sum(len({r.reward for r in g}) == 1 for g in groups) / len(groups)
-    return m
-
-
-def combine_learner_stats(parts: list[dict]) -> dict:
-    """Per-rank sums -> batch metrics (ranks saw disjoint shards of the batch)."""
-    tokens = sum(p["tokens"] for p in parts) or 1.0
-    return {
-        "loss": sum(p["loss_sum"] for p in parts),
-        "kl": sum(p.get("kl_sum", 0.0) for p in parts) / tokens,
-        "clip_ratio": sum(p["clipped"] for p in parts) / tokens,
-        "ratio/mean": sum(p["ratio_sum"] for p in parts) / tokens,
-        "ratio/max": max(p["ratio_max"] for p in parts),
-        "ratio/min": min(p["ratio_min"] for p in parts),
-        "is_weight/mean": sum(p["is_weight_sum"] for p in parts) / tokens,
-        "is_weight/truncated_ratio": sum(p["is_truncated"] for p in parts) / tokens,
-        "logprob_mismatch/mean_abs": sum(p["logp_diff_abs_sum"] for p in parts) / tokens,
-        "grad_norm": parts[0]["grad_norm"],
-        "lr": parts[0]["lr"],
-    }
+from .telemetry import step_timing, utilisation, write_timeline
 
 
 @dataclass
@@ -88,266 +37,244 @@ class Group:
     rollouts: list[Rollout] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class Work:
+    """One piece of in-flight work: done when every one of its object refs is."""
+
+    stage: Literal["generate", "score", "reference", "train", "sync"]
+    refs: list
+    groups: list[Group] = field(default_factory=list)
+    actor: int | None = None  # the generator or scorer doing it (load balancing)
+    version: int | None = None  # train: the version it trains at; sync: the version it publishes
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.pending = set(self.refs)
+
+
 class GrpoDriver:
-    """Streams prompt groups through generators -> scorers -> reference -> learner.
+    """Streams prompt groups through the actor groups; ``run`` returns one record per step."""
 
-    Admission control (AReaL-style, decided before generation): with learner version v0 at the
-    start, B groups per step and every generator holding at least version c, a group may start
-    only while ``admitted - dropped < (c - v0 + max_staleness + 1) * B``. Batches take the oldest
-    finished groups and wait for any group that would otherwise become too stale, so a sample
-    the learner consumes at version v was generated by versions >= v - max_staleness.
-    ``max_staleness = 0`` is the synchronous on-policy loop.
-    """
-
-    def __init__(self, system: System, recipe: Recipe, train, renderer: PromptRenderer, metrics, progress=None,
+    def __init__(self, system: System, recipe: Recipe, train, renderer: PromptRenderer, metrics,
                  completions_log=None, samples_log=None):
         self.system, self.r, self.train, self.renderer = system, recipe, train, renderer
-        self.metrics, self.progress, self.completions_log = metrics, progress, completions_log
-        self.samples_log = samples_log  # one line per consumed sample: id, versions, the version it trained
+        self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         g = recipe.grpo
-        self.B, self.G, self.eta = g.prompts_per_step, g.num_generations, g.max_staleness
-        n_gen = len(system.generators)
-        self.per_request = g.groups_per_request or max(1, self.B // n_gen)
+        self.B, self.G = g.prompts_per_step, g.num_generations
+        self.per_request = g.groups_per_request or max(1, self.B // len(system.generators))
         self.sampler = EpochSampler(len(train), recipe.seed)
         self.reward_names = [s.name for s in recipe.rewards]
-        self.v0 = self.confirmed = system.version
-        self.admitted = self.dropped = self.consecutive_drops = 0
-        self.inflight: dict = {}  # object ref -> (stage, payload)
-        self.gen_load = [0] * n_gen  # outstanding requests per generator
-        self.score_load = [0] * len(system.scorers)
+        self.books = StalenessManager(self.B, g.max_staleness, g.steps, system.version)
+        self.work: list[Work] = []
+        self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
+        self.training = False
+        self.load = {"generate": [0] * len(system.generators), "score": [0] * len(system.scorers)}
         self.turn = 0
-        self.ready: list[Group] = []
-        self.training: list[Group] | None = None
-        self.sync_started: dict[int, float] = {}
-        self.last_sync_s = 0.0
+        self.records: list[dict] = []
+        self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
         self.consumed: list[str] = []  # sample ids the learner trained on, in order
+        self.tokens = 0
         self.spans: list[dict] = []  # every actor's busy intervals, for utilisation and the timeline
-        self.staleness_hist: Counter = Counter()
-        self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier timeouts
+        self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier counts
         self.window_counts = Counter()  # the same, since the last learner step
+        self.consecutive_drops = 0
 
-    # -- admission ---------------------------------------------------------------------------
-    def may_admit(self) -> bool:
-        useful = self.admitted - self.dropped
-        return useful < self.r.grpo.steps * self.B and useful < (self.confirmed - self.v0 + self.eta + 1) * self.B
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, progress=None) -> list[dict]:
+        self.t0, self.wall0 = time.perf_counter(), time.time()
+        self.t_last, self.window_start = self.t0, self.wall0
+        while len(self.records) < self.r.grpo.steps:
+            self.admit()
+            self.maybe_train()
+            work = self.next_done()
+            if work.stage == "generate":
+                self.on_generated(work)
+            elif work.stage == "score":
+                self.on_scored(work)
+            elif work.stage == "reference":
+                self.on_referenced(work)
+            elif work.stage == "train":
+                self.on_trained(work)
+            else:
+                record = self.on_synced(work)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}",
+                                         stale=f"{record['staleness/mean']:.2f}")
+        self.finish()
+        self.t1, self.wall1 = time.perf_counter(), time.time()
+        return self.records
 
+    # -- stages ------------------------------------------------------------------------------
     def admit(self) -> None:
-        while self.may_admit():
+        """Start as many groups as the staleness bound allows, ``per_request`` per generate call."""
+        while self.books.may_admit():
             groups = []
-            while self.may_admit() and len(groups) < self.per_request:
+            while self.books.may_admit() and len(groups) < self.per_request:
                 idx, pid = self.sampler.take(1)[0]
-                groups.append(Group(self.admitted, self.renderer.prompt(self.train[idx], pid), self.confirmed))
-                self.admitted += 1
-            i = self.pick(self.gen_load)
+                seq, at = self.books.admit()
+                groups.append(Group(seq, self.renderer.prompt(self.train[idx], pid), at))
+            i = self.pick("generate")
             ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
                                               False, self.r.grpo.partial_rollout_tokens)
-            self.gen_load[i] += 1
-            self.inflight[ref] = ("generate", (i, groups))
+            self.work.append(Work("generate", [ref], groups, actor=i))
 
-    # -- stage completions -------------------------------------------------------------------
-    def on_generated(self, payload, rollouts: list[Rollout]) -> None:
-        i, groups = payload
-        self.gen_load[i] -= 1
+    def on_generated(self, work: Work) -> None:
+        self._attach(work.groups, work.value)
+        j = self.pick("score")
+        self.work.append(Work("score", [self.system.scorers.call(j, "score", work.value)], work.groups, actor=j))
+
+    def on_scored(self, work: Work) -> None:
+        rollouts, stats = work.value
+        self.tally({f"reward/{k}": v for k, v in stats.items() if k != "time_s"})
+        self._attach(work.groups, rollouts)
+        kept = [g for g in work.groups if self._advantages(g)]
+        if kept and self.system.reference is not None:
+            samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
+            self.work.append(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept))
+        else:
+            self._ready(kept)
+
+    def on_referenced(self, work: Work) -> None:
+        for r, lp in zip((r for g in work.groups for r in g.rollouts), work.value):
+            r.ref_logprobs = lp
+        self._ready(work.groups)
+
+    def maybe_train(self) -> None:
+        """Send the next batch (the next B useful groups in admission order) to the learner."""
+        if self.training or (seqs := self.books.next_batch()) is None:
+            return
+        batch = [self.ready.pop(s) for s in seqs]
+        rollouts = [r for g in batch for r in g.rollouts]
+        version = self.system.version
+        self.books.consume(version, [r.version for r in rollouts])
+        denom = sum(len(r.completion_ids) for r in rollouts) if self.r.learner.loss.aggregation == "token_mean" \
+            else len(rollouts)
+        refs = self.system.learners.shard("grpo_step", [TrainSample.of(r) for r in rollouts], float(max(denom, 1)))
+        self.training = True
+        self.work.append(Work("train", refs, batch, version=version))
+
+    def on_trained(self, work: Work) -> None:
+        """Log the consumed samples, publish the new weights, keep the step's record until they land."""
+        self.training = False
+        step = len(self.records) + len(self.unsynced) + 1
+        rollouts = [r for g in work.groups for r in g.rollouts]
+        self.consumed.extend(r.sample_id for r in rollouts)
+        self.tokens += sum(len(r.completion_ids) for r in rollouts)
+        for g in work.groups:
+            for r in g.rollouts:
+                self._log(self.samples_log, {
+                    "step": step, "sample_id": r.sample_id, "trained_at": work.version, "admitted_at": g.admitted_at,
+                    "min_version": r.version, "max_version": max(r.versions, default=-1),
+                    "tokens": len(r.completion_ids), "logprobs": len(r.logprobs), "reward": r.reward,
+                    "finish_reason": r.finish_reason})
+        self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
+        version, refs = self.system.publish_weights()
+        self.work.append(Work("sync", refs, version=version))
+        window, self.window_counts = dict(self.window_counts), Counter()
+        staleness = [work.version - r.version for r in rollouts]
+        now = time.perf_counter()
+        self.unsynced[version] = {
+            "step": step, "policy_version": version, "samples": len(rollouts), **window,
+            **rollout_metrics(rollouts, self.reward_names, self.G), **GrpoStats.combine(work.value),
+            "staleness/mean": statistics.fmean(staleness), "staleness/max": max(staleness),
+            **self.step_timing(now - self.t_last)}
+        self.t_last = now
+        if self.r.grpo.log_completions_every and step % self.r.grpo.log_completions_every == 0:
+            for r in work.groups[0].rollouts:
+                self._log(self.completions_log, {"step": step, "sample_id": r.sample_id, "text": r.text,
+                                                 "reward": r.reward, "scores": r.scores,
+                                                 "versions": sorted(set(r.versions))})
+
+    def on_synced(self, work: Work) -> dict:
+        self.books.confirm(work.version)
+        record = self.unsynced.pop(work.version)
+        record["time/weight_sync_s"] = time.perf_counter() - work.started
+        self.metrics.write(record, prefix="grpo/")
+        self.records.append(record)
+        return record
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _attach(self, groups: list[Group], rollouts: list[Rollout]) -> None:
         for k, g in enumerate(groups):
             g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
-        j = self.pick(self.score_load)
-        self.score_load[j] += 1
-        self.inflight[self.system.scorers.call(j, "score", rollouts)] = ("score", (j, groups))
 
-    def pick(self, load: list[int]) -> int:
-        """The least loaded actor; ties go round-robin so every actor of the group gets work."""
+    def _advantages(self, g: Group) -> bool:
+        """Set the group's advantages; False when dynamic sampling drops it (all rewards equal)."""
+        rewards = torch.tensor([r.reward for r in g.rollouts])
+        for r, a in zip(g.rollouts, group_advantages(rewards, self.G, self.r.grpo.advantage_scale).tolist()):
+            r.advantage = a
+        if not (self.r.grpo.dynamic_sampling and len(set(rewards.tolist())) == 1):
+            self.consecutive_drops = 0
+            return True
+        self.books.drop(g.seq)
+        self.tally({"groups/dropped": 1})
+        self.consecutive_drops += 1
+        if self.consecutive_drops > 20 * self.B:
+            raise RuntimeError(f"grpo.dynamic_sampling dropped {self.consecutive_drops} groups in a row: every "
+                               "group has equal rewards (all solved or all failed); turn it off or change the data")
+        return False
+
+    def _ready(self, groups: list[Group]) -> None:
+        for g in groups:
+            self.books.ready(g.seq)
+            self.ready[g.seq] = g
+
+    def pick(self, stage: str) -> int:
+        """The least loaded actor for ``stage``; ties go round-robin so every actor gets work."""
+        load = self.load[stage]
         self.turn += 1
-        n = len(load)
-        return min(range(n), key=lambda i: (load[i], (i - self.turn) % n))
+        i = min(range(len(load)), key=lambda i: (load[i], (i - self.turn) % len(load)))
+        load[i] += 1
+        return i
 
     def tally(self, counts: dict) -> None:
         """Add to the run's totals and to the window the next learner step reports."""
         self.counts.update(counts)
         self.window_counts.update(counts)
 
-    def on_scored(self, payload, result) -> None:
-        j, groups = payload
-        self.score_load[j] -= 1
-        rollouts, stats = result
-        self.tally({f"reward/{k}": v for k, v in stats.items() if k != "time_s"})
-        kept = []
-        for k, g in enumerate(groups):
-            g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
-            rewards = torch.tensor([r.reward for r in g.rollouts])
-            for r, a in zip(g.rollouts, group_advantages(rewards, self.G, self.r.grpo.advantage_scale).tolist()):
-                r.advantage = a
-            if self.r.grpo.dynamic_sampling and len(set(rewards.tolist())) == 1:
-                self.dropped += 1
-                self.tally({"groups/dropped": 1})
-                self.consecutive_drops += 1
-                if self.consecutive_drops > 20 * self.B:
-                    raise RuntimeError(f"grpo.dynamic_sampling dropped {self.consecutive_drops} groups in a row: every "
-                                       "group has equal rewards (all solved or all failed); turn it off or change the data")
-                continue
-            self.consecutive_drops = 0
-            kept.append(g)
-        if not kept:
-            return
-        if self.system.reference is None:
-            self.ready.extend(kept)
-            return
-        samples = [{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids} for g in kept for r in g.rollouts]
-        self.inflight[self.system.reference.call(0, "logprobs", samples)] = ("reference", kept)
+    @staticmethod
+    def _log(writer, record: dict) -> None:
+        if writer is not None:
+            writer.write(record)
 
-    def on_reference(self, groups: list[Group], ref: list[list[float]]) -> None:
-        for r, lp in zip((r for g in groups for r in g.rollouts), ref):
-            r.ref_logprobs = lp
-        self.ready.extend(groups)
-
-    # -- learner -----------------------------------------------------------------------------
-    def maybe_train(self) -> None:
-        if self.training is not None or len(self.ready) < self.B:
-            return
-        version = self.system.version
-        if any(g.admitted_at + self.eta <= version for g in self._groups_in_flight()):
-            return  # a group due at this version is still on its way: wait for it
-        self.ready.sort(key=lambda g: g.seq)
-        batch, self.ready = self.ready[: self.B], self.ready[self.B :]
-        rollouts = [r for g in batch for r in g.rollouts]
-        for r in rollouts:
-            staleness = version - r.version
-            if staleness > self.eta:  # admission makes this impossible; fail loudly if it ever is not
-                raise AssertionError(f"sample {r.sample_id} has staleness {staleness} > grpo.max_staleness={self.eta}")
-            self.staleness_hist[staleness] += 1
-        loss_cfg = self.r.learner.loss
-        denom = sum(len(r.completion_ids) for r in rollouts) if loss_cfg.aggregation == "token_mean" else len(rollouts)
-        samples = [{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids, "logprobs": r.logprobs,
-                    "advantage": r.advantage, "ref_logprobs": r.ref_logprobs} for r in rollouts]
-        learners = self.system.learners
-        refs = [learners.call(i, "grpo_step", shard, float(max(denom, 1)))
-                for i, shard in enumerate(split(samples, len(learners)))]
-        self.training = batch
-        self.inflight[_Many(refs)] = ("train", batch)
-
-    def on_trained(self, batch: list[Group], parts: list[dict], step: int) -> dict:
-        self.training = None
-        rollouts = [r for g in batch for r in g.rollouts]
-        self.consumed.extend(r.sample_id for r in rollouts)
-        if self.samples_log is not None:
-            for r in rollouts:
-                self.samples_log.write({"step": step, "sample_id": r.sample_id, "trained_at": self.system.version,
-                                        "min_version": r.version, "max_version": max(r.versions, default=-1),
-                                        "tokens": len(r.completion_ids), "logprobs": len(r.logprobs),
-                                        "reward": r.reward, "finish_reason": r.finish_reason})
-        self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
-        version = self.system.version + 1
-        self.system.version = version
-        # Queue the export behind this step and the loads on every generator; nothing waits.
-        exports, loads = start_broadcast(self.system.learners, [(self.system.generators, "load_weights", (version,))],
-                                         self.r.generator.dtype)
-        self.sync_started[version] = time.perf_counter()
-        self.inflight[_Many(exports[1:] + loads)] = ("sync", version)
-        window, self.window_counts = dict(self.window_counts), Counter()
-        return {"policy_version": version, "samples": len(rollouts), **window,
-                **rollout_metrics(rollouts, self.reward_names, self.G), **combine_learner_stats(parts),
-                "staleness/mean": statistics.fmean(version - 1 - r.version for r in rollouts),
-                "staleness/max": max(version - 1 - r.version for r in rollouts)}
-
-    def on_synced(self, version: int) -> None:
-        self.last_sync_s = time.perf_counter() - self.sync_started.pop(version)
-        self.confirmed = max(self.confirmed, version)
-
-    # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> list[dict]:
-        records: list[dict] = []
-        unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
-        t_last = time.perf_counter()
-        self.window_start = time.time()
-        while len(records) < self.r.grpo.steps:
-            self.admit()
-            self.maybe_train()
-            stage, payload, value = self._next_result()
-            if stage == "generate":
-                self.on_generated(payload, value)
-            elif stage == "score":
-                self.on_scored(payload, value)
-            elif stage == "reference":
-                self.on_reference(payload, value)
-            elif stage == "train":
-                step = len(records) + len(unsynced) + 1
-                now = time.perf_counter()
-                record = {"step": step, **self.on_trained(payload, value, step), **self.step_timing(now - t_last)}
-                t_last = now
-                unsynced[record["policy_version"]] = record
-                self.log_completions(step, payload)
-            elif stage == "sync":
-                self.on_synced(payload)
-                record = unsynced.pop(payload)
-                record["time/weight_sync_s"] = self.last_sync_s
-                self.metrics.write(record, prefix="grpo/")
-                records.append(record)
-                if self.progress is not None:
-                    self.progress.update(1)
-                    self.progress.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}",
-                                              stale=f"{record['staleness/mean']:.2f}")
-        self.finish()
-        return records
-
-    def _next_result(self):
-        """Wait for the next finished stage; returns (stage, payload, value)."""
+    def next_done(self) -> Work:
+        """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
         while True:
-            refs = [x for key in self.inflight for x in (key.pending if isinstance(key, _Many) else (key,))]
+            refs = [ref for w in self.work for ref in w.pending]
             done, _ = ray.wait(refs, num_returns=1, timeout=self.system.timeout, fetch_local=False)
             if not done:
                 raise RemoteCallError(f"GRPO pipeline: nothing finished in {self.system.timeout:.0f} s "
                                       f"({self.queue_depths()})")
-            ref = done[0]
-            for key in list(self.inflight):
-                if isinstance(key, _Many) and ref in key.pending:
-                    key.pending.discard(ref)
-                    if key.pending:
-                        break  # the other ranks / receivers are still working
-                    stage, payload = self.inflight.pop(key)
-                    return stage, payload, get(key.refs, self.system.timeout, stage)
-                if not isinstance(key, _Many) and key == ref:
-                    stage, payload = self.inflight.pop(key)
-                    return stage, payload, get(ref, self.system.timeout, stage)
-
-    def _groups_in_flight(self) -> list[Group]:
-        out = []
-        for stage, payload in self.inflight.values():
-            if stage in ("generate", "score"):
-                out.extend(payload[1])
-            elif stage == "reference":
-                out.extend(payload)
-        return out
+            work = next(w for w in self.work if done[0] in w.pending)
+            work.pending.discard(done[0])
+            if not work.pending:
+                self.work.remove(work)
+                values = get(work.refs, self.system.timeout, work.stage)
+                work.value = values if work.stage in ("train", "sync") else values[0]
+                if work.actor is not None:
+                    self.load[work.stage][work.actor] -= 1
+                return work
 
     def queue_depths(self) -> dict:
-        depth = Counter(stage for stage, _ in self.inflight.values())
         groups = Counter()
-        for stage, payload in self.inflight.values():
-            if stage in ("generate", "score"):
-                groups[stage] += len(payload[1])
-            elif stage == "reference":
-                groups[stage] += len(payload)
+        for w in self.work:
+            groups[w.stage] += len(w.groups)
         return {"queue/generate_groups": groups["generate"], "queue/score_groups": groups["score"],
                 "queue/reference_groups": groups["reference"], "queue/ready_groups": len(self.ready),
-                "queue/sync_pending": depth["sync"]}
+                "queue/sync_pending": sum(w.stage == "sync" for w in self.work)}
 
     def step_timing(self, step_s: float) -> dict:
         """Busy time of each group in the window since the last step, from the actors' spans."""
         now = time.time()
         self.drain_spans()
-        busy = busy_seconds(self.spans, self.window_start, now)
-        window = now - self.window_start
+        out = {"time/step_s": step_s, **step_timing(self.spans, self.window_start, now, self.span_groups()),
+               **self.queue_depths(), "throughput/samples_per_s": self.B * self.G / step_s}
         self.window_start = now
-        out = {"time/step_s": step_s, "time/generate_s": busy.get("generate", 0.0),
-               "time/score_s": busy.get("score", 0.0), "time/reference_s": busy.get("ref_logprobs", 0.0),
-               "time/train_s": busy.get("train", 0.0) / len(self.system.learners),
-               **self.queue_depths()}
-        for group, kinds, n in self.groups():
-            b = sum(busy.get(k, 0.0) for k in kinds) / n
-            out[f"util/{group}/busy_s"] = b
-            out[f"util/{group}/idle_ratio"] = max(0.0, 1 - b / window) if window else 0.0
-        out["throughput/samples_per_s"] = self.B * self.G / step_s
         return out
 
-    def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
+    def span_groups(self) -> list[tuple[str, tuple[str, ...], int]]:
+        """(group, the span kinds that count as its busy time, actors) for utilisation."""
         s = self.system
         out = [("generator", ("generate", "load_weights"), len(s.generators)), ("scorer", ("score",), len(s.scorers)),
                ("learner", ("train", "export_weights"), len(s.learners))]
@@ -367,27 +294,26 @@ class GrpoDriver:
 
     def finish(self) -> None:
         """Let spare work drain (the generators serve evaluation next) and collect the last spans."""
-        if self.inflight:  # only groups beyond the last batch (dynamic sampling's spares) are left
-            ray.wait([x for key in self.inflight for x in (key.pending if isinstance(key, _Many) else (key,))],
-                     num_returns=len(self.inflight), timeout=self.system.timeout, fetch_local=False)
-            self.inflight.clear()
+        refs = [ref for w in self.work for ref in w.pending]
+        if refs:  # only groups beyond the last batch (dynamic sampling's spares) are left
+            ray.wait(refs, num_returns=len(refs), timeout=self.system.timeout, fetch_local=False)
+            self.work.clear()
         self.drain_spans()
 
-    def log_completions(self, step: int, batch: list[Group]) -> None:
-        every = self.r.grpo.log_completions_every
-        if self.completions_log is None or not every or step % every:
-            return
-        for r in batch[0].rollouts:
-            self.completions_log.write({"step": step, "sample_id": r.sample_id, "text": r.text, "reward": r.reward,
-                                        "scores": r.scores, "versions": sorted(set(r.versions))})
+    # -- what the run reports ----------------------------------------------------------------
+    def summary(self) -> dict:
+        """The GRPO phase's totals for summary.json."""
+        seconds = self.t1 - self.t0
+        return {
+            "steps": len(self.records), "time_s": seconds, "samples": len(self.consumed),
+            "policy_version": self.system.version, "max_staleness": self.r.grpo.max_staleness,
+            "samples_per_s": len(self.consumed) / seconds, "tokens_per_s": self.tokens / seconds,
+            "reward_first": self.records[0]["reward/mean"] if self.records else None,
+            "reward_last": self.records[-1]["reward/mean"] if self.records else None,
+            "staleness_histogram": {str(k): v for k, v in sorted(self.books.histogram.items())},
+            "counts": dict(self.counts),
+            "utilisation": utilisation(self.spans, self.wall0, self.wall1, self.span_groups()),
+        }
 
-
-class _Many:
-    """A stage that is done when all of its object refs are (learner ranks, weight loads)."""
-
-    def __init__(self, refs: list):
-        self.refs = list(refs)
-        self.pending = set(self.refs)
-
-    def __hash__(self) -> int:
-        return id(self)
+    def write_timeline(self, path) -> None:
+        write_timeline(self.spans, path)

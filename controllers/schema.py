@@ -50,7 +50,6 @@ def coerce(tp, value: Any, key: str):
             return value
         raise _fail(key, value, _describe(tp))
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -58,8 +57,8 @@ def coerce(tp, value: Any, key: str):
                 continue
             try:
                 return coerce(arg, value, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue  # the message names the whole union, not the last member tried
         raise _fail(key, value, _describe(tp))
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ..actors.learner import SftStats
 from .config import SftConfig
 from .data import EpochSampler, PromptRenderer
-from .grpo import split
 from .system import System
 
 
@@ -21,11 +21,9 @@ def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, met
         t0 = time.perf_counter()
         pairs = [renderer.sft_pair(train[idx]) for idx, _ in sampler.take(cfg.batch_size)]
         tokens = sum(len(c) for _, c in pairs)
-        shards = split(pairs, len(system.learners))
-        refs = [system.learners.call(i, "sft_step", s, tokens) for i, s in enumerate(shards)]
-        parts = system.learners.get(refs, "sft_step")
-        record = {"step": step, "loss": sum(p["nll_sum"] for p in parts) / tokens, "tokens": tokens,
-                  "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"], "time/step_s": time.perf_counter() - t0}
+        parts = system.learners.get(system.learners.shard("sft_step", pairs, tokens), "sft_step")
+        record = {"step": step, **SftStats.combine(parts, tokens), "tokens": tokens,
+                  "time/step_s": time.perf_counter() - t0}
         stop = False
         if probe is not None and step >= cfg.probe_from and step % cfg.probe_every == 0:
             record["probe_pass@1"] = probe()

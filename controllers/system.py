@@ -9,7 +9,7 @@ from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
 from ..cluster.groups import ActorGroup, rendezvous_on
-from ..cluster.weight_sync import broadcast_weights
+from ..cluster.weight_sync import start_broadcast
 from .config import Recipe
 from .schema import build, to_dict
 
@@ -71,13 +71,26 @@ class System:
                  ", 1 reference" if self.reference else "")
         return self
 
-    def sync_weights(self, include_reference: bool = False) -> float:
-        """New weights to every generator (version + 1); optionally re-anchor the reference."""
+    def publish_weights(self, include_reference: bool = False) -> tuple[int, list]:
+        """The one place the policy version goes up: queue the learner's export of its current
+        weights as version + 1 and every receiver's load; nothing waits here.
+
+        Returns the new version and the object refs that are done when every receiver has it
+        (optionally the reference too, re-anchored to these weights)."""
         self.version += 1
         receivers = [(self.generators, "load_weights", (self.version,))]
         if include_reference and self.reference is not None:
             receivers.append((self.reference, "load_weights", ()))
-        return broadcast_weights(self.learners, receivers, self.r.generator.dtype)
+        exports, loads = start_broadcast(self.learners, receivers, self.r.generator.dtype)
+        # Not exports[0]: a successful load implies it, and getting it would copy the weights here.
+        return self.version, exports[1:] + loads
+
+    def sync_weights(self, include_reference: bool = False) -> float:
+        """``publish_weights`` and wait for every receiver; returns the seconds it took."""
+        t0 = time.perf_counter()
+        _, refs = self.publish_weights(include_reference)
+        self.learners.get(refs, "weight broadcast")
+        return time.perf_counter() - t0
 
     def shutdown(self) -> None:
         for group in (self.scorers, self.generators, self.reference, self.learners):

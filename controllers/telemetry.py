@@ -27,6 +27,18 @@ def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[
     return out
 
 
+def step_timing(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
+    """A learner step's timing keys over its window [start, end]: the busy seconds of each stage
+    (the learner's per rank) and each group's ``utilisation``."""
+    busy = busy_seconds(spans, start, end)
+    ranks = next(n for name, _, n in groups if name == "learner")
+    out = {"time/generate_s": busy.get("generate", 0.0), "time/score_s": busy.get("score", 0.0),
+           "time/reference_s": busy.get("ref_logprobs", 0.0), "time/train_s": busy.get("train", 0.0) / ranks}
+    for group, u in utilisation(spans, start, end, groups).items():
+        out[f"util/{group}/busy_s"], out[f"util/{group}/idle_ratio"] = u["busy_s"], u["idle_ratio"]
+    return out
+
+
 def write_timeline(spans: list[dict], path: Path) -> None:
     """Chrome trace format (chrome://tracing, ui.perfetto.dev): one row per actor, one box per span."""
     if not spans:

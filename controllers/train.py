@@ -17,7 +17,6 @@ from .metrics import MetricsWriter
 from .schema import ConfigError
 from .sft import run_sft
 from .system import System
-from .telemetry import utilisation, write_timeline
 
 log = logging.getLogger("r1ray")
 
@@ -74,14 +73,13 @@ def make_probe(system: System, recipe: Recipe, prompts: list[dict]):
 
 
 def train(recipe: Recipe) -> dict:
+    """The whole job. Everything the data or the cluster can refuse (a ConfigError) is checked
+    before the run directory exists, so a refused run leaves nothing behind."""
     from transformers import AutoTokenizer
 
     from ..cluster import runtime
 
     t_start = time.perf_counter()
-    run_dir = run_dir_for(recipe)
-    dump(recipe, run_dir / "config.yaml")
-    log.info("run directory: %s", run_dir)
     model_path, tiny_dir = prepare_model(recipe)
     train_ds, test_ds = load_splits(recipe.data, tiny_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -94,8 +92,15 @@ def train(recipe: Recipe) -> dict:
     on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
     resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
                               recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu)
-    if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
-        check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
+    try:
+        if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
+            check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
+    except ConfigError:
+        runtime.stop()
+        raise
+    run_dir = run_dir_for(recipe)
+    dump(recipe, run_dir / "config.yaml")
+    log.info("run directory: %s", run_dir)
     system = System(recipe, model_path)
     metrics = MetricsWriter(run_dir)
     summary: dict = {"run_dir": str(run_dir), "model": model_path}
@@ -127,24 +132,11 @@ def train(recipe: Recipe) -> dict:
                             samples_log=samples_log)
         with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
                   dynamic_ncols=True) as bar:
-            driver.progress = bar
-            t0, wall0 = time.perf_counter(), time.time()
-            records = driver.run()
-            grpo_s, wall1 = time.perf_counter() - t0, time.time()
+            driver.run(progress=bar)
         completions_log.close()
         samples_log.close()
-        tokens = sum(r["completion_len/mean"] * r["samples"] for r in records)
-        summary["grpo"] = {
-            "steps": len(records), "time_s": grpo_s, "samples": len(driver.consumed), "policy_version": system.version,
-            "max_staleness": recipe.grpo.max_staleness, "samples_per_s": len(driver.consumed) / grpo_s,
-            "tokens_per_s": tokens / grpo_s,
-            "reward_first": records[0]["reward/mean"] if records else None,
-            "reward_last": records[-1]["reward/mean"] if records else None,
-            "staleness_histogram": {str(k): v for k, v in sorted(driver.staleness_hist.items())},
-            "counts": dict(driver.counts),
-            "utilisation": utilisation(driver.spans, wall0, wall1, driver.groups()),
-        }
-        write_timeline(driver.spans, run_dir / "timeline.json")
+        summary["grpo"] = driver.summary()
+        driver.write_timeline(run_dir / "timeline.json")
         if eval_prompts:
             summary["eval_after_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
             summary["eval_after"] = summary["eval_after_detail"]["pass@1"]

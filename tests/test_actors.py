@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
-from r1ray.actors.learner import LearnerConfig, LearnerRank
+from r1ray.actors.learner import GrpoStats, LearnerConfig, LearnerRank, SftStats
 from r1ray.actors.reference import Reference
-from r1ray.actors.rollout import Rollout
+from r1ray.actors.rollout import Rollout, TrainSample
 from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
 
 
@@ -41,7 +41,7 @@ def test_hf_generator_returns_complete_rollouts(hf_generator, tiny_model):
 def test_behaviour_logprobs_match_the_reference_model(hf_generator, tiny_model):
     rollouts = hf_generator.generate([_prompt(tiny_model)], 4, SamplingConfig(max_new_tokens=10, temperature=0.7))
     ref = Reference(tiny_model, temperature=0.7)
-    ref_lp = ref.logprobs([{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids} for r in rollouts])
+    ref_lp = ref.logprobs([TrainSample.of(r) for r in rollouts])
     for r, lp in zip(rollouts, ref_lp):
         assert lp == pytest.approx(r.logprobs, abs=1e-4)
 
@@ -61,12 +61,12 @@ def test_learner_step_moves_weights_and_generator_adopts_them(tiny_model, tmp_pa
     learner = _learner(tiny_model)
     learner.start_phase(lr=1e-2)
     before = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
-    samples = [{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids, "logprobs": r.logprobs,
-                "advantage": a, "ref_logprobs": None} for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5])]
+    samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a) for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5])]
     stats = learner.grpo_step(samples, global_denom=float(sum(len(r.completion_ids) for r in rollouts)))
-    assert stats["tokens"] == sum(len(r.completion_ids) for r in rollouts)
-    assert stats["ratio_sum"] / stats["tokens"] == pytest.approx(1.0, abs=1e-4)  # on-policy: ratio 1
-    assert stats["grad_norm"] > 0
+    assert stats.tokens == sum(len(r.completion_ids) for r in rollouts)
+    metrics = GrpoStats.combine([stats])
+    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy: ratio 1
+    assert metrics["ratio/min"] <= 1.0 <= metrics["ratio/max"] and metrics["grad_norm"] > 0
     after = learner.engine.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     blob = learner.export_weights()
@@ -87,7 +87,7 @@ def test_sft_step_lowers_the_loss(tiny_model):
     learner.start_phase(lr=3e-3)
     p = _prompt(tiny_model)["prompt_ids"]
     pairs = [(p, [10, 11, 12, 13, 2])] * 4
-    losses = [learner.sft_step(pairs, global_tokens=20)["nll_sum"] for _ in range(5)]
+    losses = [SftStats.combine([learner.sft_step(pairs, global_tokens=20)], 20)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0]
 
 
@@ -102,7 +102,7 @@ def test_scorer_scores_per_function_and_weights_them():
         assert [r.scores["format"] for r in scored] == [1.0, 0.0, 1.0, 0.0]
         assert [r.reward for r in scored] == [1.5, 1.0, 0.5, 0.0]
         assert stats["accuracy/timeouts"] == 0 and stats["format/errors"] == 0
-        assert scorer.score_one("accuracy", rollouts[:2]) == [1.0, 1.0]
+        assert scorer.score_one(rollouts[:2], "accuracy") == [1.0, 1.0]
     finally:
         scorer.close()
 
@@ -113,7 +113,7 @@ def test_vllm_generator_matches_hf_logprobs_and_reloads_weights(tiny_model):
     gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=128), seed=0)
     out = gen.generate([_prompt(tiny_model)], 2, SamplingConfig(max_new_tokens=8))
     assert len(out) == 2 and all(len(r.logprobs) == len(r.completion_ids) for r in out)
-    ref = Reference(tiny_model).logprobs([{"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids} for r in out])
+    ref = Reference(tiny_model).logprobs([TrainSample.of(r) for r in out])
     for r, lp in zip(out, ref):
         assert lp == pytest.approx(r.logprobs, abs=1e-3)
     # New weights (a perturbed copy) reach the engine: greedy output follows the HF model with them.

@@ -37,7 +37,7 @@ def test_timeline_is_chrome_trace_json(tmp_path):
 
 
 def test_span_log_records_even_when_the_work_raises():
-    log = SpanLog("x")
+    log = SpanLog()
     with pytest.raises(RuntimeError):
         with log.span("train", samples=3):
             raise RuntimeError("boom")
