@@ -24,7 +24,7 @@ from .data import EpochSampler, PromptRenderer
 from .metrics import rollout_metrics
 from .staleness import StalenessManager
 from .system import System
-from .telemetry import step_timing, utilisation, write_timeline
+from .telemetry import SpanCollector
 
 
 @dataclass
@@ -74,7 +74,7 @@ class GrpoDriver:
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
         self.consumed: list[str] = []  # sample ids the learner trained on, in order
         self.tokens = 0
-        self.spans: list[dict] = []  # every actor's busy intervals, for utilisation and the timeline
+        self.telemetry = SpanCollector(system)  # every actor's busy intervals: utilisation, the timeline
         self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier counts
         self.window_counts = Counter()  # the same, since the last learner step
         self.consecutive_drops = 0
@@ -82,7 +82,8 @@ class GrpoDriver:
     # -- the loop ----------------------------------------------------------------------------
     def run(self, progress=None) -> list[dict]:
         self.t0, self.wall0 = time.perf_counter(), time.time()
-        self.t_last, self.window_start = self.t0, self.wall0
+        self.t_last = self.t0
+        self.telemetry.window_start = self.wall0
         while len(self.records) < self.r.grpo.steps:
             self.admit()
             self.maybe_train()
@@ -178,7 +179,8 @@ class GrpoDriver:
             "step": step, "policy_version": version, "samples": len(rollouts), **window,
             **rollout_metrics(rollouts, self.reward_names, self.G), **GrpoStats.combine(work.value),
             "staleness/mean": statistics.fmean(staleness), "staleness/max": max(staleness),
-            **self.step_timing(now - self.t_last)}
+            "time/step_s": now - self.t_last, **self.telemetry.window(), **self.queue_depths(),
+            "throughput/samples_per_s": len(rollouts) / (now - self.t_last)}
         self.t_last = now
         if self.r.grpo.log_completions_every and step % self.r.grpo.log_completions_every == 0:
             for r in work.groups[0].rollouts:
@@ -264,41 +266,13 @@ class GrpoDriver:
                 "queue/reference_groups": groups["reference"], "queue/ready_groups": len(self.ready),
                 "queue/sync_pending": sum(w.stage == "sync" for w in self.work)}
 
-    def step_timing(self, step_s: float) -> dict:
-        """Busy time of each group in the window since the last step, from the actors' spans."""
-        now = time.time()
-        self.drain_spans()
-        out = {"time/step_s": step_s, **step_timing(self.spans, self.window_start, now, self.span_groups()),
-               **self.queue_depths(), "throughput/samples_per_s": self.B * self.G / step_s}
-        self.window_start = now
-        return out
-
-    def span_groups(self) -> list[tuple[str, tuple[str, ...], int]]:
-        """(group, the span kinds that count as its busy time, actors) for utilisation."""
-        s = self.system
-        out = [("generator", ("generate", "load_weights"), len(s.generators)), ("scorer", ("score",), len(s.scorers)),
-               ("learner", ("train", "export_weights"), len(s.learners))]
-        if s.reference is not None:
-            out.append(("reference", ("ref_logprobs",), 1))
-        return out
-
-    def drain_spans(self) -> None:
-        """Collect the actors' busy spans, labelled with the names the dashboard shows."""
-        s = self.system
-        groups = [grp for grp in (s.generators, s.scorers, s.learners, s.reference) if grp is not None]
-        calls = [(f"{grp.name}-{i}", ref) for grp in groups for i, ref in enumerate(grp.call_all("drain_spans", control=True))]
-        for (name, _), part in zip(calls, get([ref for _, ref in calls], self.system.timeout, "drain_spans")):
-            for sp in part:
-                sp["actor"] = name
-            self.spans.extend(part)
-
     def finish(self) -> None:
         """Let spare work drain (the generators serve evaluation next) and collect the last spans."""
         refs = [ref for w in self.work for ref in w.pending]
         if refs:  # only groups beyond the last batch (dynamic sampling's spares) are left
             ray.wait(refs, num_returns=len(refs), timeout=self.system.timeout, fetch_local=False)
             self.work.clear()
-        self.drain_spans()
+        self.telemetry.drain()
 
     # -- what the run reports ----------------------------------------------------------------
     def summary(self) -> dict:
@@ -312,8 +286,5 @@ class GrpoDriver:
             "reward_last": self.records[-1]["reward/mean"] if self.records else None,
             "staleness_histogram": {str(k): v for k, v in sorted(self.books.histogram.items())},
             "counts": dict(self.counts),
-            "utilisation": utilisation(self.spans, self.wall0, self.wall1, self.span_groups()),
+            "utilisation": self.telemetry.utilisation(self.wall0, self.wall1),
         }
-
-    def write_timeline(self, path) -> None:
-        write_timeline(self.spans, path)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+from ..cluster.groups import get
 
 
 def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
@@ -54,3 +57,43 @@ def write_timeline(spans: list[dict], path: Path) -> None:
                        "ts": round((sp["t0"] - t0) * 1e6, 1), "dur": round(max(0.0, sp["t1"] - sp["t0"]) * 1e6, 1),
                        "args": sp.get("args", {})})
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
+class SpanCollector:
+    """The busy spans of every actor of a ``System``, labelled with their dashboard names."""
+
+    def __init__(self, system):
+        self.system, self.spans = system, []
+        self.window_start = time.time()
+
+    def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
+        """(group, the span kinds that count as its busy time, actors) for utilisation."""
+        s = self.system
+        out = [("generator", ("generate", "load_weights"), len(s.generators)), ("scorer", ("score",), len(s.scorers)),
+               ("learner", ("train", "export_weights"), len(s.learners))]
+        if s.reference is not None:
+            out.append(("reference", ("ref_logprobs",), 1))
+        return out
+
+    def drain(self) -> None:
+        s = self.system
+        groups = [grp for grp in (s.generators, s.scorers, s.learners, s.reference) if grp is not None]
+        calls = [(f"{grp.name}-{i}", ref) for grp in groups for i, ref in enumerate(grp.call_all("drain_spans", control=True))]
+        for (name, _), part in zip(calls, get([ref for _, ref in calls], s.timeout, "drain_spans")):
+            for sp in part:
+                sp["actor"] = name
+            self.spans.extend(part)
+
+    def window(self) -> dict:
+        """``step_timing`` since the previous call (a learner step's window)."""
+        now = time.time()
+        self.drain()
+        out = step_timing(self.spans, self.window_start, now, self.groups())
+        self.window_start = now
+        return out
+
+    def utilisation(self, start: float, end: float) -> dict:
+        return utilisation(self.spans, start, end, self.groups())
+
+    def write_timeline(self, path: Path) -> None:
+        write_timeline(self.spans, path)

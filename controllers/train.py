@@ -136,7 +136,7 @@ def train(recipe: Recipe) -> dict:
         completions_log.close()
         samples_log.close()
         summary["grpo"] = driver.summary()
-        driver.write_timeline(run_dir / "timeline.json")
+        driver.telemetry.write_timeline(run_dir / "timeline.json")
         if eval_prompts:
             summary["eval_after_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
             summary["eval_after"] = summary["eval_after_detail"]["pass@1"]
