@@ -3,13 +3,17 @@
 Every function runs through ``rewards.VerifierPool``: one completion at a time, in a worker
 process, under a hard wall-clock limit, so a pathological completion costs at most
 ``timeout_s`` and never hangs the run.
+
+A function that misbehaves is contained: a value that is not a score (NaN, inf, "0.5", True)
+and a call that raises both score None and are counted; the pool logs the first of each kind
+once. ``RewardHealth`` turns "failed on every completion, step after step" into a clear
+``BrokenRewardError`` or a function to drop (``RewardScorer.drop``).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .. import rewards
 from .rollout import Rollout
@@ -29,6 +33,14 @@ class ScorerConfig:
     workers_per_actor: int = 2  # verifier processes per scorer actor
     timeout_s: float = 10.0  # hard wall-clock limit per completion and function
     cpus_per_actor: float = 0.25
+    # A function that fails (raises, returns a non-score, times out) on every completion for this
+    # many learner steps in a row is broken; 0: never call it broken.
+    max_failed_steps: int = 3
+    on_broken: Literal["fail", "drop"] = "fail"  # stop the run, or drop the function and train on the others
+
+
+# Per-function counts in score()'s stats, beside f"{name}/calls"; their sum is the failures.
+FAILURES = ("errors", "invalid", "timeouts")
 
 
 def check_specs(specs: list[RewardSpec]) -> None:
@@ -43,7 +55,8 @@ def check_specs(specs: list[RewardSpec]) -> None:
 class RewardScorer:
     def __init__(self, specs: list[RewardSpec], cfg: ScorerConfig):
         check_specs(specs)
-        self.specs, self.cfg = specs, cfg
+        self.specs, self.cfg = list(specs), cfg
+        self.dropped: set[str] = set()
         self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s)
         self.spans = SpanLog()
 
@@ -60,10 +73,29 @@ class RewardScorer:
         columns["completion_ids"] = [r.completion_ids for r in rollouts]
         return completions, columns
 
+    def drop(self, name: str) -> None:
+        """Stop scoring with reward `name`: later score() calls skip it (what on_broken="drop" does).
+
+        Dropping a name again does nothing, so the driver can call it on every scorer.
+        """
+        if name in self.dropped:
+            return
+        if not any(s.name == name for s in self.specs):
+            raise ValueError(f"RewardScorer.drop: no reward {name!r}; "
+                             f"configured: {', '.join(repr(s.name) for s in self.specs) or 'none'}")
+        self.specs = [s for s in self.specs if s.name != name]
+        self.dropped.add(name)
+
     def score(self, rollouts: list[Rollout]) -> tuple[list[Rollout], dict]:
         """Fill ``scores`` and ``reward`` (weighted sum; a None score adds nothing) of each rollout.
 
-        Returns the rollouts and counts per function: timeouts, errors, seconds.
+        Returns the rollouts and stats. For each function still scoring, ints:
+        ``{name}/calls`` (completions attempted), ``{name}/errors`` (the call raised or crashed
+        its worker: scored None), ``{name}/invalid`` (returned NaN, inf, a str, a bool, ...:
+        scored None), ``{name}/timeouts`` (scored 0.0); and ``time_s`` (float seconds).
+        Only when the function failed in this call, one str: ``{name}/first_error``, an example
+        such as "sample 'p3/1': raised KeyError: 'solution' (at my_rewards.py:12 in fn)".
+        The str is not a count: sum the numbers and keep the first str (``add_stats``).
         """
         with self.spans.span("score", samples=len(rollouts)):
             return self._score(rollouts)
@@ -71,19 +103,22 @@ class RewardScorer:
     def _score(self, rollouts: list[Rollout]) -> tuple[list[Rollout], dict]:
         t0 = time.perf_counter()
         completions, columns = self._inputs(rollouts)
-        stats: dict[str, float] = {}
+        stats: dict[str, float | str] = {}
         for r in rollouts:
             r.reward = 0.0
         for spec in self.specs:
+            # The pool turns every error and non-score into None: no NaN, inf or str gets here.
             res = self.pool.score(spec.name, spec.params, completions, columns, [r.sample_id for r in rollouts])
             for r, s in zip(rollouts, res.scores):
-                if s is not None and math.isnan(s):
-                    s = None
                 r.scores[spec.name] = s
                 if s is not None:
                     r.reward += spec.weight * s
-            stats[f"{spec.name}/timeouts"] = len(res.timeouts)
+            stats[f"{spec.name}/calls"] = len(rollouts)
             stats[f"{spec.name}/errors"] = len(res.errors)
+            stats[f"{spec.name}/invalid"] = len(res.invalid)
+            stats[f"{spec.name}/timeouts"] = len(res.timeouts)
+            if res.first_error:
+                stats[f"{spec.name}/first_error"] = res.first_error
         stats["time_s"] = time.perf_counter() - t0
         return rollouts, stats
 
@@ -100,3 +135,85 @@ class RewardScorer:
 
     def ping(self) -> str:
         return "ok"
+
+
+def add_stats(window: dict, stats: dict) -> dict:
+    """Add one score() call's stats to a step window (in place, returned): numbers are summed,
+    a str (``{name}/first_error``) keeps the first one seen."""
+    for key, value in stats.items():
+        if isinstance(value, str):
+            window.setdefault(key, value)
+        else:
+            window[key] = window.get(key, 0) + value
+    return window
+
+
+class BrokenRewardError(RuntimeError):
+    """A reward function failed on every completion for ``max_failed_steps`` steps in a row."""
+
+    def __init__(self, message: str, reward: str = "", steps: int = 0, example: str = ""):
+        super().__init__(message)
+        self.reward, self.steps, self.example = reward, steps, example
+
+
+class RewardHealth:
+    """Tells a broken reward function from one that fails now and then.
+
+    The driver calls ``end_step(window)`` once per learner step, with the stats of every
+    score() call of that step added up (``add_stats``), keys as score() returns them. A step in
+    which a function failed (errors + invalid + timeouts) on all of its calls, and had calls,
+    adds one to its count of failed steps; a step with one good score resets it; a step with no
+    calls changes nothing. At ``max_failed_steps`` (0: never) the function is broken:
+    on_broken="fail" raises ``BrokenRewardError``; on_broken="drop" returns its name, for the
+    driver to ``drop`` on every scorer, and watches it no more. Dropping the last function
+    raises instead: there would be nothing left to train on.
+    """
+
+    def __init__(self, names: list[str], max_failed_steps: int = 3, on_broken: Literal["fail", "drop"] = "fail"):
+        if isinstance(max_failed_steps, bool) or not isinstance(max_failed_steps, int) or max_failed_steps < 0:
+            raise ValueError(f"RewardHealth: max_failed_steps must be an integer >= 0 (0: never stop), "
+                             f"got {max_failed_steps!r}")
+        if on_broken not in ("fail", "drop"):
+            raise ValueError(f"RewardHealth: on_broken must be 'fail' or 'drop', got {on_broken!r}")
+        self.max_failed_steps, self.on_broken = max_failed_steps, on_broken
+        self.active = list(dict.fromkeys(names))  # watched: configured and not dropped
+        self.failed_steps = {name: 0 for name in self.active}  # consecutive steps failed on every call
+        self._example = {name: "" for name in self.active}
+
+    def end_step(self, window_stats: dict) -> list[str]:
+        """The functions to drop after this step (on_broken="drop"); raises BrokenRewardError
+        for a broken one under on_broken="fail"."""
+        broken = [name for name in self.active if self._failed_again(name, window_stats)]
+        if not broken:
+            return []
+        if self.on_broken == "fail":
+            raise self._error(broken[0], window_stats, "Fix it, or set scorer.on_broken: drop to train on without "
+                              "it, or scorer.max_failed_steps: 0 to never stop.")
+        if len(broken) == len(self.active):
+            raise self._error(broken[0], window_stats, "on_broken is 'drop', but every other reward function is "
+                              "dropped or broken too: nothing would be left to train on.")
+        self.active = [name for name in self.active if name not in broken]
+        return broken
+
+    def _failed_again(self, name: str, window: dict) -> bool:
+        """Update `name`'s count of failed steps; whether it is now broken."""
+        if f"{name}/calls" not in window and f"reward/{name}/calls" in window:
+            raise ValueError(f"RewardHealth.end_step: keys must be as RewardScorer.score returns them "
+                             f"({name + '/calls'!r}), got {'reward/' + name + '/calls'!r}")
+        calls = window.get(f"{name}/calls", 0)
+        if not calls:
+            return False
+        if sum(window.get(f"{name}/{kind}", 0) for kind in FAILURES) < calls:
+            self.failed_steps[name], self._example[name] = 0, ""
+            return False
+        self.failed_steps[name] += 1
+        self._example[name] = window.get(f"{name}/first_error") or self._example[name]
+        return 0 < self.max_failed_steps <= self.failed_steps[name]
+
+    def _error(self, name: str, window: dict, advice: str) -> BrokenRewardError:
+        steps, example = self.failed_steps[name], self._example[name] or "none recorded"
+        counts = ", ".join(f"{window.get(f'{name}/{kind}', 0)} {kind}" for kind in FAILURES)
+        return BrokenRewardError(
+            f"reward {name!r} failed on every completion for {steps} consecutive learner steps "
+            f"(last step: {window.get(f'{name}/calls', 0)} calls, {counts}); example: {example}. {advice}",
+            reward=name, steps=steps, example=example)

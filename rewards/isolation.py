@@ -15,13 +15,25 @@ first call on a fresh worker is not charged for importing sympy.
 A function marked `group_relative = True` (its score for one completion
 depends on the others, like `length`) gets the whole batch in one call,
 with a limit of `timeout_s` per completion.
+
+A score is a finite real number (int, float, numpy scalar; not bool) or
+None, "not applicable" as in TRL. Anything else the function returns (NaN,
+inf, "0.5", True, a list) is an invalid score; a call that raises, or kills
+its worker, is an error. Both score None, so nothing invalid reaches the
+advantages, and are listed in the result. The pool logs the first error of
+each kind per function once, with one example and no traceback, from the
+parent process; later ones are only counted, so a function that fails on
+every completion cannot flood the log. Timeouts are logged one line each:
+each names an input that is worth a look and costs a worker restart.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import multiprocessing
+import numbers
 import os
 import signal
 import threading
@@ -39,13 +51,16 @@ logger = logging.getLogger("r1ray.rewards")
 _START_TIMEOUT_S = 60.0  # a worker that is not ready by then is replaced
 _RESOLVE_TIMEOUT_S = 60.0  # time to import a reward before the call's clock starts
 _MAX_START_FAILURES = 3  # workers dying before they are ready: give up
+_EXAMPLE_CHARS = 300  # an error example (exception message, bad value) is clipped to this
 
 
 @dataclass
 class ScoreResult:
     scores: list[float | None]
-    timeouts: list[int] = field(default_factory=list)  # indices that ran out of time
-    errors: list[int] = field(default_factory=list)  # indices whose call raised or crashed
+    timeouts: list[int] = field(default_factory=list)  # indices that ran out of time: scored 0.0
+    errors: list[int] = field(default_factory=list)  # indices whose call raised or crashed: scored None
+    invalid: list[int] = field(default_factory=list)  # indices that returned a non-score: scored None
+    first_error: str = ""  # the first failure of this call, any kind, e.g. "sample 'p/0': raised ValueError: ..."
 
 
 class VerifierPool:
@@ -74,6 +89,7 @@ class VerifierPool:
         self._lock = threading.Lock()  # one score() at a time owns the workers
         self._closed = False
         self._resolved: dict[tuple, object] = {}
+        self._logged: set[tuple[str, str]] = set()  # (reward, kind) already logged once
         self._task_ids = itertools.count()
         self._start_failures = 0
         self._workers = [_Worker(self._ctx, memory_mb) for _ in range(num_workers)]
@@ -98,9 +114,13 @@ class VerifierPool:
         `columns` holds every other keyword the reward receives (prompts,
         completion_ids, dataset columns), each a list aligned with
         `completions`. Bad names or params raise here, in the caller.
-        A completion whose call times out or fails scores 0.0, is listed
-        in `timeouts` or `errors`, and is logged with its sample id
-        (default: its index). Thread-safe: concurrent calls take turns.
+        A completion whose call times out scores 0.0 and is listed in
+        `timeouts`; one whose call raises or crashes scores None and is
+        listed in `errors`; one that gets a value that is not a score
+        scores None and is listed in `invalid`. Failures are logged with
+        their sample id (default: the index), errors and invalid scores
+        only the first of each kind per reward. Thread-safe: concurrent
+        calls take turns.
         """
         params, columns = dict(params or {}), dict(columns or {})
         n = len(completions)
@@ -116,7 +136,7 @@ class VerifierPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("VerifierPool is closed")
-            job = _Job(name, params, completions, columns, ids, self.timeout_s)
+            job = _Job(name, params, completions, columns, ids, self.timeout_s, self._logged)
             try:
                 self._run(job, deque(tasks))
             except BaseException:
@@ -179,18 +199,23 @@ class VerifierPool:
             worker.call_started = True
             worker.deadline = time.monotonic() + job.timeout_s * len(worker.task[1])
         elif kind == "ok":
-            for i, score in zip(worker.task[1], payload):
+            scores, invalid = payload
+            indices = worker.task[1]
+            for i, score in zip(indices, scores):
                 job.result.scores[i] = score
+            for position, value in invalid:
+                job.fail([indices[position]], "invalid", f"returned {value}, which is not a score "
+                         "(accepted: a finite int or float, or None for not applicable)")
             worker.finish()
         else:  # "error": the function raised; the worker itself is fine
-            job.fail(worker.task[1], job.result.errors, f"failed, scored 0.0:\n{payload}")
+            job.fail(worker.task[1], "raised", f"raised {payload}")
             worker.finish()
 
     def _crashed(self, slot: int, job: "_Job") -> None:
         worker = self._workers[slot]
         code = worker.process.exitcode
         if worker.task is not None:
-            job.fail(worker.task[1], job.result.errors, f"crashed its worker (exit code {code}), scored 0.0")
+            job.fail(worker.task[1], "crashed", f"crashed its worker (exit code {code})")
         elif not worker.ready:
             self._start_failed(slot, f"died before it was ready (exit code {code}); see its stderr")
             return
@@ -216,11 +241,9 @@ class VerifierPool:
                 continue
             if worker.call_started:
                 limit = job.timeout_s * len(worker.task[1])
-                job.fail(worker.task[1], job.result.timeouts,
-                         f"timed out after {limit:.1f} s, scored 0.0; worker killed and replaced")
+                job.fail(worker.task[1], "timeout", f"timed out after {limit:.1f} s; worker killed and replaced")
             else:
-                job.fail(worker.task[1], job.result.errors,
-                         f"could not load the reward within {_RESOLVE_TIMEOUT_S:.0f} s, scored 0.0")
+                job.fail(worker.task[1], "crashed", f"could not load the reward within {_RESOLVE_TIMEOUT_S:.0f} s")
             self._replace(slot)
 
     def _replace(self, slot: int) -> None:
@@ -238,17 +261,29 @@ class _Job:
     columns: dict
     sample_ids: list
     timeout_s: float
+    logged: set  # the pool's (reward, kind) pairs already logged
     result: ScoreResult = field(init=False)
 
     def __post_init__(self):
         self.result = ScoreResult(scores=[0.0] * len(self.completions))
 
-    def fail(self, indices: list[int], bucket: list[int], what: str) -> None:
+    def fail(self, indices: list[int], kind: str, what: str) -> None:
+        """Record a failure of `kind`: "timeout" (scores 0.0), "raised", "crashed" or "invalid" (score None)."""
+        bucket = {"timeout": self.result.timeouts, "invalid": self.result.invalid}.get(kind, self.result.errors)
         for i in indices:
             bucket.append(i)
-            self.result.scores[i] = 0.0
-        ids = ", ".join(repr(self.sample_ids[i]) for i in indices)
-        logger.warning("reward %r on sample %s %s", self.name, ids, what)
+            self.result.scores[i] = 0.0 if kind == "timeout" else None
+        shown = ", ".join(repr(self.sample_ids[i]) for i in indices[:3])
+        more = f" (+{len(indices) - 3} more)" if len(indices) > 3 else ""
+        example = f"sample {shown}{more}: {what}"
+        if not self.result.first_error:
+            self.result.first_error = example
+        if kind == "timeout":
+            logger.warning("reward %r on %s, scored 0.0", self.name, example)
+        elif (self.name, kind) not in self.logged:
+            self.logged.add((self.name, kind))
+            logger.warning("reward %r on %s, scored None; logged once per reward and kind of error: "
+                           "later ones are only counted", self.name, example)
 
 
 class _Worker:
@@ -331,10 +366,9 @@ def _worker_main(conn, memory_mb: int | None) -> None:
             conn.send(("started", task_id, None))
             scores = _as_scores(fn(completions=completions, **columns), len(completions))
             conn.send(("ok", task_id, scores))
-        except BaseException:  # noqa: BLE001 - user code may raise anything, SystemExit included
-            # backslashreplace: the text may quote a completion with lone surrogates.
-            report = traceback.format_exc(limit=20)[-4000:].encode("utf-8", "backslashreplace").decode()
-            conn.send(("error", task_id, report))
+        except BaseException as e:  # noqa: BLE001 - user code may raise anything, SystemExit included
+            # One line, not a traceback: the parent logs only the first one.
+            conn.send(("error", task_id, _describe_exception(e)))
 
 
 def _exit_with_parent() -> None:
@@ -350,9 +384,65 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="r1ray-parent-watch", daemon=True).start()
 
 
-def _as_scores(out, n: int) -> list[float | None]:
+def _as_scores(out, n: int) -> tuple[list[float | None], list[tuple[int, str]]]:
+    """The scores as floats or None, and (position, description) of each value that is not a score."""
     if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n:
         raise TypeError(
-            f"a reward function must return a list of {n} scores, got {type(out).__name__}: {out!r:.200}"
+            f"a reward function must return a list of {n} scores, got {type(out).__name__}: {_clip(_repr(out))}"
         )
-    return [None if x is None else float(x) for x in out]
+    scores: list[float | None] = []
+    invalid: list[tuple[int, str]] = []
+    for position, x in enumerate(out):
+        score = _as_score(x)
+        if score is _INVALID:
+            invalid.append((position, _clip(f"{type(x).__name__} {_repr(x)}")))
+            score = None
+        scores.append(score)
+    return scores, invalid
+
+
+_INVALID = object()
+
+
+def _as_score(x):
+    # bool is an int to Python, but True is an answer, not a score; "0.5"
+    # would pass float(): only real numbers are accepted, as they are.
+    if x is None:
+        return None
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return _INVALID
+    try:
+        value = float(x)
+    except (TypeError, ValueError, OverflowError):
+        return _INVALID
+    return value if math.isfinite(value) else _INVALID
+
+
+def _describe_exception(e: BaseException) -> str:
+    """The one-line example the parent logs: 'ValueError: bad input (at my_rewards.py:12 in fn)'."""
+    text = _clip(f"{type(e).__name__}: {_str(e)}")
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames:  # where it was raised, kept even when the message is clipped
+        last = frames[-1]
+        text += _clip(f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})")
+    return text
+
+
+def _str(x) -> str:
+    try:
+        return str(x)
+    except Exception:  # noqa: BLE001 - a user's __str__ may fail too
+        return f"<unprintable {type(x).__name__}>"
+
+
+def _repr(x) -> str:
+    try:
+        return repr(x)
+    except Exception:  # noqa: BLE001 - a user's __repr__ may fail too
+        return f"<unprintable {type(x).__name__}>"
+
+
+def _clip(text: str) -> str:
+    # backslashreplace: the text may quote a completion with lone surrogates.
+    text = text.encode("utf-8", "backslashreplace").decode()
+    return text if len(text) <= _EXAMPLE_CHARS else text[: _EXAMPLE_CHARS - 3] + "..."

@@ -14,3 +14,21 @@ def half_the_groups(completions, problem, **kwargs):
 def every_answer(completions, **kwargs):
     """1.0 for anything: as the eval reward it makes every probe pass, so the SFT early stop fires."""
     return [1.0] * len(completions)
+
+
+def raises_every_time(completions, **kwargs):
+    """A broken reward: raises on every call. The scorer counts errors; RewardHealth stops or drops it."""
+    raise KeyError("solution")
+
+
+NAMED_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "str": "0.5",
+                "bool": True, "list": [1.0], "dict": {"score": 1.0}, "none": None}
+
+
+def returns_named_value(completions, **kwargs):
+    """The value the completion's text names in NAMED_VALUES (what careless rewards return), else 1.0."""
+    out = []
+    for completion in completions:
+        text = completion[0]["content"] if isinstance(completion, list) else completion
+        out.append(NAMED_VALUES.get(text, 1.0))
+    return out

@@ -60,6 +60,23 @@ PLUGIN = textwrap.dedent('''
 
     def wrong_length(completions, **kwargs):
         return [1.0] * (len(completions) + 1)
+
+    def value_named(completions, **kwargs):
+        """The value each completion names: what a careless reward might return."""
+        import numpy as np
+
+        values = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf"), "str": "0.5",
+                  "bool": True, "np-bool": np.bool_(True), "list": [1.0], "dict": {"score": 1.0},
+                  "none": None, "int": 1, "float32": np.float32(0.25), "float": 0.5}
+        out = []
+        for c in completions:
+            if _text(c) == "raise":
+                raise ValueError("cannot score " + "x" * 1000)
+            out.append(values[_text(c)])
+        return out
+
+    def always_raises(completions, **kwargs):
+        raise KeyError("solution")
 ''')
 
 
@@ -148,14 +165,56 @@ def test_crashes_and_exceptions_are_errors_not_failures_of_the_pool(pool, caplog
     caplog.set_level(logging.WARNING, logger="r1ray.rewards")
     completions = ["crash", "raise", "exit", "ok"]
     result = pool.score(plugin("misbehave"), {}, completions, {}, ["s-crash", "s-raise", "s-exit", "s-ok"])
-    assert result.scores == [0.0, 0.0, 0.0, 2.0]
+    assert result.scores == [None, None, None, 2.0]
     assert sorted(result.errors) == [0, 1, 2] and result.timeouts == []
     assert "a bug in the reward" in caplog.text and "s-crash" in caplog.text
 
 
 def test_a_bad_return_value_is_an_error(pool):
     result = pool.score(plugin("wrong_length"), {}, ["x"], {})
-    assert result.scores == [0.0] and result.errors == [0]
+    assert result.scores == [None] and result.errors == [0]
+
+
+INVALID = ["nan", "inf", "-inf", "str", "bool", "np-bool", "list", "dict"]
+
+
+def _records(caplog, *needles):
+    return [r for r in caplog.records if r.name == "r1ray.rewards" and all(n in r.getMessage() for n in needles)]
+
+
+def test_values_that_are_not_scores_are_invalid_and_score_none(pool, caplog):
+    caplog.set_level(logging.WARNING, logger="r1ray.rewards")
+    valid = ["none", "int", "float32", "float"]
+    result = pool.score(plugin("value_named"), {}, INVALID + valid, {}, INVALID + valid)
+    assert result.scores == [None] * len(INVALID) + [None, 1.0, 0.25, 0.5]
+    assert all(type(s) is float for s in result.scores[-3:])
+    assert sorted(result.invalid) == list(range(len(INVALID)))
+    assert result.errors == [] and result.timeouts == []
+    assert "not a score" in result.first_error
+    # Eight invalid values, one log record (with its example), no traceback.
+    [record] = _records(caplog, "value_named")
+    assert "not a score" in record.getMessage() and "Traceback" not in caplog.text
+
+
+def test_errors_are_logged_once_per_reward_and_kind(pool, caplog):
+    caplog.set_level(logging.WARNING, logger="r1ray.rewards")
+    ids = [f"s-{i}" for i in range(6)]
+    for _ in range(2):  # the second call logs nothing new
+        result = pool.score(plugin("always_raises"), {}, ["a"] * 6, {}, ids)
+        assert result.scores == [None] * 6 and sorted(result.errors) == list(range(6))
+        assert result.first_error.startswith("sample 's-") and "KeyError: 'solution'" in result.first_error
+    [record] = _records(caplog, "always_raises")
+    message = record.getMessage()
+    assert "KeyError: 'solution' (at r1ray_plugin_pool.py:" in message and "logged once" in message
+    assert "Traceback" not in caplog.text
+    # The same function failing in two ways: one record for each kind.
+    result = pool.score(plugin("value_named"), {}, ["raise", "str", "raise", "nan", "float"], {})
+    assert result.scores == [None, None, None, None, 0.5]
+    assert sorted(result.errors) == [0, 2] and sorted(result.invalid) == [1, 3]
+    [raised] = _records(caplog, "value_named", "raised")
+    assert "ValueError: cannot score xxx" in raised.getMessage() and len(raised.getMessage()) < 700
+    assert "... (at r1ray_plugin_pool.py:" in raised.getMessage()  # clipped, still says where
+    assert len(_records(caplog, "value_named", "not a score")) <= 1  # logged once by the test above
 
 
 def test_workers_are_reused_across_calls(pool):
@@ -221,7 +280,7 @@ def test_adversarial_inputs_through_the_text_rewards(pool):
 def test_worker_memory_limit_turns_a_blow_up_into_an_error(plugin_dir):
     with VerifierPool(num_workers=1, timeout_s=10.0, memory_mb=1024) as small:
         result = small.score(plugin("misbehave"), {}, ["alloc", "ok"], {})
-    assert result.scores == [0.0, 2.0] and result.errors == [0]
+    assert result.scores == [None, 2.0] and result.errors == [0]
 
 
 def test_close_is_idempotent_and_final(plugin_dir):
