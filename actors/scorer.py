@@ -33,6 +33,7 @@ class ScorerConfig:
     workers_per_actor: int = 2  # verifier processes per scorer actor
     timeout_s: float = 10.0  # hard wall-clock limit per completion and function
     cpus_per_actor: float = 0.25
+    memory_mb: int | None = None  # address-space cap of each verifier process (None: no cap)
     # A function that fails (raises, returns a non-score, times out) on every completion for this
     # many learner steps in a row is broken; 0: never call it broken.
     max_failed_steps: int = 3
@@ -57,7 +58,8 @@ class RewardScorer:
         check_specs(specs)
         self.specs, self.cfg = list(specs), cfg
         self.dropped: set[str] = set()
-        self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s)
+        self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s,
+                                         memory_mb=cfg.memory_mb)
         self.spans = SpanLog()
 
     def __repr__(self) -> str:

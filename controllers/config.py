@@ -178,12 +178,14 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("generator.num_actors", r.generator.num_actors), ("scorer.num_actors", r.scorer.num_actors),
                        ("scorer.workers_per_actor", r.scorer.workers_per_actor), ("sampling.max_new_tokens", r.sampling.max_new_tokens),
                        ("sampling.temperature", r.sampling.temperature), ("learner.optim.lr", lc.optim.lr),
-                       ("scorer.timeout_s", r.scorer.timeout_s), ("ray.call_timeout_s", r.ray.call_timeout_s)]:
+                       ("scorer.timeout_s", r.scorer.timeout_s), ("ray.call_timeout_s", r.ray.call_timeout_s),
+                       *([("scorer.memory_mb", r.scorer.memory_mb)] if r.scorer.memory_mb is not None else [])]:
         _positive(key, value)
     for key, value in [("grpo.steps", g.steps), ("sft.steps", r.sft.steps), ("grpo.max_staleness", g.max_staleness),
                        ("grpo.groups_per_request", g.groups_per_request),
                        ("grpo.partial_rollout_tokens", g.partial_rollout_tokens), ("learner.loss.is_cap", lc.loss.is_cap),
-                       ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts)]:
+                       ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts),
+                       ("scorer.max_failed_steps", r.scorer.max_failed_steps)]:
         _positive(key, value, allow_zero=True)
     if g.num_generations < 2:
         raise ConfigError(f"config key 'grpo.num_generations': got {g.num_generations}; accepted: an integer >= 2 "

@@ -6,6 +6,7 @@ rollout carries the policy versions that generated it; samples.jsonl records the
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ import torch
 from ..actors.learner import GrpoStats
 from ..actors.loss import group_advantages
 from ..actors.rollout import Rollout, TrainSample
+from ..actors.scorer import RewardHealth, add_stats
 from ..cluster.groups import RemoteCallError, get
 from .config import Recipe
 from .data import EpochSampler, PromptRenderer
@@ -25,6 +27,8 @@ from .metrics import rollout_metrics
 from .staleness import StalenessManager
 from .system import System
 from .telemetry import SpanCollector
+
+log = logging.getLogger("r1ray")
 
 
 @dataclass
@@ -64,6 +68,8 @@ class GrpoDriver:
         self.per_request = g.groups_per_request or max(1, self.B // len(system.generators))
         self.sampler = EpochSampler(len(train), recipe.seed)
         self.reward_names = [s.name for s in recipe.rewards]
+        self.health = RewardHealth(self.reward_names, recipe.scorer.max_failed_steps, recipe.scorer.on_broken)
+        self.reward_window: dict = {}  # the scorers' stats since the last learner step, for self.health
         self.books = StalenessManager(self.B, g.max_staleness, g.steps, system.version)
         self.work: list[Work] = []
         self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
@@ -127,7 +133,8 @@ class GrpoDriver:
 
     def on_scored(self, work: Work) -> None:
         rollouts, stats = work.value
-        self.tally({f"reward/{k}": v for k, v in stats.items() if k != "time_s"})
+        self.tally({f"reward/{k}": v for k, v in stats.items() if k != "time_s" and not isinstance(v, str)})
+        add_stats(self.reward_window, stats)
         self._attach(work.groups, rollouts)
         kept = [g for g in work.groups if self._advantages(g)]
         if kept and self.system.reference is not None:
@@ -170,6 +177,7 @@ class GrpoDriver:
                     "tokens": len(r.completion_ids), "logprobs": len(r.logprobs), "reward": r.reward,
                     "finish_reason": r.finish_reason})
         self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
+        self.check_rewards()
         version, refs = self.system.publish_weights()
         self.work.append(Work("sync", refs, version=version))
         window, self.window_counts = dict(self.window_counts), Counter()
@@ -197,6 +205,17 @@ class GrpoDriver:
         return record
 
     # -- helpers -----------------------------------------------------------------------------
+    def check_rewards(self) -> None:
+        """Once per step: a reward function that failed on every completion for
+        ``scorer.max_failed_steps`` steps stops the run (BrokenRewardError), or is dropped."""
+        window, self.reward_window = self.reward_window, {}
+        for name in self.health.end_step(window):
+            log.warning("reward %r failed on every completion for %d steps: dropped (scorer.on_broken=drop); "
+                        "example: %s", name, self.health.failed_steps[name], window.get(f"{name}/first_error"))
+            self.system.scorers.run_all("drop", name, control=True)
+            self.reward_names.remove(name)
+            self.tally({f"reward/{name}/dropped": 1})
+
     def _attach(self, groups: list[Group], rollouts: list[Rollout]) -> None:
         for k, g in enumerate(groups):
             g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
