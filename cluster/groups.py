@@ -3,24 +3,58 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 
 class RemoteCallError(RuntimeError):
     """A remote call that failed or did not answer in time; names the actor and the method."""
 
 
-def get(refs, timeout_s: float, what: str):
-    """``ray.get`` with a deadline and an error that says who did not answer."""
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError:
-        raise RemoteCallError(f"{what} did not answer within {timeout_s:.0f} s") from None
-    except RayActorError as e:
-        raise RemoteCallError(f"{what}: the actor died ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+def get(refs, timeout_s: float, what: str, watchdog: "Watchdog | None" = None):
+    """``ray.get`` with a deadline and an error that says who did not answer.
+
+    With a ``watchdog``, the wait is cut into slices: between them every actor is pinged
+    (a dead or hung one ends the wait at once, by name), and the first ref that fails ends it
+    too, naming the actor that computes it, or the dead actor that made it fail."""
+    if watchdog is None:
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            raise RemoteCallError(f"{what} did not answer within {timeout_s:.0f} s") from None
+        except RayActorError as e:
+            raise RemoteCallError(f"{what}: the actor died ({describe(e)})") from e
+    many = isinstance(refs, list)
+    pending, deadline = list(refs) if many else [refs], time.monotonic() + timeout_s
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            late = sorted({watchdog.owner(r) or "?" for r in pending})
+            raise RemoteCallError(f"{what}: {', '.join(late)} did not answer within {timeout_s:.0f} s")
+        done, pending = ray.wait(pending, num_returns=1, timeout=min(watchdog.every_s, left), fetch_local=True)
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception as e:  # noqa: BLE001 - every failure becomes one named error
+                raise watchdog.failure(what, ref, e) from e
+        watchdog.check(what)
+    return ray.get(refs)
+
+
+def describe(e: BaseException) -> str:
+    """The exception an actor raised (not Ray's wrapper), on one line."""
+    cause = getattr(e, "cause", None)
+    if isinstance(e, RayTaskError) and isinstance(cause, BaseException):
+        e = cause
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -47,6 +81,8 @@ class ActorGroup:
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
                  num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, namespace: str | None = None):
         self.name, self.timeout_s = name, timeout_s
+        self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
+        self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
         remote_cls = ray.remote(concurrency_groups={CONTROL: 2})(cls)
         self.actors = []
         for i in range(count):
@@ -60,9 +96,37 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def names(self) -> list[str]:
+        return [f"{self.name}-{i}" for i in range(len(self.actors))]
+
     def call(self, i: int, method: str, *args, control: bool = False, **kwargs):
         m = getattr(self.actors[i], method)
-        return (m.options(concurrency_group=CONTROL) if control else m).remote(*args, **kwargs)
+        ref = (m.options(concurrency_group=CONTROL) if control else m).remote(*args, **kwargs)
+        self._owners[ref] = i
+        if len(self._owners) > 4096:  # only in-flight work needs an owner
+            self._owners.popitem(last=False)
+        return ref
+
+    def owner(self, ref) -> str | None:
+        """The name of the actor that computes ``ref`` (a recent call of this group)."""
+        i = self._owners.get(ref)
+        return None if i is None else f"{self.name}-{i}"
+
+    def probe(self, timeout_s: float) -> dict[str, str]:
+        """Ping every actor (control group, beside its work): the unhealthy ones, by name, with
+        what is wrong ("died: ..." or "no answer to a ping within N s")."""
+        pings = {self.call(i, "ping", control=True): name for i, name in enumerate(self.names())}
+        done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s, fetch_local=True)
+        bad = {name: f"no answer to a ping within {timeout_s:.0f} s (hung or stopped)"
+               for ref, name in pings.items() if ref not in done}
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                bad[pings[ref]] = f"died ({describe(e)})"
+            except Exception as e:  # noqa: BLE001 - anything but "ok" is unhealthy
+                bad[pings[ref]] = f"ping failed ({describe(e)})"
+        return bad
 
     def call_all(self, method: str, *args, control: bool = False, **kwargs) -> list:
         return [self.call(i, method, *args, control=control, **kwargs) for i in range(len(self.actors))]
@@ -77,7 +141,7 @@ class ActorGroup:
         return [x for part in self.get(self.shard(method, items, *args), method) for x in part]
 
     def get(self, refs, what: str, timeout_s: float | None = None):
-        return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}")
+        return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}", self.watchdog)
 
     def run_all(self, method: str, *args, timeout_s: float | None = None, control: bool = False, **kwargs) -> list:
         return self.get(self.call_all(method, *args, control=control, **kwargs), method, timeout_s)
@@ -94,6 +158,52 @@ class ActorGroup:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone is fine
                 pass
+
+
+class Watchdog:
+    """Liveness of a run's actor groups while the driver waits on them.
+
+    ``check`` pings every actor at most every ``every_s`` seconds; one that is dead or does not
+    answer within ``timeout_s`` (a stopped or hung process) raises ``RemoteCallError`` naming
+    it and, through ``doing(name)``, what it was doing. ``failure`` turns a failed call into
+    the same kind of error, naming a dead peer first (a learner rank whose peer died reports
+    only the broken collective)."""
+
+    def __init__(self, groups: list[ActorGroup], every_s: float = 10.0, timeout_s: float = 45.0):
+        self.groups, self.every_s, self.timeout_s = groups, every_s, timeout_s
+        self.last = time.monotonic()
+        self.doing: Callable[[str], str] = lambda name: ""
+
+    def owner(self, ref) -> str | None:
+        return next((name for g in self.groups if (name := g.owner(ref)) is not None), None)
+
+    def probe(self) -> dict[str, str]:
+        bad: dict[str, str] = {}
+        for g in self.groups:
+            bad.update(g.probe(self.timeout_s))
+        self.last = time.monotonic()
+        return bad
+
+    def explain(self, bad: dict[str, str]) -> str:
+        return "; ".join(f"{name} {why}{self.doing(name)}" for name, why in bad.items())
+
+    def check(self, what: str) -> None:
+        if time.monotonic() - self.last < self.every_s:
+            return
+        bad = self.probe()
+        if bad:
+            raise RemoteCallError(f"{what}: {self.explain(bad)}")
+
+    def failure(self, what: str, ref, error: BaseException) -> RemoteCallError:
+        owner = self.owner(ref) or "an actor"
+        bad = self.probe()
+        if isinstance(error, RayActorError):
+            bad.setdefault(owner, f"died ({describe(error)})")
+        if owner in bad:
+            return RemoteCallError(f"{what}: {self.explain(bad)}")
+        if bad:
+            return RemoteCallError(f"{what}: {self.explain(bad)}; {owner} then failed: {describe(error)}")
+        return RemoteCallError(f"{what}: {owner} raised {describe(error)}{self.doing(owner)}")
 
 
 def free_port() -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 
 log = logging.getLogger("r1ray.cluster")
 
@@ -17,8 +19,42 @@ def actor_env(on_gpu: bool) -> dict[str, str]:
     return env
 
 
+class ClusterUnreachable(ConnectionError):
+    """The Ray address given does not answer; the message names it."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of a GCS (``ray://`` client) address; None for ``auto``/``local``."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` when nothing listens at ``address`` (Ray itself retries for
+    minutes, printing only reconnect warnings)."""
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            with socket.create_connection(target, timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise ClusterUnreachable(
+                f"cannot reach the Ray cluster at {address!r} within {timeout_s:g} s ({last.strerror or last}); "
+                "accepted: the address of a running head node (`ray start --head` prints it; set by "
+                "RAY_ADDRESS, ray.address or --address), or none to start a local Ray")
+        time.sleep(0.5)
+
+
 def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: int | None,
-          dashboard: bool, object_store_mb: int, on_gpu: bool) -> dict:
+          dashboard: bool, object_store_mb: int, on_gpu: bool, connect_timeout_s: float = 30.0) -> dict:
     """Join ``address`` (or RAY_ADDRESS / a `ray start` cluster) or start a local cluster.
 
     Resources are only passed when starting one: Ray rejects them when connecting.
@@ -31,6 +67,7 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
     runtime_env = {"env_vars": actor_env(on_gpu)}
     joining = address is not None or "RAY_ADDRESS" in os.environ
     if joining:
+        check_reachable(address or os.environ["RAY_ADDRESS"], connect_timeout_s)
         ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env)
     else:
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
@@ -44,6 +81,19 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
     resources = ray.cluster_resources()
     log.info("Ray cluster: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
     return resources
+
+
+def free_namespace(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... when another run's named actors live there (a
+    second run on a shared cluster must not collide with the first one's actor names)."""
+    import ray
+
+    taken = {a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}-{i}"
+    return name
 
 
 def stop() -> None:

@@ -52,19 +52,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not any(x > 0 for x in (recipe.learner.gpus_per_rank,)):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from ..actors.scorer import BrokenRewardError
+    from ..cluster.groups import RemoteCallError
+    from ..cluster.runtime import ClusterUnreachable
+    from .staleness import StalenessError
     from .train import train
 
     try:
         summary = train(recipe)
-    except ConfigError as e:  # what only the data or the joined cluster can tell, still before any actor starts
-        print(f"r1ray: invalid config: {e}", file=sys.stderr)
+    except (ConfigError, ClusterUnreachable) as e:  # what only the data or the cluster can tell, before any actor
+        print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"r1ray: stopped by {name}; the run directory's summary.json says how far it got", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    except (RemoteCallError, BrokenRewardError, StalenessError) as e:
+        print(f"r1ray: run failed: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {summary['run_dir']}")
     for key in ("eval_before", "eval_after", "wall_s"):
         if key in summary:
             print(f"{key}: {summary[key]:.3f}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,7 +43,17 @@ class RayConfig:
     num_gpus: int | None = None
     dashboard: bool = True
     object_store_mb: int = 256
-    call_timeout_s: float = 600.0  # every remote call is bounded by this
+    connect_timeout_s: float = 10.0  # joining a cluster that does not answer fails after this
+    # Deadlines. A call's first run (nothing measured yet) is bounded by call_timeout_s; later
+    # ones by deadline_factor x the slowest seconds per sample seen for that stage x its
+    # samples, at least deadline_min_s (scoring: by the verifier timeouts). Meanwhile every
+    # actor is pinged every heartbeat_s; one dead, or silent for liveness_timeout_s, ends the
+    # run with its name.
+    call_timeout_s: float = 600.0
+    deadline_factor: float = 5.0
+    deadline_min_s: float = 60.0
+    heartbeat_s: float = 10.0
+    liveness_timeout_s: float = 45.0
 
 
 @dataclass
@@ -179,6 +189,9 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("scorer.workers_per_actor", r.scorer.workers_per_actor), ("sampling.max_new_tokens", r.sampling.max_new_tokens),
                        ("sampling.temperature", r.sampling.temperature), ("learner.optim.lr", lc.optim.lr),
                        ("scorer.timeout_s", r.scorer.timeout_s), ("ray.call_timeout_s", r.ray.call_timeout_s),
+                       ("ray.connect_timeout_s", r.ray.connect_timeout_s), ("ray.deadline_factor", r.ray.deadline_factor),
+                       ("ray.deadline_min_s", r.ray.deadline_min_s), ("ray.heartbeat_s", r.ray.heartbeat_s),
+                       ("ray.liveness_timeout_s", r.ray.liveness_timeout_s),
                        *([("scorer.memory_mb", r.scorer.memory_mb)] if r.scorer.memory_mb is not None else [])]:
         _positive(key, value)
     for key, value in [("grpo.steps", g.steps), ("sft.steps", r.sft.steps), ("grpo.max_staleness", g.max_staleness),

@@ -7,6 +7,7 @@ rollout carries the policy versions that generated it; samples.jsonl records the
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from ..actors.learner import GrpoStats
 from ..actors.loss import group_advantages
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
-from ..cluster.groups import RemoteCallError, get
+from ..cluster.groups import RemoteCallError
 from .config import Recipe
 from .data import EpochSampler, PromptRenderer
 from .metrics import rollout_metrics
@@ -51,9 +52,13 @@ class Work:
     actor: int | None = None  # the generator or scorer doing it (load balancing)
     version: int | None = None  # train: the version it trains at; sync: the version it publishes
     started: float = field(default_factory=time.perf_counter)
+    deadline: float = math.inf  # perf_counter time; set by GrpoDriver.submit
+    who: list[str] = field(default_factory=list)  # the actors doing it, by name
 
     def __post_init__(self):
         self.pending = set(self.refs)
+        self.values: dict = {}
+
 
 
 class GrpoDriver:
@@ -75,6 +80,8 @@ class GrpoDriver:
         self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
         self.training = False
         self.load = {"generate": [0] * len(system.generators), "score": [0] * len(system.scorers)}
+        self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen (deadlines)
+        self.queue_end: dict[tuple, float] = {}  # (stage, actor) -> the deadline of its last work
         self.turn = 0
         self.records: list[dict] = []
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
@@ -90,6 +97,7 @@ class GrpoDriver:
         self.t0, self.wall0 = time.perf_counter(), time.time()
         self.t_last = self.t0
         self.telemetry.window_start = self.wall0
+        self.system.watchdog.doing = self.doing
         while len(self.records) < self.r.grpo.steps:
             self.admit()
             self.maybe_train()
@@ -110,6 +118,7 @@ class GrpoDriver:
                                          stale=f"{record['staleness/mean']:.2f}")
         self.finish()
         self.t1, self.wall1 = time.perf_counter(), time.time()
+        self.system.watchdog.doing = lambda name: ""
         return self.records
 
     # -- stages ------------------------------------------------------------------------------
@@ -124,12 +133,12 @@ class GrpoDriver:
             i = self.pick("generate")
             ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
                                               False, self.r.grpo.partial_rollout_tokens)
-            self.work.append(Work("generate", [ref], groups, actor=i))
+            self.submit(Work("generate", [ref], groups, actor=i))
 
     def on_generated(self, work: Work) -> None:
         self._attach(work.groups, work.value)
         j = self.pick("score")
-        self.work.append(Work("score", [self.system.scorers.call(j, "score", work.value)], work.groups, actor=j))
+        self.submit(Work("score", [self.system.scorers.call(j, "score", work.value)], work.groups, actor=j))
 
     def on_scored(self, work: Work) -> None:
         rollouts, stats = work.value
@@ -139,7 +148,7 @@ class GrpoDriver:
         kept = [g for g in work.groups if self._advantages(g)]
         if kept and self.system.reference is not None:
             samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
-            self.work.append(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept))
+            self.submit(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept, actor=0))
         else:
             self._ready(kept)
 
@@ -160,7 +169,7 @@ class GrpoDriver:
             else len(rollouts)
         refs = self.system.learners.shard("grpo_step", [TrainSample.of(r) for r in rollouts], float(max(denom, 1)))
         self.training = True
-        self.work.append(Work("train", refs, batch, version=version))
+        self.submit(Work("train", refs, batch, version=version))
 
     def on_trained(self, work: Work) -> None:
         """Log the consumed samples, publish the new weights, keep the step's record until they land."""
@@ -179,7 +188,7 @@ class GrpoDriver:
         self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
         self.check_rewards()
         version, refs = self.system.publish_weights()
-        self.work.append(Work("sync", refs, version=version))
+        self.submit(Work("sync", refs, version=version))
         window, self.window_counts = dict(self.window_counts), Counter()
         staleness = [work.version - r.version for r in rollouts]
         now = time.perf_counter()
@@ -259,23 +268,79 @@ class GrpoDriver:
         if writer is not None:
             writer.write(record)
 
+    def submit(self, work: Work) -> None:
+        """Track ``work`` with the names of its actors and its deadline: the actors' queue ahead
+        of it, then ``deadline_factor`` x the slowest seconds per sample seen for its stage
+        (the first of a stage gets ``ray.call_timeout_s``; scoring is bounded by the verifiers)."""
+        rc, samples = self.r.ray, max(1, len(work.groups) * self.G)
+        if work.stage == "score":
+            sc = self.r.scorer
+            budget = sc.timeout_s * len(self.reward_names) * math.ceil(samples / sc.workers_per_actor) + rc.deadline_min_s
+        elif work.stage in self.rates:
+            budget = max(rc.deadline_min_s, rc.deadline_factor * self.rates[work.stage] * samples)
+        else:
+            budget = rc.call_timeout_s
+        queue = (work.stage, work.actor)
+        work.deadline = max(work.started, self.queue_end.get(queue, 0.0)) + budget
+        self.queue_end[queue] = work.deadline
+        work.who = sorted({self.system.watchdog.owner(ref) or "?" for ref in work.refs})
+        self.work.append(work)
+
     def next_done(self) -> Work:
-        """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
+        """Wait for the next piece of work whose refs are all done; its results land in ``value``.
+
+        Meanwhile the watchdog pings every actor every ``ray.heartbeat_s``: a dead or silent
+        one, a failed call, or work past its deadline ends the run with the actor's name."""
+        dog = self.system.watchdog
         while True:
             refs = [ref for w in self.work for ref in w.pending]
-            done, _ = ray.wait(refs, num_returns=1, timeout=self.system.timeout, fetch_local=False)
-            if not done:
-                raise RemoteCallError(f"GRPO pipeline: nothing finished in {self.system.timeout:.0f} s "
-                                      f"({self.queue_depths()})")
-            work = next(w for w in self.work if done[0] in w.pending)
-            work.pending.discard(done[0])
-            if not work.pending:
-                self.work.remove(work)
-                values = get(work.refs, self.system.timeout, work.stage)
-                work.value = values if work.stage in ("train", "sync") else values[0]
-                if work.actor is not None:
-                    self.load[work.stage][work.actor] -= 1
-                return work
+            wait_s = min(dog.every_s, min(w.deadline for w in self.work) - time.perf_counter())
+            done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, wait_s), fetch_local=True)
+            if done:
+                work = next(w for w in self.work if done[0] in w.pending)
+                try:
+                    work.values[done[0]] = ray.get(done[0], timeout=self.r.ray.call_timeout_s)
+                except Exception as e:  # noqa: BLE001 - every failure becomes one error naming the actor
+                    raise dog.failure(f"GRPO {work.stage}", done[0], e) from e
+                work.pending.discard(done[0])
+                if not work.pending:
+                    return self._finished(work)
+            self._check_deadlines()
+            dog.check("GRPO")
+
+    def _finished(self, work: Work) -> Work:
+        self.work.remove(work)
+        values = [work.values[ref] for ref in work.refs]
+        work.value = values if work.stage in ("train", "sync") else values[0]
+        if work.stage in self.load:
+            self.load[work.stage][work.actor] -= 1
+        seconds = time.perf_counter() - work.started
+        self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), seconds / max(1, len(work.groups) * self.G))
+        return work
+
+    def _check_deadlines(self) -> None:
+        now = time.perf_counter()
+        late = [w for w in self.work if now > w.deadline]
+        if not late:
+            return
+        bad = self.system.watchdog.probe()  # a dead or hung actor is the better explanation
+        if bad:
+            raise RemoteCallError(f"GRPO: {self.system.watchdog.explain(bad)}")
+        w = late[0]
+        raise RemoteCallError(
+            f"GRPO {w.stage} on {', '.join(w.who)} ({len(w.groups) * self.G} samples) has run {now - w.started:.0f} s, "
+            f"past its deadline of {w.deadline - w.started:.0f} s; the actors answer pings, so the work is stuck or "
+            "slower than before: raise ray.deadline_factor (or ray.call_timeout_s for a first call) if it is slow "
+            "but progressing")
+
+    def doing(self, name: str) -> str:
+        """What ``name`` was doing, for error messages."""
+        now = time.perf_counter()
+        for w in self.work:
+            if name in w.who:
+                step = f" at version {w.version}" if w.version is not None else ""
+                return f", while it was running {w.stage}{step} ({len(w.groups) * self.G} samples) for {now - w.started:.0f} s"
+        return ""
 
     def queue_depths(self) -> dict:
         groups = Counter()

@@ -8,7 +8,7 @@ from ..actors.generator import Generator, GeneratorConfig
 from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
-from ..cluster.groups import ActorGroup, rendezvous_on
+from ..cluster.groups import ActorGroup, Watchdog, rendezvous_on
 from ..cluster.weight_sync import start_broadcast
 from .config import Recipe
 from .schema import build, to_dict
@@ -28,6 +28,7 @@ class System:
         self.version = 0
         self.timeout = recipe.ray.call_timeout_s
         self.learners = self.generators = self.scorers = self.reference = None
+        self.watchdog: Watchdog | None = None
         self.startup_s: dict[str, float] = {}
 
     @property
@@ -66,10 +67,17 @@ class System:
             if group is not None:
                 group.wait_ready()
                 self.startup_s[name] = time.perf_counter() - t0
+        # Liveness checks from now on (an actor still in its constructor cannot answer a ping).
+        self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
+        for group in self.groups():
+            group.watchdog = self.watchdog
         log.info("actors up in %.1fs: %d learner ranks (%s params), %d generators, %d scorers%s",
                  time.perf_counter() - t0, n, f"{infos[0]['params']:,}", len(self.generators), len(self.scorers),
                  ", 1 reference" if self.reference else "")
         return self
+
+    def groups(self) -> list[ActorGroup]:
+        return [g for g in (self.learners, self.generators, self.scorers, self.reference) if g is not None]
 
     def publish_weights(self, include_reference: bool = False) -> tuple[int, list]:
         """The one place the policy version goes up: queue the learner's export of its current

@@ -1,10 +1,12 @@
 """The main job: tiny world (if asked) -> Ray -> actors -> SFT warm-up -> eval -> GRPO -> eval -> checkpoint."""
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -13,7 +15,7 @@ from .config import TINY, Recipe, check_resources, dump, joins_cluster
 from .data import PromptRenderer, load_splits
 from .evaluate import pass_at_1
 from .grpo import GrpoDriver
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, write_json_atomic
 from .schema import ConfigError
 from .sft import run_sft
 from .system import System
@@ -35,14 +37,37 @@ def prepare_model(recipe: Recipe) -> tuple[str, Path | None]:
     return model_path, tiny_dir
 
 
+def _output_error(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"config key 'output_dir' (or --output-dir): {str(path)!r} {why}; accepted: a directory "
+                       "that can be created and written, or an existing one")
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """Refuse an output directory that cannot be written, before anything starts or is created."""
+    base = Path(recipe.output_dir).expanduser()
+    if base.exists() and not base.is_dir():
+        raise _output_error(base, "is a file, not a directory")
+    ancestor = base
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _output_error(base, f"is below {str(ancestor)!r}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise _output_error(base, f"cannot be written: {str(ancestor)!r} is read-only for this user")
+
+
 def run_dir_for(recipe: Recipe) -> Path:
     """A fresh run directory: an existing non-empty one is never overwritten (suffix -1, -2, ...)."""
     base = Path(recipe.output_dir).expanduser()
+    check_output_dir(recipe)
     candidate, i = base, 0
     while candidate.exists() and any(candidate.iterdir()):
         i += 1
         candidate = base.with_name(f"{base.name}-{i}")
-    candidate.mkdir(parents=True, exist_ok=True)
+    try:
+        candidate.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(candidate, f"cannot be created ({e.strerror})") from None
     return candidate
 
 
@@ -72,14 +97,37 @@ def make_probe(system: System, recipe: Recipe, prompts: list[dict]):
     return probe
 
 
+def connect(recipe: Recipe) -> None:
+    """Start or join Ray; on a joined cluster check its resources and take a free namespace.
+    Raises ConfigError / ClusterUnreachable with Ray stopped again."""
+    from ..cluster import runtime
+
+    on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
+    resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
+                              recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s)
+    try:
+        if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
+            check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
+        namespace = runtime.free_namespace(recipe.ray.namespace)
+    except BaseException:
+        runtime.stop()
+        raise
+    if namespace != recipe.ray.namespace:
+        log.warning("Ray namespace %r is in use by another run on this cluster: this run uses %r",
+                    recipe.ray.namespace, namespace)
+        recipe.ray.namespace = namespace
+
+
 def train(recipe: Recipe) -> dict:
-    """The whole job. Everything the data or the cluster can refuse (a ConfigError) is checked
-    before the run directory exists, so a refused run leaves nothing behind."""
+    """The whole job. Everything a user can get wrong (config, data, output directory, cluster
+    address, resources) is refused before the run directory exists, so it leaves nothing behind.
+    Afterwards summary.json always says how the run ended: completed, interrupted or failed."""
     from transformers import AutoTokenizer
 
     from ..cluster import runtime
 
     t_start = time.perf_counter()
+    check_output_dir(recipe)
     model_path, tiny_dir = prepare_model(recipe)
     train_ds, test_ds = load_splits(recipe.data, tiny_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -88,32 +136,28 @@ def train(recipe: Recipe) -> dict:
     probes = probe_prompts(recipe, test_ds, renderer, len(eval_prompts))
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
-
-    on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
-    resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
-                              recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu)
+    connect(recipe)
+    stop_on_sigterm()
     try:
-        if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
-            check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
+        run_dir = run_dir_for(recipe)
     except ConfigError:
         runtime.stop()
         raise
-    run_dir = run_dir_for(recipe)
     dump(recipe, run_dir / "config.yaml")
     log.info("run directory: %s", run_dir)
     system = System(recipe, model_path)
     metrics = MetricsWriter(run_dir)
-    summary: dict = {"run_dir": str(run_dir), "model": model_path}
+    sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
+    summary: dict = {"run_dir": str(run_dir), "model": model_path, "status": "running", "stage": "startup"}
     try:
         system.start()
         summary["startup_s"] = system.startup_s
         if recipe.sft.steps:
-            sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
+            summary["stage"] = "sft"
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
                 t0 = time.perf_counter()
                 sft = run_sft(system, recipe.sft, train_ds, renderer, sft_metrics, recipe.seed, bar,
                               probe=make_probe(system, recipe, probes))
-            sft_metrics.close()
             summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
                               "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
             if recipe.sft.save_checkpoint:
@@ -122,9 +166,11 @@ def train(recipe: Recipe) -> dict:
             # Generators and the reference start GRPO from the SFT policy.
             system.sync_weights(include_reference=True)
         if eval_prompts:
+            summary["stage"] = "eval_before"
             summary["eval_before_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
             summary["eval_before"] = summary["eval_before_detail"]["pass@1"]
             log.info("held-out pass@1 before GRPO: %.3f", summary["eval_before"])
+        summary["stage"] = "grpo"
         system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
         samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
@@ -138,16 +184,57 @@ def train(recipe: Recipe) -> dict:
         summary["grpo"] = driver.summary()
         driver.telemetry.write_timeline(run_dir / "timeline.json")
         if eval_prompts:
+            summary["stage"] = "eval_after"
             summary["eval_after_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
             summary["eval_after"] = summary["eval_after_detail"]["pass@1"]
             log.info("held-out pass@1 after GRPO: %.3f", summary["eval_after"])
+        summary["stage"] = "checkpoint"
         ckpt = run_dir / "checkpoint-final"
         system.learners.run_all("save_hf", str(ckpt))
         summary["checkpoint"] = str(ckpt)
+        summary["status"] = "completed"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (ray job stop, Kubernetes) turned into one by the CLI
+        summary.update(status="interrupted", signal=str(e) or "SIGINT")
+        raise
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
     finally:
-        summary["wall_s"] = time.perf_counter() - t_start
-        metrics.close()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        system.shutdown()
-        runtime.stop()
+        with signals_ignored():  # a second Ctrl-C must not cut the clean-up short
+            summary.update(wall_s=time.perf_counter() - t_start, sft_steps_done=sft_metrics.count,
+                           grpo_steps_done=metrics.count)
+            metrics.close()
+            sft_metrics.close()
+            try:
+                write_json_atomic(run_dir / "summary.json", summary)
+            except OSError as e:
+                log.error("could not write %s: %s", run_dir / "summary.json", e)
+            system.shutdown()
+            runtime.stop()
     return summary
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, Kubernetes) stops the run like Ctrl-C: a KeyboardInterrupt
+    whose text names the signal. Installed after Ray starts, which sets its own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def signals_ignored():
+    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
