@@ -1,0 +1,291 @@
+"""Failing well, through the real CLI: faults injected into short tiny runs while they run.
+
+The runs join one `ray start` head (as on a shared cluster), so the test can find the run's
+actors by name and kill or stop them. Every fault must end the run fast, name its cause, and
+leave a run directory that says how it ended.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+RAY = Path(sys.executable).with_name("ray")
+BASE = ["--set", "ray.dashboard=false", "--set", "sft.steps=0", "--set", "sft.stop_at_pass_rate=null",
+        "--set", "eval.num_prompts=0", "--set", "grpo.prompts_per_step=4", "--set", "grpo.num_generations=4",
+        "--set", "sampling.max_new_tokens=16", "--set", "learner.micro_batch_size=4",
+        "--set", "ray.heartbeat_s=1", "--set", "ray.liveness_timeout_s=5"]
+
+
+def _env(extra=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    return {**env, **(extra or {})}
+
+
+def _start(tmp_path, tiny_world, steps, *extra, env=None, name="run"):
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "r1ray.controllers.cli", "train", "configs/tiny-cpu.yaml", "--output-dir", str(out),
+           "--set", f"model.tiny_dir={tiny_world}", "--set", f"grpo.steps={steps}", *BASE, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
+    return out, proc
+
+
+def _wait_for_steps(out, proc, n=2, timeout=240):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        path = out / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("the run never reached GRPO")
+
+
+def _finish(proc, timeout):
+    """(exit code, stderr, seconds until the process ended)."""
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the run did not end within {timeout} s: {err[-3000:]}") from None
+    return proc.returncode, err, time.monotonic() - t0
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def _jsonl_whole(path):
+    text = path.read_text()
+    assert not text or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head started with `ray start`, joined by every run here and by this test process."""
+    from r1ray.cluster.groups import free_port
+
+    port = free_port()
+    subprocess.run([str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=_env(), timeout=120)
+    address = f"127.0.0.1:{port}"
+    import ray
+
+    ray.init(address=address, namespace="r1ray-tests", logging_level="ERROR")
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def _actor(name):
+    import ray
+
+    return ray.get_actor(name, namespace="r1ray")
+
+
+def _pid(name):
+    import ray
+
+    return ray.get(_actor(name).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def _no_actors_left(timeout=30):
+    import ray
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"].startswith("r1ray")
+                and a["namespace"] != "r1ray-tests"]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_learner_rank_is_named_within_seconds(tmp_path, tiny_world, cluster):
+    out, proc = _start(tmp_path, tiny_world, 2000, env={"RAY_ADDRESS": cluster})
+    _wait_for_steps(out, proc)
+    import ray
+
+    ray.kill(_actor("learner-rank-1"))
+    code, err, seconds = _finish(proc, 120)
+    assert code == 1 and seconds < 60, (code, seconds, err[-3000:])
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("r1ray: run failed:") and "learner-rank-1 died" in message, message
+    summary = _summary(out)
+    assert summary["status"] == "failed" and "learner-rank-1 died" in summary["error"]
+    assert summary["stage"] == "grpo" and summary["grpo_steps_done"] >= 2
+    assert len(_jsonl_whole(out / "metrics.jsonl")) == summary["grpo_steps_done"]
+    assert _no_actors_left()
+
+
+@pytest.mark.timeout(400)
+def test_a_stopped_learner_rank_is_found_by_the_liveness_check(tmp_path, tiny_world, cluster):
+    out, proc = _start(tmp_path, tiny_world, 2000, env={"RAY_ADDRESS": cluster})
+    _wait_for_steps(out, proc)
+    pid = _pid("learner-rank-0")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code, err, seconds = _finish(proc, 120)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert code == 1 and seconds < 30, (code, seconds, err[-3000:])
+    message = err.strip().splitlines()[-1]
+    assert "learner-rank-0 no answer to a ping within 5 s" in message and "while it was running train" in message, message
+    assert _summary(out)["status"] == "failed"
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_scorer_is_named(tmp_path, tiny_world, cluster):
+    out, proc = _start(tmp_path, tiny_world, 2000, env={"RAY_ADDRESS": cluster})
+    _wait_for_steps(out, proc)
+    import ray
+
+    ray.kill(_actor("reward-scorer-0"))
+    code, err, seconds = _finish(proc, 120)
+    assert code == 1 and seconds < 60
+    assert "reward-scorer-0 died" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, tiny_world, cluster, sig, code):
+    out, proc = _start(tmp_path, tiny_world, 2000, env={"RAY_ADDRESS": cluster})
+    _wait_for_steps(out, proc)
+    proc.send_signal(sig)
+    got, err, seconds = _finish(proc, 120)
+    assert got == code and seconds < 60, (got, err[-3000:])
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"r1ray: stopped by {signal.Signals(sig).name}")
+    summary = _summary(out)
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
+    assert len(_jsonl_whole(out / "metrics.jsonl")) == summary["grpo_steps_done"] >= 2
+    _jsonl_whole(out / "samples.jsonl")
+    assert _no_actors_left()
+
+
+@pytest.mark.timeout(400)
+def test_a_second_run_on_a_shared_cluster_gets_its_own_namespace(tmp_path, tiny_world, cluster):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Squatter:
+        def ping(self):
+            return "ok"
+
+    first = Squatter.options(name="learner-rank-0", namespace="r1ray").remote()  # another run's actor
+    ray.get(first.ping.remote())
+    try:
+        out, proc = _start(tmp_path, tiny_world, 2, env={"RAY_ADDRESS": cluster})
+        code, err, _ = _finish(proc, 300)
+        assert code == 0, err[-3000:]
+        assert "Ray namespace 'r1ray' is in use by another run on this cluster: this run uses 'r1ray-2'" in err
+        assert "namespace: r1ray-2" in (out / "config.yaml").read_text()
+        assert _summary(out)["status"] == "completed"
+        assert ray.get(first.ping.remote()) == "ok"  # the other run's actor was left alone
+    finally:
+        ray.kill(first)
+
+
+@pytest.mark.timeout(400)
+def test_a_reward_that_always_raises_stops_the_run_or_is_dropped(tmp_path, tiny_world, cluster):
+    rewards = "rewards=[{name: accuracy}, {name: 'plugin_rewards:raises_every_time', weight: 0.5}]"
+    out, proc = _start(tmp_path, tiny_world, 50, "--set", rewards, "--set", "scorer.max_failed_steps=2",
+                       env={"RAY_ADDRESS": cluster})
+    code, err, _ = _finish(proc, 300)
+    assert code == 1
+    message = err.strip().splitlines()[-1]
+    assert "reward 'plugin_rewards:raises_every_time' failed on every completion for 2 consecutive" in message
+    assert "KeyError" in message and "scorer.on_broken: drop" in message
+    assert err.count("raised KeyError") <= 2  # logged once per scorer, not per completion
+    summary = _summary(out)
+    assert summary["status"] == "failed" and summary["grpo_steps_done"] == 1
+    # drop: the run trains on without it
+    out, proc = _start(tmp_path, tiny_world, 4, "--set", rewards, "--set", "scorer.max_failed_steps=2",
+                       "--set", "scorer.on_broken=drop", env={"RAY_ADDRESS": cluster}, name="run-drop")
+    code, err, _ = _finish(proc, 300)
+    assert code == 0, err[-3000:]
+    records = _jsonl_whole(out / "metrics.jsonl")
+    assert records[1]["reward/plugin_rewards:raises_every_time/dropped"] == 1
+    assert all("reward/plugin_rewards:raises_every_time/mean" not in r for r in records[2:])
+    assert all(r["reward/accuracy/errors"] == 0 for r in records)
+
+
+def test_an_unreachable_cluster_fails_within_seconds_naming_the_address(tmp_path, tiny_world):
+    out, proc = _start(tmp_path, tiny_world, 2, "--set", "ray.connect_timeout_s=2", env={"RAY_ADDRESS": "127.0.0.1:1"})
+    code, err, seconds = _finish(proc, 120)
+    assert code == 2 and seconds < 30
+    assert "cannot reach the Ray cluster at '127.0.0.1:1' within 2 s" in err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("make", ["file", "below-file"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_ray(tmp_path, tiny_world, make, capsys):
+    from r1ray.controllers.cli import main
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    target = blocker if make == "file" else blocker / "run"
+    code = main(["train", "configs/tiny-cpu.yaml", "--output-dir", str(target), "--set", f"model.tiny_dir={tiny_world}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1ray: invalid config: config key 'output_dir'") and str(target) in err
+    assert blocker.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_jsonl_never_ends_in_half_a_line_when_the_disk_fills(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: writes past it fail part-way."""
+    script = f"""
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {str(TESTS.parent.parent)!r})
+from r1ray.controllers.metrics import MetricsWriter, write_json_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+run = Path({str(tmp_path)!r})
+write_json_atomic(run / "summary.json", {{"status": "running"}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+w = MetricsWriter(run, tensorboard=False)
+n = 0
+try:
+    while True:
+        w.write({{"step": n, "payload": "x" * 37}})
+        n += 1
+except OSError as e:
+    print("written", n, e.errno)
+try:
+    write_json_atomic(run / "summary.json", {{"status": "completed", "pad": "y" * 5000}})
+except OSError as e:
+    print("summary refused", e.errno)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    written = int(proc.stdout.split()[1])
+    assert written > 5 and "summary refused" in proc.stdout
+    lines = _jsonl_whole(tmp_path / "metrics.jsonl")  # no partial last line
+    assert [r["step"] for r in lines] == list(range(written))
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "running"}  # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "summary.json"]
+
+
+def test_a_reader_tolerates_one_cut_line(tmp_path):
+    from r1ray.controllers.metrics import read_jsonl
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_jsonl(path)
