@@ -70,11 +70,11 @@ def prepare_data(recipe: Recipe, tokenizer, tiny_dir: Path | None) -> PreparedDa
         for col_key in need.columns:
             col = getattr(cfg, col_key.split(".")[1])
             if col not in split.column_names:
-                raise ConfigError(f"config key '{col_key}': got {col!r}; accepted: a column of split {need.split!r} of "
-                                  f"{cfg.path} (it has: {', '.join(split.column_names)})")
+                raise ConfigError(f"config key '{col_key}': got {col!r}; accepted: a column of split "
+                                  f"{need.split!r} of {cfg.path} (it has: {', '.join(split.column_names)})")
         if len(split) == 0:
-            raise ConfigError(f"config key '{need.split_key}': split {need.split!r} of {cfg.path} has no rows; accepted: "
-                              f"a split with at least one row ({need.why})")
+            raise ConfigError(f"config key '{need.split_key}': split {need.split!r} of {cfg.path} has no rows; "
+                              f"accepted: a split with at least one row (needed because {need.why})")
         out[need.role] = _scan(split, need, renderer, cache)
     train, kept, counts, lengths = out["train"]
     if out["test"] is None:
@@ -85,6 +85,7 @@ def prepare_data(recipe: Recipe, tokenizer, tiny_dir: Path | None) -> PreparedDa
     if dropped:
         log.warning("data: dropped invalid rows (data.on_invalid_row=drop): %s",
                     ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
+    kept, test_kept = _rows(train, kept), _rows(test, test_kept)
     data = PreparedData(_keep(train, kept), _keep(test, test_kept), kept, test_kept, dropped,
                         {"train": lengths, **({"test": test_lengths} if needs[1].used else {})})
     _check_enough(recipe, data, needs)
@@ -123,13 +124,14 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
     else:
         try:
             return datasets.load_dataset(cfg.path, cfg.name)
-        except Exception as e:  # noqa: BLE001 - any failure (offline, unknown name, bad config name) is the user's to fix
+        except Exception as e:  # noqa: BLE001 - offline, unknown name, bad config name: all the user's to fix
             raise ConfigError(f"config key 'data.path': got {cfg.path!r} (data.name={cfg.name!r}): the hub dataset "
                               f"could not be loaded ({_first_line(e)}); accepted: {ACCEPTED_PATHS} (a hub dataset "
                               "must be reachable, or in the local cache when offline)") from None
     try:
         ds = datasets.load_from_disk(str(where))
     except Exception as e:  # noqa: BLE001 - a folder that is not a saved dataset, or a damaged one
+        _refuse_empty_saved_split(cfg, where)
         raise ConfigError(f"config key 'data.path': got {cfg.path!r}: datasets.load_from_disk({str(where)!r}) failed "
                           f"({_first_line(e)}); accepted: {ACCEPTED_PATHS}") from None
     if not isinstance(ds, datasets.DatasetDict):
@@ -137,6 +139,24 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
                           "accepted: a DatasetDict saved with save_to_disk, with the splits named by "
                           "data.train_split and data.test_split")
     return ds
+
+
+def _refuse_empty_saved_split(cfg: DataConfig, where: Path) -> None:
+    """``datasets`` saves an empty split with no data files and then cannot load the folder back
+    (an IndexError): name the split instead."""
+    import json
+
+    for state in sorted(where.glob("*/state.json")):
+        try:
+            empty = json.loads(state.read_text()).get("_data_files") == []
+        except (OSError, ValueError):
+            continue
+        if empty:
+            split = state.parent.name
+            key = {cfg.train_split: "data.train_split", cfg.test_split: "data.test_split"}.get(split, "data.path")
+            raise ConfigError(f"config key '{key}': split {split!r} of {cfg.path} has no rows (saved without data "
+                              "files, which datasets.load_from_disk cannot read back); accepted: a split with at "
+                              "least one row")
 
 
 def _looks_local(path: str) -> bool:
@@ -173,8 +193,9 @@ class _Need:
     @staticmethod
     def train(r: Recipe) -> "_Need":
         grpo, sft = r.grpo.steps > 0, r.sft.steps > 0
-        cols = (("data.prompt_column", "data.solution_column") if grpo else ()) + (("data.messages_column",) if sft else ())
-        why = " and ".join([f"grpo.steps={r.grpo.steps}"] * grpo + [f"sft.steps={r.sft.steps}"] * sft) or "always"
+        cols = ((("data.prompt_column", "data.solution_column") if grpo else ())
+                + (("data.messages_column",) if sft else ()))
+        why = " and ".join([f"grpo.steps={r.grpo.steps}"] * grpo + [f"sft.steps={r.sft.steps}"] * sft) or "every run reads it"
         limit = r.generator.max_model_len - r.sampling.max_new_tokens
         return _Need("train", r.data.train_split, True, why, cols, grpo, sft, limit,
                      f"generator.max_model_len={r.generator.max_model_len} - "
@@ -184,11 +205,9 @@ class _Need:
     def test(r: Recipe) -> "_Need":
         evals, probe = r.eval.num_prompts > 0, bool(r.sft.steps and r.sft.stop_at_pass_rate)
         # The evaluation samples eval.max_new_tokens (default sampling's), the SFT probe sampling's: the stricter wins.
-        budgets = ([("eval.max_new_tokens", r.eval.max_new_tokens)] if evals and r.eval.max_new_tokens is not None else
-                   [("sampling.max_new_tokens", r.sampling.max_new_tokens)] if evals else [])
-        if probe:
-            budgets.append(("sampling.max_new_tokens", r.sampling.max_new_tokens))
-        key, budget = max(budgets, key=lambda b: b[1], default=("sampling.max_new_tokens", r.sampling.max_new_tokens))
+        key, budget = "sampling.max_new_tokens", r.sampling.max_new_tokens
+        if evals and r.eval.max_new_tokens is not None and (not probe or r.eval.max_new_tokens > budget):
+            key, budget = "eval.max_new_tokens", r.eval.max_new_tokens
         if budget >= r.generator.max_model_len and evals:
             raise ConfigError(f"config key '{key}': got {budget}; accepted: fewer than "
                               f"generator.max_model_len={r.generator.max_model_len}")
@@ -211,11 +230,15 @@ def _scan(split, need: _Need, renderer: "PromptRenderer", cache: dict) -> tuple:
     the rendered prompts' lengths with one batched tokeniser call per chunk. Returns (split,
     kept original row indices, drop counts, the kept rows' prompt lengths)."""
     cfg = renderer.cfg
-    cols = ([cfg.prompt_column, cfg.solution_column] if need.prompts else []) + ([cfg.messages_column] if need.messages else [])
+    cols = (([cfg.prompt_column, cfg.solution_column] if need.prompts else [])
+            + ([cfg.messages_column] if need.messages else []))
     cached = cache.get(need.split) if need.prompts else None
     all_lengths: list = []
     kept, counts, kept_lengths = [], Counter(), []
-    batches = split.select_columns(list(dict.fromkeys(cols))).iter(batch_size=CHUNK) if cols else         ({} for _ in range(0, len(split), CHUNK))
+    if cols:
+        batches = split.select_columns(list(dict.fromkeys(cols))).iter(batch_size=CHUNK)
+    else:  # no row rule applies: only the row count matters
+        batches = ({} for _ in range(0, len(split), CHUNK))
     for start, batch in zip(range(0, len(split), CHUNK), batches):
         n = min(CHUNK, len(split) - start)
         problems = [_row_problem(need, cfg, {c: batch[c][j] for c in cols}) for j in range(n)]
@@ -312,6 +335,10 @@ def _preview(v, width: int = 60) -> str:
         return repr(v) if len(v) <= width else f"{v[:width]!r}... ({len(v)} chars)"
     text = repr(v)
     return text if len(text) <= width else f"{text[:width]}... ({len(text)} chars as text)"
+
+
+def _rows(split, kept: Sequence[int]) -> Sequence[int]:
+    return range(len(split)) if len(kept) == len(split) else kept  # nothing dropped: no 220k-int list to carry
 
 
 def _keep(split, kept: Sequence[int]):
