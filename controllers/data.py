@@ -29,7 +29,7 @@ class PreparedData:
     ``test-<row>``) keep naming rows of the dataset on disk."""
 
     train: Any  # datasets.Dataset
-    test: Any  # datasets.Dataset; 0 rows when neither the evaluation nor the SFT probe uses it
+    test: Any  # datasets.Dataset; unchecked (0 rows if absent) when neither the evaluation nor the SFT probe uses it
     train_rows: Sequence[int]
     test_rows: Sequence[int]
     dropped: dict[str, int] = field(default_factory=dict)  # "train/prompt_too_long" -> rows left out
@@ -195,7 +195,8 @@ class _Need:
         grpo, sft = r.grpo.steps > 0, r.sft.steps > 0
         cols = ((("data.prompt_column", "data.solution_column") if grpo else ())
                 + (("data.messages_column",) if sft else ()))
-        why = " and ".join([f"grpo.steps={r.grpo.steps}"] * grpo + [f"sft.steps={r.sft.steps}"] * sft) or "every run reads it"
+        why = (" and ".join([f"grpo.steps={r.grpo.steps}"] * grpo + [f"sft.steps={r.sft.steps}"] * sft)
+               or "every run reads it")
         limit = r.generator.max_model_len - r.sampling.max_new_tokens
         return _Need("train", r.data.train_split, True, why, cols, grpo, sft, limit,
                      f"generator.max_model_len={r.generator.max_model_len} - "
