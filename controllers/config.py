@@ -33,6 +33,10 @@ class DataConfig:
     solution_column: str = "solution"
     messages_column: str = "messages"  # SFT traces (chat messages ending with the assistant turn)
     system_prompt: str | None = None
+    # A row that breaks a data rule (empty prompt or solution, a prompt longer than the generator
+    # takes, bad SFT messages) -- checked before Ray starts. "refuse": stop at the first such row,
+    # naming it; "drop": leave such rows out and count them per split and rule.
+    on_invalid_row: Literal["refuse", "drop"] = "refuse"
 
 
 @dataclass
