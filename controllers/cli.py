@@ -20,10 +20,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--cpus", type=float, default=None, help="validate for a cluster with this many CPUs")
     c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
+    c.add_argument("--skip-data", action="store_true",
+                   help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
     w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
     w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
     w.add_argument("--force", action="store_true")
     return p
+
+
+def check_data(recipe) -> dict:
+    """What ``r1ray train`` checks of the data before Ray starts, without starting anything."""
+    from transformers import AutoTokenizer
+
+    from .data import prepare_data
+    from .train import prepare_model
+
+    model_path, tiny_dir = prepare_model(recipe)
+    return prepare_data(recipe, AutoTokenizer.from_pretrained(model_path), tiny_dir).summary()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if not args.skip_data:
+            try:
+                report = check_data(recipe)
+            except ConfigError as e:
+                print(f"r1ray: invalid config: {e}", file=sys.stderr)
+                return 2
+            print(f"data: {report}")
         return 0
     if not any(x > 0 for x in (recipe.learner.gpus_per_rank,)):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

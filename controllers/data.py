@@ -93,17 +93,6 @@ def prepare_data(recipe: Recipe, tokenizer, tiny_dir: Path | None) -> PreparedDa
     return data
 
 
-def load_splits(cfg: DataConfig, tiny_dir: Path | None):
-    """Returns (train, test) ``datasets.Dataset``s, unchecked beyond their presence; ``prepare_data``
-    is the checked way in."""
-    ds = load_dataset_dict(cfg, tiny_dir)
-    for split, key in ((cfg.train_split, "data.train_split"), (cfg.test_split, "data.test_split")):
-        if split not in ds:
-            raise ConfigError(f"config key '{key}': got {split!r}; accepted: a split of {cfg.path} "
-                              f"(it has: {', '.join(ds)})")
-    return ds[cfg.train_split], ds[cfg.test_split]
-
-
 def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
     """The tiny world, a ``save_to_disk`` folder, or a hub dataset. A path that looks local is
     never looked up on the hub: a typo there would otherwise read as a missing hub dataset."""

@@ -23,7 +23,7 @@ from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
 from ..cluster.groups import RemoteCallError
 from .config import Recipe
-from .data import EpochSampler, PromptRenderer
+from .data import EpochSampler, PreparedData, PromptRenderer
 from .metrics import rollout_metrics
 from .staleness import StalenessManager
 from .system import System
@@ -64,14 +64,14 @@ class Work:
 class GrpoDriver:
     """Streams prompt groups through the actor groups; ``run`` returns one record per step."""
 
-    def __init__(self, system: System, recipe: Recipe, train, renderer: PromptRenderer, metrics,
+    def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer, metrics,
                  completions_log=None, samples_log=None):
-        self.system, self.r, self.train, self.renderer = system, recipe, train, renderer
+        self.system, self.r, self.train, self.renderer = system, recipe, data.train, renderer
         self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         g = recipe.grpo
         self.B, self.G = g.prompts_per_step, g.num_generations
         self.per_request = g.groups_per_request or max(1, self.B // len(system.generators))
-        self.sampler = EpochSampler(len(train), recipe.seed)
+        self.sampler = EpochSampler(len(data.train), recipe.seed, data.train_rows)
         self.reward_names = [s.name for s in recipe.rewards]
         self.health = RewardHealth(self.reward_names, recipe.scorer.max_failed_steps, recipe.scorer.on_broken)
         self.reward_window: dict = {}  # the scorers' stats since the last learner step, for self.health

@@ -6,16 +6,17 @@ from typing import Callable
 
 from ..actors.learner import SftStats
 from .config import SftConfig
-from .data import EpochSampler, PromptRenderer
+from .data import EpochSampler, PreparedData, PromptRenderer
 from .system import System
 
 
-def run_sft(system: System, cfg: SftConfig, train, renderer: PromptRenderer, metrics, seed: int,
+def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: PromptRenderer, metrics, seed: int,
             progress=None, probe: Callable[[], float] | None = None) -> list[dict]:
     """``cfg.steps`` steps; with a ``probe`` (held-out pass@1 of the current weights, given only
     when ``cfg.stop_at_pass_rate`` is set) it stops early once the probe reaches that rate."""
     system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps)
-    sampler = EpochSampler(len(train), seed + 1)
+    train = data.train
+    sampler = EpochSampler(len(train), seed + 1, data.train_rows)
     records = []
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import TINY, Recipe, check_resources, dump, joins_cluster
-from .data import PromptRenderer, load_splits
+from .data import PreparedData, PromptRenderer, prepare_data
 from .evaluate import pass_at_1
 from .grpo import GrpoDriver
 from .metrics import MetricsWriter, write_json_atomic
@@ -71,17 +71,18 @@ def run_dir_for(recipe: Recipe) -> Path:
     return candidate
 
 
-def probe_prompts(recipe: Recipe, test_ds, renderer: PromptRenderer, eval_used: int) -> list[dict]:
+def probe_prompts(recipe: Recipe, data: PreparedData, renderer: PromptRenderer, eval_used: int) -> list[dict]:
     """Prompts for the SFT early stop: the tail of the test split, which the final evaluation
     (its first ``eval_used`` rows) does not use."""
     if not (recipe.sft.steps and recipe.sft.stop_at_pass_rate):
         return []
+    test_ds = data.test
     n = min(recipe.sft.probe_prompts, len(test_ds) - eval_used)
     if n <= 0:
         raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {recipe.sft.stop_at_pass_rate}, but no held-out "
                           f"prompts are left for the probe (the test split has {len(test_ds)} rows and "
                           f"eval.num_prompts={recipe.eval.num_prompts} uses them); accepted: fewer eval prompts, or null")
-    return [renderer.prompt(test_ds[i], f"test-{i}") for i in range(len(test_ds) - n, len(test_ds))]
+    return [renderer.prompt(test_ds[i], data.test_id(i)) for i in range(len(test_ds) - n, len(test_ds))]
 
 
 def make_probe(system: System, recipe: Recipe, prompts: list[dict]):
@@ -129,11 +130,12 @@ def train(recipe: Recipe) -> dict:
     t_start = time.perf_counter()
     check_output_dir(recipe)
     model_path, tiny_dir = prepare_model(recipe)
-    train_ds, test_ds = load_splits(recipe.data, tiny_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = prepare_data(recipe, tokenizer, tiny_dir)
     renderer = PromptRenderer(tokenizer, recipe.data)
-    eval_prompts = [renderer.prompt(test_ds[i], f"test-{i}") for i in range(min(recipe.eval.num_prompts, len(test_ds)))]
-    probes = probe_prompts(recipe, test_ds, renderer, len(eval_prompts))
+    eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))
+                    for i in range(min(recipe.eval.num_prompts, len(data.test)))]
+    probes = probe_prompts(recipe, data, renderer, len(eval_prompts))
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
     connect(recipe)
@@ -148,7 +150,8 @@ def train(recipe: Recipe) -> dict:
     system = System(recipe, model_path)
     metrics = MetricsWriter(run_dir)
     sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
-    summary: dict = {"run_dir": str(run_dir), "model": model_path, "status": "running", "stage": "startup"}
+    summary: dict = {"run_dir": str(run_dir), "model": model_path, "status": "running", "stage": "startup",
+                     "data": data.summary()}
     try:
         system.start()
         summary["startup_s"] = system.startup_s
@@ -156,7 +159,7 @@ def train(recipe: Recipe) -> dict:
             summary["stage"] = "sft"
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
                 t0 = time.perf_counter()
-                sft = run_sft(system, recipe.sft, train_ds, renderer, sft_metrics, recipe.seed, bar,
+                sft = run_sft(system, recipe.sft, data, renderer, sft_metrics, recipe.seed, bar,
                               probe=make_probe(system, recipe, probes))
             summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
                               "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
@@ -174,7 +177,7 @@ def train(recipe: Recipe) -> dict:
         system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
         samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
-        driver = GrpoDriver(system, recipe, train_ds, renderer, metrics, completions_log=completions_log,
+        driver = GrpoDriver(system, recipe, data, renderer, metrics, completions_log=completions_log,
                             samples_log=samples_log)
         with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
                   dynamic_ncols=True) as bar:
