@@ -67,8 +67,16 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
     runtime_env = {"env_vars": actor_env(on_gpu)}
     joining = address is not None or "RAY_ADDRESS" in os.environ
     if joining:
-        check_reachable(address or os.environ["RAY_ADDRESS"], connect_timeout_s)
-        ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env)
+        target = address or os.environ["RAY_ADDRESS"]
+        check_reachable(target, connect_timeout_s)
+        try:
+            ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env)
+        except ConnectionError as e:
+            hint = ("; the cluster uses token authentication (Ray 2.60's default for `ray start`): set "
+                    "RAY_AUTH_MODE=token on this machine (the token is read from ~/.ray/auth_token, "
+                    "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") if os.environ.get("RAY_AUTH_MODE") != "token" else ""
+            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {target!r}: "
+                                     f"{str(e).strip().splitlines()[0][:300]}{hint}") from None
     else:
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                       object_store_memory=max(80, object_store_mb) * 2**20)
