@@ -34,6 +34,9 @@ class ScorerConfig:
     timeout_s: float = 10.0  # hard wall-clock limit per completion and function
     cpus_per_actor: float = 0.25
     memory_mb: int | None = None  # address-space cap of each verifier process (None: no cap)
+    # A reward that times out on this many completions in a row within one scoring call is not
+    # run on the rest of that call (counted as timeouts); 0: run every completion.
+    max_timeouts_in_a_row: int = 8
     # A function that fails (raises, returns a non-score, times out) on every completion for this
     # many learner steps in a row is broken; 0: never call it broken.
     max_failed_steps: int = 3
@@ -59,7 +62,7 @@ class RewardScorer:
         self.specs, self.cfg = list(specs), cfg
         self.dropped: set[str] = set()
         self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s,
-                                         memory_mb=cfg.memory_mb)
+                                         memory_mb=cfg.memory_mb, max_timeouts_in_a_row=cfg.max_timeouts_in_a_row)
         self.spans = SpanLog()
 
     def __repr__(self) -> str:

@@ -202,7 +202,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("grpo.groups_per_request", g.groups_per_request),
                        ("grpo.partial_rollout_tokens", g.partial_rollout_tokens), ("learner.loss.is_cap", lc.loss.is_cap),
                        ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts),
-                       ("scorer.max_failed_steps", r.scorer.max_failed_steps)]:
+                       ("scorer.max_failed_steps", r.scorer.max_failed_steps),
+                       ("scorer.max_timeouts_in_a_row", r.scorer.max_timeouts_in_a_row)]:
         _positive(key, value, allow_zero=True)
     if g.num_generations < 2:
         raise ConfigError(f"config key 'grpo.num_generations': got {g.num_generations}; accepted: an integer >= 2 "

@@ -21,7 +21,7 @@ from ..actors.learner import GrpoStats
 from ..actors.loss import group_advantages
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
-from ..cluster.groups import RemoteCallError
+from ..cluster.groups import RemoteCallError, get
 from .config import Recipe
 from .data import EpochSampler, PreparedData, PromptRenderer
 from .metrics import rollout_metrics
@@ -81,7 +81,6 @@ class GrpoDriver:
         self.training = False
         self.load = {"generate": [0] * len(system.generators), "score": [0] * len(system.scorers)}
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen (deadlines)
-        self.queue_end: dict[tuple, float] = {}  # (stage, actor) -> the deadline of its last work
         self.turn = 0
         self.records: list[dict] = []
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
@@ -269,8 +268,8 @@ class GrpoDriver:
             writer.write(record)
 
     def submit(self, work: Work) -> None:
-        """Track ``work`` with the names of its actors and its deadline: the actors' queue ahead
-        of it, then ``deadline_factor`` x the slowest seconds per sample seen for its stage
+        """Track ``work`` with the names of its actors and its deadline: the work queued ahead of it
+        on the same actors, then ``deadline_factor`` x the slowest seconds per sample seen for its stage
         (the first of a stage gets ``ray.call_timeout_s``; scoring is bounded by the verifiers)."""
         rc, samples = self.r.ray, max(1, len(work.groups) * self.G)
         if work.stage == "score":
@@ -280,9 +279,8 @@ class GrpoDriver:
             budget = max(rc.deadline_min_s, rc.deadline_factor * self.rates[work.stage] * samples)
         else:
             budget = rc.call_timeout_s
-        queue = (work.stage, work.actor)
-        work.deadline = max(work.started, self.queue_end.get(queue, 0.0)) + budget
-        self.queue_end[queue] = work.deadline
+        ahead = [w.deadline for w in self.work if (w.stage, w.actor) == (work.stage, work.actor)]
+        work.deadline = max([work.started, *ahead]) + budget
         work.who = sorted({self.system.watchdog.owner(ref) or "?" for ref in work.refs})
         self.work.append(work)
 
@@ -354,7 +352,7 @@ class GrpoDriver:
         """Let spare work drain (the generators serve evaluation next) and collect the last spans."""
         refs = [ref for w in self.work for ref in w.pending]
         if refs:  # only groups beyond the last batch (dynamic sampling's spares) are left
-            ray.wait(refs, num_returns=len(refs), timeout=self.system.timeout, fetch_local=False)
+            get(refs, self.system.timeout, "GRPO: the last spare work", self.system.watchdog)
             self.work.clear()
         self.telemetry.drain()
 

@@ -77,7 +77,8 @@ class VerifierPool:
     A worker sees the sys.path its parent had when the worker started.
     """
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, *, memory_mb: int | None = None):
+    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, *, memory_mb: int | None = None,
+                 max_timeouts_in_a_row: int = 0):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"VerifierPool: num_workers must be an integer >= 1, got {num_workers!r}")
         if not timeout_s > 0:
@@ -85,6 +86,10 @@ class VerifierPool:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self._memory_mb = memory_mb
+        # A reward that times out on this many completions in a row in one score() call is not
+        # run on the rest of that call (they count as timeouts): a verifier that always hangs
+        # costs a few timeouts per call, not one per completion. 0: run every completion.
+        self.max_timeouts_in_a_row = max_timeouts_in_a_row
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()  # one score() at a time owns the workers
         self._closed = False
@@ -156,6 +161,11 @@ class VerifierPool:
 
     def _run(self, job: "_Job", pending: deque) -> None:
         while pending or any(w.task is not None for w in self._workers):
+            if pending and 0 < self.max_timeouts_in_a_row <= job.timeouts_in_a_row:
+                skipped = [i for task in pending for i in task]
+                pending.clear()
+                job.fail(skipped, "timeout", f"not run: the reward timed out on {job.timeouts_in_a_row} completions "
+                         "in a row in this call")
             for worker in self._workers:
                 if worker.ready and worker.task is None and pending:
                     self._dispatch(worker, job, pending)
@@ -201,6 +211,7 @@ class VerifierPool:
         elif kind == "ok":
             scores, invalid = payload
             indices = worker.task[1]
+            job.timeouts_in_a_row = 0
             for i, score in zip(indices, scores):
                 job.result.scores[i] = score
             for position, value in invalid:
@@ -208,6 +219,7 @@ class VerifierPool:
                          "(accepted: a finite int or float, or None for not applicable)")
             worker.finish()
         else:  # "error": the function raised; the worker itself is fine
+            job.timeouts_in_a_row = 0
             job.fail(worker.task[1], "raised", f"raised {payload}")
             worker.finish()
 
@@ -242,6 +254,7 @@ class VerifierPool:
             if worker.call_started:
                 limit = job.timeout_s * len(worker.task[1])
                 job.fail(worker.task[1], "timeout", f"timed out after {limit:.1f} s; worker killed and replaced")
+                job.timeouts_in_a_row += len(worker.task[1])
             else:
                 job.fail(worker.task[1], "crashed", f"could not load the reward within {_RESOLVE_TIMEOUT_S:.0f} s")
             self._replace(slot)
@@ -263,6 +276,7 @@ class _Job:
     timeout_s: float
     logged: set  # the pool's (reward, kind) pairs already logged
     result: ScoreResult = field(init=False)
+    timeouts_in_a_row: int = 0
 
     def __post_init__(self):
         self.result = ScoreResult(scores=[0.0] * len(self.completions))

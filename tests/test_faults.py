@@ -293,3 +293,51 @@ def test_a_reader_tolerates_one_cut_line(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(json.JSONDecodeError):
         read_jsonl(path)
+
+
+@pytest.mark.timeout(400)
+def test_work_past_its_deadline_is_named(tmp_path, tiny_world, cluster):
+    """Actors that answer pings but whose work overruns: the deadline, scaled to the work."""
+    out, proc = _start(tmp_path, tiny_world, 50, "--set", "ray.deadline_factor=0.001", "--set", "ray.deadline_min_s=0.001",
+                       env={"RAY_ADDRESS": cluster})
+    code, err, _ = _finish(proc, 300)
+    assert code == 1, err[-3000:]
+    message = err.strip().splitlines()[-1]
+    assert "past its deadline of" in message and "raise ray.deadline_factor" in message, message
+    assert any(name in message for name in ("generator-0", "reward-scorer-0", "reference-0", "learner-rank-0"))
+    assert _summary(out)["status"] == "failed"
+
+
+def _bad_data(tmp_path, problem):
+    from datasets import Dataset, DatasetDict
+
+    from r1ray.controllers.tiny import make_example
+
+    rows = [make_example(i, 2 * i + 7, 3) for i in range(40)]
+    rows[6]["problem"] = problem
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:10])}).save_to_disk(tmp_path / "d")
+    return ["--set", f"data.path={tmp_path / 'd'}", "--set", "grpo.prompts_per_step=4", "--set", "eval.num_prompts=4",
+            "--set", "sft.steps=0", "--set", "sft.stop_at_pass_rate=null"]
+
+
+def _cli(args):
+    return subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", *args], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+
+
+def test_bad_data_is_refused_by_check_and_train_before_ray(tmp_path, tiny_world):
+    data = _bad_data(tmp_path, "7" * 100_000)  # one 100 KB problem
+    tiny = ["--set", f"model.tiny_dir={tiny_world}"]
+    for command in (["check", "configs/tiny-cpu.yaml"], ["train", "configs/tiny-cpu.yaml", "--output-dir",
+                                                         str(tmp_path / "run")]):
+        proc = _cli([*command, *tiny, *data])
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        message = proc.stderr.strip().splitlines()[-1]
+        assert message.startswith("r1ray: invalid config: data rule 'prompt_too_long': split 'train'")
+        assert "row 6" in message and "data.on_invalid_row=drop" in message
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = _cli(["check", "configs/tiny-cpu.yaml", *tiny, *data, "--set", "data.on_invalid_row=drop"])
+    assert proc.returncode == 0 and "'train/prompt_too_long': 1" in proc.stdout
+    proc = _cli(["check", "configs/tiny-cpu.yaml", *tiny, *data, "--set", "data.solution_column=gold"])
+    assert proc.returncode == 2 and "'data.solution_column': got 'gold'" in proc.stderr

@@ -440,3 +440,19 @@ def test_code_reward_in_the_pool_survives_hostile_programs(pool, caplog):
     assert result.scores == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert result.timeouts == [] and result.errors == []  # the sandbox, not the pool, stopped them
     assert elapsed < 30
+
+
+@pytest.mark.timeout(60)
+def test_a_reward_that_keeps_timing_out_is_not_run_on_the_rest_of_the_call(plugin_dir, caplog):
+    """Every completion would hang: after 2 timeouts in a row the other 18 are not run, so the
+    call costs one round of timeouts on 2 workers instead of ten."""
+    caplog.set_level(logging.WARNING, logger="r1ray.rewards")
+    with VerifierPool(num_workers=2, timeout_s=1.0, max_timeouts_in_a_row=2) as small:
+        result, elapsed = timed(small.score, plugin("misbehave"), {}, ["hang"] * 20, {})
+        assert result.timeouts == list(range(20)) and result.scores == [0.0] * 20 and result.errors == []
+        assert elapsed < 8  # ten rounds of 1 s timeouts would take > 10 s
+        assert "not run: the reward timed out on 2 completions in a row" in caplog.text
+    with VerifierPool(num_workers=1, timeout_s=1.0, max_timeouts_in_a_row=2) as one:  # in order
+        # a good completion between timeouts resets the count
+        result = one.score(plugin("misbehave"), {}, ["hang", "ok", "hang", "ok", "ok"], {})
+        assert result.timeouts == [0, 2] and result.scores == [0.0, 2.0, 0.0, 2.0, 2.0]
