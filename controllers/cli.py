@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -13,6 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a recipe: SFT warm-up, held-out eval, GRPO, eval, checkpoint")
     t.add_argument("recipe", help="YAML path or a shipped recipe name (e.g. configs/tiny-cpu.yaml, tiny-cpu)")
     t.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
+    t.add_argument("--address", default=None, help="join the Ray cluster at this address (default: ray.address, "
+                   "RAY_ADDRESS, a `ray start` cluster on this machine, or start a local Ray)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set grpo.steps=50 (repeatable)")
     c = sub.add_parser("check", help="validate a recipe and print the resolved config; starts nothing")
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_recipe
 
     try:
+        if getattr(args, "address", None):
+            args.overrides.append(f"ray.address={json.dumps(args.address)}")  # quoted: YAML must not read 1:30 as a number
         recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
                              getattr(args, "cpus", None), getattr(args, "gpus", None))
     except ConfigError as e:
