@@ -187,7 +187,9 @@ class GrpoDriver:
         self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
         self.check_rewards()
         version, refs = self.system.publish_weights()
-        self.submit(Work("sync", refs, version=version))
+        # Every rank exports (ZeRO-3 gathers), though only rank 0's bytes travel: all take part.
+        learners = self.system.learners.names()
+        self.submit(Work("sync", refs, version=version, who=learners + self.system.generators.names()))
         window, self.window_counts = dict(self.window_counts), Counter()
         staleness = [work.version - r.version for r in rollouts]
         now = time.perf_counter()
@@ -281,7 +283,7 @@ class GrpoDriver:
             budget = rc.call_timeout_s
         ahead = [w.deadline for w in self.work if (w.stage, w.actor) == (work.stage, work.actor)]
         work.deadline = max([work.started, *ahead]) + budget
-        work.who = sorted({self.system.watchdog.owner(ref) or "?" for ref in work.refs})
+        work.who = work.who or sorted({self.system.watchdog.owner(ref) or "?" for ref in work.refs})
         self.work.append(work)
 
     def next_done(self) -> Work:
@@ -337,7 +339,8 @@ class GrpoDriver:
         for w in self.work:
             if name in w.who:
                 step = f" at version {w.version}" if w.version is not None else ""
-                return f", while it was running {w.stage}{step} ({len(w.groups) * self.G} samples) for {now - w.started:.0f} s"
+                size = f" ({len(w.groups) * self.G} samples)" if w.groups else ""
+                return f", while it was running {w.stage}{step}{size} for {now - w.started:.0f} s"
         return ""
 
     def queue_depths(self) -> dict:
