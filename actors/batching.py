@@ -53,19 +53,25 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return Packed(ids, attn, cmask)
 
 
-def token_logprobs(model, packed: Packed, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no"):
     """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``.
 
     Row by row logsumexp instead of a full log_softmax: with a 150k vocabulary and long
     completions the full ``[B, L, V]`` log-softmax is the largest tensor of the step.
+    ``entropy`` "log" (no gradient) or "grad" also returns each position's entropy
+    ``logsumexp(z) - sum softmax(z) z``, one row at a time like the log-probs.
     """
     logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False).logits
     logits = logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     targets = packed.input_ids[:, 1:]
-    out = []
+    out, entropies = [], []
     for row_logits, row_targets in zip(logits, targets):
-        picked = row_logits.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(out) * packed.completion_mask
+        lse = torch.logsumexp(row_logits, dim=-1)
+        out.append(row_logits.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1) - lse)
+        if entropy != "no":
+            with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+                entropies.append(lse - (torch.softmax(row_logits, dim=-1) * row_logits).sum(-1))
+    logp = torch.stack(out) * packed.completion_mask
+    return logp if entropy == "no" else (logp, torch.stack(entropies) * packed.completion_mask)

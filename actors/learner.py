@@ -1,8 +1,11 @@
 """Learner: one DeepSpeed rank. N of them form one data-parallel engine (gloo on CPU, NCCL on GPU).
 
 Each rank receives its shard of the batch. Losses are normalised by counts of the *whole*
-batch (tokens or sequences), so the update does not depend on how the batch is cut into
-ranks and micro-batches: DeepSpeed averages gradients over ranks, hence the ``* world_size``.
+batch (tokens, sequences, sequences x max length: ``loss.global_denominator``), so the update
+does not depend on how the batch is cut into ranks and micro-batches: DeepSpeed averages
+gradients over ranks, hence the ``* world_size``. The exception is ``bnpo``, which TRL defines
+per local batch: each micro-batch's token mean weighs 1 / (micro-batches over all ranks),
+TRL's per-device mean / gradient-accumulation steps, averaged over devices.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
@@ -57,6 +60,8 @@ class GrpoStats:
     is_weight_sum: float = 0.0
     is_truncated: float = 0.0
     logp_diff_abs_sum: float = 0.0
+    entropy_sum: float = 0.0
+    iterations: int = 1  # optimizer steps on this batch (num_iterations); set once, not summed
     grad_norm: float = 0.0  # global, set once per step
     lr: float = 0.0
     time_s: float = 0.0
@@ -64,14 +69,16 @@ class GrpoStats:
     def add(self, other: "GrpoStats") -> None:
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            setattr(self, f.name, max(a, b) if f.name == "ratio_max" else min(a, b) if f.name == "ratio_min" else a + b)
+            if f.name != "iterations":
+                setattr(self, f.name, max(a, b) if f.name == "ratio_max" else min(a, b) if f.name == "ratio_min" else a + b)
 
     @staticmethod
     def combine(parts: list["GrpoStats"]) -> dict:
-        """Per-rank sums -> batch metrics (ranks saw disjoint shards of the batch)."""
+        """Per-rank sums -> batch metrics (ranks saw disjoint shards of the batch); with
+        num_iterations > 1 the sums span every iteration, so the loss is their mean."""
         tokens = sum(p.tokens for p in parts) or 1.0
         return {
-            "loss": sum(p.loss_sum for p in parts),
+            "loss": sum(p.loss_sum for p in parts) / parts[0].iterations,
             "kl": sum(p.kl_sum for p in parts) / tokens,
             "clip_ratio": sum(p.clipped for p in parts) / tokens,
             "ratio/mean": sum(p.ratio_sum for p in parts) / tokens,
@@ -80,6 +87,7 @@ class GrpoStats:
             "is_weight/mean": sum(p.is_weight_sum for p in parts) / tokens,
             "is_weight/truncated_ratio": sum(p.is_truncated for p in parts) / tokens,
             "logprob_mismatch/mean_abs": sum(p.logp_diff_abs_sum for p in parts) / tokens,
+            "entropy/mean": sum(p.entropy_sum for p in parts) / tokens,
             "grad_norm": parts[0].grad_norm,
             "lr": parts[0].lr,
         }
@@ -200,7 +208,7 @@ class LearnerRank:
             self.engine.step()
         total.grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         total.lr = float(self.scheduler.get_last_lr()[0])
-        total.time_s = time.perf_counter() - t0
+        total.time_s += time.perf_counter() - t0
         return total
 
     def sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> SftStats:
@@ -213,32 +221,55 @@ class LearnerRank:
 
             return self._run_micro_batches(examples, loss_fn, SftStats())
 
-    def grpo_step(self, samples: list[TrainSample], global_denom: float) -> GrpoStats:
-        """One policy-gradient step over this rank's samples. ``global_denom`` is the batch's
-        token count (``token_mean``) or sequence count (``seq_mean``) over all ranks."""
-        with self.spans.span("train", samples=len(samples)):
-            return self._run_micro_batches(samples, lambda mb, weight=1.0: self._grpo_loss(mb, global_denom, weight),
-                                           GrpoStats())
+    def grpo_step(self, samples: list[TrainSample], global_denom: float, global_tokens: float) -> GrpoStats:
+        """``loss.num_iterations`` optimizer steps over this rank's samples. ``global_denom`` is the
+        whole batch's ``loss.global_denominator``, ``global_tokens`` its completion tokens in the
+        loss (the entropy bonus is a token mean whatever the loss type). From iteration 2 on, the
+        old log-probs are the learner's own from iteration 1 (the policy before this batch), as TRL."""
+        mu = self.cfg.loss.num_iterations
+        total = GrpoStats(iterations=mu)
+        with self.spans.span("train", samples=len(samples), iterations=mu):
+            for it in range(mu):
+                own: list | None = [] if it == 0 and mu > 1 else None
+                self._run_micro_batches(samples, lambda mb, weight=1.0: self._grpo_loss(
+                    mb, global_denom, global_tokens, weight, own), total)
+                if own is not None:
+                    samples = [replace(s, logprobs=lp) for s, lp in zip(samples, own)]
+        return total
 
-    def _grpo_loss(self, mb: list[TrainSample], global_denom: float, weight: float) -> tuple[torch.Tensor, GrpoStats]:
+    def _grpo_loss(self, mb: list[TrainSample], denom: float, tokens: float, weight: float,
+                   own: list | None = None) -> tuple[torch.Tensor, GrpoStats]:
+        """One micro-batch's loss; ``own`` (when given) collects its log-probs per sample."""
         lc = self.cfg.loss
         packed = pack([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
         old = packed.scatter([s.logprobs for s in mb]).to(self.device)
-        ref = packed.scatter([s.ref_logprobs for s in mb]).to(self.device) if lc.kl_coef else None
-        adv = torch.tensor([s.advantage for s in mb], dtype=torch.float32, device=self.device)
+        ref = packed.scatter([s.ref_logprobs for s in mb]).to(self.device) if lc.kl_coef and not lc.kl_in_reward else None
+        per_token = isinstance(mb[0].advantage, list)
+        adv = (packed.scatter([s.advantage for s in mb]) if per_token
+               else torch.tensor([s.advantage for s in mb], dtype=torch.float32)).to(self.device)
+        keep = torch.tensor([[float(s.in_loss)] for s in mb], device=self.device)
         packed = packed.to(self.device)
-        logp = token_logprobs(self.engine, packed, lc.temperature)
-        tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref)
-        loss = aggregate(tok_loss, packed.completion_mask, lc.aggregation, global_denom) * self.world_size * weight
-        m = packed.completion_mask.bool()
-        stats = GrpoStats(
+        mask = packed.completion_mask * keep
+        logp, entropy = token_logprobs(self.engine, packed, lc.temperature, "grad" if lc.entropy_coef else "log")
+        tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref, mask)
+        loss = aggregate(tok_loss, mask, lc.loss_type, denom)
+        if lc.entropy_coef:
+            loss = loss - lc.entropy_coef * aggregate(entropy, mask, "dapo", tokens)
+        loss = loss * self.world_size * weight
+        if own is not None and weight:
+            own.extend(packed.gather(logp.detach().cpu()))
+        return loss, self._grpo_stats(loss, parts, logp.detach() - old, entropy, mask.bool())
+
+    def _grpo_stats(self, loss, parts: dict, logp_diff, entropy, m) -> GrpoStats:
+        ratio = parts["ratio"][m]
+        return GrpoStats(
             tokens=float(m.sum()), loss_sum=float(loss.detach()) / self.world_size,
             kl_sum=float(parts["kl"][m].sum()) if "kl" in parts else 0.0,
-            clipped=float(parts["clipped"][m].sum()), ratio_sum=float(parts["ratio"][m].sum()),
-            ratio_max=float(parts["ratio"][m].max()), ratio_min=float(parts["ratio"][m].min()),
+            clipped=float(parts["clipped"][m].sum()), ratio_sum=float(ratio.sum()),
+            ratio_max=float(ratio.max()) if ratio.numel() else -math.inf,
+            ratio_min=float(ratio.min()) if ratio.numel() else math.inf,
             is_weight_sum=float(parts["is_weight"][m].sum()), is_truncated=float(parts["is_truncated"][m].sum()),
-            logp_diff_abs_sum=float((logp.detach() - old)[m].abs().sum()))
-        return loss, stats
+            logp_diff_abs_sum=float(logp_diff[m].abs().sum()), entropy_sum=float(entropy.detach()[m].sum()))
 
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (ZeRO-3 shards are gathered; every rank must call this)."""

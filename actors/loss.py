@@ -1,25 +1,49 @@
-"""GRPO maths: group-normalised advantages, the clipped surrogate and the k3 KL penalty.
+"""The GRPO family's policy losses (TRL 1.16 names and meanings), KL estimators, aggregation.
 
 Pure tensor functions, no model and no Ray, so they can be checked against hand-computed
-values. Shapes: ``[B, T]`` for per-token tensors (completion tokens only), ``[B]`` for
-per-sequence ones, ``mask`` is 1 on real completion tokens and 0 on padding.
+values and against TRL's own ``GRPOTrainer._compute_loss``. Shapes: ``[B, T]`` for per-token
+tensors (completion tokens only), ``[B]`` for per-sequence ones, ``mask`` is 1 on real
+completion tokens and 0 on padding (and on completions kept out of the loss).
+
+A step's loss is ``aggregate(grpo_token_losses(...), mask, loss_type, denom)`` summed over
+every micro-batch of every rank, where ``denom`` is a count of the *whole* batch
+(``global_denominator``), so the update does not depend on how the batch is cut -- except
+for ``bnpo``, which TRL defines on the local batch (see ``aggregate``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, Sequence
 
 import torch
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # PPO's min(r A, clip(r) A) surrogate
 
 
 @dataclass
 class LossConfig:
     """The learner's loss knobs (composed into the recipe schema by controllers/)."""
 
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.28  # DAPO's clip-higher; set equal to clip_eps_low for plain PPO clipping
-    kl_coef: float = 0.0  # beta of the k3 penalty to the reference; 0 skips the reference group
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    RENAMED: ClassVar[dict[str, str]] = {
+        "aggregation": "learner.loss.loss_type (token_mean is now 'dapo', seq_mean is now 'grpo')"}
+
+    loss_type: LossType = "dapo"  # TRL loss_type; the README has each formula
+    clip_eps_low: float = 0.2  # TRL epsilon
+    # TRL epsilon_high: DAPO's clip-higher (equal to clip_eps_low: plain PPO clipping). For
+    # cispo it is the cap on the ratio itself, epsilon_max (ScaleRL recommends 5.0).
+    clip_eps_high: float = 0.28
+    delta: float | None = None  # TRL delta: dual clip, the unclipped ratio capped at delta (INTELLECT-2)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # "sequence": GSPO's length-normalised ratio
+    sapo_temperature_pos: float = 1.0  # SAPO gate temperature where A > 0
+    sapo_temperature_neg: float = 1.05  # ... and where A <= 0
+    kl_coef: float = 0.0  # beta; 0 skips the reference group
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # TRL uses k3
+    kl_in_reward: bool = False  # True: the driver subtracts beta x KL from the rewards instead of the loss
+    entropy_coef: float = 0.0  # bonus: loss - coef x mean token entropy (entropy is logged either way)
+    num_iterations: int = 1  # mu: optimizer steps per batch, old log-probs fixed at iteration 1's
+    max_completion_length: int | None = None  # dr_grpo's constant; None: sampling.max_new_tokens
     temperature: float = 1.0  # log-probs are taken of logits / temperature, as the generator samples
     # Off-policy correction for samples from older policies (asynchronous runs):
     #   "none":      PPO ratio against the behaviour log-probs (clipping zeroes far-off tokens)
@@ -30,29 +54,53 @@ class LossConfig:
     is_cap: float = 2.0
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean of its group) / (std of its group + eps); groups are consecutive rows.
-
-    ``scale``: "group" divides by the group's std (GRPO), "batch" by the batch std
-    (REINFORCE++-style, more robust with small groups), "none" only centres (Dr. GRPO).
-    """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)
-    centred = r - r.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)
-    elif scale == "batch":
-        centred = centred / (r.std(unbiased=True) + eps)
-    elif scale != "none":
-        raise ValueError(f"advantage scale {scale!r}: accepted are 'group', 'batch', 'none'")
-    return centred.view(-1)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 with d = ref - logp."""
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Schulman's estimators of KL(pi || ref) per token sampled from pi, with d = ref - logp:
+    k1 = -d (unbiased, can be negative), k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased, >= 0)."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"KL estimator {estimator!r}: accepted are 'k1', 'k2', 'k3'")
+
+
+def log_importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor, level: str,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log(pi / pi_old) per token ``[B, T]``, or GSPO's per-sequence mean over real tokens ``[B, 1]``."""
+    log_ratio = logp - old_logp
+    if level == "token":
+        return log_ratio
+    if level != "sequence":
+        raise ValueError(f"importance_sampling_level {level!r}: accepted are 'token', 'sequence'")
+    if mask is None:
+        raise ValueError("importance_sampling_level 'sequence' needs the completion mask")
+    mask = mask.to(log_ratio.dtype)
+    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
+def surrogate(ratio: torch.Tensor, logp: torch.Tensor, adv: torch.Tensor, cfg: LossConfig):
+    """Per-token policy loss of ``cfg.loss_type`` and where it clipped (both broadcast to ``logp``).
+
+    clipped types: -min(r' A, clip(r, 1-eps_low, 1+eps_high) A), r' = min(r, delta) when set;
+    cispo: -sg(min(r, eps_high)) A logp; sapo: -(4 / tau) sigmoid(tau (r - 1)) A, tau by sign of A.
+    """
+    if cfg.loss_type == "cispo":
+        loss = -torch.clamp(ratio, max=cfg.clip_eps_high).detach() * adv * logp
+        clipped = (ratio > cfg.clip_eps_high) & (adv > 0)
+    elif cfg.loss_type == "sapo":
+        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        clipped = torch.zeros_like(loss, dtype=torch.bool)
+    elif cfg.loss_type in CLIPPED_TYPES:
+        capped = torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv
+        unclipped = (ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)) * adv
+        loss, clipped = -torch.minimum(unclipped, capped), capped < unclipped
+    else:
+        raise ValueError(f"loss_type {cfg.loss_type!r}: accepted are {', '.join(LossType.__args__)}")
+    return torch.broadcast_to(loss, logp.shape), torch.broadcast_to(clipped.detach(), logp.shape)
 
 
 def grpo_token_losses(
@@ -61,13 +109,16 @@ def grpo_token_losses(
     advantages: torch.Tensor,
     cfg: LossConfig,
     ref_logp: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss ``-w * min(r A, clip(r) A) + beta * k3``.
+    """Per-token loss ``w * surrogate(r, A) + beta * KL`` (``mask`` only for sequence-level ratios).
 
-    With ``off_policy="none"``: r = pi / pi_behaviour, w = 1. Otherwise r = pi / pi_prox and
-    w = pi_prox / pi_behaviour (truncated at ``is_cap`` for "tis"). The learner takes one
-    optimizer step per batch, so the proximal policy is the current weights: pi_prox is
-    ``logp`` detached, and no extra forward pass is needed.
+    ``advantages``: ``[B]`` or per token ``[B, T]`` (REINFORCE++). With ``off_policy="none"``:
+    r = pi / pi_old, w = 1, where pi_old is ``behaviour_logp`` (the generator's log-probs, or the
+    learner's own from iteration 1 when num_iterations > 1). Otherwise r = pi / pi_prox and
+    w = pi_prox / pi_behaviour (truncated at ``is_cap`` for "tis"); pi_prox is ``logp`` detached
+    (the weights before this step), so no extra forward pass is needed. The KL term is left out
+    when ``kl_in_reward`` (the driver put it in the rewards).
     """
     behaviour_ratio = torch.exp(logp.detach() - behaviour_logp)
     if cfg.off_policy == "none":
@@ -75,32 +126,50 @@ def grpo_token_losses(
     else:
         old = logp.detach()
         weight = behaviour_ratio if cfg.off_policy == "decoupled" else torch.clamp(behaviour_ratio, max=cfg.is_cap)
-    ratio = torch.exp(logp - old)
-    adv = advantages.unsqueeze(-1)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv
-    loss = -torch.minimum(unclipped, clipped) * weight
-    parts = {"ratio": behaviour_ratio, "clipped": (clipped < unclipped).detach(), "is_weight": weight,
-             "is_truncated": (behaviour_ratio > cfg.is_cap) if cfg.off_policy == "tis" else torch.zeros_like(ratio, dtype=torch.bool)}
-    if cfg.kl_coef and ref_logp is not None:
-        kl = k3_kl(logp, ref_logp)
+    ratio = torch.exp(log_importance_ratio(logp, old, cfg.importance_sampling_level, mask))
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    loss, clipped = surrogate(ratio, logp, adv, cfg)
+    loss = loss * weight
+    truncated = behaviour_ratio > cfg.is_cap if cfg.off_policy == "tis" else torch.zeros_like(logp, dtype=torch.bool)
+    parts = {"ratio": behaviour_ratio, "clipped": clipped, "is_weight": weight, "is_truncated": truncated}
+    if cfg.kl_coef and not cfg.kl_in_reward and ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
         loss = loss + cfg.kl_coef * kl
         parts["kl"] = kl.detach()
     return loss, parts
 
 
-def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, mode: str, denom: float) -> torch.Tensor:
-    """Sum this shard's share of the batch loss, normalised by the *whole batch*'s ``denom``.
+def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str, denom: float) -> torch.Tensor:
+    """This shard's share of the step's loss; ``denom`` is ``global_denominator`` of the whole batch.
 
-    ``token_mean``: denom = completion tokens in the whole batch (DAPO; long answers weigh
-    more). ``seq_mean``: denom = sequences in the whole batch, each sequence averaged over
-    its own tokens first (the original GRPO). Normalising by the global count makes the
-    result independent of how the batch is cut into ranks and micro-batches.
+    grpo, sapo: each sequence's token mean, summed, / sequences in the batch.
+    dapo, cispo: token sum / completion tokens in the batch (DAPO's token-level mean).
+    dr_grpo: token sum / (sequences in the batch x max_completion_length).
+    bnpo: the token mean of *this micro-batch*, / micro-batches in the step (every rank's):
+    TRL's local-batch normalisation, so it depends on the micro-batch size, as it does in TRL.
     """
     mask = mask.to(token_losses.dtype)
-    if mode == "token_mean":
-        return (token_losses * mask).sum() / denom
-    if mode == "seq_mean":
-        per_seq = (token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_seq.sum() / denom
-    raise ValueError(f"loss aggregation {mode!r}: accepted are 'token_mean', 'seq_mean'")
+    masked = token_losses * mask
+    if loss_type in ("grpo", "sapo"):
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / denom
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / denom
+    if loss_type in ("dapo", "cispo", "dr_grpo"):
+        return masked.sum() / denom
+    raise ValueError(f"loss_type {loss_type!r}: accepted are {', '.join(LossType.__args__)}")
+
+
+def global_denominator(loss_type: str, lengths: Sequence[int], max_completion_length: int,
+                       micro_batches: int) -> float:
+    """The whole batch's count that ``aggregate`` divides by; ``lengths``: completion tokens per
+    sample that count in the loss (0 for a completion kept out of it)."""
+    counts = {"grpo": len(lengths), "sapo": len(lengths), "dapo": sum(lengths), "cispo": sum(lengths),
+              "dr_grpo": len(lengths) * max_completion_length, "bnpo": micro_batches}
+    if loss_type not in counts:
+        raise ValueError(f"loss_type {loss_type!r}: accepted are {', '.join(counts)}")
+    return float(max(counts[loss_type], 1))
+
+
+def micro_batch_count(samples: int, ranks: int, micro_batch_size: int) -> int:
+    """Micro-batches in one step over all ranks, for ``samples`` split evenly over ``ranks``."""
+    return ranks * math.ceil(math.ceil(samples / ranks) / micro_batch_size)

@@ -18,7 +18,7 @@ class Rollout:
     columns: dict[str, Any] = field(default_factory=dict)  # dataset columns (e.g. solution) for rewards
     scores: dict[str, float | None] = field(default_factory=dict)  # per reward function
     reward: float = 0.0
-    advantage: float = 0.0
+    advantage: float | list[float] = 0.0
     ref_logprobs: list[float] | None = None
 
     @property
@@ -35,8 +35,9 @@ class TrainSample:
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
-    advantage: float = 0.0
+    advantage: float | list[float] = 0.0  # one per sample, or one per completion token (REINFORCE++)
     ref_logprobs: list[float] | None = None
+    in_loss: bool = True  # False: kept out of the loss (a truncated completion, mask_truncated_completions)
 
     @classmethod
     def of(cls, r: Rollout) -> "TrainSample":

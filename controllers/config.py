@@ -103,7 +103,11 @@ class GrpoConfig:
     steps: int = 100
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt (the group)
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    # "grpo": (r - group mean) / std by advantage_scale; "rloo": r - mean of the other G - 1
+    # (unscaled); "reinforce_pp": per-token returns whitened over the whole batch (advantage_scale unused)
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    advantage_scale: Literal["group", "batch", "none"] = "group"  # TRL scale_rewards; "batch": the step's batch
+    mask_truncated_completions: bool = False  # completions cut at sampling.max_new_tokens get no loss (DAPO)
     max_staleness: int = 0  # eta: samples are at most this many versions old; 0 = synchronous on-policy
     groups_per_request: int = 0  # prompt groups per generate call; 0: prompts_per_step / generators
     partial_rollout_tokens: int = 0  # > 0: generators adopt new weights mid-request every N tokens
@@ -205,6 +209,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("scorer.max_failed_steps", r.scorer.max_failed_steps),
                        ("scorer.max_timeouts_in_a_row", r.scorer.max_timeouts_in_a_row)]:
         _positive(key, value, allow_zero=True)
+    validate_loss(lc.loss, r.sampling.max_new_tokens)
     if g.num_generations < 2:
         raise ConfigError(f"config key 'grpo.num_generations': got {g.num_generations}; accepted: an integer >= 2 "
                           "(group-normalised advantages need at least two completions per prompt)")
@@ -245,6 +250,34 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
     if resources:
         check_resources(r, available_cpus, available_gpus)
+
+
+def validate_loss(lc, max_new_tokens: int) -> None:
+    """The GRPO-family knobs of ``learner.loss`` that the schema's types cannot check alone."""
+    _positive("learner.loss.entropy_coef", lc.entropy_coef, allow_zero=True)
+    for key, value in [("learner.loss.num_iterations", lc.num_iterations),
+                       ("learner.loss.sapo_temperature_pos", lc.sapo_temperature_pos),
+                       ("learner.loss.sapo_temperature_neg", lc.sapo_temperature_neg)]:
+        _positive(key, value)
+    if lc.loss_type == "cispo" and lc.clip_eps_high < 1:
+        raise ConfigError(f"config key 'learner.loss.clip_eps_high': got {lc.clip_eps_high} with loss_type 'cispo'; "
+                          "accepted: a number >= 1, because for cispo it caps the ratio itself (TRL epsilon_high; "
+                          "ScaleRL recommends 5.0)")
+    if lc.delta is not None and (lc.loss_type in ("cispo", "sapo") or lc.delta <= 1 + lc.clip_eps_high):
+        raise ConfigError(f"config key 'learner.loss.delta': got {lc.delta} with loss_type {lc.loss_type!r}; accepted: "
+                          f"null, or a number > 1 + clip_eps_high = {1 + lc.clip_eps_high:g} with loss_type grpo, "
+                          "bnpo, dr_grpo or dapo (the dual clip of the clipped surrogate)")
+    if lc.num_iterations > 1 and lc.off_policy != "none":
+        raise ConfigError(f"config key 'learner.loss.num_iterations': got {lc.num_iterations} with off_policy "
+                          f"{lc.off_policy!r}; accepted: 1, or off_policy 'none' (iterations 2.. use the learner's "
+                          "own log-probs as the old policy)")
+    if lc.kl_in_reward and not lc.kl_coef:
+        raise ConfigError("config key 'learner.loss.kl_in_reward': got True with kl_coef 0; accepted: false, or a "
+                          "kl_coef > 0 (the KL weight in the reward)")
+    if lc.max_completion_length is not None and lc.max_completion_length < max_new_tokens:
+        raise ConfigError(f"config key 'learner.loss.max_completion_length': got {lc.max_completion_length}; "
+                          f"accepted: null (meaning sampling.max_new_tokens={max_new_tokens}) or an integer >= it "
+                          "(dr_grpo divides by sequences x this constant)")
 
 
 def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = None) -> None:

@@ -18,7 +18,8 @@ import ray
 import torch
 
 from ..actors.learner import GrpoStats
-from ..actors.loss import group_advantages
+from ..actors.advantages import batch_advantages
+from ..actors.loss import global_denominator, kl_estimate, micro_batch_count
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
 from ..cluster.groups import RemoteCallError, get
@@ -144,7 +145,7 @@ class GrpoDriver:
         self.tally({f"reward/{k}": v for k, v in stats.items() if k != "time_s" and not isinstance(v, str)})
         add_stats(self.reward_window, stats)
         self._attach(work.groups, rollouts)
-        kept = [g for g in work.groups if self._advantages(g)]
+        kept = [g for g in work.groups if self._keep(g)]
         if kept and self.system.reference is not None:
             samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
             self.submit(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept, actor=0))
@@ -164,9 +165,8 @@ class GrpoDriver:
         rollouts = [r for g in batch for r in g.rollouts]
         version = self.system.version
         self.books.consume(version, [r.version for r in rollouts])
-        denom = sum(len(r.completion_ids) for r in rollouts) if self.r.learner.loss.aggregation == "token_mean" \
-            else len(rollouts)
-        refs = self.system.learners.shard("grpo_step", [TrainSample.of(r) for r in rollouts], float(max(denom, 1)))
+        samples, denom, tokens = self._train_samples(rollouts)
+        refs = self.system.learners.shard("grpo_step", samples, denom, tokens)
         self.training = True
         self.submit(Work("train", refs, batch, version=version))
 
@@ -230,11 +230,30 @@ class GrpoDriver:
         for k, g in enumerate(groups):
             g.rollouts = rollouts[k * self.G : (k + 1) * self.G]
 
-    def _advantages(self, g: Group) -> bool:
-        """Set the group's advantages; False when dynamic sampling drops it (all rewards equal)."""
-        rewards = torch.tensor([r.reward for r in g.rollouts])
-        for r, a in zip(g.rollouts, group_advantages(rewards, self.G, self.r.grpo.advantage_scale).tolist()):
+    def _train_samples(self, rollouts: list[Rollout]) -> tuple[list[TrainSample], float, float]:
+        """The batch's advantages (computed on the whole batch, after the reference: "batch"
+        scaling, REINFORCE++ and KL-in-reward need it), truncated completions masked out of the
+        loss when asked, and the global denominators of the loss type and of the token mean."""
+        g, lc = self.r.grpo, self.r.learner.loss
+        kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator).tolist()
+              for r in rollouts] if lc.kl_in_reward else None
+        advantages = batch_advantages([r.reward for r in rollouts], self.G, g.advantage_estimator, g.advantage_scale,
+                                      [len(r.completion_ids) for r in rollouts], kl, lc.kl_coef)
+        samples = []
+        for r, a in zip(rollouts, advantages):
             r.advantage = a
+            in_loss = not (g.mask_truncated_completions and r.finish_reason == "length")
+            samples.append(TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a, r.ref_logprobs, in_loss))
+        lengths = [len(s.completion_ids) if s.in_loss else 0 for s in samples]
+        micro = micro_batch_count(len(samples), len(self.system.learners), self.r.learner.micro_batch_size)
+        denom = global_denominator(lc.loss_type, lengths, lc.max_completion_length or self.r.sampling.max_new_tokens,
+                                   micro)
+        self.tally({"samples/masked_truncated": len(lengths) - sum(s.in_loss for s in samples)})
+        return samples, denom, float(max(sum(lengths), 1))
+
+    def _keep(self, g: Group) -> bool:
+        """False when dynamic sampling drops the group (all rewards equal: no learning signal)."""
+        rewards = torch.tensor([r.reward for r in g.rollouts])
         if not (self.r.grpo.dynamic_sampling and len(set(rewards.tolist())) == 1):
             self.consecutive_drops = 0
             return True

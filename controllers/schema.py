@@ -107,6 +107,8 @@ def build(cls, data: Any, prefix: str = ""):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        if unknown[0] in getattr(cls, "RENAMED", {}):  # a key a dataclass no longer has: say what replaced it
+            raise ConfigError(f"config key {where} was replaced by {cls.RENAMED[unknown[0]]}")
         raise ConfigError(f"config key {where} is not known; accepted keys{' under ' + repr(prefix) if prefix else ''}: "
                           + ", ".join(sorted(fields)))
     kwargs = {}

@@ -1,5 +1,6 @@
 """Each actor as a plain in-process class on the tiny model: the real engines, no Ray."""
 import io
+import math
 
 import pytest
 import torch
@@ -62,11 +63,13 @@ def test_learner_step_moves_weights_and_generator_adopts_them(tiny_model, tmp_pa
     learner.start_phase(lr=1e-2)
     before = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
     samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a) for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5])]
-    stats = learner.grpo_step(samples, global_denom=float(sum(len(r.completion_ids) for r in rollouts)))
+    tokens = float(sum(len(r.completion_ids) for r in rollouts))
+    stats = learner.grpo_step(samples, global_denom=tokens, global_tokens=tokens)
     assert stats.tokens == sum(len(r.completion_ids) for r in rollouts)
     metrics = GrpoStats.combine([stats])
     assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy: ratio 1
     assert metrics["ratio/min"] <= 1.0 <= metrics["ratio/max"] and metrics["grad_norm"] > 0
+    assert 0 < metrics["entropy/mean"] < math.log(learner.engine.module.config.vocab_size)
     after = learner.engine.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     blob = learner.export_weights()

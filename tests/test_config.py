@@ -24,6 +24,19 @@ def test_tiny_recipe_loads_and_overrides_apply():
     assert again == r
 
 
+def test_grpo_family_keys_load():
+    r = load_recipe(TINY, ["learner.loss.loss_type=cispo", "learner.loss.clip_eps_high=5.0",
+                           "learner.loss.importance_sampling_level=sequence", "learner.loss.num_iterations=2",
+                           "learner.loss.kl_estimator=k2", "learner.loss.kl_in_reward=true",
+                           "learner.loss.max_completion_length=64", "grpo.advantage_estimator=reinforce_pp",
+                           "grpo.mask_truncated_completions=true", "learner.loss.entropy_coef=0.01"])
+    lc = r.learner.loss
+    assert (lc.loss_type, lc.clip_eps_high, lc.num_iterations, lc.kl_estimator) == ("cispo", 5.0, 2, "k2")
+    assert r.grpo.advantage_estimator == "reinforce_pp" and r.grpo.mask_truncated_completions
+    assert load_recipe(TINY).learner.loss.loss_type == "dapo"  # the shipped recipes say dapo
+    assert load_recipe(TINY, ["learner.loss.loss_type=dr_grpo", "learner.loss.delta=2"]).learner.loss.delta == 2.0
+
+
 def test_recipe_by_shipped_name():
     assert load_recipe("tiny-cpu").sft.steps > 0
 
@@ -33,7 +46,20 @@ def test_recipe_by_shipped_name():
     (["learner.zero_stage=5"], "'learner.zero_stage': got 5; accepted: one of 0, 1, 2, 3"),
     (["grpo.steps=ten"], "'grpo.steps': got 'ten'; accepted: an integer"),
     (["grpo.steps=-1"], "'grpo.steps': got -1"),
-    (["learner.loss.aggregation=sum"], "one of 'token_mean', 'seq_mean'"),
+    (["learner.loss.aggregation=token_mean"], "'learner.loss.aggregation' was replaced by learner.loss.loss_type"),
+    (["learner.loss.loss_type=ppo"], "one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo'"),
+    (["learner.loss.loss_type=cispo"], "accepted: a number >= 1, because for cispo"),
+    (["learner.loss.delta=1.1"], "'learner.loss.delta': got 1.1"),
+    (["learner.loss.loss_type=sapo", "learner.loss.delta=3"], "with loss_type 'sapo'"),
+    (["learner.loss.num_iterations=0"], "'learner.loss.num_iterations': got 0"),
+    (["learner.loss.num_iterations=2", "learner.loss.off_policy=tis"], "off_policy 'none'"),
+    (["learner.loss.kl_estimator=k4"], "one of 'k1', 'k2', 'k3'"),
+    (["learner.loss.kl_in_reward=true", "learner.loss.kl_coef=0"], "'learner.loss.kl_in_reward': got True"),
+    (["learner.loss.importance_sampling_level=seq"], "one of 'token', 'sequence'"),
+    (["learner.loss.max_completion_length=10"], "null (meaning sampling.max_new_tokens=48)"),
+    (["learner.loss.entropy_coef=-1"], "'learner.loss.entropy_coef': got -1"),
+    (["learner.loss.sapo_temperature_neg=0"], "'learner.loss.sapo_temperature_neg': got 0"),
+    (["grpo.advantage_estimator=ppo"], "one of 'grpo', 'rloo', 'reinforce_pp'"),
     (["generator.backend=sglang"], "one of 'hf', 'vllm'"),
     (["grpo.num_generations=1"], "'grpo.num_generations': got 1"),
     (["grpo.prompts_per_step=3", "grpo.num_generations=3"], "learner.num_ranks=2"),
