@@ -12,19 +12,17 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
-import ray
 import torch
 
-from ..actors.learner import GrpoStats
 from ..actors.advantages import batch_advantages
+from ..actors.learner import GrpoStats
 from ..actors.loss import global_denominator, kl_estimate, micro_batch_count
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
-from ..cluster.groups import RemoteCallError, get
 from .config import Recipe
 from .data import EpochSampler, PreparedData, PromptRenderer
+from .inflight import InFlight, Work
 from .metrics import rollout_metrics
 from .staleness import StalenessManager
 from .system import System
@@ -43,25 +41,6 @@ class Group:
     rollouts: list[Rollout] = field(default_factory=list)
 
 
-@dataclass(eq=False)
-class Work:
-    """One piece of in-flight work: done when every one of its object refs is."""
-
-    stage: Literal["generate", "score", "reference", "train", "sync"]
-    refs: list
-    groups: list[Group] = field(default_factory=list)
-    actor: int | None = None  # the generator or scorer doing it (load balancing)
-    version: int | None = None  # train: the version it trains at; sync: the version it publishes
-    started: float = field(default_factory=time.perf_counter)
-    deadline: float = math.inf  # perf_counter time; set by GrpoDriver.submit
-    who: list[str] = field(default_factory=list)  # the actors doing it, by name
-
-    def __post_init__(self):
-        self.pending = set(self.refs)
-        self.values: dict = {}
-
-
-
 class GrpoDriver:
     """Streams prompt groups through the actor groups; ``run`` returns one record per step."""
 
@@ -77,11 +56,9 @@ class GrpoDriver:
         self.health = RewardHealth(self.reward_names, recipe.scorer.max_failed_steps, recipe.scorer.on_broken)
         self.reward_window: dict = {}  # the scorers' stats since the last learner step, for self.health
         self.books = StalenessManager(self.B, g.max_staleness, g.steps, system.version)
-        self.work: list[Work] = []
+        self.inflight = InFlight(system.watchdog, recipe.ray, self.G, self.score_budget)
         self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
         self.training = False
-        self.load = {"generate": [0] * len(system.generators), "score": [0] * len(system.scorers)}
-        self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen (deadlines)
         self.turn = 0
         self.records: list[dict] = []
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
@@ -97,11 +74,11 @@ class GrpoDriver:
         self.t0, self.wall0 = time.perf_counter(), time.time()
         self.t_last = self.t0
         self.telemetry.window_start = self.wall0
-        self.system.watchdog.doing = self.doing
+        self.system.watchdog.doing = self.inflight.doing
         while len(self.records) < self.r.grpo.steps:
             self.admit()
             self.maybe_train()
-            work = self.next_done()
+            work = self.inflight.next_done()
             if work.stage == "generate":
                 self.on_generated(work)
             elif work.stage == "score":
@@ -130,15 +107,15 @@ class GrpoDriver:
                 idx, pid = self.sampler.take(1)[0]
                 seq, at = self.books.admit()
                 groups.append(Group(seq, self.renderer.prompt(self.train[idx], pid), at))
-            i = self.pick("generate")
+            i = self.pick("generate", self.system.generators)
             ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
                                               False, self.r.grpo.partial_rollout_tokens)
-            self.submit(Work("generate", [ref], groups, actor=i))
+            self.inflight.submit(Work("generate", [ref], groups, actor=i))
 
     def on_generated(self, work: Work) -> None:
         self._attach(work.groups, work.value)
-        j = self.pick("score")
-        self.submit(Work("score", [self.system.scorers.call(j, "score", work.value)], work.groups, actor=j))
+        j = self.pick("score", self.system.scorers)
+        self.inflight.submit(Work("score", [self.system.scorers.call(j, "score", work.value)], work.groups, actor=j))
 
     def on_scored(self, work: Work) -> None:
         rollouts, stats = work.value
@@ -148,7 +125,7 @@ class GrpoDriver:
         kept = [g for g in work.groups if self._keep(g)]
         if kept and self.system.reference is not None:
             samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
-            self.submit(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept, actor=0))
+            self.inflight.submit(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept, actor=0))
         else:
             self._ready(kept)
 
@@ -168,7 +145,7 @@ class GrpoDriver:
         samples, denom, tokens = self._train_samples(rollouts)
         refs = self.system.learners.shard("grpo_step", samples, denom, tokens)
         self.training = True
-        self.submit(Work("train", refs, batch, version=version))
+        self.inflight.submit(Work("train", refs, batch, version=version))
 
     def on_trained(self, work: Work) -> None:
         """Log the consumed samples, publish the new weights, keep the step's record until they land."""
@@ -189,7 +166,7 @@ class GrpoDriver:
         version, refs = self.system.publish_weights()
         # Every rank exports (ZeRO-3 gathers), though only rank 0's bytes travel: all take part.
         learners = self.system.learners.names()
-        self.submit(Work("sync", refs, version=version, who=learners + self.system.generators.names()))
+        self.inflight.submit(Work("sync", refs, version=version, who=learners + self.system.generators.names()))
         window, self.window_counts = dict(self.window_counts), Counter()
         staleness = [work.version - r.version for r in rollouts]
         now = time.perf_counter()
@@ -270,13 +247,11 @@ class GrpoDriver:
             self.books.ready(g.seq)
             self.ready[g.seq] = g
 
-    def pick(self, stage: str) -> int:
-        """The least loaded actor for ``stage``; ties go round-robin so every actor gets work."""
-        load = self.load[stage]
+    def pick(self, stage: str, group) -> int:
+        """The least loaded actor of ``group`` for ``stage``; ties go round-robin so every actor gets work."""
+        load = self.inflight.load(stage, len(group))
         self.turn += 1
-        i = min(range(len(load)), key=lambda i: (load[i], (i - self.turn) % len(load)))
-        load[i] += 1
-        return i
+        return min(range(len(load)), key=lambda i: (load[i], (i - self.turn) % len(load)))
 
     def tally(self, counts: dict) -> None:
         """Add to the run's totals and to the window the next learner step reports."""
@@ -288,94 +263,17 @@ class GrpoDriver:
         if writer is not None:
             writer.write(record)
 
-    def submit(self, work: Work) -> None:
-        """Track ``work`` with the names of its actors and its deadline: the work queued ahead of it
-        on the same actors, then ``deadline_factor`` x the slowest seconds per sample seen for its stage
-        (the first of a stage gets ``ray.call_timeout_s``; scoring is bounded by the verifiers)."""
-        rc, samples = self.r.ray, max(1, len(work.groups) * self.G)
-        if work.stage == "score":
-            sc = self.r.scorer
-            budget = sc.timeout_s * len(self.reward_names) * math.ceil(samples / sc.workers_per_actor) + rc.deadline_min_s
-        elif work.stage in self.rates:
-            budget = max(rc.deadline_min_s, rc.deadline_factor * self.rates[work.stage] * samples)
-        else:
-            budget = rc.call_timeout_s
-        ahead = [w.deadline for w in self.work if (w.stage, w.actor) == (work.stage, work.actor)]
-        work.deadline = max([work.started, *ahead]) + budget
-        work.who = work.who or sorted({self.system.watchdog.owner(ref) or "?" for ref in work.refs})
-        self.work.append(work)
-
-    def next_done(self) -> Work:
-        """Wait for the next piece of work whose refs are all done; its results land in ``value``.
-
-        Meanwhile the watchdog pings every actor every ``ray.heartbeat_s``: a dead or silent
-        one, a failed call, or work past its deadline ends the run with the actor's name."""
-        dog = self.system.watchdog
-        while True:
-            refs = [ref for w in self.work for ref in w.pending]
-            wait_s = min(dog.every_s, min(w.deadline for w in self.work) - time.perf_counter())
-            done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, wait_s), fetch_local=True)
-            if done:
-                work = next(w for w in self.work if done[0] in w.pending)
-                try:
-                    work.values[done[0]] = ray.get(done[0], timeout=self.r.ray.call_timeout_s)
-                except Exception as e:  # noqa: BLE001 - every failure becomes one error naming the actor
-                    raise dog.failure(f"GRPO {work.stage}", done[0], e) from e
-                work.pending.discard(done[0])
-                if not work.pending:
-                    return self._finished(work)
-            self._check_deadlines()
-            dog.check("GRPO")
-
-    def _finished(self, work: Work) -> Work:
-        self.work.remove(work)
-        values = [work.values[ref] for ref in work.refs]
-        work.value = values if work.stage in ("train", "sync") else values[0]
-        if work.stage in self.load:
-            self.load[work.stage][work.actor] -= 1
-        seconds = time.perf_counter() - work.started
-        self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), seconds / max(1, len(work.groups) * self.G))
-        return work
-
-    def _check_deadlines(self) -> None:
-        now = time.perf_counter()
-        late = [w for w in self.work if now > w.deadline]
-        if not late:
-            return
-        bad = self.system.watchdog.probe()  # a dead or hung actor is the better explanation
-        if bad:
-            raise RemoteCallError(f"GRPO: {self.system.watchdog.explain(bad)}")
-        w = late[0]
-        raise RemoteCallError(
-            f"GRPO {w.stage} on {', '.join(w.who)} ({len(w.groups) * self.G} samples) has run {now - w.started:.0f} s, "
-            f"past its deadline of {w.deadline - w.started:.0f} s; the actors answer pings, so the work is stuck or "
-            "slower than before: raise ray.deadline_factor (or ray.call_timeout_s for a first call) if it is slow "
-            "but progressing")
-
-    def doing(self, name: str) -> str:
-        """What ``name`` was doing, for error messages."""
-        now = time.perf_counter()
-        for w in self.work:
-            if name in w.who:
-                step = f" at version {w.version}" if w.version is not None else ""
-                size = f" ({len(w.groups) * self.G} samples)" if w.groups else ""
-                return f", while it was running {w.stage}{step}{size} for {now - w.started:.0f} s"
-        return ""
+    def score_budget(self, samples: int) -> float:
+        """The longest a scorer can take on ``samples``: every function may time out on each."""
+        sc = self.r.scorer
+        return sc.timeout_s * len(self.reward_names) * math.ceil(samples / sc.workers_per_actor)
 
     def queue_depths(self) -> dict:
-        groups = Counter()
-        for w in self.work:
-            groups[w.stage] += len(w.groups)
-        return {"queue/generate_groups": groups["generate"], "queue/score_groups": groups["score"],
-                "queue/reference_groups": groups["reference"], "queue/ready_groups": len(self.ready),
-                "queue/sync_pending": sum(w.stage == "sync" for w in self.work)}
+        return {**self.inflight.depths(), "queue/ready_groups": len(self.ready)}
 
     def finish(self) -> None:
         """Let spare work drain (the generators serve evaluation next) and collect the last spans."""
-        refs = [ref for w in self.work for ref in w.pending]
-        if refs:  # only groups beyond the last batch (dynamic sampling's spares) are left
-            get(refs, self.system.timeout, "GRPO: the last spare work", self.system.watchdog)
-            self.work.clear()
+        self.inflight.drain(self.system.timeout)  # only dynamic sampling's spare groups can be left
         self.telemetry.drain()
 
     # -- what the run reports ----------------------------------------------------------------

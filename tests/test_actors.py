@@ -1,6 +1,7 @@
 """Each actor as a plain in-process class on the tiny model: the real engines, no Ray."""
 import io
 import math
+import time
 
 import pytest
 import torch
@@ -136,3 +137,28 @@ def test_vllm_generator_matches_hf_logprobs_and_reloads_weights(tiny_model):
     hf.load_weights(buf.getvalue(), version=5)
     expected = hf.generate([_prompt(tiny_model)], 1, SamplingConfig(max_new_tokens=8), greedy=True)[0]
     assert after.completion_ids == expected.completion_ids
+
+
+def test_partial_rollouts_continue_unfinished_sequences_with_new_weights(hf_generator, tiny_model):
+    """Weights that arrive mid-request are adopted between chunks: later tokens carry the new
+    version, earlier ones keep the old, and every token has its behaviour log-prob."""
+    import threading
+
+    state = {k: v.clone() for k, v in hf_generator._engine.model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    start_calls, out = hf_generator.calls, []
+    worker = threading.Thread(target=lambda: out.extend(hf_generator.generate(
+        [_prompt(tiny_model)], 2, SamplingConfig(max_new_tokens=40), greedy=True, chunk_tokens=1)))
+    worker.start()
+    while hf_generator.calls < start_calls + 3:  # two chunks done: the request is under way
+        time.sleep(0.001)
+    hf_generator.load_weights(buf.getvalue(), version=hf_generator.version + 1)
+    worker.join()
+    new = hf_generator.version
+    assert any(len(r.completion_ids) > 3 for r in out)
+    for r in out:
+        assert len(r.versions) == len(r.completion_ids) == len(r.logprobs)
+        assert r.versions == sorted(r.versions) and r.versions[0] == new - 1
+        if len(r.completion_ids) > 3:
+            assert r.versions[-1] == new  # continued under the new weights

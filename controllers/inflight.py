@@ -1,0 +1,139 @@
+"""The driver's work in flight: what each piece waits on, which actors do it, and its deadline.
+
+Ray-free bookkeeping around ``ray.wait``: ``InFlight.next_done`` hands back finished work one
+piece at a time, while the system's watchdog pings the actors and work past its deadline
+ends the run with the actors' names and what they were doing.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import ray
+
+from ..cluster.groups import RemoteCallError, Watchdog, get
+
+
+@dataclass(eq=False)
+class Work:
+    """One piece of in-flight work: done when every one of its object refs is."""
+
+    stage: Literal["generate", "score", "reference", "train", "sync"]
+    refs: list
+    groups: list = field(default_factory=list)  # the prompt groups it carries
+    actor: int | None = None  # the generator or scorer doing it (load balancing)
+    version: int | None = None  # train: the version it trains at; sync: the version it publishes
+    who: list[str] = field(default_factory=list)  # the actors doing it, by name (default: the refs' owners)
+    started: float = field(default_factory=time.perf_counter)
+    deadline: float = math.inf  # perf_counter time, set by InFlight.submit
+    value: Any = None  # the results: a list for train and sync (one per ref), else the one result
+
+    def __post_init__(self):
+        self.pending = set(self.refs)
+        self.values: dict = {}
+
+
+class InFlight:
+    """Deadlines: the work queued ahead on the same actor, then ``ray.deadline_factor`` x the
+    slowest seconds per sample seen for the stage x the work's samples (at least
+    ``ray.deadline_min_s``); the first work of a stage gets ``ray.call_timeout_s``, and scoring
+    ``score_budget(samples)`` (the verifier timeouts bound it)."""
+
+    def __init__(self, watchdog: Watchdog, ray_cfg, group_size: int, score_budget: Callable[[int], float]):
+        self.dog, self.rc, self.G, self.score_budget = watchdog, ray_cfg, group_size, score_budget
+        self.work: list[Work] = []
+        self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
+
+    def samples(self, w: Work) -> int:
+        return len(w.groups) * self.G
+
+    def submit(self, work: Work) -> Work:
+        samples = max(1, self.samples(work))
+        if work.stage == "score":
+            budget = self.score_budget(samples) + self.rc.deadline_min_s
+        elif work.stage in self.rates:
+            budget = max(self.rc.deadline_min_s, self.rc.deadline_factor * self.rates[work.stage] * samples)
+        else:
+            budget = self.rc.call_timeout_s
+        ahead = [w.deadline for w in self.work if (w.stage, w.actor) == (work.stage, work.actor)]
+        work.deadline = max([work.started, *ahead]) + budget
+        work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
+        self.work.append(work)
+        return work
+
+    def load(self, stage: str, actors: int) -> list[int]:
+        """Work of ``stage`` in flight on each of ``actors`` actors."""
+        out = [0] * actors
+        for w in self.work:
+            if w.stage == stage and w.actor is not None:
+                out[w.actor] += 1
+        return out
+
+    def next_done(self) -> Work:
+        """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
+        while True:
+            refs = [ref for w in self.work for ref in w.pending]
+            wait_s = min(self.dog.every_s, min(w.deadline for w in self.work) - time.perf_counter())
+            done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, wait_s), fetch_local=True)
+            if done:
+                work = next(w for w in self.work if done[0] in w.pending)
+                try:
+                    work.values[done[0]] = ray.get(done[0], timeout=self.rc.call_timeout_s)
+                except Exception as e:  # noqa: BLE001 - every failure becomes one error naming the actor
+                    raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
+                work.pending.discard(done[0])
+                if not work.pending:
+                    return self._finished(work)
+            self._check_deadlines()
+            self.dog.check("GRPO")
+
+    def _finished(self, work: Work) -> Work:
+        self.work.remove(work)
+        values = [work.values[ref] for ref in work.refs]
+        work.value = values if work.stage in ("train", "sync") else values[0]
+        seconds = time.perf_counter() - work.started
+        self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), seconds / max(1, self.samples(work)))
+        return work
+
+    def _check_deadlines(self) -> None:
+        now = time.perf_counter()
+        late = [w for w in self.work if now > w.deadline]
+        if not late:
+            return
+        bad = self.dog.probe()  # a dead or hung actor is the better explanation
+        if bad:
+            raise RemoteCallError(f"GRPO: {self.dog.explain(bad)}")
+        w = late[0]
+        raise RemoteCallError(
+            f"GRPO {w.stage} on {', '.join(w.who)} ({self.samples(w)} samples) has run {now - w.started:.0f} s, "
+            f"past its deadline of {w.deadline - w.started:.0f} s; the actors answer pings, so the work is stuck or "
+            "slower than before: raise ray.deadline_factor (or ray.call_timeout_s for a first call) if it is slow "
+            "but progressing")
+
+    def doing(self, name: str) -> str:
+        """What actor ``name`` is doing, for error messages."""
+        now = time.perf_counter()
+        for w in self.work:
+            if name in w.who:
+                step = f" at version {w.version}" if w.version is not None else ""
+                size = f" ({self.samples(w)} samples)" if w.groups else ""
+                return f", while it was running {w.stage}{step}{size} for {now - w.started:.0f} s"
+        return ""
+
+    def depths(self) -> dict:
+        groups = Counter()
+        for w in self.work:
+            groups[w.stage] += len(w.groups)
+        return {"queue/generate_groups": groups["generate"], "queue/score_groups": groups["score"],
+                "queue/reference_groups": groups["reference"],
+                "queue/sync_pending": sum(w.stage == "sync" for w in self.work)}
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait for whatever is left (under the watchdog) and forget it."""
+        refs = [ref for w in self.work for ref in w.pending]
+        if refs:
+            get(refs, timeout_s, "GRPO: the last spare work", self.dog)
+        self.work.clear()
