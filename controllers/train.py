@@ -98,6 +98,13 @@ def make_probe(system: System, recipe: Recipe, prompts: list[dict]):
     return probe
 
 
+def held_out(summary: dict, key: str, detail: dict) -> None:
+    """Record a held-out evaluation (``eval_before`` / ``eval_after``) in the summary."""
+    summary["stage"] = key
+    summary[f"{key}_detail"], summary[key] = detail, detail["pass@1"]
+    log.info("held-out pass@1 %s GRPO: %.3f", key.removeprefix("eval_"), detail["pass@1"])
+
+
 def connect(recipe: Recipe) -> None:
     """Start or join Ray; on a joined cluster check its resources and take a free namespace.
     Raises ConfigError / ClusterUnreachable with Ray stopped again."""
@@ -169,10 +176,7 @@ def train(recipe: Recipe) -> dict:
             # Generators and the reference start GRPO from the SFT policy.
             system.sync_weights(include_reference=True)
         if eval_prompts:
-            summary["stage"] = "eval_before"
-            summary["eval_before_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
-            summary["eval_before"] = summary["eval_before_detail"]["pass@1"]
-            log.info("held-out pass@1 before GRPO: %.3f", summary["eval_before"])
+            held_out(summary, "eval_before", pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward))
         summary["stage"] = "grpo"
         system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
@@ -187,10 +191,7 @@ def train(recipe: Recipe) -> dict:
         summary["grpo"] = driver.summary()
         driver.telemetry.write_timeline(run_dir / "timeline.json")
         if eval_prompts:
-            summary["stage"] = "eval_after"
-            summary["eval_after_detail"] = pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward)
-            summary["eval_after"] = summary["eval_after_detail"]["pass@1"]
-            log.info("held-out pass@1 after GRPO: %.3f", summary["eval_after"])
+            held_out(summary, "eval_after", pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward))
         summary["stage"] = "checkpoint"
         ckpt = run_dir / "checkpoint-final"
         system.learners.run_all("save_hf", str(ckpt))
