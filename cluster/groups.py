@@ -29,6 +29,7 @@ def get(refs, timeout_s: float, what: str, watchdog: "Watchdog | None" = None):
             raise RemoteCallError(f"{what}: the actor died ({describe(e)})") from e
     many = isinstance(refs, list)
     pending, deadline = list(refs) if many else [refs], time.monotonic() + timeout_s
+    values = {}
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -36,12 +37,9 @@ def get(refs, timeout_s: float, what: str, watchdog: "Watchdog | None" = None):
             raise RemoteCallError(f"{what}: {', '.join(late)} did not answer within {timeout_s:.0f} s")
         done, pending = ray.wait(pending, num_returns=1, timeout=min(watchdog.every_s, left), fetch_local=True)
         for ref in done:
-            try:
-                ray.get(ref, timeout=0)
-            except Exception as e:  # noqa: BLE001 - every failure becomes one named error
-                raise watchdog.failure(what, ref, e) from e
+            values[ref] = watchdog.fetch(what, ref)
         watchdog.check(what)
-    return ray.get(refs)
+    return [values[r] for r in refs] if many else values[refs]
 
 
 def describe(e: BaseException) -> str:
@@ -193,6 +191,13 @@ class Watchdog:
         bad = self.probe()
         if bad:
             raise RemoteCallError(f"{what}: {self.explain(bad)}")
+
+    def fetch(self, what: str, ref):
+        """The value of ``ref``, which is done; a failure becomes ``failure``'s named error."""
+        try:
+            return ray.get(ref, timeout=0)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one named error
+            raise self.failure(what, ref, e) from e
 
     def failure(self, what: str, ref, error: BaseException) -> RemoteCallError:
         owner = self.owner(ref) or "an actor"

@@ -54,7 +54,7 @@ def check_reachable(address: str, timeout_s: float) -> None:
 
 
 def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: int | None,
-          dashboard: bool, object_store_mb: int, on_gpu: bool, connect_timeout_s: float = 30.0) -> dict:
+          dashboard: bool, object_store_mb: int, on_gpu: bool, connect_timeout_s: float = 10.0) -> dict:
     """Join ``address`` (or RAY_ADDRESS / a `ray start` cluster) or start a local cluster.
 
     Resources are only passed when starting one: Ray rejects them when connecting.

@@ -80,10 +80,7 @@ class InFlight:
             done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, wait_s), fetch_local=True)
             if done:
                 work = next(w for w in self.work if done[0] in w.pending)
-                try:
-                    work.values[done[0]] = ray.get(done[0], timeout=self.rc.call_timeout_s)
-                except Exception as e:  # noqa: BLE001 - every failure becomes one error naming the actor
-                    raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
+                work.values[done[0]] = self.dog.fetch(f"GRPO {work.stage}", done[0])
                 work.pending.discard(done[0])
                 if not work.pending:
                     return self._finished(work)

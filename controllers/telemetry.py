@@ -77,8 +77,8 @@ class SpanCollector:
 
     def drain(self) -> None:
         s = self.system
-        groups = [grp for grp in (s.generators, s.scorers, s.learners, s.reference) if grp is not None]
-        calls = [(f"{grp.name}-{i}", ref) for grp in groups for i, ref in enumerate(grp.call_all("drain_spans", control=True))]
+        calls = [(name, ref) for grp in s.groups() for name, ref in zip(grp.names(), grp.call_all("drain_spans",
+                                                                                                   control=True))]
         for (name, _), part in zip(calls, get([ref for _, ref in calls], s.timeout, "drain_spans", s.watchdog)):
             for sp in part:
                 sp["actor"] = name

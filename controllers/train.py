@@ -73,15 +73,11 @@ def run_dir_for(recipe: Recipe) -> Path:
 
 def probe_prompts(recipe: Recipe, data: PreparedData, renderer: PromptRenderer, eval_used: int) -> list[dict]:
     """Prompts for the SFT early stop: the tail of the test split, which the final evaluation
-    (its first ``eval_used`` rows) does not use."""
+    (its first ``eval_used`` rows) does not use (``prepare_data`` made sure some are left)."""
     if not (recipe.sft.steps and recipe.sft.stop_at_pass_rate):
         return []
     test_ds = data.test
     n = min(recipe.sft.probe_prompts, len(test_ds) - eval_used)
-    if n <= 0:
-        raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {recipe.sft.stop_at_pass_rate}, but no held-out "
-                          f"prompts are left for the probe (the test split has {len(test_ds)} rows and "
-                          f"eval.num_prompts={recipe.eval.num_prompts} uses them); accepted: fewer eval prompts, or null")
     return [renderer.prompt(test_ds[i], data.test_id(i)) for i in range(len(test_ds) - n, len(test_ds))]
 
 
