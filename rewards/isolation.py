@@ -150,6 +150,8 @@ class VerifierPool:
                     if worker.task is not None:
                         self._replace(slot)
                 raise
+            for indices in (job.result.timeouts, job.result.errors, job.result.invalid):
+                indices.sort()  # in index order, not in the order the workers happened to finish
             return job.result
 
     def _resolve(self, name: str, params: dict):
