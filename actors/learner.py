@@ -297,6 +297,28 @@ class LearnerRank:
         torch.save({k: v.to(target) for k, v in state.items()}, buf)
         return buf.getvalue()
 
+    def init_weight_transfer(self, client, backend: str, master_address: str, master_port: int, world_size: int,
+                             bucket_bytes: int, dtype: str, timeout_s: float = 600.0) -> None:
+        """Open vLLM's weight-transfer channel to the generators (all ranks call this; rank 0
+        is the sender and drives ``client``, the generators' side of the handshake)."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from .weight_transfer import state_source, trainer_init_info
+
+        info = trainer_init_info(backend, self.rank, master_address, master_port, world_size, bucket_bytes, timeout_s)
+        device = str(self.device) if backend == "nccl" else "cpu"
+        source = state_source(self.engine.module, getattr(torch, dtype), device, bucket_bytes, self.cfg.zero_stage == 3)
+        self._client = client
+        self._transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+    def send_weights(self, version: int) -> float:
+        """Broadcast the current weights as ``version`` (all ranks call this); returns seconds."""
+        t0 = time.perf_counter()
+        with self.spans.span("send_weights", version=version):
+            self._client.version = version
+            self._transfer.send_weights()
+        return time.perf_counter() - t0
+
     def save_hf(self, path: str) -> str | None:
         """HF-format checkpoint (``from_pretrained`` loads it) written by rank 0."""
         state = self._full_state_dict()

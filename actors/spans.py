@@ -25,6 +25,11 @@ class SpanLog:
             with self._lock:
                 self._spans.append({"kind": kind, "t0": t0, "t1": time.time(), "args": args})
 
+    def add(self, kind: str, t0: float, t1: float, **args) -> None:
+        """A span whose start and end happened in different calls (``time.time()`` values)."""
+        with self._lock:
+            self._spans.append({"kind": kind, "t0": t0, "t1": t1, "args": args})
+
     def drain(self) -> list[dict]:
         with self._lock:
             out, self._spans = self._spans, []

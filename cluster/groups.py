@@ -72,21 +72,23 @@ CONTROL = "control"  # concurrency group for calls that must not wait behind lon
 class ActorGroup:
     """``name-0 … name-(n-1)``: the names the dashboard shows and ``ray.get_actor`` finds.
 
-    Work methods run one at a time, in submission order; ``control=True`` calls run in a
-    separate concurrency group, beside whatever work is in progress.
+    Work methods run one at a time, in submission order (``max_concurrency`` > 1: that many
+    at once); ``control=True`` calls run in a separate concurrency group, beside whatever work
+    is in progress.
     """
 
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
-                 num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, namespace: str | None = None):
+                 num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, namespace: str | None = None,
+                 max_concurrency: int = 1):
         self.name, self.timeout_s = name, timeout_s
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
-        remote_cls = ray.remote(concurrency_groups={CONTROL: 2})(cls)
+        remote_cls = ray.remote(concurrency_groups={CONTROL: 3})(cls)
         self.actors = []
         for i in range(count):
             args, kwargs = make_args(i)
             opts: dict[str, Any] = dict(name=f"{name}-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
-                                        lifetime=None)
+                                        lifetime=None, max_concurrency=max_concurrency)
             if namespace:
                 opts["namespace"] = namespace
             self.actors.append(remote_cls.options(**opts).remote(*args, **kwargs))

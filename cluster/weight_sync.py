@@ -1,12 +1,59 @@
 """Moving the learner's weights to generators and the reference.
 
-CPU transport: rank 0 serialises the state dict once into Ray's object store and every
-receiver resolves the same object reference, so the bytes never pass through the driver.
-All ranks take part in the export because ZeRO-3 has to gather the shards.
+Two transports:
+
+- ``vllm`` generators: vLLM's weight-transfer API over a collective (NCCL on GPUs, gloo on
+  CPUs; ``actors/weight_transfer.py``). Learner rank 0 is the sender; ``GeneratorsClient`` is
+  its handle on the generators' side of the handshake, carried to it as an argument, so the
+  learner never imports this layer. Tensors never pass through the object store.
+- ``hf`` generators and the reference: rank 0 serialises the state dict once into Ray's object
+  store and every receiver resolves the same object reference, so the bytes never pass through
+  the driver. All ranks take part in the export because ZeRO-3 has to gather the shards.
 """
 from __future__ import annotations
 
-from .groups import ActorGroup
+import ray
+
+from .groups import CONTROL, ActorGroup
+
+
+class GeneratorsClient:
+    """vLLM's ``VLLMWeightSyncClient`` over generator actors: every call fans out to all of
+    them (their control concurrency group, beside generation) and waits, bounded by
+    ``timeout_s``. Generator ``i`` (``tp`` workers each) holds transfer ranks
+    ``1 + i*tp .. (i+1)*tp``; ``version`` is what the next ``finish_weight_update`` labels."""
+
+    def __init__(self, generators: list, workers_per_generator: int = 1, timeout_s: float = 600.0):
+        self.generators, self.tp, self.timeout_s = list(generators), workers_per_generator, timeout_s
+        self.version = 0
+
+    def _all(self, method: str, *args_per_actor) -> list:
+        refs = [getattr(g, method).options(concurrency_group=CONTROL).remote(*args)
+                for g, args in zip(self.generators, args_per_actor)]
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        offset = init_info.get("rank_offset", 1)
+        self._all("init_weight_transfer", *[({**init_info, "rank_offset": offset + i * self.tp},)
+                                            for i in range(len(self.generators))])
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update", *[() for _ in self.generators])
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all("update_weights", *[(update_info,) for _ in self.generators])
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        version = int(weight_version) if weight_version is not None else self.version
+        self._all("finish_weight_update", *[(version,) for _ in self.generators])
+
+
+def start_transfer(learners: ActorGroup, generators: ActorGroup, backend: str, address: str, port: int,
+                   bucket_bytes: int, dtype: str, timeout_s: float) -> list:
+    """Queue the weight-transfer handshake on every learner rank (rank 0 drives the generators)."""
+    client = GeneratorsClient(generators.actors, 1, timeout_s)
+    return learners.call_all("init_weight_transfer", client, backend, address, port, 1 + len(generators),
+                             bucket_bytes, dtype, timeout_s)
 
 
 def start_broadcast(learners: ActorGroup, receivers: list[tuple[ActorGroup, str, tuple]],
@@ -20,4 +67,3 @@ def start_broadcast(learners: ActorGroup, receivers: list[tuple[ActorGroup, str,
     blob = exports[0]  # rank 0 holds the full state dict; other ranks return None
     loads = [ref for group, method, extra in receivers for ref in group.call_all(method, blob, *extra, control=True)]
     return exports, loads
-

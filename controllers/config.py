@@ -248,6 +248,16 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         check_specs(r.rewards)
     except ValueError as e:
         raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
+    gen = r.generator
+    for key, value in [("generator.bucket_mb", gen.bucket_mb), ("generator.max_requests", gen.max_requests)]:
+        _positive(key, value)
+    if gen.backend == "vllm" and g.partial_rollout_tokens:
+        raise ConfigError(f"config key 'grpo.partial_rollout_tokens': got {g.partial_rollout_tokens} with generator.backend "
+                          "'vllm'; accepted: 0 (vLLM continues requests in flight under new weights itself: "
+                          "generator.pause_mode 'keep'), or generator.backend 'hf'")
+    if gen.backend == "vllm" and gen.gpus_per_actor > 0 and not lc.gpus_per_rank:
+        raise ConfigError("config key 'learner.gpus_per_rank': got 0 with vLLM generators on GPUs; accepted: > 0 "
+                          "(weights go from learner rank 0's GPU to the generators' over NCCL)")
     if resources:
         check_resources(r, available_cpus, available_gpus)
 

@@ -50,7 +50,8 @@ class GrpoDriver:
         self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         g = recipe.grpo
         self.B, self.G = g.prompts_per_step, g.num_generations
-        self.per_request = g.groups_per_request or max(1, self.B // len(system.generators))
+        # vLLM: one group per call, so each returns the moment its G completions are done.
+        self.per_request = g.groups_per_request or (1 if system.streams_weights else max(1, self.B // len(system.generators)))
         self.sampler = EpochSampler(len(data.train), recipe.seed, data.train_rows)
         self.reward_names = [s.name for s in recipe.rewards]
         self.health = RewardHealth(self.reward_names, recipe.scorer.max_failed_steps, recipe.scorer.on_broken)

