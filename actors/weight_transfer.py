@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -249,6 +250,9 @@ def register() -> None:
         return
     if BACKEND in WeightTransferEngineFactory._registry:
         return
+    # Every reload warns that rotary embeddings (which have no weights) loaded none.
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+        lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
     engine, trainer, _ = _engine_classes()
     WeightTransferEngineFactory.register_engine(BACKEND, engine)
     WeightTransferTrainerFactory.register_engine(BACKEND, trainer)

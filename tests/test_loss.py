@@ -214,3 +214,34 @@ def test_update_does_not_depend_on_ranks_and_micro_batches(loss_type):
             parts_grad[mb] = grad
     assert parts_loss == pytest.approx(whole_loss, rel=1e-5)
     assert torch.allclose(parts_grad, whole_grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("entropy", ["no", "log", "grad"])
+def test_chunked_logprobs_equal_the_whole_vocabulary_computation(tiny_model, entropy):
+    """The LM head on completion positions only, 5 tokens at a time with recomputation in
+    backward: the same log-probs, entropies and gradients as full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from r1ray.actors.batching import _full_token_logprobs, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    packed = pack([[1, 5, 9], [2, 4], [7, 7, 7, 7]], [[3, 8, 2, 6], [9] * 9, [4]], pad_id=0)
+    results = []
+    for fn in (lambda: token_logprobs(model, packed, 0.7, entropy, chunk_tokens=5),
+               lambda: _full_token_logprobs(model, packed, 0.7, entropy)):
+        model.zero_grad()
+        out = fn()
+        logp, ent = (out, None) if entropy == "no" else out
+        loss = -(logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum()
+        if entropy == "grad":
+            loss = loss - 0.3 * ent.sum()
+        loss.backward()
+        results.append((logp.detach(), None if ent is None else ent.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp, ent, grads), (lp_full, ent_full, grads_full) = results
+    assert (lp != 0).sum() == packed.completion_mask.sum()
+    assert torch.allclose(lp, lp_full, atol=1e-5)
+    if entropy != "no":
+        assert torch.allclose(ent, ent_full, atol=1e-5) and (ent_full * (1 - packed.completion_mask)).abs().max() == 0
+    for name in grads:
+        assert torch.allclose(grads[name], grads_full[name], atol=1e-5), name

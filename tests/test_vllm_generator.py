@@ -128,26 +128,65 @@ def test_weights_after_a_transfer_give_the_learners_greedy_outputs(vllm_setup, t
     assert out.logprobs == pytest.approx(lp, abs=1e-3)
 
 
-def test_an_update_mid_generation_keeps_every_sequence_and_labels_tokens(vllm_setup, tiny_model):
-    """pause_mode 'keep': requests in flight stop, take the new weights and go on; each token
-    records the version that sampled it. (Decoding 16 x 150 tokens takes well under a second
-    here, so the update is tried at a few points until one lands mid-sequence.)"""
-    gen, model, client, trainer = vllm_setup
-    crossed = 0
+def _update_mid_generation(gen, client, trainer, prompts, n, tokens, greedy=False, perturb=None):
+    """Generate while an update lands; retried at a few delays (decoding here takes well under a
+    second) until one lands mid-sequence or the delays run out. Returns (version before, rollouts)."""
     for delay in (0.3, 0.15, 0.5, 0.05, 0.8):
         before, out = gen.version, []
         worker = threading.Thread(target=lambda: out.extend(gen.generate(
-            [_prompt(tiny_model), _prompt(tiny_model, "111+222", "p1")], 8, SamplingConfig(max_new_tokens=150))))
+            prompts, n, SamplingConfig(max_new_tokens=tokens), greedy=greedy)))
         worker.start()
         time.sleep(delay)
+        if perturb is not None:
+            perturb()
         _send(client, trainer, before + 1)
         worker.join(120)
-        assert len(out) == 16 and gen.version == before + 1
+        assert len(out) == n * len(prompts) and gen.version == before + 1
         for r in out:
             assert len(r.versions) == len(r.completion_ids) == len(r.logprobs) > 0
             assert r.versions == sorted(r.versions) and set(r.versions) <= {before, before + 1}
-        # sequences that started under one version and finished under the next
-        crossed = sum(before in r.versions and before + 1 in r.versions for r in out)
-        if crossed:
-            break
-    assert crossed > 0
+        if any(before in r.versions and before + 1 in r.versions for r in out):
+            return before, out
+    return before, out
+
+
+@pytest.mark.parametrize("pause_mode,kv", [("keep", "keep"), ("keep", "recompute"), ("wait", "keep")])
+def test_an_update_mid_generation_keeps_every_sequence_and_labels_tokens(vllm_setup, tiny_model, pause_mode, kv):
+    """pause_mode 'keep': requests in flight stop, take the new weights and go on, each token
+    labelled with the version that sampled it. 'wait': the update waits for them to finish, so
+    no sequence spans two versions."""
+    gen, model, client, trainer = vllm_setup
+    gen.cfg.pause_mode, gen.cfg.kv_on_update = pause_mode, kv
+    try:
+        before, out = _update_mid_generation(gen, client, trainer, [_prompt(tiny_model), _prompt(tiny_model, "111+222", "p1")],
+                                             8, 150)
+    finally:
+        gen.cfg.pause_mode, gen.cfg.kv_on_update = "keep", "keep"
+    crossed = sum(before in r.versions and before + 1 in r.versions for r in out)
+    assert crossed > 0 if pause_mode == "keep" else crossed == 0
+
+
+def test_recomputed_kv_continues_exactly_as_the_new_weights_would(vllm_setup, tiny_model):
+    """kv_on_update 'recompute' (vLLM's own RL example): greedy tokens after the update are what
+    the learner's model with the new weights produces from the same prefix."""
+    gen, model, client, trainer = vllm_setup
+
+    def perturb():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+
+    torch.manual_seed(1)
+    gen.cfg.kv_on_update = "recompute"  # with "keep" the continuation differs (checked by hand)
+    try:
+        before, out = _update_mid_generation(gen, client, trainer, [_prompt(tiny_model)], 1, 150, greedy=True,
+                                             perturb=perturb)
+    finally:
+        gen.cfg.kv_on_update = "keep"
+    r = out[0]
+    k = r.versions.index(before + 1)
+    assert 0 < k < len(r.completion_ids)
+    prefix = torch.tensor([r.prompt_ids + r.completion_ids[:k]])
+    rest = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=len(r.completion_ids) - k,
+                          do_sample=False, eos_token_id=gen.eos_token_id)[0, prefix.shape[1]:].tolist()
+    assert r.completion_ids[k:] == rest
