@@ -47,6 +47,7 @@ class GeneratorConfig:
     kv_on_update: Literal["keep", "recompute"] = "keep"
     bucket_mb: int = 512  # weight-transfer bucket: learner rank 0 broadcasts at most this much at a time
     max_requests: int = 256  # generate calls (prompt groups) one vLLM generator takes at once
+    tensor_parallel_size: int = 1  # vLLM: GPUs per generator, tensor-parallel inside the actor
 
 
 class Generator:
@@ -313,6 +314,9 @@ class _VllmEngine:
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=enforce_eager,
             seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            # tensor parallelism in worker processes of this actor, on the GPUs Ray gave it
+            distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
             weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend)))
         await engine.update_weight_version("0")  # every token is labelled with the weights that sampled it

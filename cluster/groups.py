@@ -79,7 +79,7 @@ class ActorGroup:
 
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
                  num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, namespace: str | None = None,
-                 max_concurrency: int = 1):
+                 max_concurrency: int = 1, scheduling: Callable[[str], Any] | None = None):
         self.name, self.timeout_s = name, timeout_s
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
@@ -89,6 +89,8 @@ class ActorGroup:
             args, kwargs = make_args(i)
             opts: dict[str, Any] = dict(name=f"{name}-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
                                         lifetime=None, max_concurrency=max_concurrency)
+            if scheduling is not None:  # e.g. its bundle of a placement group
+                opts["scheduling_strategy"] = scheduling(f"{name}-{i}")
             if namespace:
                 opts["namespace"] = namespace
             self.actors.append(remote_cls.options(**opts).remote(*args, **kwargs))

@@ -58,6 +58,7 @@ class RayConfig:
     deadline_min_s: float = 60.0
     heartbeat_s: float = 10.0
     liveness_timeout_s: float = 45.0
+    placement_timeout_s: float = 120.0  # reserving the placement groups (an autoscaler may add nodes meanwhile)
 
 
 @dataclass
@@ -249,8 +250,30 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     except ValueError as e:
         raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
     gen = r.generator
-    for key, value in [("generator.bucket_mb", gen.bucket_mb), ("generator.max_requests", gen.max_requests)]:
+    for key, value in [("generator.bucket_mb", gen.bucket_mb), ("generator.max_requests", gen.max_requests),
+                       ("generator.tensor_parallel_size", gen.tensor_parallel_size),
+                       ("ray.placement_timeout_s", r.ray.placement_timeout_s),
+                       ("learner.cpus_per_rank", lc.cpus_per_rank), ("generator.cpus_per_actor", gen.cpus_per_actor),
+                       ("scorer.cpus_per_actor", r.scorer.cpus_per_actor), ("reference.cpus", r.reference.cpus)]:
         _positive(key, value)
+    for key, value in [("learner.gpus_per_rank", lc.gpus_per_rank), ("generator.gpus_per_actor", gen.gpus_per_actor),
+                       ("reference.gpus", r.reference.gpus)]:
+        if value < 0 or value != int(value):
+            raise ConfigError(f"config key '{key}': got {value!r}; accepted: 0 or a whole number of GPUs (actors sharing "
+                              "one GPU would need vLLM's sleep/wake between phases, which r1ray does not do: give each "
+                              "actor its own GPUs)")
+    if gen.tensor_parallel_size > 1 and gen.backend != "vllm":
+        raise ConfigError(f"config key 'generator.tensor_parallel_size': got {gen.tensor_parallel_size} with backend "
+                          f"{gen.backend!r}; accepted: 1, or backend 'vllm' (tensor parallelism is vLLM's)")
+    if gen.tensor_parallel_size > 1 and gen.gpus_per_actor != gen.tensor_parallel_size:
+        raise ConfigError(f"config key 'generator.gpus_per_actor': got {gen.gpus_per_actor:g} with tensor_parallel_size "
+                          f"{gen.tensor_parallel_size}; accepted: {gen.tensor_parallel_size} (each generator is a bundle "
+                          "of tensor_parallel_size GPUs on one node)")
+    if gen.backend == "vllm" and gen.gpus_per_actor > gen.tensor_parallel_size:
+        raise ConfigError(f"config key 'generator.gpus_per_actor': got {gen.gpus_per_actor:g} with tensor_parallel_size "
+                          f"{gen.tensor_parallel_size}; accepted: at most {gen.tensor_parallel_size} (vLLM would leave "
+                          f"{gen.gpus_per_actor - gen.tensor_parallel_size:g} of them idle: raise "
+                          "generator.tensor_parallel_size instead)")
     if gen.backend == "vllm" and g.partial_rollout_tokens:
         raise ConfigError(f"config key 'grpo.partial_rollout_tokens': got {g.partial_rollout_tokens} with generator.backend "
                           "'vllm'; accepted: 0 (vLLM continues requests in flight under new weights itself: "

@@ -9,6 +9,7 @@ from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
 from ..cluster.groups import ActorGroup, Watchdog, rendezvous_on
+from ..cluster.placement import Bundles, Placement
 from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ..cluster.weight_sync import start_broadcast, start_transfer
 from .config import Recipe
@@ -23,6 +24,26 @@ def _plain(cls, group_cfg):
     return build(cls, {k: v for k, v in to_dict(group_cfg).items() if k in names})
 
 
+def placement_plan(r: Recipe) -> list[Bundles]:
+    """The recipe's placement groups: learner ranks and the reference packed together
+    (``train``); one group per generator (``generator-<i>``: ``tensor_parallel_size`` GPUs on
+    one node), so generators can come and go one by one; the scorers packed (``scorers``)."""
+    train = Bundles("train")
+    for i in range(r.learner.num_ranks):
+        train.add(f"learner-rank-{i}", r.learner.cpus_per_rank, r.learner.gpus_per_rank)
+    if r.learner.loss.kl_coef > 0:
+        train.add("reference-0", r.reference.cpus, r.reference.gpus)
+    plans = [train]
+    for i in range(r.generator.num_actors):
+        gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
+        gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
+        plans.append(gen)
+    scorers = Bundles("scorers")
+    for i in range(r.scorer.num_actors):
+        scorers.add(f"reward-scorer-{i}", r.scorer.cpus_per_actor)
+    return plans + [scorers]
+
+
 class System:
     def __init__(self, recipe: Recipe, model_path: str):
         self.r, self.model_path = recipe, model_path
@@ -30,6 +51,7 @@ class System:
         self.timeout = recipe.ray.call_timeout_s
         self.learners = self.generators = self.scorers = self.reference = None
         self.watchdog: Watchdog | None = None
+        self.placement: Placement | None = None
         self.startup_s: dict[str, float] = {}
 
     @property
@@ -49,27 +71,33 @@ class System:
     def start(self) -> "System":
         r, ns = self.r, self.r.ray.namespace
         t0 = time.perf_counter()
+        self.placement = Placement(placement_plan(r), ns, r.ray.placement_timeout_s)
+        place = self.placement.strategy
+        self.startup_s["placement"] = time.perf_counter() - t0
         lcfg = _plain(LearnerConfig, r.learner)
         n = r.learner.num_ranks
         self.learners = ActorGroup("learner-rank", LearnerRank, n,
                                    lambda i: ((self.model_path, lcfg, i, n, r.seed), {}),
                                    num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank,
-                                   timeout_s=self.timeout, namespace=ns)
+                                   timeout_s=self.timeout, namespace=ns, scheduling=place)
         gcfg = _plain(GeneratorConfig, r.generator)
         self.generators = ActorGroup("generator", Generator, r.generator.num_actors,
                                      lambda i: ((self.model_path, gcfg, r.seed + 7919 * i), {}),
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
-                                     timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls)
+                                     timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls,
+                                     scheduling=place)
         self.scorers = ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
                                   lambda i: ((r.rewards, _plain(ScorerConfig, r.scorer)), {}),
-                                  num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns)
+                                  num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns,
+                                  scheduling=place)
         if self.uses_reference:
             rc = r.reference
             self.reference = ActorGroup("reference", Reference, 1,
                                         lambda i: ((self.model_path, "float32" if r.learner.dtype == "float32" else "bfloat16",
                                                     rc.micro_batch_size, r.learner.loss.temperature,
                                                     r.learner.threads_per_rank), {}),
-                                        num_cpus=rc.cpus, num_gpus=rc.gpus, timeout_s=self.timeout, namespace=ns)
+                                        num_cpus=rc.cpus, num_gpus=rc.gpus, timeout_s=self.timeout, namespace=ns,
+                                        scheduling=place)
         addr, port = rendezvous_on(self.learners.actors[0])
         setup = self.learners.call_all("setup", addr, port, min(self.timeout, 600.0))
         infos = self.learners.get(setup, "setup (DeepSpeed init)")
@@ -128,3 +156,5 @@ class System:
         for group in (self.scorers, self.generators, self.reference, self.learners):
             if group is not None:
                 group.kill()
+        if self.placement is not None:
+            self.placement.remove()

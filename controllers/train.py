@@ -101,6 +101,18 @@ def held_out(summary: dict, key: str, detail: dict) -> None:
     log.info("held-out pass@1 %s GRPO: %.3f", key.removeprefix("eval_"), detail["pass@1"])
 
 
+def check_placement(recipe: Recipe) -> None:
+    """Every bundle of the placement plan fits on some alive node (a generator's
+    tensor_parallel_size GPUs on one node), and all of them together fit the cluster."""
+    from ..cluster.placement import alive_nodes, unplaceable
+    from .system import placement_plan
+
+    why = unplaceable(placement_plan(recipe), alive_nodes())
+    if why:
+        key = "generator.tensor_parallel_size" if why.startswith("generator") else "the actors' cpus_per_* / gpus_per_*"
+        raise ConfigError(f"config key '{key}': the placement cannot be met on this cluster: {why}")
+
+
 def connect(recipe: Recipe) -> None:
     """Start or join Ray; on a joined cluster check its resources and take a free namespace.
     Raises ConfigError / ClusterUnreachable with Ray stopped again."""
@@ -112,6 +124,7 @@ def connect(recipe: Recipe) -> None:
     try:
         if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
             check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
+        check_placement(recipe)
         namespace = runtime.free_namespace(recipe.ray.namespace)
     except BaseException:
         runtime.stop()

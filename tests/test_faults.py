@@ -142,7 +142,10 @@ def test_a_stopped_learner_rank_is_found_by_the_liveness_check(tmp_path, tiny_wo
     try:
         code, err, seconds = _finish(proc, 120)
     finally:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone: removing the run's placement groups kills their actors
+            pass
     assert code == 1 and seconds < 30, (code, seconds, err[-3000:])
     message = err.strip().splitlines()[-1]
     # named first, with what it was doing (training, or exporting the weights of the step before)

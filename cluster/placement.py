@@ -1,0 +1,132 @@
+"""Ray placement groups: where each actor group runs.
+
+Groups of bundles, each reserved atomically before any actor starts (``System`` makes the plan):
+
+- ``train``: one bundle per learner rank, then the reference's, strategy PACK: on one node
+  whenever they fit there (DeepSpeed's collectives and the reference's batches stay on the
+  node's fast links), spread over the fewest nodes otherwise.
+- ``generator-<i>``: one bundle of ``tensor_parallel_size`` GPUs on one node (vLLM's tensor
+  parallelism runs inside the actor); a group per generator, so generators can be added and
+  removed one at a time (placement groups cannot be resized).
+- ``scorers``: one CPU bundle per scorer, PACK.
+
+Every actor is scheduled into its own bundle, so a rank can never land on a node the plan did
+not reserve for it, and ``unplaceable`` says up front whether a plan fits the nodes there.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold a placement plan (raised before any actor starts)."""
+
+
+@dataclass
+class Bundles:
+    """One placement group: named bundles (``learner-rank-0``...) in order."""
+
+    name: str
+    bundles: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    strategy: str = "PACK"
+
+    def add(self, owner: str, cpus: float, gpus: float = 0.0) -> None:
+        self.bundles.append((owner, {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}))
+
+    def total(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for _, b in self.bundles:
+            for k, v in b.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The total resources of each alive node of the connected cluster."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def unplaceable(plans: list[Bundles], nodes: list[dict[str, float]]) -> str | None:
+    """Why ``plans`` cannot all be placed on ``nodes`` (first-fit over the bundles, largest GPU
+    bundle first, as Ray's PACK would try), or None when they can."""
+    free = [dict(n) for n in nodes]
+    wanted = [(plan.name, owner, b) for plan in plans for owner, b in plan.bundles]
+    for name, owner, bundle in sorted(wanted, key=lambda w: (-w[2].get("GPU", 0), -w[2].get("CPU", 0))):
+        if not any(all(node.get(k, 0.0) >= v for k, v in bundle.items()) for node in nodes):
+            largest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+            return (f"{owner} needs {_fmt(bundle)} on one node, and no node has that "
+                    f"(the most GPUs on one node: {largest:g})")
+        for node in free:
+            if all(node.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] -= v
+                break
+        else:
+            return f"{owner} ({_fmt(bundle)}) does not fit beside the other actors: the plan needs {_fmt(_sum(plans))}, " \
+                   f"the cluster has {_fmt(_sum_nodes(nodes))}"
+    return None
+
+
+def _sum(plans: list[Bundles]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for plan in plans:
+        for k, v in plan.total().items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _sum_nodes(nodes: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items()) or "nothing"
+
+
+class Placement:
+    """The placement groups of one run: reserved together, released together."""
+
+    def __init__(self, plans: list[Bundles], namespace: str, timeout_s: float = 120.0):
+        self.plans = {p.name: p for p in plans if p.bundles}
+        self.groups: dict[str, object] = {}
+        t0 = time.monotonic()
+        try:
+            for plan in self.plans.values():
+                self.groups[plan.name] = placement_group([b for _, b in plan.bundles], strategy=plan.strategy,
+                                                         name=f"{namespace}-{plan.name}")
+            for name, pg in self.groups.items():
+                left = max(1.0, timeout_s - (time.monotonic() - t0))
+                try:
+                    ray.get(pg.ready(), timeout=left)
+                except ray.exceptions.GetTimeoutError:
+                    plan = self.plans[name]
+                    raise PlacementError(
+                        f"placement group '{namespace}-{name}' ({len(plan.bundles)} bundles, {_fmt(plan.total())}, "
+                        f"strategy {plan.strategy}) was not placed within {timeout_s:g}s; the cluster's alive nodes "
+                        f"have {_fmt(_sum_nodes(alive_nodes()))} in all (an autoscaling cluster may need a longer "
+                        "ray.placement_timeout_s)") from None
+        except BaseException:
+            self.remove()
+            raise
+
+    def strategy(self, owner: str) -> PlacementGroupSchedulingStrategy:
+        """The scheduling strategy that puts ``owner`` (e.g. ``generator-1``) into its bundle."""
+        for name, plan in self.plans.items():
+            owners = [o for o, _ in plan.bundles]
+            if owner in owners:
+                return PlacementGroupSchedulingStrategy(placement_group=self.groups[name],
+                                                        placement_group_bundle_index=owners.index(owner))
+        raise KeyError(f"no bundle was planned for {owner!r}")
+
+    def remove(self) -> None:
+        for pg in self.groups.values():
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
+        self.groups = {}
