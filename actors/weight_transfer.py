@@ -39,18 +39,44 @@ def nbytes(dtype: torch.dtype, shape) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def bucket_plan(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+def _layer(name: str) -> str | None:
+    """The decoder layer a checkpoint name belongs to (``model.layers.3``), or None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def bucket_plan(sizes: list[int], bucket_bytes: int, names: list[str] | None = None) -> list[list[int]]:
     """Consecutive indices grouped so each bucket holds at most ``bucket_bytes`` (a larger
-    tensor goes alone). Sender and receivers compute it from the same metadata."""
+    tensor goes alone). With ``names``, a decoder layer's tensors stay in one bucket whenever
+    the layer fits in one: vLLM reloads a layer once all of its tensors have arrived, so a
+    bucket that ends mid-layer would stay alive until the next one. Sender and receivers
+    compute it from the same metadata."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes={bucket_bytes}: must be > 0")
+    units: list[list[int]] = []
+    for i in range(len(sizes)):
+        layer = _layer(names[i]) if names is not None else None
+        if units and layer is not None and _layer(names[units[-1][-1]]) == layer:
+            units[-1].append(i)
+        else:
+            units.append([i])
     buckets, current, total = [], [], 0
-    for i, size in enumerate(sizes):
-        if current and total + size > bucket_bytes:
-            buckets.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += size
+    for unit in units:
+        size = sum(sizes[i] for i in unit)
+        if size > bucket_bytes:  # a layer larger than a bucket: split it tensor by tensor
+            pieces = [[i] for i in unit]
+        else:
+            pieces = [unit]
+        for piece in pieces:
+            piece_size = sum(sizes[i] for i in piece)
+            if current and total + piece_size > bucket_bytes:
+                buckets.append(current)
+                current, total = [], 0
+            current += piece
+            total += piece_size
     if current:
         buckets.append(current)
     return buckets
@@ -74,10 +100,11 @@ def _broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], opts).wait()
 
 
-def send_buckets(group, pairs: Iterator[tuple[str, torch.Tensor]], sizes: list[int], bucket_bytes: int) -> int:
+def send_buckets(group, pairs: Iterator[tuple[str, torch.Tensor]], names: list[str], sizes: list[int],
+                 bucket_bytes: int) -> int:
     """Rank 0's side: pack consecutive tensors into flat byte buckets and broadcast each."""
     sent = 0
-    for bucket in bucket_plan(sizes, bucket_bytes):
+    for bucket in bucket_plan(sizes, bucket_bytes, names):
         parts = []
         for _ in bucket:
             _, tensor = next(pairs)
@@ -93,7 +120,7 @@ def receive_buckets(group, names: list[str], dtypes: list[torch.dtype], shapes: 
     """A receiver's side: one bucket at a time, its tensors handed to ``load([(name, tensor)])``."""
     sizes = [nbytes(d, s) for d, s in zip(dtypes, shapes)]
     received = 0
-    for bucket in bucket_plan(sizes, bucket_bytes):
+    for bucket in bucket_plan(sizes, bucket_bytes, names):
         flat = torch.empty(sum(sizes[i] for i in bucket), dtype=torch.uint8)
         _broadcast(group, flat)
         out, offset = [], 0
@@ -219,7 +246,7 @@ def _engine_classes():
             exe = ThreadPoolExecutor(max_workers=1)
             try:
                 future = exe.submit(self.client.update_weights, asdict(info))
-                send_buckets(self.group, _checked(iter(self.source), meta),
+                send_buckets(self.group, _checked(iter(self.source), meta), [m.name for m in meta],
                              [nbytes(m.dtype, m.shape) for m in meta], self.bucket_bytes)
                 future.result()
             finally:
@@ -293,7 +320,7 @@ def state_source(module: torch.nn.Module, dtype: torch.dtype, device: str, bucke
             return meta
 
         def __iter__(self):
-            for bucket in bucket_plan(sizes, bucket_bytes):
+            for bucket in bucket_plan(sizes, bucket_bytes, [name for name, _ in entries]):
                 tensors = [entries[i][1] for i in bucket]
                 if zero3:
                     import deepspeed
