@@ -12,10 +12,11 @@ device:
 
 The group spans learner rank 0 (rank 0, the sender) and every vLLM worker of every generator
 (generator ``i`` with tensor parallelism ``t`` holds ranks ``1 + i*t .. i*t + t``). Nothing is
-ever one serialised blob: rank 0 walks the parameters in name order, converts each to the
-wire dtype and broadcasts buckets of at most ``bucket_bytes`` (a tensor larger than a bucket
-goes alone); workers receive a bucket, load its tensors by name and drop it. Under ZeRO-3 all
-learner ranks gather one bucket's parameters at a time, never the whole model.
+ever one serialised blob: rank 0 walks the state dict in order, converts each tensor to the
+wire dtype and broadcasts buckets of at most ``bucket_bytes`` (a decoder layer kept whole when
+it fits, a tensor larger than a bucket alone); workers receive a bucket, load its tensors by
+name and drop it. Under ZeRO-3 all learner ranks gather one bucket's parameters at a time,
+never the whole model.
 """
 from __future__ import annotations
 

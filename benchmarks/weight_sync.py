@@ -208,6 +208,48 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
             "learner_extra_peak_mb": max(extra_learner) / 2**20, "generator_extra_peak_mb": max(extra_gen) / 2**20}
 
 
+def report(rows: list[dict], bandwidth: float, name: str, paths: list[str], generators: list[int]) -> None:
+    """benchmarks/results/<name>.md (the table) and .png (seconds per sync against model size)."""
+    results = HERE / "results"
+    lines = [f"memcpy bandwidth on this machine: {bandwidth:.2f} GB/s", "",
+             "| model | generators | path | s / sync | GB/s per generator | of memcpy | learner rank 0 extra peak MiB | "
+             "generator extra peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "seconds" in r:
+            lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['generators']} | {r['path']} | {r['seconds']:.2f} | "
+                         f"{r['gbps']:.2f} | {r['of_memcpy']:.0%} | {r['learner_extra_peak_mb']:.0f} | "
+                         f"{r['generator_extra_peak_mb']:.0f} |")
+        else:
+            lines.append(f"| {r['size']} | {r['generators']} | {r['path']} | failed: {r['error']} | | | | |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    (results / f"{name}.md").write_text(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for path in paths:
+            for n_gen in generators:
+                pts = [(r["params"], r["seconds"]) for r in rows if r["path"] == path and r["generators"] == n_gen
+                       and "seconds" in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", linestyle="-" if path == "collective" else "--",
+                            label=f"{path}, {n_gen} generator{'s' if n_gen > 1 else ''}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("seconds per sync")
+        ax.set_title("Weight sync, 2 learner ranks -> vLLM generators (CPU)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(results / f"{name}.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e .[bench])")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["10M", "100M", "500M"], choices=list(SIZES))
@@ -217,7 +259,13 @@ def main() -> int:
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--models", default=str(Path.home() / ".cache" / "r1ray" / "bench-models"))
     ap.add_argument("--name", default="weight_sync")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and plot from results/<name>.json")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads((HERE / "results" / f"{args.name}.json").read_text())
+        rows = [{**r, "error": r["error"].splitlines()[0][:160]} if "error" in r else r for r in saved["rows"]]
+        report(rows, saved["memcpy_gbps"], args.name, args.paths, args.generators)
+        return 0
     import ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -237,7 +285,7 @@ def main() -> int:
                 try:
                     r = run_case(path, model, n_gen, args.repeats, args.bucket_mb)
                 except Exception as e:  # noqa: BLE001 - a case that cannot run here is reported, not fatal
-                    r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
                 finally:
                     ray.shutdown()
                 r.update(size=size, params=params, generators=n_gen, path=path, bytes=params * 4)
@@ -247,43 +295,7 @@ def main() -> int:
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 (results / f"{args.name}.json").write_text(json.dumps({"memcpy_gbps": bandwidth, "rows": rows}, indent=1))
-    lines = [f"memcpy bandwidth on this machine: {bandwidth:.2f} GB/s", "",
-             "| model | generators | path | s / sync | GB/s per generator | of memcpy | learner rank 0 extra peak MiB | "
-             "generator extra peak MiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "seconds" in r:
-            lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['generators']} | {r['path']} | {r['seconds']:.2f} | "
-                         f"{r['gbps']:.2f} | {r['of_memcpy']:.0%} | {r['learner_extra_peak_mb']:.0f} | "
-                         f"{r['generator_extra_peak_mb']:.0f} |")
-        else:
-            lines.append(f"| {r['size']} | {r['generators']} | {r['path']} | failed: {r['error']} | | | | |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    (results / f"{args.name}.md").write_text(table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for path in args.paths:
-            for n_gen in args.generators:
-                pts = [(r["params"], r["seconds"]) for r in rows if r["path"] == path and r["generators"] == n_gen
-                       and "seconds" in r]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", linestyle="-" if path == "collective" else "--",
-                            label=f"{path}, {n_gen} generator{'s' if n_gen > 1 else ''}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("seconds per sync")
-        ax.set_title("Weight sync, 2 learner ranks -> vLLM generators (CPU)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(results / f"{args.name}.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e .[bench])")
+    report(rows, bandwidth, args.name, args.paths, args.generators)
     return 0
 
 
