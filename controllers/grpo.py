@@ -20,6 +20,7 @@ from ..actors.learner import GrpoStats
 from ..actors.loss import global_denominator, kl_estimate, micro_batch_count
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
+from ..cluster.ray_metrics import RunMetrics
 from .config import Recipe
 from .data import EpochSampler, PreparedData, PromptRenderer
 from .inflight import InFlight, Work
@@ -66,6 +67,7 @@ class GrpoDriver:
         self.consumed: list[str] = []  # sample ids the learner trained on, in order
         self.tokens = 0
         self.telemetry = SpanCollector(system)  # every actor's busy intervals: utilisation, the timeline
+        self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
         self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier counts
         self.window_counts = Counter()  # the same, since the last learner step
         self.consecutive_drops = 0
@@ -176,7 +178,8 @@ class GrpoDriver:
             **rollout_metrics(rollouts, self.reward_names, self.G), **GrpoStats.combine(work.value),
             "staleness/mean": statistics.fmean(staleness), "staleness/max": max(staleness),
             "time/step_s": now - self.t_last, **self.telemetry.window(), **self.queue_depths(),
-            "throughput/samples_per_s": len(rollouts) / (now - self.t_last)}
+            "throughput/samples_per_s": len(rollouts) / (now - self.t_last),
+            "throughput/tokens_per_s": sum(len(r.completion_ids) for r in rollouts) / (now - self.t_last)}
         self.t_last = now
         if self.r.grpo.log_completions_every and step % self.r.grpo.log_completions_every == 0:
             for r in work.groups[0].rollouts:
@@ -189,6 +192,7 @@ class GrpoDriver:
         record = self.unsynced.pop(work.version)
         record["time/weight_sync_s"] = time.perf_counter() - work.started
         self.metrics.write(record, prefix="grpo/")
+        self.ray_metrics.record(record)
         self.records.append(record)
         return record
 
