@@ -8,9 +8,9 @@ from ..actors.generator import Generator, GeneratorConfig
 from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
+from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ..cluster.groups import ActorGroup, Watchdog, rendezvous_on
 from ..cluster.placement import Bundles, Placement
-from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ..cluster.weight_sync import start_broadcast, start_transfer
 from .config import Recipe
 from .schema import build, to_dict
