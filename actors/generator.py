@@ -76,6 +76,7 @@ class Generator:
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
         self._pending = None  # (state dict, version) staged by load_weights
+        self._update_t0 = 0.0  # vllm: when the weight update in progress paused generation
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix and the dashboard's Repr column
         return f"Generator({self.cfg.backend}, v{self.version})"
@@ -187,9 +188,9 @@ class Generator:
         Returns the seconds generation was paused."""
         self._engine.finish_update(version)
         self.version = version
-        t0, t1 = getattr(self, "_update_t0", time.time()), time.time()
-        self.spans.add("weight_update", t0, t1, version=version)
-        return t1 - t0
+        t1 = time.time()
+        self.spans.add("weight_update", self._update_t0, t1, version=version)
+        return t1 - self._update_t0
 
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()

@@ -27,33 +27,35 @@ class GeneratorsClient:
         self.generators, self.tp, self.timeout_s = list(generators), workers_per_generator, timeout_s
         self.version = 0
 
-    def _all(self, method: str, *args_per_actor) -> list:
-        refs = [getattr(g, method).options(concurrency_group=CONTROL).remote(*args)
-                for g, args in zip(self.generators, args_per_actor)]
+    def _all(self, method: str, *args, per_actor: list[tuple] | None = None) -> list:
+        """``method(*args)`` on every generator (or ``method(*per_actor[i])`` on generator i)."""
+        arg_lists = per_actor or [args] * len(self.generators)
+        refs = [getattr(g, method).options(concurrency_group=CONTROL).remote(*a)
+                for g, a in zip(self.generators, arg_lists)]
         return ray.get(refs, timeout=self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         offset = init_info.get("rank_offset", 1)
-        self._all("init_weight_transfer", *[({**init_info, "rank_offset": offset + i * self.tp},)
-                                            for i in range(len(self.generators))])
+        self._all("init_weight_transfer", per_actor=[({**init_info, "rank_offset": offset + i * self.tp},)
+                                                     for i in range(len(self.generators))])
 
     def start_weight_update(self) -> None:
-        self._all("start_weight_update", *[() for _ in self.generators])
+        self._all("start_weight_update")
 
     def update_weights(self, update_info: dict) -> None:
-        self._all("update_weights", *[(update_info,) for _ in self.generators])
+        self._all("update_weights", update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        version = int(weight_version) if weight_version is not None else self.version
-        self._all("finish_weight_update", *[(version,) for _ in self.generators])
+        self._all("finish_weight_update", int(weight_version) if weight_version is not None else self.version)
 
 
 def start_transfer(learners: ActorGroup, generators: ActorGroup, backend: str, address: str, port: int,
-                   bucket_bytes: int, dtype: str, timeout_s: float) -> list:
-    """Queue the weight-transfer handshake on every learner rank (rank 0 drives the generators)."""
-    client = GeneratorsClient(generators.actors, 1, timeout_s)
-    return learners.call_all("init_weight_transfer", client, backend, address, port, 1 + len(generators),
-                             bucket_bytes, dtype, timeout_s)
+                   bucket_bytes: int, dtype: str, timeout_s: float, tensor_parallel_size: int = 1) -> list:
+    """Queue the weight-transfer handshake on every learner rank (rank 0 drives the generators):
+    one group of learner rank 0 and every vLLM worker (``tensor_parallel_size`` per generator)."""
+    client = GeneratorsClient(generators.actors, tensor_parallel_size, timeout_s)
+    return learners.call_all("init_weight_transfer", client, backend, address, port,
+                             1 + len(generators) * tensor_parallel_size, bucket_bytes, dtype, timeout_s)
 
 
 def start_broadcast(learners: ActorGroup, receivers: list[tuple[ActorGroup, str, tuple]],

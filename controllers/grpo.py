@@ -167,7 +167,7 @@ class GrpoDriver:
         self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
         self.check_rewards()
         version, refs = self.system.publish_weights()
-        # Every rank exports (ZeRO-3 gathers), though only rank 0's bytes travel: all take part.
+        # Every learner rank takes part (ZeRO-3 gathers), though only rank 0 sends: all are watched.
         learners = self.system.learners.names()
         self.inflight.submit(Work("sync", refs, version=version, who=learners + self.system.generators.names()))
         window, self.window_counts = dict(self.window_counts), Counter()

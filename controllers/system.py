@@ -110,7 +110,8 @@ class System:
             addr, port = rendezvous_on(self.learners.actors[0])
             backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
             self.learners.get(start_transfer(self.learners, self.generators, backend, addr, port,
-                                             r.generator.bucket_mb << 20, r.generator.dtype, self.timeout),
+                                             r.generator.bucket_mb << 20, r.generator.dtype, self.timeout,
+                                             r.generator.tensor_parallel_size),
                               "weight-transfer handshake (learner rank 0 and the generators)")
             self.startup_s["weight_transfer"] = time.perf_counter() - t0
         # Liveness checks from now on (an actor still in its constructor cannot answer a ping).

@@ -19,27 +19,35 @@ def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> 
     return total
 
 
-def _busy(spans: list[dict], start: float, end: float, kinds) -> float:
+def _by_actor(spans: list[dict], start: float, end: float) -> dict[str, dict[str, list]]:
+    """actor -> span kind -> the (t0, t1) of its spans that overlap [start, end]: one pass."""
+    out: dict[str, dict[str, list]] = {}
+    for sp in spans:
+        if sp["t1"] > start and sp["t0"] < end:
+            out.setdefault(sp.get("actor", ""), {}).setdefault(sp["kind"], []).append((sp["t0"], sp["t1"]))
+    return out
+
+
+def _busy(by_actor: dict[str, dict[str, list]], start: float, end: float, kinds) -> float:
     """Seconds inside [start, end] when an actor had a span of ``kinds`` open, summed over actors
     (calls that overlap on one actor, as a vLLM generator's do, count once)."""
-    by_actor: dict[str, list] = {}
-    for sp in spans:
-        if sp["kind"] in kinds:
-            by_actor.setdefault(sp.get("actor", ""), []).append((sp["t0"], sp["t1"]))
-    return sum(_covered(iv, start, end) for iv in by_actor.values())
+    return sum(_covered([iv for k in kinds for iv in by_kind.get(k, ())], start, end) for by_kind in by_actor.values())
 
 
 def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
     """Busy seconds of each span kind inside [start, end] (summed over actors)."""
-    return {kind: _busy(spans, start, end, (kind,)) for kind in {sp["kind"] for sp in spans}}
+    by_actor = _by_actor(spans, start, end)
+    kinds = {k for by_kind in by_actor.values() for k in by_kind}
+    return {kind: _busy(by_actor, start, end, (kind,)) for kind in kinds}
 
 
 def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
     """Busy and idle seconds and the idle ratio of each actor group over [start, end]."""
     wall = max(end - start, 1e-9)
+    by_actor = _by_actor(spans, start, end)
     out = {}
     for name, kinds, n in groups:
-        busy = _busy(spans, start, end, kinds) / n
+        busy = _busy(by_actor, start, end, kinds) / n
         out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
                      "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
     return out

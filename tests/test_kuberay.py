@@ -55,6 +55,13 @@ def test_a_misspelt_field_is_caught():
         _validate(doc, _schema("ray.io_rayclusters.yaml"))
 
 
+def test_the_rayjob_launches_the_raycluster_spec():
+    """rayjob.yaml carries raycluster.yaml's spec as it is (a copy that could drift)."""
+    cluster = yaml.safe_load((MANIFESTS / "raycluster.yaml").read_text())
+    job = yaml.safe_load((MANIFESTS / "rayjob.yaml").read_text())
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+
+
 def _gpus(group):
     container = group["template"]["spec"]["containers"][0]
     return int(container["resources"]["limits"]["nvidia.com/gpu"])

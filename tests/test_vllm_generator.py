@@ -12,16 +12,9 @@ from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import TrainSample
 from r1ray.cluster.groups import free_port
 
+from .test_actors import _prompt
+
 pytest.importorskip("vllm")
-
-
-def _prompt(tok_path, text="321+654", pid="p0"):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_path)
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
-    return {"prompt_id": pid, "prompt_ids": list(ids), "columns": {"solution": "\\boxed{975}"}}
 
 
 class InProcessClient:
