@@ -323,6 +323,41 @@ class LearnerRank:
             self._transfer.send_weights()
         return time.perf_counter() - t0
 
+    def save_checkpoint(self, path: str, tag: str) -> str:
+        """DeepSpeed checkpoint of the training state (every rank calls this: each writes its
+        optimizer shard): weights, optimizer moments, the lr scheduler, and this rank's RNG
+        states, so that a resumed run continues as this one would have."""
+        import random
+
+        import numpy as np
+
+        with self.spans.span("save_checkpoint", tag=tag):
+            self.engine.save_checkpoint(path, tag=tag, save_latest=False)
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            torch.save(rng, os.path.join(path, tag, f"rng_rank{self.rank}.pt"))
+        return os.path.join(path, tag)
+
+    def load_checkpoint(self, path: str, tag: str) -> None:
+        """Restore what ``save_checkpoint`` wrote (all ranks; same world size)."""
+        import random
+
+        import numpy as np
+
+        rng_file = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
+        if not os.path.exists(rng_file):
+            raise FileNotFoundError(f"learner rank {self.rank}: no checkpoint {tag!r} under {path} (no {rng_file})")
+        loaded, _ = self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"learner rank {self.rank}: DeepSpeed found no checkpoint {tag!r} under {path}")
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def save_hf(self, path: str) -> str | None:
         """HF-format checkpoint (``from_pretrained`` loads it) written by rank 0."""
         state = self._full_state_dict()

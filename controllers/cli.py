@@ -12,7 +12,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1ray", description="GRPO for reasoning models as a Ray actor system.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a recipe: SFT warm-up, held-out eval, GRPO, eval, checkpoint")
-    t.add_argument("recipe", help="YAML path or a shipped recipe name (e.g. configs/tiny-cpu.yaml, tiny-cpu)")
+    t.add_argument("recipe", nargs="?", default=None,
+                   help="YAML path or a shipped recipe name (e.g. configs/tiny-cpu.yaml, tiny-cpu); with --resume, "
+                   "default: the run directory's config.yaml")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue this run directory from its newest complete checkpoint, with the same data order")
     t.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
     t.add_argument("--address", default=None, help="join the Ray cluster at this address (default: ray.address, "
                    "RAY_ADDRESS, a `ray start` cluster on this machine, or start a local Ray)")
@@ -42,6 +46,30 @@ def check_data(recipe) -> dict:
     return prepare_data(recipe, AutoTokenizer.from_pretrained(model_path), tiny_dir).summary()
 
 
+def resumed_recipe(args):
+    """``--resume RUN_DIR``: the run's own config.yaml (or the recipe given, which must keep the
+    keys that decide the data order), with ``--set`` overrides (e.g. more grpo.steps)."""
+    from pathlib import Path
+
+    import yaml
+
+    from .checkpoint import check_resumable
+    from .config import load_recipe
+    from .schema import ConfigError
+
+    run_dir = Path(args.resume).expanduser()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; accepted: a run directory written by "
+                          "r1ray train")
+    if args.output_dir is not None:
+        raise ConfigError(f"--output-dir {args.output_dir!r} with --resume: a resumed run writes into its own run "
+                          "directory; accepted: one of the two")
+    recipe = load_recipe(args.recipe or str(saved), args.overrides)
+    check_resumable(yaml.safe_load(saved.read_text()), recipe.to_dict(), run_dir)
+    return recipe, run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -58,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "address", None):
             args.overrides.append(f"ray.address={json.dumps(args.address)}")  # quoted: YAML must not read 1:30 as a number
-        recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
-                             getattr(args, "cpus", None), getattr(args, "gpus", None))
+        resume = getattr(args, "resume", None)
+        if resume is not None:
+            recipe, resume = resumed_recipe(args)
+        elif args.recipe is None:
+            raise ConfigError("r1ray train needs a recipe (a YAML path or a shipped recipe name), or --resume RUN_DIR")
+        else:
+            recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
+                                 getattr(args, "cpus", None), getattr(args, "gpus", None))
     except ConfigError as e:
         print(f"r1ray: invalid config: {e}", file=sys.stderr)
         return 2
@@ -84,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import train
 
     try:
-        summary = train(recipe)
+        summary = train(recipe, resume)
     except (ConfigError, ClusterUnreachable) as e:  # what only the data or the cluster can tell, before any actor
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2

@@ -124,6 +124,16 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Every N GRPO steps: the learners' DeepSpeed state (weights, optimizer, scheduler, RNG) and
+    # the driver's (step, policy version, consumed prompts, data position) under
+    # <run_dir>/checkpoints/step-<N>/; `r1ray train --resume <run_dir>` continues from the newest
+    # complete one with the same data order. 0: no GRPO checkpoints.
+    every_steps: int = 0
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+
+
+@dataclass
 class Recipe:
     seed: int = 0
     output_dir: str = "runs/default"
@@ -139,6 +149,7 @@ class Recipe:
     sft: SftConfig = field(default_factory=SftConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -208,8 +219,10 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("grpo.partial_rollout_tokens", g.partial_rollout_tokens), ("learner.loss.is_cap", lc.loss.is_cap),
                        ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts),
                        ("scorer.max_failed_steps", r.scorer.max_failed_steps),
-                       ("scorer.max_timeouts_in_a_row", r.scorer.max_timeouts_in_a_row)]:
+                       ("scorer.max_timeouts_in_a_row", r.scorer.max_timeouts_in_a_row),
+                       ("checkpoint.every_steps", r.checkpoint.every_steps)]:
         _positive(key, value, allow_zero=True)
+    _positive("checkpoint.keep_last", r.checkpoint.keep_last)
     validate_loss(lc.loss, r.sampling.max_new_tokens)
     if g.num_generations < 2:
         raise ConfigError(f"config key 'grpo.num_generations': got {g.num_generations}; accepted: an integer >= 2 "

@@ -410,6 +410,16 @@ class EpochSampler:
         self.order = list(range(self.size))
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(self.order)
 
+    @property
+    def taken(self) -> int:
+        """Prompts handed out so far (what ``seek`` restores)."""
+        return self.epoch * self.size + self.pos
+
+    def seek(self, taken: int) -> None:
+        """Continue as a sampler that has handed out ``taken`` prompts (a resumed run)."""
+        self.epoch, self.pos = divmod(taken, self.size) if self.size else (0, 0)
+        self._reshuffle()
+
     def take(self, n: int) -> list[tuple[int, str]]:
         out = []
         while len(out) < n:

@@ -21,6 +21,7 @@ from ..actors.loss import global_denominator, kl_estimate, micro_batch_count
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
 from ..cluster.ray_metrics import RunMetrics
+from .checkpoint import Checkpoints, tag_for
 from .config import Recipe
 from .data import EpochSampler, PreparedData, PromptRenderer
 from .inflight import InFlight, Work
@@ -46,7 +47,8 @@ class GrpoDriver:
     """Streams prompt groups through the actor groups; ``run`` returns one record per step."""
 
     def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer, metrics,
-                 completions_log=None, samples_log=None):
+                 completions_log=None, samples_log=None, checkpoints: Checkpoints | None = None,
+                 resume: dict | None = None):
         self.system, self.r, self.train, self.renderer = system, recipe, data.train, renderer
         self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         g = recipe.grpo
@@ -57,18 +59,36 @@ class GrpoDriver:
         self.reward_names = [s.name for s in recipe.rewards]
         self.health = RewardHealth(self.reward_names, recipe.scorer.max_failed_steps, recipe.scorer.on_broken)
         self.reward_window: dict = {}  # the scorers' stats since the last learner step, for self.health
-        self.books = StalenessManager(self.B, g.max_staleness, g.steps, system.version)
+        self.checkpoints = checkpoints
+        self.saving: dict[int, tuple[list, dict]] = {}  # policy version -> (learners' save refs, driver state)
+        self.records: list[dict] = []
+        self.consumed: list[str] = []  # sample ids the learner trained on, in order
+        self.consumed_prompts: list[str] = []
+        self.taken0 = 0  # prompts the sampler handed out before this driver (a resumed run)
+        self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier counts
+        self.tokens = 0
+        histogram = Counter()
+        if resume is not None:  # continue where the checkpoint left off, with the same data order
+            self.records = list(resume["records"])
+            self.consumed_prompts = list(resume["consumed_prompts"])
+            self.consumed = [f"{p}/{k}" for p in self.consumed_prompts for k in range(self.G)]
+            self.taken0 = resume["sampler_taken"]
+            self.sampler.seek(self.taken0)
+            self.counts.update(resume["counts"])
+            self.tokens = resume["tokens"]
+            histogram.update({int(k): v for k, v in resume["staleness_histogram"].items()})
+            for name in [n for n in self.reward_names if n not in resume["reward_names"]]:
+                self.system.scorers.run_all("drop", name, control=True)
+                self.reward_names.remove(name)
+        self.books = StalenessManager(self.B, g.max_staleness, g.steps - len(self.records), system.version)
+        self.books.histogram.update(histogram)
         self.inflight = InFlight(system.watchdog, recipe.ray, self.G, self.score_budget)
         self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
         self.training = False
         self.turn = 0
-        self.records: list[dict] = []
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
-        self.consumed: list[str] = []  # sample ids the learner trained on, in order
-        self.tokens = 0
         self.telemetry = SpanCollector(system)  # every actor's busy intervals: utilisation, the timeline
         self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
-        self.counts = Counter()  # dropped groups, interrupted (multi-version) samples, verifier counts
         self.window_counts = Counter()  # the same, since the last learner step
         self.consecutive_drops = 0
 
@@ -156,6 +176,7 @@ class GrpoDriver:
         step = len(self.records) + len(self.unsynced) + 1
         rollouts = [r for g in work.groups for r in g.rollouts]
         self.consumed.extend(r.sample_id for r in rollouts)
+        self.consumed_prompts.extend(g.prompt["prompt_id"] for g in work.groups)
         self.tokens += sum(len(r.completion_ids) for r in rollouts)
         for g in work.groups:
             for r in g.rollouts:
@@ -167,6 +188,11 @@ class GrpoDriver:
         self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
         self.check_rewards()
         version, refs = self.system.publish_weights()
+        if self.checkpoints is not None and self.checkpoints.due(step):
+            # Queued behind the weight export, before the next batch: the state after exactly this step.
+            self.saving[version] = (self.system.learners.call_all("save_checkpoint", str(self.checkpoints.dir),
+                                                                  tag_for(step)),
+                                    self.state(step, version, max(g.seq for g in work.groups)))
         # Every learner rank takes part (ZeRO-3 gathers), though only rank 0 sends: all are watched.
         learners = self.system.learners.names()
         self.inflight.submit(Work("sync", refs, version=version, who=learners + self.system.generators.names()))
@@ -194,7 +220,19 @@ class GrpoDriver:
         self.metrics.write(record, prefix="grpo/")
         self.ray_metrics.record(record)
         self.records.append(record)
+        if work.version in self.saving:  # the step's record is written: the checkpoint may be committed
+            refs, state = self.saving.pop(work.version)
+            self.system.learners.get(refs, "save_checkpoint")
+            self.checkpoints.commit(state)  # the jsonl files are written line by line, unbuffered
         return record
+
+    def state(self, step: int, version: int, last_seq: int) -> dict:
+        """What a resumed run needs besides the learners' state: every group admitted up to the
+        last one of this batch was consumed or dropped; the ones after it are admitted again."""
+        return {"step": step, "policy_version": version, "sampler_taken": self.taken0 + last_seq + 1,
+                "consumed_prompts": list(self.consumed_prompts), "counts": dict(self.counts), "tokens": self.tokens,
+                "staleness_histogram": {str(k): v for k, v in self.books.histogram.items()},
+                "reward_names": list(self.reward_names)}
 
     # -- helpers -----------------------------------------------------------------------------
     def check_rewards(self) -> None:

@@ -18,7 +18,8 @@ class MetricsWriter:
     file is cut back to its last whole line before the error is raised, so a reader never
     meets half a record. ``count`` is the number of records written."""
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", tensorboard: bool = True,
+                 purge_step: int | None = None):
         self.path = run_dir / filename
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.count = 0
@@ -27,7 +28,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: a resumed run drops the events it is about to write again
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except ImportError:
                 self.tb = None
 

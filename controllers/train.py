@@ -1,6 +1,7 @@
 """The main job: tiny world (if asked) -> Ray -> actors -> SFT warm-up -> eval -> GRPO -> eval -> checkpoint."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,11 +12,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpoints, truncate_jsonl
 from .config import TINY, Recipe, check_resources, dump, joins_cluster
 from .data import PreparedData, PromptRenderer, prepare_data
 from .evaluate import pass_at_1
 from .grpo import GrpoDriver
-from .metrics import MetricsWriter, write_json_atomic
+from .metrics import MetricsWriter, read_jsonl, write_json_atomic
 from .schema import ConfigError
 from .sft import run_sft
 from .system import System
@@ -135,16 +137,43 @@ def connect(recipe: Recipe) -> None:
         recipe.ray.namespace = namespace
 
 
-def train(recipe: Recipe) -> dict:
+def resume_point(run_dir: Path, recipe: Recipe, model_path: str) -> dict:
+    """Where ``--resume run_dir`` continues: the newest complete GRPO checkpoint, else the end of
+    the SFT warm-up (its checkpoint-sft), else the start of GRPO. Refused, naming the run
+    directory, when there is nothing to continue."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    state = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last).latest()
+    sft_dir = run_dir / "checkpoint-sft"
+    sft_done = (sft_dir / "config.json").exists()
+    if recipe.sft.steps and not sft_done:
+        raise ConfigError(f"--resume {str(run_dir)!r}: the run stopped before its SFT warm-up finished "
+                          f"(no {sft_dir.name}/){' but has GRPO checkpoints' if state else ''}; accepted: a run "
+                          "directory whose SFT warm-up is done, or start a new run")
+    if state is not None and state["step"] >= recipe.grpo.steps:
+        raise ConfigError(f"config key 'grpo.steps': got {recipe.grpo.steps} but the run in {str(run_dir)!r} has "
+                          f"already trained {state['step']} steps; accepted: more steps (--set grpo.steps=N) to train on")
+    if state is None:
+        log.warning("%s has no complete GRPO checkpoint (checkpoint.every_steps=%d): GRPO starts again from step 0%s",
+                    run_dir, recipe.checkpoint.every_steps, ", from the SFT checkpoint" if sft_done else "")
+    return {"state": state, "summary": summary, "model_path": str(sft_dir) if sft_done else model_path,
+            "step": state["step"] if state else 0}
+
+
+def train(recipe: Recipe, resume: Path | None = None) -> dict:
     """The whole job. Everything a user can get wrong (config, data, output directory, cluster
     address, resources) is refused before the run directory exists, so it leaves nothing behind.
-    Afterwards summary.json always says how the run ended: completed, interrupted or failed."""
+    Afterwards summary.json always says how the run ended: completed, interrupted or failed.
+
+    ``resume``: a run directory to continue (``r1ray train --resume``), from its newest complete
+    checkpoint, with the same data order; the records after that checkpoint are written again."""
     from transformers import AutoTokenizer
 
     from ..cluster import runtime
 
     t_start = time.perf_counter()
-    check_output_dir(recipe)
+    if resume is None:
+        check_output_dir(recipe)
     model_path, tiny_dir = prepare_model(recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = prepare_data(recipe, tokenizer, tiny_dir)
@@ -154,24 +183,35 @@ def train(recipe: Recipe) -> dict:
     probes = probe_prompts(recipe, data, renderer, len(eval_prompts))
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
+    previous = resume_point(resume, recipe, model_path) if resume is not None else None
     connect(recipe)
     stop_on_sigterm()
     try:
-        run_dir = run_dir_for(recipe)
+        run_dir = resume if resume is not None else run_dir_for(recipe)
     except ConfigError:
         runtime.stop()
         raise
     dump(recipe, run_dir / "config.yaml")
     log.info("run directory: %s", run_dir)
-    system = System(recipe, model_path)
-    metrics = MetricsWriter(run_dir)
-    sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
     summary: dict = {"run_dir": str(run_dir), "model": model_path, "status": "running", "stage": "startup",
                      "data": data.summary()}
+    done_before = {"sft_steps_done": 0, "grpo_steps_done": 0}
+    if previous is not None:  # what the run wrote after the checkpoint is done again
+        for name in ("metrics.jsonl", "samples.jsonl", "completions.jsonl"):
+            truncate_jsonl(run_dir / name, previous["step"])
+        kept = {k: v for k, v in previous["summary"].items() if k not in ("error", "signal", "grpo", "eval_after")}
+        summary = {**kept, **summary, "resumed_from_step": previous["step"]}
+        done_before = {"sft_steps_done": previous["summary"].get("sft_steps_done", 0),
+                       "grpo_steps_done": previous["step"]}
+        log.info("resuming %s at GRPO step %d", run_dir, previous["step"])
+    system = System(recipe, previous["model_path"] if previous else model_path)
+    metrics = MetricsWriter(run_dir, purge_step=previous["step"] + 1 if previous else None)
+    sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
+    checkpoints = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
     try:
         system.start()
         summary["startup_s"] = system.startup_s
-        if recipe.sft.steps:
+        if recipe.sft.steps and previous is None:
             summary["stage"] = "sft"
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
                 t0 = time.perf_counter()
@@ -179,19 +219,26 @@ def train(recipe: Recipe) -> dict:
                               probe=make_probe(system, recipe, probes))
             summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
                               "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
-            if recipe.sft.save_checkpoint:
+            if recipe.sft.save_checkpoint or recipe.checkpoint.every_steps:  # a resumed run starts from it
                 summary["sft"]["checkpoint"] = str(run_dir / "checkpoint-sft")
                 system.learners.run_all("save_hf", summary["sft"]["checkpoint"])
             # Generators and the reference start GRPO from the SFT policy.
             system.sync_weights(include_reference=True)
-        if eval_prompts:
+        if eval_prompts and "eval_before" not in summary:
             held_out(summary, "eval_before", pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward))
         summary["stage"] = "grpo"
         system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
+        resume_state = None
+        if previous is not None and previous["state"] is not None:
+            state = previous["state"]
+            system.learners.run_all("load_checkpoint", str(checkpoints.dir), state["tag"])
+            system.version = state["policy_version"] - 1  # the generators get the checkpoint's weights as its version
+            system.sync_weights()
+            resume_state = {**state, "records": read_jsonl(run_dir / "metrics.jsonl")}
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
         samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
         driver = GrpoDriver(system, recipe, data, renderer, metrics, completions_log=completions_log,
-                            samples_log=samples_log)
+                            samples_log=samples_log, checkpoints=checkpoints, resume=resume_state)
         with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
                   dynamic_ncols=True) as bar:
             driver.run(progress=bar)
@@ -214,8 +261,9 @@ def train(recipe: Recipe) -> dict:
         raise
     finally:
         with signals_ignored():  # a second Ctrl-C must not cut the clean-up short
-            summary.update(wall_s=time.perf_counter() - t_start, sft_steps_done=sft_metrics.count,
-                           grpo_steps_done=metrics.count)
+            summary.update(wall_s=time.perf_counter() - t_start,
+                           sft_steps_done=done_before["sft_steps_done"] + sft_metrics.count,
+                           grpo_steps_done=done_before["grpo_steps_done"] + metrics.count)
             metrics.close()
             sft_metrics.close()
             try:

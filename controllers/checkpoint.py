@@ -1,0 +1,109 @@
+"""GRPO checkpoints and exact resume.
+
+Layout, under the run directory::
+
+    checkpoints/step-000040/           DeepSpeed's checkpoint (tag ``step-000040``): weights, optimizer
+                                       shards, lr scheduler; ``rng_rank<r>.pt`` per learner rank
+    checkpoints/step-000040/driver.json  the driver's state, written last: a checkpoint without it
+                                       is incomplete (the run died while saving) and is ignored
+
+The driver's state is what makes the resumed run consume the same data in the same order:
+the step, the policy version, the prompts consumed so far and how many prompts the sampler had
+handed out up to the last consumed group (groups admitted after it were in flight; they are
+admitted again, in the same order).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from .metrics import read_jsonl, write_json_atomic
+from .schema import ConfigError
+
+log = logging.getLogger("r1ray")
+
+STATE = "driver.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+class Checkpoints:
+    """Where a run's GRPO checkpoints live; ``commit`` marks one complete and prunes old ones."""
+
+    def __init__(self, run_dir: Path, every_steps: int, keep_last: int):
+        self.dir, self.every, self.keep = Path(run_dir) / "checkpoints", every_steps, keep_last
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def commit(self, state: dict) -> Path:
+        """Write the driver's state into the step's directory (which the learners filled), then
+        delete all but the newest ``keep_last`` complete checkpoints (and incomplete older ones)."""
+        path = self.dir / tag_for(state["step"])
+        write_json_atomic(path / STATE, state)
+        complete = [p for p in self.steps() if (p / STATE).exists()]
+        for old in self.steps():
+            if old not in complete[-self.keep:] and _step(old) < state["step"]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: %s (step %d, policy version %d)", path, state["step"], state["policy_version"])
+        return path
+
+    def steps(self) -> list[Path]:
+        """Step directories, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir() if _STEP_DIR.match(p.name)), key=_step)
+
+    def latest(self) -> dict | None:
+        """The newest complete checkpoint's driver state (with ``path`` and ``tag``), or None."""
+        for path in reversed(self.steps()):
+            if (path / STATE).exists():
+                state = json.loads((path / STATE).read_text())
+                return {**state, "path": str(path), "tag": path.name}
+            log.warning("checkpoint %s is incomplete (no %s: the run stopped while saving it): skipped", path, STATE)
+        return None
+
+
+def _step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the records of ``path`` whose ``step`` is at most ``last_step`` (what a resumed run
+    redoes is written again). Atomic: a reader sees the old file or the new one. Returns the
+    number of records kept."""
+    if not path.exists():
+        return 0
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return len(kept)
+
+
+# Keys a resumed run must share with the run it continues: they decide the data order and
+# the batches (the rest, e.g. grpo.steps or ray.*, may change on resume).
+SAME_ON_RESUME = ("seed", "model.path", "data.path", "data.name", "data.train_split", "data.on_invalid_row",
+                  "grpo.prompts_per_step", "grpo.num_generations", "grpo.dynamic_sampling", "learner.num_ranks",
+                  "learner.zero_stage")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def check_resumable(saved: dict, recipe: dict, run_dir: Path) -> None:
+    """Refuse a recipe that would not continue the saved run's data order, naming the key."""
+    for key in SAME_ON_RESUME:
+        if _get(saved, key) != _get(recipe, key):
+            raise ConfigError(f"config key '{key}': got {_get(recipe, key)!r} but the run in {str(run_dir)!r} used "
+                              f"{_get(saved, key)!r}; accepted: the same value (a resumed run must see the same data "
+                              "in the same order), or start a new run")

@@ -1,0 +1,183 @@
+"""Checkpoints and exact resume: the learner's state round-trips, the driver's data order
+continues, and a run whose driver was killed resumes to the same samples as a run that was not."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
+from r1ray.actors.rollout import TrainSample
+from r1ray.controllers.checkpoint import Checkpoints, check_resumable, tag_for, truncate_jsonl
+from r1ray.controllers.data import EpochSampler
+from r1ray.controllers.schema import ConfigError
+
+from .test_actors import _learner, _prompt
+
+TESTS = Path(__file__).parent
+
+
+def test_a_learner_restored_from_a_checkpoint_takes_the_same_next_step(tiny_model, tmp_path):
+    """Weights, Adam moments, the lr scheduler's position and the RNG all come back: the step
+    after a restore is the step the original would have taken, bit for bit."""
+    rollouts = Generator(tiny_model, GeneratorConfig(backend="hf"), seed=3).generate(
+        [_prompt(tiny_model)], 4, SamplingConfig(max_new_tokens=8))
+    samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a)
+               for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5])]
+    tokens = float(sum(len(s.completion_ids) for s in samples))
+
+    a = _learner(tiny_model)
+    a.start_phase(lr=1e-2, warmup_steps=4)
+    for _ in range(2):
+        a.grpo_step(samples, tokens, tokens)
+    a.save_checkpoint(str(tmp_path), "step-2")
+    noise = torch.rand(4)
+    stats_a = a.grpo_step(samples, tokens, tokens)
+    weights_a = {k: v.clone() for k, v in a.engine.module.state_dict().items()}
+
+    b = _learner(tiny_model)
+    b.start_phase(lr=1e-2, warmup_steps=4)
+    b.load_checkpoint(str(tmp_path), "step-2")
+    assert torch.equal(torch.rand(4), noise)  # the RNG continues where the checkpoint left it
+    stats_b = b.grpo_step(samples, tokens, tokens)
+    assert stats_b.lr == stats_a.lr  # warm-up position: step 3 of 4
+    assert stats_b.loss_sum == stats_a.loss_sum
+    assert all(torch.equal(v, weights_a[k]) for k, v in b.engine.module.state_dict().items())
+
+    fresh = _learner(tiny_model)  # without the optimizer's moments the same step lands elsewhere
+    fresh.start_phase(lr=1e-2, warmup_steps=4)
+    fresh.engine.module.load_state_dict(torch.load(tmp_path / "step-2" / "mp_rank_00_model_states.pt",
+                                                   weights_only=False)["module"])
+    fresh.grpo_step(samples, tokens, tokens)
+    assert any(not torch.equal(v, weights_a[k]) for k, v in fresh.engine.module.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="step-9"):
+        b.load_checkpoint(str(tmp_path), "step-9")
+
+
+def test_a_sampler_seeks_to_where_another_stopped():
+    whole = EpochSampler(7, seed=3)
+    first = whole.take(10)  # crosses into the second epoch
+    rest = whole.take(9)
+    resumed = EpochSampler(7, seed=3)
+    resumed.seek(10)
+    assert resumed.taken == 10 and resumed.take(9) == rest
+    assert first[7][1].endswith(".1")  # ids stay unique across epochs
+
+
+def test_checkpoints_keep_the_newest_complete_ones(tmp_path):
+    cks = Checkpoints(tmp_path, every_steps=2, keep_last=2)
+    assert cks.latest() is None and cks.due(4) and not cks.due(3)
+    for step in (2, 4, 6):
+        (cks.dir / tag_for(step)).mkdir(parents=True)
+        cks.commit({"step": step, "policy_version": step + 1})
+    assert [p.name for p in cks.steps()] == ["step-000004", "step-000006"]
+    (cks.dir / tag_for(8)).mkdir()  # the run died while the learners were writing step 8
+    latest = cks.latest()
+    assert latest["step"] == 6 and latest["tag"] == "step-000006" and latest["policy_version"] == 7
+    assert not Checkpoints(tmp_path, every_steps=0, keep_last=1).due(4)
+
+
+def test_jsonl_is_cut_back_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s * 2}) + "\n" for s in range(1, 6)) + '{"step": 6, "x"')
+    assert truncate_jsonl(path, 3) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert truncate_jsonl(tmp_path / "absent.jsonl", 3) == 0
+
+
+def test_a_recipe_that_changes_the_data_order_is_refused(tmp_path):
+    saved = {"seed": 0, "data": {"path": "tiny"}, "grpo": {"prompts_per_step": 16, "steps": 100}}
+    check_resumable(saved, {**saved, "grpo": {"prompts_per_step": 16, "steps": 200}}, tmp_path)  # more steps: fine
+    with pytest.raises(ConfigError, match=r"'grpo.prompts_per_step': got 8 .* used 16"):
+        check_resumable(saved, {**saved, "grpo": {"prompts_per_step": 8}}, tmp_path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", "train", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_resume_errors_name_the_problem_before_ray_starts(tmp_path):
+    proc = _cli("--resume", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "no config.yaml there" in proc.stderr and "nope" in proc.stderr
+    proc = _cli()
+    assert proc.returncode == 2 and "--resume RUN_DIR" in proc.stderr
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    proc = _cli("--resume", str(tmp_path), "--output-dir", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "--output-dir" in proc.stderr
+    proc = _cli("configs/tiny-cpu.yaml", "--resume", str(tmp_path))
+    assert proc.returncode == 2 and "config key 'model.path'" in proc.stderr and "a resumed run must see the same data" in proc.stderr
+
+
+SHORT = ["--set", "ray.dashboard=false", "--set", "sft.steps=0", "--set", "sft.stop_at_pass_rate=null",
+         "--set", "eval.num_prompts=0", "--set", "grpo.prompts_per_step=4", "--set", "grpo.num_generations=4",
+         "--set", "sampling.max_new_tokens=16", "--set", "learner.micro_batch_size=4",
+         "--set", "checkpoint.every_steps=2"]
+
+
+def _env():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cmd(out, tiny_world, steps, *extra):
+    return [sys.executable, "-m", "r1ray.controllers.cli", "train", "configs/tiny-cpu.yaml", "--output-dir", str(out),
+            "--set", f"model.tiny_dir={tiny_world}", "--set", f"grpo.steps={steps}", *SHORT, *extra]
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _by_step(out):
+    steps: dict = {}
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        steps.setdefault(r["step"], []).append((r["sample_id"], r["trained_at"]))
+    return steps
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_driver_resumes_to_the_samples_of_an_uninterrupted_run(tmp_path, tiny_world):
+    whole = tmp_path / "whole"
+    _run(_cmd(whole, tiny_world, 10))
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(cut, tiny_world, 8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    t0 = time.monotonic()
+    while not ((cut / "metrics.jsonl").exists() and len((cut / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() - t0 < 300, "the run never reached step 5"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver dies between checkpoints: no clean-up at all
+    proc.wait()
+    written = len((cut / "metrics.jsonl").read_text().splitlines())
+    assert 5 <= written < 8
+
+    _run([sys.executable, "-m", "r1ray.controllers.cli", "train", "--resume", str(cut)])
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] in (4, 6)
+    assert summary["resumed_from_step"] < written  # records past the checkpoint were redone, not kept twice
+    # and once more, past the end: the recipe's steps raised on resume
+    _run([sys.executable, "-m", "r1ray.controllers.cli", "train", "--resume", str(cut), "--set", "grpo.steps=10"])
+
+    got, want = _by_step(cut), _by_step(whole)
+    assert list(got) == list(range(1, 11))
+    assert got == want  # the same samples, step by step, trained at the same policy versions
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 8 and summary["grpo_steps_done"] == 10
+    assert summary["grpo"]["samples"] == 10 * 16 and summary["grpo"]["steps"] == 10
+    assert [p.name for p in Checkpoints(cut, 2, 2).steps()] == ["step-000008", "step-000010"]
+    proc = _cli("--resume", str(cut))  # nothing left to train: said before anything starts
+    assert proc.returncode == 2 and "grpo.steps" in proc.stderr and "already trained 10 steps" in proc.stderr
