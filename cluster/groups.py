@@ -75,6 +75,11 @@ class ActorGroup:
     Work methods run one at a time, in submission order (``max_concurrency`` > 1: that many
     at once); ``control=True`` calls run in a separate concurrency group, beside whatever work
     is in progress.
+
+    Slots: actor ``i`` is ``ready`` (takes work, is watched), ``starting`` (a replacement or an
+    added actor, not yet usable), or ``gone`` (dead or retired). Group-wide calls (``call_all``,
+    ``shard``, ``probe``, ``names``) reach the ready ones only; ``elastic`` groups are resized
+    and repaired by the driver (``restart``, ``add``, ``retire``), the others never change.
     """
 
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
@@ -83,41 +88,95 @@ class ActorGroup:
         self.name, self.timeout_s = name, timeout_s
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
-        remote_cls = ray.remote(concurrency_groups={CONTROL: 3})(cls)
-        self.actors = []
+        self.elastic = False  # set by the System: the driver replaces dead actors instead of stopping
+        self._remote_cls = ray.remote(concurrency_groups={CONTROL: 3})(cls)
+        self._make_args, self._scheduling = make_args, scheduling
+        self._opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, lifetime=None,
+                                          max_concurrency=max_concurrency)
+        if namespace:
+            self._opts["namespace"] = namespace
+        self.actors: list = []
+        self.state: list[str] = []
+        self.incarnation: list[int] = []
         for i in range(count):
-            args, kwargs = make_args(i)
-            opts: dict[str, Any] = dict(name=f"{name}-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
-                                        lifetime=None, max_concurrency=max_concurrency)
-            if scheduling is not None:  # e.g. its bundle of a placement group
-                opts["scheduling_strategy"] = scheduling(f"{name}-{i}")
-            if namespace:
-                opts["namespace"] = namespace
-            self.actors.append(remote_cls.options(**opts).remote(*args, **kwargs))
+            self.actors.append(self._create(i, 0))
+            self.state.append("ready")
+            self.incarnation.append(0)
+
+    def _create(self, i: int, incarnation: int):
+        args, kwargs = self._make_args(i)
+        opts = {**self._opts, "name": f"{self.name}-{i}" + (f".{incarnation}" if incarnation else "")}
+        if self._scheduling is not None:  # e.g. its bundle of a placement group
+            opts["scheduling_strategy"] = self._scheduling(f"{self.name}-{i}")
+        return self._remote_cls.options(**opts).remote(*args, **kwargs)
 
     def __len__(self) -> int:
+        """Slots, whatever their state (actor indices run over them)."""
         return len(self.actors)
 
+    def ready(self) -> list[int]:
+        return [i for i, st in enumerate(self.state) if st == "ready"]
+
+    def name_of(self, i: int) -> str:
+        return f"{self.name}-{i}"
+
     def names(self) -> list[str]:
-        return [f"{self.name}-{i}" for i in range(len(self.actors))]
+        return [self.name_of(i) for i in self.ready()]
+
+    # -- resizing and repair (elastic groups) ------------------------------------------------
+    def restart(self, i: int):
+        """A new actor in slot ``i`` (the old one is dead: killed here to be sure), in the same
+        bundle; ``starting`` until ``mark_ready``. Returns its first ping's object ref."""
+        try:
+            ray.kill(self.actors[i])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.incarnation[i] += 1
+        self.actors[i] = self._create(i, self.incarnation[i])
+        self.state[i] = "starting"
+        return self.call(i, "ping", control=True)
+
+    def add(self) -> tuple[int, Any]:
+        """A new slot (its bundle must be planned first); returns its index and first ping."""
+        i = len(self.actors)
+        self.actors.append(None)
+        self.state.append("gone")
+        self.incarnation.append(-1)
+        return i, self.restart(i)
+
+    def mark_ready(self, i: int) -> None:
+        self.state[i] = "ready"
+
+    def retire(self, i: int) -> None:
+        """Stop slot ``i``'s actor (dead, or no longer wanted)."""
+        self.state[i] = "gone"
+        try:
+            ray.kill(self.actors[i])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
     def call(self, i: int, method: str, *args, control: bool = False, **kwargs):
         m = getattr(self.actors[i], method)
         ref = (m.options(concurrency_group=CONTROL) if control else m).remote(*args, **kwargs)
-        self._owners[ref] = i
+        self._owners[ref] = (i, self.incarnation[i])
         if len(self._owners) > 4096:  # only in-flight work needs an owner
             self._owners.popitem(last=False)
         return ref
 
     def owner(self, ref) -> str | None:
         """The name of the actor that computes ``ref`` (a recent call of this group)."""
-        i = self._owners.get(ref)
-        return None if i is None else f"{self.name}-{i}"
+        slot = self._owners.get(ref)
+        return None if slot is None else self.name_of(slot[0])
+
+    def slot_of(self, ref) -> tuple[int, int] | None:
+        """(slot, incarnation) of the actor that computes ``ref``: a replaced actor's refs
+        carry its old incarnation."""
+        return self._owners.get(ref)
 
     def probe(self, timeout_s: float) -> dict[str, str]:
         """Ping every actor (control group, beside its work): the unhealthy ones, by name, with
         what is wrong ("died: ..." or "no answer to a ping within N s")."""
-        pings = {self.call(i, "ping", control=True): name for i, name in enumerate(self.names())}
+        pings = {self.call(i, "ping", control=True): self.name_of(i) for i in self.ready()}
         done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s, fetch_local=True)
         bad = {name: f"no answer to a ping within {timeout_s:.0f} s (hung or stopped)"
                for ref, name in pings.items() if ref not in done}
@@ -131,12 +190,13 @@ class ActorGroup:
         return bad
 
     def call_all(self, method: str, *args, control: bool = False, **kwargs) -> list:
-        return [self.call(i, method, *args, control=control, **kwargs) for i in range(len(self.actors))]
+        return [self.call(i, method, *args, control=control, **kwargs) for i in self.ready()]
 
     def shard(self, method: str, items: list, *args) -> list:
-        """Split ``items`` into contiguous chunks, one per actor, and call ``method(chunk, *args)``
+        """Split ``items`` into contiguous chunks, one per ready actor, and call ``method(chunk, *args)``
         on each (actors whose chunk is empty are skipped). Returns the object refs, in order."""
-        return [self.call(i, method, chunk, *args) for i, chunk in enumerate(split(items, len(self))) if chunk]
+        ready = self.ready()
+        return [self.call(i, method, chunk, *args) for i, chunk in zip(ready, split(items, len(ready))) if chunk]
 
     def map(self, method: str, items: list, *args) -> list:
         """``shard`` and wait: the actors' results (lists) concatenated in the order of ``items``."""
@@ -157,7 +217,8 @@ class ActorGroup:
     def kill(self) -> None:
         for a in self.actors:
             try:
-                ray.kill(a)
+                if a is not None:
+                    ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone is fine
                 pass
 
@@ -175,6 +236,9 @@ class Watchdog:
         self.groups, self.every_s, self.timeout_s = groups, every_s, timeout_s
         self.last = time.monotonic()
         self.doing: Callable[[str], str] = lambda name: ""
+        # (group, index, why) for a dead or hung actor of an elastic group: the driver replaces
+        # it (see ActorGroup); without a handler such actors stop the run like any other
+        self.on_lost: Callable[[ActorGroup, int, str], None] | None = None
 
     def owner(self, ref) -> str | None:
         return next((name for g in self.groups if (name := g.owner(ref)) is not None), None)
@@ -182,7 +246,12 @@ class Watchdog:
     def probe(self) -> dict[str, str]:
         bad: dict[str, str] = {}
         for g in self.groups:
-            bad.update(g.probe(self.timeout_s))
+            found = g.probe(self.timeout_s)
+            if g.elastic and self.on_lost is not None:
+                for name, why in found.items():
+                    self.on_lost(g, int(name.rsplit("-", 1)[1]), why)
+                found = {}
+            bad.update(found)
         self.last = time.monotonic()
         return bad
 

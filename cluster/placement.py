@@ -93,6 +93,7 @@ class Placement:
 
     def __init__(self, plans: list[Bundles], namespace: str, timeout_s: float = 120.0):
         self.plans = {p.name: p for p in plans if p.bundles}
+        self.namespace = namespace
         self.groups: dict[str, object] = {}
         t0 = time.monotonic()
         try:
@@ -122,6 +123,25 @@ class Placement:
                 return PlacementGroupSchedulingStrategy(placement_group=self.groups[name],
                                                         placement_group_bundle_index=owners.index(owner))
         raise KeyError(f"no bundle was planned for {owner!r}")
+
+    def add(self, plan: Bundles) -> None:
+        """Reserve one more group without waiting (an elastic generator's): ``is_ready`` says
+        when it is placed; until then an autoscaler sees the demand and may add a node."""
+        self.plans[plan.name] = plan
+        self.groups[plan.name] = placement_group([b for _, b in plan.bundles], strategy=plan.strategy,
+                                                 name=f"{self.namespace}-{plan.name}")
+
+    def is_ready(self, name: str) -> bool:
+        return bool(self.groups[name].wait(timeout_seconds=0))
+
+    def release(self, name: str) -> None:
+        pg = self.groups.pop(name, None)
+        self.plans.pop(name, None)
+        if pg is not None:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
 
     def remove(self) -> None:
         for pg in self.groups.values():

@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
     c.add_argument("--skip-data", action="store_true",
                    help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
+    sc = sub.add_parser("scale", help="resize a running run's generator group (within generator.min_actors/max_actors)")
+    sc.add_argument("--generators", type=int, default=None, help="the number of generators to aim at; "
+                    "without it, print the group's state")
+    sc.add_argument("--namespace", default="r1ray", help="the run's Ray namespace (config.yaml: ray.namespace)")
+    sc.add_argument("--address", default=None, help="the cluster (default: RAY_ADDRESS or a `ray start` cluster here)")
     w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
     w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
     w.add_argument("--force", action="store_true")
@@ -70,6 +75,36 @@ def resumed_recipe(args):
     return recipe, run_dir
 
 
+def scale(args) -> int:
+    """``r1ray scale``: set the wanted generator count on the run's control actor; the driver
+    reads it within ray.heartbeat_s and adds or drains generators."""
+    import ray
+
+    from ..cluster.control import NAME
+    from ..cluster.groups import describe
+
+    if args.generators is not None and args.generators < 1:
+        print(f"r1ray: --generators: got {args.generators}; accepted: an integer >= 1", file=sys.stderr)
+        return 2
+    ray.init(address=args.address or "auto", namespace=args.namespace, logging_level="ERROR")
+    try:
+        control = ray.get_actor(NAME, namespace=args.namespace)
+    except ValueError:
+        print(f"r1ray: no running r1ray run in Ray namespace {args.namespace!r} (no actor {NAME!r}); accepted: the "
+              "namespace of a running run (its config.yaml, ray.namespace)", file=sys.stderr)
+        return 2
+    try:
+        if args.generators is not None:
+            ray.get(control.set_generators.remote(args.generators), timeout=30)
+        print(json.dumps(ray.get(control.status.remote(), timeout=30)))
+    except Exception as e:  # noqa: BLE001 - say what went wrong, no traceback
+        print(f"r1ray: the run's control actor failed: {describe(e)}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -81,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         out = build_tiny_world(os.path.expanduser(args.dir), force=args.force)
         print(f"tiny world: {out}/model (model + tokenizer), {out}/data (train/test)")
         return 0
+    if args.command == "scale":
+        return scale(args)
     from .config import load_recipe
 
     try:
@@ -127,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1ray: stopped by {name}; the run directory's summary.json says how far it got", file=sys.stderr)
         return 143 if name == "SIGTERM" else 130
     except (RemoteCallError, BrokenRewardError, StalenessError) as e:
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir:  # before the error, which stays the last line
+            print(f"r1ray: the run directory keeps what was done; continue it from its last checkpoint with: "
+                  f"r1ray train --resume {run_dir}", file=sys.stderr)
         print(f"r1ray: run failed: {e}", file=sys.stderr)
         return 1
     print(f"run directory: {summary['run_dir']}")

@@ -24,6 +24,7 @@ from ..cluster.ray_metrics import RunMetrics
 from .checkpoint import Checkpoints, tag_for
 from .config import Recipe
 from .data import EpochSampler, PreparedData, PromptRenderer
+from .elastic import Elastic
 from .inflight import InFlight, Work
 from .metrics import rollout_metrics
 from .staleness import StalenessManager
@@ -91,6 +92,10 @@ class GrpoDriver:
         self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
         self.window_counts = Counter()  # the same, since the last learner step
         self.consecutive_drops = 0
+        self.finishing = False
+        self.requeued: list[Group] = []  # groups whose generator was lost: generated again first
+        self.rescore: list[Group] = []  # groups whose scorer was lost: scored again
+        self.elastic = Elastic(self)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, progress=None) -> list[dict]:
@@ -98,12 +103,19 @@ class GrpoDriver:
         self.t_last = self.t0
         self.telemetry.window_start = self.wall0
         self.system.watchdog.doing = self.inflight.doing
+        self.system.watchdog.on_lost, self.inflight.on_lost = self.elastic.actor_lost, self.elastic.work_lost
+        self.elastic.control = self.system.control
+        self.elastic.reconcile()  # grow towards generator.max_actors whenever the cluster has room
         while len(self.records) < self.r.grpo.steps:
+            self.elastic.poll_control(self.r.ray.heartbeat_s)
             self.admit()
             self.maybe_train()
             work = self.inflight.next_done()
-            if work.stage == "generate":
+            if work.stage == "join":
+                self.elastic.on_join(work)
+            elif work.stage == "generate":
                 self.on_generated(work)
+                self.elastic.retire_drained()
             elif work.stage == "score":
                 self.on_scored(work)
             elif work.stage == "reference":
@@ -119,26 +131,64 @@ class GrpoDriver:
         self.finish()
         self.t1, self.wall1 = time.perf_counter(), time.time()
         self.system.watchdog.doing = lambda name: ""
+        self.system.watchdog.on_lost = self.inflight.on_lost = None
         return self.records
 
     # -- stages ------------------------------------------------------------------------------
     def admit(self) -> None:
-        """Start as many groups as the staleness bound allows, ``per_request`` per generate call."""
+        """Start as many groups as the staleness bound allows, ``per_request`` per generate call;
+        groups whose generator was lost go first, in admission order."""
+        if not self.elastic.usable():
+            return  # every generator is starting: their groups wait
+        self.flush_requeued()
         while self.books.may_admit():
             groups = []
             while self.books.may_admit() and len(groups) < self.per_request:
                 idx, pid = self.sampler.take(1)[0]
                 seq, at = self.books.admit()
                 groups.append(Group(seq, self.renderer.prompt(self.train[idx], pid), at))
-            i = self.pick("generate", self.system.generators)
-            ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
-                                              False, self.r.grpo.partial_rollout_tokens)
-            self.inflight.submit(Work("generate", [ref], groups, actor=i))
+            self.generate(groups)
+
+    def generate(self, groups: list[Group]) -> None:
+        i = self.pick("generate", self.system.generators, self.elastic.usable())
+        ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
+                                          False, self.r.grpo.partial_rollout_tokens)
+        self.inflight.submit(Work("generate", [ref], groups, actor=i))
+
+    def requeue_work(self, work: Work) -> None:
+        """The work of a lost actor: its groups are generated (or scored) again."""
+        if self.finishing:  # spare work after the last step: nothing to redo
+            return
+        if work.stage == "generate":
+            self.requeued = sorted(self.requeued + work.groups, key=lambda g: g.seq)
+            self.tally({"groups/requeued": len(work.groups)})
+        elif work.stage == "score":
+            self.rescore += work.groups
+            self.tally({"groups/rescored": len(work.groups)})
+        self.flush_requeued()
+
+    def flush_requeued(self) -> None:
+        """Send re-queued groups to the generators and scorers that can take them."""
+        while self.requeued and self.elastic.usable():
+            groups, self.requeued = self.requeued[: self.per_request], self.requeued[self.per_request :]
+            self.generate(groups)
+        if self.rescore and self.system.scorers.ready():
+            groups, self.rescore = self.rescore, []
+            self.score(groups, [r for g in groups for r in g.rollouts])
+
+    def dropped_rewards(self) -> list[str]:
+        return [s.name for s in self.r.rewards if s.name not in self.reward_names]
 
     def on_generated(self, work: Work) -> None:
         self._attach(work.groups, work.value)
-        j = self.pick("score", self.system.scorers)
-        self.inflight.submit(Work("score", [self.system.scorers.call(j, "score", work.value)], work.groups, actor=j))
+        if not self.system.scorers.ready():  # every scorer is being replaced
+            self.rescore += work.groups
+            return
+        self.score(work.groups, work.value)
+
+    def score(self, groups: list[Group], rollouts: list[Rollout]) -> None:
+        j = self.pick("score", self.system.scorers, self.system.scorers.ready())
+        self.inflight.submit(Work("score", [self.system.scorers.call(j, "score", rollouts)], groups, actor=j))
 
     def on_scored(self, work: Work) -> None:
         rollouts, stats = work.value
@@ -290,11 +340,12 @@ class GrpoDriver:
             self.books.ready(g.seq)
             self.ready[g.seq] = g
 
-    def pick(self, stage: str, group) -> int:
-        """The least loaded actor of ``group`` for ``stage``; ties go round-robin so every actor gets work."""
+    def pick(self, stage: str, group, among: list[int]) -> int:
+        """The least loaded actor of ``group`` (of those ``among``) for ``stage``; ties go
+        round-robin so every actor gets work."""
         load = self.inflight.load(stage, len(group))
         self.turn += 1
-        return min(range(len(load)), key=lambda i: (load[i], (i - self.turn) % len(load)))
+        return min(among, key=lambda i: (load[i], (i - self.turn) % len(load)))
 
     def tally(self, counts: dict) -> None:
         """Add to the run's totals and to the window the next learner step reports."""
@@ -312,11 +363,19 @@ class GrpoDriver:
         return sc.timeout_s * len(self.reward_names) * math.ceil(samples / sc.workers_per_actor)
 
     def queue_depths(self) -> dict:
-        return {**self.inflight.depths(), "queue/ready_groups": len(self.ready)}
+        return {**self.inflight.depths(), "queue/ready_groups": len(self.ready),
+                "queue/requeued_groups": len(self.requeued) + len(self.rescore),
+                "generators/ready": len(self.system.generators.ready())}
 
     def finish(self) -> None:
-        """Let spare work drain (the generators serve evaluation next) and collect the last spans."""
-        self.inflight.drain(self.system.timeout)  # only dynamic sampling's spare groups can be left
+        """Let spare work drain (the generators serve evaluation next) and collect the last spans.
+        Actors still starting are not waited for (one may wait for a node that never comes)."""
+        self.finishing = True
+        while any(w.stage != "join" for w in self.inflight.work):  # only dynamic sampling's spare groups
+            if (work := self.inflight.next_done()).stage == "join":
+                self.elastic.on_join(work)
+        for w in [w for w in self.inflight.work if w.stage == "join"]:
+            self.inflight.remove(w)
         self.telemetry.drain()
 
     # -- what the run reports ----------------------------------------------------------------
@@ -332,4 +391,5 @@ class GrpoDriver:
             "staleness_histogram": {str(k): v for k, v in sorted(self.books.histogram.items())},
             "counts": dict(self.counts),
             "utilisation": self.telemetry.utilisation(self.wall0, self.wall1),
+            "generator_group": self.elastic.summary(),
         }

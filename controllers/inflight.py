@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import ray
+from ray.exceptions import RayActorError
 
-from ..cluster.groups import RemoteCallError, Watchdog, get
+from ..cluster.groups import RemoteCallError, Watchdog
 
 
 @dataclass(eq=False)
 class Work:
     """One piece of in-flight work: done when every one of its object refs is."""
 
-    stage: Literal["generate", "score", "reference", "train", "sync"]
+    stage: Literal["generate", "score", "reference", "train", "sync", "join"]  # join: an actor starting
     refs: list
     groups: list = field(default_factory=list)  # the prompt groups it carries
     actor: int | None = None  # the generator or scorer doing it (load balancing)
@@ -46,6 +47,9 @@ class InFlight:
         self.dog, self.rc, self.G, self.score_budget = watchdog, ray_cfg, group_size, score_budget
         self.work: list[Work] = []
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
+        # (work, ref, error) -> True when the driver dealt with an actor lost under ``ref`` (an
+        # elastic group's: the work was re-queued, or ``ref`` dropped from it); else the run stops
+        self.on_lost: Callable[[Work, Any, BaseException], bool] | None = None
 
     def samples(self, w: Work) -> int:
         return len(w.groups) * self.G
@@ -59,7 +63,8 @@ class InFlight:
         else:
             budget = self.rc.call_timeout_s
         ahead = [w.deadline for w in self.work if (w.stage, w.actor) == (work.stage, work.actor)]
-        work.deadline = max([work.started, *ahead]) + budget
+        # an actor that starts may wait for a node to join: no deadline (the run goes on without it)
+        work.deadline = math.inf if work.stage == "join" else max([work.started, *ahead]) + budget
         work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
         self.work.append(work)
         return work
@@ -77,15 +82,31 @@ class InFlight:
         while True:
             refs = [ref for w in self.work for ref in w.pending]
             wait_s = min(self.dog.every_s, min(w.deadline for w in self.work) - time.perf_counter())
+            if all(w.stage == "join" for w in self.work):
+                wait_s = min(wait_s, 1.0)  # the driver re-checks control (r1ray scale) meanwhile
             done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, wait_s), fetch_local=True)
             if done:
                 work = next(w for w in self.work if done[0] in w.pending)
-                work.values[done[0]] = self.dog.fetch(f"GRPO {work.stage}", done[0])
+                try:
+                    work.values[done[0]] = ray.get(done[0], timeout=0)
+                except RayActorError as e:
+                    if self.on_lost is None or not self.on_lost(work, done[0], e):
+                        raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
+                except Exception as e:  # noqa: BLE001 - every failure becomes one named error
+                    raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
                 work.pending.discard(done[0])
-                if not work.pending:
+                if work in self.work and not work.pending:
                     return self._finished(work)
             self._check_deadlines()
             self.dog.check("GRPO")
+
+    def remove(self, work: Work) -> None:
+        """Forget ``work`` (its actor was lost; the driver re-queues what it carried)."""
+        if work in self.work:
+            self.work.remove(work)
+
+    def of_actor(self, stage: str, actor: int) -> list[Work]:
+        return [w for w in self.work if w.stage == stage and w.actor == actor]
 
     def _finished(self, work: Work) -> Work:
         self.work.remove(work)
@@ -127,10 +148,3 @@ class InFlight:
         return {"queue/generate_groups": groups["generate"], "queue/score_groups": groups["score"],
                 "queue/reference_groups": groups["reference"],
                 "queue/sync_pending": sum(w.stage == "sync" for w in self.work)}
-
-    def drain(self, timeout_s: float) -> None:
-        """Wait for whatever is left (under the watchdog) and forget it."""
-        refs = [ref for w in self.work for ref in w.pending]
-        if refs:
-            get(refs, timeout_s, "GRPO: the last spare work", self.dog)
-        self.work.clear()

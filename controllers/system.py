@@ -4,11 +4,14 @@ from __future__ import annotations
 import logging
 import time
 
+import ray
+
 from ..actors.generator import Generator, GeneratorConfig
 from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
 from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
+from ..cluster import control
 from ..cluster.groups import ActorGroup, Watchdog, rendezvous_on
 from ..cluster.placement import Bundles, Placement
 from ..cluster.weight_sync import start_broadcast, start_transfer
@@ -52,6 +55,8 @@ class System:
         self.learners = self.generators = self.scorers = self.reference = None
         self.watchdog: Watchdog | None = None
         self.placement: Placement | None = None
+        self.control = None  # the run's RunControl actor (r1ray scale)
+        self.weights: tuple[int, object] = (0, None)  # newest published version, its export (hf generators)
         self.startup_s: dict[str, float] = {}
 
     @property
@@ -114,6 +119,7 @@ class System:
                                              r.generator.tensor_parallel_size),
                               "weight-transfer handshake (learner rank 0 and the generators)")
             self.startup_s["weight_transfer"] = time.perf_counter() - t0
+        self.control = control.start(ns)
         # Liveness checks from now on (an actor still in its constructor cannot answer a ping).
         self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
         for group in self.groups():
@@ -142,6 +148,7 @@ class System:
             receivers.append((self.reference, "load_weights", ()))
         if receivers:
             exports, loads = start_broadcast(self.learners, receivers, self.r.generator.dtype)
+            self.weights = (self.version, exports[0])  # what a generator that joins later loads
             # Not exports[0]: a successful load implies it, and getting it would copy the weights here.
             refs += exports[1:] + loads
         return self.version, refs
@@ -157,5 +164,10 @@ class System:
         for group in (self.scorers, self.generators, self.reference, self.learners):
             if group is not None:
                 group.kill()
+        if self.control is not None:
+            try:
+                ray.kill(self.control)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         if self.placement is not None:
             self.placement.remove()

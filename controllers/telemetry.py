@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cluster.groups import get
+from ..cluster.groups import RemoteCallError, get
 
 
 def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -47,7 +47,7 @@ def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[
     by_actor = _by_actor(spans, start, end)
     out = {}
     for name, kinds, n in groups:
-        busy = _busy(by_actor, start, end, kinds) / n
+        busy = _busy(by_actor, start, end, kinds) / max(n, 1)  # n is 0 while a group's only actor is replaced
         out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
                      "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
     return out
@@ -92,17 +92,23 @@ class SpanCollector:
     def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
         """(group, the span kinds that count as its busy time, actors) for utilisation."""
         s = self.system
-        out = [("generator", ("generate", "load_weights", "weight_update"), len(s.generators)),
-               ("scorer", ("score",), len(s.scorers)), ("learner", ("train", "export_weights", "send_weights"), len(s.learners))]
+        out = [("generator", ("generate", "load_weights", "weight_update"), len(s.generators.ready())),
+               ("scorer", ("score",), len(s.scorers.ready())), ("learner", ("train", "export_weights", "send_weights"), len(s.learners))]
         if s.reference is not None:
             out.append(("reference", ("ref_logprobs",), 1))
         return out
 
     def drain(self) -> None:
         s = self.system
-        calls = [(name, ref) for grp in s.groups() for name, ref in zip(grp.names(), grp.call_all("drain_spans",
-                                                                                                   control=True))]
-        for (name, _), part in zip(calls, get([ref for _, ref in calls], s.timeout, "drain_spans", s.watchdog)):
+        calls = [(grp, name, ref) for grp in s.groups()
+                 for name, ref in zip(grp.names(), grp.call_all("drain_spans", control=True))]
+        for grp, name, ref in calls:
+            try:
+                part = get(ref, s.timeout, "drain_spans", s.watchdog)
+            except RemoteCallError:
+                if grp.elastic:  # lost meanwhile: the driver replaces it; its spans are gone with it
+                    continue
+                raise
             for sp in part:
                 sp["actor"] = name
             self.spans.extend(part)

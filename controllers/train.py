@@ -258,6 +258,7 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict:
         raise
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        e.run_dir = str(run_dir)  # the CLI says how to resume it
         raise
     finally:
         with signals_ignored():  # a second Ctrl-C must not cut the clean-up short

@@ -1,0 +1,168 @@
+"""Elastic rollout workers on a simulated multi-node cluster (``ray.cluster_utils.Cluster``):
+a node joins and the generator group grows; a generator, a scorer and a whole node die and
+the run finishes with every prompt consumed exactly once; the group is resized by hand.
+
+Each test runs a script that owns the cluster and the faults, and starts ``r1ray train``
+joined to it, as a user's driver would be."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+COMMON = r"""
+import json, os, subprocess, sys, time
+import ray
+from ray.cluster_utils import Cluster
+
+def start_run(cluster, out, tiny, steps, *extra):
+    cmd = [sys.executable, "-m", "r1ray.controllers.cli", "train", "configs/tiny-cpu.yaml", "--output-dir", out,
+           "--address", cluster.address, "--set", f"model.tiny_dir={tiny}", "--set", f"grpo.steps={steps}",
+           "--set", "ray.dashboard=false", "--set", "sft.steps=0", "--set", "sft.stop_at_pass_rate=null",
+           "--set", "eval.num_prompts=0", "--set", "grpo.prompts_per_step=4", "--set", "grpo.num_generations=4",
+           "--set", "sampling.max_new_tokens=16", "--set", "learner.micro_batch_size=4",
+           "--set", "ray.heartbeat_s=1", "--set", "ray.liveness_timeout_s=10",
+           # the venv's r1ray is importable on every simulated node (and nodes on one machine share
+           # Ray's runtime-env folder, which breaks a shipped wheel: tests/test_ship.py)
+           "--set", "ray.ship_code=false", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w"), text=True)
+
+def wait_for(what, check, proc, timeout=300):
+    t0 = time.monotonic()
+    while not check():
+        if proc.poll() is not None:
+            raise SystemExit(f"the run ended ({proc.returncode}) before {what}: " + open(OUT + ".log").read()[-3000:])
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"timed out waiting for {what}: " + open(OUT + ".log").read()[-3000:])
+        time.sleep(0.2)
+
+def steps_done():
+    path = OUT + "/metrics.jsonl"
+    return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+def control_status():
+    try:
+        return ray.get(ray.get_actor("control", namespace="r1ray").status.remote(), timeout=10)
+    except Exception:
+        return {}
+
+def scale(n):
+    subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", "scale", "--generators", str(n),
+                    "--address", cluster.address], check=True, capture_output=True, timeout=60)
+"""
+
+GROW = COMMON + r"""
+OUT, TINY, STEPS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # room for one generator only
+ray.init(address=cluster.address, logging_level="ERROR")
+proc = start_run(cluster, OUT, TINY, STEPS, "--set", "generator.num_actors=1", "--set", "generator.max_actors=2",
+                 "--set", "sampling.max_new_tokens=32")
+wait_for("step 2", lambda: steps_done() >= 2, proc)
+wait_for("the driver's first report", lambda: control_status().get("slots") == 2, proc)
+before = control_status()
+cluster.add_node(num_cpus=1)  # a node joins: generator-1's placement group is placed, it starts
+wait_for("generator-1 to join", lambda: control_status().get("ready") == 2, proc)
+joined_at = steps_done()
+scale(1)  # by hand, back to one: generator-1 drains and leaves
+wait_for("the group to shrink", lambda: control_status().get("generators/removed") == 1, proc)
+shrunk_at = steps_done()
+proc.wait(timeout=600)
+print("RESULT " + json.dumps({"rc": proc.returncode, "before": before, "joined_at": joined_at,
+                              "shrunk_at": shrunk_at}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+FAULTS = COMMON + r"""
+OUT, TINY, STEPS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+node = cluster.add_node(num_cpus=1)  # the head holds one generator, this node the other
+ray.init(address=cluster.address, logging_level="ERROR")
+proc = start_run(cluster, OUT, TINY, STEPS, "--set", "generator.num_actors=2")
+wait_for("step 2", lambda: steps_done() >= 2, proc)
+where = {}
+for name in ("generator-0", "generator-1"):
+    a = ray.get_actor(name, namespace="r1ray")
+    where[name] = ray.get(a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=30)
+on_head = next(n for n, node_id in where.items() if node_id != node.node_id)
+ray.kill(ray.get_actor(on_head, namespace="r1ray"))  # a generator dies: replaced in its bundle
+ray.kill(ray.get_actor("reward-scorer-0", namespace="r1ray"))  # the scorer too
+killed_at = steps_done()
+wait_for("step 5", lambda: steps_done() >= killed_at + 3, proc)
+cluster.remove_node(node)  # the other generator's node goes away: no room left to replace it
+removed_at = steps_done()
+proc.wait(timeout=600)
+print("RESULT " + json.dumps({"rc": proc.returncode, "killed": on_head, "killed_at": killed_at,
+                              "removed_at": removed_at}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def _run(script, tmp_path, tiny_world, steps):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tiny_world), str(steps)], capture_output=True, text=True,
+                          timeout=840, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    log = (out.parent / "run.log").read_text()[-4000:] if (out.parent / "run.log").exists() else ""
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:] + log
+    result = json.loads(line[7:])
+    assert result["rc"] == 0, log
+    return out, result, (out.parent / "run.log").read_text()
+
+
+def _consumed_exactly_once(out, steps=10, prompts=4, generations=4):
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    ids = [s["sample_id"] for s in samples]
+    assert len(ids) == len(set(ids)) == steps * prompts * generations  # nothing lost or counted twice
+    per_prompt = Counter(i.rsplit("/", 1)[0] for i in ids)
+    assert set(per_prompt.values()) == {generations}  # every consumed prompt with its whole group
+    assert Counter(s["step"] for s in samples) == {s: prompts * generations for s in range(1, steps + 1)}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    return samples
+
+
+def _expected_prompts(tiny_world, n):
+    from datasets import load_from_disk
+
+    from r1ray.controllers.data import EpochSampler
+
+    size = len(load_from_disk(str(tiny_world / "data"))["train"])
+    return sorted(pid for _, pid in EpochSampler(size, 0).take(n))
+
+
+@pytest.mark.timeout(900)
+def test_a_joining_node_grows_the_generator_group_and_scale_shrinks_it(tmp_path, tiny_world):
+    out, result, log = _run(GROW, tmp_path, tiny_world, 40)
+    assert result["before"]["ready"] == 1 and result["before"]["slots"] == 2  # generator-1 waited for room
+    assert result["joined_at"] < 40
+    summary = json.loads((out / "summary.json").read_text())
+    group = summary["grpo"]["generator_group"]
+    assert group["generators/added"] == 1 and group["generators/removed"] == 1
+    assert group["ready"] == 1 and group["target"] == 1
+    assert "generator-1 joined at policy version" in log and "generator-1 removed" in log
+    samples = _consumed_exactly_once(out, steps=40)
+    assert sorted({s["sample_id"].rsplit("/", 1)[0] for s in samples}) == _expected_prompts(tiny_world, 160)
+
+
+@pytest.mark.timeout(900)
+def test_lost_generators_scorers_and_nodes_lose_no_prompt(tmp_path, tiny_world):
+    out, result, log = _run(FAULTS, tmp_path, tiny_world, 10)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    group = summary["grpo"]["generator_group"]
+    # the killed generator and the removed node's; the scorer, and its replacement too if that
+    # landed on the removed node
+    assert group["generator/lost"] >= 2 and group["reward-scorer/lost"] >= 1
+    assert group["reward-scorer/restarted"] == group["reward-scorer/lost"] and group["ready"] >= 1
+    assert f"{result['killed']} died" in log or f"{result['killed']} no answer" in log
+    samples = _consumed_exactly_once(out)
+    assert sorted({s["sample_id"].rsplit("/", 1)[0] for s in samples}) == _expected_prompts(tiny_world, 40)
