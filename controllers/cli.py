@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
     c.add_argument("--skip-data", action="store_true",
                    help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
+    s = sub.add_parser("ship", help="build a wheel of this clone and write the runtime env that installs it on "
+                       "every node, for `ray job submit --runtime-env`")
+    s.add_argument("--out", default="runtime_env.yaml", help="the runtime-env YAML to write ('-': print it)")
+    s.add_argument("--wheel-dir", default=None, help="where the wheel goes (default: R1RAY_WHEEL_DIR or "
+                   "~/.cache/r1ray/wheels; an unchanged clone reuses its wheel)")
     w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
     w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
     w.add_argument("--force", action="store_true")
@@ -42,6 +47,33 @@ def check_data(recipe) -> dict:
     return prepare_data(recipe, AutoTokenizer.from_pretrained(model_path), tiny_dir).summary()
 
 
+def ship(out: str, wheel_dir: str | None) -> int:
+    """``r1ray ship``: the wheel, and a runtime-env file that carries it to a cluster's nodes."""
+    from ..cluster.ship import ShipError, build_wheel, runtime_env, write_runtime_env
+
+    try:
+        wheel = build_wheel(out_dir=wheel_dir)
+    except ShipError as e:
+        print(f"r1ray: {e}", file=sys.stderr)
+        return 2
+    note = (f"Written by `r1ray ship`: {wheel.name}, this clone's code, in Ray's py_modules.\n"
+            "Every node pip-installs it; it declares no dependencies (the nodes' environment provides them). Use as\n"
+            f"  ray job submit --runtime-env {out if out != '-' else 'runtime_env.yaml'} -- python -m r1ray train tiny-cpu")
+    if out == "-":
+        import yaml
+
+        print(yaml.safe_dump(runtime_env(wheel), sort_keys=False), end="")
+        return 0
+    try:
+        write_runtime_env(runtime_env(wheel), out, note)
+    except OSError as e:
+        print(f"r1ray: cannot write the runtime env to {out!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wheel: {wheel}\nruntime env: {out}\nsubmit with: ray job submit --runtime-env {out} -- "
+          "python -m r1ray train <recipe> [--set key=value ...]")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -53,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         out = build_tiny_world(os.path.expanduser(args.dir), force=args.force)
         print(f"tiny world: {out}/model (model + tokenizer), {out}/data (train/test)")
         return 0
+    if args.command == "ship":
+        return ship(args.out, args.wheel_dir)
     from .config import load_recipe
 
     try:
@@ -80,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..actors.scorer import BrokenRewardError
     from ..cluster.groups import RemoteCallError
     from ..cluster.runtime import ClusterUnreachable
+    from ..cluster.ship import ShipError
     from .staleness import StalenessError
     from .train import train
 
     try:
         summary = train(recipe)
-    except (ConfigError, ClusterUnreachable) as e:  # what only the data or the cluster can tell, before any actor
+    except (ConfigError, ClusterUnreachable, ShipError) as e:  # what only the data or the cluster can tell, before any actor
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
