@@ -7,8 +7,11 @@ one's site-packages except r1ray's editable install and metadata.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import venv
 import zipfile
@@ -100,10 +103,14 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+# Ports of their own: another Ray on this machine may hold the defaults. Node 2 sets up runtime
+# envs in a folder of its own, as a node on another machine would: nodes sharing one, the second
+# to install a wheel finds the first's install folder, hands it to pip as the wheel, and deletes it.
 mem = 80 * 2**20
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": mem,
-                  "include_dashboard": True, "dashboard_port": free_port()})
-node2 = cluster.add_node(num_cpus=1, resources={"node2": 1}, object_store_memory=mem)
+                  "include_dashboard": True, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+node2 = cluster.add_node(num_cpus=1, resources={"node2": 1}, object_store_memory=mem,
+                         dashboard_agent_listen_port=free_port(), runtime_env_dir_name="runtime_resources_node2")
 cluster.wait_for_nodes()
 print("CLUSTER " + json.dumps({"address": cluster.address, "node2": node2.node_id,
                                "dashboard": cluster.head_node.address_info["webui_url"]}), flush=True)
@@ -156,8 +163,8 @@ def python_without_r1ray(tmp_path_factory) -> Path:
     return env / "bin"
 
 
-def _env(**extra) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", **extra}
+def _env(ray_tmpdir: str, **extra) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_TMPDIR": ray_tmpdir, **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -165,29 +172,37 @@ def _env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def cluster(python_without_r1ray, tmp_path_factory):
     """A head (with the dashboard, for jobs) and a second node with resource "node2", run by the
-    Python without r1ray, with nothing on PYTHONPATH."""
-    env = _env(PATH=f"{python_without_r1ray}{os.pathsep}{os.environ['PATH']}", PYTHONPATH="")
+    Python without r1ray, with nothing on PYTHONPATH. Ray's temp dir is its own: a Cluster records
+    its address there for address-less ray.init and deletes it on shutdown, which must not touch
+    another Ray on this machine (and Ray's socket paths live in it: keep it short)."""
+    ray_tmpdir = tempfile.mkdtemp(prefix="r1s-", dir="/tmp")
+    env = _env(ray_tmpdir, PATH=f"{python_without_r1ray}{os.pathsep}{os.environ['PATH']}", PYTHONPATH="")
+    where = tmp_path_factory.mktemp("cluster")
+    log = open(where / "cluster.log", "w")  # not a pipe: nobody reads it while the cluster runs
     proc = subprocess.Popen([str(python_without_r1ray / "python"), "-c", CLUSTER], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tmp_path_factory.mktemp("cluster"))
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=where)
+    watchdog = threading.Timer(120, proc.kill)  # a cluster that never comes up fails the test, not hangs it
+    watchdog.start()
     line = proc.stdout.readline()
-    if not line.startswith("CLUSTER "):
-        proc.kill()
-        raise AssertionError(f"the cluster did not start: {line}{proc.stderr.read()[-3000:]}")
+    watchdog.cancel()
     try:
-        yield json.loads(line[8:])
+        if not line.startswith("CLUSTER "):
+            raise AssertionError(f"the cluster did not start: {line}{(where / 'cluster.log').read_text()[-3000:]}")
+        yield {**json.loads(line[8:]), "ray_tmpdir": ray_tmpdir}
     finally:
-        proc.stdin.close()
+        proc.stdin.close()  # the script shuts its cluster down
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 def _assert_shipped(remote: dict, node2: str, wheel_name: str) -> None:
     assert remote["node"] == node2
     shipped = Path(remote["file"]).parent
-    assert "runtime_resources" in shipped.parts and wheel_name.removesuffix(".whl") in str(shipped)
+    assert "runtime_resources_node2" in shipped.parts and shipped.parent.name == wheel_name.removesuffix(".whl")
     assert remote["version"] == wheel_name.split("-")[1] and not remote["requires"]
     assert remote["entry_point"] == "r1ray_weight_transfer=r1ray.actors.weight_transfer:register"
     assert Path(remote["plugin_from"]) == shipped / "actors" / "weight_transfer.py"
@@ -199,7 +214,7 @@ def test_a_driver_joining_from_the_clone_ships_r1ray_to_a_node_without_it(cluste
     wheels = tmp_path / "wheels"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", DRIVER, cluster["address"]], capture_output=True, text=True,
-                          timeout=170, env=_env(R1RAY_WHEEL_DIR=str(wheels)), cwd=tmp_path)
+                          timeout=170, env=_env(cluster["ray_tmpdir"], R1RAY_WHEEL_DIR=str(wheels)), cwd=tmp_path)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = json.loads(line[7:])
