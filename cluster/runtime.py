@@ -88,7 +88,10 @@ def joining_runtime_env(on_gpu: bool, ship_code: bool) -> dict:
     if root is None:
         log.info("r1ray code on the nodes: their own installed r1ray (this one, %s, is not a clone)", ship.PACKAGE_DIR)
         return env
-    wheel = ship.build_wheel(root)
+    try:
+        wheel = ship.build_wheel(root)
+    except ship.ShipError as e:
+        raise ship.ShipError(f"{e}\n(where every node has r1ray installed, set ray.ship_code: false)") from None
     log.info("r1ray code on the nodes: %s, built from %s (ray.ship_code)", wheel.name, root)
     return {**env, **ship.runtime_env(wheel)}
 

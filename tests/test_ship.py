@@ -8,6 +8,7 @@ one's site-packages except r1ray's editable install and metadata.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,24 @@ def test_what_cannot_be_shipped_says_why(tmp_path):
     assert f"cannot build a wheel of {copy}: `pip wheel` exited with" in str(e.value)
     assert "TOMLDecodeError" in str(e.value) and "/r1ray-ship-" not in str(e.value)  # pip's reason, about the clone
     assert not list((tmp_path / "wheels").glob("*.whl"))
+
+
+def test_a_clone_that_cannot_be_built_stops_the_run_before_ray_starts(tmp_path, tiny_world):
+    copy = _copy_clone(tmp_path / "copy")
+    (copy / "pyproject.toml").write_text((copy / "pyproject.toml").read_text().replace("[project]", "[project", 1))
+    (tmp_path / "imp").mkdir()
+    (tmp_path / "imp" / "r1ray").symlink_to(copy)  # the broken clone is the r1ray that runs
+    with socket.socket() as head:  # something answers at the address: the run gets as far as shipping
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        proc = subprocess.run([sys.executable, "-m", "r1ray", "train", "tiny-cpu", "--output-dir", str(tmp_path / "run"),
+                               "--address", f"127.0.0.1:{head.getsockname()[1]}", "--set", f"model.tiny_dir={tiny_world}"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "imp"), "R1RAY_WHEEL_DIR": str(tmp_path / "w")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"r1ray: cannot build a wheel of {copy}: `pip wheel` exited with" in proc.stderr
+    assert "TOMLDecodeError" in proc.stderr and "set ray.ship_code: false" in proc.stderr
+    assert "Connecting to existing Ray cluster" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_r1ray_ship_writes_a_runtime_env_file(tmp_path):
