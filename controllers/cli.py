@@ -56,14 +56,14 @@ def ship(out: str, wheel_dir: str | None) -> int:
     except ShipError as e:
         print(f"r1ray: {e}", file=sys.stderr)
         return 2
-    note = (f"Written by `r1ray ship`: {wheel.name}, this clone's code, in Ray's py_modules.\n"
-            "Every node pip-installs it; it declares no dependencies (the nodes' environment provides them). Use as\n"
-            f"  ray job submit --runtime-env {out if out != '-' else 'runtime_env.yaml'} -- python -m r1ray train tiny-cpu")
     if out == "-":
         import yaml
 
         print(yaml.safe_dump(runtime_env(wheel), sort_keys=False), end="")
         return 0
+    note = (f"Written by `r1ray ship`: {wheel.name}, this clone's code, in Ray's py_modules.\n"
+            "Every node pip-installs it; it declares no dependencies (the nodes' environment provides them). Use as\n"
+            f"  ray job submit --runtime-env {out} -- python -m r1ray train tiny-cpu")
     try:
         write_runtime_env(runtime_env(wheel), out, note)
     except OSError as e:
