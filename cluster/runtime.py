@@ -1,10 +1,13 @@
 """Starting or joining Ray, with the environment every actor needs."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import time
+
+from . import ship
 
 log = logging.getLogger("r1ray.cluster")
 
@@ -53,22 +56,65 @@ def check_reachable(address: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def job_runtime_env() -> dict:
+    """The runtime env of the Ray job this driver was submitted as (``ray job submit``); {}
+    outside a job. Ray puts it in the driver's environment."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def joining_runtime_env(on_gpu: bool, ship_code: bool) -> dict:
+    """What ``ray.init`` gets when joining a cluster: the actors' env vars and, when this r1ray
+    is a clone, its code as a wheel (cluster/ship.py) that every node installs.
+
+    Inside a job, Ray 2.60 merges this into the job's runtime env key by key (env vars var by
+    var) and raises ValueError when both set one: keys the job sets are left to it (the job's
+    runtime env already reaches every actor), and code the job ships in ``py_modules`` is
+    used as it is. Raises ShipError when the wheel cannot be built.
+    """
+    job = job_runtime_env()
+    job_vars = job.get("env_vars") or {}
+    env_vars = {k: v for k, v in actor_env(on_gpu).items() if k not in job_vars}
+    env = {"env_vars": env_vars} if env_vars else {}
+    if not ship_code:
+        return env
+    if job.get("py_modules"):
+        log.info("r1ray code on the nodes: the job's py_modules %s", job["py_modules"])
+        return env
+    root = ship.clone_root()
+    if root is None:
+        log.info("r1ray code on the nodes: their own installed r1ray (this one, %s, is not a clone)", ship.PACKAGE_DIR)
+        return env
+    try:
+        wheel = ship.build_wheel(root)
+    except ship.ShipError as e:
+        raise ship.ShipError(f"{e}\n(where every node has r1ray installed, set ray.ship_code: false)") from None
+    log.info("r1ray code on the nodes: %s, built from %s (ray.ship_code)", wheel.name, root)
+    return {**env, **ship.runtime_env(wheel)}
+
+
 def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: int | None,
-          dashboard: bool, object_store_mb: int, on_gpu: bool, connect_timeout_s: float = 10.0) -> dict:
+          dashboard: bool, object_store_mb: int, on_gpu: bool, connect_timeout_s: float = 10.0,
+          ship_code: bool = True) -> dict:
     """Join ``address`` (or RAY_ADDRESS / a `ray start` cluster) or start a local cluster.
 
-    Resources are only passed when starting one: Ray rejects them when connecting.
+    Resources are only passed when starting one: Ray rejects them when connecting. Joining,
+    the clone's code is shipped to every node when ``ship_code`` (a local Ray's workers import
+    it where the driver does). Raises ClusterUnreachable, or ShipError before Ray is joined.
     Returns the cluster's total resources.
     """
     import ray
 
     if ray.is_initialized():
         return ray.cluster_resources()
-    runtime_env = {"env_vars": actor_env(on_gpu)}
     joining = address is not None or "RAY_ADDRESS" in os.environ
     if joining:
         target = address or os.environ["RAY_ADDRESS"]
         check_reachable(target, connect_timeout_s)
+        runtime_env = joining_runtime_env(on_gpu, ship_code)
         try:
             ctx = ray.init(address=address, namespace=namespace, runtime_env=runtime_env)
         except ConnectionError as e:
@@ -81,9 +127,9 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
         kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                       object_store_memory=max(80, object_store_mb) * 2**20)
         try:  # starts a local cluster, unless one was started here with `ray start` ...
-            ctx = ray.init(namespace=namespace, runtime_env=runtime_env, **kwargs)
-        except ValueError:  # ... which refuses resource arguments: join it as it is
-            ctx = ray.init(address="auto", namespace=namespace, runtime_env=runtime_env)
+            ctx = ray.init(namespace=namespace, runtime_env={"env_vars": actor_env(on_gpu)}, **kwargs)
+        except ValueError:  # ... which refuses resource arguments: join it as it is (it may have other nodes)
+            ctx = ray.init(address="auto", namespace=namespace, runtime_env=joining_runtime_env(on_gpu, ship_code))
     if getattr(ctx, "dashboard_url", None):
         log.info("Ray dashboard: http://%s", ctx.dashboard_url)
     resources = ray.cluster_resources()

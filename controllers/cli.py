@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
                     "without it, print the group's state")
     sc.add_argument("--namespace", default="r1ray", help="the run's Ray namespace (config.yaml: ray.namespace)")
     sc.add_argument("--address", default=None, help="the cluster (default: RAY_ADDRESS or a `ray start` cluster here)")
+    s = sub.add_parser("ship", help="build a wheel of this clone and write the runtime env that installs it on "
+                       "every node, for `ray job submit --runtime-env`")
+    s.add_argument("--out", default="runtime_env.yaml", help="the runtime-env YAML to write ('-': print it)")
+    s.add_argument("--wheel-dir", default=None, help="where the wheel goes (default: R1RAY_WHEEL_DIR or "
+                   "~/.cache/r1ray/wheels; an unchanged clone reuses its wheel)")
     w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
     w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
     w.add_argument("--force", action="store_true")
@@ -102,6 +107,30 @@ def scale(args) -> int:
         return 1
     finally:
         ray.shutdown()
+def ship(out: str, wheel_dir: str | None) -> int:
+    """``r1ray ship``: the wheel, and a runtime-env file that carries it to a cluster's nodes."""
+    from ..cluster.ship import ShipError, build_wheel, runtime_env, write_runtime_env
+
+    try:
+        wheel = build_wheel(out_dir=wheel_dir)
+    except ShipError as e:
+        print(f"r1ray: {e}", file=sys.stderr)
+        return 2
+    if out == "-":
+        import yaml
+
+        print(yaml.safe_dump(runtime_env(wheel), sort_keys=False), end="")
+        return 0
+    note = (f"Written by `r1ray ship`: {wheel.name}, this clone's code, in Ray's py_modules.\n"
+            "Every node pip-installs it; it declares no dependencies (the nodes' environment provides them). Use as\n"
+            f"  ray job submit --runtime-env {out} -- python -m r1ray train tiny-cpu")
+    try:
+        write_runtime_env(runtime_env(wheel), out, note)
+    except OSError as e:
+        print(f"r1ray: cannot write the runtime env to {out!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wheel: {wheel}\nruntime env: {out}\nsubmit with: ray job submit --runtime-env {out} -- "
+          "python -m r1ray train <recipe> [--set key=value ...]")
     return 0
 
 
@@ -118,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "scale":
         return scale(args)
+    if args.command == "ship":
+        return ship(args.out, args.wheel_dir)
     from .config import load_recipe
 
     try:
@@ -151,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..actors.scorer import BrokenRewardError
     from ..cluster.groups import RemoteCallError
     from ..cluster.runtime import ClusterUnreachable
+    from ..cluster.ship import ShipError
     from .staleness import StalenessError
     from .train import train
 
     try:
         summary = train(recipe, resume)
-    except (ConfigError, ClusterUnreachable) as e:  # what only the data or the cluster can tell, before any actor
+    except (ConfigError, ClusterUnreachable, ShipError) as e:  # what only the data or the cluster can tell, before any actor
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -48,6 +48,10 @@ class RayConfig:
     dashboard: bool = True
     object_store_mb: int = 256
     connect_timeout_s: float = 10.0  # joining a cluster that does not answer fails after this
+    # Joining a cluster from a clone: build a wheel of it (cached by content) and install it on
+    # every node through the runtime env (py_modules), so nodes need no r1ray of their own.
+    # false: the nodes have r1ray installed (the KubeRay image). A local Ray never ships.
+    ship_code: bool = True
     # Deadlines. A call's first run (nothing measured yet) is bounded by call_timeout_s; later
     # ones by deadline_factor x the slowest seconds per sample seen for that stage x its
     # samples, at least deadline_min_s (scoring: by the verifier timeouts). Meanwhile every

@@ -117,12 +117,13 @@ def check_placement(recipe: Recipe) -> None:
 
 def connect(recipe: Recipe) -> None:
     """Start or join Ray; on a joined cluster check its resources and take a free namespace.
-    Raises ConfigError / ClusterUnreachable with Ray stopped again."""
+    Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again."""
     from ..cluster import runtime
 
     on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
     resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
-                              recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s)
+                              recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
+                              recipe.ray.ship_code)
     try:
         if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
             check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))

@@ -41,6 +41,11 @@ def test_recipe_by_shipped_name():
     assert load_recipe("tiny-cpu").sft.steps > 0
 
 
+def test_code_is_shipped_to_joined_clusters_unless_turned_off():
+    assert load_recipe(TINY).ray.ship_code is True
+    assert load_recipe(TINY, ["ray.ship_code=false"]).ray.ship_code is False
+
+
 @pytest.mark.parametrize("override, fragment", [
     (["grpo.stepz=3"], "'grpo.stepz' is not known"),
     (["learner.zero_stage=5"], "'learner.zero_stage': got 5; accepted: one of 0, 1, 2, 3"),
@@ -76,6 +81,7 @@ def test_recipe_by_shipped_name():
     (["sft.probe_every=0"], "'sft.probe_every': got 0"),
     (["sampling.temperature=0.55"], "accepted: the value of sampling.temperature (0.55)"),
     (["learner.loss.off_policy=is"], "one of 'none', 'decoupled', 'tis'"),
+    (["ray.ship_code=sometimes"], "'ray.ship_code': got 'sometimes'; accepted: true or false"),
 ])
 def test_bad_configs_name_the_key_value_and_what_is_accepted(override, fragment):
     with pytest.raises(ConfigError) as e:
