@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import importlib.util
+import importlib.metadata
 import io
 import logging
 import os
@@ -95,6 +95,14 @@ def source_hash(root: Path, files: list[str]) -> str:
     return h.hexdigest()
 
 
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def build_wheel(root: Path | None = None, out_dir: Path | None = None, timeout_s: float = 300.0) -> Path:
     """A code-only wheel of the clone at ``root`` (default: the one this r1ray was imported
     from) in ``out_dir`` (default ``wheel_dir()``), built offline with the setuptools already
@@ -115,7 +123,9 @@ def build_wheel(root: Path | None = None, out_dir: Path | None = None, timeout_s
         log.info("wheel of %s: %s (sources unchanged, not rebuilt)", root, cached[0])
         return cached[0]
     for module in ("pip", "setuptools"):
-        if importlib.util.find_spec(module) is None:
+        # not importlib.util.find_spec: for "pip", setuptools' distutils shim then switches itself
+        # off in this process, and a later setuptools import (DeepSpeed's op builder) fails
+        if not _installed(module):
             raise ShipError(f"cannot build a wheel of {root}: {module} is not installed in {sys.executable}; "
                             f"accepted: `{sys.executable} -m pip install 'setuptools>=68'` (or `-m ensurepip` for pip)")
     try:
