@@ -140,6 +140,9 @@ class CheckpointConfig:
     # complete one with the same data order. 0: no GRPO checkpoints.
     every_steps: int = 0
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    # Ctrl-C / SIGTERM during SFT or GRPO: the learner's current weights as an HF checkpoint
+    # (checkpoint-interrupted/) before the actors stop, waiting for a step in progress to end.
+    on_interrupt: bool = False
 
 
 @dataclass

@@ -268,6 +268,8 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict:
                            grpo_steps_done=done_before["grpo_steps_done"] + metrics.count)
             metrics.close()
             sft_metrics.close()
+            if summary["status"] == "interrupted" and recipe.checkpoint.on_interrupt and summary["stage"] in ("sft", "grpo"):
+                save_interrupted(system, run_dir, summary)
             try:
                 write_json_atomic(run_dir / "summary.json", summary)
             except OSError as e:
@@ -275,6 +277,18 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict:
             system.shutdown()
             runtime.stop()
     return summary
+
+
+def save_interrupted(system: System, run_dir: Path, summary: dict) -> None:
+    """``checkpoint.on_interrupt``: the learner's weights as they are (after the step in
+    progress), in HF format; a failure is logged, the stop goes on."""
+    path = run_dir / "checkpoint-interrupted"
+    log.info("interrupted: saving the learner's weights to %s (checkpoint.on_interrupt)", path)
+    try:
+        system.learners.run_all("save_hf", str(path), timeout_s=300)
+        summary["checkpoint_interrupted"] = str(path)
+    except Exception as e:  # noqa: BLE001 - the run stops anyway; say why there is no checkpoint
+        log.error("could not save %s: %s", path, e)
 
 
 def stop_on_sigterm() -> None:

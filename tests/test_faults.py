@@ -159,7 +159,10 @@ def test_a_stopped_learner_rank_is_found_by_the_liveness_check(tmp_path, tiny_wo
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, tiny_world, cluster, sig, code):
-    out, proc = _start(tmp_path, tiny_world, 2000, env={"RAY_ADDRESS": cluster})
+    """Ctrl-C also saves the weights when asked (checkpoint.on_interrupt)."""
+    save = sig == signal.SIGINT
+    out, proc = _start(tmp_path, tiny_world, 2000, "--set", f"checkpoint.on_interrupt={str(save).lower()}",
+                       env={"RAY_ADDRESS": cluster})
     _wait_for_steps(out, proc)
     proc.send_signal(sig)
     got, err, seconds = _finish(proc, 120)
@@ -170,6 +173,11 @@ def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, tiny_world, cluster, sig, cod
     assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
     assert len(_jsonl_whole(out / "metrics.jsonl")) == summary["grpo_steps_done"] >= 2
     _jsonl_whole(out / "samples.jsonl")
+    assert ("checkpoint_interrupted" in summary) == save == (out / "checkpoint-interrupted").exists()
+    if save:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(out / "checkpoint-interrupted")
     assert _no_actors_left(cluster)
 
 
