@@ -168,6 +168,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--max-staleness", type=int, default=1)
     ap.add_argument("--out", default="runs/bench-vs-trl")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 1],
+                    help="r1ray learner ranks to run (TRL is one process on the same cores)")
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", help=argparse.SUPPRESS)
@@ -182,13 +184,15 @@ def main() -> int:
     ckpt = sft["checkpoint"]
     print(f"SFT checkpoint: {ckpt} ({sft['sft']['steps']} steps)", flush=True)
     rows = {}
-    summary, gib = r1ray_train(out / "r1ray", [f"model.path={ckpt}", "sft.steps=0", "sft.stop_at_pass_rate=null",
-                                               "eval.num_prompts=0", f"grpo.max_staleness={args.max_staleness}",
-                                               *grpo_sets(args.steps)])
-    g = summary["grpo"]
-    rows["r1ray"] = {"grpo_s": g["time_s"], "samples_per_s": g["samples_per_s"], "peak_rss_gib": gib,
-                     "pass@1": pass_at_1(summary["checkpoint"], tiny)}
-    print("r1ray:", rows["r1ray"], flush=True)
+    for ranks in args.ranks:
+        name = f"r1ray ({ranks} learner rank{'s' if ranks > 1 else ''})"
+        summary, gib = r1ray_train(out / f"r1ray-{ranks}", [
+            f"model.path={ckpt}", "sft.steps=0", "sft.stop_at_pass_rate=null", "eval.num_prompts=0",
+            f"grpo.max_staleness={args.max_staleness}", f"learner.num_ranks={ranks}", *grpo_sets(args.steps)])
+        g = summary["grpo"]
+        rows[name] = {"grpo_s": g["time_s"], "samples_per_s": g["samples_per_s"], "peak_rss_gib": gib,
+                      "pass@1": pass_at_1(summary["checkpoint"], tiny)}
+        print(f"{name}:", rows[name], flush=True)
     stdout, gib = run([sys.executable, __file__, "--trl-worker", "--model", ckpt, "--tiny", str(tiny),
                        "--out", str(out / "trl"), "--steps", str(args.steps)], env={**os.environ})
     t = json.loads(stdout.strip().splitlines()[-1])
@@ -198,15 +202,17 @@ def main() -> int:
     import torch
     import trl
 
+    ratios = {name: r["grpo_s"] / rows["trl"]["grpo_s"] for name, r in rows.items() if name != "trl"}
     result = {"steps": args.steps, "samples_per_step": 128, "max_staleness": args.max_staleness,
               "sft_checkpoint": ckpt, "sft_steps": sft["sft"]["steps"], "pass@1_after_sft": pass_at_1(ckpt, tiny),
               "versions": {"trl": trl.__version__, "torch": torch.__version__}, "rows": rows,
-              "time_ratio_r1ray_over_trl": rows["r1ray"]["grpo_s"] / rows["trl"]["grpo_s"]}
-    lines = ["| framework | GRPO s | samples/s | peak RSS GiB | held-out pass@1 |", "|---|---|---|---|---|"]
+              "time_ratio_r1ray_over_trl": ratios}
+    lines = ["| framework | GRPO s | samples/s | peak RSS GiB | held-out pass@1 | GRPO time / TRL's |",
+             "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['grpo_s']:.0f} | {r['samples_per_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['pass@1']:.3f} |")
-    lines.append(f"\nr1ray / TRL GRPO time: {result['time_ratio_r1ray_over_trl']:.2f}x; "
-                 f"pass@1 after SFT (both start here): {result['pass@1_after_sft']:.3f}")
+        lines.append(f"| {name} | {r['grpo_s']:.0f} | {r['samples_per_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['pass@1']:.3f} | {ratios.get(name, 1.0):.2f}x |")
+    lines.append(f"\npass@1 after SFT (all start here): {result['pass@1_after_sft']:.3f}")
     print("\n".join(lines))
     results = HERE / "results"
     results.mkdir(exist_ok=True)
