@@ -32,3 +32,9 @@ def returns_named_value(completions, **kwargs):
         text = completion[0]["content"] if isinstance(completion, list) else completion
         out.append(NAMED_VALUES.get(text, 1.0))
     return out
+
+
+def length_parity(completions, **kwargs):
+    """1.0 for a completion of odd length: varies within nearly every group, so an untrained
+    policy still gets advantages (and gradients) to learn from."""
+    return [float(len(c[0]["content"] if isinstance(c, list) else c) % 2) for c in completions]
