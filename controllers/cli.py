@@ -16,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="YAML path or a shipped recipe name (e.g. configs/tiny-cpu.yaml, tiny-cpu); with --resume, "
                    "default: the run directory's config.yaml")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue this run directory from its newest complete checkpoint, with the same data order")
+                   help="continue this run directory from its newest complete checkpoint, with the same data order; "
+                   "'auto': continue --output-dir when it holds a run, else start one there (a retried job)")
     t.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
     t.add_argument("--address", default=None, help="join the Ray cluster at this address (default: ray.address, "
                    "RAY_ADDRESS, a `ray start` cluster on this machine, or start a local Ray)")
@@ -78,6 +79,26 @@ def resumed_recipe(args):
     recipe = load_recipe(args.recipe or str(saved), args.overrides)
     check_resumable(yaml.safe_load(saved.read_text()), recipe.to_dict(), run_dir)
     return recipe, run_dir
+
+
+def auto_resume(args):
+    """``--resume auto``: the recipe's run directory (``--output-dir``) is resumed when it holds a
+    run, else the run starts there; for a job that its scheduler may retry (a RayJob's
+    backoffLimit, a preempted head) with the same command line."""
+    from pathlib import Path
+
+    from .config import load_recipe
+    from .schema import ConfigError
+
+    if args.recipe is None:
+        raise ConfigError("--resume auto needs the recipe (and --output-dir) it starts from when there is nothing to resume")
+    recipe = load_recipe(args.recipe, args.overrides, args.output_dir)
+    run_dir = Path(recipe.output_dir).expanduser()
+    if not (run_dir / "config.yaml").is_file():
+        return recipe, None, False
+    args.resume, args.output_dir = str(run_dir), None
+    recipe, run_dir = resumed_recipe(args)
+    return recipe, run_dir, True
 
 
 def scale(args) -> int:
@@ -154,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "address", None):
             args.overrides.append(f"ray.address={json.dumps(args.address)}")  # quoted: YAML must not read 1:30 as a number
-        resume = getattr(args, "resume", None)
-        if resume is not None:
+        resume, fresh_if_unresumable = getattr(args, "resume", None), False
+        if resume == "auto":
+            recipe, resume, fresh_if_unresumable = auto_resume(args)
+        elif resume is not None:
             recipe, resume = resumed_recipe(args)
         elif args.recipe is None:
             raise ConfigError("r1ray train needs a recipe (a YAML path or a shipped recipe name), or --resume RUN_DIR")
@@ -187,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import train
 
     try:
-        summary = train(recipe, resume)
+        summary = train(recipe, resume, fresh_if_unresumable)
     except (ConfigError, ClusterUnreachable, ShipError) as e:  # what only the data or the cluster can tell, before any actor
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2

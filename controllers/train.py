@@ -161,13 +161,15 @@ def resume_point(run_dir: Path, recipe: Recipe, model_path: str) -> dict:
             "step": state["step"] if state else 0}
 
 
-def train(recipe: Recipe, resume: Path | None = None) -> dict:
+def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool = False) -> dict:
     """The whole job. Everything a user can get wrong (config, data, output directory, cluster
     address, resources) is refused before the run directory exists, so it leaves nothing behind.
     Afterwards summary.json always says how the run ended: completed, interrupted or failed.
 
     ``resume``: a run directory to continue (``r1ray train --resume``), from its newest complete
-    checkpoint, with the same data order; the records after that checkpoint are written again."""
+    checkpoint, with the same data order; the records after that checkpoint are written again.
+    ``fresh_if_unresumable`` (``--resume auto``): a run that cannot be continued (stopped in its
+    SFT warm-up) is started again in a new run directory instead of refused."""
     from transformers import AutoTokenizer
 
     from ..cluster import runtime
@@ -184,7 +186,15 @@ def train(recipe: Recipe, resume: Path | None = None) -> dict:
     probes = probe_prompts(recipe, data, renderer, len(eval_prompts))
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
-    previous = resume_point(resume, recipe, model_path) if resume is not None else None
+    previous = None
+    if resume is not None:
+        try:
+            previous = resume_point(resume, recipe, model_path)
+        except ConfigError as e:
+            if not fresh_if_unresumable or "SFT warm-up" not in str(e):
+                raise
+            log.warning("%s; starting the run again (--resume auto)", e)
+            resume = None
     connect(recipe)
     stop_on_sigterm()
     try:

@@ -110,6 +110,8 @@ def test_resume_errors_name_the_problem_before_ray_starts(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     proc = _cli("--resume", str(tmp_path), "--output-dir", str(tmp_path / "x"))
     assert proc.returncode == 2 and "--output-dir" in proc.stderr
+    proc = _cli("--resume", "auto")
+    assert proc.returncode == 2 and "--resume auto needs the recipe" in proc.stderr
     proc = _cli("configs/tiny-cpu.yaml", "--resume", str(tmp_path))
     assert proc.returncode == 2 and "config key 'model.path'" in proc.stderr and "a resumed run must see the same data" in proc.stderr
 
@@ -163,7 +165,7 @@ def test_a_killed_driver_resumes_to_the_samples_of_an_uninterrupted_run(tmp_path
     written = len((cut / "metrics.jsonl").read_text().splitlines())
     assert 5 <= written < 8
 
-    _run([sys.executable, "-m", "r1ray.controllers.cli", "train", "--resume", str(cut)])
+    _run(_cmd(cut, tiny_world, 8, "--resume", "auto"))  # the same command again, as a retried job runs it
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from_step"] in (4, 6)
     assert summary["resumed_from_step"] < written  # records past the checkpoint were redone, not kept twice
