@@ -29,9 +29,6 @@ class RunControl:
     def status(self) -> dict:
         return {"wanted": self.wanted, **self.state}
 
-    def ping(self) -> str:
-        return "ok"
-
 
 def start(namespace: str):
     import ray

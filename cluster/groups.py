@@ -88,7 +88,7 @@ class ActorGroup:
         self.name, self.timeout_s = name, timeout_s
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
-        self.elastic = False  # set by the System: the driver replaces dead actors instead of stopping
+        self.elastic = False  # set by the driver (controllers/elastic.py): it replaces dead actors instead of stopping
         self._remote_cls = ray.remote(concurrency_groups={CONTROL: 3})(cls)
         self._make_args, self._scheduling = make_args, scheduling
         self._opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, lifetime=None,
@@ -127,10 +127,7 @@ class ActorGroup:
     def restart(self, i: int):
         """A new actor in slot ``i`` (the old one is dead: killed here to be sure), in the same
         bundle; ``starting`` until ``mark_ready``. Returns its first ping's object ref."""
-        try:
-            ray.kill(self.actors[i])
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        kill_quietly(self.actors[i])
         self.incarnation[i] += 1
         self.actors[i] = self._create(i, self.incarnation[i])
         self.state[i] = "starting"
@@ -150,10 +147,7 @@ class ActorGroup:
     def retire(self, i: int) -> None:
         """Stop slot ``i``'s actor (dead, or no longer wanted)."""
         self.state[i] = "gone"
-        try:
-            ray.kill(self.actors[i])
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        kill_quietly(self.actors[i])
 
     def call(self, i: int, method: str, *args, control: bool = False, **kwargs):
         m = getattr(self.actors[i], method)
@@ -216,11 +210,7 @@ class ActorGroup:
 
     def kill(self) -> None:
         for a in self.actors:
-            try:
-                if a is not None:
-                    ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone is fine
-                pass
+            kill_quietly(a)
 
 
 class Watchdog:
@@ -282,6 +272,16 @@ class Watchdog:
         if bad:
             return RemoteCallError(f"{what}: {self.explain(bad)}; {owner} then failed: {describe(error)}")
         return RemoteCallError(f"{what}: {owner} raised {describe(error)}{self.doing(owner)}")
+
+
+def kill_quietly(actor) -> None:
+    """``ray.kill`` an actor that may already be gone (or never was: None)."""
+    if actor is None:
+        return
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone is fine
+        pass
 
 
 def free_port() -> int:

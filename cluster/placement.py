@@ -125,14 +125,11 @@ class Placement:
         raise KeyError(f"no bundle was planned for {owner!r}")
 
     def add(self, plan: Bundles) -> None:
-        """Reserve one more group without waiting (an elastic generator's): ``is_ready`` says
-        when it is placed; until then an autoscaler sees the demand and may add a node."""
+        """Reserve one more group without waiting (an elastic generator's): an actor scheduled
+        into it starts once it is placed; until then an autoscaler sees the demand and may add a node."""
         self.plans[plan.name] = plan
         self.groups[plan.name] = placement_group([b for _, b in plan.bundles], strategy=plan.strategy,
                                                  name=f"{self.namespace}-{plan.name}")
-
-    def is_ready(self, name: str) -> bool:
-        return bool(self.groups[name].wait(timeout_seconds=0))
 
     def release(self, name: str) -> None:
         pg = self.groups.pop(name, None)

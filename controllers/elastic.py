@@ -121,15 +121,15 @@ class Elastic:
         self.system.placement.release(f"generator-{i}")
 
     # -- joining -----------------------------------------------------------------------------
-    def join(self, group: ActorGroup, i: int, ping) -> None:
-        """Watch a starting actor: the driver hears back when its constructor is done."""
-        self.d.inflight.submit(Work("join", [ping], actor=i, who=[group.name_of(i)], version=-1,
+    def join(self, group: ActorGroup, i: int, ref, version: int = -1) -> None:
+        """Watch a starting actor: the driver hears back when its constructor is done (``ref``
+        its first ping, ``version`` -1) or when it loaded the weights of ``version``."""
+        self.d.inflight.submit(Work("join", [ref], actor=i, who=[group.name_of(i)], version=version,
                                     groups=[group.name]))
 
     def on_join(self, work: Work) -> None:
         """A starting actor answered (``version`` -1), or a generator loaded weights."""
-        name, i = work.groups[0], work.actor
-        group = self.system.generators if name == self.system.generators.name else self.system.scorers
+        group, i = self._group_of(work), work.actor
         if group.state[i] != "starting":
             return
         if group is self.system.scorers:
@@ -142,9 +142,7 @@ class Elastic:
             self.ready(group, i)
             return
         # the newest published weights first (a sync may publish newer ones meanwhile: then again)
-        load = group.call(i, "load_weights", weights, version, control=True)
-        self.d.inflight.submit(Work("join", [load], actor=i, who=[group.name_of(i)], version=version,
-                                    groups=[group.name]))
+        self.join(group, i, group.call(i, "load_weights", weights, version, control=True), version)
 
     def ready(self, group: ActorGroup, i: int) -> None:
         group.mark_ready(i)
@@ -167,8 +165,7 @@ class Elastic:
             self.d.requeue_work(w)
         for w in [w for w in self.d.inflight.work if w.stage == "sync"]:  # stop waiting for its weights
             for ref in [r for r in w.pending if group.owner(r) == group.name_of(i)]:
-                w.pending.discard(ref)
-                w.refs.remove(ref)
+                w.drop(ref)
         if group is self.system.generators and i in self.draining:
             self.draining.discard(i)
             self.drop_slot(i)
@@ -189,8 +186,7 @@ class Elastic:
             return False
         i, incarnation = group.slot_of(ref) or (work.actor, group.incarnation[work.actor])
         if work.stage == "sync":
-            work.pending.discard(ref)
-            work.refs.remove(ref)
+            work.drop(ref)
         if incarnation != group.incarnation[i] or group.state[i] == "gone":  # that actor was already replaced
             if work.stage in ("generate", "score") and work in self.d.inflight.work:
                 self.d.inflight.remove(work)

@@ -36,6 +36,11 @@ class Work:
         self.pending = set(self.refs)
         self.values: dict = {}
 
+    def drop(self, ref) -> None:
+        """Stop waiting for ``ref`` (a lost actor's part of a weight sync)."""
+        self.pending.discard(ref)
+        self.refs.remove(ref)
+
 
 class InFlight:
     """Deadlines: the work queued ahead on the same actor, then ``ray.deadline_factor`` x the

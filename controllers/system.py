@@ -4,15 +4,13 @@ from __future__ import annotations
 import logging
 import time
 
-import ray
-
 from ..actors.generator import Generator, GeneratorConfig
 from ..actors.learner import LearnerConfig, LearnerRank
 from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
 from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ..cluster import control
-from ..cluster.groups import ActorGroup, Watchdog, rendezvous_on
+from ..cluster.groups import ActorGroup, Watchdog, kill_quietly, rendezvous_on
 from ..cluster.placement import Bundles, Placement
 from ..cluster.weight_sync import start_broadcast, start_transfer
 from .config import Recipe
@@ -164,10 +162,6 @@ class System:
         for group in (self.scorers, self.generators, self.reference, self.learners):
             if group is not None:
                 group.kill()
-        if self.control is not None:
-            try:
-                ray.kill(self.control)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        kill_quietly(self.control)
         if self.placement is not None:
             self.placement.remove()
