@@ -65,9 +65,8 @@ class Elastic:
         return [i for i in self.system.generators.ready() if i not in self.draining]
 
     def resize(self, n: int) -> int:
-        """Aim the generator group at ``n`` actors (clamped to min/max); returns the target."""
-        if self.system.streams_weights and n != len(self.system.generators.ready()):
-            raise ValueError("the vllm backend's generator group has a fixed size (its weight-transfer group)")
+        """Aim the generator group at ``n`` actors (clamped to min/max: for the vllm backend both
+        are num_actors, its weight-transfer group's fixed size); returns the target."""
         clamped = max(self.min, min(self.max, int(n)))
         if clamped != n:
             log.warning("generator group: %d asked, kept within generator.min_actors=%d / max_actors=%d: %d",
