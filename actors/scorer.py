@@ -132,6 +132,15 @@ class RewardScorer:
         completions, columns = self._inputs(rollouts)
         return self.pool.score(name, params or {}, completions, columns, [r.sample_id for r in rollouts]).scores
 
+    def judge(self, rollouts: list[Rollout], name: str) -> list[tuple[float | None, str | None]]:
+        """(score, extracted answer) per rollout from a ``with_answers`` function (the benchmark
+        judges ``math_answer`` / ``choice_answer``), in the verifier workers under the time limit;
+        a timeout or error gives (0.0 or None, None)."""
+        with self.spans.span("judge", samples=len(rollouts)):
+            completions, columns = self._inputs(rollouts)
+            res = self.pool.score(name, {}, completions, columns, [r.sample_id for r in rollouts])
+            return list(zip(res.scores, res.answers))
+
     def close(self) -> None:
         self.pool.close()
 

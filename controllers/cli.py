@@ -30,6 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
     c.add_argument("--skip-data", action="store_true",
                    help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
+    e = sub.add_parser("eval", help="benchmark a checkpoint on the generator actors: MATH-500, AIME 2024/2025, "
+                       "GPQA-Diamond, the recipe's held-out split or any dataset (pass@1 over n samples, pass@k, maj@k)")
+    e.add_argument("recipe", nargs="?", default=None,
+                   help="YAML path or shipped recipe name (generators, scorers, eval.tasks); default: the run "
+                   "directory's config.yaml when --checkpoint is one")
+    e.add_argument("--checkpoint", default=None, help="a hub model name, an HF model folder or a run directory "
+                   "(its checkpoint-final); default: the recipe's model.path")
+    e.add_argument("--tasks", default=None, help="comma-separated: the recipe's eval.tasks by name, or built-in "
+                   "math_500, aime24, aime25, gpqa_diamond, heldout (default: the recipe's eval.tasks)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N problems of each task (a quick look)")
+    e.add_argument("--output-dir", default=None, help="where the reports go (default: <run_dir>/eval/<checkpoint>, or "
+                   "runs/eval/<model>); an existing one is never overwritten")
+    e.add_argument("--address", default=None, help="join the Ray cluster at this address")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set eval.sampling.max_new_tokens=4096 (repeatable)")
     sc = sub.add_parser("scale", help="resize a running run's generator group (within generator.min_actors/max_actors)")
     sc.add_argument("--generators", type=int, default=None, help="the number of generators to aim at; "
                     "without it, print the group's state")
@@ -128,6 +143,49 @@ def scale(args) -> int:
         return 1
     finally:
         ray.shutdown()
+    return 0
+
+
+def evaluate(args) -> int:
+    """``r1ray eval``: refuse what is wrong before Ray starts, run, print the table."""
+    from pathlib import Path
+
+    from ..cluster.groups import RemoteCallError
+    from ..cluster.runtime import ClusterUnreachable
+    from ..cluster.ship import ShipError
+    from .config import load_recipe
+    from .eval_run import evaluate as run_eval
+    from .eval_run import select_tasks
+    from .evaluate import table
+    from .schema import ConfigError
+
+    try:
+        if args.address:
+            args.overrides.append(f"ray.address={json.dumps(args.address)}")
+        recipe_path = args.recipe
+        if recipe_path is None:
+            saved = Path(args.checkpoint or "").expanduser() / "config.yaml"
+            if not (args.checkpoint and saved.is_file()):
+                raise ConfigError("r1ray eval needs a recipe (a YAML path or a shipped recipe name), or --checkpoint "
+                                  "naming a run directory (whose config.yaml is the recipe)")
+            recipe_path = str(saved)
+        recipe = load_recipe(recipe_path, args.overrides, training=False)
+        select_tasks(recipe, [t.strip() for t in (args.tasks or "").split(",") if t.strip()], args.limit)
+        combined = run_eval(recipe, args.checkpoint, args.output_dir)
+    except (ConfigError, ClusterUnreachable, ShipError) as e:
+        print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("r1ray: evaluation stopped; nothing was written", file=sys.stderr)
+        return 130
+    except RemoteCallError as e:
+        print(f"r1ray: evaluation failed: {e}", file=sys.stderr)
+        return 1
+    print(table(combined))
+    print(f"reports: {combined['output_dir']} (results.json, <task>.json, <task>.details.jsonl)")
+    return 0
+
+
 def ship(out: str, wheel_dir: str | None) -> int:
     """``r1ray ship``: the wheel, and a runtime-env file that carries it to a cluster's nodes."""
     from ..cluster.ship import ShipError, build_wheel, runtime_env, write_runtime_env
@@ -168,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "scale":
         return scale(args)
+    if args.command == "eval":
+        return evaluate(args)
     if args.command == "ship":
         return ship(args.out, args.wheel_dir)
     from .config import load_recipe

@@ -125,11 +125,51 @@ class GrpoConfig:
     log_completions_every: int = 0  # 0: never; N: write a few completions every N steps
 
 
+# The system prompt of Open-R1's published evaluations (lighteval --system-prompt).
+OPENR1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+EVAL_TASKS = ("math_500", "aime24", "aime25", "gpqa_diamond", "heldout", "generic")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One benchmark of ``eval.tasks``. ``task``: math_500, aime24, aime25, gpqa_diamond (their hub
+    datasets by default), heldout (the recipe's own data.test_split), or generic (any dataset with
+    a problem and an answer column). Every other key overrides the task's default."""
+    task: str = "generic"
+    name: str | None = None  # the name in reports and metrics (eval/<name>/pass@1); default: task
+    path: str | None = None  # a local jsonl/json/parquet/csv file or save_to_disk folder, or a hub dataset
+    subset: str | None = None  # the hub dataset's config name (gpqa_diamond: "gpqa_diamond")
+    split: str | None = None
+    problem_column: str | None = None
+    answer_column: str | None = None  # gpqa_diamond: the correct option's text ("Correct Answer")
+    kind: Literal["math", "choice"] | None = None  # how answers are judged (generic: math)
+    num_samples: int | None = None  # n per problem; default: Open-R1's (AIME 64, MATH-500 4, GPQA 8; else 1)
+    max_problems: int | None = None  # only the first N problems (a quick look); null: all
+    system_prompt: str | None = None  # null: eval.system_prompt (heldout: data.system_prompt); "": none
+
+
+@dataclass
+class EvalSamplingConfig:
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.95
+    # null: the rest of generator.max_model_len after each prompt (Open-R1 generates up to 32768)
+    max_new_tokens: int | None = None
+
+
 @dataclass
 class EvalConfig:
     num_prompts: int = 200  # held-out prompts for pass@1 before and after
     max_new_tokens: int | None = None  # default: sampling.max_new_tokens
     reward: str = "accuracy"  # the function that decides pass/fail
+    # Benchmarks: `r1ray eval` runs them, and during training every `every_steps` learner steps
+    # (metrics eval/<task>/pass@1, ...). Sampled with `sampling` and n per task, judged by
+    # math-verify as Open-R1 judges (rewards/answers.py), on the generator and scorer actors.
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    every_steps: int = 0
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    system_prompt: str | None = OPENR1_SYSTEM_PROMPT
+    k: list[int] | None = None  # pass@k and maj@k reported; null: 1, 2, 4, ... up to n, and n
+    seed: int = 0  # the option order of multiple-choice tasks (GPQA), fixed per problem
 
 
 @dataclass
@@ -185,9 +225,11 @@ def joins_cluster(r: "Recipe") -> bool:
 
 
 def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
-                cpus: float | None = None, gpus: float | None = None) -> Recipe:
+                cpus: float | None = None, gpus: float | None = None, training: bool = True) -> Recipe:
     """Load, override and validate. Resources are checked against ``cpus``/``gpus`` when given,
-    else against this machine unless the recipe joins an existing cluster."""
+    else against this machine unless the recipe joins an existing cluster. ``training=False``
+    (``r1ray eval``): no learners start, so their resources are not checked here (the placement
+    of the generators and scorers is, once Ray is up)."""
     data: dict = {}
     if path:
         text = resolve_recipe_path(path).read_text()
@@ -202,7 +244,8 @@ def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | N
     if output_dir is not None:
         data["output_dir"] = output_dir
     recipe = build(Recipe, data)
-    validate(recipe, cpus, gpus, resources=cpus is not None or gpus is not None or not joins_cluster(recipe))
+    validate(recipe, cpus, gpus, resources=training and (cpus is not None or gpus is not None or not joins_cluster(recipe)),
+             training=training)
     return recipe
 
 
@@ -212,7 +255,7 @@ def _positive(key: str, value, allow_zero: bool = False):
 
 
 def validate(r: Recipe, available_cpus: float | None = None, available_gpus: float | None = None,
-             resources: bool = True) -> None:
+             resources: bool = True, training: bool = True) -> None:
     """Cross-field checks: everything that would otherwise fail minutes later inside an actor."""
     g, lc = r.grpo, r.learner
     for key, value in [("grpo.num_generations", g.num_generations), ("grpo.prompts_per_step", g.prompts_per_step),
@@ -268,6 +311,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if r.eval.num_prompts and r.eval.reward not in {s.name for s in r.rewards} | {"accuracy"}:
         raise ConfigError(f"config key 'eval.reward': got {r.eval.reward!r}; accepted: 'accuracy' or one of the "
                           f"configured rewards ({', '.join(s.name for s in r.rewards)})")
+    validate_eval(r.eval, r.generator.max_model_len, r.data.test_split)
     if not r.rewards:
         raise ConfigError("config key 'rewards': got an empty list; accepted: at least one reward function")
     try:
@@ -312,11 +356,46 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         raise ConfigError(f"config key 'grpo.partial_rollout_tokens': got {g.partial_rollout_tokens} with generator.backend "
                           "'vllm'; accepted: 0 (vLLM continues requests in flight under new weights itself: "
                           "generator.pause_mode 'keep'), or generator.backend 'hf'")
-    if gen.backend == "vllm" and gen.gpus_per_actor > 0 and not lc.gpus_per_rank:
+    if gen.backend == "vllm" and gen.gpus_per_actor > 0 and not lc.gpus_per_rank and training:
         raise ConfigError("config key 'learner.gpus_per_rank': got 0 with vLLM generators on GPUs; accepted: > 0 "
                           "(weights go from learner rank 0's GPU to the generators' over NCCL)")
     if resources:
         check_resources(r, available_cpus, available_gpus)
+
+
+def validate_eval(e: EvalConfig, max_model_len: int, test_split: str) -> None:
+    """``eval.tasks`` and how they are sampled, before anything loads."""
+    _positive("eval.every_steps", e.every_steps, allow_zero=True)
+    _positive("eval.sampling.temperature", e.sampling.temperature, allow_zero=True)
+    if not 0 < e.sampling.top_p <= 1:
+        raise ConfigError(f"config key 'eval.sampling.top_p': got {e.sampling.top_p}; accepted: a number in (0, 1]")
+    if e.sampling.max_new_tokens is not None and not 0 < e.sampling.max_new_tokens < max_model_len:
+        raise ConfigError(f"config key 'eval.sampling.max_new_tokens': got {e.sampling.max_new_tokens}; accepted: null "
+                          f"(the rest of generator.max_model_len after each prompt) or 1 .. {max_model_len - 1}")
+    for i, k in enumerate(e.k or []):
+        _positive(f"eval.k[{i}]", k)
+    if e.every_steps and not e.tasks:
+        raise ConfigError(f"config key 'eval.every_steps': got {e.every_steps} with no eval.tasks; accepted: 0, or "
+                          "tasks to evaluate (e.g. eval.tasks: [{task: heldout}])")
+    names = set()
+    for i, t in enumerate(e.tasks):
+        key = f"eval.tasks[{i}]"
+        if t.task not in EVAL_TASKS:
+            raise ConfigError(f"config key '{key}.task': got {t.task!r}; accepted: one of {', '.join(EVAL_TASKS)}")
+        if t.task == "generic" and not t.path:
+            raise ConfigError(f"config key '{key}.path': the generic task needs a dataset; accepted: a local jsonl, "
+                              "json, parquet or csv file, a save_to_disk folder, or a hub dataset name")
+        if t.task == "heldout" and (t.path or t.subset):
+            raise ConfigError(f"config key '{key}.path': the heldout task reads the recipe's data ({test_split!r} "
+                              "split); accepted: no path (use task: generic for another dataset)")
+        for field_name in ("num_samples", "max_problems"):
+            if getattr(t, field_name) is not None:
+                _positive(f"{key}.{field_name}", getattr(t, field_name))
+        name = t.name or t.task
+        if name in names:
+            raise ConfigError(f"config key '{key}.name': {name!r} is used by two tasks; accepted: a name per task "
+                              "(its reports and metrics are named after it)")
+        names.add(name)
 
 
 def validate_loss(lc, max_new_tokens: int) -> None:

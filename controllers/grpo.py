@@ -49,7 +49,7 @@ class GrpoDriver:
 
     def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer, metrics,
                  completions_log=None, samples_log=None, checkpoints: Checkpoints | None = None,
-                 resume: dict | None = None):
+                 resume: dict | None = None, evaluate=None):
         self.system, self.r, self.train, self.renderer = system, recipe, data.train, renderer
         self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         g = recipe.grpo
@@ -96,6 +96,7 @@ class GrpoDriver:
         self.requeued: list[Group] = []  # groups whose generator was lost: generated again first
         self.rescore: list[Group] = []  # groups whose scorer was lost: scored again
         self.elastic = Elastic(self)
+        self.evaluate = evaluate  # step -> eval/<task>/... metrics, every eval.every_steps steps
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, progress=None) -> list[dict]:
@@ -267,6 +268,14 @@ class GrpoDriver:
         self.books.confirm(work.version)
         record = self.unsynced.pop(work.version)
         record["time/weight_sync_s"] = time.perf_counter() - work.started
+        every = self.r.eval.every_steps
+        if self.evaluate is not None and every and record["step"] % every == 0:
+            # The generators hold exactly this step's weights now. The loop waits meanwhile, so
+            # the work in flight gets the evaluation's time added to its deadlines.
+            t0 = time.perf_counter()
+            record.update(self.evaluate(record["step"]))
+            record["time/eval_s"] = time.perf_counter() - t0
+            self.inflight.postpone(record["time/eval_s"])
         self.metrics.write(record, prefix="grpo/")
         self.ray_metrics.record(record)
         self.records.append(record)

@@ -105,6 +105,12 @@ class InFlight:
             self._check_deadlines()
             self.dog.check("GRPO")
 
+    def postpone(self, seconds: float) -> None:
+        """The driver did something else for ``seconds`` (an evaluation): the work in flight,
+        queued behind it on the same actors, gets that much more time."""
+        for w in self.work:
+            w.deadline += seconds
+
     def remove(self, work: Work) -> None:
         """Forget ``work`` (its actor was lost; the driver re-queues what it carried)."""
         if work in self.work:

@@ -25,16 +25,17 @@ def _plain(cls, group_cfg):
     return build(cls, {k: v for k, v in to_dict(group_cfg).items() if k in names})
 
 
-def placement_plan(r: Recipe) -> list[Bundles]:
+def placement_plan(r: Recipe, training: bool = True) -> list[Bundles]:
     """The recipe's placement groups: learner ranks and the reference packed together
-    (``train``); one group per generator (``generator-<i>``: ``tensor_parallel_size`` GPUs on
-    one node), so generators can come and go one by one; the scorers packed (``scorers``)."""
+    (``train``; not for ``training=False``, an evaluation); one group per generator
+    (``generator-<i>``: ``tensor_parallel_size`` GPUs on one node), so generators can come and
+    go one by one; the scorers packed (``scorers``)."""
     train = Bundles("train")
     for i in range(r.learner.num_ranks):
         train.add(f"learner-rank-{i}", r.learner.cpus_per_rank, r.learner.gpus_per_rank)
     if r.learner.loss.kl_coef > 0:
         train.add("reference-0", r.reference.cpus, r.reference.gpus)
-    plans = [train]
+    plans = [train] if training else []
     for i in range(r.generator.num_actors):
         gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
         gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
@@ -46,8 +47,9 @@ def placement_plan(r: Recipe) -> list[Bundles]:
 
 
 class System:
-    def __init__(self, recipe: Recipe, model_path: str):
-        self.r, self.model_path = recipe, model_path
+    def __init__(self, recipe: Recipe, model_path: str, training: bool = True):
+        """``training=False``: generators and scorers only (``r1ray eval``)."""
+        self.r, self.model_path, self.training = recipe, model_path, training
         self.version = 0
         self.timeout = recipe.ray.call_timeout_s
         self.learners = self.generators = self.scorers = self.reference = None
@@ -74,12 +76,12 @@ class System:
     def start(self) -> "System":
         r, ns = self.r, self.r.ray.namespace
         t0 = time.perf_counter()
-        self.placement = Placement(placement_plan(r), ns, r.ray.placement_timeout_s)
+        self.placement = Placement(placement_plan(r, self.training), ns, r.ray.placement_timeout_s)
         place = self.placement.strategy
         self.startup_s["placement"] = time.perf_counter() - t0
         lcfg = _plain(LearnerConfig, r.learner)
-        n = r.learner.num_ranks
-        self.learners = ActorGroup("learner-rank", LearnerRank, n,
+        n = r.learner.num_ranks if self.training else 0
+        self.learners = None if not self.training else ActorGroup("learner-rank", LearnerRank, n,
                                    lambda i: ((self.model_path, lcfg, i, n, r.seed), {}),
                                    num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank,
                                    timeout_s=self.timeout, namespace=ns, scheduling=place)
@@ -93,7 +95,7 @@ class System:
                                   lambda i: ((r.rewards, _plain(ScorerConfig, r.scorer)), {}),
                                   num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns,
                                   scheduling=place)
-        if self.uses_reference:
+        if self.uses_reference and self.training:
             rc = r.reference
             self.reference = ActorGroup("reference", Reference, 1,
                                         lambda i: ((self.model_path, "float32" if r.learner.dtype == "float32" else "bfloat16",
@@ -101,15 +103,17 @@ class System:
                                                     r.learner.threads_per_rank), {}),
                                         num_cpus=rc.cpus, num_gpus=rc.gpus, timeout_s=self.timeout, namespace=ns,
                                         scheduling=place)
-        addr, port = rendezvous_on(self.learners.actors[0])
-        setup = self.learners.call_all("setup", addr, port, min(self.timeout, 600.0))
-        infos = self.learners.get(setup, "setup (DeepSpeed init)")
-        self.startup_s["learner"] = time.perf_counter() - t0
+        infos = [{"params": 0}]
+        if self.training:
+            addr, port = rendezvous_on(self.learners.actors[0])
+            setup = self.learners.call_all("setup", addr, port, min(self.timeout, 600.0))
+            infos = self.learners.get(setup, "setup (DeepSpeed init)")
+            self.startup_s["learner"] = time.perf_counter() - t0
         for name, group in [("generator", self.generators), ("scorer", self.scorers), ("reference", self.reference)]:
             if group is not None:
                 group.wait_ready()
                 self.startup_s[name] = time.perf_counter() - t0
-        if self.streams_weights:
+        if self.streams_weights and self.training:
             addr, port = rendezvous_on(self.learners.actors[0])
             backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
             self.learners.get(start_transfer(self.learners, self.generators, backend, addr, port,
@@ -122,9 +126,9 @@ class System:
         self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
         for group in self.groups():
             group.watchdog = self.watchdog
-        log.info("actors up in %.1fs: %d learner ranks (%s params), %d generators, %d scorers%s",
-                 time.perf_counter() - t0, n, f"{infos[0]['params']:,}", len(self.generators), len(self.scorers),
-                 ", 1 reference" if self.reference else "")
+        learners = f"{n} learner ranks ({infos[0]['params']:,} params), " if self.training else ""
+        log.info("actors up in %.1fs: %s%d generators, %d scorers%s", time.perf_counter() - t0, learners,
+                 len(self.generators), len(self.scorers), ", 1 reference" if self.reference else "")
         return self
 
     def groups(self) -> list[ActorGroup]:

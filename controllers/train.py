@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoints, truncate_jsonl
 from .config import TINY, Recipe, check_resources, dump, joins_cluster
 from .data import PreparedData, PromptRenderer, prepare_data
-from .evaluate import pass_at_1
+from .eval_tasks import load_tasks
+from .evaluate import Evaluator, metrics_of, pass_at_1, write_results
 from .grpo import GrpoDriver
 from .metrics import MetricsWriter, read_jsonl, write_json_atomic
 from .schema import ConfigError
@@ -103,21 +104,38 @@ def held_out(summary: dict, key: str, detail: dict) -> None:
     log.info("held-out pass@1 %s GRPO: %.3f", key.removeprefix("eval_"), detail["pass@1"])
 
 
-def check_placement(recipe: Recipe) -> None:
+def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
+    """The evaluation every ``eval.every_steps`` steps: reports in ``<run_dir>/eval/step-<N>/``,
+    and ``eval/<task>/...`` numbers for the step's record."""
+    evaluator = Evaluator(system, tasks, recipe.eval, recipe.generator.max_model_len, recipe.ray.call_timeout_s)
+
+    def evaluate(step: int) -> dict:
+        results = evaluator.run()
+        write_results(results, run_dir / "eval" / f"step-{step}", f"{run_dir} at GRPO step {step}")
+        found = metrics_of(results)
+        log.info("step %d evaluation: %s", step, ", ".join(f"{k.split('/')[1]} pass@1 {v:.3f}"
+                                                           for k, v in found.items() if k.endswith("/pass@1")))
+        return found
+
+    return evaluate
+
+
+def check_placement(recipe: Recipe, training: bool = True) -> None:
     """Every bundle of the placement plan fits on some alive node (a generator's
     tensor_parallel_size GPUs on one node), and all of them together fit the cluster."""
     from ..cluster.placement import alive_nodes, unplaceable
     from .system import placement_plan
 
-    why = unplaceable(placement_plan(recipe), alive_nodes())
+    why = unplaceable(placement_plan(recipe, training), alive_nodes())
     if why:
         key = "generator.tensor_parallel_size" if why.startswith("generator") else "the actors' cpus_per_* / gpus_per_*"
         raise ConfigError(f"config key '{key}': the placement cannot be met on this cluster: {why}")
 
 
-def connect(recipe: Recipe) -> None:
+def connect(recipe: Recipe, training: bool = True) -> None:
     """Start or join Ray; on a joined cluster check its resources and take a free namespace.
-    Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again."""
+    Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again.
+    ``training=False`` (an evaluation): only generators and scorers are placed."""
     from ..cluster import runtime
 
     on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
@@ -125,9 +143,9 @@ def connect(recipe: Recipe) -> None:
                               recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
                               recipe.ray.ship_code)
     try:
-        if joins_cluster(recipe):  # the cluster's real size, checked before any actor starts
+        if joins_cluster(recipe) and training:  # the cluster's real size, checked before any actor starts
             check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
-        check_placement(recipe)
+        check_placement(recipe, training)
         namespace = runtime.free_namespace(recipe.ray.namespace)
     except BaseException:
         runtime.stop()
@@ -184,6 +202,8 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
     eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))
                     for i in range(min(recipe.eval.num_prompts, len(data.test)))]
     probes = probe_prompts(recipe, data, renderer, len(eval_prompts))
+    # Benchmarks every eval.every_steps: checked now (a task overlapping the training data is refused).
+    tasks = load_tasks(recipe, tokenizer, tiny_dir, check_overlap=True) if recipe.eval.every_steps else []
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
         type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
     previous = None
@@ -249,7 +269,8 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
         samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
         driver = GrpoDriver(system, recipe, data, renderer, metrics, completions_log=completions_log,
-                            samples_log=samples_log, checkpoints=checkpoints, resume=resume_state)
+                            samples_log=samples_log, checkpoints=checkpoints, resume=resume_state,
+                            evaluate=benchmarks(system, recipe, tasks, run_dir) if tasks else None)
         with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
                   dynamic_ncols=True) as bar:
             driver.run(progress=bar)

@@ -61,6 +61,10 @@ class ScoreResult:
     errors: list[int] = field(default_factory=list)  # indices whose call raised or crashed: scored None
     invalid: list[int] = field(default_factory=list)  # indices that returned a non-score: scored None
     first_error: str = ""  # the first failure of this call, any kind, e.g. "sample 'p/0': raised ValueError: ..."
+    # A function marked ``with_answers`` (the benchmark judges) returns (score, answer) pairs: the
+    # answer it extracted from each completion, a str or None (also None on any failure); [] for
+    # any other function.
+    answers: list[str | None] = field(default_factory=list)
 
 
 class VerifierPool:
@@ -141,7 +145,8 @@ class VerifierPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("VerifierPool is closed")
-            job = _Job(name, params, completions, columns, ids, self.timeout_s, self._logged)
+            job = _Job(name, params, completions, columns, ids, self.timeout_s, self._logged,
+                       getattr(fn, "with_answers", False))
             try:
                 self._run(job, deque(tasks))
             except BaseException:
@@ -211,11 +216,13 @@ class VerifierPool:
             worker.call_started = True
             worker.deadline = time.monotonic() + job.timeout_s * len(worker.task[1])
         elif kind == "ok":
-            scores, invalid = payload
+            scores, invalid, answers = payload
             indices = worker.task[1]
             job.timeouts_in_a_row = 0
-            for i, score in zip(indices, scores):
+            for position, (i, score) in enumerate(zip(indices, scores)):
                 job.result.scores[i] = score
+                if job.with_answers:
+                    job.result.answers[i] = answers[position]
             for position, value in invalid:
                 job.fail([indices[position]], "invalid", f"returned {value}, which is not a score "
                          "(accepted: a finite int or float, or None for not applicable)")
@@ -277,11 +284,13 @@ class _Job:
     sample_ids: list
     timeout_s: float
     logged: set  # the pool's (reward, kind) pairs already logged
+    with_answers: bool = False
     result: ScoreResult = field(init=False)
     timeouts_in_a_row: int = 0
 
     def __post_init__(self):
-        self.result = ScoreResult(scores=[0.0] * len(self.completions))
+        self.result = ScoreResult(scores=[0.0] * len(self.completions),
+                                  answers=[None] * len(self.completions) if self.with_answers else [])
 
     def fail(self, indices: list[int], kind: str, what: str) -> None:
         """Record a failure of `kind`: "timeout" (scores 0.0), "raised", "crashed" or "invalid" (score None)."""
@@ -380,8 +389,11 @@ def _worker_main(conn, memory_mb: int | None) -> None:
             if callable(warm_up):
                 warm_up()
             conn.send(("started", task_id, None))
-            scores = _as_scores(fn(completions=completions, **columns), len(completions))
-            conn.send(("ok", task_id, scores))
+            out = fn(completions=completions, **columns)
+            answers = [None] * len(completions)
+            if getattr(fn, "with_answers", False):
+                out, answers = _split_answers(out, len(completions))
+            conn.send(("ok", task_id, (*_as_scores(out, len(completions)), answers)))
         except BaseException as e:  # noqa: BLE001 - user code may raise anything, SystemExit included
             # One line, not a traceback: the parent logs only the first one.
             conn.send(("error", task_id, _describe_exception(e)))
@@ -415,6 +427,15 @@ def _as_scores(out, n: int) -> tuple[list[float | None], list[tuple[int, str]]]:
             score = None
         scores.append(score)
     return scores, invalid
+
+
+def _split_answers(out, n: int) -> tuple[list, list[str | None]]:
+    """A ``with_answers`` function's (score, answer) pairs as scores and answers (str or None)."""
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__") or len(out) != n or \
+            not all(isinstance(x, (tuple, list)) and len(x) == 2 for x in out):
+        raise TypeError(f"a with_answers function must return a list of {n} (score, answer) pairs, got "
+                        f"{type(out).__name__}: {_clip(_repr(out))}")
+    return [s for s, _ in out], [None if a is None else _clip(_str(a)) for _, a in out]
 
 
 _INVALID = object()

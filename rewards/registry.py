@@ -15,6 +15,7 @@ import importlib
 import inspect
 from typing import Callable
 
+from .answers import choice_answer, math_answer
 from .code_reward import make_code
 from .formatting import format_reward, make_code_format, reasoning_steps_reward, tag_count_reward
 from .math_rewards import accuracy_reward, length_reward, make_cosine
@@ -35,12 +36,14 @@ def _without_params(fn: RewardFn) -> Callable[[], RewardFn]:
 # is the list of parameters the reward accepts.
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "accuracy": _without_params(accuracy_reward),
+    "choice_answer": _without_params(choice_answer),
     "code": make_code,
     "code_format": make_code_format,
     "cosine": make_cosine,
     "digit_match": _without_params(digit_match_reward),
     "format": _without_params(format_reward),
     "length": _without_params(length_reward),
+    "math_answer": _without_params(math_answer),
     "reasoning_steps": _without_params(reasoning_steps_reward),
     "repetition_penalty": make_repetition_penalty,
     "soft_overlong_punishment": make_soft_overlong_punishment,

@@ -38,3 +38,11 @@ def length_parity(completions, **kwargs):
     """1.0 for a completion of odd length: varies within nearly every group, so an untrained
     policy still gets advantages (and gradients) to learn from."""
     return [float(len(c[0]["content"] if isinstance(c, list) else c) % 2) for c in completions]
+
+
+def bad_answers(completions, **kwargs):
+    """Claims to return (score, answer) pairs but returns plain scores: the pool reports it."""
+    return [1.0] * len(completions)
+
+
+bad_answers.with_answers = True

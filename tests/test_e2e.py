@@ -70,6 +70,49 @@ def _check_run(out, steps=3, samples_per_step=16, vllm=False):
     assert any((out / "tensorboard").iterdir())
 
 
+# Benchmarks during GRPO: the held-out split, 2 samples of 6 problems, after steps 2 (of 3).
+EVAL_EVERY_2 = ["--set", "eval.every_steps=2", "--set", "eval.tasks=[{task: heldout, num_samples: 2, max_problems: 6}]"]
+
+
+def _check_evaluated_during_training(out, every):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        evaluated = r["step"] % every == 0
+        assert ("eval/heldout/pass@1" in r) == evaluated and ("eval/heldout/maj@2" in r) == evaluated
+        if evaluated:
+            assert 0 <= r["eval/heldout/pass@1"] <= r["eval/heldout/pass@2"] <= 1 and r["time/eval_s"] > 0
+            report = json.loads((out / "eval" / f"step-{r['step']}" / "heldout.json").read_text())
+            assert report["pass@1"] == r["eval/heldout/pass@1"] and report["problems"] == 6
+            assert report["policy_versions"] == [r["policy_version"]]  # exactly the step's weights
+
+
+def _check_eval_of_run_directory(out):
+    """``r1ray eval --checkpoint <run dir>``: its checkpoint-final, its config, its held-out split,
+    plus a local fixture task; reports, per-problem details and the table."""
+    fixture = Path(__file__).parent / "fixtures" / "math_small.jsonl"
+    tasks = (f"eval.tasks=[{{task: heldout, num_samples: 4, max_problems: 6}}, "
+             f"{{task: generic, name: fixture_math, path: '{fixture}', num_samples: 2}}]")
+    proc = subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", "eval", "--checkpoint", str(out),
+                           "--set", tasks], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})  # the run's plugin reward
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    where = out / "eval" / "checkpoint-final"
+    combined = json.loads((where / "results.json").read_text())
+    assert combined["checkpoint"] == str(out / "checkpoint-final") and set(combined["tasks"]) == {"heldout", "fixture_math"}
+    for name, problems, n in [("heldout", 6, 4), ("fixture_math", 4, 2)]:
+        report = json.loads((where / f"{name}.json").read_text())
+        assert report["problems"] == problems and report["num_samples"] == n
+        assert {"pass@1", f"pass@{n}", f"maj@{n}", "answered", "truncated", "sampling", "source"} <= set(report)
+        assert report["sampling"]["temperature"] == 0.6 and report["sampling"]["top_p"] == 0.95
+        details = [json.loads(line) for line in (where / f"{name}.details.jsonl").read_text().splitlines()]
+        assert [d["row"] for d in details] == list(range(problems))
+        for d in details:
+            assert len(d["completions"]) == len(d["answers"]) == len(d["correct"]) == len(d["completion_tokens"]) == n
+        assert report["pass@1"] == pytest.approx(sum(sum(d["correct"]) / n for d in details) / problems)
+        assert name in proc.stdout
+    assert "pass@1" in proc.stdout and str(where) in proc.stdout
+
+
 @pytest.mark.timeout(900)
 def test_tiny_recipe_end_to_end_hf_backend(tmp_path, tiny_world):
     """Also the SFT early stop: the probe (judged here by a reward that passes everything) is
@@ -77,8 +120,10 @@ def test_tiny_recipe_end_to_end_hf_backend(tmp_path, tiny_world):
     out, proc = _train(tmp_path, tiny_world, "hf", [
         "--set", "sft.stop_at_pass_rate=0.5", "--set", "sft.probe_from=2", "--set", "sft.probe_every=1",
         "--set", "rewards=[{name: accuracy}, {name: format}, {name: 'plugin_rewards:every_answer', weight: 0.0}]",
-        "--set", "eval.reward=plugin_rewards:every_answer"])
+        "--set", "eval.reward=plugin_rewards:every_answer", *EVAL_EVERY_2])
     _check_run(out)
+    _check_evaluated_during_training(out, every=2)
+    _check_eval_of_run_directory(out)
     assert "eval_after" in proc.stdout
     sft = [json.loads(line) for line in (out / "sft_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft] == [1, 2] and "probe_pass@1" not in sft[0] and sft[1]["probe_pass@1"] == 1.0
@@ -96,8 +141,9 @@ def test_tiny_recipe_end_to_end_hf_backend(tmp_path, tiny_world):
 def test_tiny_recipe_end_to_end_vllm_backend_zero3(tmp_path, tiny_world):
     pytest.importorskip("vllm")
     out, _ = _train(tmp_path, tiny_world, "vllm", ["--set", "learner.zero_stage=3", "--set", "generator.max_model_len=96",
-                                                   "--set", "generator.bucket_mb=1"])
+                                                   "--set", "generator.bucket_mb=1", *EVAL_EVERY_2])
     _check_run(out, vllm=True)
+    _check_evaluated_during_training(out, every=2)  # on the vLLM generators
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):

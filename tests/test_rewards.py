@@ -30,8 +30,8 @@ def chat(text):
 
 def test_names_lists_every_open_r1_reward():
     assert rewards.names() == [
-        "accuracy", "code", "code_format", "cosine", "digit_match", "format", "length",
-        "reasoning_steps", "repetition_penalty", "soft_overlong_punishment", "tag_count",
+        "accuracy", "choice_answer", "code", "code_format", "cosine", "digit_match", "format", "length",
+        "math_answer", "reasoning_steps", "repetition_penalty", "soft_overlong_punishment", "tag_count",
     ]
 
 
@@ -120,6 +120,7 @@ CALL_KWARGS = {
     "prompts": ["p"],
     "completion_ids": [[1, 2, 3]],
     "solution": ["$42$"],
+    "answer": ["42"],  # the benchmark judges' gold
     "verification_info": [{"language": "python", "test_cases": [{"input": "", "output": "42", "type": "stdin_stdout"}]}],
     "some_other_column": ["ignored"],
 }
@@ -132,7 +133,11 @@ def test_every_reward_takes_trl_kwargs_and_both_completion_shapes(name):
     as_string = fn(completions=[text], **CALL_KWARGS)
     as_chat = fn(completions=[chat(text)], **CALL_KWARGS)
     assert len(as_string) == 1 and as_string == as_chat
-    assert as_string[0] is None or isinstance(as_string[0], float)
+    score = as_string[0]
+    if getattr(fn, "with_answers", False):  # the benchmark judges: (score, extracted answer)
+        score, answer = score
+        assert answer is None or isinstance(answer, str)
+    assert score is None or isinstance(score, float)
 
 
 # ---- format, tag_count, reasoning_steps, code_format --------------------------
