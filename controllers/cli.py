@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--cpus", type=float, default=None, help="validate for a cluster with this many CPUs")
     c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
+    c.add_argument("--eval", action="store_true", help="check it as an evaluation recipe (r1ray eval: generators "
+                   "and scorers only)")
     c.add_argument("--skip-data", action="store_true",
                    help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
     e = sub.add_parser("eval", help="benchmark a checkpoint on the generator actors: MATH-500, AIME 2024/2025, "
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("r1ray train needs a recipe (a YAML path or a shipped recipe name), or --resume RUN_DIR")
         else:
             recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
-                                 getattr(args, "cpus", None), getattr(args, "gpus", None))
+                                 getattr(args, "cpus", None), getattr(args, "gpus", None),
+                                 training=not getattr(args, "eval", False))
     except ConfigError as e:
         print(f"r1ray: invalid config: {e}", file=sys.stderr)
         return 2

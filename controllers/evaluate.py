@@ -139,6 +139,7 @@ class Evaluator:
         t0 = time.perf_counter()
         gens, scorers = self.system.generators, self.system.scorers
         pending = self._calls()
+        total = sum(len(t.prompts) for t in self.tasks)
         per_generator = self.system.generator_calls if self.system.streams_weights else 2
         greedy = self.cfg.sampling.temperature == 0
         running: dict = {}  # ref -> (stage, task, prompts, rollouts)
@@ -182,6 +183,7 @@ class Evaluator:
                 results[task.name].append(problem_record(task, p, mine, verdicts))
             if progress is not None:
                 progress.update(len(prompts) * n)
+                progress.set_postfix(problems=f"{sum(map(len, results.values()))}/{total}", refresh=False)
         out = {}
         for task in self.tasks:
             problems = sorted(results[task.name], key=lambda p: p["row"])

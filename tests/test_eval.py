@@ -245,3 +245,21 @@ def test_checkpoints_resolve_from_run_directories(tmp_path):
         resolve_checkpoint(str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="neither an HF model"):
         resolve_checkpoint(str(tmp_path))
+
+
+def test_the_open_r1_evaluation_recipe_follows_their_protocol():
+    from r1ray.controllers.config import OPENR1_SYSTEM_PROMPT
+    from r1ray.controllers.eval_tasks import resolve
+    from r1ray.controllers.system import placement_plan
+
+    r = load_recipe("configs/eval-openr1-7b-h100.yaml", training=False)
+    tasks = [resolve(t, r) for t in r.eval.tasks]
+    assert [(t.task, t.num_samples, t.path) for t in tasks] == [
+        ("aime24", 64, "HuggingFaceH4/aime_2024"), ("math_500", 4, "HuggingFaceH4/MATH-500"),
+        ("gpqa_diamond", 8, "Idavidrein/gpqa")]
+    assert (r.eval.sampling.temperature, r.eval.sampling.top_p, r.generator.max_model_len) == (0.6, 0.95, 32768)
+    assert r.eval.system_prompt == OPENR1_SYSTEM_PROMPT
+    plans = placement_plan(r, training=False)  # no learner group: 8 generators of one GPU each, the scorers
+    assert sum(p.total().get("GPU", 0) for p in plans) == 8 and not any(p.name == "train" for p in plans)
+    with pytest.raises(ConfigError, match="learner.gpus_per_rank"):  # as a training recipe it would need learners
+        load_recipe("configs/eval-openr1-7b-h100.yaml", cpus=128, gpus=8)
