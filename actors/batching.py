@@ -13,11 +13,14 @@ class Packed:
 
     ``completion_mask[b, t]`` is 1 where token ``t + 1`` of row ``b`` is a completion token,
     i.e. on the positions whose next-token log-prob the loss uses (shape ``[B, L - 1]``).
+    Packed SFT rows (``actors/packing.py``) carry ``position_ids`` restarting at 0 for every
+    example and no ``attention_mask``: transformers then masks attention block-diagonally.
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     completion_mask: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     def scatter(self, per_sample: Sequence[Sequence[float]]) -> torch.Tensor:
         """Place per-completion-token values (e.g. behaviour log-probs) into the ``[B, L-1]`` layout."""
@@ -34,7 +37,17 @@ class Packed:
         return rows
 
     def to(self, device) -> "Packed":
-        return Packed(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Packed(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
+                      move(self.position_ids))
+
+    def model_inputs(self) -> dict:
+        """The forward's inputs: ids with the attention mask, or with per-example position ids (packed)."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
 def attention_kwargs(dtype: str) -> dict:
@@ -78,8 +91,7 @@ def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str
     cfg = getattr(module, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return _full_token_logprobs(model, packed, temperature, entropy)  # heads that post-process logits
-    hidden = module.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                  use_cache=False).last_hidden_state[:, :-1]
+    hidden = module.get_decoder()(**packed.model_inputs(), use_cache=False).last_hidden_state[:, :-1]
     mask = packed.completion_mask.bool()
     where = mask.reshape(-1).nonzero().squeeze(-1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
@@ -121,7 +133,7 @@ def _head_chunk(head, h, targets, temperature: float, want_entropy: bool, entrop
 
 def _full_token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no"):
     """The whole-vocabulary path (row by row logsumexp), for heads that post-process logits."""
-    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, use_cache=False).logits
+    logits = model(**packed.model_inputs(), use_cache=False).logits
     logits = logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature

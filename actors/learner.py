@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from .batching import attention_kwargs, pack, token_logprobs
+from .packing import SftExample, sft_batch
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .rollout import TrainSample
 from .spans import SpanLog
@@ -95,19 +96,40 @@ class GrpoStats:
 
 @dataclass
 class SftStats:
-    """One rank's summed negative log-likelihood over its share of an SFT step."""
+    """One rank's summed negative log-likelihood over its share of an SFT step, and how full its
+    micro-batches were: ``tokens`` real tokens in ``slots`` token positions (rows x width)."""
 
     nll_sum: float = 0.0
+    tokens: int = 0
+    slots: int = 0
     grad_norm: float = 0.0
     lr: float = 0.0
     time_s: float = 0.0
 
     def add(self, other: "SftStats") -> None:
         self.nll_sum += other.nll_sum
+        self.tokens += other.tokens
+        self.slots += other.slots
 
     @staticmethod
     def combine(parts: list["SftStats"], tokens: int) -> dict:
-        return {"loss": sum(p.nll_sum for p in parts) / tokens, "grad_norm": parts[0].grad_norm, "lr": parts[0].lr}
+        slots = sum(p.slots for p in parts)
+        return {"loss": sum(p.nll_sum for p in parts) / tokens, "grad_norm": parts[0].grad_norm, "lr": parts[0].lr,
+                "padding_waste": 1.0 - sum(p.tokens for p in parts) / slots if slots else 0.0}
+
+
+_FILLER = SftExample([0, 0], [0, 1])  # a forward for a rank with no held-out rows at all
+
+
+def lr_factor(step: int, warmup: int, schedule: str, total: int, min_ratio: float) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
 
 
 def _micro_batches(items: list, size: int):
@@ -158,14 +180,18 @@ class LearnerRank:
         self.device = self.engine.device
         return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
 
-    def start_phase(self, lr: float, warmup_steps: int = 0) -> None:
-        """Switch learning rate and forget Adam's moments between SFT warm-up and GRPO."""
+    def start_phase(self, lr: float, warmup_steps: int = 0, schedule: str = "constant", total_steps: int = 0,
+                    min_lr_ratio: float = 0.0) -> None:
+        """Switch learning rate and forget Adam's moments between SFT and GRPO: a linear warm-up
+        over ``warmup_steps``, then ``schedule`` ("constant", or "linear" / "cosine" decay to
+        ``min_lr_ratio`` x lr at ``total_steps``)."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
         inner.state.clear()  # AdamW re-creates its moments lazily at the next step
         for group in inner.param_groups:
             group["lr"] = group["initial_lr"] = lr
-        # A fresh linear warm-up from this point; DeepSpeed steps whatever scheduler it holds.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+        # DeepSpeed steps whatever scheduler it holds.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            inner, lambda s: lr_factor(s, warmup_steps, schedule, total_steps, min_lr_ratio))
         self.engine.lr_scheduler = self.scheduler
 
     def _ds_config(self, gas: int) -> dict:
@@ -215,15 +241,34 @@ class LearnerRank:
         total.time_s += time.perf_counter() - t0
         return total
 
-    def sft_step(self, examples: list[tuple[list[int], list[int]]], global_tokens: int) -> SftStats:
-        """Cross-entropy on completion tokens; ``global_tokens`` counts them over all ranks."""
-        with self.spans.span("sft_step", samples=len(examples)):
-            def loss_fn(mb, weight: float = 1.0):
-                packed = pack([p for p, _ in mb], [c for _, c in mb], self.pad_id).to(self.device)
-                nll = -(token_logprobs(self.engine, packed) * packed.completion_mask).sum()
-                return nll / global_tokens * self.world_size * weight, SftStats(nll_sum=float(nll.detach()))
+    def sft_step(self, rows: list[list[SftExample]], global_tokens: int) -> SftStats:
+        """Cross-entropy on the trained (assistant) tokens of ``rows``: one example each, or several
+        packed (``actors/packing.py``); ``micro_batch_size`` rows per micro-batch.
+        ``global_tokens`` counts the trained tokens over all ranks."""
+        with self.spans.span("sft_step", samples=sum(map(len, rows))):
+            return self._run_micro_batches(rows, lambda mb, weight=1.0: self._sft_loss(mb, global_tokens, weight),
+                                           SftStats())
 
-            return self._run_micro_batches(examples, loss_fn, SftStats())
+    def sft_eval(self, rows: list[list[SftExample]], micro_batches: int) -> SftStats:
+        """The summed NLL of ``rows`` without a step (held-out loss). Every rank runs
+        ``micro_batches`` forwards (ZeRO-3 gathers weights in each): a rank with fewer rows runs
+        the rest on its first row and does not count them."""
+        total = SftStats()
+        self.engine.eval()
+        batches = list(_micro_batches(rows, self.cfg.micro_batch_size))
+        with torch.no_grad():
+            for i in range(micro_batches):
+                stats = self._sft_loss(batches[i] if i < len(batches) else rows[:1] or [[_FILLER]], 1, 1.0)[1]
+                if i < len(batches):
+                    total.add(stats)
+        return total
+
+    def _sft_loss(self, mb: list[list[SftExample]], global_tokens: int, weight: float):
+        batch = sft_batch(mb, self.pad_id).to(self.device)
+        nll = -(token_logprobs(self.engine, batch) * batch.completion_mask).sum()
+        stats = SftStats(nll_sum=float(nll.detach()), tokens=sum(len(e.ids) for r in mb for e in r),
+                         slots=batch.input_ids.numel())
+        return nll / global_tokens * self.world_size * weight, stats
 
     def grpo_step(self, samples: list[TrainSample], global_denom: float, global_tokens: float) -> GrpoStats:
         """``loss.num_iterations`` optimizer steps over this rank's samples. ``global_denom`` is the

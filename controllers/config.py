@@ -106,6 +106,14 @@ class SftConfig:
     probe_from: int = 0
     probe_prompts: int = 64
     save_checkpoint: bool = True  # HF-format checkpoint-sft/ in the run directory after the warm-up
+    # Examples are conversations (data.messages_column) rendered with the chat template; every
+    # assistant turn is trained. Longer than max_seq_length tokens: cut there (counted; null: never).
+    max_seq_length: int | None = None
+    packing: bool = False  # several examples per row of max_seq_length tokens, attention kept apart
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warm-up
+    min_lr_ratio: float = 0.0  # linear / cosine decay to this share of lr (Open-R1: cosine to 0.1)
+    eval_every: int = 0  # held-out loss on data.test_split's conversations every N steps (0: never)
+    eval_examples: int = 256  # held-out conversations in that loss
 
 
 @dataclass
@@ -299,6 +307,15 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         for key, value in [("sft.probe_every", r.sft.probe_every), ("sft.probe_prompts", r.sft.probe_prompts)]:
             _positive(key, value)
         _positive("sft.probe_from", r.sft.probe_from, allow_zero=True)
+    if r.sft.packing and not r.sft.max_seq_length:
+        raise ConfigError("config key 'sft.packing': got true with sft.max_seq_length null; accepted: a max_seq_length "
+                          "(the length of a packed row), or packing false")
+    if r.sft.max_seq_length is not None:
+        _positive("sft.max_seq_length", r.sft.max_seq_length)
+    if not 0 <= r.sft.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'sft.min_lr_ratio': got {r.sft.min_lr_ratio}; accepted: a number in [0, 1]")
+    _positive("sft.eval_every", r.sft.eval_every, allow_zero=True)
+    _positive("sft.eval_examples", r.sft.eval_examples)
     if r.sft.steps and r.sft.batch_size % lc.num_ranks:
         raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "
                           f"learner.num_ranks={lc.num_ranks}")

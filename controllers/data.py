@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..actors.packing import SftExample
 from .config import TINY, DataConfig, Recipe
 from .schema import ConfigError
+from .sft_data import render_conversation
 
 log = logging.getLogger("r1ray")
 CHUNK = 1024  # rows read and tokenised per batch call
@@ -382,14 +384,9 @@ class PromptRenderer:
         columns["prompt"] = msgs
         return {"prompt_id": prompt_id, "prompt_ids": list(ids), "columns": columns}
 
-    def sft_pair(self, row: dict) -> tuple[list[int], list[int]]:
-        msgs = row[self.cfg.messages_column]
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise ValueError(f"data column {self.cfg.messages_column!r}: the last message must be the assistant's")
-        prefix = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []) + msgs[:-1]
-        p = self.tok.apply_chat_template(prefix, add_generation_prompt=True, tokenize=True, return_dict=False)
-        c = self.tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        return list(p), c
+    def sft_example(self, row: dict) -> SftExample:
+        """The row's conversation rendered with the chat template, every assistant turn trained."""
+        return render_conversation(self.tok, row[self.cfg.messages_column], self.cfg.system_prompt)
 
 
 @dataclass

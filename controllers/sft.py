@@ -1,40 +1,87 @@
-"""SFT on reasoning traces, on the learner group (the warm-up before GRPO, or a run of its own)."""
+"""SFT on reasoning traces, on the learner group (the warm-up before GRPO, or a run of its own).
+
+Each step takes ``batch_size`` conversations in a seeded shuffled order, renders them with the
+chat template (every assistant turn trained), cuts those longer than ``max_seq_length`` (counted),
+and sends them to the learner ranks as rows: one conversation per row, or several packed into
+rows of ``max_seq_length`` tokens (best-fit decreasing) with attention kept apart.
+"""
 from __future__ import annotations
 
 import time
 from typing import Callable
 
 from ..actors.learner import SftStats
+from ..actors.packing import SftExample, pack_bins
 from .config import SftConfig
 from .data import EpochSampler, PreparedData, PromptRenderer
+from .sft_data import Truncation, truncate
 from .system import System
 
 
+def rows_of(examples: list[SftExample], cfg: SftConfig) -> list[list[SftExample]]:
+    """Training rows: packed into ``max_seq_length`` rows (``cfg.packing``), else one per example."""
+    if not cfg.packing:
+        return [[e] for e in examples]
+    return [[examples[i] for i in b] for b in pack_bins([len(e.ids) for e in examples], cfg.max_seq_length)]
+
+
+def examples_of(rows, renderer: PromptRenderer, cfg: SftConfig, counts: Truncation, ids) -> list[SftExample]:
+    """Rendered and cut conversations (an example left with nothing to train is skipped, counted)."""
+    out = []
+    for row, row_id in zip(rows, ids):
+        e = renderer.sft_example(row)
+        e = truncate(e, cfg.max_seq_length, row_id, counts) if cfg.max_seq_length else e
+        if e is not None:
+            out.append(e)
+    return out
+
+
+def held_out_loss(system: System, examples: list[SftExample], cfg: SftConfig) -> float:
+    """Mean NLL per trained token of ``examples`` under the learners' current weights."""
+    from ..cluster.groups import split
+
+    rows = rows_of(examples, cfg)
+    parts = split(rows, len(system.learners.ready()))
+    micro = max(-(-len(p) // system.r.learner.micro_batch_size) for p in parts)
+    refs = [system.learners.call(i, "sft_eval", part, micro) for i, part in zip(system.learners.ready(), parts)]
+    stats = system.learners.get(refs, "sft_eval")
+    return sum(s.nll_sum for s in stats) / max(1, sum(e.targets for e in examples))
+
+
 def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: PromptRenderer, metrics, seed: int,
-            progress=None, probe: Callable[[], float] | None = None) -> list[dict]:
+            progress=None, probe: Callable[[], float] | None = None, held_out: list[SftExample] | None = None,
+            truncation: Truncation | None = None) -> list[dict]:
     """``cfg.steps`` steps; with a ``probe`` (held-out pass@1 of the current weights, given only
-    when ``cfg.stop_at_pass_rate`` is set) it stops early once the probe reaches that rate."""
-    system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps)
+    when ``cfg.stop_at_pass_rate`` is set) it stops early once the probe reaches that rate;
+    with ``held_out`` conversations, their loss every ``cfg.eval_every`` steps and at the end."""
+    system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.steps, cfg.min_lr_ratio)
     train = data.train
     sampler = EpochSampler(len(train), seed + 1, data.train_rows)
+    counts = truncation if truncation is not None else Truncation()
     records = []
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        pairs = [renderer.sft_pair(train[idx]) for idx, _ in sampler.take(cfg.batch_size)]
-        tokens = sum(len(c) for _, c in pairs)
-        parts = system.learners.get(system.learners.shard("sft_step", pairs, tokens), "sft_step")
-        record = {"step": step, **SftStats.combine(parts, tokens), "tokens": tokens,
-                  "time/step_s": time.perf_counter() - t0}
+        taken = sampler.take(cfg.batch_size)
+        examples = examples_of((train[idx] for idx, _ in taken), renderer, cfg, counts, [rid for _, rid in taken])
+        rows = rows_of(examples, cfg)
+        targets = sum(e.targets for e in examples)
+        parts = system.learners.get(system.learners.shard("sft_step", rows, max(1, targets)), "sft_step")
+        seconds = time.perf_counter() - t0
+        record = {"step": step, **SftStats.combine(parts, max(1, targets)), "tokens": targets, "rows": len(rows),
+                  "throughput/tokens_per_s": sum(len(e.ids) for e in examples) / seconds,
+                  "truncated/examples": counts.examples, "time/step_s": seconds}
         stop = False
         if probe is not None and step >= cfg.probe_from and step % cfg.probe_every == 0:
             record["probe_pass@1"] = probe()
             stop = record["probe_pass@1"] >= cfg.stop_at_pass_rate
+        if held_out and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or stop):
+            record["eval_loss"] = held_out_loss(system, held_out, cfg)
         metrics.write(record, prefix="sft/")
         records.append(record)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", **({"probe": f"{record['probe_pass@1']:.2f}"}
-                                                                 if "probe_pass@1" in record else {}))
+            shown = {k: f"{record[k]:.3f}" for k in ("probe_pass@1", "eval_loss") if k in record}
+            progress.set_postfix(loss=f"{record['loss']:.3f}", **shown)
         if stop:
             break
     return records

@@ -8,6 +8,7 @@ import torch
 
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 from r1ray.actors.learner import GrpoStats, LearnerConfig, LearnerRank, SftStats
+from r1ray.actors.packing import SftExample
 from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import Rollout, TrainSample
 from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
@@ -90,9 +91,12 @@ def test_sft_step_lowers_the_loss(tiny_model):
     learner = _learner(tiny_model)
     learner.start_phase(lr=3e-3)
     p = _prompt(tiny_model)["prompt_ids"]
-    pairs = [(p, [10, 11, 12, 13, 2])] * 4
-    losses = [SftStats.combine([learner.sft_step(pairs, global_tokens=20)], 20)["loss"] for _ in range(5)]
+    example = SftExample.from_pair(p, [10, 11, 12, 13, 2])
+    losses = [SftStats.combine([learner.sft_step([[example]] * 4, global_tokens=20)], 20)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0]
+    # the same examples packed two to a row: the same held-out loss as one to a row, no padding
+    one, two = learner.sft_eval([[example]] * 4, 4), learner.sft_eval([[example, example]] * 2, 4)  # >= enough forwards
+    assert two.nll_sum == pytest.approx(one.nll_sum, rel=1e-5) and two.slots == two.tokens == one.tokens
 
 
 def test_scorer_scores_per_function_and_weights_them():
