@@ -51,7 +51,8 @@ class Checkpoints:
         for old in self.steps():
             if old not in complete[-self.keep:] and _step(old) < state["step"]:
                 shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint: %s (step %d, policy version %d)", path, state["step"], state["policy_version"])
+        log.info("checkpoint: %s (step %d%s)", path, state["step"],
+                 f", policy version {state['policy_version']}" if state.get("policy_version") else "")
         return path
 
     def steps(self) -> list[Path]:

@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
                    "and scorers only)")
     c.add_argument("--skip-data", action="store_true",
                    help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
+    f = sub.add_parser("sft", help="supervised fine-tuning on conversations (reasoning traces) on the DeepSpeed "
+                       "learner group: chat template, loss on assistant turns, packing, HF checkpoints")
+    f.add_argument("recipe", nargs="?", default=None, help="YAML path or shipped recipe name; with --resume, default: "
+                   "the run directory's config.yaml")
+    f.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this SFT run directory from its newest "
+                   "checkpoint with the same data order; 'auto': continue --output-dir when it holds a run")
+    f.add_argument("--output-dir", default=None, help="run directory (default: the recipe's output_dir)")
+    f.add_argument("--address", default=None, help="join the Ray cluster at this address")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set sft.packing=true (repeatable)")
     e = sub.add_parser("eval", help="benchmark a checkpoint on the generator actors: MATH-500, AIME 2024/2025, "
                        "GPQA-Diamond, the recipe's held-out split or any dataset (pass@1 over n samples, pass@k, maj@k)")
     e.add_argument("recipe", nargs="?", default=None,
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         elif resume is not None:
             recipe, resume = resumed_recipe(args)
         elif args.recipe is None:
-            raise ConfigError("r1ray train needs a recipe (a YAML path or a shipped recipe name), or --resume RUN_DIR")
+            raise ConfigError(f"r1ray {args.command} needs a recipe (a YAML path or a shipped recipe name), or --resume "
+                              "RUN_DIR")
         else:
             recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
                                  getattr(args, "cpus", None), getattr(args, "gpus", None),
@@ -273,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     from .train import train
 
     try:
+        if args.command == "sft":
+            from .sft_run import sft_job
+
+            summary = sft_job(recipe, resume)
+            print(f"run directory: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}")
+            for key in ("final_loss", "final_eval_loss", "tokens_per_s", "padding_waste", "wall_s"):
+                if key in summary:
+                    print(f"{key}: {summary[key]:.4f}")
+            return 0
         summary = train(recipe, resume, fresh_if_unresumable)
     except (ConfigError, ClusterUnreachable, ShipError) as e:  # what only the data or the cluster can tell, before any actor
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
@@ -285,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = getattr(e, "run_dir", None)
         if run_dir:  # before the error, which stays the last line
             print(f"r1ray: the run directory keeps what was done; continue it from its last checkpoint with: "
-                  f"r1ray train --resume {run_dir}", file=sys.stderr)
+                  f"r1ray {args.command} --resume {run_dir}", file=sys.stderr)
         print(f"r1ray: run failed: {e}", file=sys.stderr)
         return 1
     print(f"run directory: {summary['run_dir']}")

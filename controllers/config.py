@@ -109,6 +109,7 @@ class SftConfig:
     # Examples are conversations (data.messages_column) rendered with the chat template; every
     # assistant turn is trained. Longer than max_seq_length tokens: cut there (counted; null: never).
     max_seq_length: int | None = None
+    epochs: float | None = None  # r1ray sft: passes over the conversations, instead of `steps`
     packing: bool = False  # several examples per row of max_seq_length tokens, attention kept apart
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warm-up
     min_lr_ratio: float = 0.0  # linear / cosine decay to this share of lr (Open-R1: cosine to 0.1)
@@ -315,6 +316,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if not 0 <= r.sft.min_lr_ratio <= 1:
         raise ConfigError(f"config key 'sft.min_lr_ratio': got {r.sft.min_lr_ratio}; accepted: a number in [0, 1]")
     _positive("sft.eval_every", r.sft.eval_every, allow_zero=True)
+    if r.sft.epochs is not None:
+        _positive("sft.epochs", r.sft.epochs)
     _positive("sft.eval_examples", r.sft.eval_examples)
     if r.sft.steps and r.sft.batch_size % lc.num_ranks:
         raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "

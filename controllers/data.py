@@ -21,7 +21,8 @@ from .sft_data import render_conversation
 
 log = logging.getLogger("r1ray")
 CHUNK = 1024  # rows read and tokenised per batch call
-ACCEPTED_PATHS = "a folder written by datasets.save_to_disk, a hub dataset name, or 'tiny'"
+ACCEPTED_PATHS = ("a folder written by datasets.save_to_disk, a jsonl / json / parquet / csv file (its train split) or "
+                  "a folder of them named by split (train.jsonl, test.jsonl), a hub dataset name, or 'tiny'")
 
 
 @dataclass
@@ -119,6 +120,18 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
             raise ConfigError(f"config key 'data.path': got {cfg.path!r} (data.name={cfg.name!r}): the hub dataset "
                               f"could not be loaded ({_first_line(e)}); accepted: {ACCEPTED_PATHS} (a hub dataset "
                               "must be reachable, or in the local cache when offline)") from None
+    files = _data_files(where)
+    if files is not None:
+        for split, file in files[1].items():
+            if Path(file).stat().st_size == 0:
+                key = {cfg.train_split: "data.train_split", cfg.test_split: "data.test_split"}.get(split, "data.path")
+                raise ConfigError(f"config key '{key}': split {split!r} of {cfg.path} has no rows ({file} is empty); "
+                                  "accepted: a split with at least one row")
+        try:
+            return datasets.load_dataset(files[0], data_files=files[1])
+        except Exception as e:  # noqa: BLE001 - unreadable or malformed files: the user's to fix
+            raise ConfigError(f"config key 'data.path': got {cfg.path!r}: the {files[0]} files could not be read "
+                              f"({_first_line(e)}); accepted: {ACCEPTED_PATHS}") from None
     try:
         ds = datasets.load_from_disk(str(where))
     except Exception as e:  # noqa: BLE001 - a folder that is not a saved dataset, or a damaged one
@@ -130,6 +143,26 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
                           "accepted: a DatasetDict saved with save_to_disk, with the splits named by "
                           "data.train_split and data.test_split")
     return ds
+
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _data_files(where: Path) -> tuple[str, dict] | None:
+    """(datasets builder, split -> files) for a data file (its one split is "train") or a folder
+    of files named by split (train.jsonl, test.parquet, ...); None for a save_to_disk folder."""
+    if where.is_file():
+        builder = _BUILDERS.get(where.suffix)
+        return (builder, {"train": str(where)}) if builder else None
+    if (where / "dataset_dict.json").exists() or (where / "state.json").exists():
+        return None
+    found = {p.stem: p for p in sorted(where.iterdir()) if p.suffix in _BUILDERS}
+    if not found:
+        return None
+    builders = {_BUILDERS[p.suffix] for p in found.values()}
+    if len(builders) > 1:
+        return None
+    return builders.pop(), {split: str(p) for split, p in found.items()}
 
 
 def _refuse_empty_saved_split(cfg: DataConfig, where: Path) -> None:

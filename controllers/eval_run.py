@@ -19,7 +19,7 @@ from .data import _looks_local
 from .eval_tasks import load_tasks
 from .evaluate import Evaluator, table, write_results
 from .schema import ConfigError, build
-from .system import System
+from .system import EVALUATE, System
 
 log = logging.getLogger("r1ray")
 RUN_CHECKPOINTS = ("checkpoint-final", "checkpoint-interrupted", "checkpoint-sft")
@@ -118,8 +118,8 @@ def evaluate(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     tasks = load_tasks(recipe, tokenizer, tiny_dir, check_overlap=trained_on is not None)
     out_dir = output_dir(out, model_path, run_dir)
     log.info("evaluating %s on %s -> %s", model_path, ", ".join(t.name for t in tasks), out_dir)
-    connect(recipe, training=False)
-    system = System(recipe, model_path, training=False)
+    connect(recipe, EVALUATE)
+    system = System(recipe, model_path, EVALUATE)
     try:
         system.start()
         total = sum(len(t.prompts) * t.num_samples for t in tasks)

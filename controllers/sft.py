@@ -50,16 +50,28 @@ def held_out_loss(system: System, examples: list[SftExample], cfg: SftConfig) ->
 
 def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: PromptRenderer, metrics, seed: int,
             progress=None, probe: Callable[[], float] | None = None, held_out: list[SftExample] | None = None,
-            truncation: Truncation | None = None) -> list[dict]:
+            truncation: Truncation | None = None, resume_at: tuple[int, int] | None = None,
+            load_state: tuple[str, str] | None = None,
+            after_step: Callable[[int, int], None] | None = None) -> list[dict]:
     """``cfg.steps`` steps; with a ``probe`` (held-out pass@1 of the current weights, given only
     when ``cfg.stop_at_pass_rate`` is set) it stops early once the probe reaches that rate;
-    with ``held_out`` conversations, their loss every ``cfg.eval_every`` steps and at the end."""
+    with ``held_out`` conversations, their loss every ``cfg.eval_every`` steps and at the end.
+
+    A resumed run: ``load_state`` (checkpoint folder, tag) restores the learners' state,
+    ``resume_at`` (steps done, conversations the sampler had handed out) the data position.
+    ``after_step(step, taken)`` runs after every step (checkpoints)."""
     system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.steps, cfg.min_lr_ratio)
+    if load_state is not None:
+        system.learners.run_all("load_checkpoint", *load_state)
     train = data.train
     sampler = EpochSampler(len(train), seed + 1, data.train_rows)
+    done = 0
+    if resume_at is not None:
+        done = resume_at[0]
+        sampler.seek(resume_at[1])
     counts = truncation if truncation is not None else Truncation()
     records = []
-    for step in range(1, cfg.steps + 1):
+    for step in range(done + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         taken = sampler.take(cfg.batch_size)
         examples = examples_of((train[idx] for idx, _ in taken), renderer, cfg, counts, [rid for _, rid in taken])
@@ -67,8 +79,9 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
         targets = sum(e.targets for e in examples)
         parts = system.learners.get(system.learners.shard("sft_step", rows, max(1, targets)), "sft_step")
         seconds = time.perf_counter() - t0
-        record = {"step": step, **SftStats.combine(parts, max(1, targets)), "tokens": targets, "rows": len(rows),
-                  "throughput/tokens_per_s": sum(len(e.ids) for e in examples) / seconds,
+        tokens_in = sum(len(e.ids) for e in examples)
+        record = {"step": step, **SftStats.combine(parts, max(1, targets)), "tokens": targets, "tokens_in": tokens_in,
+                  "rows": len(rows), "throughput/tokens_per_s": tokens_in / seconds,
                   "truncated/examples": counts.examples, "time/step_s": seconds}
         stop = False
         if probe is not None and step >= cfg.probe_from and step % cfg.probe_every == 0:
@@ -78,6 +91,8 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
             record["eval_loss"] = held_out_loss(system, held_out, cfg)
         metrics.write(record, prefix="sft/")
         records.append(record)
+        if after_step is not None:
+            after_step(step, sampler.taken)
         if progress is not None:
             progress.update(1)
             shown = {k: f"{record[k]:.3f}" for k in ("probe_pass@1", "eval_loss") if k in record}

@@ -25,17 +25,23 @@ def _plain(cls, group_cfg):
     return build(cls, {k: v for k, v in to_dict(group_cfg).items() if k in names})
 
 
-def placement_plan(r: Recipe, training: bool = True) -> list[Bundles]:
+# What a job starts: GRPO everything; r1ray eval the rollout side; r1ray sft the learners.
+GRPO, EVALUATE, SFT = ("learner", "rollout"), ("rollout",), ("learner",)
+
+
+def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     """The recipe's placement groups: learner ranks and the reference packed together
-    (``train``; not for ``training=False``, an evaluation); one group per generator
-    (``generator-<i>``: ``tensor_parallel_size`` GPUs on one node), so generators can come and
-    go one by one; the scorers packed (``scorers``)."""
+    (``train``, role "learner"); one group per generator (``generator-<i>``:
+    ``tensor_parallel_size`` GPUs on one node), so generators can come and go one by one, and
+    the scorers packed (``scorers``): role "rollout"."""
     train = Bundles("train")
     for i in range(r.learner.num_ranks):
         train.add(f"learner-rank-{i}", r.learner.cpus_per_rank, r.learner.gpus_per_rank)
-    if r.learner.loss.kl_coef > 0:
+    if r.learner.loss.kl_coef > 0 and "rollout" in roles:
         train.add("reference-0", r.reference.cpus, r.reference.gpus)
-    plans = [train] if training else []
+    plans = [train] if "learner" in roles else []
+    if "rollout" not in roles:
+        return plans
     for i in range(r.generator.num_actors):
         gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
         gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
@@ -47,9 +53,11 @@ def placement_plan(r: Recipe, training: bool = True) -> list[Bundles]:
 
 
 class System:
-    def __init__(self, recipe: Recipe, model_path: str, training: bool = True):
-        """``training=False``: generators and scorers only (``r1ray eval``)."""
-        self.r, self.model_path, self.training = recipe, model_path, training
+    def __init__(self, recipe: Recipe, model_path: str, roles: tuple[str, ...] = GRPO):
+        """``roles``: GRPO (every group), EVALUATE (generators and scorers: ``r1ray eval``) or
+        SFT (the learner ranks: ``r1ray sft``)."""
+        self.r, self.model_path, self.roles = recipe, model_path, roles
+        self.training, self.rollout = "learner" in roles, "rollout" in roles
         self.version = 0
         self.timeout = recipe.ray.call_timeout_s
         self.learners = self.generators = self.scorers = self.reference = None
@@ -76,7 +84,7 @@ class System:
     def start(self) -> "System":
         r, ns = self.r, self.r.ray.namespace
         t0 = time.perf_counter()
-        self.placement = Placement(placement_plan(r, self.training), ns, r.ray.placement_timeout_s)
+        self.placement = Placement(placement_plan(r, self.roles), ns, r.ray.placement_timeout_s)
         place = self.placement.strategy
         self.startup_s["placement"] = time.perf_counter() - t0
         lcfg = _plain(LearnerConfig, r.learner)
@@ -86,16 +94,16 @@ class System:
                                    num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank,
                                    timeout_s=self.timeout, namespace=ns, scheduling=place)
         gcfg = _plain(GeneratorConfig, r.generator)
-        self.generators = ActorGroup("generator", Generator, r.generator.num_actors,
+        self.generators = None if not self.rollout else ActorGroup("generator", Generator, r.generator.num_actors,
                                      lambda i: ((self.model_path, gcfg, r.seed + 7919 * i), {}),
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
                                      timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls,
                                      scheduling=place)
-        self.scorers = ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
+        self.scorers = None if not self.rollout else ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
                                   lambda i: ((r.rewards, _plain(ScorerConfig, r.scorer)), {}),
                                   num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns,
                                   scheduling=place)
-        if self.uses_reference and self.training:
+        if self.uses_reference and self.training and self.rollout:
             rc = r.reference
             self.reference = ActorGroup("reference", Reference, 1,
                                         lambda i: ((self.model_path, "float32" if r.learner.dtype == "float32" else "bfloat16",
@@ -113,7 +121,7 @@ class System:
             if group is not None:
                 group.wait_ready()
                 self.startup_s[name] = time.perf_counter() - t0
-        if self.streams_weights and self.training:
+        if self.streams_weights and self.training and self.rollout:
             addr, port = rendezvous_on(self.learners.actors[0])
             backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
             self.learners.get(start_transfer(self.learners, self.generators, backend, addr, port,
@@ -126,9 +134,10 @@ class System:
         self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
         for group in self.groups():
             group.watchdog = self.watchdog
-        learners = f"{n} learner ranks ({infos[0]['params']:,} params), " if self.training else ""
-        log.info("actors up in %.1fs: %s%d generators, %d scorers%s", time.perf_counter() - t0, learners,
-                 len(self.generators), len(self.scorers), ", 1 reference" if self.reference else "")
+        up = ([f"{n} learner ranks ({infos[0]['params']:,} params)"] if self.training else []) + \
+            ([f"{len(self.generators)} generators", f"{len(self.scorers)} scorers"] if self.rollout else []) + \
+            (["1 reference"] if self.reference else [])
+        log.info("actors up in %.1fs: %s", time.perf_counter() - t0, ", ".join(up))
         return self
 
     def groups(self) -> list[ActorGroup]:

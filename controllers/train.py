@@ -21,7 +21,7 @@ from .grpo import GrpoDriver
 from .metrics import MetricsWriter, read_jsonl, write_json_atomic
 from .schema import ConfigError
 from .sft import run_sft
-from .system import System
+from .system import GRPO, System
 
 log = logging.getLogger("r1ray")
 
@@ -120,22 +120,22 @@ def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
     return evaluate
 
 
-def check_placement(recipe: Recipe, training: bool = True) -> None:
+def check_placement(recipe: Recipe, roles: tuple[str, ...]) -> None:
     """Every bundle of the placement plan fits on some alive node (a generator's
     tensor_parallel_size GPUs on one node), and all of them together fit the cluster."""
     from ..cluster.placement import alive_nodes, unplaceable
     from .system import placement_plan
 
-    why = unplaceable(placement_plan(recipe, training), alive_nodes())
+    why = unplaceable(placement_plan(recipe, roles), alive_nodes())
     if why:
         key = "generator.tensor_parallel_size" if why.startswith("generator") else "the actors' cpus_per_* / gpus_per_*"
         raise ConfigError(f"config key '{key}': the placement cannot be met on this cluster: {why}")
 
 
-def connect(recipe: Recipe, training: bool = True) -> None:
+def connect(recipe: Recipe, roles: tuple[str, ...] = GRPO) -> None:
     """Start or join Ray; on a joined cluster check its resources and take a free namespace.
-    Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again.
-    ``training=False`` (an evaluation): only generators and scorers are placed."""
+    Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again. ``roles``: the
+    actor groups the job starts (``system.GRPO``, ``EVALUATE``, ``SFT``), whose placement is checked."""
     from ..cluster import runtime
 
     on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
@@ -143,9 +143,9 @@ def connect(recipe: Recipe, training: bool = True) -> None:
                               recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
                               recipe.ray.ship_code)
     try:
-        if joins_cluster(recipe) and training:  # the cluster's real size, checked before any actor starts
+        if joins_cluster(recipe) and roles == GRPO:  # the cluster's real size, checked before any actor starts
             check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
-        check_placement(recipe, training)
+        check_placement(recipe, roles)
         namespace = runtime.free_namespace(recipe.ray.namespace)
     except BaseException:
         runtime.stop()

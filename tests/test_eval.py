@@ -259,7 +259,7 @@ def test_the_open_r1_evaluation_recipe_follows_their_protocol():
         ("gpqa_diamond", 8, "Idavidrein/gpqa")]
     assert (r.eval.sampling.temperature, r.eval.sampling.top_p, r.generator.max_model_len) == (0.6, 0.95, 32768)
     assert r.eval.system_prompt == OPENR1_SYSTEM_PROMPT
-    plans = placement_plan(r, training=False)  # no learner group: 8 generators of one GPU each, the scorers
+    plans = placement_plan(r, ("rollout",))  # no learner group: 8 generators of one GPU each, the scorers
     assert sum(p.total().get("GPU", 0) for p in plans) == 8 and not any(p.name == "train" for p in plans)
     with pytest.raises(ConfigError, match="learner.gpus_per_rank"):  # as a training recipe it would need learners
         load_recipe("configs/eval-openr1-7b-h100.yaml", cpus=128, gpus=8)

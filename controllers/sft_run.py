@@ -1,0 +1,200 @@
+"""``r1ray sft``: supervised fine-tuning on reasoning traces as a stage of its own.
+
+The DeepSpeed learner group alone (ZeRO-2/3; bf16 on GPU, fp32 on CPU) trains on the recipe's
+conversations (``data.messages_column``): chat template, loss on assistant tokens, optional
+packing, ``sft.max_seq_length`` truncation (counted), a warm-up then constant / linear /
+cosine learning rate, held-out loss every ``sft.eval_every`` steps. Every
+``checkpoint.every_steps`` steps it writes an HF checkpoint (``checkpoints/step-N/hf``,
+loadable by transformers and vLLM) beside the DeepSpeed state and the data position, keeping
+the newest ``checkpoint.keep_last``; ``r1ray sft --resume RUN_DIR`` continues from the newest
+one with the same data order. The result is ``<run_dir>/checkpoint-sft``, which a GRPO stage
+takes as its ``model.path``.
+
+Layout of the run directory: config.yaml, sft_metrics.jsonl (+ TensorBoard), summary.json,
+checkpoints/step-N/{DeepSpeed state, hf/, driver.json}, checkpoint-sft/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoints, tag_for, truncate_jsonl
+from .config import Recipe, dump
+from .data import PreparedData, PromptRenderer, prepare_data
+from .metrics import MetricsWriter, write_json_atomic
+from .schema import ConfigError
+from .sft import run_sft
+from .sft_data import Truncation
+from .system import SFT, System
+
+log = logging.getLogger("r1ray")
+
+
+def sft_only(recipe: Recipe) -> Recipe:
+    """The recipe as the data checks see an SFT stage: no GRPO prompts, no generation."""
+    steps = sft_steps(recipe, None)
+    return dataclasses.replace(recipe, grpo=dataclasses.replace(recipe.grpo, steps=0),
+                               eval=dataclasses.replace(recipe.eval, num_prompts=0, every_steps=0, tasks=[]),
+                               sft=dataclasses.replace(recipe.sft, steps=max(1, steps), stop_at_pass_rate=None))
+
+
+def sft_steps(recipe: Recipe, data: PreparedData | None) -> int:
+    """``sft.steps``, or ``sft.epochs`` passes over the training conversations."""
+    if recipe.sft.epochs is None:
+        return recipe.sft.steps
+    if data is None:
+        return 1
+    return max(1, math.ceil(recipe.sft.epochs * len(data.train) / recipe.sft.batch_size))
+
+
+def held_out_examples(recipe: Recipe, data_dir_split, renderer: PromptRenderer) -> list:
+    """The first ``sft.eval_examples`` conversations of the test split, rendered; a bad one is
+    refused naming its row and column (before any actor starts)."""
+    from .sft_data import truncate
+
+    if not recipe.sft.eval_every:
+        return []
+    if data_dir_split is None:
+        raise ConfigError(f"config key 'data.test_split': got {recipe.data.test_split!r}, which {recipe.data.path} does "
+                          f"not have; accepted: a split of held-out conversations (needed because sft.eval_every="
+                          f"{recipe.sft.eval_every}), or sft.eval_every 0")
+    col = recipe.data.messages_column
+    if col not in data_dir_split.column_names:
+        raise ConfigError(f"config key 'data.messages_column': got {col!r}; accepted: a column of split "
+                          f"{recipe.data.test_split!r} (it has: {', '.join(data_dir_split.column_names)}; needed because "
+                          f"sft.eval_every={recipe.sft.eval_every})")
+    out, counts = [], Truncation()
+    for i in range(min(recipe.sft.eval_examples, len(data_dir_split))):
+        try:
+            e = renderer.sft_example(data_dir_split[i])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"split {recipe.data.test_split!r} (data.test_split) row {i}, column {col!r} "
+                              f"(data.messages_column): {err}; accepted: a list of {{role, content}} messages with "
+                              "an assistant turn") from None
+        e = truncate(e, recipe.sft.max_seq_length, i, counts) if recipe.sft.max_seq_length else e
+        if e is not None:
+            out.append(e)
+    if not out:
+        raise ConfigError(f"config key 'sft.eval_every': got {recipe.sft.eval_every} but split "
+                          f"{recipe.data.test_split!r} has no conversation to compute a held-out loss on; accepted: 0, "
+                          "or a test split with conversations")
+    return out
+
+
+def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
+    """The whole ``r1ray sft`` job; returns the summary (also written to summary.json)."""
+    from transformers import AutoTokenizer
+
+    from ..cluster import runtime
+    from .data import load_dataset_dict
+    from .train import check_output_dir, connect, prepare_model, run_dir_for, signals_ignored, stop_on_sigterm
+
+    t_start = time.perf_counter()
+    if not recipe.sft.steps and recipe.sft.epochs is None:
+        raise ConfigError("config keys 'sft.steps' / 'sft.epochs': got 0 / null; accepted: steps > 0, or epochs > 0 "
+                          "(passes over the training conversations)")
+    if resume is None:
+        check_output_dir(recipe)
+    model_path, tiny_dir = prepare_model(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    checked = sft_only(recipe)
+    data = prepare_data(checked, tokenizer, tiny_dir)
+    renderer = PromptRenderer(tokenizer, recipe.data)
+    splits = load_dataset_dict(recipe.data, tiny_dir) if recipe.sft.eval_every else {}
+    held_out = held_out_examples(recipe, splits.get(recipe.data.test_split) if splits else None, renderer)
+    cfg = dataclasses.replace(recipe.sft, steps=sft_steps(recipe, data), stop_at_pass_rate=None)
+    checkpoints = Checkpoints(resume or Path("."), recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
+    state = checkpoints.latest() if resume is not None else None
+    if resume is not None and state is None:
+        log.warning("%s has no complete SFT checkpoint (checkpoint.every_steps=%d): starting again from step 0",
+                    resume, recipe.checkpoint.every_steps)
+    if state is not None and state["step"] >= cfg.steps:
+        raise ConfigError(f"config key 'sft.steps': the run in {str(resume)!r} has already trained {state['step']} of "
+                          f"{cfg.steps} steps; accepted: more steps (--set sft.steps=N) to train on")
+    connect(recipe, SFT)
+    stop_on_sigterm()
+    try:
+        run_dir = resume if resume is not None else run_dir_for(recipe)
+    except ConfigError:
+        runtime.stop()
+        raise
+    checkpoints = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
+    dump(recipe, run_dir / "config.yaml")
+    done = state["step"] if state else 0
+    if done:
+        truncate_jsonl(run_dir / "sft_metrics.jsonl", done)
+    summary: dict = {"run_dir": str(run_dir), "model": model_path, "stage": "sft", "status": "running",
+                     "data": data.summary(), "steps": cfg.steps, **({"resumed_from_step": done} if done else {})}
+    log.info("run directory: %s (SFT, %d steps%s)", run_dir, cfg.steps, f", from step {done}" if done else "")
+    system = System(recipe, model_path, SFT)
+    metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", purge_step=done + 1 if done else None)
+    truncation = Truncation(**state["truncation"]) if state else Truncation()
+    records: list[dict] = []
+    try:
+        system.start()
+        summary["startup_s"] = system.startup_s
+
+        def after_step(step: int, taken: int) -> None:
+            if not checkpoints.due(step) or step == cfg.steps:
+                return
+            tag = tag_for(step)
+            system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
+            system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
+            checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
+                                "truncation": dataclasses.asdict(truncation)})
+
+        resume_at = None
+        if state is not None:
+            resume_at = (state["step"], state["sampler_taken"])
+        with tqdm(total=cfg.steps, initial=done, desc="SFT", unit="step", dynamic_ncols=True) as bar:
+            records = run_sft(system, cfg, data, renderer, metrics, recipe.seed, bar, held_out=held_out,
+                              truncation=truncation, resume_at=resume_at, after_step=after_step,
+                              load_state=(str(checkpoints.dir), state["tag"]) if state else None)
+        final = run_dir / "checkpoint-sft"
+        system.learners.run_all("save_hf", str(final))
+        summary.update(status="completed", checkpoint=str(final))
+    except KeyboardInterrupt as e:
+        summary.update(status="interrupted", signal=str(e) or "SIGINT")
+        raise
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        e.run_dir = str(run_dir)
+        raise
+    finally:
+        with signals_ignored():
+            summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
+            metrics.close()
+            try:
+                write_json_atomic(run_dir / "summary.json", summary)
+            except OSError as e:
+                log.error("could not write %s: %s", run_dir / "summary.json", e)
+            system.shutdown()
+            runtime.stop()
+    return summary
+
+
+def sft_report(records: list[dict], truncation: Truncation, steps_done: int) -> dict:
+    """What summary.json says about the SFT steps of this invocation."""
+    out: dict = {"steps_done": steps_done, "truncated": {"examples": truncation.examples,
+                                                          "tokens_lost": truncation.tokens_lost,
+                                                          "dropped_rows": len(truncation.dropped)}}
+    if records:
+        seconds = sum(r["time/step_s"] for r in records)
+        out.update(final_loss=records[-1]["loss"],
+                   tokens_per_s=sum(r["tokens_in"] for r in records) / seconds if seconds else 0.0,
+                   padding_waste=sum(r["padding_waste"] for r in records) / len(records))
+        evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+        if evals:
+            out["final_eval_loss"] = evals[-1]
+    return out
+
+
+def describe(summary: dict) -> str:
+    return json.dumps({k: summary[k] for k in ("final_loss", "final_eval_loss", "tokens_per_s", "padding_waste")
+                       if k in summary})
