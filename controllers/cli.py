@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--address", default=None, help="join the Ray cluster at this address")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set sft.packing=true (repeatable)")
+    r = sub.add_parser("run", help="a multi-stage recipe (stages: sft -> grpo -> eval) as one resumable job: "
+                       "complete stages are skipped, an interrupted one continues")
+    r.add_argument("recipe", help="YAML path or shipped recipe name with a stages list (e.g. tiny-staged)")
+    r.add_argument("--output-dir", default=None, help="where the stages' run directories go (default: output_dir)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every stage, e.g. --set seed=1 (repeatable)")
     e = sub.add_parser("eval", help="benchmark a checkpoint on the generator actors: MATH-500, AIME 2024/2025, "
                        "GPQA-Diamond, the recipe's held-out split or any dataset (pass@1 over n samples, pass@k, maj@k)")
     e.add_argument("recipe", nargs="?", default=None,
@@ -198,6 +204,51 @@ def evaluate(args) -> int:
     return 0
 
 
+def run_stages(args) -> int:
+    """``r1ray run``: every stage planned and validated, then run in order."""
+    from pathlib import Path
+
+    from ..actors.scorer import BrokenRewardError
+    from ..cluster.groups import RemoteCallError
+    from ..cluster.runtime import ClusterUnreachable
+    from ..cluster.ship import ShipError
+    from .schema import ConfigError
+    from .stages import plan, run
+    from .staleness import StalenessError
+
+    try:
+        stages = plan(args.recipe, args.overrides, args.output_dir)
+    except ConfigError as e:
+        print(f"r1ray: invalid config: {e}", file=sys.stderr)
+        return 2
+    out = Path(stages[0].dir).parent
+    print("stages: " + " -> ".join(f"{s.name} ({s.type})" for s in stages) + f"; in {out}")
+    if any(s.recipe.learner.gpus_per_rank == 0 for s in stages):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        record = run(stages, out)
+    except (ConfigError, ClusterUnreachable, ShipError) as e:
+        print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"r1ray: stopped by {str(e) or 'SIGINT'}; run the same command again to continue", file=sys.stderr)
+        return 130
+    except (RemoteCallError, BrokenRewardError, StalenessError) as e:
+        print(f"r1ray: stage failed: {e}\nr1ray: run the same command again to continue from the last checkpoint",
+              file=sys.stderr)
+        return 1
+    from .evaluate import table
+    from .metrics import read_json
+
+    for stage in stages:
+        entry = record["stages"][stage.name]
+        print(f"{stage.name}: {entry['status']} -> {entry.get('output')}")
+        results = read_json(stage.dir / "results.json") if stage.type == "eval" else None
+        if results:
+            print(table(results))
+    return 0
+
+
 def ship(out: str, wheel_dir: str | None) -> int:
     """``r1ray ship``: the wheel, and a runtime-env file that carries it to a cluster's nodes."""
     from ..cluster.ship import ShipError, build_wheel, runtime_env, write_runtime_env
@@ -240,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return scale(args)
     if args.command == "eval":
         return evaluate(args)
+    if args.command == "run":
+        return run_stages(args)
     if args.command == "ship":
         return ship(args.out, args.wheel_dir)
     from .config import load_recipe
@@ -259,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
                                  getattr(args, "cpus", None), getattr(args, "gpus", None),
                                  training=not getattr(args, "eval", False))
+        if recipe.stages and args.command in ("train", "sft"):
+            raise ConfigError(f"config key 'stages': the recipe has {len(recipe.stages)} stages; accepted: `r1ray run "
+                              "<recipe>` for a staged recipe (r1ray train / sft run one stage)")
     except ConfigError as e:
         print(f"r1ray: invalid config: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -194,6 +194,20 @@ class CheckpointConfig:
     on_interrupt: bool = False
 
 
+STAGE_TYPES = ("distill", "sft", "grpo", "eval")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (``r1ray run``): the recipe with ``set``'s keys
+    (dotted, as with --set) changed, run as ``type`` in ``<output_dir>/<name>``. A stage's
+    output feeds the next: an sft or grpo stage's checkpoint becomes the next stage's
+    model.path (unless the next one sets it), an eval stage evaluates the stage before it."""
+    type: str = "sft"  # distill, sft, grpo or eval
+    name: str | None = None  # default: the type (a second stage of a type needs its own name)
+    set: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Recipe:
     seed: int = 0
@@ -211,6 +225,7 @@ class Recipe:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # r1ray run: distill -> sft -> grpo -> eval
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -191,7 +191,11 @@ def training_problems(recipe: Recipe, tiny_dir: Path | None) -> set[str]:
 
     ds = load_dataset_dict(recipe.data, tiny_dir)
     split = ds[recipe.data.train_split]
-    return {normalise(p) for p in split[recipe.data.prompt_column]}
+    if recipe.data.prompt_column in split.column_names:
+        return {normalise(p) for p in split[recipe.data.prompt_column]}
+    # conversations only (SFT traces): the users' turns are the problems
+    return {normalise(m["content"]) for msgs in split[recipe.data.messages_column] for m in msgs or []
+            if isinstance(m, dict) and m.get("role") == "user"}
 
 
 def load_tasks(recipe: Recipe, tokenizer, tiny_dir: Path | None, check_overlap: bool) -> list[Task]:

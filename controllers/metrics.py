@@ -75,6 +75,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when it is missing or unreadable (written atomically, so
+    unreadable means damaged by hand)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write to a temporary file beside ``path``, then rename: readers see the old file or the
     new one, never a half-written one (a full disk leaves the old one in place)."""

@@ -132,18 +132,24 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({e})") from None
+    set_key(data, key.strip(), value, f"--set {assignment!r}")
+
+
+def set_key(data: dict, key: str, value, where: str) -> None:
+    """``data[a][b][c] = value`` for the dotted ``key`` "a.b.c" (mappings made as needed)."""
+    parts = key.split(".")
     if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key segment in {key!r}")
+        raise ConfigError(f"{where}: empty key segment in {key!r}")
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a mapping")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({e})") from None
+    node[parts[-1]] = value

@@ -1,0 +1,164 @@
+"""``r1ray run``: a multi-stage recipe (distill -> sft -> grpo -> eval) as one resumable job.
+
+The recipe's ``stages`` list names the stages in order; each is the recipe with the stage's
+``set`` keys changed, run in ``<output_dir>/<stage name>``. Each stage's output is the next
+one's input: an sft stage's ``checkpoint-sft`` or a grpo stage's ``checkpoint-final`` becomes
+the next stage's ``model.path`` (a stage that sets model.path itself keeps it), and an eval
+stage evaluates the stage before it. A grpo stage runs no SFT warm-up of its own (sft.steps 0):
+that is the sft stage's job.
+
+Every stage's recipe is built and validated before the first stage starts. Running the
+recipe again skips every stage whose output is complete and continues an interrupted one from
+its newest checkpoint (sft, grpo) or runs it again (eval). ``stages.json`` in the output
+directory says where each stage stands.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import STAGE_TYPES, Recipe, resolve_recipe_path
+from .metrics import read_json, write_json_atomic
+from .schema import ConfigError, apply_override, set_key
+
+log = logging.getLogger("r1ray")
+
+
+@dataclass
+class Stage:
+    name: str
+    type: str
+    recipe: Recipe
+    dir: Path
+
+    def output(self) -> Path | None:
+        """The stage's result when it is complete, else None."""
+        if self.type == "eval":
+            return self.dir if (self.dir / "results.json").is_file() else None
+        summary = read_json(self.dir / "summary.json") or {}
+        ckpt = self.dir / ("checkpoint-sft" if self.type == "sft" else "checkpoint-final")
+        return ckpt if summary.get("status") == "completed" and (ckpt / "config.json").is_file() else None
+
+    def started(self) -> bool:
+        return (self.dir / "config.yaml").is_file()
+
+
+def plan(path: str, overrides: list[str] = (), output_dir: str | None = None) -> list[Stage]:
+    """Every stage's recipe, built and validated now (a bad key in the last stage fails before
+    the first one starts)."""
+    base = yaml.safe_load(resolve_recipe_path(path).read_text()) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"recipe {path}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(base, o)
+    if output_dir is not None:
+        base["output_dir"] = output_dir
+    stages = base.pop("stages", None)
+    if not stages or not isinstance(stages, list):
+        raise ConfigError(f"config key 'stages': recipe {path} has none; accepted: a list of stages, e.g. "
+                          "[{type: sft}, {type: grpo}, {type: eval}] (r1ray train runs a recipe without stages)")
+    out = Path(base.get("output_dir", "runs/default")).expanduser()
+    planned: list[Stage] = []
+    names: set[str] = set()
+    previous: Stage | None = None
+    for i, raw in enumerate(stages):
+        key = f"stages[{i}]"
+        if not isinstance(raw, dict) or set(raw) - {"type", "name", "set"}:
+            raise ConfigError(f"config key '{key}': got {raw!r}; accepted: a mapping with keys type, name, set")
+        kind, name, sets = raw.get("type"), raw.get("name") or raw.get("type"), raw.get("set") or {}
+        if kind not in STAGE_TYPES:
+            raise ConfigError(f"config key '{key}.type': got {kind!r}; accepted: one of {', '.join(STAGE_TYPES)}")
+        if kind == "distill":
+            raise ConfigError(f"config key '{key}.type': 'distill' is not available yet (distillation from an "
+                              "OpenAI-compatible endpoint is being built); accepted: sft, grpo, eval, with data.path "
+                              "naming traces distilled elsewhere")
+        if name in names:
+            raise ConfigError(f"config key '{key}.name': {name!r} is used twice; accepted: a name per stage")
+        if not isinstance(sets, dict):
+            raise ConfigError(f"config key '{key}.set': got {sets!r}; accepted: a mapping of dotted keys to values")
+        if kind == "eval" and previous is None:
+            raise ConfigError(f"config key '{key}': an eval stage evaluates the stage before it; accepted: an sft or "
+                              "grpo stage first")
+        names.add(name)
+        data = copy.deepcopy(base)
+        for k, v in sets.items():
+            set_key(data, str(k), v, f"config key '{key}.set.{k}'")
+        data["output_dir"] = str(out / name)
+        if previous is not None and previous.type != "eval" and "model.path" not in sets:
+            data.setdefault("model", {})["path"] = str(previous.dir / ("checkpoint-sft" if previous.type == "sft"
+                                                                      else "checkpoint-final"))
+        if kind == "grpo":
+            data.setdefault("sft", {})["steps"] = 0
+        try:
+            recipe = _validated(data, kind)
+        except ConfigError as e:
+            raise ConfigError(f"stage {name!r} ({key}): {e}") from None
+        stage = Stage(name, kind, recipe, out / name)
+        planned.append(stage)
+        if kind != "eval":
+            previous = stage
+    return planned
+
+
+def _validated(data: dict, kind: str) -> Recipe:
+    from .config import joins_cluster, validate
+    from .schema import build
+
+    recipe = build(Recipe, data)
+    validate(recipe, resources=kind != "eval" and not joins_cluster(recipe), training=kind != "eval")
+    if kind == "eval" and not recipe.eval.tasks:
+        raise ConfigError("config key 'eval.tasks': an eval stage needs tasks; accepted: e.g. [{task: heldout}]")
+    if kind == "sft" and not recipe.sft.steps and recipe.sft.epochs is None:
+        raise ConfigError("config keys 'sft.steps' / 'sft.epochs': an sft stage needs one of them > 0")
+    return recipe
+
+
+def run(stages: list[Stage], output_dir: Path) -> dict:
+    """Run the stages in order, skipping complete ones; returns the stages' record."""
+    record_path = output_dir / "stages.json"
+    record = read_json(record_path) or {"stages": {}}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        done = stage.output()
+        entry = record["stages"].setdefault(stage.name, {"type": stage.type, "dir": str(stage.dir)})
+        if done is not None:
+            log.info("stage %s (%s): complete (%s), skipped", stage.name, stage.type, done)
+            entry.update(status="completed", output=str(done))
+            write_json_atomic(record_path, record)
+            continue
+        entry.update(status="running", started=time.time())
+        write_json_atomic(record_path, record)
+        log.info("stage %s (%s): %s in %s", stage.name, stage.type, "continuing" if stage.started() else "starting",
+                 stage.dir)
+        try:
+            _run_stage(stage, stages)
+        except BaseException as e:
+            entry.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                         error=f"{type(e).__name__}: {e}")
+            write_json_atomic(record_path, record)
+            raise
+        entry.update(status="completed", output=str(stage.output()), finished=time.time())
+        entry.pop("error", None)
+        write_json_atomic(record_path, record)
+    return record
+
+
+def _run_stage(stage: Stage, stages: list[Stage]) -> None:
+    if stage.type == "sft":
+        from .sft_run import sft_job
+
+        sft_job(stage.recipe, stage.dir if stage.started() else None)
+    elif stage.type == "grpo":
+        from .train import train
+
+        train(stage.recipe, stage.dir if stage.started() else None, fresh_if_unresumable=True)
+    else:
+        from .eval_run import evaluate
+
+        before = [s for s in stages[:stages.index(stage)] if s.type != "eval"][-1]
+        evaluate(stage.recipe, str(before.dir), str(stage.dir))
