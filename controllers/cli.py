@@ -187,7 +187,7 @@ def evaluate(args) -> int:
                 raise ConfigError("r1ray eval needs a recipe (a YAML path or a shipped recipe name), or --checkpoint "
                                   "naming a run directory (whose config.yaml is the recipe)")
             recipe_path = str(saved)
-        recipe = load_recipe(recipe_path, args.overrides, training=False)
+        recipe = load_recipe(recipe_path, args.overrides, stage="eval")
         select_tasks(recipe, [t.strip() for t in (args.tasks or "").split(",") if t.strip()], args.limit)
         combined = run_eval(recipe, args.checkpoint, args.output_dir)
     except (ConfigError, ClusterUnreachable, ShipError) as e:
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
                                  getattr(args, "cpus", None), getattr(args, "gpus", None),
-                                 training=not getattr(args, "eval", False))
+                                 stage="eval" if getattr(args, "eval", False) else "sft" if args.command == "sft" else "grpo")
         if recipe.stages and args.command in ("train", "sft"):
             raise ConfigError(f"config key 'stages': the recipe has {len(recipe.stages)} stages; accepted: `r1ray run "
                               "<recipe>` for a staged recipe (r1ray train / sft run one stage)")

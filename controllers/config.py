@@ -249,11 +249,10 @@ def joins_cluster(r: "Recipe") -> bool:
 
 
 def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
-                cpus: float | None = None, gpus: float | None = None, training: bool = True) -> Recipe:
+                cpus: float | None = None, gpus: float | None = None, stage: str = "grpo") -> Recipe:
     """Load, override and validate. Resources are checked against ``cpus``/``gpus`` when given,
-    else against this machine unless the recipe joins an existing cluster. ``training=False``
-    (``r1ray eval``): no learners start, so their resources are not checked here (the placement
-    of the generators and scorers is, once Ray is up)."""
+    else against this machine unless the recipe joins an existing cluster, for what ``stage``
+    starts (see ``validate``)."""
     data: dict = {}
     if path:
         text = resolve_recipe_path(path).read_text()
@@ -268,8 +267,8 @@ def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | N
     if output_dir is not None:
         data["output_dir"] = output_dir
     recipe = build(Recipe, data)
-    validate(recipe, cpus, gpus, resources=training and (cpus is not None or gpus is not None or not joins_cluster(recipe)),
-             training=training)
+    validate(recipe, cpus, gpus, resources=cpus is not None or gpus is not None or not joins_cluster(recipe),
+             stage=stage)
     return recipe
 
 
@@ -279,7 +278,10 @@ def _positive(key: str, value, allow_zero: bool = False):
 
 
 def validate(r: Recipe, available_cpus: float | None = None, available_gpus: float | None = None,
-             resources: bool = True, training: bool = True) -> None:
+             resources: bool = True, stage: str = "grpo") -> None:
+    """``stage``: what the recipe runs as: "grpo" (r1ray train: every actor group), "sft" (the
+    learner ranks only) or "eval" (generators and scorers only); resources are checked for
+    what that stage starts."""
     """Cross-field checks: everything that would otherwise fail minutes later inside an actor."""
     g, lc = r.grpo, r.learner
     for key, value in [("grpo.num_generations", g.num_generations), ("grpo.prompts_per_step", g.prompts_per_step),
@@ -391,11 +393,11 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         raise ConfigError(f"config key 'grpo.partial_rollout_tokens': got {g.partial_rollout_tokens} with generator.backend "
                           "'vllm'; accepted: 0 (vLLM continues requests in flight under new weights itself: "
                           "generator.pause_mode 'keep'), or generator.backend 'hf'")
-    if gen.backend == "vllm" and gen.gpus_per_actor > 0 and not lc.gpus_per_rank and training:
+    if gen.backend == "vllm" and gen.gpus_per_actor > 0 and not lc.gpus_per_rank and stage == "grpo":
         raise ConfigError("config key 'learner.gpus_per_rank': got 0 with vLLM generators on GPUs; accepted: > 0 "
                           "(weights go from learner rank 0's GPU to the generators' over NCCL)")
-    if resources:
-        check_resources(r, available_cpus, available_gpus)
+    if resources and stage != "eval":  # an evaluation's placement is checked once Ray is up
+        check_resources(r, available_cpus, available_gpus, learners_only=stage == "sft")
 
 
 def validate_eval(e: EvalConfig, max_model_len: int, test_split: str) -> None:
@@ -461,8 +463,9 @@ def validate_loss(lc, max_new_tokens: int) -> None:
                           "(dr_grpo divides by sequences x this constant)")
 
 
-def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = None) -> None:
-    """Reject placements that could never be scheduled (Ray would wait forever on them)."""
+def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = None, learners_only: bool = False) -> None:
+    """Reject placements that could never be scheduled (Ray would wait forever on them).
+    ``learners_only``: r1ray sft, which starts the learner ranks and nothing else."""
     if cpus is None:
         cpus = r.ray.num_cpus if r.ray.num_cpus is not None else (os.cpu_count() or 1)
     if gpus is None:
@@ -477,9 +480,16 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
     need_gpus = lc.num_ranks * lc.gpus_per_rank + r.generator.num_actors * r.generator.gpus_per_actor
     if lc.loss.kl_coef:
         need_gpus += r.reference.gpus
+    if learners_only:
+        need_gpus = lc.num_ranks * lc.gpus_per_rank
     if need_gpus > gpus:
         raise ConfigError(f"config keys 'learner.gpus_per_rank' / 'generator.gpus_per_actor': the recipe needs {need_gpus} "
                           f"GPUs but {gpus} are available; accepted: at most {gpus} GPUs in all")
+    if learners_only:
+        if need_gpus > gpus:
+            raise ConfigError(f"config key 'learner.gpus_per_rank': the learner ranks need {need_gpus} GPUs but {gpus} "
+                              f"are available; accepted: at most {gpus} GPUs in all")
+        return
     total = (need_learner_cpus + r.generator.num_actors * r.generator.cpus_per_actor
              + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if lc.loss.kl_coef else 0))
     if total > cpus:

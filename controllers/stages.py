@@ -48,9 +48,11 @@ class Stage:
         return (self.dir / "config.yaml").is_file()
 
 
-def plan(path: str, overrides: list[str] = (), output_dir: str | None = None) -> list[Stage]:
+def plan(path: str, overrides: list[str] = (), output_dir: str | None = None, cpus: float | None = None,
+         gpus: float | None = None) -> list[Stage]:
     """Every stage's recipe, built and validated now (a bad key in the last stage fails before
-    the first one starts)."""
+    the first one starts); resources against ``cpus`` / ``gpus`` when given, else this machine
+    unless the recipe joins a cluster."""
     base = yaml.safe_load(resolve_recipe_path(path).read_text()) or {}
     if not isinstance(base, dict):
         raise ConfigError(f"recipe {path}: the top level must be a mapping")
@@ -95,7 +97,7 @@ def plan(path: str, overrides: list[str] = (), output_dir: str | None = None) ->
         if kind == "grpo":
             data.setdefault("sft", {})["steps"] = 0
         try:
-            recipe = _validated(data, kind)
+            recipe = _validated(data, kind, cpus, gpus)
         except ConfigError as e:
             raise ConfigError(f"stage {name!r} ({key}): {e}") from None
         stage = Stage(name, kind, recipe, out / name)
@@ -105,12 +107,13 @@ def plan(path: str, overrides: list[str] = (), output_dir: str | None = None) ->
     return planned
 
 
-def _validated(data: dict, kind: str) -> Recipe:
+def _validated(data: dict, kind: str, cpus: float | None, gpus: float | None) -> Recipe:
     from .config import joins_cluster, validate
     from .schema import build
 
     recipe = build(Recipe, data)
-    validate(recipe, resources=kind != "eval" and not joins_cluster(recipe), training=kind != "eval")
+    given = cpus is not None or gpus is not None
+    validate(recipe, cpus, gpus, resources=given or not joins_cluster(recipe), stage=kind)
     if kind == "eval" and not recipe.eval.tasks:
         raise ConfigError("config key 'eval.tasks': an eval stage needs tasks; accepted: e.g. [{task: heldout}]")
     if kind == "sft" and not recipe.sft.steps and recipe.sft.epochs is None:

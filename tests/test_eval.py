@@ -252,7 +252,7 @@ def test_the_open_r1_evaluation_recipe_follows_their_protocol():
     from r1ray.controllers.eval_tasks import resolve
     from r1ray.controllers.system import placement_plan
 
-    r = load_recipe("configs/eval-openr1-7b-h100.yaml", training=False)
+    r = load_recipe("configs/eval-openr1-7b-h100.yaml", stage="eval")
     tasks = [resolve(t, r) for t in r.eval.tasks]
     assert [(t.task, t.num_samples, t.path) for t in tasks] == [
         ("aime24", 64, "HuggingFaceH4/aime_2024"), ("math_500", 4, "HuggingFaceH4/MATH-500"),

@@ -262,3 +262,21 @@ def test_an_interrupted_sft_run_resumes_to_the_same_final_loss(tmp_path, tiny_wo
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
         assert a.get("eval_loss") == pytest.approx(b.get("eval_loss"), rel=1e-5) if "eval_loss" in b else True
+
+
+def test_the_gpu_sft_and_grpo_recipes_are_valid_for_one_8_gpu_node():
+    from r1ray.controllers.config import load_recipe
+    from r1ray.controllers.stages import plan
+    from r1ray.controllers.system import SFT, placement_plan
+
+    sft = load_recipe("configs/qwen2.5-1.5b-sft-h100.yaml", cpus=128, gpus=8)
+    assert (sft.sft.lr, sft.sft.epochs, sft.sft.packing, sft.sft.max_seq_length) == (2e-5, 1, True, 4096)
+    assert sft.learner.zero_stage == 3 and sft.learner.dtype == "bfloat16" and sft.learner.gradient_checkpointing
+    assert sum(p.total().get("GPU", 0) for p in placement_plan(sft, SFT)) == 8  # learners only
+    grpo = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml", cpus=128, gpus=8)
+    assert grpo.model.path == "Qwen/Qwen2.5-Math-7B" and grpo.learner.optim.lr == 1.5e-6
+    assert [(r.name, r.weight) for r in grpo.rewards] == [("accuracy", 1.0), ("format", 0.5)]
+    assert sum(p.total().get("GPU", 0) for p in placement_plan(grpo)) == 8
+    stages = plan("openr1-staged-h100", output_dir="/tmp/x", cpus=128, gpus=8)
+    assert [s.type for s in stages] == ["sft", "grpo", "eval"]
+    assert stages[1].recipe.model.path == "/tmp/x/sft/checkpoint-sft"
