@@ -35,6 +35,15 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft: only they train; exports (HF checkpoints) are merged."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # null: every linear layer but the LM head ("all-linear")
+
+
+@dataclass
 class LearnerConfig:
     num_ranks: int = 2
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -44,6 +53,7 @@ class LearnerConfig:
     threads_per_rank: int = 1  # torch intra-op threads on CPU
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig | None = None  # r1ray sft only (ZeRO-0/1/2): merged into every HF checkpoint
 
 
 @dataclass
@@ -169,10 +179,18 @@ class LearnerRank:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32,
                                                      **attention_kwargs(self.cfg.dtype))
         if self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if self.cfg.lora is not None:
+            import peft
+
+            lc = self.cfg.lora
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, task_type="CAUSAL_LM",
+                target_modules=list(lc.target_modules) if lc.target_modules else "all-linear"))
         o = self.cfg.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                                      betas=tuple(o.betas), weight_decay=o.weight_decay)
         warmup = max(1, o.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -405,6 +423,15 @@ class LearnerRank:
 
     def save_hf(self, path: str) -> str | None:
         """HF-format checkpoint (``from_pretrained`` loads it) written by rank 0."""
+        if self.cfg.lora is not None:  # the adapters merged into a copy: training goes on unmerged
+            if self.rank != 0:
+                return None
+            import copy
+
+            merged = copy.deepcopy(self.engine.module).merge_and_unload()
+            merged.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            return path
         state = self._full_state_dict()
         if state is None:
             return None

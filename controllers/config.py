@@ -336,6 +336,17 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if r.sft.epochs is not None:
         _positive("sft.epochs", r.sft.epochs)
     _positive("sft.eval_examples", r.sft.eval_examples)
+    if lc.lora is not None:
+        if stage != "sft":
+            raise ConfigError("config key 'learner.lora': LoRA adapters train in r1ray sft (merged into its "
+                              "checkpoints); accepted: null for r1ray train (GRPO updates every weight)")
+        if lc.zero_stage == 3:
+            raise ConfigError("config key 'learner.lora': got adapters with learner.zero_stage 3; accepted: zero_stage "
+                              "0, 1 or 2 (the merge on export needs the whole weights on rank 0)")
+        for key, value in [("learner.lora.r", lc.lora.r), ("learner.lora.alpha", lc.lora.alpha)]:
+            _positive(key, value)
+        if not 0 <= lc.lora.dropout < 1:
+            raise ConfigError(f"config key 'learner.lora.dropout': got {lc.lora.dropout}; accepted: a number in [0, 1)")
     if r.sft.steps and r.sft.batch_size % lc.num_ranks:
         raise ConfigError(f"config key 'sft.batch_size': got {r.sft.batch_size}; accepted: a multiple of "
                           f"learner.num_ranks={lc.num_ranks}")

@@ -280,3 +280,42 @@ def test_the_gpu_sft_and_grpo_recipes_are_valid_for_one_8_gpu_node():
     stages = plan("openr1-staged-h100", output_dir="/tmp/x", cpus=128, gpus=8)
     assert [s.type for s in stages] == ["sft", "grpo", "eval"]
     assert stages[1].recipe.model.path == "/tmp/x/sft/checkpoint-sft"
+
+
+def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from r1ray.actors.learner import LearnerConfig, LearnerRank, LoraConfig, SftStats
+    from r1ray.cluster.groups import free_port
+
+    learner = LearnerRank(tiny_model, LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4,
+                                                    lora=LoraConfig(r=4, alpha=8, dropout=0.0)), rank=0, world_size=1)
+    learner.setup("127.0.0.1", free_port())
+    learner.start_phase(lr=1e-2)
+    module = learner.engine.module
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    example = SftExample.from_pair([5, 6, 7, 8], [10, 11, 12, 13, 2])
+    losses = [SftStats.combine([learner.sft_step([[example]] * 4, global_tokens=20)], 20)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0]
+    learner.save_hf(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())
+    ids = torch.tensor([example.ids])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable  # still training adapters
+
+
+def test_lora_is_an_sft_option_checked_up_front():
+    from r1ray.controllers.config import load_recipe
+    from r1ray.controllers.schema import ConfigError
+
+    assert load_recipe("tiny-cpu", ["learner.lora={r: 4}"], stage="sft").learner.lora.r == 4
+    with pytest.raises(ConfigError, match=r"learner.lora.*r1ray sft"):
+        load_recipe("tiny-cpu", ["learner.lora={r: 4}"])  # GRPO updates every weight
+    with pytest.raises(ConfigError, match=r"learner.lora.*zero_stage 3"):
+        load_recipe("tiny-cpu", ["learner.lora={r: 4}", "learner.zero_stage=3"], stage="sft")
+    with pytest.raises(ConfigError, match=r"learner.lora.r"):
+        load_recipe("tiny-cpu", ["learner.lora={r: 0}"], stage="sft")
