@@ -50,6 +50,8 @@ def coerce(tp, value: Any, key: str):
             return value
         raise _fail(key, value, _describe(tp))
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None  # before a dataclass member, which would build its defaults from None
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:

@@ -124,3 +124,12 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", "check", TINY, "--set", "grpo.steps=3"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["grpo"]["steps"] == 3
+
+
+def test_a_null_optional_section_stays_null():
+    """``learner.lora: null`` (what config.yaml holds for a run without adapters) is no adapters,
+    not an adapter config with defaults."""
+    from r1ray.controllers.config import load_recipe
+
+    assert load_recipe("configs/tiny-cpu.yaml", ["learner.lora=null"]).learner.lora is None
+    assert load_recipe("configs/tiny-cpu.yaml").learner.lora is None
