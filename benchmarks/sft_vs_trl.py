@@ -18,7 +18,8 @@ eval_dataset=...)``, ``trainer.train()``, ``trainer.evaluate()``) in a process o
 a prompt/completion dataset (its completion-only loss; its completion also trains the newline
 the chat template puts after the end-of-turn token, one token per conversation that r1ray does
 not train). r1ray runs ``r1ray sft`` with 1 learner rank (TRL is one process on the same 2
-cores) and with 2. Reported: training seconds, tokens/s (every token of the rows, prompts
+cores; the rank gets every core's torch threads, as TRL's process does) and with 2 (one thread
+each). Reported: training seconds, tokens/s (every token of the rows, prompts
 included), peak resident memory of the whole process tree, and the final held-out loss;
 written to benchmarks/results/sft_vs_trl.{json,md}.
 """
@@ -45,6 +46,7 @@ def r1ray_sft(out: Path, steps: int, ranks: int, setting: dict) -> tuple[dict, f
     sets = [f"sft.steps={steps}", "sft.batch_size=64", "sft.lr=1.0e-3", "sft.warmup_steps=10", "sft.schedule=cosine",
             "sft.min_lr_ratio=0.0", f"sft.eval_every={steps}", f"sft.eval_examples={EVAL_EXAMPLES}",
             "sft.stop_at_pass_rate=null", f"learner.num_ranks={ranks}", f"learner.micro_batch_size={64 // ranks}",
+            f"learner.threads_per_rank={max(1, (os.cpu_count() or 1) // ranks)}",  # TRL's one process uses every core
             "learner.optim.betas=[0.9, 0.999]", "learner.optim.weight_decay=0.0", "learner.optim.grad_clip=1.0",
             "learner.dtype=float32", "checkpoint.every_steps=0", "ray.dashboard=false"]
     if setting["packing"]:

