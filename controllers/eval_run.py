@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from . import interrupt
 from .config import TINY, EvalTaskConfig, Recipe
 from .data import _looks_local
 from .eval_tasks import load_tasks
@@ -119,6 +120,7 @@ def evaluate(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     out_dir = output_dir(out, model_path, run_dir)
     log.info("evaluating %s on %s -> %s", model_path, ", ".join(t.name for t in tasks), out_dir)
     connect(recipe, EVALUATE)
+    interrupt.install()
     system = System(recipe, model_path, EVALUATE)
     try:
         system.start()

@@ -21,6 +21,7 @@ import ray
 
 from ..actors.generator import SamplingConfig
 from ..cluster.groups import RemoteCallError
+from . import interrupt
 from .eval_tasks import Task
 from .system import System
 
@@ -149,6 +150,7 @@ class Evaluator:
         last_progress = time.monotonic()
         next_scorer = 0
         while pending or running:
+            interrupt.check()
             for i in gens.ready():
                 while pending and slots[i] < per_generator:
                     task, prompts = pending.pop(0)

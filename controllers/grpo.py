@@ -21,6 +21,7 @@ from ..actors.loss import global_denominator, kl_estimate, micro_batch_count
 from ..actors.rollout import Rollout, TrainSample
 from ..actors.scorer import RewardHealth, add_stats
 from ..cluster.ray_metrics import RunMetrics
+from . import interrupt
 from .checkpoint import Checkpoints, tag_for
 from .config import Recipe
 from .data import EpochSampler, PreparedData, PromptRenderer
@@ -108,6 +109,7 @@ class GrpoDriver:
         self.elastic.control = self.system.control
         self.elastic.reconcile()  # grow towards generator.max_actors whenever the cluster has room
         while len(self.records) < self.r.grpo.steps:
+            interrupt.check()
             self.elastic.poll_control(self.r.ray.heartbeat_s)
             self.admit()
             self.maybe_train()

@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..actors.learner import SftStats
 from ..actors.packing import SftExample, pack_bins
+from . import interrupt
 from .config import SftConfig
 from .data import EpochSampler, PreparedData, PromptRenderer
 from .sft_data import Truncation, truncate
@@ -72,6 +73,7 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
     counts = truncation if truncation is not None else Truncation()
     records = []
     for step in range(done + 1, cfg.steps + 1):
+        interrupt.check()
         t0 = time.perf_counter()
         taken = sampler.take(cfg.batch_size)
         examples = examples_of((train[idx] for idx, _ in taken), renderer, cfg, counts, [rid for _, rid in taken])

@@ -16,7 +16,6 @@ checkpoints/step-N/{DeepSpeed state, hf/, driver.json}, checkpoint-sft/.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -194,7 +193,3 @@ def sft_report(records: list[dict], truncation: Truncation, steps_done: int) -> 
             out["final_eval_loss"] = evals[-1]
     return out
 
-
-def describe(summary: dict) -> str:
-    return json.dumps({k: summary[k] for k in ("final_loss", "final_eval_loss", "tokens_per_s", "padding_waste")
-                       if k in summary})

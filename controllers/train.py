@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import interrupt
 from .checkpoint import Checkpoints, truncate_jsonl
 from .config import TINY, Recipe, check_resources, dump, joins_cluster
 from .data import PreparedData, PromptRenderer, prepare_data
@@ -21,6 +22,7 @@ from .grpo import GrpoDriver
 from .metrics import MetricsWriter, read_jsonl, write_json_atomic
 from .schema import ConfigError
 from .sft import run_sft
+from .sft_run import held_out_examples
 from .system import GRPO, System
 
 log = logging.getLogger("r1ray")
@@ -143,8 +145,8 @@ def connect(recipe: Recipe, roles: tuple[str, ...] = GRPO) -> None:
                               recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
                               recipe.ray.ship_code)
     try:
-        if joins_cluster(recipe) and roles == GRPO:  # the cluster's real size, checked before any actor starts
-            check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0))
+        if joins_cluster(recipe) and "learner" in roles:  # the cluster's real size, before any actor starts
+            check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0), learners_only="rollout" not in roles)
         check_placement(recipe, roles)
         namespace = runtime.free_namespace(recipe.ray.namespace)
     except BaseException:
@@ -202,6 +204,7 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
     eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))
                     for i in range(min(recipe.eval.num_prompts, len(data.test)))]
     probes = probe_prompts(recipe, data, renderer, len(eval_prompts))
+    sft_held_out = held_out_examples(recipe, data.test, renderer) if recipe.sft.steps else []
     # Benchmarks every eval.every_steps: checked now (a task overlapping the training data is refused).
     tasks = load_tasks(recipe, tokenizer, tiny_dir, check_overlap=True) if recipe.eval.every_steps else []
     eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
@@ -247,7 +250,7 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
                 t0 = time.perf_counter()
                 sft = run_sft(system, recipe.sft, data, renderer, sft_metrics, recipe.seed, bar,
-                              probe=make_probe(system, recipe, probes))
+                              probe=make_probe(system, recipe, probes), held_out=sft_held_out)
             summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
                               "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
             if recipe.sft.save_checkpoint or recipe.checkpoint.every_steps:  # a resumed run starts from it
@@ -323,15 +326,8 @@ def save_interrupted(system: System, run_dir: Path, summary: dict) -> None:
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM (``ray job stop``, Kubernetes) stops the run like Ctrl-C: a KeyboardInterrupt
-    whose text names the signal. Installed after Ray starts, which sets its own handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, handler)
+    """SIGTERM (``ray job stop``, Kubernetes) stops the run like Ctrl-C (``interrupt.install``)."""
+    interrupt.install()
 
 
 @contextmanager

@@ -133,3 +133,26 @@ def test_a_null_optional_section_stays_null():
 
     assert load_recipe("configs/tiny-cpu.yaml", ["learner.lora=null"]).learner.lora is None
     assert load_recipe("configs/tiny-cpu.yaml").learner.lora is None
+
+
+def test_a_stop_whose_keyboard_interrupt_was_swallowed_is_raised_again():
+    """A signal's KeyboardInterrupt raised inside a finalizer is printed and lost; the drivers'
+    loops call interrupt.check(), which raises it again."""
+    import signal
+
+    from r1ray.controllers import interrupt
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupt.install()
+        interrupt.check()  # nothing asked yet
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass  # what "Exception ignored in __del__" amounts to
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            interrupt.check()
+    finally:
+        interrupt.requested = None
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
