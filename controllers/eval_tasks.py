@@ -80,7 +80,7 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
     import datasets
 
     from .config import TINY
-    from .data import _first_line, _looks_local
+    from .data import _data_files, _first_line, _looks_local
 
     path = cfg.path
     try:
@@ -94,6 +94,9 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
                 raise ConfigError(f"config key '{key}.path': got {path!r}: {where} does not exist; accepted: a jsonl, "
                                   "json, parquet or csv file, a save_to_disk folder, or a hub dataset name")
             if where.is_dir():
+                files = _data_files(where)  # a folder of split files (train.jsonl, test.jsonl, ...)
+                if files is not None:
+                    return datasets.load_dataset(files[0], data_files=files[1])[cfg.split]
                 ds = datasets.load_from_disk(str(where))
                 return ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(where.suffix)
@@ -138,7 +141,16 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
     problem with the training data is refused."""
     key = f"eval.tasks[{index}]"
     cfg = resolve(cfg, recipe)
-    rows = load_rows(cfg, key, tiny_dir)
+    if cfg.task == "heldout":  # the recipe's own data, loaded as training loads it
+        from .data import load_dataset_dict
+
+        splits = load_dataset_dict(recipe.data, tiny_dir)
+        if cfg.split not in splits:
+            raise ConfigError(f"config key 'data.test_split': got {cfg.split!r}, which {recipe.data.path} does not have "
+                              f"(it has: {', '.join(splits)}); accepted: a held-out split for {key} (heldout)")
+        rows = splits[cfg.split]
+    else:
+        rows = load_rows(cfg, key, tiny_dir)
     needed = [cfg.problem_column, cfg.answer_column] + (list(GPQA_WRONG) if cfg.kind == "choice" else [])
     missing = [c for c in needed if c not in rows.column_names]
     if missing:

@@ -263,3 +263,20 @@ def test_the_open_r1_evaluation_recipe_follows_their_protocol():
     assert sum(p.total().get("GPU", 0) for p in plans) == 8 and not any(p.name == "train" for p in plans)
     with pytest.raises(ConfigError, match="learner.gpus_per_rank"):  # as a training recipe it would need learners
         load_recipe("configs/eval-openr1-7b-h100.yaml", cpus=128, gpus=8)
+
+
+def test_tasks_read_folders_of_split_files(tiny_world, tokenizer, tmp_path):
+    from r1ray.controllers.eval_tasks import load_tasks
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (FIXTURES / "math_small.jsonl").read_text().splitlines()]
+    (data / "train.jsonl").write_text("".join(json.dumps({"problem": f"train {i}", "solution": "1"}) + "\n"
+                                              for i in range(3)))
+    (data / "test.jsonl").write_text("".join(json.dumps({"problem": r["problem"], "solution": r["answer"]}) + "\n"
+                                             for r in rows))
+    r = _recipe(tiny_world, [{"task": "heldout"}, {"task": "generic", "name": "g", "path": str(data), "split": "test",
+                                                    "answer_column": "solution"}], **{"data.path": str(data)})
+    heldout, generic = load_tasks(r, tokenizer, tiny_world, check_overlap=True)
+    assert [p["columns"]["problem"] for p in heldout.prompts] == [x["problem"] for x in rows]
+    assert [p["columns"]["answer"] for p in generic.prompts] == [x["answer"] for x in rows]
