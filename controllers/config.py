@@ -248,11 +248,8 @@ def joins_cluster(r: "Recipe") -> bool:
     return r.ray.address is not None or "RAY_ADDRESS" in os.environ
 
 
-def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
-                cpus: float | None = None, gpus: float | None = None, stage: str = "grpo") -> Recipe:
-    """Load, override and validate. Resources are checked against ``cpus``/``gpus`` when given,
-    else against this machine unless the recipe joins an existing cluster, for what ``stage``
-    starts (see ``validate``)."""
+def recipe_dict(path: str | None, overrides: list[str] = (), output_dir: str | None = None) -> dict:
+    """The recipe file as a mapping, with ``--set`` overrides and ``--output-dir`` applied (unchecked)."""
     data: dict = {}
     if path:
         text = resolve_recipe_path(path).read_text()
@@ -266,7 +263,15 @@ def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | N
         apply_override(data, o)
     if output_dir is not None:
         data["output_dir"] = output_dir
-    recipe = build(Recipe, data)
+    return data
+
+
+def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
+                cpus: float | None = None, gpus: float | None = None, stage: str = "grpo") -> Recipe:
+    """Load, override and validate. Resources are checked against ``cpus``/``gpus`` when given,
+    else against this machine unless the recipe joins an existing cluster, for what ``stage``
+    starts (see ``validate``)."""
+    recipe = build(Recipe, recipe_dict(path, overrides, output_dir))
     validate(recipe, cpus, gpus, resources=cpus is not None or gpus is not None or not joins_cluster(recipe),
              stage=stage)
     return recipe

@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .config import STAGE_TYPES, Recipe, resolve_recipe_path
+from .config import STAGE_TYPES, Recipe, recipe_dict
 from .metrics import read_json, write_json_atomic
-from .schema import ConfigError, apply_override, set_key
+from .schema import ConfigError, set_key
 
 log = logging.getLogger("r1ray")
 
@@ -53,13 +51,7 @@ def plan(path: str, overrides: list[str] = (), output_dir: str | None = None, cp
     """Every stage's recipe, built and validated now (a bad key in the last stage fails before
     the first one starts); resources against ``cpus`` / ``gpus`` when given, else this machine
     unless the recipe joins a cluster."""
-    base = yaml.safe_load(resolve_recipe_path(path).read_text()) or {}
-    if not isinstance(base, dict):
-        raise ConfigError(f"recipe {path}: the top level must be a mapping")
-    for o in overrides:
-        apply_override(base, o)
-    if output_dir is not None:
-        base["output_dir"] = output_dir
+    base = recipe_dict(path, overrides, output_dir)
     stages = base.pop("stages", None)
     if not stages or not isinstance(stages, list):
         raise ConfigError(f"config key 'stages': recipe {path} has none; accepted: a list of stages, e.g. "
