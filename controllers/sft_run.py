@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoints, tag_for, truncate_jsonl
 from .config import Recipe, dump
 from .data import PreparedData, PromptRenderer, prepare_data
-from .metrics import MetricsWriter, write_json_atomic
+from .metrics import MetricsWriter
 from .schema import ConfigError
 from .sft import run_sft
 from .sft_data import Truncation
@@ -92,7 +92,8 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
 
     from ..cluster import runtime
     from .data import load_dataset_dict
-    from .train import check_output_dir, connect, prepare_model, run_dir_for, signals_ignored, stop_on_sigterm
+    from .train import (check_output_dir, close_run, connect, ended, prepare_model, run_dir_for, signals_ignored,
+                        stop_on_sigterm)
 
     t_start = time.perf_counter()
     if not recipe.sft.steps and recipe.sft.epochs is None:
@@ -158,23 +159,14 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
         final = run_dir / "checkpoint-sft"
         system.learners.run_all("save_hf", str(final))
         summary.update(status="completed", checkpoint=str(final))
-    except KeyboardInterrupt as e:
-        summary.update(status="interrupted", signal=str(e) or "SIGINT")
-        raise
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        e.run_dir = str(run_dir)
+        ended(summary, e, run_dir)
         raise
     finally:
         with signals_ignored():
             summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
             metrics.close()
-            try:
-                write_json_atomic(run_dir / "summary.json", summary)
-            except OSError as e:
-                log.error("could not write %s: %s", run_dir / "summary.json", e)
-            system.shutdown()
-            runtime.stop()
+            close_run(system, run_dir, summary)
     return summary
 
 

@@ -288,12 +288,8 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
         system.learners.run_all("save_hf", str(ckpt))
         summary["checkpoint"] = str(ckpt)
         summary["status"] = "completed"
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (ray job stop, Kubernetes) turned into one by the CLI
-        summary.update(status="interrupted", signal=str(e) or "SIGINT")
-        raise
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        e.run_dir = str(run_dir)  # the CLI says how to resume it
+        ended(summary, e, run_dir)
         raise
     finally:
         with signals_ignored():  # a second Ctrl-C must not cut the clean-up short
@@ -304,13 +300,31 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
             sft_metrics.close()
             if summary["status"] == "interrupted" and recipe.checkpoint.on_interrupt and summary["stage"] in ("sft", "grpo"):
                 save_interrupted(system, run_dir, summary)
-            try:
-                write_json_atomic(run_dir / "summary.json", summary)
-            except OSError as e:
-                log.error("could not write %s: %s", run_dir / "summary.json", e)
-            system.shutdown()
-            runtime.stop()
+            close_run(system, run_dir, summary)
     return summary
+
+
+def ended(summary: dict, e: BaseException, run_dir: Path) -> None:
+    """Record in ``summary`` how a run stopped early: interrupted (Ctrl-C, or SIGTERM from ray job
+    stop / Kubernetes, turned into a KeyboardInterrupt) or failed (and the CLI says how to resume)."""
+    if isinstance(e, KeyboardInterrupt):
+        summary.update(status="interrupted", signal=str(e) or "SIGINT")
+    else:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        e.run_dir = str(run_dir)
+
+
+def close_run(system: System, run_dir: Path, summary: dict) -> None:
+    """The end of every run: summary.json written (a failure to write it is logged), the actors
+    and Ray stopped."""
+    from ..cluster import runtime
+
+    try:
+        write_json_atomic(run_dir / "summary.json", summary)
+    except OSError as e:
+        log.error("could not write %s: %s", run_dir / "summary.json", e)
+    system.shutdown()
+    runtime.stop()
 
 
 def save_interrupted(system: System, run_dir: Path, summary: dict) -> None:
