@@ -37,18 +37,15 @@ log = logging.getLogger("r1ray")
 
 def sft_only(recipe: Recipe) -> Recipe:
     """The recipe as the data checks see an SFT stage: no GRPO prompts, no generation."""
-    steps = sft_steps(recipe, None)
     return dataclasses.replace(recipe, grpo=dataclasses.replace(recipe.grpo, steps=0),
                                eval=dataclasses.replace(recipe.eval, num_prompts=0, every_steps=0, tasks=[]),
-                               sft=dataclasses.replace(recipe.sft, steps=max(1, steps), stop_at_pass_rate=None))
+                               sft=dataclasses.replace(recipe.sft, steps=max(1, recipe.sft.steps), stop_at_pass_rate=None))
 
 
-def sft_steps(recipe: Recipe, data: PreparedData | None) -> int:
+def sft_steps(recipe: Recipe, data: PreparedData) -> int:
     """``sft.steps``, or ``sft.epochs`` passes over the training conversations."""
     if recipe.sft.epochs is None:
         return recipe.sft.steps
-    if data is None:
-        return 1
     return max(1, math.ceil(recipe.sft.epochs * len(data.train) / recipe.sft.batch_size))
 
 
