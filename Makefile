@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[cpu,test]'
 	# PyPI's torchvision breaks beside the CPU torch, and transformers imports it when present
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PY) -c "import torch, vllm, deepspeed, ray, transformers, math_verify; print('r1ray setup ok: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
+	$(PY) -c "import torch, vllm, deepspeed, ray, transformers, math_verify, distilabel; print('r1ray setup ok: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
 	touch $(STAMP)
 
 demo: setup

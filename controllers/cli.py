@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--address", default=None, help="join the Ray cluster at this address")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set sft.packing=true (repeatable)")
+    d = sub.add_parser("distill", help="reasoning traces from a teacher behind an OpenAI-compatible endpoint (a hosted "
+                       "API, or vLLM servers started here) with distilabel on Ray, filtered by math-verify, written as a "
+                       "dataset r1ray sft trains on; running it again continues it")
+    d.add_argument("recipe", help="YAML path or shipped recipe name with a distill section")
+    d.add_argument("--output-dir", default=None, help="the dataset's directory (default: the recipe's output_dir); an "
+                   "existing one made with the same settings is continued")
+    d.add_argument("--address", default=None, help="join the Ray cluster at this address")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set distill.max_rows=100 (repeatable)")
     r = sub.add_parser("run", help="a multi-stage recipe (stages: sft -> grpo -> eval) as one resumable job: "
                        "complete stages are skipped, an interrupted one continues")
     r.add_argument("recipe", help="YAML path or shipped recipe name with a stages list (e.g. tiny-staged)")
@@ -249,6 +258,49 @@ def run_stages(args) -> int:
     return 0
 
 
+def distill(args) -> int:
+    from ..actors.server import ServerError
+    from ..cluster.runtime import ClusterUnreachable
+    from .config import load_recipe
+    from .distill_run import EndpointError, distill_job
+    from .schema import ConfigError
+
+    try:
+        if args.address:
+            args.overrides.append(f"ray.address={json.dumps(args.address)}")
+        recipe = load_recipe(args.recipe, args.overrides, args.output_dir, stage="distill")
+        summary = distill_job(recipe)
+    except ConfigError as e:
+        print(f"r1ray: invalid config: {e}", file=sys.stderr)
+        return 2
+    except (EndpointError, ClusterUnreachable) as e:
+        print(f"r1ray: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"r1ray: stopped by {name}; the rows done are kept: run the same command again to continue",
+              file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    except ServerError as e:
+        print(f"r1ray: the teacher server failed: {e}", file=sys.stderr)
+        return 1
+    out = summary["output_dir"]
+    run = summary.get("this_run") or {}
+    print(f"output: {out}  (dataset: {out}/dataset, all generations: {summary['outputs']['flat']})")
+    print(f"rows: {summary['rows_done']}/{summary['rows']} done, {summary['rows_failed']} failed; generations: "
+          f"{summary['generations']}, kept {summary['kept']}, dropped {summary['dropped']} ({summary['filter']})")
+    if run:
+        print(f"this run: {run['rows_done']} rows, {run['requests_per_s']:.2f} requests/s, "
+              f"{run['tokens_per_s']:.0f} tokens/s")
+    if summary["status"] != "completed":
+        for f in summary["failed"][:5]:
+            print(f"r1ray: row {f['row']} failed: {f['error']}", file=sys.stderr)
+        print(f"r1ray: {summary['rows_failed']} rows failed (all listed in {out}/summary.json); run the same command "
+              "again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def ship(out: str, wheel_dir: str | None) -> int:
     """``r1ray ship``: the wheel, and a runtime-env file that carries it to a cluster's nodes."""
     from ..cluster.ship import ShipError, build_wheel, runtime_env, write_runtime_env
@@ -295,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stages(args)
     if args.command == "ship":
         return ship(args.out, args.wheel_dir)
+    if args.command == "distill":
+        return distill(args)
     from .config import load_recipe
 
     try:

@@ -11,6 +11,7 @@ import yaml
 from ..actors.generator import GeneratorConfig, SamplingConfig
 from ..actors.learner import LearnerConfig
 from ..actors.scorer import RewardSpec, ScorerConfig, check_specs
+from ..actors.server import ServerConfig
 from .schema import ConfigError, apply_override, build, to_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -194,6 +195,45 @@ class CheckpointConfig:
     on_interrupt: bool = False
 
 
+@dataclass
+class DistillConfig:
+    """``r1ray distill``: reasoning traces from a teacher behind an OpenAI-compatible endpoint
+    (Open-R1's distilabel pipeline on Ray), filtered by math-verify, written as a dataset that
+    ``r1ray sft`` trains on. The prompts are ``data.path``'s ``split`` (default
+    data.train_split), column ``prompt_column`` (default data.prompt_column)."""
+    # The teacher: a hosted endpoint (base_url, e.g. https://api.deepseek.com/v1) or vLLM
+    # OpenAI-compatible servers started here as Ray actors (serve). One of the two.
+    model: str | None = None  # the model name sent in requests; with serve: default its model's path
+    base_url: str | None = None
+    api_key_env: str | None = None  # the environment variable that holds the key; it is never written anywhere
+    serve: ServerConfig | None = None
+    # Prompts
+    split: str | None = None
+    prompt_column: str | None = None
+    prompt_template: str = "{{ instruction }}"  # Jinja; {{ instruction }} is the prompt column's text
+    system_prompt: str | None = None
+    max_rows: int | None = None  # only the first N rows (a quick look); null: all
+    # Sampling and the client (Open-R1's distill.py knobs)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+    num_generations: int = 4  # completions per prompt
+    split_requests: bool = False  # num_generations requests of n=1 (endpoints that ignore n)
+    input_batch_size: int = 64  # prompts per distilabel batch (all of a batch's requests are in flight at once)
+    client_replicas: int = 1  # copies of the generation step (Ray actors), each with a batch in flight
+    timeout: int = 600  # seconds per request
+    retries: int = 5  # per request: 429, 5xx, timeouts, dropped connections and malformed answers, with backoff
+    # Rejection sampling: keep the generations whose \boxed{} answer math-verifies against the
+    # reference column (verifier processes with scorer.timeout_s, scorer.workers_per_actor).
+    filter: Literal["math_verify", "none"] = "math_verify"
+    answer_column: str = "answer"
+    keep: Literal["first", "all"] = "first"  # kept generations per problem in the SFT dataset
+    test_size: int = 0  # problems whose traces form the dataset's test split (held-out SFT loss)
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    push_to_hub: str | None = None  # a hub dataset name: pushed when a token (HF_TOKEN, huggingface-cli login) exists
+    private: bool = True
+
+
 STAGE_TYPES = ("distill", "sft", "grpo", "eval")
 
 
@@ -225,6 +265,7 @@ class Recipe:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     stages: list[StageConfig] = field(default_factory=list)  # r1ray run: distill -> sft -> grpo -> eval
 
     def to_dict(self) -> dict:
@@ -412,8 +453,84 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if gen.backend == "vllm" and gen.gpus_per_actor > 0 and not lc.gpus_per_rank and stage == "grpo":
         raise ConfigError("config key 'learner.gpus_per_rank': got 0 with vLLM generators on GPUs; accepted: > 0 "
                           "(weights go from learner rank 0's GPU to the generators' over NCCL)")
-    if resources and stage != "eval":  # an evaluation's placement is checked once Ray is up
+    if stage == "distill":
+        validate_distill(r, available_cpus, available_gpus, resources)
+    elif resources and stage != "eval":  # an evaluation's placement is checked once Ray is up
         check_resources(r, available_cpus, available_gpus, learners_only=stage == "sft")
+
+
+def validate_distill(r: Recipe, cpus: float | None = None, gpus: float | None = None, resources: bool = True) -> None:
+    """``distill``: one teacher (a URL or servers to start), a template that only uses
+    ``{{ instruction }}``, sane sampling and client knobs, and servers that fit the cluster."""
+    import re
+
+    import jinja2
+    from jinja2 import meta
+
+    d = r.distill
+    if (d.base_url is None) == (d.serve is None):
+        raise ConfigError(f"config keys 'distill.base_url' / 'distill.serve': got {d.base_url!r} / "
+                          f"{'a server config' if d.serve else None}; accepted: exactly one of them: the URL of an "
+                          "OpenAI-compatible endpoint (e.g. https://api.deepseek.com/v1), or serve: {replicas: N} to "
+                          "start vLLM servers of distill.model (default model.path) here")
+    if d.base_url is not None and not re.match(r"^https?://[^/\s]+", d.base_url):
+        raise ConfigError(f"config key 'distill.base_url': got {d.base_url!r}; accepted: an http:// or https:// URL of an "
+                          "OpenAI-compatible API (ending in /v1 for most)")
+    if d.base_url is not None and not d.model:
+        raise ConfigError("config key 'distill.model': got null with distill.base_url; accepted: the model name the "
+                          "endpoint serves (e.g. deepseek-reasoner)")
+    if d.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", d.api_key_env):
+        raise ConfigError(f"config key 'distill.api_key_env': got {d.api_key_env!r}; accepted: the NAME of an "
+                          "environment variable that holds the key (e.g. DEEPSEEK_API_KEY), never the key itself")
+    try:
+        names = meta.find_undeclared_variables(jinja2.Environment().parse(d.prompt_template))
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"config key 'distill.prompt_template': not a valid Jinja template ({e}); accepted: text with "
+                          "{{ instruction }} where the prompt goes") from None
+    if names != {"instruction"}:
+        raise ConfigError(f"config key 'distill.prompt_template': uses {sorted(names) or 'no variable'}; accepted: a "
+                          "template with {{ instruction }} (the prompt column's text) and no other variable")
+    for key, value in [("distill.top_p", d.top_p), ("distill.max_new_tokens", d.max_new_tokens),
+                       ("distill.num_generations", d.num_generations), ("distill.input_batch_size", d.input_batch_size),
+                       ("distill.client_replicas", d.client_replicas), ("distill.timeout", d.timeout),
+                       *([("distill.max_rows", d.max_rows)] if d.max_rows is not None else [])]:
+        _positive(key, value)
+    for key, value in [("distill.temperature", d.temperature), ("distill.retries", d.retries),
+                       ("distill.test_size", d.test_size)]:
+        _positive(key, value, allow_zero=True)
+    if d.top_p > 1:
+        raise ConfigError(f"config key 'distill.top_p': got {d.top_p}; accepted: a number in (0, 1]")
+    if d.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", d.push_to_hub):
+        raise ConfigError(f"config key 'distill.push_to_hub': got {d.push_to_hub!r}; accepted: a hub dataset name "
+                          "'owner/name', or null")
+    s = d.serve
+    if s is None:
+        return
+    for key, value in [("distill.serve.replicas", s.replicas), ("distill.serve.tensor_parallel_size", s.tensor_parallel_size),
+                       ("distill.serve.startup_timeout_s", s.startup_timeout_s),
+                       ("distill.serve.cpus_per_replica", s.cpus_per_replica)]:
+        _positive(key, value)
+    _positive("distill.serve.gpus_per_replica", s.gpus_per_replica, allow_zero=True)
+    if s.gpus_per_replica and s.gpus_per_replica != s.tensor_parallel_size:
+        raise ConfigError(f"config key 'distill.serve.gpus_per_replica': got {s.gpus_per_replica:g} with "
+                          f"tensor_parallel_size {s.tensor_parallel_size}; accepted: {s.tensor_parallel_size} (a server "
+                          "shards the model over exactly its GPUs), or 0 for a CPU server")
+    if not s.gpus_per_replica and s.tensor_parallel_size > 1:
+        raise ConfigError(f"config key 'distill.serve.tensor_parallel_size': got {s.tensor_parallel_size} on CPU "
+                          "(gpus_per_replica 0); accepted: 1, or gpus_per_replica = tensor_parallel_size")
+    if not resources:
+        return
+    cpus = cpus if cpus is not None else (r.ray.num_cpus if r.ray.num_cpus is not None else (os.cpu_count() or 1))
+    gpus = gpus if gpus is not None else (r.ray.num_gpus if r.ray.num_gpus is not None else _local_gpus())
+    if s.replicas * s.gpus_per_replica > gpus:
+        raise ConfigError(f"config key 'distill.serve.replicas': {s.replicas} servers x {s.gpus_per_replica:g} GPUs need "
+                          f"{s.replicas * s.gpus_per_replica:g} GPUs but {gpus:g} are available; accepted: "
+                          + (f"at most {int(gpus // s.gpus_per_replica)} replicas" if gpus else
+                             "gpus_per_replica 0 (vLLM on CPU) or a cluster with GPUs"))
+    if s.replicas * s.cpus_per_replica > cpus:
+        raise ConfigError(f"config key 'distill.serve.replicas': {s.replicas} servers x {s.cpus_per_replica:g} CPUs need "
+                          f"{s.replicas * s.cpus_per_replica:g} CPUs but {cpus:g} are available; accepted: fewer replicas "
+                          "or a smaller distill.serve.cpus_per_replica")
 
 
 def validate_eval(e: EvalConfig, max_model_len: int, test_split: str) -> None:

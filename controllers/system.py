@@ -25,8 +25,9 @@ def _plain(cls, group_cfg):
     return build(cls, {k: v for k, v in to_dict(group_cfg).items() if k in names})
 
 
-# What a job starts: GRPO everything; r1ray eval the rollout side; r1ray sft the learners.
-GRPO, EVALUATE, SFT = ("learner", "rollout"), ("rollout",), ("learner",)
+# What a job starts: GRPO everything; r1ray eval the rollout side; r1ray sft the learners;
+# r1ray distill the self-hosted teacher servers (when distill.serve is set).
+GRPO, EVALUATE, SFT, DISTILL = ("learner", "rollout"), ("rollout",), ("learner",), ("teacher",)
 
 
 def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
@@ -40,6 +41,11 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     if r.learner.loss.kl_coef > 0 and "rollout" in roles:
         train.add("reference-0", r.reference.cpus, r.reference.gpus)
     plans = [train] if "learner" in roles else []
+    if "teacher" in roles and r.distill.serve is not None:
+        for i in range(r.distill.serve.replicas):  # a group each: one server's GPUs on one node
+            server = Bundles(f"teacher-{i}", strategy="STRICT_PACK")
+            server.add(f"teacher-{i}", r.distill.serve.cpus_per_replica, r.distill.serve.gpus_per_replica)
+            plans.append(server)
     if "rollout" not in roles:
         return plans
     for i in range(r.generator.num_actors):

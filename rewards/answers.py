@@ -95,6 +95,16 @@ def math_answer(completions, **kwargs) -> list[tuple[float | None, str | None]]:
     return out
 
 
+def boxed_math_answer(completions, **kwargs) -> list[tuple[float | None, str | None]]:
+    """``math_answer`` for a completion that puts its answer in ``\\boxed{}``; one without any
+    scores 0.0 with no answer (rejection sampling of distilled traces keeps only boxed ones, as
+    Open-R1 filtered OpenR1-Math)."""
+    comps = texts(completions)
+    out = math_answer(completions, **kwargs)
+    return [(0.0 if score is not None else None, None) if "\\boxed" not in text else (score, answer)
+            for text, (score, answer) in zip(comps, out)]
+
+
 _LETTER = r"\(?\s*\\?(?:text\{|textbf\{|mathrm\{)?\s*\(?([A-D])\)?\s*\}?\s*\)?"
 _BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{|\\textbf\{|\\mathrm\{)?\s*\(?([A-D])\)?\s*\}?\s*\}")
 _ANCHORED = re.compile(r"(?i:answer|option|choice)(?:\s+is)?\s*[*_]*\s*(?::|is|=|-)?\s*[*_$]*\s*" + _LETTER + r"(?![A-Za-z])")
@@ -128,5 +138,5 @@ def choice_answer(completions, **kwargs) -> list[tuple[float | None, str | None]
     return out
 
 
-math_answer.with_answers = choice_answer.with_answers = True
-math_answer.warm_up = _configs
+math_answer.with_answers = choice_answer.with_answers = boxed_math_answer.with_answers = True
+math_answer.warm_up = boxed_math_answer.warm_up = _configs

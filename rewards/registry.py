@@ -15,7 +15,7 @@ import importlib
 import inspect
 from typing import Callable
 
-from .answers import choice_answer, math_answer
+from .answers import boxed_math_answer, choice_answer, math_answer
 from .code_reward import make_code
 from .formatting import format_reward, make_code_format, reasoning_steps_reward, tag_count_reward
 from .math_rewards import accuracy_reward, length_reward, make_cosine
@@ -36,6 +36,7 @@ def _without_params(fn: RewardFn) -> Callable[[], RewardFn]:
 # is the list of parameters the reward accepts.
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "accuracy": _without_params(accuracy_reward),
+    "boxed_math_answer": _without_params(boxed_math_answer),
     "choice_answer": _without_params(choice_answer),
     "code": make_code,
     "code_format": make_code_format,
