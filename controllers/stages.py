@@ -2,9 +2,10 @@
 
 The recipe's ``stages`` list names the stages in order; each is the recipe with the stage's
 ``set`` keys changed, run in ``<output_dir>/<stage name>``. Each stage's output is the next
-one's input: an sft stage's ``checkpoint-sft`` or a grpo stage's ``checkpoint-final`` becomes
-the next stage's ``model.path`` (a stage that sets model.path itself keeps it), and an eval
-stage evaluates the stage before it. A grpo stage runs no SFT warm-up of its own (sft.steps 0):
+one's input: a distill stage's ``dataset/`` becomes the next stage's ``data.path``, an sft
+stage's ``checkpoint-sft`` or a grpo stage's ``checkpoint-final`` becomes the next stage's
+``model.path`` (a stage that sets that key itself keeps it), and an eval stage evaluates the
+stage before it. A grpo stage runs no SFT warm-up of its own (sft.steps 0):
 that is the sft stage's job.
 
 Every stage's recipe is built and validated before the first stage starts. Running the
@@ -36,6 +37,9 @@ class Stage:
 
     def output(self) -> Path | None:
         """The stage's result when it is complete, else None."""
+        if self.type == "distill":
+            summary = read_json(self.dir / "summary.json") or {}
+            return self.dir / "dataset" if summary.get("status") == "completed" else None
         if self.type == "eval":
             return self.dir if (self.dir / "results.json").is_file() else None
         summary = read_json(self.dir / "summary.json") or {}
@@ -67,23 +71,25 @@ def plan(path: str, overrides: list[str] = (), output_dir: str | None = None, cp
         kind, name, sets = raw.get("type"), raw.get("name") or raw.get("type"), raw.get("set") or {}
         if kind not in STAGE_TYPES:
             raise ConfigError(f"config key '{key}.type': got {kind!r}; accepted: one of {', '.join(STAGE_TYPES)}")
-        if kind == "distill":
-            raise ConfigError(f"config key '{key}.type': 'distill' is not available yet (distillation from an "
-                              "OpenAI-compatible endpoint is being built); accepted: sft, grpo, eval, with data.path "
-                              "naming traces distilled elsewhere")
         if name in names:
             raise ConfigError(f"config key '{key}.name': {name!r} is used twice; accepted: a name per stage")
         if not isinstance(sets, dict):
             raise ConfigError(f"config key '{key}.set': got {sets!r}; accepted: a mapping of dotted keys to values")
-        if kind == "eval" and previous is None:
-            raise ConfigError(f"config key '{key}': an eval stage evaluates the stage before it; accepted: an sft or "
-                              "grpo stage first")
+        if kind == "distill" and previous is not None:
+            raise ConfigError(f"config key '{key}': a distill stage makes the data the stages after it train on; "
+                              "accepted: distill as the first stage")
+        if kind == "eval" and (previous is None or previous.type == "distill"):
+            raise ConfigError(f"config key '{key}': an eval stage evaluates the model of the stage before it; "
+                              "accepted: an sft or grpo stage before it")
         names.add(name)
         data = copy.deepcopy(base)
         for k, v in sets.items():
             set_key(data, str(k), v, f"config key '{key}.set.{k}'")
         data["output_dir"] = str(out / name)
-        if previous is not None and previous.type != "eval" and "model.path" not in sets:
+        if previous is not None and previous.type == "distill":
+            if "data.path" not in sets:  # the traces are the next stage's data; the model stays the recipe's
+                data.setdefault("data", {})["path"] = str(previous.dir / "dataset")
+        elif previous is not None and previous.type != "eval" and "model.path" not in sets:
             data.setdefault("model", {})["path"] = str(previous.dir / ("checkpoint-sft" if previous.type == "sft"
                                                                       else "checkpoint-final"))
         if kind == "grpo":
@@ -144,7 +150,14 @@ def run(stages: list[Stage], output_dir: Path) -> dict:
 
 
 def _run_stage(stage: Stage, stages: list[Stage]) -> None:
-    if stage.type == "sft":
+    if stage.type == "distill":
+        from .distill_run import distill_job
+
+        summary = distill_job(stage.recipe)  # a second run continues the journal
+        if summary["status"] != "completed":
+            raise RuntimeError(f"stage {stage.name} (distill): {summary['rows_failed']} rows failed (listed in "
+                               f"{stage.dir / 'summary.json'}); run the recipe again to retry them")
+    elif stage.type == "sft":
         from .sft_run import sft_job
 
         sft_job(stage.recipe, stage.dir if stage.started() else None)

@@ -30,7 +30,7 @@ def chat(text):
 
 def test_names_lists_every_open_r1_reward():
     assert rewards.names() == [
-        "accuracy", "choice_answer", "code", "code_format", "cosine", "digit_match", "format", "length",
+        "accuracy", "boxed_math_answer", "choice_answer", "code", "code_format", "cosine", "digit_match", "format", "length",
         "math_answer", "reasoning_steps", "repetition_penalty", "soft_overlong_punishment", "tag_count",
     ]
 
