@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=float, default=None, help="validate for a cluster with this many GPUs")
     c.add_argument("--eval", action="store_true", help="check it as an evaluation recipe (r1ray eval: generators "
                    "and scorers only)")
+    c.add_argument("--distill", action="store_true", help="check it as a distillation recipe (r1ray distill: the "
+                   "teacher endpoint or servers)")
     c.add_argument("--skip-data", action="store_true",
                    help="check the recipe only, not its model's tokenizer and data (which may need the hub)")
     f = sub.add_parser("sft", help="supervised fine-tuning on conversations (reasoning traces) on the DeepSpeed "
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             recipe = load_recipe(args.recipe, args.overrides, getattr(args, "output_dir", None),
                                  getattr(args, "cpus", None), getattr(args, "gpus", None),
-                                 stage="eval" if getattr(args, "eval", False) else "sft" if args.command == "sft" else "grpo")
+                                 stage="eval" if getattr(args, "eval", False) else "distill" if getattr(args, "distill", False)
+                                 else "sft" if args.command == "sft" else "grpo")
         if recipe.stages and args.command in ("train", "sft"):
             raise ConfigError(f"config key 'stages': the recipe has {len(recipe.stages)} stages; accepted: `r1ray run "
                               "<recipe>` for a staged recipe (r1ray train / sft run one stage)")
@@ -376,7 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        if not args.skip_data:
+        if not args.skip_data and args.distill:
+            from .distill_run import load_prompts, teacher
+
+            try:
+                source, prompt_col, answer_col = load_prompts(recipe, teacher(recipe)[2])
+            except ConfigError as e:
+                print(f"r1ray: invalid config: {e}", file=sys.stderr)
+                return 2
+            print(f"data: {len(source)} prompts (column {prompt_col!r}), reference answers: {answer_col!r}")
+        elif not args.skip_data:
             try:
                 report = check_data(recipe)
             except ConfigError as e:

@@ -219,6 +219,7 @@ class DistillConfig:
     max_new_tokens: int = 8192
     num_generations: int = 4  # completions per prompt
     split_requests: bool = False  # num_generations requests of n=1 (endpoints that ignore n)
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {repetition_penalty: 1.05}
     input_batch_size: int = 64  # prompts per distilabel batch (all of a batch's requests are in flight at once)
     client_replicas: int = 1  # copies of the generation step (Ray actors), each with a batch in flight
     timeout: int = 600  # seconds per request

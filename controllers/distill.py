@@ -76,6 +76,7 @@ class EndpointLLM(OpenAILLM):
 
     base_urls: list[str] = Field(default_factory=list)  # empty: base_url
     split_requests: bool = False  # n requests of one completion each (endpoints that ignore n)
+    extra_body: dict = Field(default_factory=dict)  # more fields of every request (vLLM's, a provider's)
     _clients: list = PrivateAttr(default_factory=list)
     _urls: list = PrivateAttr(default_factory=list)
     _in_flight: list = PrivateAttr(default_factory=list)
@@ -106,7 +107,7 @@ class EndpointLLM(OpenAILLM):
             try:
                 resp = await self._clients[i].chat.completions.create(
                     model=self.model, messages=messages, n=n, max_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p)
+                    top_p=top_p, extra_body=self.extra_body or None)
                 choices = getattr(resp, "choices", None)
                 if not isinstance(choices, list) or len(choices) != n:
                     raise MalformedResponse(f"expected {n} choices, got "

@@ -39,7 +39,7 @@ log = logging.getLogger("r1ray")
 # The keys that decide what a row's generations are: a journal written under other values is
 # another dataset, and is not continued (the endpoint's URL and the client's knobs may change).
 SAME_DATASET_KEYS = ("model", "prompt_template", "system_prompt", "temperature", "top_p", "max_new_tokens",
-                     "num_generations", "split", "prompt_column")
+                     "num_generations", "extra_body", "split", "prompt_column")
 
 
 class EndpointError(RuntimeError):
@@ -222,7 +222,7 @@ def run_pipeline(recipe: Recipe, out: Path, pending: list[int], source, prompt_c
     with Pipeline(name=f"{recipe.ray.namespace}-distill", cache_dir=str(out / ".distilabel")).ray() as pipeline:
         load = LoadDataFromDisk(name="prompts", dataset_path=str(pending_dir), batch_size=d.input_batch_size)
         llm = EndpointLLM(model=model_name, base_url=urls[0], base_urls=urls, api_key=key, max_retries=d.retries,
-                          timeout=d.timeout, split_requests=d.split_requests,
+                          timeout=d.timeout, split_requests=d.split_requests, extra_body=d.extra_body,
                           generation_kwargs={"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
                                              "top_p": d.top_p})
         gen = TraceGeneration(name="generate", llm=llm, template=d.prompt_template, system_prompt=d.system_prompt,

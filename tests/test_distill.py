@@ -109,6 +109,23 @@ def test_bad_distill_settings_are_refused_by_name(sets, match):
         load_recipe("tiny-cpu", sets, stage="distill", cpus=2, gpus=0)
 
 
+def test_the_shipped_distill_recipes_are_valid():
+    from r1ray.controllers.system import DISTILL, placement_plan
+
+    api = load_recipe("distill-deepseek-r1-api", stage="distill", cpus=8, gpus=0)
+    assert api.distill.api_key_env == "DEEPSEEK_API_KEY" and api.distill.split_requests
+    assert "{{ instruction }}" in api.distill.prompt_template and "\\boxed{}" in api.distill.prompt_template
+    hosted = load_recipe("distill-r1-qwen-32b-h100", stage="distill", cpus=128, gpus=8)
+    plans = placement_plan(hosted, DISTILL)
+    assert [p.total() for p in plans] == [{"CPU": 8.0, "GPU": 2.0}] * 4 and all(p.strategy == "STRICT_PACK" for p in plans)
+    with pytest.raises(ConfigError, match=r"need 8 GPUs but 4 are available"):
+        load_recipe("distill-r1-qwen-32b-h100", stage="distill", cpus=128, gpus=4)
+    proc = subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", "check", "distill-r1-qwen-32b-h100",
+                           "--distill", "--skip-data", "--gpus", "8", "--cpus", "64"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout)["distill"]["serve"]["tensor_parallel_size"] == 2
+
+
 def test_a_missing_key_and_a_dead_endpoint_fail_at_once_naming_them(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     recipe = load_recipe("tiny-cpu", ["distill.base_url=http://127.0.0.1:9/v1", "distill.model=m",
@@ -160,6 +177,19 @@ def test_the_client_retries_faults_spreads_requests_and_reports_what_keeps_faili
     finally:
         a.close()
         b.close()
+
+
+def test_without_a_hub_token_the_dataset_is_kept_and_not_pushed(tmp_path, monkeypatch):
+    import datasets
+
+    from r1ray.controllers.distill_run import push
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login either
+    recipe = load_recipe("tiny-cpu", ["distill.base_url=http://x/v1", "distill.model=m",
+                                      "distill.push_to_hub=me/traces"], stage="distill")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "q"}]]})})
+    assert push(dd, recipe.distill) == {"repo": "me/traces", "pushed": False, "why": "no hub token"}
 
 
 # -- the command, through Ray ---------------------------------------------------------------------
@@ -301,3 +331,21 @@ def test_a_self_hosted_vllm_server_is_started_used_and_stopped(tmp_path, tiny_wo
 
     assert len(datasets.load_from_disk(str(out / "dataset"))["train"]) == 12  # filter none, keep all: every generation
     assert yaml.safe_load((out / "config.yaml").read_text())["distill"]["serve"]["replicas"] == 1
+
+
+@pytest.mark.timeout(300)
+def test_a_teacher_server_that_cannot_start_fails_with_its_log_and_leaves_nothing(tmp_path, tiny_world):
+    out = tmp_path / "traces"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "r1ray.controllers.cli", "distill", "tiny-cpu", "--output-dir", str(out),
+         "--set", f"model.tiny_dir={tiny_world}", "--set", "distill.serve={replicas: 1, extra_args: [--no-such-flag]}",
+         "--set", "distill.max_rows=2", "--set", "ray.dashboard=false"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "the teacher server failed" in proc.stderr and "exited with code" in proc.stderr
+    assert "no-such-flag" in proc.stderr  # the end of the server's own log says why
+    assert time.monotonic() - t0 < 200
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rows_done"] == 0 and "ServerError" in summary["error"]
+    left = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""

@@ -278,8 +278,10 @@ def test_the_gpu_sft_and_grpo_recipes_are_valid_for_one_8_gpu_node():
     assert [(r.name, r.weight) for r in grpo.rewards] == [("accuracy", 1.0), ("format", 0.5)]
     assert sum(p.total().get("GPU", 0) for p in placement_plan(grpo)) == 8
     stages = plan("openr1-staged-h100", output_dir="/tmp/x", cpus=128, gpus=8)
-    assert [s.type for s in stages] == ["sft", "grpo", "eval"]
-    assert stages[1].recipe.model.path == "/tmp/x/sft/checkpoint-sft"
+    assert [s.type for s in stages] == ["distill", "sft", "grpo", "eval"]
+    assert stages[0].recipe.distill.serve.tensor_parallel_size == 2
+    assert stages[1].recipe.data.path == "/tmp/x/distill/dataset"
+    assert stages[2].recipe.model.path == "/tmp/x/sft/checkpoint-sft"
 
 
 def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_model, tmp_path):
