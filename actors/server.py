@@ -96,6 +96,8 @@ class VllmServer:
             cmd += ["--max-num-seqs", str(cfg.max_num_seqs)]
         if eager:
             cmd.append("--enforce-eager")
+        if cfg.tensor_parallel_size > 1:  # worker processes on this actor's GPUs, not Ray actors of their own
+            cmd += ["--distributed-executor-backend", "mp"]
         if cfg.reasoning_parser:
             cmd += ["--reasoning-parser", cfg.reasoning_parser]
         cmd += [str(a) for a in cfg.extra_args]

@@ -262,6 +262,8 @@ def run_stages(args) -> int:
 
 def distill(args) -> int:
     from ..actors.server import ServerError
+    from ..cluster.groups import RemoteCallError
+    from ..cluster.placement import PlacementError
     from ..cluster.runtime import ClusterUnreachable
     from .config import load_recipe
     from .distill_run import EndpointError, distill_job
@@ -285,6 +287,10 @@ def distill(args) -> int:
         return 143 if name == "SIGTERM" else 130
     except ServerError as e:
         print(f"r1ray: the teacher server failed: {e}", file=sys.stderr)
+        return 1
+    except (RemoteCallError, PlacementError, RuntimeError) as e:  # the pipeline's own failures (its log: .distilabel/)
+        print(f"r1ray: distillation failed: {e}; the rows done are kept in the output directory's journal.jsonl: run "
+              "the same command again to continue", file=sys.stderr)
         return 1
     out = summary["output_dir"]
     run = summary.get("this_run") or {}

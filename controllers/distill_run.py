@@ -219,6 +219,8 @@ def run_pipeline(recipe: Recipe, out: Path, pending: list[int], source, prompt_c
     datasets.Dataset.from_dict({ROW: pending, "instruction": [str(p) for p in prompts],
                                 GOLD: [str(g) for g in golds]}).save_to_disk(str(pending_dir))
     verify = answer_col is not None
+    # The prompt loader and the journal read and write output_dir from their actors: on a
+    # multi-node cluster it is on the volume every node mounts (as checkpoints are).
     with Pipeline(name=f"{recipe.ray.namespace}-distill", cache_dir=str(out / ".distilabel")).ray() as pipeline:
         load = LoadDataFromDisk(name="prompts", dataset_path=str(pending_dir), batch_size=d.input_batch_size)
         llm = EndpointLLM(model=model_name, base_url=urls[0], base_urls=urls, api_key=key, max_retries=d.retries,
@@ -236,11 +238,21 @@ def run_pipeline(recipe: Recipe, out: Path, pending: list[int], source, prompt_c
         else:
             load >> gen >> journal
     saved = signal.getsignal(signal.SIGINT)
+    stops: list[int] = []
+    stop = pipeline._stop  # what distilabel's Ctrl-C handler calls (its own flag is reset before run returns)
+
+    def counted_stop() -> None:
+        stops.append(1)
+        stop()
+
+    pipeline._stop = counted_stop
     try:
         pipeline.run(use_cache=False)
+    except SystemExit:  # a second Ctrl-C: distilabel's handler exits at once
+        raise KeyboardInterrupt("SIGINT") from None
     finally:
         signal.signal(signal.SIGINT, saved)  # distilabel's own handler stops the pipeline, then stays
-    return bool(getattr(pipeline, "_stop_called", False))
+    return bool(stops)
 
 
 def write_outputs(out: Path, recipe: Recipe, source, prompt_col: str, answer_col: str | None, n_rows: int) -> dict:
@@ -375,15 +387,17 @@ def distill_job(recipe: Recipe) -> dict:
     source, prompt_col, answer_col = load_prompts(recipe, tiny_dir)
     fp = fingerprint(recipe, model_name)
     check_same_dataset(out, fp)
+    done, failed = read_journal(out / JOURNAL)  # (a line cut by a kill is skipped, then repaired below)
+    n_rows = len(source)
+    pending = [i for i in range(n_rows) if i not in done]
+    if pending and d.serve is None:
+        preflight(d.base_url, key, d.timeout)  # a dead endpoint fails before anything is written or started
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "distill.json", {"fingerprint": fp})
     dump(recipe, out / "config.yaml")
     cut = repair_journal(out / JOURNAL)
     if cut:
         log.warning("journal.jsonl: a last line cut short by a kill (%d bytes) was removed", cut)
-    done, failed = read_journal(out / JOURNAL)
-    n_rows = len(source)
-    pending = [i for i in range(n_rows) if i not in done]
     summary: dict = {"output_dir": str(out), "status": "running", "teacher": model_name,
                      "endpoint": "self-hosted vLLM" if d.serve else d.base_url, "rows": n_rows,
                      "already_done": n_rows - len(pending), "retrying_failed": sum(1 for r in failed if r < n_rows)}
@@ -395,8 +409,6 @@ def distill_job(recipe: Recipe) -> dict:
     try:
         if pending:
             on_gpu = bool(d.serve and d.serve.gpus_per_replica > 0)
-            if d.serve is None:
-                preflight(d.base_url, key, d.timeout)  # a dead endpoint fails before Ray starts
             runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
                           recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
                           recipe.ray.ship_code)

@@ -15,8 +15,9 @@ class FakeOpenAI:
     "malformed"), or the string "always-500". ``delay_s`` slows every answer."""
 
     def __init__(self, answer, key: str | None = None, faults: dict | None = None, delay_s: float = 0.0,
-                 hang_s: float = 5.0):
+                 hang_s: float = 5.0, split_reasoning: bool = False):
         self.answer, self.key, self.faults = answer, key, dict(faults or {})
+        self.split_reasoning = split_reasoning  # the think block as reasoning_content (DeepSeek's API)
         self.delay_s, self.hang_s = delay_s, hang_s
         self.log: list[tuple[str, str]] = []  # (prompt, what happened)
         self.lock = threading.Lock()
@@ -84,8 +85,8 @@ class FakeOpenAI:
                 texts = [fake.answer(prompt, i) for i in range(n)]
                 body = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                         "model": req.get("model"),
-                        "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                     "finish_reason": "stop"} for i, t in enumerate(texts)],
+                        "choices": [{"index": i, "message": fake.message(t), "finish_reason": "stop"}
+                                    for i, t in enumerate(texts)],
                         "usage": {"prompt_tokens": 5, "completion_tokens": sum(len(t.split()) for t in texts),
                                   "total_tokens": 5 + sum(len(t.split()) for t in texts)}}
                 self._send(200, json.dumps(body).encode())
@@ -95,6 +96,12 @@ class FakeOpenAI:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def message(self, text: str) -> dict:
+        if self.split_reasoning and "</think>" in text:
+            think, answer = text.split("</think>", 1)
+            return {"role": "assistant", "content": answer.strip(), "reasoning_content": think.replace("<think>", "")}
+        return {"role": "assistant", "content": text}
 
     def requests_for(self, prompt: str) -> list[str]:
         with self.lock:

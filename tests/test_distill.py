@@ -192,6 +192,18 @@ def test_without_a_hub_token_the_dataset_is_kept_and_not_pushed(tmp_path, monkey
     assert push(dd, recipe.distill) == {"repo": "me/traces", "pushed": False, "why": "no hub token"}
 
 
+def test_a_teacher_that_returns_reasoning_apart_gets_it_back_as_the_think_block():
+    fake = FakeOpenAI(_answer, split_reasoning=True)
+    try:
+        llm = EndpointLLM(model="deepseek-reasoner", base_url=fake.url, max_retries=0, timeout=10)
+        llm.load()
+        out = llm.generate_outputs([[{"role": "user", "content": "What is 3 + 3?"}]], num_generations=1,
+                                   max_new_tokens=32, temperature=0.6, top_p=0.95)[0]
+        assert out["generations"] == ["<think>\n3 plus 3: count on.\n</think>\n\nThe answer is $\\boxed{7}$."]
+    finally:
+        fake.close()
+
+
 # -- the command, through Ray ---------------------------------------------------------------------
 
 def _files_text(root: Path) -> str:
@@ -274,21 +286,33 @@ def test_a_killed_distill_run_resumes_with_every_row_exactly_once(tmp_path):
     rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(40)]
     fake = FakeOpenAI(_answer, key=KEY, delay_s=0.4)
     data, out = _data(tmp_path, rows), tmp_path / "traces"
-    try:
+    journal = out / "journal.jsonl"
+
+    def start_and_wait_for(lines: int):
         proc = _distill(out, data, fake.url, popen=True)
-        journal = out / "journal.jsonl"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if journal.exists() and len(journal.read_text().splitlines()) >= 8:
+            if journal.exists() and len(journal.read_text().splitlines()) >= lines:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
+        return proc
+
+    try:
+        # Ctrl-C: the batches in flight finish and are journaled, then the command stops.
+        proc = start_and_wait_for(4)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130, proc.stderr.read()[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["rows_done"] == len(read_journal(journal)[0]) < 40
+        # SIGKILL of the whole process group, mid-way through the next run.
+        proc = start_and_wait_for(summary["rows_done"] + 8)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, no goodbye
         proc.wait(30)
         with open(journal, "a") as f:  # as if the kill had cut a line in half
             f.write('{"row": 39, "status": "done", "generati')
         done_before, _ = read_journal(journal)
-        assert 8 <= len(done_before) < 40
+        assert summary["rows_done"] + 8 <= len(done_before) < 40
         asked_before = {r["problem"]: len(fake.requests_for(r["problem"])) for r in rows}
 
         proc = _distill(out, data, fake.url)
