@@ -73,6 +73,12 @@ def teacher(recipe: Recipe) -> tuple[str, str | None, Path | None]:
             _, tiny_dir = prepare_model(recipe)
         return d.model, None, tiny_dir
     served = d.serve.model or recipe.model.path
+    if served != "tiny" and Path(served).expanduser().exists():
+        served = str(Path(served).expanduser().resolve())  # the server actor's working directory is not ours
+    elif served != "tiny" and (served.startswith((".", "/", "~")) or served.count("/") > 1
+                               or Path(served).parent.exists() and Path(served).parent != Path(".")):
+        raise ConfigError(f"config key 'distill.serve.model': got {served!r}, which does not exist; accepted: a model "
+                          "folder (an HF checkpoint, e.g. a run's checkpoint-final) or a hub model name")
     if served == "tiny" or recipe.data.path == "tiny":
         model_path, tiny_dir = prepare_model(dataclasses.replace(recipe, model=dataclasses.replace(
             recipe.model, path=served)))
