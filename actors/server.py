@@ -9,6 +9,7 @@ when the actor is killed or when its own process exits. Usable without Ray.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -45,6 +46,7 @@ class ServerError(RuntimeError):
 
 
 def free_port() -> int:
+    """A port free on this node now (for a server, or DeepSpeed's MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -114,13 +116,8 @@ class VllmServer:
         # A process group of its own: stop() ends vLLM's engine-core and worker children too.
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        self._watch_parent()
-
-    def _watch_parent(self) -> None:
-        """The server must not outlive this process: stopped at exit, and (Linux) sent SIGTERM by
-        the kernel when this process dies (a killed actor, a killed driver; see _die_with_parent)."""
-        import atexit
-
+        # The server must not outlive this process: stopped at exit, and (Linux) sent SIGTERM by the
+        # kernel when this process dies (a killed actor, a killed driver: _die_with_parent).
         atexit.register(self.stop)
 
     def log_tail(self, lines: int = 25) -> str:

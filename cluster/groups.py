@@ -1,13 +1,14 @@
 """Actor groups: N named Ray actors of one plain class, called together, every call bounded in time."""
 from __future__ import annotations
 
-import socket
 import time
 from collections import OrderedDict
 from typing import Any, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from ..actors.server import free_port  # one definition for both layers (cluster may import actors)
 
 
 class RemoteCallError(RuntimeError):
@@ -282,12 +283,6 @@ def kill_quietly(actor) -> None:
         ray.kill(actor)
     except Exception:  # noqa: BLE001 - already gone is fine
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def rendezvous_on(actor, timeout_s: float = 120.0) -> tuple[str, int]:

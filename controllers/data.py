@@ -184,7 +184,8 @@ def _refuse_empty_saved_split(cfg: DataConfig, where: Path) -> None:
 
 
 def _looks_local(path: str) -> bool:
-    if path.startswith(("/", "./", "../", "~")) or path in (".", ".."):
+    """A path on this machine, not a hub name (``owner/name``: one slash, no leading dot)."""
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
         return True
     p = Path(path).expanduser()
     return p.exists() or (p.parent != Path(".") and p.parent.exists())

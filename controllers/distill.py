@@ -277,16 +277,23 @@ class Journal(Step):
 
 def repair_journal(path: Path) -> int:
     """Cut a last line left half-written by a killed run (so the next append starts on a line of
-    its own); returns the bytes cut."""
+    its own); returns the bytes cut. Reads only the file's tail."""
     if not path.exists():
         return 0
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end == len(data):
-        return 0
     with open(path, "r+b") as f:
-        f.truncate(end)
-    return len(data) - end
+        size = pos = f.seek(0, os.SEEK_END)
+        end = 0
+        while pos > 0:
+            step = min(1 << 16, pos)
+            f.seek(pos - step)
+            i = f.read(step).rfind(b"\n")
+            if i >= 0:
+                end = pos - step + i + 1
+                break
+            pos -= step
+        if end < size:
+            f.truncate(end)
+        return size - end
 
 
 def read_journal(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:

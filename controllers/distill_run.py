@@ -64,6 +64,7 @@ def api_key(recipe: Recipe):
 
 def teacher(recipe: Recipe) -> tuple[str, str | None, Path | None]:
     """(the model name sent in requests, the model the servers load or None, the tiny world's dir)."""
+    from .data import _looks_local
     from .train import prepare_model
 
     d = recipe.distill
@@ -75,8 +76,7 @@ def teacher(recipe: Recipe) -> tuple[str, str | None, Path | None]:
     served = d.serve.model or recipe.model.path
     if served != "tiny" and Path(served).expanduser().exists():
         served = str(Path(served).expanduser().resolve())  # the server actor's working directory is not ours
-    elif served != "tiny" and (served.startswith((".", "/", "~")) or served.count("/") > 1
-                               or Path(served).parent.exists() and Path(served).parent != Path(".")):
+    elif served != "tiny" and _looks_local(served):
         raise ConfigError(f"config key 'distill.serve.model': got {served!r}, which does not exist; accepted: a model "
                           "folder (an HF checkpoint, e.g. a run's checkpoint-final) or a hub model name")
     if served == "tiny" or recipe.data.path == "tiny":
@@ -261,14 +261,14 @@ def run_pipeline(recipe: Recipe, out: Path, pending: list[int], source, prompt_c
     return bool(stops)
 
 
-def write_outputs(out: Path, recipe: Recipe, source, prompt_col: str, answer_col: str | None, n_rows: int) -> dict:
-    """distilled.jsonl/.parquet and dataset/ rebuilt from the journal (each row exactly once);
-    the counts."""
+def write_outputs(out: Path, recipe: Recipe, source, prompt_col: str, answer_col: str | None, n_rows: int,
+                  done: dict[int, dict], failed: dict[int, dict]) -> dict:
+    """distilled.jsonl/.parquet and dataset/ rebuilt from the journal's records (``read_journal``:
+    each row exactly once); the counts."""
     import datasets
 
     d = recipe.distill
     verify = answer_col is not None
-    done, failed = read_journal(out / JOURNAL)
     rows = sorted(r for r in done if r < n_rows)
     full, sft_rows = [], []
     counts = dict(generations=0, correct=0, unverifiable=0, no_answer=0, truncated=0)
@@ -353,23 +353,15 @@ def push(dd, d) -> dict:
     return {"repo": d.push_to_hub, "pushed": True, "private": d.private}
 
 
-def this_run(out: Path, since: float, d) -> dict:
-    """Requests, tokens and their rates over the rows this invocation journaled."""
-    recs = []
-    path = out / JOURNAL
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("t", 0) >= since:
-                recs.append(rec)
-    done = [r for r in recs if r.get("status") == "done"]
+def this_run(done: dict[int, dict], failed: dict[int, dict], since: float, until: float, d) -> dict:
+    """Requests, tokens and their rates over the rows this invocation journaled (records from
+    ``since`` on), over the seconds from ``since`` to ``until``."""
+    done = [r for r in done.values() if r.get("t", 0) >= since]
+    failed_now = sum(1 for r in failed.values() if r.get("t", 0) >= since)
     requests = len(done) * (d.num_generations if d.split_requests else 1)
     tokens = sum(int(r.get("completion_tokens") or 0) for r in done)
-    seconds = max(1e-9, time.time() - since)
-    return {"rows_done": len(done), "rows_failed": len(recs) - len(done), "requests": requests,
+    seconds = max(1e-9, until - since)
+    return {"rows_done": len(done), "rows_failed": failed_now, "requests": requests,
             "completion_tokens": tokens, "generate_s": round(seconds, 2), "requests_per_s": round(requests / seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1)}
 
@@ -380,8 +372,8 @@ def distill_job(recipe: Recipe) -> dict:
 
     datasets.disable_progress_bars()  # a bar per small save otherwise; the pipeline logs its progress
     from ..cluster import runtime
-    from .train import check_output_dir, check_placement, ended, stop_on_sigterm
     from .system import DISTILL
+    from .train import check_output_dir, check_placement, ended, signals_ignored, stop_on_sigterm
 
     t_start = time.perf_counter()
     d = recipe.distill
@@ -411,7 +403,7 @@ def distill_job(recipe: Recipe) -> dict:
              n_rows, n_rows - len(pending), len(pending), summary["retrying_failed"], d.num_generations, model_name)
     group = placement = None
     started_ray = False
-    since = time.time()
+    since, finished = time.time(), None
     try:
         if pending:
             on_gpu = bool(d.serve and d.serve.gpus_per_replica > 0)
@@ -428,24 +420,24 @@ def distill_job(recipe: Recipe) -> dict:
                 urls = [d.base_url]
             since = time.time()
             stopped = run_pipeline(recipe, out, pending, source, prompt_col, answer_col, urls, model_name, key)
-            summary["this_run"] = this_run(out, since, d)
+            finished = time.time()
             if stopped:
                 raise KeyboardInterrupt("SIGINT")
     except BaseException as e:
-        if pending and "this_run" not in summary:
-            summary["this_run"] = this_run(out, since, d)
+        finished = finished or time.time()
         ended(summary, e, out)
         if "error" in summary:
             summary["error"] = scrub(summary["error"], secrets)
         raise
     finally:
-        from .train import signals_ignored
-
         with signals_ignored():
             stop_servers(group, placement)
             if started_ray:
                 runtime.stop()
-            report = write_outputs(out, recipe, source, prompt_col, answer_col, n_rows)
+            done_all, failed_all = read_journal(out / JOURNAL)  # read once, for both
+            if pending:
+                summary["this_run"] = this_run(done_all, failed_all, since, finished or time.time(), d)
+            report = write_outputs(out, recipe, source, prompt_col, answer_col, n_rows, done_all, failed_all)
             summary.update(report)
             if summary["status"] == "running":
                 summary["status"] = "completed" if not report["rows_failed"] and not report["rows_pending"] \
