@@ -8,7 +8,13 @@ Groups of bundles, each reserved atomically before any actor starts (``System`` 
 - ``generator-<i>``: one bundle of ``tensor_parallel_size`` GPUs on one node (vLLM's tensor
   parallelism runs inside the actor); a group per generator, so generators can be added and
   removed one at a time (placement groups cannot be resized).
-- ``scorers``: one CPU bundle per scorer, PACK.
+- ``reward-scorer-<i>``: one CPU bundle per scorer, a group each for the same reason.
+
+A group whose node died is not left for Ray to re-place: Ray 2.60's GCS retries such a group
+(state RESCHEDULING) on every pass of its scheduler while the cluster has no room for it, a busy
+loop of its single thread that starves node health checks and every other RPC (a run's pings
+time out; ray-project/ray#65007), whereas a new group waits for room with backoff. The driver
+``renew``s the group of a lost elastic actor and any of a starting one that turns ``rescheduling``.
 
 Every actor is scheduled into its own bundle, so a rank can never land on a node the plan did
 not reserve for it, and ``unplaceable`` says up front whether a plan fits the nodes there.
@@ -130,6 +136,21 @@ class Placement:
         self.plans[plan.name] = plan
         self.groups[plan.name] = placement_group([b for _, b in plan.bundles], strategy=plan.strategy,
                                                  name=f"{self.namespace}-{plan.name}")
+
+    def renew(self, name: str) -> None:
+        """Release group ``name`` and reserve it again, without waiting (see the module's note):
+        an actor scheduled into it afterwards starts wherever the new reservation is placed."""
+        plan = self.plans[name]
+        self.release(name)
+        self.add(plan)
+
+    def rescheduling(self, names: list[str]) -> list[str]:
+        """Those of ``names`` whose group lost its node and waits to be placed again."""
+        ids = {self.groups[n].id.hex(): n for n in names if n in self.groups}
+        if not ids:
+            return []
+        table = ray.util.placement_group_table()  # one call for all groups
+        return [n for pg_id, n in ids.items() if table.get(pg_id, {}).get("state") == "RESCHEDULING"]
 
     def release(self, name: str) -> None:
         pg = self.groups.pop(name, None)

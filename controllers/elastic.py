@@ -7,8 +7,9 @@ own, so one can be added (its group reserved without waiting: it starts when a n
 room joins, and an autoscaler sees the demand) or removed (after its work in flight is done)
 without touching the others.
 
-A generator that dies (its process, or its node) or stops answering is replaced in its
-bundle (Ray re-places the bundle of a lost node where there is room); the groups it was
+A generator that dies (its process, or its node) or stops answering is replaced in a new
+reservation of its placement group, placed wherever there is room (a lost node's group is not
+left for Ray to re-place: cluster/placement.py says why); the groups it was
 generating go back to the front of the queue with their admission order, so nothing is lost
 or counted twice, and the weight sync in flight stops waiting for it. A new or replaced
 generator takes work only once it holds the newest published weights. Scorers are replaced
@@ -175,7 +176,26 @@ class Elastic:
                 raise RemoteCallError(f"{group.name_of(i)}: {MAX_FAILED_STARTS} replacements in a row died before "
                                       f"they could take work (last: {why}); the actor cannot start here")
         self.counts[f"{group.name}/restarted"] += 1
+        self.restart(group, i)
+
+    def restart(self, group: ActorGroup, i: int) -> None:
+        """A new actor in slot ``i``, in a new reservation of its placement group: the old one
+        may be on a node that died, which Ray would re-place only by busy-looping (see
+        cluster/placement.py); where its node lives, the new one is placed at once."""
+        for w in [w for w in self.d.inflight.work if w.stage == "join" and w.actor == i and self._group_of(w) is group]:
+            self.d.inflight.remove(w)
+        self.system.placement.renew(group.name_of(i))
         self.join(group, i, group.restart(i))
+
+    def renew_stranded(self) -> None:
+        """Starting actors whose reservation lost its node after they were restarted into it
+        (Ray had not yet seen the node die) start again in a new one."""
+        starting = {g.name_of(i): (g, i) for g in self.groups() for i, st in enumerate(g.state) if st == "starting"}
+        if not starting:
+            return
+        for name in self.system.placement.rescheduling(list(starting)):
+            log.warning("%s: its placement group lost its node before it started; reserving it again", name)
+            self.restart(*starting[name])
 
     def work_lost(self, work: Work, ref, error: BaseException) -> bool:
         """A ref of ``work`` failed because its actor died: True when that actor was elastic
@@ -206,12 +226,18 @@ class Elastic:
         return None
 
     # -- resize by hand ----------------------------------------------------------------------
-    def poll_control(self, every_s: float) -> None:
-        """Read the run's RunControl actor (``r1ray scale``) at most every ``every_s``."""
+    def heartbeat(self, every_s: float) -> None:
+        """At most every ``every_s``: stranded reservations, then the run's RunControl actor."""
         now = time.monotonic()
-        if self.control is None or now - self.polled < every_s:
+        if now - self.polled < every_s:
             return
         self.polled = now
+        self.renew_stranded()
+        if self.control is not None:
+            self.poll_control()
+
+    def poll_control(self) -> None:
+        """Read the run's RunControl actor (``r1ray scale``): resize, and report the group."""
         import ray
 
         try:

@@ -110,7 +110,7 @@ class GrpoDriver:
         self.elastic.reconcile()  # grow towards generator.max_actors whenever the cluster has room
         while len(self.records) < self.r.grpo.steps:
             interrupt.check()
-            self.elastic.poll_control(self.r.ray.heartbeat_s)
+            self.elastic.heartbeat(self.r.ray.heartbeat_s)
             self.admit()
             self.maybe_train()
             work = self.inflight.next_done()

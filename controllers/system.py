@@ -34,7 +34,7 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     """The recipe's placement groups: learner ranks and the reference packed together
     (``train``, role "learner"); one group per generator (``generator-<i>``:
     ``tensor_parallel_size`` GPUs on one node), so generators can come and go one by one, and
-    the scorers packed (``scorers``): role "rollout"."""
+    one per scorer (``reward-scorer-<i>``): role "rollout"."""
     train = Bundles("train")
     for i in range(r.learner.num_ranks):
         train.add(f"learner-rank-{i}", r.learner.cpus_per_rank, r.learner.gpus_per_rank)
@@ -52,10 +52,11 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
         gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
         gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
         plans.append(gen)
-    scorers = Bundles("scorers")
-    for i in range(r.scorer.num_actors):
-        scorers.add(f"reward-scorer-{i}", r.scorer.cpus_per_actor)
-    return plans + [scorers]
+    for i in range(r.scorer.num_actors):  # a group each, like the generators: replaced one by one
+        scorer = Bundles(f"reward-scorer-{i}")
+        scorer.add(f"reward-scorer-{i}", r.scorer.cpus_per_actor)
+        plans.append(scorer)
+    return plans
 
 
 class System:

@@ -21,7 +21,7 @@ def _gpu_recipe(*overrides, gpus=8):
 
 def test_the_h100_recipe_plans_one_node():
     plans = placement_plan(_gpu_recipe())
-    assert [p.name for p in plans] == ["train", "generator-0", "generator-1", "generator-2", "scorers"]
+    assert [p.name for p in plans] == ["train", "generator-0", "generator-1", "generator-2", "reward-scorer-0", "reward-scorer-1"]
     train = plans[0]
     assert [o for o, _ in train.bundles] == [f"learner-rank-{i}" for i in range(4)] + ["reference-0"]
     assert train.strategy == "PACK" and train.total() == {"CPU": 18, "GPU": 5}
@@ -66,7 +66,7 @@ def test_bundles_drop_zero_resources():
 
 
 SCRIPT = r"""
-import json, sys
+import json, sys, time
 import ray
 from ray.cluster_utils import Cluster
 from r1ray.cluster.placement import Bundles, Placement, PlacementError, alive_nodes, unplaceable
@@ -108,6 +108,27 @@ try:
     out["timeout"] = None
 except PlacementError as e:
     out["timeout"] = str(e)
+
+# a group whose node dies while the others are full: renewed instead of left RESCHEDULING
+filler = Bundles("filler", strategy="STRICT_PACK")
+filler.add("filler", 0.1, 2)
+gen = Bundles("generator-1", strategy="STRICT_PACK")
+gen.add("generator-1", 0.1, 2)
+placement = Placement([filler, gen], "test", timeout_s=60)  # one on each node: no node has 4 GPUs
+on = ray.util.placement_group_table(placement.groups["generator-1"])["bundles_to_node_id"][0]
+cluster.remove_node(node_a if on == node_a.node_id else node_b)
+for _ in range(300):
+    if placement.rescheduling(["generator-1", "filler"]):
+        break
+    time.sleep(0.1)
+out["rescheduling"] = placement.rescheduling(["generator-1", "filler"])
+placement.renew("generator-1")
+out["renewed"] = [placement.rescheduling(["generator-1"]),
+                  ray.util.placement_group_table(placement.groups["generator-1"])["state"]]
+cluster.add_node(num_cpus=1, num_gpus=2)  # room appears: the new reservation is placed
+ray.get(placement.groups["generator-1"].ready(), timeout=60)
+out["placed"] = ray.util.placement_group_table(placement.groups["generator-1"])["state"]
+placement.remove()
 print("RESULT " + json.dumps(out))
 ray.shutdown()
 cluster.shutdown()
@@ -118,7 +139,8 @@ cluster.shutdown()
 def test_placement_on_a_simulated_two_node_cluster():
     """Learner ranks and the reference on one node (3 GPUs: only node B has them); the
     tensor-parallel generator's 2 GPUs together on node A; an impossible bundle is refused
-    up front and times out with a message when asked for anyway."""
+    up front and times out with a message when asked for anyway; a group that lost its node
+    is seen rescheduling, renewed, and placed when a node with room joins."""
     env = {"PYTHONPATH": str(Path(__file__).parent), "RAY_AUTH_MODE": "disabled"}
     import os
 
@@ -134,3 +156,6 @@ def test_placement_on_a_simulated_two_node_cluster():
     assert [where[o][1] for o in ("learner-rank-0", "learner-rank-1", "reference-0", "generator-0")] == [1, 1, 1, 2]
     assert out["too_big"].startswith("generator-9 needs 0.5 CPU, 4 GPU on one node")
     assert "placement group 'test-too-big'" in out["timeout"] and "was not placed within 3s" in out["timeout"]
+    # Ray would retry the group of a dead node in a busy loop (cluster/placement.py): it is renewed
+    assert out["rescheduling"] == ["generator-1"]
+    assert out["renewed"] == [[], "PENDING"] and out["placed"] == "CREATED"
