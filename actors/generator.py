@@ -77,6 +77,7 @@ class Generator:
         self._pending_lock = threading.Lock()
         self._pending = None  # (state dict, version) staged by load_weights
         self._update_t0 = 0.0  # vllm: when the weight update in progress paused generation
+        self._in_transfer = False  # vllm: a member of the learner's weight-transfer group
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix and the dashboard's Repr column
         return f"Generator({self.cfg.backend}, v{self.version})"
@@ -171,8 +172,13 @@ class Generator:
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
     def init_weight_transfer(self, init_info: dict) -> None:
-        """Join the learner's transfer group (blocks until every member has joined)."""
+        """Join the learner's transfer group (blocks until every member has joined). The group
+        is re-formed when generators come and go: a generator in one leaves it first."""
+        if self._in_transfer:
+            self._engine.release_transfer()
+            self._in_transfer = False
         self._engine.init_transfer(init_info)
+        self._in_transfer = True
 
     def start_weight_update(self) -> None:
         """Pause generation (``cfg.pause_mode``) and prepare the model for new weights."""
@@ -201,6 +207,9 @@ class Generator:
             self._engine.shutdown()
 
     def ping(self) -> str:
+        """"ok", or an error when the vLLM engine died (its processes are gone) in this live actor."""
+        if self.cfg.backend == "vllm" and self._engine.errored():
+            raise RuntimeError("the vLLM engine of this generator is dead (its engine core process exited)")
         return "ok"
 
 
@@ -361,6 +370,12 @@ class _VllmEngine:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
         self._run(self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info)))
+
+    def errored(self) -> bool:
+        return self.engine is not None and self.engine.errored
+
+    def release_transfer(self) -> None:
+        self._run(self.engine.shutdown_weight_transfer_engine())
 
     def start_update(self) -> None:
         self.salt = uuid.uuid4().hex  # requests from now on start a prefix-cache line of their own

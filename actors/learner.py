@@ -10,6 +10,7 @@ TRL's per-device mean / gradient-accumulation steps, averaged over devices.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import time
@@ -23,6 +24,8 @@ from .packing import SftExample, sft_batch
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .rollout import TrainSample
 from .spans import SpanLog
+
+log = logging.getLogger("r1ray")
 
 
 @dataclass
@@ -365,26 +368,63 @@ class LearnerRank:
         return buf.getvalue()
 
     def init_weight_transfer(self, client, backend: str, master_address: str, master_port: int, world_size: int,
-                             bucket_bytes: int, dtype: str, timeout_s: float = 600.0) -> None:
+                             bucket_bytes: int, dtype: str, timeout_s: float = 600.0) -> dict:
         """Open vLLM's weight-transfer channel to the generators (all ranks call this; rank 0
-        is the sender and drives ``client``, the generators' side of the handshake)."""
+        is the sender and drives ``client``, the generators' side of the handshake). Called
+        again when generators come and go: the previous channel is closed first. An empty
+        ``master_address`` / port 0: rank 0's node and a port free there now.
+
+        Returns ``{"lost": names}``: generators of ``client`` that did not answer a ping, in
+        which case no channel is opened (a rendezvous would wait for them) and every transfer
+        until the next one is skipped; the driver re-forms the group without them."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         from .weight_transfer import state_source, trainer_init_info
 
-        info = trainer_init_info(backend, self.rank, master_address, master_port, world_size, bucket_bytes, timeout_s)
+        if getattr(self, "_transfer", None) is not None:
+            try:
+                self._transfer.shutdown()
+            except Exception as e:  # noqa: BLE001 - a broken channel is replaced either way
+                log.warning("closing the previous weight-transfer channel: %s", e)
+        self._transfer, self._client = None, client
         device = str(self.device) if backend == "nccl" else "cpu"
-        source = state_source(self.engine.module, getattr(torch, dtype), device, bucket_bytes, self.cfg.zero_stage == 3)
-        self._client = client
-        self._transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+        self._source = state_source(self.engine.module, getattr(torch, dtype), device, bucket_bytes,
+                                    self.cfg.zero_stage == 3)
+        lost = client.unreachable() if self.rank == 0 else []
+        if lost:
+            return {"lost": lost}
+        if self.rank == 0:
+            from .server import free_port, node_ip
 
-    def send_weights(self, version: int) -> float:
-        """Broadcast the current weights as ``version`` (all ranks call this); returns seconds."""
+            master_address, master_port = master_address or node_ip(), master_port or free_port()
+        info = trainer_init_info(backend, self.rank, master_address, master_port, world_size, bucket_bytes, timeout_s)
+        self._transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=self._source)
+        return {"lost": []}
+
+    def send_weights(self, version: int) -> dict:
+        """Broadcast the current weights as ``version`` (all ranks call this).
+
+        Returns ``{"seconds": s, "lost": names}``. Rank 0 pings the generators first: when one
+        is gone nothing is sent and no generator is paused (``lost`` names them; the others
+        keep their weights). Every rank still walks the whole state dict, as under ZeRO-3 the
+        ranks gather each bucket together, also when the broadcast fails half-way (then it
+        raises afterwards)."""
         t0 = time.perf_counter()
         with self.spans.span("send_weights", version=version):
-            self._client.version = version
-            self._transfer.send_weights()
-        return time.perf_counter() - t0
+            lost = []
+            if self.rank == 0:
+                lost = self._client.unreachable() if self._transfer is not None else ["the weight-transfer group"]
+            self._source.active = None
+            if lost:
+                self._source.drain()
+            else:
+                self._client.version = version
+                try:
+                    self._transfer.send_weights()
+                except BaseException:
+                    self._source.drain()
+                    raise
+        return {"seconds": time.perf_counter() - t0, "lost": lost}
 
     def save_checkpoint(self, path: str, tag: str) -> str:
         """DeepSpeed checkpoint of the training state (every rank calls this: each writes its

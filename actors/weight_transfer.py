@@ -218,7 +218,7 @@ def _engine_classes():
 
         @classmethod
         def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
-            from concurrent.futures import ThreadPoolExecutor
+            from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
             engine = cls(client=client, source=source, is_sender=init_info.is_sender,
                          bucket_bytes=init_info.bucket_bytes)
@@ -226,11 +226,20 @@ def _engine_classes():
                 return engine
             worker = GlooInitInfo(init_info.master_address, init_info.master_port, 1, init_info.world_size,
                                   init_info.bucket_bytes, init_info.timeout_s)
-            with ThreadPoolExecutor(max_workers=1) as exe:  # both sides must meet in the rendezvous
-                future = exe.submit(client.init_weight_transfer_engine, asdict(worker))
-                engine.group = open_gloo_group(init_info.master_address, init_info.master_port, 0,
-                                               init_info.world_size, init_info.timeout_s)
-                future.result()
+            # Both sides must meet in the rendezvous; a worker that fails to join ends it at once
+            # rather than after the store's timeout (the thread left waiting ends with it).
+            exe = ThreadPoolExecutor(max_workers=2)
+            try:
+                workers = exe.submit(client.init_weight_transfer_engine, asdict(worker))
+                own = exe.submit(open_gloo_group, init_info.master_address, init_info.master_port, 0,
+                                 init_info.world_size, init_info.timeout_s)
+                done, _ = wait([workers, own], return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()
+                workers.result()
+                engine.group = own.result()
+            finally:
+                exe.shutdown(wait=False)
             return engine
 
         def send_weights(self) -> None:
@@ -317,10 +326,23 @@ def state_source(module: torch.nn.Module, dtype: torch.dtype, device: str, bucke
     sizes = [nbytes(dtype, m.shape) for m in meta]
 
     class StateSource(WeightSource):
+        active = None  # the pass in progress ("done" once one ended)
+
         def metadata(self):
             return meta
 
         def __iter__(self):
+            self.active = self._walk()
+            return self.active
+
+        def drain(self) -> None:
+            """End the pass a failed transfer left (or make one it never began): every rank
+            takes part in each bucket's gather, so a rank must walk as far as the others."""
+            rest, self.active = self.active, None
+            for _ in (self._walk() if rest is None else () if rest == "done" else rest):
+                pass
+
+        def _walk(self):
             for bucket in bucket_plan(sizes, bucket_bytes, [name for name, _ in entries]):
                 tensors = [entries[i][1] for i in bucket]
                 if zero3:
@@ -334,5 +356,6 @@ def state_source(module: torch.nn.Module, dtype: torch.dtype, device: str, bucke
                 for i, t in zip(bucket, out):
                     yield entries[i][0], t
                 del out
+            self.active = "done"
 
     return StateSource()

@@ -180,7 +180,8 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
     gens.wait_ready()
     if path == "collective":
         addr, port = rendezvous_on(learners.actors[0])
-        learners.get(start_transfer(learners, gens, "r1ray_gloo", addr, port, bucket_mb << 20, "float32", 1800.0),
+        learners.get(start_transfer(learners, gens.actors, gens.names(), "r1ray_gloo", addr, port, bucket_mb << 20,
+                                    "float32", 1800.0),
                      "handshake")
     watched = [learners.actors[0], *gens.actors]
     ray.get([a.__ray_call__.remote(_start_sampler) for a in watched])

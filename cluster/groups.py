@@ -275,6 +275,22 @@ class Watchdog:
         return RemoteCallError(f"{what}: {owner} raised {describe(error)}{self.doing(owner)}")
 
 
+def unanswered(pings: dict, timeout_s: float) -> list:
+    """The values of ``pings`` (ping object ref -> who) whose ping did not answer "ok" within
+    ``timeout_s``: dead, hung, or failing (e.g. a vLLM engine dead inside a live actor)."""
+    if not pings:
+        return []
+    done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+    out = []
+    for ref, who in pings.items():
+        try:
+            if ref not in done or ray.get(ref, timeout=0) != "ok":
+                out.append(who)
+        except Exception:  # noqa: BLE001 - dead or failing: either way not answering
+            out.append(who)
+    return out
+
+
 def kill_quietly(actor) -> None:
     """``ray.kill`` an actor that may already be gone (or never was: None)."""
     if actor is None:

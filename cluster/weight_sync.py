@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ray
 
-from .groups import CONTROL, ActorGroup
+from .groups import CONTROL, ActorGroup, unanswered
 
 
 class GeneratorsClient:
@@ -23,9 +23,20 @@ class GeneratorsClient:
     ``timeout_s``. Generator ``i`` (``tp`` workers each) holds transfer ranks
     ``1 + i*tp .. (i+1)*tp``; ``version`` is what the next ``finish_weight_update`` labels."""
 
-    def __init__(self, generators: list, workers_per_generator: int = 1, timeout_s: float = 600.0):
+    def __init__(self, generators: list, workers_per_generator: int = 1, timeout_s: float = 600.0,
+                 names: list[str] | None = None, ping_timeout_s: float = 30.0):
         self.generators, self.tp, self.timeout_s = list(generators), workers_per_generator, timeout_s
+        self.names = names or [f"generator {i}" for i in range(len(self.generators))]
+        self.ping_timeout_s = ping_timeout_s
         self.version = 0
+
+    def unreachable(self) -> list[str]:
+        """The generators that do not answer a ping (dead, or hung past ``ping_timeout_s``):
+        learner rank 0 asks before it pauses any generator or opens a rendezvous, so that a
+        generator lost between two transfers costs the others nothing."""
+        pings = {g.ping.options(concurrency_group=CONTROL).remote(): name
+                 for g, name in zip(self.generators, self.names)}
+        return unanswered(pings, self.ping_timeout_s)
 
     def _all(self, method: str, *args, per_actor: list[tuple] | None = None) -> list:
         """``method(*args)`` on every generator (or ``method(*per_actor[i])`` on generator i)."""
@@ -49,11 +60,13 @@ class GeneratorsClient:
         self._all("finish_weight_update", int(weight_version) if weight_version is not None else self.version)
 
 
-def start_transfer(learners: ActorGroup, generators: ActorGroup, backend: str, address: str, port: int,
+def start_transfer(learners: ActorGroup, generators: list, names: list[str], backend: str, address: str, port: int,
                    bucket_bytes: int, dtype: str, timeout_s: float, tensor_parallel_size: int = 1) -> list:
     """Queue the weight-transfer handshake on every learner rank (rank 0 drives the generators):
-    one group of learner rank 0 and every vLLM worker (``tensor_parallel_size`` per generator)."""
-    client = GeneratorsClient(generators.actors, tensor_parallel_size, timeout_s)
+    one group of learner rank 0 and every vLLM worker (``tensor_parallel_size`` per generator)
+    of ``generators`` (actor handles, called ``names``), at ``address:port`` ("" and 0: rank 0's
+    node and a port free there when the handshake runs)."""
+    client = GeneratorsClient(generators, tensor_parallel_size, timeout_s, names)
     return learners.call_all("init_weight_transfer", client, backend, address, port,
                              1 + len(generators) * tensor_parallel_size, bucket_bytes, dtype, timeout_s)
 

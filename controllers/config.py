@@ -69,13 +69,18 @@ class RayConfig:
 @dataclass
 class GeneratorGroupConfig(GeneratorConfig):
     num_actors: int = 1  # started (and placed) before the run begins
-    # Elastic group (backend hf): the driver adds generators up to max_actors whenever the
+    # Elastic group: the driver adds generators up to max_actors whenever the
     # cluster has room (a node joins), replaces lost ones, and `r1ray scale` resizes it within
     # [min_actors, max_actors]. null: num_actors.
     min_actors: int | None = None
     max_actors: int | None = None
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
+
+    def actor_range(self) -> tuple[int, int]:
+        """(min_actors, max_actors), null meaning num_actors."""
+        return (self.num_actors if self.min_actors is None else self.min_actors,
+                self.num_actors if self.max_actors is None else self.max_actors)
 
 
 @dataclass
@@ -438,15 +443,11 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                           f"{gen.tensor_parallel_size}; accepted: at most {gen.tensor_parallel_size} (vLLM would leave "
                           f"{gen.gpus_per_actor - gen.tensor_parallel_size:g} of them idle: raise "
                           "generator.tensor_parallel_size instead)")
-    lo, hi = gen.min_actors or gen.num_actors, gen.max_actors or gen.num_actors
+    lo, hi = gen.actor_range()
     if not 1 <= lo <= gen.num_actors <= hi:
         raise ConfigError(f"config keys 'generator.min_actors' / 'generator.max_actors': got {gen.min_actors!r} / "
                           f"{gen.max_actors!r} with num_actors {gen.num_actors}; accepted: 1 <= min_actors <= "
                           "num_actors <= max_actors (null: num_actors)")
-    if gen.backend == "vllm" and (lo, hi) != (gen.num_actors, gen.num_actors):
-        raise ConfigError(f"config keys 'generator.min_actors' / 'generator.max_actors': got {lo} / {hi} with backend "
-                          "'vllm'; accepted: num_actors for both (null), because a vLLM generator group's weight-transfer "
-                          "group has a fixed size: elastic generators need backend 'hf' for now")
     if gen.backend == "vllm" and g.partial_rollout_tokens:
         raise ConfigError(f"config key 'grpo.partial_rollout_tokens': got {g.partial_rollout_tokens} with generator.backend "
                           "'vllm'; accepted: 0 (vLLM continues requests in flight under new weights itself: "

@@ -13,9 +13,19 @@ left for Ray to re-place: cluster/placement.py says why); the groups it was
 generating go back to the front of the queue with their admission order, so nothing is lost
 or counted twice, and the weight sync in flight stops waiting for it. A new or replaced
 generator takes work only once it holds the newest published weights. Scorers are replaced
-the same way, and their work goes to another scorer. A learner rank, the reference or a
-generator of the ``vllm`` backend (its weight-transfer group has a fixed size) cannot be
+the same way, and their work goes to another scorer. A learner rank or the reference cannot be
 replaced within a step: their loss stops the run, naming them (``--resume`` continues it).
+
+``vllm`` generators receive weights over a collective whose members are fixed when it is
+formed (learner rank 0 and every vLLM worker). The group is formed again, on a fresh port,
+by the first weight sync after its membership changed: a generator that started (its engine is
+up) joins there and takes work once that sync reached it; one that was lost is left out.
+Before each sync learner rank 0 pings the members: when one is gone nothing is sent, no
+generator is paused, and the sync is repeated without it (the step's record and the
+staleness bound wait for it). A generator lost *during* a transfer may leave the others with
+part of the new weights: they are replaced too (their groups re-queued), the weights go to
+their replacements. When no train step will publish soon (the learner waits for generators
+that wait for weights) the current version is sent again (``resync``).
 """
 from __future__ import annotations
 
@@ -24,9 +34,12 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from ..cluster.groups import ActorGroup, RemoteCallError, describe
+from ray.exceptions import RayActorError
+
+from ..cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
 from ..cluster.placement import Bundles
 from .inflight import Work
+from .system import lost_generators
 
 if TYPE_CHECKING:
     from .grpo import GrpoDriver
@@ -40,21 +53,23 @@ class Elastic:
     def __init__(self, driver: "GrpoDriver"):
         self.d, self.system = driver, driver.system
         g = driver.r.generator
-        self.min, self.max = g.min_actors or g.num_actors, g.max_actors or g.num_actors
+        self.min, self.max = g.actor_range()
         self.target = self.max
         self.draining: set[int] = set()  # generators that take no new work and go once idle
         self.failed_starts: Counter = Counter()  # (group, slot) -> replacements that died before joining
         self.counts: Counter = Counter()
         self.control = None  # the run's RunControl actor (``r1ray scale``), polled every heartbeat
         self.polled = 0.0
+        # vllm generators: started ones waiting for a sync to bring them into the transfer group
+        # (slot -> incarnation); each sync's members (slot, incarnation); syncs that delivered nothing
+        self.awaiting: dict[int, int] = {}
+        self.syncs: dict[Work, list[tuple[int, int]]] = {}
+        self.undelivered: set[Work] = set()
         for group in self.groups():
             group.elastic = True
 
     def groups(self) -> list[ActorGroup]:
-        elastic = [self.system.scorers]
-        if not self.system.streams_weights:
-            elastic.append(self.system.generators)
-        return elastic
+        return [self.system.scorers, self.system.generators]
 
     # -- the generator group's size ----------------------------------------------------------
     def active(self) -> list[int]:
@@ -66,8 +81,7 @@ class Elastic:
         return [i for i in self.system.generators.ready() if i not in self.draining]
 
     def resize(self, n: int) -> int:
-        """Aim the generator group at ``n`` actors (clamped to min/max: for the vllm backend both
-        are num_actors, its weight-transfer group's fixed size); returns the target."""
+        """Aim the generator group at ``n`` actors (clamped to min/max); returns the target."""
         clamped = max(self.min, min(self.max, int(n)))
         if clamped != n:
             log.warning("generator group: %d asked, kept within generator.min_actors=%d / max_actors=%d: %d",
@@ -80,8 +94,6 @@ class Elastic:
 
     def reconcile(self) -> None:
         """Add or drain generators until the active ones match the target."""
-        if self.system.streams_weights:
-            return
         gens, placement = self.system.generators, self.system.placement
         active = self.active()
         while len(active) < self.target:
@@ -115,6 +127,7 @@ class Elastic:
                 log.info("generator group: generator-%d removed", i)
 
     def drop_slot(self, i: int) -> None:
+        self.awaiting.pop(i, None)
         for w in [w for w in self.d.inflight.work if w.stage == "join" and w.actor == i]:
             self.d.inflight.remove(w)
         self.system.generators.retire(i)
@@ -137,6 +150,10 @@ class Elastic:
                 group.call(i, "drop", reward, control=True)
             self.ready(group, i)
             return
+        if self.system.streams_weights:  # its engine is up: the next weight sync brings it in
+            self.awaiting[i] = group.incarnation[i]
+            log.info("%s started: it takes work once the next weight sync reaches it", group.name_of(i))
+            return
         version, weights = self.system.weights
         if weights is None or work.version == version:  # nothing published since the start: it has them
             self.ready(group, i)
@@ -151,13 +168,97 @@ class Elastic:
                  f" at policy version {self.system.weights[0]}" if group is self.system.generators else "")
         self.d.flush_requeued()
 
+    # -- weight syncs of vllm generators -----------------------------------------------------
+    def transfer_members(self) -> list[int]:
+        """The generators the next sync sends to: the ready ones and those waiting to join."""
+        gens = self.system.generators
+        return sorted(gens.ready() + [i for i, inc in self.awaiting.items()
+                                      if gens.state[i] == "starting" and gens.incarnation[i] == inc])
+
+    def publish(self, new_version: bool = True) -> Work:
+        """Queue a weight sync (a new version, or the current one again) and watch it."""
+        gens = self.system.generators
+        members = self.transfer_members() if self.system.streams_weights else None
+        forms = members is not None and members != self.system.transfer_members
+        version, refs = self.system.publish_weights(members=members, new_version=new_version)
+        # Every learner rank takes part (ZeRO-3 gathers), though only rank 0 sends: all are watched.
+        who = self.system.learners.names() + (gens.names() if members is None else [gens.name_of(i) for i in members])
+        work = self.d.inflight.submit(Work("sync", refs, version=version, who=who))
+        if forms:  # forming the group (engines' rendezvous) is not what a sync's pace measures
+            work.deadline = max(work.deadline, work.started + self.d.r.ray.call_timeout_s)
+        self.syncs[work] = [(i, gens.incarnation[i]) for i in members or []]
+        return work
+
+    def resync(self) -> None:
+        """Send the current weights again when generators wait for them (or hold older ones
+        after a sync that delivered nothing) and no train step is queued to publish newer ones."""
+        if not self.system.streams_weights or self.d.training or any(w.stage == "sync" for w in self.d.inflight.work):
+            return
+        if self.d.books.confirmed < self.system.version or any(
+                i in self.transfer_members() for i in self.awaiting):
+            work = self.publish(new_version=False)
+            log.info("weights of version %d sent again, to %s (no train step is coming to publish newer ones)",
+                     work.version, ", ".join(self.system.generators.name_of(i) for i, _ in self.syncs[work])
+                     or "no generator")
+
+    def synced(self, work: Work) -> bool:
+        """A sync finished: True when the weights reached its generators (those that waited to
+        join are ready now); False when they reached none (see the module's note)."""
+        gens = self.system.generators
+        members = self.syncs.pop(work, [])
+        if work in self.undelivered:
+            self.undelivered.discard(work)
+            return False
+        if lost := lost_generators(work.value or []):
+            log.warning("weight sync of version %d: %s did not answer a ping; nothing was sent, it is sent again "
+                        "without them", work.version, ", ".join(lost))
+            self.system.transfer_members = None
+            for i, inc in members:
+                if gens.name_of(i) in lost and gens.incarnation[i] == inc:
+                    self.actor_lost(gens, i, "did not answer a ping before a weight sync")
+            return False
+        for i, inc in members:
+            if self.awaiting.get(i) == inc and gens.incarnation[i] == inc and gens.state[i] == "starting":
+                del self.awaiting[i]
+                self.ready(gens, i)
+        return True
+
+    def transfer_broken(self, work: Work, ref, error: BaseException) -> bool:
+        """Learner rank 0's transfer failed: True when a generator of it was lost (then every
+        member that may hold part of the weights is replaced), False to stop the run."""
+        gens = self.system.generators
+        members = [(i, inc) for i, inc in self.syncs.get(work, []) if gens.incarnation[i] == inc and gens.state[i] != "gone"]
+        gone = {i for i, inc in self.syncs.get(work, []) if (i, inc) not in members}
+        gone |= set(self.silent(gens, [i for i, _ in members]))
+        if not gone or self.system.learners.probe(self.system.watchdog.timeout_s):
+            return False  # no generator was lost (or a learner rank was): not a loss to repair here
+        names = ", ".join(gens.name_of(i) for i in sorted(gone))
+        log.warning("weight sync of version %d failed with %s gone (%s); the generators that took part may hold part "
+                    "of the weights: they are replaced too", work.version, names, describe(error))
+        for i, _ in members:
+            self.actor_lost(gens, i, "died during a weight sync" if i in gone else f"took part in a weight sync that "
+                            f"{names} broke", lost=i in gone)
+        self.system.transfer_members = None
+        self.undelivered.add(work)
+        work.drop(ref)
+        return True
+
+    def silent(self, group: ActorGroup, slots: list[int]) -> list[int]:
+        """Those of ``slots`` that do not answer a ping (dead, hung, or a vLLM engine that died
+        inside a live actor), within the liveness timeout."""
+        pings = {group.call(i, "ping", control=True): i for i in slots}
+        return unanswered(pings, min(30.0, self.system.watchdog.timeout_s))
+
     # -- losses ------------------------------------------------------------------------------
-    def actor_lost(self, group: ActorGroup, i: int, why: str) -> None:
-        """A dead or hung actor of an elastic group (watchdog): replace it, re-queue its work."""
+    def actor_lost(self, group: ActorGroup, i: int, why: str, lost: bool = True) -> None:
+        """A dead or hung actor of an elastic group (watchdog): replace it, re-queue its work.
+        ``lost=False``: a live actor replaced for the group's sake (not counted as lost)."""
         if group.state[i] == "gone":
             return
         was = group.state[i]
-        self.counts[f"{group.name}/lost"] += 1
+        if group is self.system.generators:
+            self.awaiting.pop(i, None)
+        self.counts[f"{group.name}/lost" if lost else f"{group.name}/replaced"] += 1
         log.warning("%s %s: %s", group.name_of(i), why, "replacing it" if i not in self.draining else "removed")
         for w in [w for w in self.d.inflight.work if i == w.actor and w.stage in ("generate", "score", "join")
                   and self._group_of(w) is group]:
@@ -170,7 +271,7 @@ class Elastic:
             self.draining.discard(i)
             self.drop_slot(i)
             return
-        if was == "starting":
+        if was == "starting" and lost:
             self.failed_starts[(group.name, i)] += 1
             if self.failed_starts[(group.name, i)] >= MAX_FAILED_STARTS:
                 raise RemoteCallError(f"{group.name_of(i)}: {MAX_FAILED_STARTS} replacements in a row died before "
@@ -182,6 +283,8 @@ class Elastic:
         """A new actor in slot ``i``, in a new reservation of its placement group: the old one
         may be on a node that died, which Ray would re-place only by busy-looping (see
         cluster/placement.py); where its node lives, the new one is placed at once."""
+        if group is self.system.generators:
+            self.awaiting.pop(i, None)
         for w in [w for w in self.d.inflight.work if w.stage == "join" and w.actor == i and self._group_of(w) is group]:
             self.d.inflight.remove(w)
         self.system.placement.renew(group.name_of(i))
@@ -198,11 +301,28 @@ class Elastic:
             self.restart(*starting[name])
 
     def work_lost(self, work: Work, ref, error: BaseException) -> bool:
-        """A ref of ``work`` failed because its actor died: True when that actor was elastic
-        (replaced, the work re-queued or the ref dropped), False to stop the run."""
+        """A ref of ``work`` failed: True when its actor was elastic and is lost (dead, or alive
+        with a dead vLLM engine: replaced, the work re-queued or the ref dropped) or when a lost
+        generator broke a vllm weight sync (``transfer_broken``); False to stop the run."""
+        if work.stage == "sync" and self.system.streams_weights and self.system.learners.owner(ref) is not None:
+            return self.transfer_broken(work, ref, error)
         group = self._group_of(work, ref)
         if group is None or not group.elastic:
             return False
+        if not isinstance(error, RayActorError):
+            # the actor lives but raised: lost only if it is unhealthy (a dead vLLM engine), else a bug
+            i, incarnation = group.slot_of(ref) or (work.actor, group.incarnation[work.actor])
+            if work.stage not in ("generate", "score"):
+                return False
+            current = incarnation == group.incarnation[i] and group.state[i] != "gone"
+            if current and not self.silent(group, [i]):
+                return False
+            if work in self.d.inflight.work:
+                self.d.inflight.remove(work)
+                self.d.requeue_work(work)
+            if current:
+                self.actor_lost(group, i, f"raised {describe(error)} and fails its pings")
+            return True
         i, incarnation = group.slot_of(ref) or (work.actor, group.incarnation[work.actor])
         if work.stage == "sync":
             work.drop(ref)

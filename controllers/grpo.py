@@ -113,6 +113,7 @@ class GrpoDriver:
             self.elastic.heartbeat(self.r.ray.heartbeat_s)
             self.admit()
             self.maybe_train()
+            self.elastic.resync()
             work = self.inflight.next_done()
             if work.stage == "join":
                 self.elastic.on_join(work)
@@ -125,12 +126,12 @@ class GrpoDriver:
                 self.on_referenced(work)
             elif work.stage == "train":
                 self.on_trained(work)
-            else:
-                record = self.on_synced(work)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}",
-                                         stale=f"{record['staleness/mean']:.2f}")
+            elif self.elastic.synced(work):  # (a sync that reached no generator is sent again)
+                for record in self.on_synced(work):
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}",
+                                             stale=f"{record['staleness/mean']:.2f}")
         self.finish()
         self.t1, self.wall1 = time.perf_counter(), time.time()
         self.system.watchdog.doing = lambda name: ""
@@ -240,15 +241,12 @@ class GrpoDriver:
                     "finish_reason": r.finish_reason})
         self.tally({"samples/interrupted": sum(len(set(r.versions)) > 1 for r in rollouts)})
         self.check_rewards()
-        version, refs = self.system.publish_weights()
+        version = self.elastic.publish().version
         if self.checkpoints is not None and self.checkpoints.due(step):
             # Queued behind the weight export, before the next batch: the state after exactly this step.
             self.saving[version] = (self.system.learners.call_all("save_checkpoint", str(self.checkpoints.dir),
                                                                   tag_for(step)),
                                     self.state(step, version, max(g.seq for g in work.groups)))
-        # Every learner rank takes part (ZeRO-3 gathers), though only rank 0 sends: all are watched.
-        learners = self.system.learners.names()
-        self.inflight.submit(Work("sync", refs, version=version, who=learners + self.system.generators.names()))
         window, self.window_counts = dict(self.window_counts), Counter()
         staleness = [work.version - r.version for r in rollouts]
         now = time.perf_counter()
@@ -266,26 +264,31 @@ class GrpoDriver:
                                                  "reward": r.reward, "scores": r.scores,
                                                  "versions": sorted(set(r.versions))})
 
-    def on_synced(self, work: Work) -> dict:
+    def on_synced(self, work: Work) -> list[dict]:
+        """The generators hold ``work.version``: the records of the steps up to it are written
+        (more than one when an earlier sync reached no generator and this one caught up)."""
         self.books.confirm(work.version)
-        record = self.unsynced.pop(work.version)
-        record["time/weight_sync_s"] = time.perf_counter() - work.started
-        every = self.r.eval.every_steps
-        if self.evaluate is not None and every and record["step"] % every == 0:
-            # The generators hold exactly this step's weights now. The loop waits meanwhile, so
-            # the work in flight gets the evaluation's time added to its deadlines.
-            t0 = time.perf_counter()
-            record.update(self.evaluate(record["step"]))
-            record["time/eval_s"] = time.perf_counter() - t0
-            self.inflight.postpone(record["time/eval_s"])
-        self.metrics.write(record, prefix="grpo/")
-        self.ray_metrics.record(record)
-        self.records.append(record)
-        if work.version in self.saving:  # the step's record is written: the checkpoint may be committed
-            refs, state = self.saving.pop(work.version)
-            self.system.learners.get(refs, "save_checkpoint")
-            self.checkpoints.commit(state)  # the jsonl files are written line by line, unbuffered
-        return record
+        written = []
+        for version in sorted(v for v in self.unsynced if v <= work.version):
+            record = self.unsynced.pop(version)
+            record["time/weight_sync_s"] = time.perf_counter() - work.started
+            every = self.r.eval.every_steps
+            if self.evaluate is not None and every and record["step"] % every == 0:
+                # The generators hold exactly this step's weights now. The loop waits meanwhile, so
+                # the work in flight gets the evaluation's time added to its deadlines.
+                t0 = time.perf_counter()
+                record.update(self.evaluate(record["step"]))
+                record["time/eval_s"] = time.perf_counter() - t0
+                self.inflight.postpone(record["time/eval_s"])
+            self.metrics.write(record, prefix="grpo/")
+            self.ray_metrics.record(record)
+            self.records.append(record)
+            if version in self.saving:  # the step's record is written: the checkpoint may be committed
+                refs, state = self.saving.pop(version)
+                self.system.learners.get(refs, "save_checkpoint")
+                self.checkpoints.commit(state)  # the jsonl files are written line by line, unbuffered
+            written.append(record)
+        return written
 
     def state(self, step: int, version: int, last_seq: int) -> dict:
         """What a resumed run needs besides the learners' state: every group admitted up to the

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import ray
-from ray.exceptions import RayActorError
 
 from ..cluster.groups import RemoteCallError, Watchdog
 
@@ -94,11 +93,11 @@ class InFlight:
                 work = next(w for w in self.work if done[0] in w.pending)
                 try:
                     work.values[done[0]] = ray.get(done[0], timeout=0)
-                except RayActorError as e:
+                except Exception as e:  # noqa: BLE001 - every failure becomes one named error
+                    # the driver may repair the work of a lost actor (dead, or its vLLM engine dead)
+                    # or a weight sync a lost generator broke; anything else ends the run
                     if self.on_lost is None or not self.on_lost(work, done[0], e):
                         raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
-                except Exception as e:  # noqa: BLE001 - every failure becomes one named error
-                    raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
                 work.pending.discard(done[0])
                 if work in self.work and not work.pending:
                     return self._finished(work)

@@ -10,7 +10,7 @@ from ..actors.reference import Reference
 from ..actors.scorer import RewardScorer, ScorerConfig
 from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ..cluster import control
-from ..cluster.groups import ActorGroup, Watchdog, kill_quietly, rendezvous_on
+from ..cluster.groups import ActorGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
 from ..cluster.placement import Bundles, Placement
 from ..cluster.weight_sync import start_broadcast, start_transfer
 from .config import Recipe
@@ -72,6 +72,8 @@ class System:
         self.placement: Placement | None = None
         self.control = None  # the run's RunControl actor (r1ray scale)
         self.weights: tuple[int, object] = (0, None)  # newest published version, its export (hf generators)
+        # vllm generators: the slots in the weight-transfer group (None: it must be formed again)
+        self.transfer_members: list[int] | None = None
         self.startup_s: dict[str, float] = {}
 
     @property
@@ -129,12 +131,9 @@ class System:
                 group.wait_ready()
                 self.startup_s[name] = time.perf_counter() - t0
         if self.streams_weights and self.training and self.rollout:
-            addr, port = rendezvous_on(self.learners.actors[0])
-            backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
-            self.learners.get(start_transfer(self.learners, self.generators, backend, addr, port,
-                                             r.generator.bucket_mb << 20, r.generator.dtype, self.timeout,
-                                             r.generator.tensor_parallel_size),
-                              "weight-transfer handshake (learner rank 0 and the generators)")
+            opened = self.learners.get(self.form_transfer(self.generators.ready()),
+                                       "weight-transfer handshake (learner rank 0 and the generators)")
+            check_delivered(opened, "weight-transfer handshake")
             self.startup_s["weight_transfer"] = time.perf_counter() - t0
         self.control = control.start(ns)
         # Liveness checks from now on (an actor still in its constructor cannot answer a ping).
@@ -150,16 +149,40 @@ class System:
     def groups(self) -> list[ActorGroup]:
         return [g for g in (self.learners, self.generators, self.scorers, self.reference) if g is not None]
 
-    def publish_weights(self, include_reference: bool = False) -> tuple[int, list]:
+    def form_transfer(self, members: list[int]) -> list:
+        """Queue the (re-)forming of the weight-transfer group: learner rank 0 and the vLLM
+        generators in slots ``members``, on rank 0's node and a port it picks then (the handshake
+        runs on the learners in queue order, after the work queued before it: nothing waits
+        here). Returns the learners' object refs."""
+        r = self.r
+        backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
+        self.transfer_members = list(members)
+        return start_transfer(self.learners, [self.generators.actors[i] for i in members],
+                              [self.generators.name_of(i) for i in members], backend, "", 0,
+                              r.generator.bucket_mb << 20, r.generator.dtype, self.timeout,
+                              r.generator.tensor_parallel_size)
+
+    def publish_weights(self, include_reference: bool = False, members: list[int] | None = None,
+                        new_version: bool = True) -> tuple[int, list]:
         """The one place the policy version goes up: queue the learner's export of its current
         weights as version + 1 and every receiver's load; nothing waits here.
 
-        Returns the new version and the object refs that are done when every receiver has it
-        (optionally the reference too, re-anchored to these weights)."""
-        self.version += 1
+        vllm generators: the weights go to those in slots ``members`` (default: the ready
+        ones), and the transfer group is formed again first when they are not its members.
+        ``new_version=False`` sends the current version again (to generators that joined).
+
+        Returns the version and the object refs that are done when every receiver has it
+        (optionally the reference too, re-anchored to these weights); with vllm generators,
+        the learners' results say which generators were lost instead (``check_delivered``)."""
+        if new_version:
+            self.version += 1
         refs, receivers = [], []
         if self.streams_weights:  # learner rank 0 broadcasts to the generators and waits for them
-            refs = self.learners.call_all("send_weights", self.version)
+            members = sorted(self.generators.ready() if members is None else members)
+            if members != self.transfer_members:
+                refs = self.form_transfer(members)
+            refs += self.learners.call_all("send_weights", self.version)
+            self.weights = (self.version, None)
         else:
             receivers.append((self.generators, "load_weights", (self.version,)))
         if include_reference and self.reference is not None:
@@ -175,7 +198,7 @@ class System:
         """``publish_weights`` and wait for every receiver; returns the seconds it took."""
         t0 = time.perf_counter()
         _, refs = self.publish_weights(include_reference)
-        self.learners.get(refs, "weight broadcast")
+        check_delivered(self.learners.get(refs, "weight broadcast"), "weight broadcast")
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:
@@ -185,3 +208,13 @@ class System:
         kill_quietly(self.control)
         if self.placement is not None:
             self.placement.remove()
+
+
+def lost_generators(values: list) -> list[str]:
+    """The generators a weight transfer found gone (the learners' results; [] for the hf path)."""
+    return sorted({name for v in values if isinstance(v, dict) for name in v.get("lost", [])})
+
+
+def check_delivered(values: list, what: str) -> None:
+    if lost := lost_generators(values):
+        raise RemoteCallError(f"{what}: {', '.join(lost)} did not answer a ping: the weights reached no generator")

@@ -82,11 +82,18 @@ def test_code_is_shipped_to_joined_clusters_unless_turned_off():
     (["sampling.temperature=0.55"], "accepted: the value of sampling.temperature (0.55)"),
     (["learner.loss.off_policy=is"], "one of 'none', 'decoupled', 'tis'"),
     (["ray.ship_code=sometimes"], "'ray.ship_code': got 'sometimes'; accepted: true or false"),
+    (["generator.max_actors=0"], "accepted: 1 <= min_actors <= num_actors <= max_actors"),
+    (["generator.min_actors=2"], "'generator.min_actors' / 'generator.max_actors': got 2 / None with num_actors 1"),
 ])
 def test_bad_configs_name_the_key_value_and_what_is_accepted(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_recipe(TINY, override)
     assert fragment in str(e.value)
+
+
+def test_vllm_generator_groups_may_be_elastic():
+    r = load_recipe(TINY, ["generator.backend=vllm", "generator.max_actors=3"])
+    assert (r.generator.num_actors, r.generator.max_actors) == (1, 3)
 
 
 def test_gpu_recipe_validates_for_its_cluster_and_not_for_this_machine():

