@@ -256,8 +256,6 @@ class Elastic:
         if group.state[i] == "gone":
             return
         was = group.state[i]
-        if group is self.system.generators:
-            self.awaiting.pop(i, None)
         self.counts[f"{group.name}/lost" if lost else f"{group.name}/replaced"] += 1
         log.warning("%s %s: %s", group.name_of(i), why, "replacing it" if i not in self.draining else "removed")
         for w in [w for w in self.d.inflight.work if i == w.actor and w.stage in ("generate", "score", "join")
