@@ -1,6 +1,7 @@
 """Turning rollouts into padded tensors and per-token log-probs (shared by learner and reference)."""
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -76,21 +77,55 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return Packed(ids, attn, cmask)
 
 
-def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048):
+def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048,
+                   logits_dtype: str = "float32"):
     """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``
     (0 off the completion positions).
 
     The LM head runs only on completion positions, ``chunk_tokens`` at a time, each chunk's
     logits in fp32 and, with gradients, recomputed in backward (activation checkpointing): the
     full ``[B, L, V]`` logits of a micro-batch (``B x L x 150k x 4`` bytes for a Qwen
-    vocabulary) never exist at once. ``entropy`` "log" (no gradient) or "grad" also returns each
+    vocabulary) never exist at once. ``logits_dtype`` "model": the head's matmul runs in the
+    model's dtype and its logits are upcast (what vLLM and transformers do: bf16 logits);
+    "float32": the matmul itself in fp32 (no rounding of the logits to bf16's 8-bit mantissa). ``entropy`` "log" (no gradient) or "grad" also returns each
     position's entropy ``logsumexp(z) - sum softmax(z) z``. ``model`` is an HF causal LM or a
     DeepSpeed engine around one.
     """
     module = getattr(model, "module", model)
+    if module is not model:  # a DeepSpeed engine: this runs as its module's forward, see engine_forward
+        return engine_forward(model, _token_logprobs, packed, temperature, entropy, chunk_tokens, logits_dtype)
+    return _token_logprobs(module, module, packed, temperature, entropy, chunk_tokens, logits_dtype)
+
+
+def engine_forward(engine, fn, *args):
+    """``fn(module, forward, *args)`` run as the forward of ``engine.module`` through ``engine.forward``.
+
+    DeepSpeed expects every forward to go through the engine: ZeRO-3 advances its micro-step
+    (without which each micro-batch's gradient *replaces* the previous one instead of adding
+    to it) and ZeRO-1/2 clear their accumulation state in ``engine.forward``, and ZeRO-3's
+    prefetch restarts its trace in the root module's forward pre-hook. The log-probs need the
+    decoder and a chunked LM head, not the model's own forward (which would build the full
+    logits), so ``fn`` stands in as the root module's forward for this one call: the module's
+    hooks fire around it as around any forward (DeepSpeed's hybrid engine swaps ``forward``
+    the same way); ``forward`` is the module's own, for ``fn`` to call inside."""
+    module = engine.module
+    own = module.__dict__.get("forward")  # an instance-level forward is put back afterwards
+    forward = own or types.MethodType(type(module).forward, module)
+    module.forward = lambda *a: fn(module, forward, *a)
+    try:
+        return engine(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def _token_logprobs(module, forward, packed: Packed, temperature: float, entropy: str, chunk_tokens: int,
+                    logits_dtype: str):
     cfg = getattr(module, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return _full_token_logprobs(model, packed, temperature, entropy)  # heads that post-process logits
+        return _full_token_logprobs(forward, packed, temperature, entropy)  # heads that post-process logits
     hidden = module.get_decoder()(**packed.model_inputs(), use_cache=False).last_hidden_state[:, :-1]
     mask = packed.completion_mask.bool()
     where = mask.reshape(-1).nonzero().squeeze(-1)
@@ -102,7 +137,7 @@ def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str
     logps, ents = [], []
     for start in range(0, h.shape[0], chunk_tokens):
         args = (head, h[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature,
-                want, entropy == "grad")
+                want, entropy == "grad", logits_dtype == "float32" and h.dtype != torch.float32)
         if grad:
             lp, ent = torch.utils.checkpoint.checkpoint(_head_chunk, *args, use_reentrant=False)
         else:
@@ -118,8 +153,8 @@ def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str
     return logp, ent
 
 
-def _head_chunk(head, h, targets, temperature: float, want_entropy: bool, entropy_grad: bool):
-    logits = head(h).float()
+def _head_chunk(head, h, targets, temperature: float, want_entropy: bool, entropy_grad: bool, fp32: bool = False):
+    logits = _fp32_head(head, h) if fp32 else head(h).float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
@@ -129,6 +164,20 @@ def _head_chunk(head, h, targets, temperature: float, want_entropy: bool, entrop
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, ent
+
+
+def _fp32_head(head, h):
+    """``head(h)`` with the matmul in fp32. Called through the module, so that ZeRO-3's hooks
+    gather the head's weight as for any forward (also when checkpointing recomputes it)."""
+    def fp32_linear(x):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(x.float(), head.weight.float(), bias)
+
+    head.forward = fp32_linear
+    try:
+        return head(h)
+    finally:
+        del head.forward
 
 
 def _full_token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no"):

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from .batching import attention_kwargs, pack, token_logprobs
-from .packing import SftExample, sft_batch
+from .packing import SftExample, one_row, sft_batch, uses_flash_attention
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .rollout import TrainSample
 from .spans import SpanLog
@@ -54,6 +54,9 @@ class LearnerConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     threads_per_rank: int = 1  # torch intra-op threads on CPU
+    # The LM head's matmul for log-probs: "model" (its dtype, logits upcast after: as vLLM
+    # computes the behaviour log-probs) or "float32" (see actors/batching.token_logprobs).
+    logits_dtype: Literal["model", "float32"] = "model"
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig | None = None  # r1ray sft only (ZeRO-0/1/2): merged into every HF checkpoint
@@ -247,20 +250,30 @@ class LearnerRank:
         number of DeepSpeed micro-steps."""
         t0 = time.perf_counter()
         gas = self._set_micro_batches(len(items))
+        work = [(mb, 1.0) for mb in _micro_batches(items, self.cfg.micro_batch_size)]
+        work += [(items[:1], 0.0)] * (gas - len(work))  # ranks with fewer items still complete the step
         self.engine.train()
-        for mb_index, mb in enumerate(_micro_batches(items, self.cfg.micro_batch_size)):
-            loss, stats = loss_fn(mb)
+        norm = None
+        for k, (mb, weight) in enumerate(work):
+            loss, stats = loss_fn(mb, weight=weight)
             self.engine.backward(loss, scale_wrt_gas=False)
+            if k == len(work) - 1:
+                norm = self._grad_norm_before_step()
             self.engine.step()
-            total.add(stats)
-        for _ in range(gas - mb_index - 1):  # ranks with fewer items still complete the step
-            loss, _ = loss_fn(items[:1], weight=0.0)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
-        total.grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            if weight:
+                total.add(stats)
+        total.grad_norm = float(self.engine.get_global_grad_norm() or norm or 0.0)
         total.lr = float(self.scheduler.get_last_lr()[0])
         total.time_s += time.perf_counter() - t0
         return total
+
+    def _grad_norm_before_step(self) -> float | None:
+        """ZeRO-0 in fp32 clips with torch's ``clip_grad_norm_`` and keeps no norm to report
+        (``get_global_grad_norm`` is None): the norm of the reduced gradients, before that step."""
+        if self.cfg.zero_stage != 0 or self.cfg.dtype != "float32":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
     def sft_step(self, rows: list[list[SftExample]], global_tokens: int) -> SftStats:
         """Cross-entropy on the trained (assistant) tokens of ``rows``: one example each, or several
@@ -285,8 +298,10 @@ class LearnerRank:
         return total
 
     def _sft_loss(self, mb: list[list[SftExample]], global_tokens: int, weight: float):
+        if len(mb) > 1 and any(len(r) > 1 for r in mb) and uses_flash_attention(self.engine.module):
+            mb = one_row(mb)  # packed rows would attend across examples under FlashAttention
         batch = sft_batch(mb, self.pad_id).to(self.device)
-        nll = -(token_logprobs(self.engine, batch) * batch.completion_mask).sum()
+        nll = -(token_logprobs(self.engine, batch, logits_dtype=self.cfg.logits_dtype) * batch.completion_mask).sum()
         stats = SftStats(nll_sum=float(nll.detach()), tokens=sum(len(e.ids) for r in mb for e in r),
                          slots=batch.input_ids.numel())
         return nll / global_tokens * self.world_size * weight, stats
@@ -320,7 +335,8 @@ class LearnerRank:
         keep = torch.tensor([[float(s.in_loss)] for s in mb], device=self.device)
         packed = packed.to(self.device)
         mask = packed.completion_mask * keep
-        logp, entropy = token_logprobs(self.engine, packed, lc.temperature, "grad" if lc.entropy_coef else "log")
+        logp, entropy = token_logprobs(self.engine, packed, lc.temperature, "grad" if lc.entropy_coef else "log",
+                                       logits_dtype=self.cfg.logits_dtype)
         tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref, mask)
         loss = aggregate(tok_loss, mask, lc.loss_type, denom)
         if lc.entropy_coef:

@@ -58,6 +58,19 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
+def uses_flash_attention(model) -> bool:
+    """Whether ``model`` attends through a FlashAttention kernel. transformers reads per-example
+    position ids as packed sequences there only in a batch of one row (its
+    ``_is_packed_sequence``); SDPA and eager find the examples in every row."""
+    return "flash" in (getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+
+
+def one_row(rows: Sequence[Sequence[SftExample]]) -> list[list[SftExample]]:
+    """Packed rows as a single row (FlashAttention's varlen path): the same examples, the same
+    losses, no padding between rows."""
+    return [[e for r in rows for e in r]]
+
+
 def sft_batch(rows: Sequence[Sequence[SftExample]], pad_id: int) -> Packed:
     """Rows of examples as one right-padded batch. A row of one example uses an attention mask;
     any batch with a packed row uses position ids reset per example (and pads as a segment of

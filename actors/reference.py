@@ -10,7 +10,7 @@ from .spans import SpanLog
 
 class Reference:
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 32,
-                 temperature: float = 1.0, threads: int = 1, device: str | None = None):
+                 temperature: float = 1.0, threads: int = 1, device: str | None = None, logits_dtype: str = "model"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,7 +21,7 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                           **attention_kwargs(dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
-        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.micro_batch_size, self.temperature, self.logits_dtype = micro_batch_size, temperature, logits_dtype
         self.spans = SpanLog()
 
     def __repr__(self) -> str:
@@ -44,7 +44,7 @@ class Reference:
         for i in range(0, len(samples), self.micro_batch_size):
             mb = samples[i : i + self.micro_batch_size]
             packed = pack([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
-            lp = token_logprobs(self.model, packed.to(self.device), self.temperature)
+            lp = token_logprobs(self.model, packed.to(self.device), self.temperature, logits_dtype=self.logits_dtype)
             out.extend(packed.gather(lp.cpu()))
         return out
 

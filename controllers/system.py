@@ -117,7 +117,7 @@ class System:
             self.reference = ActorGroup("reference", Reference, 1,
                                         lambda i: ((self.model_path, "float32" if r.learner.dtype == "float32" else "bfloat16",
                                                     rc.micro_batch_size, r.learner.loss.temperature,
-                                                    r.learner.threads_per_rank), {}),
+                                                    r.learner.threads_per_rank), {"logits_dtype": r.learner.logits_dtype}),
                                         num_cpus=rc.cpus, num_gpus=rc.gpus, timeout_s=self.timeout, namespace=ns,
                                         scheduling=place)
         infos = [{"params": 0}]
