@@ -48,6 +48,11 @@ class GeneratorConfig:
     bucket_mb: int = 512  # weight-transfer bucket: learner rank 0 broadcasts at most this much at a time
     max_requests: int = 256  # generate calls (prompt groups) one vLLM generator takes at once
     tensor_parallel_size: int = 1  # vLLM: GPUs per generator, tensor-parallel inside the actor
+    # vLLM's scheduler: sequences decoded together and tokens per engine step. null: vLLM's
+    # default for an engine built from AsyncEngineArgs (its ENGINE_CONTEXT), which is 128 / 2048
+    # on every device: an H100 wants about 1024 / 16384 (what vLLM's LLM class picks there).
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
 
 
 class Generator:
@@ -325,6 +330,7 @@ class _VllmEngine:
             model=model_path, dtype=cfg.dtype, max_model_len=cfg.max_model_len, enforce_eager=enforce_eager,
             seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             # tensor parallelism in worker processes of this actor, on the GPUs Ray gave it
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes

@@ -425,6 +425,14 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("learner.cpus_per_rank", lc.cpus_per_rank), ("generator.cpus_per_actor", gen.cpus_per_actor),
                        ("scorer.cpus_per_actor", r.scorer.cpus_per_actor), ("reference.cpus", r.reference.cpus)]:
         _positive(key, value)
+    for key, value in [("generator.max_num_seqs", gen.max_num_seqs),
+                       ("generator.max_num_batched_tokens", gen.max_num_batched_tokens)]:
+        if value is not None:
+            _positive(key, value)
+    if gen.max_num_seqs and gen.max_num_batched_tokens and gen.max_num_batched_tokens < gen.max_num_seqs:
+        raise ConfigError(f"config key 'generator.max_num_batched_tokens': got {gen.max_num_batched_tokens} with "
+                          f"max_num_seqs {gen.max_num_seqs}; accepted: at least max_num_seqs (vLLM schedules one "
+                          "token of every running sequence per step)")
     for key, value in [("learner.gpus_per_rank", lc.gpus_per_rank), ("generator.gpus_per_actor", gen.gpus_per_actor),
                        ("reference.gpus", r.reference.gpus)]:
         if value < 0 or value != int(value):

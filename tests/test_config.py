@@ -84,6 +84,9 @@ def test_code_is_shipped_to_joined_clusters_unless_turned_off():
     (["ray.ship_code=sometimes"], "'ray.ship_code': got 'sometimes'; accepted: true or false"),
     (["generator.max_actors=0"], "accepted: 1 <= min_actors <= num_actors <= max_actors"),
     (["generator.min_actors=2"], "'generator.min_actors' / 'generator.max_actors': got 2 / None with num_actors 1"),
+    (["generator.max_num_seqs=0"], "'generator.max_num_seqs': got 0"),
+    (["generator.max_num_seqs=64", "generator.max_num_batched_tokens=32"], "accepted: at least max_num_seqs"),
+    (["learner.logits_dtype=bfloat16"], "one of 'model', 'float32'"),
 ])
 def test_bad_configs_name_the_key_value_and_what_is_accepted(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -99,6 +102,9 @@ def test_vllm_generator_groups_may_be_elastic():
 def test_gpu_recipe_validates_for_its_cluster_and_not_for_this_machine():
     r = load_recipe("configs/qwen2.5-1.5b-h100.yaml", cpus=128, gpus=8)
     assert r.generator.backend == "vllm" and r.learner.dtype == "bfloat16"
+    # vLLM's H100 batch, not AsyncEngineArgs' 128 / 2048; generation streams past the train step
+    assert (r.generator.max_num_seqs, r.generator.max_num_batched_tokens) == (1024, 16384)
+    assert r.grpo.max_staleness == 1
     with pytest.raises(ConfigError, match="GPUs"):
         load_recipe("configs/qwen2.5-1.5b-h100.yaml", cpus=128, gpus=4)
 

@@ -53,7 +53,8 @@ def _trainer(gen, model, bucket_bytes):
 def vllm_setup(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=192), seed=0)
+    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=192, max_num_seqs=48,
+                                                max_num_batched_tokens=1536), seed=0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     # 16 KiB buckets: the tiny model (~1.4 MB) goes in dozens of them, some tensors alone.
     client, trainer = _trainer(gen, model, 16 << 10)
@@ -73,6 +74,14 @@ def test_behaviour_logprobs_match_the_reference_model(vllm_setup, tiny_model):
     ref = Reference(tiny_model, temperature=0.7).logprobs([TrainSample.of(r) for r in out])
     for r, lp in zip(out, ref):
         assert lp == pytest.approx(r.logprobs, abs=1e-3)
+
+
+def test_scheduler_limits_reach_the_engine(vllm_setup):
+    """generator.max_num_seqs / max_num_batched_tokens are vLLM's, not AsyncEngineArgs' defaults
+    (128 / 2048 in its ENGINE_CONTEXT, whatever the device)."""
+    gen, *_ = vllm_setup
+    scheduler = gen._engine.engine.vllm_config.scheduler_config
+    assert (scheduler.max_num_seqs, scheduler.max_num_batched_tokens) == (48, 1536)
 
 
 def test_behaviour_logprobs_equal_the_learners(vllm_setup, tiny_model):
