@@ -43,7 +43,9 @@ def _validate(doc, schema):
 
 
 @pytest.mark.parametrize("manifest,crd", [("raycluster.yaml", "ray.io_rayclusters.yaml"),
-                                          ("rayjob.yaml", "ray.io_rayjobs.yaml")])
+                                          ("rayjob.yaml", "ray.io_rayjobs.yaml"),
+                                          ("raycluster-single-node.yaml", "ray.io_rayclusters.yaml"),
+                                          ("rayjob-single-node.yaml", "ray.io_rayjobs.yaml")])
 def test_manifests_are_valid_kuberay_v1(manifest, crd):
     _validate(yaml.safe_load((MANIFESTS / manifest).read_text()), _schema(crd))
 
@@ -55,11 +57,15 @@ def test_a_misspelt_field_is_caught():
         _validate(doc, _schema("ray.io_rayclusters.yaml"))
 
 
-def test_the_rayjob_launches_the_raycluster_spec():
-    """rayjob.yaml carries raycluster.yaml's spec as it is (a copy that could drift)."""
-    cluster = yaml.safe_load((MANIFESTS / "raycluster.yaml").read_text())
-    job = yaml.safe_load((MANIFESTS / "rayjob.yaml").read_text())
+@pytest.mark.parametrize("layout", ["", "-single-node"])
+def test_the_rayjob_launches_the_raycluster_spec(layout):
+    """rayjob.yaml carries raycluster.yaml's spec as it is (a copy that could drift); the same
+    for the single-node pair."""
+    cluster = yaml.safe_load((MANIFESTS / f"raycluster{layout}.yaml").read_text())
+    job = yaml.safe_load((MANIFESTS / f"rayjob{layout}.yaml").read_text())
     assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+    plain = yaml.safe_load((MANIFESTS / "rayjob.yaml").read_text())["spec"]
+    assert job["spec"]["entrypoint"] == plain["entrypoint"]
 
 
 def _gpus(group):
@@ -100,3 +106,19 @@ def test_manifests_agree_with_the_recipe(manifest):
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and mounts["dshm"] == "/dev/shm"
         assert mounts["shared"] == "/mnt/shared" and "persistentVolumeClaim" in volumes["shared"]
         assert {"name": "HF_HOME", "value": "/mnt/shared/hf-cache"} in tpl["containers"][0]["env"]
+
+
+@pytest.mark.parametrize("manifest", ["raycluster-single-node.yaml", "rayjob-single-node.yaml"])
+def test_the_single_node_layout_holds_the_whole_recipe_in_one_pod(manifest):
+    """Learners, reference and generators in one 8-GPU pod: the weight broadcast stays on NVLink."""
+    doc = yaml.safe_load((MANIFESTS / manifest).read_text())
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    r = load_recipe(str(RECIPE), cpus=1024, gpus=64)
+    (node,) = spec["workerGroupSpecs"]
+    lc, gen = r.learner, r.generator
+    assert _gpus(node) == lc.num_ranks * lc.gpus_per_rank + r.reference.gpus + gen.num_actors * gen.gpus_per_actor == 8
+    assert _cpus(node) >= (lc.num_ranks * lc.cpus_per_rank + r.reference.cpus + gen.num_actors * gen.cpus_per_actor
+                           + r.scorer.num_actors * r.scorer.cpus_per_actor)
+    assert node["minReplicas"] == node["maxReplicas"] == node["replicas"] == 1
+    assert spec["enableInTreeAutoscaling"] is False and spec["authOptions"]["mode"] == "token"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # nothing placed on the head
