@@ -78,18 +78,19 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 
 
 def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048,
-                   logits_dtype: str = "float32"):
+                   logits_dtype: str = "model"):
     """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``
     (0 off the completion positions).
 
     The LM head runs only on completion positions, ``chunk_tokens`` at a time, each chunk's
-    logits in fp32 and, with gradients, recomputed in backward (activation checkpointing): the
+    softmax in fp32 and, with gradients, recomputed in backward (activation checkpointing): the
     full ``[B, L, V]`` logits of a micro-batch (``B x L x 150k x 4`` bytes for a Qwen
     vocabulary) never exist at once. ``logits_dtype`` "model": the head's matmul runs in the
     model's dtype and its logits are upcast (what vLLM and transformers do: bf16 logits);
-    "float32": the matmul itself in fp32 (no rounding of the logits to bf16's 8-bit mantissa). ``entropy`` "log" (no gradient) or "grad" also returns each
-    position's entropy ``logsumexp(z) - sum softmax(z) z``. ``model`` is an HF causal LM or a
-    DeepSpeed engine around one.
+    "float32": the matmul itself in fp32 (no rounding of the logits to bf16's 8-bit mantissa).
+    ``entropy`` "log" (no gradient) or "grad" also returns each position's entropy
+    ``logsumexp(z) - sum softmax(z) z``. ``model`` is an HF causal LM or a DeepSpeed engine
+    around one.
     """
     module = getattr(model, "module", model)
     if module is not model:  # a DeepSpeed engine: this runs as its module's forward, see engine_forward
