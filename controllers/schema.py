@@ -5,6 +5,7 @@ Errors name the full key, the value and what is accepted, and are raised before 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -52,6 +53,12 @@ def coerce(tp, value: Any, key: str):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None  # before a dataclass member, which would build its defaults from None
+        members = get_args(tp)
+        if float in members and int not in members and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return coerce(float, value, key)  # a number for a number-or-null key: say why it is refused
+        sections = [a for a in members if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:
+            return coerce(sections[0], value, key)  # a section: its own error names the key inside it
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -87,7 +94,13 @@ def coerce(tp, value: Any, key: str):
         raise _fail(key, value, "an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+            if not math.isfinite(number):
+                raise _fail(key, value, "a finite number (not NaN or infinite)")
+            return number
         raise _fail(key, value, "a number")
     if tp is str:
         if isinstance(value, str):

@@ -87,6 +87,8 @@ def test_code_is_shipped_to_joined_clusters_unless_turned_off():
     (["generator.max_num_seqs=0"], "'generator.max_num_seqs': got 0"),
     (["generator.max_num_seqs=64", "generator.max_num_batched_tokens=32"], "accepted: at least max_num_seqs"),
     (["learner.logits_dtype=bfloat16"], "one of 'model', 'float32'"),
+    (["scorer.memory_mb=0"], "'scorer.memory_mb': got 0"),
+    (["scorer.memory_mb=lots"], "'scorer.memory_mb': got 'lots'; accepted: an integer or one of 'auto' or null"),
 ])
 def test_bad_configs_name_the_key_value_and_what_is_accepted(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -169,3 +171,34 @@ def test_a_stop_whose_keyboard_interrupt_was_swallowed_is_raised_again():
         interrupt.requested = None
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _float_keys(cls, prefix=""):
+    """Every key of the recipe schema whose type admits a float (optional ones too)."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        for arg in args:
+            if dataclasses.is_dataclass(arg):
+                yield from _float_keys(arg, key + ".")
+            elif arg is float:
+                yield key
+
+
+def test_every_float_key_refuses_nan_and_infinity():
+    from r1ray.controllers.config import Recipe
+
+    keys = sorted(set(_float_keys(Recipe)))
+    assert len(keys) > 40 and "learner.optim.lr" in keys and "learner.loss.delta" in keys
+    for key in keys:
+        for bad in (".nan", ".inf", "-.inf", "1" + "0" * 400):
+            with pytest.raises(ConfigError) as e:
+                load_recipe(TINY, [f"{key}={bad}"])
+            assert f"'{key}'" in str(e.value) and "finite" in str(e.value), (key, bad, str(e.value))
+    with pytest.raises(ConfigError, match=r"'rewards\[0\].weight'.*finite"):
+        load_recipe(TINY, ["rewards=[{name: accuracy, weight: .nan}]"])
