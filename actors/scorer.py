@@ -33,7 +33,10 @@ class ScorerConfig:
     workers_per_actor: int = 2  # verifier processes per scorer actor
     timeout_s: float = 10.0  # hard wall-clock limit per completion and function
     cpus_per_actor: float = 0.25
-    memory_mb: int | None = None  # address-space cap of each verifier process (None: no cap)
+    # Address-space cap of each verifier process, in MB: "auto" shares half the node's memory
+    # among num_actors x workers_per_actor verifiers (1-16 GiB each); null: no cap. A function
+    # over it scores None and is counted as an error; the run goes on.
+    memory_mb: int | Literal["auto"] | None = "auto"
     # A reward that times out on this many completions in a row within one scoring call is not
     # run on the rest of that call (counted as timeouts); 0: run every completion.
     max_timeouts_in_a_row: int = 8
@@ -61,8 +64,10 @@ class RewardScorer:
         check_specs(specs)
         self.specs, self.cfg = list(specs), cfg
         self.dropped: set[str] = set()
+        self.memory_mb = (rewards.auto_memory_mb(cfg.num_actors * cfg.workers_per_actor) if cfg.memory_mb == "auto"
+                          else cfg.memory_mb)
         self.pool = rewards.VerifierPool(num_workers=cfg.workers_per_actor, timeout_s=cfg.timeout_s,
-                                         memory_mb=cfg.memory_mb, max_timeouts_in_a_row=cfg.max_timeouts_in_a_row)
+                                         memory_mb=self.memory_mb, max_timeouts_in_a_row=cfg.max_timeouts_in_a_row)
         self.spans = SpanLog()
 
     def __repr__(self) -> str:

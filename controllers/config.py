@@ -345,7 +345,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("ray.connect_timeout_s", r.ray.connect_timeout_s), ("ray.deadline_factor", r.ray.deadline_factor),
                        ("ray.deadline_min_s", r.ray.deadline_min_s), ("ray.heartbeat_s", r.ray.heartbeat_s),
                        ("ray.liveness_timeout_s", r.ray.liveness_timeout_s),
-                       *([("scorer.memory_mb", r.scorer.memory_mb)] if r.scorer.memory_mb is not None else [])]:
+                       *([("scorer.memory_mb", r.scorer.memory_mb)] if isinstance(r.scorer.memory_mb, int) else [])]:
         _positive(key, value)
     for key, value in [("grpo.steps", g.steps), ("sft.steps", r.sft.steps), ("grpo.max_staleness", g.max_staleness),
                        ("grpo.groups_per_request", g.groups_per_request),

@@ -198,10 +198,10 @@ class AnswerCheck(Step):
         return ["correct", "answers"]
 
     def load(self) -> None:
-        from ..rewards.isolation import VerifierPool
+        from ..rewards.isolation import VerifierPool, auto_memory_mb
 
         super().load()
-        self._pool = VerifierPool(self.workers, self.timeout_s)
+        self._pool = VerifierPool(self.workers, self.timeout_s, memory_mb=auto_memory_mb(self.workers))
 
     def unload(self) -> None:
         if self._pool is not None:

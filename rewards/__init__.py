@@ -7,7 +7,7 @@
         pool.score("accuracy", {}, completions, {"solution": [...]})
 """
 
-from .isolation import ScoreResult, VerifierPool
+from .isolation import ScoreResult, VerifierPool, auto_memory_mb
 from .registry import get, names
 
-__all__ = ["ScoreResult", "VerifierPool", "get", "names"]
+__all__ = ["ScoreResult", "VerifierPool", "auto_memory_mb", "get", "names"]

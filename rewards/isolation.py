@@ -67,6 +67,15 @@ class ScoreResult:
     answers: list[str | None] = field(default_factory=list)
 
 
+def auto_memory_mb(workers: int) -> int:
+    """The default cap of one verifier worker: half this node's physical memory shared by
+    ``workers`` verifier processes, at least 1 GiB and at most 16 GiB each. A reward function
+    that allocates past it fails with MemoryError (scored None, counted) instead of taking the
+    node from the learners and generators."""
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return int(min(16384, max(1024, total_mb // 2 // max(1, workers))))
+
+
 class VerifierPool:
     """Persistent verifier workers with a hard per-completion time limit.
 
@@ -234,11 +243,12 @@ class VerifierPool:
 
     def _crashed(self, slot: int, job: "_Job") -> None:
         worker = self._workers[slot]
-        code = worker.process.exitcode
+        worker.process.join(timeout=2.0)  # its pipe closed before it was reaped: wait for the status
+        code = _exit_status(worker.process.exitcode)
         if worker.task is not None:
-            job.fail(worker.task[1], "crashed", f"crashed its worker (exit code {code})")
+            job.fail(worker.task[1], "crashed", f"crashed its worker (exit status: {code})")
         elif not worker.ready:
-            self._start_failed(slot, f"died before it was ready (exit code {code}); see its stderr")
+            self._start_failed(slot, f"died before it was ready (exit status: {code}); see its stderr")
             return
         self._replace(slot)
 
@@ -396,7 +406,9 @@ def _worker_main(conn, memory_mb: int | None) -> None:
             conn.send(("ok", task_id, (*_as_scores(out, len(completions)), answers)))
         except BaseException as e:  # noqa: BLE001 - user code may raise anything, SystemExit included
             # One line, not a traceback: the parent logs only the first one.
-            conn.send(("error", task_id, _describe_exception(e)))
+            cap = f" (over the verifier worker's memory cap of {memory_mb} MB)" \
+                if isinstance(e, MemoryError) and memory_mb else ""
+            conn.send(("error", task_id, _describe_exception(e) + cap))
 
 
 def _exit_with_parent() -> None:
@@ -453,6 +465,18 @@ def _as_score(x):
     except (TypeError, ValueError, OverflowError):
         return _INVALID
     return value if math.isfinite(value) else _INVALID
+
+
+def _exit_status(code: int | None) -> str:
+    """A worker's exit status as it was: a code, a signal's name, or still running."""
+    if code is None:
+        return "none yet: still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return str(code)
 
 
 def _describe_exception(e: BaseException) -> str:

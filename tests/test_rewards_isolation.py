@@ -168,6 +168,7 @@ def test_crashes_and_exceptions_are_errors_not_failures_of_the_pool(pool, caplog
     assert result.scores == [None, None, None, 2.0]
     assert sorted(result.errors) == [0, 1, 2] and result.timeouts == []
     assert "a bug in the reward" in caplog.text and "s-crash" in caplog.text
+    assert "crashed its worker (exit status: 3)" in caplog.text  # the status it exited with, never "None"
 
 
 def test_a_bad_return_value_is_an_error(pool):
@@ -456,3 +457,40 @@ def test_a_reward_that_keeps_timing_out_is_not_run_on_the_rest_of_the_call(plugi
         # a good completion between timeouts resets the count
         result = one.score(plugin("misbehave"), {}, ["hang", "ok", "hang", "ok", "ok"], {})
         assert result.timeouts == [0, 2] and result.scores == [0.0, 2.0, 0.0, 2.0, 2.0]
+
+
+def test_reward_workers_have_a_memory_cap_by_default(plugin_dir):
+    """scorer.memory_mb "auto": half the node's memory over the verifiers. A plug-in that asks
+    for more than its share scores None, is counted with the cap named, and the next completion
+    is scored by the same pool; null turns the cap off."""
+    from r1ray.actors.rollout import Rollout
+    from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
+
+    cfg = ScorerConfig(num_actors=1, workers_per_actor=1, timeout_s=20.0)
+    assert cfg.memory_mb == "auto"
+    cap = rewards.auto_memory_mb(1)
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    assert 1024 <= cap <= 16384 and cap <= max(1024, total_mb // 2)
+    assert rewards.auto_memory_mb(64) == max(1024, min(16384, total_mb // 2 // 64))
+    over = textwrap.dedent(f"""
+        def greedy(completions, **kwargs):
+            return [float(len(bytearray({cap + 512} * 2**20))) if c[-1]["content"] == "big" else 1.0
+                    for c in completions]
+    """)
+    (plugin_dir / "r1ray_plugin_greedy.py").write_text(over)
+    scorer = RewardScorer([RewardSpec("r1ray_plugin_greedy:greedy", 1.0)], cfg)
+    try:
+        assert scorer.memory_mb == cap
+        rollouts = [Rollout(f"p/{i}", "p", [1], [2], [0.0], [0], "stop", text=t) for i, t in enumerate(["big", "small"])]
+        for r in rollouts:  # one call each: the failure does not take the next call down
+            scored, stats = scorer.score([r])
+            key = "r1ray_plugin_greedy:greedy"
+            if r.text == "big":
+                assert scored[0].scores[key] is None and stats[f"{key}/errors"] == 1
+            else:
+                assert scored[0].scores[key] == 1.0 and stats[f"{key}/errors"] == 0
+    finally:
+        scorer.close()
+    with VerifierPool(num_workers=1, timeout_s=10.0, memory_mb=1024) as small:
+        result = small.score(plugin("misbehave"), {}, ["alloc"], {})
+    assert result.errors == [0] and "memory cap of 1024 MB" in result.first_error
