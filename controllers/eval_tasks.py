@@ -169,14 +169,14 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
                                      "problem_column": cfg.problem_column, "answer_column": cfg.answer_column,
                                      "problems": count, "rows": len(rows), "system_prompt": system or None},
                 cfg.num_samples)
-    overlap = []
+    overlap, empty, too_long = [], [], []
     for i in range(count):
         row = rows[i]
         problem, gold = row[cfg.problem_column], row[cfg.answer_column]
-        for column, value in ((cfg.problem_column, problem), (cfg.answer_column, gold)):
-            if value is None or not str(value).strip():
-                raise ConfigError(f"config key '{key}' ({cfg.name}): row {i}, column {column!r} is empty; accepted: "
-                                  "a problem and an answer in every row")
+        blank = [c for c, v in ((cfg.problem_column, problem), (cfg.answer_column, gold)) if v is None or not str(v).strip()]
+        if blank:
+            empty.append(f"{i} ({', '.join(map(repr, blank))})")
+            continue
         if training_problems is not None and normalise(problem) in training_problems:
             overlap.append(i)
             continue
@@ -184,17 +184,29 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         ids = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
         if len(ids) >= max_model_len:
-            raise ConfigError(f"config key '{key}' ({cfg.name}): row {i}'s prompt is {len(ids)} tokens, which leaves "
-                              f"no room to answer within generator.max_model_len={max_model_len}; accepted: a larger "
-                              "generator.max_model_len, or a task with shorter problems")
+            too_long.append(f"{i} ({len(ids)} tokens)")
+            continue
         task.prompts.append({"prompt_id": f"{cfg.name}-{i}", "prompt_ids": ids,
                              "columns": {"answer": str(answer), "problem": str(problem), "prompt": msgs, "row": i}})
+    where = f"config key '{key}' ({cfg.name})"
+    if empty:
+        raise ConfigError(f"{where}: {len(empty)} of its {count} rows have an empty problem or answer: rows "
+                          f"{_listed(empty)}; accepted: a problem and an answer in every row")
+    if too_long:
+        raise ConfigError(f"{where}: {len(too_long)} of its {count} prompts leave no room to answer within "
+                          f"generator.max_model_len={max_model_len}: rows {_listed(too_long)}; accepted: a larger "
+                          "generator.max_model_len, or a task with shorter problems")
     if overlap:
-        raise ConfigError(f"config key '{key}' ({cfg.name}): {len(overlap)} of its {count} problems are in the training "
-                          f"data (rows {', '.join(map(str, overlap[:5]))}{', ...' if len(overlap) > 5 else ''}; e.g. "
-                          f"{str(rows[overlap[0]][cfg.problem_column])[:80]!r}); accepted: held-out problems only, "
-                          "so the score measures generalisation, not memory")
+        raise ConfigError(f"{where}: {len(overlap)} of its {count} problems are in the training data: rows "
+                          f"{_listed(overlap)} (e.g. {str(rows[overlap[0]][cfg.problem_column])[:80]!r}); accepted: "
+                          "held-out problems only, so the score measures generalisation, not memory")
     return task
+
+
+def _listed(items: list, limit: int = 20) -> str:
+    """Every item, or the first ``limit`` and how many more."""
+    shown = ", ".join(map(str, items[:limit]))
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 def training_problems(recipe: Recipe, tiny_dir: Path | None) -> set[str]:

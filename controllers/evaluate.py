@@ -240,12 +240,15 @@ def write_results(results: dict[str, dict], out_dir: Path, checkpoint: str) -> d
 
 
 def table(combined: dict) -> str:
-    """The combined results as a text table: one row per task, pass@1 and the widest pass@k / maj@k."""
-    rows = [("task", "problems", "n", "pass@1", "pass@k", "maj@k", "answered", "truncated", "tokens")]
+    """The combined results as a text table: one row per task, the problems evaluated and those
+    left out (a gold answer that could not be parsed), pass@1 and the widest pass@k / maj@k."""
+    rows = [("task", "problems", "left out", "n", "pass@1", "pass@k", "maj@k", "answered", "truncated", "tokens")]
     for name, r in combined["tasks"].items():
         n = r["num_samples"]
         k = max((int(key[5:]) for key in r if key.startswith("pass@")), default=1)
-        rows.append((name, str(r["problems"]), str(n), f"{r['pass@1']:.3f}",
+        left_out = r.get("gold_unparsed", 0)  # gold answers that could not be parsed: not in pass@k
+        rows.append((name, str(r["problems"] - left_out), f"{left_out} (gold unparsed)" if left_out else "0", str(n),
+                     f"{r['pass@1']:.3f}",
                      f"{r[f'pass@{k}']:.3f} (k={k})" if k > 1 else "-",
                      f"{r[f'maj@{k}']:.3f} (k={k})" if f"maj@{k}" in r else "-",
                      f"{r['answered']:.2f}", f"{r['truncated']:.2f}", f"{r['completion_tokens/mean']:.0f}"))

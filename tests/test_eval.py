@@ -80,6 +80,11 @@ def test_task_report_averages_problems_and_leaves_out_unparsed_gold():
     assert r["pass@2"] == pytest.approx((0.5 + 1.0) / 2)
     assert r["maj@4"] == pytest.approx((0.0 + 1.0) / 2)  # "2" beats the right "1" on the first problem
     assert r["answered"] == pytest.approx(7 / 12) and r["truncated"] == pytest.approx(3 / 12)
+    from r1ray.controllers.evaluate import table
+
+    header, _, row = table({"tasks": {"t": r}}).splitlines()  # the console says what pass@k is over
+    assert header.split()[:4] == ["task", "problems", "left", "out"]
+    assert row.split()[:5] == ["t", "2", "1", "(gold", "unparsed)"]
 
 
 # -- answer extraction ---------------------------------------------------------------------------
@@ -177,13 +182,18 @@ def test_tasks_are_checked_before_anything_starts(tiny_world, tokenizer, tmp_pat
     r = _recipe(tiny_world, [{"task": "generic", "path": math_file, "answer_column": "solution"}])
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\].*no column 'solution'.*problem, answer"):
         load_task(r.eval.tasks[0], 0, r, tokenizer, 256)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text('{"problem": "1+1", "answer": ""}\n')
+    empty = tmp_path / "empty.jsonl"  # every bad row named, up to 20, then a count
+    empty.write_text("".join(json.dumps({"problem": "1+1" if i % 3 else "", "answer": "" if i % 2 else "2"}) + "\n"
+                             for i in range(70)))
     r = _recipe(tiny_world, [{"task": "generic", "path": str(empty)}])
-    with pytest.raises(ConfigError, match=r"row 0, column 'answer' is empty"):
+    with pytest.raises(ConfigError) as e:
         load_task(r.eval.tasks[0], 0, r, tokenizer, 256)
+    bad = [i for i in range(70) if i % 3 == 0 or i % 2]
+    assert f"{len(bad)} of its 70 rows have an empty problem or answer: rows 0 ('problem'), 1 ('answer'), 3 " \
+           f"('problem', 'answer')" in str(e.value)
+    assert f"and {len(bad) - 20} more" in str(e.value) and f" {bad[19]} (" in str(e.value) and f" {bad[20]} (" not in str(e.value)
     r = _recipe(tiny_world, [{"task": "generic", "path": math_file}])
-    with pytest.raises(ConfigError, match=r"row 0's prompt is \d+ tokens.*max_model_len=16"):
+    with pytest.raises(ConfigError, match=r"of its \d+ prompts leave no room.*max_model_len=16: rows 0 \(\d+ tokens\), 1 "):
         load_task(r.eval.tasks[0], 0, r, tokenizer, 16)
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\].path.*does not exist"):
         r = _recipe(tiny_world, [{"task": "generic", "path": str(tmp_path / "missing.jsonl")}])
@@ -200,7 +210,7 @@ def test_a_task_overlapping_the_training_data_is_refused(tiny_world, tokenizer, 
     from r1ray.controllers.eval_tasks import load_tasks
 
     r = _recipe(tiny_world, [{"task": "generic", "name": "leaky", "path": str(leaked)}])
-    with pytest.raises(ConfigError, match=r"leaky.*3 of its 4 problems are in the training data \(rows 0, 1, 2"):
+    with pytest.raises(ConfigError, match=r"leaky.*3 of its 4 problems are in the training data: rows 0, 1, 2 \(e.g."):
         load_tasks(r, tokenizer, tiny_world, check_overlap=True)
     r = _recipe(tiny_world, [{"task": "heldout", "max_problems": 50}])
     [task] = load_tasks(r, tokenizer, tiny_world, check_overlap=True)  # the tiny world's test split is held out
