@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from ..actors.packing import SftExample
 from .config import TINY, DataConfig, Recipe
+from .data_check import check_data_file, check_local_path
 from .schema import ConfigError
 from .sft_data import render_conversation
 
@@ -113,6 +114,7 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
             raise ConfigError(f"config key 'data.path': got {cfg.path!r}: {where} does not exist"
                               f"{f' (the nearest existing folder is {parent})' if parent else ''}; "
                               f"accepted: {ACCEPTED_PATHS}")
+        check_local_path(where, "data.path", ACCEPTED_PATHS)
     else:
         try:
             return datasets.load_dataset(cfg.path, cfg.name)
@@ -127,6 +129,8 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
                 key = {cfg.train_split: "data.train_split", cfg.test_split: "data.test_split"}.get(split, "data.path")
                 raise ConfigError(f"config key '{key}': split {split!r} of {cfg.path} has no rows ({file} is empty); "
                                   "accepted: a split with at least one row")
+            check_local_path(Path(file), "data.path", ACCEPTED_PATHS)
+            check_data_file(Path(file), "data.path")
         try:
             return datasets.load_dataset(files[0], data_files=files[1])
         except Exception as e:  # noqa: BLE001 - unreadable or malformed files: the user's to fix
@@ -148,20 +152,26 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _data_files(where: Path) -> tuple[str, dict] | None:
+def _data_files(where: Path, key: str = "data.path") -> tuple[str, dict] | None:
     """(datasets builder, split -> files) for a data file (its one split is "train") or a folder
-    of files named by split (train.jsonl, test.parquet, ...); None for a save_to_disk folder."""
+    of files named by split (train.jsonl, test.parquet, ...); None for a save_to_disk folder.
+    A file of another kind, or a folder mixing kinds, is refused."""
     if where.is_file():
-        builder = _BUILDERS.get(where.suffix)
-        return (builder, {"train": str(where)}) if builder else None
+        builder = _BUILDERS.get(where.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"config key '{key}': {where} is a {where.suffix or 'extension-less'} file; accepted: "
+                              f"{ACCEPTED_PATHS}")
+        return builder, {"train": str(where)}
     if (where / "dataset_dict.json").exists() or (where / "state.json").exists():
         return None
-    found = {p.stem: p for p in sorted(where.iterdir()) if p.suffix in _BUILDERS}
+    found = {p.stem: p for p in sorted(where.iterdir()) if p.suffix.lower() in _BUILDERS and p.is_file()}
     if not found:
         return None
-    builders = {_BUILDERS[p.suffix] for p in found.values()}
+    builders = {_BUILDERS[p.suffix.lower()] for p in found.values()}
     if len(builders) > 1:
-        return None
+        raise ConfigError(f"config key '{key}': {where} mixes data files of several kinds "
+                          f"({', '.join(p.name for p in found.values())}); accepted: the splits as files of one "
+                          "kind (train.jsonl, test.jsonl, ...)")
     return builders.pop(), {split: str(p) for split, p in found.items()}
 
 

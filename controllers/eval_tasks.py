@@ -81,6 +81,7 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
 
     from .config import TINY
     from .data import _data_files, _first_line, _looks_local
+    from .data_check import check_data_file, check_local_path
 
     path = cfg.path
     try:
@@ -90,19 +91,24 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
             return datasets.load_from_disk(str(Path(tiny_dir) / "data"))[cfg.split]
         if _looks_local(path):
             where = Path(path).expanduser()
+            accepted = "a jsonl, json, parquet or csv file, a save_to_disk folder, or a hub dataset name"
             if not where.exists():
-                raise ConfigError(f"config key '{key}.path': got {path!r}: {where} does not exist; accepted: a jsonl, "
-                                  "json, parquet or csv file, a save_to_disk folder, or a hub dataset name")
+                raise ConfigError(f"config key '{key}.path': got {path!r}: {where} does not exist; accepted: {accepted}")
+            check_local_path(where, f"{key}.path", accepted)
             if where.is_dir():
-                files = _data_files(where)  # a folder of split files (train.jsonl, test.jsonl, ...)
+                files = _data_files(where, f"{key}.path")  # a folder of split files (train.jsonl, test.jsonl, ...)
                 if files is not None:
+                    for file in files[1].values():
+                        check_local_path(Path(file), f"{key}.path", accepted)
+                        check_data_file(Path(file), f"{key}.path")
                     return datasets.load_dataset(files[0], data_files=files[1])[cfg.split]
                 ds = datasets.load_from_disk(str(where))
                 return ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(where.suffix)
             if builder is None:
-                raise ConfigError(f"config key '{key}.path': got {path!r}; accepted: a .jsonl, .json, .parquet or .csv "
-                                  "file, a save_to_disk folder, or a hub dataset name")
+                raise ConfigError(f"config key '{key}.path': {where} is a {where.suffix or 'extension-less'} file; "
+                                  f"accepted: {accepted}")
+            check_data_file(where, f"{key}.path")
             return datasets.load_dataset(builder, data_files=str(where), split="train")
         return datasets.load_dataset(path, cfg.subset, split=cfg.split)
     except ConfigError:
