@@ -442,10 +442,12 @@ class LearnerRank:
                     raise
         return {"seconds": time.perf_counter() - t0, "lost": lost}
 
-    def save_checkpoint(self, path: str, tag: str) -> str:
+    def save_checkpoint(self, path: str, tag: str) -> dict:
         """DeepSpeed checkpoint of the training state (every rank calls this: each writes its
         optimizer shard): weights, optimizer moments, the lr scheduler, and this rank's RNG
-        states, so that a resumed run continues as this one would have."""
+        states, so that a resumed run continues as this one would have. Returns the size and
+        sha256 of the files this rank wrote (rank 0: also those no rank's name is in), so the
+        ranks hash their shards in parallel: ``{"path": ..., "files": {name: record}}``."""
         import random
 
         import numpy as np
@@ -455,7 +457,23 @@ class LearnerRank:
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
             torch.save(rng, os.path.join(path, tag, f"rng_rank{self.rank}.pt"))
-        return os.path.join(path, tag)
+            return {"path": os.path.join(path, tag), "files": self._own_files(os.path.join(path, tag))}
+
+    def _own_files(self, folder: str) -> dict:
+        """Size and sha256 of the files of ``folder`` that this rank wrote: DeepSpeed's and ours
+        name the rank (``zero_pp_rank_1_...``, ``rng_rank1.pt``; ``mp_rank_00`` is the model-parallel
+        rank, not ours); rank 0 takes the files that name none."""
+        import hashlib
+        import re
+
+        out = {}
+        for name in sorted(os.listdir(folder)):
+            m = re.search(r"(?<!mp_)rank_?(\d+)", name)
+            full = os.path.join(folder, name)
+            if os.path.isfile(full) and (int(m.group(1)) if m else 0) == self.rank:
+                with open(full, "rb") as f:
+                    out[name] = {"size": os.path.getsize(full), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        return out
 
     def load_checkpoint(self, path: str, tag: str) -> None:
         """Restore what ``save_checkpoint`` wrote (all ranks; same world size)."""

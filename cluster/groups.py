@@ -51,9 +51,16 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)}"
 
 
-def first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 2000) -> str:
+    """The message's first line, whole; past ``limit`` characters cut at a word and said so."""
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return f"{cut} ... ({len(line) - len(cut)} more characters)"
 
 
 def split(items: list, parts: int) -> list[list]:

@@ -7,6 +7,11 @@ Layout, under the run directory::
     checkpoints/step-000040/driver.json  the driver's state, written last: a checkpoint without it
                                        is incomplete (the run died while saving) and is ignored
 
+``driver.json`` also lists every other file of the checkpoint with its size and sha256 (the
+learner ranks hash the files they wrote, in parallel; the driver hashes the rest). Resuming
+verifies the newest checkpoint against that list and falls back to the newest intact one,
+saying which file was wrong and how; with none intact it refuses, naming them.
+
 The driver's state is what makes the resumed run consume the same data in the same order:
 the step, the policy version, the prompts consumed so far and how many prompts the sampler had
 handed out up to the last consumed group (groups admitted after it were in flight; they are
@@ -14,6 +19,7 @@ admitted again, in the same order).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -42,11 +48,13 @@ class Checkpoints:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def commit(self, state: dict) -> Path:
-        """Write the driver's state into the step's directory (which the learners filled), then
-        delete all but the newest ``keep_last`` complete checkpoints (and incomplete older ones)."""
+    def commit(self, state: dict, files: dict | None = None) -> Path:
+        """Write the driver's state into the step's directory (which the learners filled), with
+        the size and sha256 of every file in it (``files``: those the learners hashed; the driver
+        hashes the rest), then delete all but the newest ``keep_last`` complete checkpoints (and
+        incomplete older ones)."""
         path = self.dir / tag_for(state["step"])
-        write_json_atomic(path / STATE, state)
+        write_json_atomic(path / STATE, {**state, "files": manifest(path, files)})
         complete = [p for p in self.steps() if (p / STATE).exists()]
         for old in self.steps():
             if old not in complete[-self.keep:] and _step(old) < state["step"]:
@@ -62,13 +70,66 @@ class Checkpoints:
         return sorted((p for p in self.dir.iterdir() if _STEP_DIR.match(p.name)), key=_step)
 
     def latest(self) -> dict | None:
-        """The newest complete checkpoint's driver state (with ``path`` and ``tag``), or None."""
+        """The newest intact checkpoint's driver state (with ``path`` and ``tag``), or None when
+        there is no complete one. A damaged one (a file missing, cut short or changed since it
+        was written) is skipped with a warning naming the file; ConfigError when every complete
+        checkpoint is damaged."""
+        damaged = []
         for path in reversed(self.steps()):
-            if (path / STATE).exists():
+            if not (path / STATE).exists():
+                log.warning("checkpoint %s is incomplete (no %s: the run stopped while saving it): skipped", path, STATE)
+                continue
+            try:
                 state = json.loads((path / STATE).read_text())
+            except (OSError, ValueError) as e:
+                problem = f"{STATE} cannot be read ({type(e).__name__}: {e})"
+            else:
+                problem = verify(path, state.get("files"))
+            if problem is None:
+                if damaged:
+                    log.warning("resuming from %s, the newest intact checkpoint", path)
+                state.pop("files", None)
                 return {**state, "path": str(path), "tag": path.name}
-            log.warning("checkpoint %s is incomplete (no %s: the run stopped while saving it): skipped", path, STATE)
+            log.warning("checkpoint %s is damaged: %s; trying an older one", path, problem)
+            damaged.append(f"{path.name}: {problem}")
+        if damaged:
+            raise ConfigError(f"--resume: no intact checkpoint in {self.dir}: " + "; ".join(damaged) +
+                              "; accepted: a run directory with an intact checkpoint (restore the damaged files), "
+                              "or start a new run")
         return None
+
+
+def file_record(path: Path) -> dict:
+    """What a checkpoint remembers of one of its files."""
+    with open(path, "rb") as f:
+        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def manifest(step_dir: Path, known: dict | None = None) -> dict:
+    """Every file under ``step_dir`` but driver.json (paths relative to it): the records in
+    ``known``, the others hashed here."""
+    known = dict(known or {})
+    for f in sorted(step_dir.rglob("*")):
+        rel = f.relative_to(step_dir).as_posix()
+        if f.is_file() and rel != STATE and rel not in known:
+            known[rel] = file_record(f)
+    return dict(sorted(known.items()))
+
+
+def verify(step_dir: Path, files: dict | None) -> str | None:
+    """None when every file listed is there with its size and checksum; else what is wrong with
+    the first that is not. A checkpoint written before checkpoints listed their files passes."""
+    for rel, want in (files or {}).items():
+        f = step_dir / rel
+        if not f.is_file():
+            return f"{rel} is missing (expected {want['size']} bytes)"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, expected {want['size']} (cut short or changed since it was written)"
+        found = file_record(f)["sha256"]
+        if found != want["sha256"]:
+            return f"{rel} has sha256 {found}, expected {want['sha256']} (changed since it was written)"
+    return None
 
 
 def _step(path: Path) -> int:

@@ -285,8 +285,9 @@ class GrpoDriver:
             self.records.append(record)
             if version in self.saving:  # the step's record is written: the checkpoint may be committed
                 refs, state = self.saving.pop(version)
-                self.system.learners.get(refs, "save_checkpoint")
-                self.checkpoints.commit(state)  # the jsonl files are written line by line, unbuffered
+                saved = self.system.learners.get(refs, "save_checkpoint")
+                files = {name: record for part in saved for name, record in part["files"].items()}
+                self.checkpoints.commit(state, files)  # the jsonl files are written line by line, unbuffered
             written.append(record)
         return written
 

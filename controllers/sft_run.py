@@ -89,8 +89,9 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
 
     from ..cluster import runtime
     from .data import load_dataset_dict
-    from .train import (check_output_dir, close_run, connect, ended, prepare_model, run_dir_for, signals_ignored,
-                        stop_on_sigterm)
+    from .metrics import read_json
+    from .train import (check_output_dir, close_run, connect, ended, prepare_model, resume_outcome, run_dir_for,
+                        signals_ignored, stop_on_sigterm)
 
     t_start = time.perf_counter()
     if not recipe.sft.steps and recipe.sft.epochs is None:
@@ -108,6 +109,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
     cfg = dataclasses.replace(recipe.sft, steps=sft_steps(recipe, data), stop_at_pass_rate=None)
     checkpoints = Checkpoints(resume or Path("."), recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
     state = checkpoints.latest() if resume is not None else None
+    before = read_json(resume / "summary.json") if resume is not None else None
     if resume is not None and state is None:
         log.warning("%s has no complete SFT checkpoint (checkpoint.every_steps=%d): starting again from step 0",
                     resume, recipe.checkpoint.every_steps)
@@ -141,10 +143,11 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
             if not checkpoints.due(step) or step == cfg.steps:
                 return
             tag = tag_for(step)
-            system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
+            saved = system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
             system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
             checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
-                                "truncation": dataclasses.asdict(truncation)})
+                                "truncation": dataclasses.asdict(truncation)},
+                               {name: record for part in saved for name, record in part["files"].items()})
 
         resume_at = None
         if state is not None:
@@ -163,6 +166,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
         with signals_ignored():
             summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
             metrics.close()
+            summary = resume_outcome(before, summary, progressed=metrics.count > 0)
             close_run(system, run_dir, summary)
     return summary
 

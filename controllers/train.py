@@ -300,8 +300,19 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
             sft_metrics.close()
             if summary["status"] == "interrupted" and recipe.checkpoint.on_interrupt and summary["stage"] in ("sft", "grpo"):
                 save_interrupted(system, run_dir, summary)
+            summary = resume_outcome(previous["summary"] if previous else None, summary,
+                                     progressed=metrics.count > 0 or sft_metrics.count > 0)
             close_run(system, run_dir, summary)
     return summary
+
+
+def resume_outcome(previous: dict | None, summary: dict, progressed: bool) -> dict:
+    """What summary.json keeps after a resume: a resumed run that failed or was stopped before
+    its first new step leaves the outcome the run had recorded (completed, interrupted, failed)
+    as it was, and notes the attempt under ``last_resume``."""
+    if not previous or progressed or summary.get("status") == "completed":
+        return summary
+    return {**previous, "last_resume": {k: summary[k] for k in ("status", "error", "signal") if k in summary}}
 
 
 def ended(summary: dict, e: BaseException, run_dir: Path) -> None:

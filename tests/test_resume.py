@@ -35,7 +35,10 @@ def test_a_learner_restored_from_a_checkpoint_takes_the_same_next_step(tiny_mode
     a.start_phase(lr=1e-2, warmup_steps=4)
     for _ in range(2):
         a.grpo_step(samples, tokens, tokens)
-    a.save_checkpoint(str(tmp_path), "step-2")
+    saved = a.save_checkpoint(str(tmp_path), "step-2")
+    # a world of one writes every file of the checkpoint, and lists each with its size and sha256
+    assert set(saved["files"]) == set(os.listdir(tmp_path / "step-2")) and "rng_rank0.pt" in saved["files"]
+    assert all(r["size"] == (tmp_path / "step-2" / n).stat().st_size for n, r in saved["files"].items())
     noise = torch.rand(4)
     stats_a = a.grpo_step(samples, tokens, tokens)
     weights_a = {k: v.clone() for k, v in a.engine.module.state_dict().items()}
@@ -80,6 +83,56 @@ def test_checkpoints_keep_the_newest_complete_ones(tmp_path):
     latest = cks.latest()
     assert latest["step"] == 6 and latest["tag"] == "step-000006" and latest["policy_version"] == 7
     assert not Checkpoints(tmp_path, every_steps=0, keep_last=1).due(4)
+
+
+def test_a_damaged_checkpoint_is_found_and_the_newest_intact_one_used(tmp_path, caplog):
+    """driver.json lists every file with its size and sha256; a file cut short, changed or
+    missing sends the resume to the newest intact checkpoint, naming the file, what was expected
+    and what was found; with none intact the resume is refused, naming each."""
+    import logging
+
+    cks = Checkpoints(tmp_path, every_steps=2, keep_last=3)
+    for step in (2, 4, 6):
+        folder = cks.dir / tag_for(step)
+        (folder / "hf").mkdir(parents=True)
+        (folder / "shard.pt").write_bytes(bytes(range(256)) * step)
+        (folder / "hf" / "model.safetensors").write_bytes(b"w" * 100)
+        cks.commit({"step": step, "policy_version": step}, {"shard.pt": {"size": 256 * step, "sha256": "learner's"}}
+                   if step == 2 else None)  # step 2: a record the learner made, kept as it is
+    listed = json.loads((cks.dir / tag_for(6) / "driver.json").read_text())["files"]
+    assert set(listed) == {"shard.pt", "hf/model.safetensors"} and listed["shard.pt"]["size"] == 256 * 6
+    assert cks.latest()["step"] == 6 and "files" not in cks.latest()
+
+    caplog.set_level(logging.WARNING, logger="r1ray")
+    with open(cks.dir / tag_for(6) / "shard.pt", "r+b") as f:  # a copy cut short
+        f.truncate(1000)
+    assert cks.latest()["step"] == 4
+    assert f"step-000006 is damaged: shard.pt has 1000 bytes, expected {256 * 6}" in caplog.text
+    (cks.dir / tag_for(4) / "hf" / "model.safetensors").write_bytes(b"x" * 100)  # same size, other bytes
+    with pytest.raises(ConfigError) as e:
+        cks.latest()
+    message = str(e.value)
+    assert "no intact checkpoint" in message and "step-000006: shard.pt has 1000 bytes" in message
+    assert "step-000004: hf/model.safetensors has sha256" in message and "step-000002: shard.pt has sha256" in message
+    (cks.dir / tag_for(6) / "shard.pt").unlink()
+    with pytest.raises(ConfigError, match=r"step-000006: shard.pt is missing \(expected 1536 bytes\)"):
+        cks.latest()
+    legacy = Checkpoints(tmp_path / "legacy", 2, 2)  # written before checkpoints listed their files
+    (legacy.dir / tag_for(2)).mkdir(parents=True)
+    (legacy.dir / tag_for(2) / "driver.json").write_text(json.dumps({"step": 2, "policy_version": 2}))
+    assert legacy.latest()["step"] == 2
+
+
+def test_a_failed_resume_keeps_the_recorded_outcome():
+    from r1ray.controllers.train import resume_outcome
+
+    before = {"status": "completed", "grpo_steps_done": 10, "eval_after": 0.9}
+    failed = {"status": "failed", "error": "RuntimeError: a shard is unreadable", "stage": "grpo"}
+    kept = resume_outcome(before, failed, progressed=False)
+    assert kept["status"] == "completed" and kept["eval_after"] == 0.9
+    assert kept["last_resume"] == {"status": "failed", "error": "RuntimeError: a shard is unreadable"}
+    assert resume_outcome(before, failed, progressed=True) is failed  # it trained: its own outcome counts
+    assert resume_outcome(None, failed, progressed=False) is failed  # not a resume
 
 
 def test_jsonl_is_cut_back_to_the_checkpoint(tmp_path):
@@ -183,3 +236,27 @@ def test_a_killed_driver_resumes_to_the_samples_of_an_uninterrupted_run(tmp_path
     assert [p.name for p in Checkpoints(cut, 2, 2).steps()] == ["step-000008", "step-000010"]
     proc = _cli("--resume", str(cut))  # nothing left to train: said before anything starts
     assert proc.returncode == 2 and "grpo.steps" in proc.stderr and "already trained 10 steps" in proc.stderr
+
+    # The newest checkpoint cut short (a full disk, a node lost mid-copy): the resume takes the
+    # one before it, says why, and loses no step beyond it.
+    shard = cut / "checkpoints" / "step-000010" / "mp_rank_00_model_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    proc = subprocess.run([sys.executable, "-m", "r1ray.controllers.cli", "train", "--resume", str(cut), "--set",
+                           "grpo.steps=12"], capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"step-000010 is damaged: mp_rank_00_model_states.pt has {size // 2} bytes, expected {size}" in proc.stderr
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 8
+    records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {k: v for k, v in _by_step(cut).items() if k <= 10} == want  # steps 9 and 10 redone as before
+    # Every checkpoint damaged: refused before anything starts, naming each; the outcome stays.
+    for step in ("step-000010", "step-000012"):
+        with open(cut / "checkpoints" / step / "rng_rank1.pt", "ab") as f:
+            f.write(b"garbage")
+    proc = _cli("--resume", str(cut), "--set", "grpo.steps=14")
+    assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert "step-000012: rng_rank1.pt has" in proc.stderr and "step-000010: rng_rank1.pt has" in proc.stderr
+    assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
