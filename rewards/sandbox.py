@@ -18,8 +18,15 @@ this machine actually gave us):
   network namespace with no interfaces but a down loopback, so no
   network at all, and a new PID namespace, so every process the program
   started dies with it, even ones that left the process group;
+- and, where mount namespaces work too, the files are confined: a private
+  mount namespace in which /tmp, /var/tmp and /dev/shm are fresh empty
+  tmpfs, every mount is read-only but the program's own directory (bound
+  back at its path), and /proc is a new one for its PID namespace only
+  (it sees its own processes, not the host's). Nothing it writes outside
+  its directory can exist, and its directory is removed afterwards;
 - otherwise, network is only refused at the Python level (socket creation
-  raises), which a subprocess such as `curl` would bypass.
+  raises), which a subprocess such as `curl` would bypass, and files only
+  by the permissions of the sandbox uid (`isolation().files` says which).
 
 The sandbox process also gets PDEATHSIG=SIGKILL, so a VerifierPool worker
 killed mid-run does not leave it behind.
@@ -48,9 +55,44 @@ _UID_BASE, _UID_COUNT = 64000, 1000
 # network guard, then the program itself as __main__. Dropping root
 # re-executes the interpreter, so that Python starts as the sandbox user
 # and finds a standard library that user can read (imports are lazy).
-_BOOTSTRAP = r"""
+_CONFINE = r"""
+def confine(work):
+    # In a new mount namespace, as its root: private mounts, empty tmpfs over the shared
+    # temporary folders, the program's folder bound back at its path, all else read-only.
+    import ctypes, os, re
+    libc = ctypes.CDLL(None, use_errno=True)
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+    def mount(source, target, fstype, flags, data=None):
+        if libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
+                      data and data.encode()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, "mount " + target + ": " + os.strerror(err))
+    keep = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(folder):
+            mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+    os.makedirs(work, exist_ok=True)
+    mount("/proc/self/fd/%d" % keep, work, None, MS_BIND)
+    os.close(keep)
+    for line in open("/proc/self/mountinfo").read().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == work or point == "/proc" or point.startswith("/proc/"):
+            continue
+        mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    os.chdir(work)  # the working directory taken before the mounts is the read-only one underneath
+"""
+
+_BOOTSTRAP = _CONFINE + r"""
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
+if cfg.get("confine"):
+    try:
+        confine(cfg["confine"])
+    except OSError as e:
+        sys.stderr.write("r1ray sandbox: cannot confine files: %s\n" % e)
+        os._exit(97)
+    cfg["confine"] = None
 for name, soft, hard in cfg["rlimits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
 if cfg["uid"] is not None:
@@ -81,7 +123,9 @@ import runpy
 runpy.run_path(cfg["program"], run_name="__main__")
 """
 
-_NAMESPACE_PREFIXES = (
+_NAMESPACE_PREFIXES = (  # the strictest first: files confined too (a mount namespace, its own /proc)
+    ("unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"),
+    ("unshare", "--map-root-user", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"),
     ("unshare", "--net", "--pid", "--fork", "--kill-child"),
     ("unshare", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"),
 )
@@ -113,6 +157,12 @@ class Isolation:
     def network(self) -> str:
         return "namespace" if self.prefix else "python-sockets-blocked"
 
+    @property
+    def files(self) -> str:
+        """"mount-namespace": only the program's folder is writable, /tmp is private and empty,
+        /proc shows its own processes; "permissions": what the (sandbox) uid may write."""
+        return "mount-namespace" if "--mount" in self.prefix else "permissions"
+
 
 def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunResult:
     """Run `code` with `stdin` as its standard input; never raises for the program's faults."""
@@ -125,10 +175,16 @@ def isolation() -> Isolation:
     """Probe once per process which isolation this machine allows."""
     prefix: tuple[str, ...] = ()
     if shutil.which("unshare"):
-        for candidate in _NAMESPACE_PREFIXES:
-            if _command_works([*candidate, sys.executable, "-I", "-c", "pass"]):
-                prefix = candidate
-                break
+        probe_dir = tempfile.mkdtemp(prefix="r1ray-sandbox-probe-")
+        try:
+            for candidate in _NAMESPACE_PREFIXES:
+                confine = [] if "--mount" not in candidate else ["-c", _CONFINE + "import sys; confine(sys.argv[1])",
+                                                                 probe_dir]
+                if _command_works([*candidate, sys.executable, "-I", *(confine or ["-c", "pass"])]):
+                    prefix = candidate
+                    break
+        finally:
+            shutil.rmtree(probe_dir, ignore_errors=True)
     uid, python = None, sys.executable
     mapped_root = "--map-root-user" in prefix  # inside, "root" is us: no uid to drop to
     if os.geteuid() == 0 and not mapped_root:
@@ -146,8 +202,10 @@ def isolation() -> Isolation:
     result = Isolation(prefix, uid, python)
     if not prefix:
         logger.warning("sandbox: unshare is unavailable; network is only blocked at the Python socket level")
-    logger.info("sandbox isolation: network=%s pid_namespace=%s uid=%s python=%s",
-                result.network, bool(prefix), uid, python)
+    elif result.files != "mount-namespace":
+        logger.warning("sandbox: no mount namespace here; a program may write wherever its uid may")
+    logger.info("sandbox isolation: network=%s pid_namespace=%s files=%s uid=%s python=%s",
+                result.network, bool(prefix), result.files, uid, python)
     return result
 
 
@@ -226,7 +284,8 @@ def _run(code: str, stdin: str, limits: Limits, iso: Isolation) -> RunResult:
         with open(paths["stdin"], "w", encoding="utf-8", errors="replace") as f:
             f.write(stdin)
         config = {"rlimits": _rlimits(limits), "uid": iso.uid, "program": program,
-                  "block_sockets": not iso.prefix, "bootstrap": _BOOTSTRAP}
+                  "block_sockets": not iso.prefix, "bootstrap": _BOOTSTRAP,
+                  "confine": workdir if iso.files == "mount-namespace" else None}
         argv = [*iso.prefix, iso.python, "-I", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(config)]
         with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, \
                 open(paths["stderr"], "wb") as ferr:

@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -410,6 +411,46 @@ def test_sandbox_has_no_network():
     assert "connected" not in result.stdout
     assert result.stdout.count("refused") == 2
     assert elapsed < 10
+
+
+def test_sandbox_confines_files_to_the_programs_folder(tmp_path):
+    """Writes anywhere outside its folder fail and leave nothing (world-writable folders, the
+    shared temporary ones, this checkout, /etc); /tmp is private and empty but for its folder;
+    /proc shows its own processes only. Where mount namespaces are missing this machine's
+    fallback is said (isolation().files) and the test is skipped."""
+    if isolation().files != "mount-namespace":
+        pytest.skip(f"no mount namespace here: files confined by {isolation().files} only")
+    marker = f"r1ray-escape-{uuid.uuid4().hex}"
+    shared = tmp_path / "world-writable"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    targets = [f"/tmp/{marker}", f"/var/tmp/{marker}", f"/dev/shm/{marker}", str(shared / marker),
+               str(Path(__file__).resolve().parent / marker), f"/etc/{marker}", f"/run/{marker}"]
+    program = textwrap.dedent(f"""
+        import os
+        for target in {targets!r} + [os.path.join(os.getcwd(), "..", "{marker}")]:
+            try:
+                with open(target, "w") as f:
+                    f.write("escaped")
+                print("WROTE", target)
+            except OSError as e:
+                print("refused", e.errno)
+        with open("mine.txt", "w") as f:
+            f.write("ok")
+        print("own", open("mine.txt").read())
+        print("tmp", sorted(os.listdir("/tmp")) == [os.path.basename(os.getcwd())])
+        print("pids", max(int(p) for p in os.listdir("/proc") if p.isdigit()))
+        print("etc", len(open("/etc/passwd").read()) > 0)
+    """)
+    result = run_python(program, "", Limits(timeout_s=10.0))
+    lines = result.stdout.split("\n")
+    assert "WROTE" not in result.stdout and sum(line.startswith("refused") for line in lines) == len(targets) + 1, \
+        result.stdout + result.stderr
+    assert "own ok" in result.stdout and "tmp True" in result.stdout and "etc True" in result.stdout
+    assert int(next(line for line in lines if line.startswith("pids")).split()[1]) < 10  # not the host's pids
+    assert not any(os.path.exists(t) for t in targets) and not (Path(tempfile.gettempdir()) / marker).exists()
+    # the limits still hold inside the namespace
+    assert run_python("x = []\nwhile True:\n    x.append(bytearray(10 ** 7))", "", QUICK).returncode != 0
 
 
 def test_sandbox_fallback_without_namespaces_still_refuses_sockets():
