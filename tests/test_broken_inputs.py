@@ -58,13 +58,15 @@ BROKEN = {
     "zeroed_arrow": (lambda p: _saved(p, lambda a: a.write_bytes(b"\0" * a.stat().st_size)), r"failed|could not be loaded"),
 }
 
-READERS = {  # each reader's command and the key it names
-    "grpo": (lambda p: ["check", "tiny-cpu", "--set", f"data.path={p}", "--set", "sft.steps=0",
-                        "--set", "sft.stop_at_pass_rate=null"], "data.path"),
-    "sft": (lambda p: ["check", "tiny-cpu", "--set", f"data.path={p}"], "data.path"),
-    "eval": (lambda p: ["eval", "tiny-cpu", "--set", "eval.tasks=" + json.dumps([{"task": "generic", "path": str(p)}])],
-             "eval.tasks[0].path"),
-    "distill": (lambda p: ["check", "tiny-distill", "--distill", "--set", f"data.path={p}"], "data.path"),
+READERS = {  # each reader's command (given the file and a model) and the key it names
+    "grpo": (lambda p, m: ["check", "tiny-cpu", "--set", f"data.path={p}", "--set", "sft.steps=0",
+                           "--set", "sft.stop_at_pass_rate=null"], "data.path"),
+    "sft": (lambda p, m: ["check", "tiny-cpu", "--set", f"data.path={p}"], "data.path"),
+    "eval": (lambda p, m: ["eval", "tiny-cpu", "--set",
+                           "eval.tasks=" + json.dumps([{"task": "generic", "path": str(p)}])], "eval.tasks[0].path"),
+    # the shipped recipe's teacher is the demo's checkpoint: a fresh clone has the tiny model instead
+    "distill": (lambda p, m: ["check", "tiny-distill", "--distill", "--set", f"data.path={p}",
+                              "--set", f"distill.serve.model={m}"], "data.path"),
 }
 
 
@@ -78,13 +80,13 @@ def broken(tmp_path_factory):
 
 @pytest.mark.parametrize("reader", list(READERS))
 @pytest.mark.parametrize("name", list(BROKEN))
-def test_a_broken_data_input_is_refused_by_name(broken, name, reader):
+def test_a_broken_data_input_is_refused_by_name(broken, name, reader, tiny_model):
     args, key = READERS[reader]
     if len(BROKEN[name]) > 2 and key == "data.path":
         key = BROKEN[name][2]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(args(broken / name))  # an exception escaping here is the traceback a user would see
+        rc = main(args(broken / name, tiny_model))  # an exception escaping here is the traceback a user would see
     message = err.getvalue().strip().splitlines()[-1]
     assert rc == 2, message
     assert message.startswith("r1ray: invalid config: ") and f"'{key}'" in message, message
