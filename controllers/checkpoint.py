@@ -48,6 +48,11 @@ class Checkpoints:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
+    def begin(self, step: int) -> None:
+        """Before the learners write step ``step``: a driver.json left there by an earlier run
+        (a resumed run saves the same step again) must not mark the new files complete."""
+        (self.dir / tag_for(step) / STATE).unlink(missing_ok=True)
+
     def commit(self, state: dict, files: dict | None = None) -> Path:
         """Write the driver's state into the step's directory (which the learners filled), with
         the size and sha256 of every file in it (``files``: those the learners hashed; the driver
@@ -108,7 +113,7 @@ def file_record(path: Path) -> dict:
 def manifest(step_dir: Path, known: dict | None = None) -> dict:
     """Every file under ``step_dir`` but driver.json (paths relative to it): the records in
     ``known``, the others hashed here."""
-    known = dict(known or {})
+    known = {rel: record for rel, record in (known or {}).items() if rel != STATE}
     for f in sorted(step_dir.rglob("*")):
         rel = f.relative_to(step_dir).as_posix()
         if f.is_file() and rel != STATE and rel not in known:

@@ -244,6 +244,7 @@ class GrpoDriver:
         version = self.elastic.publish().version
         if self.checkpoints is not None and self.checkpoints.due(step):
             # Queued behind the weight export, before the next batch: the state after exactly this step.
+            self.checkpoints.begin(step)
             self.saving[version] = (self.system.learners.call_all("save_checkpoint", str(self.checkpoints.dir),
                                                                   tag_for(step)),
                                     self.state(step, version, max(g.seq for g in work.groups)))

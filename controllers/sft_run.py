@@ -143,6 +143,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
             if not checkpoints.due(step) or step == cfg.steps:
                 return
             tag = tag_for(step)
+            checkpoints.begin(step)
             saved = system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
             system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
             checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,

@@ -117,6 +117,15 @@ def test_a_damaged_checkpoint_is_found_and_the_newest_intact_one_used(tmp_path, 
     (cks.dir / tag_for(6) / "shard.pt").unlink()
     with pytest.raises(ConfigError, match=r"step-000006: shard.pt is missing \(expected 1536 bytes\)"):
         cks.latest()
+    again = Checkpoints(tmp_path / "again", 2, 2)  # a resumed run saves a step that is there already
+    (again.dir / tag_for(2)).mkdir(parents=True)
+    (again.dir / tag_for(2) / "shard.pt").write_bytes(b"old")
+    again.commit({"step": 2, "policy_version": 2})
+    again.begin(2)  # the old driver.json goes first: a save cut short now is incomplete, not "complete"
+    assert again.latest() is None
+    (again.dir / tag_for(2) / "shard.pt").write_bytes(b"new shard")
+    again.commit({"step": 2, "policy_version": 3}, {"driver.json": {"size": 1, "sha256": "stale"}})
+    assert again.latest()["policy_version"] == 3  # driver.json itself is never in the list
     legacy = Checkpoints(tmp_path / "legacy", 2, 2)  # written before checkpoints listed their files
     (legacy.dir / tag_for(2)).mkdir(parents=True)
     (legacy.dir / tag_for(2) / "driver.json").write_text(json.dumps({"step": 2, "policy_version": 2}))
