@@ -148,6 +148,14 @@ def lr_factor(step: int, warmup: int, schedule: str, total: int, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def file_record(path: str) -> dict:
+    """What a checkpoint remembers of one of its files: its size and sha256."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return {"size": os.path.getsize(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
 def _micro_batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -463,7 +471,6 @@ class LearnerRank:
         """Size and sha256 of the files of ``folder`` that this rank wrote: DeepSpeed's and ours
         name the rank (``zero_pp_rank_1_...``, ``rng_rank1.pt``; ``mp_rank_00`` is the model-parallel
         rank, not ours); rank 0 takes the files that name none."""
-        import hashlib
         import re
 
         out = {}
@@ -471,8 +478,7 @@ class LearnerRank:
             m = re.search(r"(?<!mp_)rank_?(\d+)", name)
             full = os.path.join(folder, name)
             if os.path.isfile(full) and (int(m.group(1)) if m else 0) == self.rank:
-                with open(full, "rb") as f:
-                    out[name] = {"size": os.path.getsize(full), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+                out[name] = file_record(full)
         return out
 
     def load_checkpoint(self, path: str, tag: str) -> None:

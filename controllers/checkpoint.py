@@ -19,13 +19,13 @@ admitted again, in the same order).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
 
+from ..actors.learner import file_record
 from .metrics import read_jsonl, write_json_atomic
 from .schema import ConfigError
 
@@ -53,13 +53,14 @@ class Checkpoints:
         (a resumed run saves the same step again) must not mark the new files complete."""
         (self.dir / tag_for(step) / STATE).unlink(missing_ok=True)
 
-    def commit(self, state: dict, files: dict | None = None) -> Path:
+    def commit(self, state: dict, saved: list[dict] = ()) -> Path:
         """Write the driver's state into the step's directory (which the learners filled), with
-        the size and sha256 of every file in it (``files``: those the learners hashed; the driver
-        hashes the rest), then delete all but the newest ``keep_last`` complete checkpoints (and
-        incomplete older ones)."""
+        the size and sha256 of every file in it (``saved``: the learners' ``save_checkpoint``
+        results, whose files they hashed; the driver hashes the rest), then delete all but the
+        newest ``keep_last`` complete checkpoints (and incomplete older ones)."""
         path = self.dir / tag_for(state["step"])
-        write_json_atomic(path / STATE, {**state, "files": manifest(path, files)})
+        hashed = {name: record for part in saved for name, record in part["files"].items()}
+        write_json_atomic(path / STATE, {**state, "files": manifest(path, hashed)})
         complete = [p for p in self.steps() if (p / STATE).exists()]
         for old in self.steps():
             if old not in complete[-self.keep:] and _step(old) < state["step"]:
@@ -102,12 +103,6 @@ class Checkpoints:
                               "; accepted: a run directory with an intact checkpoint (restore the damaged files), "
                               "or start a new run")
         return None
-
-
-def file_record(path: Path) -> dict:
-    """What a checkpoint remembers of one of its files."""
-    with open(path, "rb") as f:
-        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def manifest(step_dir: Path, known: dict | None = None) -> dict:

@@ -129,8 +129,7 @@ def load_dataset_dict(cfg: DataConfig, tiny_dir: Path | None):
                 key = {cfg.train_split: "data.train_split", cfg.test_split: "data.test_split"}.get(split, "data.path")
                 raise ConfigError(f"config key '{key}': split {split!r} of {cfg.path} has no rows ({file} is empty); "
                                   "accepted: a split with at least one row")
-            check_local_path(Path(file), "data.path", ACCEPTED_PATHS)
-            check_data_file(Path(file), "data.path")
+            check_data_file(Path(file), "data.path", ACCEPTED_PATHS)
         try:
             return datasets.load_dataset(files[0], data_files=files[1])
         except Exception as e:  # noqa: BLE001 - unreadable or malformed files: the user's to fix

@@ -39,9 +39,11 @@ def check_local_path(where: Path, key: str, accepted: str) -> None:
         raise ConfigError(f"config key '{key}': {where} is not readable by this user (permissions); accepted: {accepted}")
 
 
-def check_data_file(path: Path, key: str) -> None:
-    """Decode and parse ``path`` (.jsonl, .json, .csv, .parquet; gzip, bz2 or xz compressed
-    text too) as ``datasets`` will; refuse what fails with the file and the line."""
+def check_data_file(path: Path, key: str, accepted_paths: str) -> None:
+    """``path`` is a readable regular file (``check_local_path``), decoded and parsed (.jsonl,
+    .json, .csv, .parquet; gzip, bz2 or xz compressed text too) as ``datasets`` will; refuse what
+    fails with the file and the line."""
+    check_local_path(path, key, accepted_paths)
     suffix = path.suffix.lower()
     if suffix not in _FORMATS:
         return

@@ -99,8 +99,7 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
                 files = _data_files(where, f"{key}.path")  # a folder of split files (train.jsonl, test.jsonl, ...)
                 if files is not None:
                     for file in files[1].values():
-                        check_local_path(Path(file), f"{key}.path", accepted)
-                        check_data_file(Path(file), f"{key}.path")
+                        check_data_file(Path(file), f"{key}.path", accepted)
                     return datasets.load_dataset(files[0], data_files=files[1])[cfg.split]
                 ds = datasets.load_from_disk(str(where))
                 return ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -108,7 +107,7 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
             if builder is None:
                 raise ConfigError(f"config key '{key}.path': {where} is a {where.suffix or 'extension-less'} file; "
                                   f"accepted: {accepted}")
-            check_data_file(where, f"{key}.path")
+            check_data_file(where, f"{key}.path", accepted)
             return datasets.load_dataset(builder, data_files=str(where), split="train")
         return datasets.load_dataset(path, cfg.subset, split=cfg.split)
     except ConfigError:

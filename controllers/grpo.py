@@ -287,8 +287,7 @@ class GrpoDriver:
             if version in self.saving:  # the step's record is written: the checkpoint may be committed
                 refs, state = self.saving.pop(version)
                 saved = self.system.learners.get(refs, "save_checkpoint")
-                files = {name: record for part in saved for name, record in part["files"].items()}
-                self.checkpoints.commit(state, files)  # the jsonl files are written line by line, unbuffered
+                self.checkpoints.commit(state, saved)  # the jsonl files are written line by line, unbuffered
             written.append(record)
         return written
 

@@ -147,8 +147,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
             saved = system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
             system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
             checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
-                                "truncation": dataclasses.asdict(truncation)},
-                               {name: record for part in saved for name, record in part["files"].items()})
+                                "truncation": dataclasses.asdict(truncation)}, saved)
 
         resume_at = None
         if state is not None:

@@ -177,10 +177,9 @@ def isolation() -> Isolation:
     if shutil.which("unshare"):
         probe_dir = tempfile.mkdtemp(prefix="r1ray-sandbox-probe-")
         try:
-            for candidate in _NAMESPACE_PREFIXES:
-                confine = [] if "--mount" not in candidate else ["-c", _CONFINE + "import sys; confine(sys.argv[1])",
-                                                                 probe_dir]
-                if _command_works([*candidate, sys.executable, "-I", *(confine or ["-c", "pass"])]):
+            for candidate in _NAMESPACE_PREFIXES:  # a mount namespace must also let us confine files
+                code = _CONFINE + "import sys; confine(sys.argv[1])" if "--mount" in candidate else "pass"
+                if _command_works([*candidate, sys.executable, "-I", "-c", code, probe_dir]):
                     prefix = candidate
                     break
         finally:

@@ -97,8 +97,8 @@ def test_a_damaged_checkpoint_is_found_and_the_newest_intact_one_used(tmp_path, 
         (folder / "hf").mkdir(parents=True)
         (folder / "shard.pt").write_bytes(bytes(range(256)) * step)
         (folder / "hf" / "model.safetensors").write_bytes(b"w" * 100)
-        cks.commit({"step": step, "policy_version": step}, {"shard.pt": {"size": 256 * step, "sha256": "learner's"}}
-                   if step == 2 else None)  # step 2: a record the learner made, kept as it is
+        cks.commit({"step": step, "policy_version": step},  # step 2: a record a learner made, kept as it is
+                   [{"files": {"shard.pt": {"size": 256 * step, "sha256": "learner's"}}}] if step == 2 else [])
     listed = json.loads((cks.dir / tag_for(6) / "driver.json").read_text())["files"]
     assert set(listed) == {"shard.pt", "hf/model.safetensors"} and listed["shard.pt"]["size"] == 256 * 6
     assert cks.latest()["step"] == 6 and "files" not in cks.latest()
@@ -124,7 +124,7 @@ def test_a_damaged_checkpoint_is_found_and_the_newest_intact_one_used(tmp_path, 
     again.begin(2)  # the old driver.json goes first: a save cut short now is incomplete, not "complete"
     assert again.latest() is None
     (again.dir / tag_for(2) / "shard.pt").write_bytes(b"new shard")
-    again.commit({"step": 2, "policy_version": 3}, {"driver.json": {"size": 1, "sha256": "stale"}})
+    again.commit({"step": 2, "policy_version": 3}, [{"files": {"driver.json": {"size": 1, "sha256": "stale"}}}])
     assert again.latest()["policy_version"] == 3  # driver.json itself is never in the list
     legacy = Checkpoints(tmp_path / "legacy", 2, 2)  # written before checkpoints listed their files
     (legacy.dir / tag_for(2)).mkdir(parents=True)
