@@ -117,7 +117,7 @@ def main() -> None:
                    "input_batch_size = the saturating concurrency / this")
     args = p.parse_args()
     if args.model is None:
-        from r1ray.controllers.tiny import build_tiny_world
+        from r1ray.controllers.common.tiny import build_tiny_world
 
         args.model = str(build_tiny_world(Path(os.path.expanduser("~/.cache/r1ray/tiny-world"))) / "model")
     levels = [int(x) for x in args.levels.split(",")]

@@ -58,7 +58,7 @@ def build_model(out: Path, config: dict) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from r1ray.controllers.tiny import build_tokenizer
+    from r1ray.controllers.common.tiny import build_tokenizer
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**config)).to(torch.bfloat16)

@@ -76,7 +76,7 @@ def main() -> int:
     args = ap.parse_args()
     model = args.model
     if model is None:
-        from r1ray.controllers.tiny import build_tiny_world
+        from r1ray.controllers.common.tiny import build_tiny_world
 
         model = str(build_tiny_world(Path(tempfile.mkdtemp())) / "model")
     rows = []

@@ -113,7 +113,7 @@ def main() -> int:
     if args.trl_worker:
         return trl_worker(args)
     out = Path(args.out).resolve()
-    from r1ray.controllers.tiny import build_tiny_world
+    from r1ray.controllers.common.tiny import build_tiny_world
 
     tiny = build_tiny_world(Path("~/.cache/r1ray/tiny-world").expanduser())
     rows: dict[str, dict] = {}

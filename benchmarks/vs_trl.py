@@ -148,7 +148,7 @@ def pass_at_1(model_path: str, tiny: Path, n: int = 200) -> float:
     from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
     from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
     from r1ray.controllers.config import DataConfig
-    from r1ray.controllers.data import PromptRenderer
+    from r1ray.controllers.common.data import PromptRenderer
 
     test = datasets.load_from_disk(str(tiny / "data"))["test"]
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model_path), DataConfig())
@@ -177,7 +177,7 @@ def main() -> int:
     if args.trl_worker:
         return trl_worker(args)
     out = Path(args.out).resolve()
-    from r1ray.controllers.tiny import build_tiny_world
+    from r1ray.controllers.common.tiny import build_tiny_world
 
     tiny = build_tiny_world(Path("~/.cache/r1ray/tiny-world").expanduser())
     sft, _ = r1ray_train(out / "sft", ["grpo.steps=0", "eval.num_prompts=0"])

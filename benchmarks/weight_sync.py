@@ -46,7 +46,7 @@ VOCAB = 32768
 def build_model(size: str, root: Path) -> tuple[str, int]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from r1ray.controllers.tiny import build_tokenizer
+    from r1ray.controllers.common.tiny import build_tokenizer
 
     out = root / size
     hidden, layers, inter, heads, kv = SIZES[size]

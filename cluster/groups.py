@@ -8,7 +8,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from ..actors.server import free_port  # one definition for both layers (cluster may import actors)
+from ..actors.server import free_port
 
 
 class RemoteCallError(RuntimeError):
@@ -96,7 +96,7 @@ class ActorGroup:
         self.name, self.timeout_s = name, timeout_s
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
-        self.elastic = False  # set by the driver (controllers/elastic.py): it replaces dead actors instead of stopping
+        self.elastic = False  # set by the driver (controllers/grpo/elastic.py): it replaces dead actors instead of stopping
         self._remote_cls = ray.remote(concurrency_groups={CONTROL: 3})(cls)
         self._make_args, self._scheduling = make_args, scheduling
         self._opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, lifetime=None,

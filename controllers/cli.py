@@ -94,8 +94,8 @@ def check_data(recipe) -> dict:
     """What ``r1ray train`` checks of the data before Ray starts, without starting anything."""
     from transformers import AutoTokenizer
 
-    from .data import prepare_data
-    from .train import prepare_model
+    from .common.data import prepare_data
+    from .common.job import prepare_model
 
     model_path, tiny_dir = prepare_model(recipe)
     return prepare_data(recipe, AutoTokenizer.from_pretrained(model_path), tiny_dir).summary()
@@ -108,9 +108,9 @@ def resumed_recipe(args):
 
     import yaml
 
-    from .checkpoint import check_resumable
+    from .common.checkpoint import check_resumable
     from .config import load_recipe
-    from .schema import ConfigError
+    from .config.schema import ConfigError
 
     run_dir = Path(args.resume).expanduser()
     saved = run_dir / "config.yaml"
@@ -132,7 +132,7 @@ def auto_resume(args):
     from pathlib import Path
 
     from .config import load_recipe
-    from .schema import ConfigError
+    from .config.schema import ConfigError
 
     if args.recipe is None:
         raise ConfigError("--resume auto needs the recipe (and --output-dir) it starts from when there is nothing to resume")
@@ -183,10 +183,10 @@ def evaluate(args) -> int:
     from ..cluster.runtime import ClusterUnreachable
     from ..cluster.ship import ShipError
     from .config import load_recipe
-    from .eval_run import evaluate as run_eval
-    from .eval_run import select_tasks
-    from .evaluate import table
-    from .schema import ConfigError
+    from .config.schema import ConfigError
+    from .evaluation.evaluator import table
+    from .evaluation.job import evaluate as run_eval
+    from .evaluation.job import select_tasks
 
     try:
         if args.address:
@@ -223,9 +223,9 @@ def run_stages(args) -> int:
     from ..cluster.groups import RemoteCallError
     from ..cluster.runtime import ClusterUnreachable
     from ..cluster.ship import ShipError
-    from .schema import ConfigError
+    from .config.schema import ConfigError
+    from .grpo.staleness import StalenessError
     from .stages import plan, run
-    from .staleness import StalenessError
 
     try:
         stages = plan(args.recipe, args.overrides, args.output_dir)
@@ -248,8 +248,8 @@ def run_stages(args) -> int:
         print(f"r1ray: stage failed: {e}\nr1ray: run the same command again to continue from the last checkpoint",
               file=sys.stderr)
         return 1
-    from .evaluate import table
-    from .metrics import read_json
+    from .common.runlog import read_json
+    from .evaluation.evaluator import table
 
     for stage in stages:
         entry = record["stages"][stage.name]
@@ -266,8 +266,8 @@ def distill(args) -> int:
     from ..cluster.placement import PlacementError
     from ..cluster.runtime import ClusterUnreachable
     from .config import load_recipe
-    from .distill_run import EndpointError, distill_job
-    from .schema import ConfigError
+    from .config.schema import ConfigError
+    from .distill.job import EndpointError, distill_job
 
     try:
         if args.address:
@@ -339,10 +339,10 @@ def ship(out: str, wheel_dir: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from .schema import ConfigError
+    from .config.schema import ConfigError
 
     if args.command == "tiny":
-        from .tiny import build_tiny_world
+        from .common.tiny import build_tiny_world
 
         out = build_tiny_world(os.path.expanduser(args.dir), force=args.force)
         print(f"tiny world: {out}/model (model + tokenizer), {out}/data (train/test)")
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         if not args.skip_data and args.distill:
-            from .distill_run import load_prompts, teacher
+            from .distill.job import load_prompts, teacher
 
             try:
                 source, prompt_col, answer_col = load_prompts(recipe, teacher(recipe)[2])
@@ -408,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..cluster.groups import RemoteCallError
     from ..cluster.runtime import ClusterUnreachable
     from ..cluster.ship import ShipError
-    from .staleness import StalenessError
-    from .train import train
+    from .grpo.job import train
+    from .grpo.staleness import StalenessError
 
     try:
         if args.command == "sft":
-            from .sft_run import sft_job
+            from .sft.job import sft_job
 
             summary = sft_job(recipe, resume)
             print(f"run directory: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}")

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .common.runlog import read_json, write_json_atomic
 from .config import STAGE_TYPES, Recipe, recipe_dict
-from .metrics import read_json, write_json_atomic
-from .schema import ConfigError, set_key
+from .config.schema import ConfigError, set_key
 
 log = logging.getLogger("r1ray")
 
@@ -107,7 +107,7 @@ def plan(path: str, overrides: list[str] = (), output_dir: str | None = None, cp
 
 def _validated(data: dict, kind: str, cpus: float | None, gpus: float | None) -> Recipe:
     from .config import joins_cluster, validate
-    from .schema import build
+    from .config.schema import build
 
     recipe = build(Recipe, data)
     given = cpus is not None or gpus is not None
@@ -151,22 +151,22 @@ def run(stages: list[Stage], output_dir: Path) -> dict:
 
 def _run_stage(stage: Stage, stages: list[Stage]) -> None:
     if stage.type == "distill":
-        from .distill_run import distill_job
+        from .distill.job import distill_job
 
         summary = distill_job(stage.recipe)  # a second run continues the journal
         if summary["status"] != "completed":
             raise RuntimeError(f"stage {stage.name} (distill): {summary['rows_failed']} rows failed (listed in "
                                f"{stage.dir / 'summary.json'}); run the recipe again to retry them")
     elif stage.type == "sft":
-        from .sft_run import sft_job
+        from .sft.job import sft_job
 
         sft_job(stage.recipe, stage.dir if stage.started() else None)
     elif stage.type == "grpo":
-        from .train import train
+        from .grpo.job import train
 
         train(stage.recipe, stage.dir if stage.started() else None, fresh_if_unresumable=True)
     else:
-        from .eval_run import evaluate
+        from .evaluation.job import evaluate
 
         before = [s for s in stages[:stages.index(stage)] if s.type != "eval"][-1]
         evaluate(stage.recipe, str(before.dir), str(stage.dir))

@@ -15,7 +15,7 @@ SHARED = REPO.parent / "shared"
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """The tiny world, built once per session (about 10 s)."""
-    from r1ray.controllers.tiny import build_tiny_world
+    from r1ray.controllers.common.tiny import build_tiny_world
 
     return build_tiny_world(tmp_path_factory.mktemp("tiny"))
 

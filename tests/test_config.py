@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from r1ray.controllers.config import Recipe, check_resources, load_recipe
-from r1ray.controllers.schema import ConfigError
+from r1ray.controllers.config.schema import ConfigError
 
 TINY = "configs/tiny-cpu.yaml"
 
@@ -155,7 +155,7 @@ def test_a_stop_whose_keyboard_interrupt_was_swallowed_is_raised_again():
     loops call interrupt.check(), which raises it again."""
     import signal
 
-    from r1ray.controllers import interrupt
+    from r1ray.controllers.common import interrupt
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -6,9 +6,9 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 from r1ray.controllers.config import Recipe
-from r1ray.controllers.data import EpochSampler, PromptRenderer, prepare_data
-from r1ray.controllers.schema import ConfigError, build
-from r1ray.controllers.tiny import make_example
+from r1ray.controllers.common.data import EpochSampler, PromptRenderer, prepare_data
+from r1ray.controllers.config.schema import ConfigError, build
+from r1ray.controllers.common.tiny import make_example
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from fake_openai import FakeOpenAI
 from pydantic import SecretStr
 
 from r1ray.controllers.config import load_recipe
-from r1ray.controllers.distill import (EndpointLLM, kept_indices, read_journal, repair_journal, scrub,
-                                       trace_text)
-from r1ray.controllers.distill_run import EndpointError, api_key, distill_job
-from r1ray.controllers.schema import ConfigError
+from r1ray.controllers.distill.pipeline import (EndpointLLM, kept_indices, read_journal, repair_journal, scrub,
+    trace_text)
+from r1ray.controllers.distill.job import EndpointError, api_key, distill_job
+from r1ray.controllers.config.schema import ConfigError
 from r1ray.rewards.answers import boxed_math_answer
 
 KEY = "sk-test-SECRET-0123456789"
@@ -110,7 +110,7 @@ def test_bad_distill_settings_are_refused_by_name(sets, match):
 
 
 def test_the_shipped_distill_recipes_are_valid():
-    from r1ray.controllers.system import DISTILL, placement_plan
+    from r1ray.controllers.common.system import DISTILL, placement_plan
 
     api = load_recipe("distill-deepseek-r1-api", stage="distill", cpus=8, gpus=0)
     assert api.distill.api_key_env == "DEEPSEEK_API_KEY" and api.distill.split_requests
@@ -182,7 +182,7 @@ def test_the_client_retries_faults_spreads_requests_and_reports_what_keeps_faili
 def test_without_a_hub_token_the_dataset_is_kept_and_not_pushed(tmp_path, monkeypatch):
     import datasets
 
-    from r1ray.controllers.distill_run import push
+    from r1ray.controllers.distill.job import push
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login either

@@ -148,7 +148,7 @@ def test_tiny_recipe_end_to_end_vllm_backend_zero3(tmp_path, tiny_world):
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     from r1ray.controllers.config import load_recipe
-    from r1ray.controllers.train import run_dir_for
+    from r1ray.controllers.common.job import run_dir_for
 
     first = tmp_path / "run"
     first.mkdir()

@@ -163,7 +163,7 @@ def _consumed_exactly_once(out, steps, prompts=4, generations=4):
 def _expected_prompts(tiny_world, n):
     from datasets import load_from_disk
 
-    from r1ray.controllers.data import EpochSampler
+    from r1ray.controllers.common.data import EpochSampler
 
     size = len(load_from_disk(str(tiny_world / "data"))["train"])
     return sorted(pid for _, pid in EpochSampler(size, 0).take(n))

@@ -99,7 +99,7 @@ def test_hf_behaviour_logprobs_equal_the_learners(tiny_model, zero_stage):
     same tokens at the same weights: an on-policy step's ratio is 1 within 1e-4."""
     from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 
-    from .test_actors import _prompt
+    from r1ray.tests.test_actors import _prompt
 
     learner = _learner(tiny_model, zero_stage=zero_stage, micro_batch_size=4)
     for temperature in (1.0, 0.7):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from r1ray.controllers.config import EvalTaskConfig, load_recipe
-from r1ray.controllers.eval_run import resolve_checkpoint, select_tasks
-from r1ray.controllers.eval_tasks import GPQA_TEMPLATE, load_task
-from r1ray.controllers.evaluate import ks_for, maj_at_k, pass_at_k, task_report
-from r1ray.controllers.schema import ConfigError
+from r1ray.controllers.config import load_recipe
+from r1ray.controllers.evaluation.job import resolve_checkpoint, select_tasks
+from r1ray.controllers.evaluation.tasks import GPQA_TEMPLATE, load_task
+from r1ray.controllers.evaluation.evaluator import ks_for, maj_at_k, pass_at_k, task_report
+from r1ray.controllers.config.schema import ConfigError
 from r1ray.rewards import VerifierPool
 from r1ray.rewards.answers import choice_answer, extract_letter, math_answer
 
@@ -63,7 +63,7 @@ def test_reported_k_values():
 
 
 def test_task_report_averages_problems_and_leaves_out_unparsed_gold():
-    from r1ray.controllers.eval_tasks import Task
+    from r1ray.controllers.evaluation.tasks import Task
 
     task = Task("t", "math", {}, 4)
 
@@ -80,7 +80,7 @@ def test_task_report_averages_problems_and_leaves_out_unparsed_gold():
     assert r["pass@2"] == pytest.approx((0.5 + 1.0) / 2)
     assert r["maj@4"] == pytest.approx((0.0 + 1.0) / 2)  # "2" beats the right "1" on the first problem
     assert r["answered"] == pytest.approx(7 / 12) and r["truncated"] == pytest.approx(3 / 12)
-    from r1ray.controllers.evaluate import table
+    from r1ray.controllers.evaluation.evaluator import table
 
     header, _, row = table({"tasks": {"t": r}}).splitlines()  # the console says what pass@k is over
     assert header.split()[:4] == ["task", "problems", "left", "out"]
@@ -207,7 +207,7 @@ def test_a_task_overlapping_the_training_data_is_refused(tiny_world, tokenizer, 
     leaked = tmp_path / "leaked.jsonl"
     leaked.write_text("".join(json.dumps({"problem": f"  {train[i]['problem']} ", "answer": train[i]["answer"]}) + "\n"
                               for i in range(3)) + json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
-    from r1ray.controllers.eval_tasks import load_tasks
+    from r1ray.controllers.evaluation.tasks import load_tasks
 
     r = _recipe(tiny_world, [{"task": "generic", "name": "leaky", "path": str(leaked)}])
     with pytest.raises(ConfigError, match=r"leaky.*3 of its 4 problems are in the training data: rows 0, 1, 2 \(e.g."):
@@ -259,8 +259,8 @@ def test_checkpoints_resolve_from_run_directories(tmp_path):
 
 def test_the_open_r1_evaluation_recipe_follows_their_protocol():
     from r1ray.controllers.config import OPENR1_SYSTEM_PROMPT
-    from r1ray.controllers.eval_tasks import resolve
-    from r1ray.controllers.system import placement_plan
+    from r1ray.controllers.evaluation.tasks import resolve
+    from r1ray.controllers.common.system import placement_plan
 
     r = load_recipe("configs/eval-openr1-7b-h100.yaml", stage="eval")
     tasks = [resolve(t, r) for t in r.eval.tasks]
@@ -276,7 +276,7 @@ def test_the_open_r1_evaluation_recipe_follows_their_protocol():
 
 
 def test_tasks_read_folders_of_split_files(tiny_world, tokenizer, tmp_path):
-    from r1ray.controllers.eval_tasks import load_tasks
+    from r1ray.controllers.evaluation.tasks import load_tasks
 
     data = tmp_path / "data"
     data.mkdir()

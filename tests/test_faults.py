@@ -292,7 +292,7 @@ except OSError as e:
 
 
 def test_a_reader_tolerates_one_cut_line(tmp_path):
-    from r1ray.controllers.metrics import read_jsonl
+    from r1ray.controllers.common.runlog import read_jsonl
 
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"st')
@@ -318,7 +318,7 @@ def test_work_past_its_deadline_is_named(tmp_path, tiny_world, cluster):
 def _bad_data(tmp_path, problem):
     from datasets import Dataset, DatasetDict
 
-    from r1ray.controllers.tiny import make_example
+    from r1ray.controllers.common.tiny import make_example
 
     rows = [make_example(i, 2 * i + 7, 3) for i in range(40)]
     rows[6]["problem"] = problem

@@ -10,7 +10,7 @@ from r1ray.actors.learner import GrpoStats
 from r1ray.actors.loss import LossConfig, global_denominator
 from r1ray.actors.rollout import TrainSample
 
-from .test_actors import _learner, _prompt
+from r1ray.tests.test_actors import _learner, _prompt
 
 
 @pytest.fixture(scope="module")

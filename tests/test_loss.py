@@ -7,7 +7,7 @@ import torch
 from r1ray.actors.batching import pack
 from r1ray.actors.advantages import group_advantages
 from r1ray.actors.loss import (LossConfig, aggregate, global_denominator, grpo_token_losses, kl_estimate,
-                               log_importance_ratio, micro_batch_count)
+    log_importance_ratio, micro_batch_count)
 
 
 def test_group_advantages_by_hand():

@@ -14,7 +14,7 @@ import torch
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
-from r1ray.actors.loss import LossConfig, aggregate, global_denominator, grpo_token_losses  # noqa: E402
+from r1ray.actors.loss import LossConfig, aggregate, global_denominator, grpo_token_losses
 
 B, T, MAX_LEN = 4, 5, 7
 

@@ -9,8 +9,8 @@ import pytest
 
 from r1ray.cluster.placement import Bundles, unplaceable
 from r1ray.controllers.config import load_recipe
-from r1ray.controllers.schema import ConfigError
-from r1ray.controllers.system import placement_plan
+from r1ray.controllers.config.schema import ConfigError
+from r1ray.controllers.common.system import placement_plan
 
 GPU_RECIPE = "configs/qwen2.5-1.5b-h100.yaml"
 

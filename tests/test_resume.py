@@ -13,11 +13,12 @@ import torch
 
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 from r1ray.actors.rollout import TrainSample
-from r1ray.controllers.checkpoint import Checkpoints, check_resumable, tag_for, truncate_jsonl
-from r1ray.controllers.data import EpochSampler
-from r1ray.controllers.schema import ConfigError
+from r1ray.controllers.common.checkpoint import Checkpoints, check_resumable, tag_for
+from r1ray.controllers.common.runlog import truncate_jsonl
+from r1ray.controllers.common.data import EpochSampler
+from r1ray.controllers.config.schema import ConfigError
 
-from .test_actors import _learner, _prompt
+from r1ray.tests.test_actors import _learner, _prompt
 
 TESTS = Path(__file__).parent
 
@@ -133,7 +134,7 @@ def test_a_damaged_checkpoint_is_found_and_the_newest_intact_one_used(tmp_path, 
 
 
 def test_a_failed_resume_keeps_the_recorded_outcome():
-    from r1ray.controllers.train import resume_outcome
+    from r1ray.controllers.common.job import resume_outcome
 
     before = {"status": "completed", "grpo_steps_done": 10, "eval_after": 0.9}
     failed = {"status": "failed", "error": "RuntimeError: a shard is unreadable", "stage": "grpo"}

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from r1ray.actors.rollout import Rollout
-from r1ray.actors.scorer import (BrokenRewardError, RewardHealth, RewardScorer, RewardSpec, ScorerConfig,
-                                 add_stats)
+from r1ray.actors.scorer import BrokenRewardError, RewardHealth, RewardScorer, RewardSpec, ScorerConfig, add_stats
 
 pytestmark = pytest.mark.timeout(90)
 

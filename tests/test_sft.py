@@ -4,7 +4,8 @@ import torch
 
 from r1ray.actors.batching import token_logprobs
 from r1ray.actors.packing import SftExample, pack_bins, sft_batch
-from r1ray.controllers.sft_data import TemplateError, Truncation, render_conversation, truncate
+from r1ray.controllers.common.chat import TemplateError, render_conversation
+from r1ray.controllers.sft.data import Truncation, truncate
 
 CONVERSATION = [
     {"role": "user", "content": "1+1"},
@@ -50,7 +51,7 @@ def test_the_tiny_warm_up_trains_on_exactly_what_it_did_before(tokenizer, tiny_w
     import datasets
 
     from r1ray.controllers.config import DataConfig
-    from r1ray.controllers.data import PromptRenderer
+    from r1ray.controllers.common.data import PromptRenderer
 
     row = datasets.load_from_disk(str(tiny_world / "data"))["train"][0]
     # what the warm-up trained on before conversations were rendered whole: the templated prompt,
@@ -267,7 +268,7 @@ def test_an_interrupted_sft_run_resumes_to_the_same_final_loss(tmp_path, tiny_wo
 def test_the_gpu_sft_and_grpo_recipes_are_valid_for_one_8_gpu_node():
     from r1ray.controllers.config import load_recipe
     from r1ray.controllers.stages import plan
-    from r1ray.controllers.system import SFT, placement_plan
+    from r1ray.controllers.common.system import SFT, placement_plan
 
     sft = load_recipe("configs/qwen2.5-1.5b-sft-h100.yaml", cpus=128, gpus=8)
     assert (sft.sft.lr, sft.sft.epochs, sft.sft.packing, sft.sft.max_seq_length) == (2e-5, 1, True, 4096)
@@ -312,7 +313,7 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_model, tmp_p
 
 def test_lora_is_an_sft_option_checked_up_front():
     from r1ray.controllers.config import load_recipe
-    from r1ray.controllers.schema import ConfigError
+    from r1ray.controllers.config.schema import ConfigError
 
     assert load_recipe("tiny-cpu", ["learner.lora={r: 4}"], stage="sft").learner.lora.r == 4
     with pytest.raises(ConfigError, match=r"learner.lora.*r1ray sft"):

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from r1ray.controllers.schema import ConfigError
+from r1ray.controllers.config.schema import ConfigError
 from r1ray.controllers.stages import plan
 
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from r1ray.controllers.staleness import StalenessError, StalenessManager
+from r1ray.controllers.grpo.staleness import StalenessError, StalenessManager
 
 
 class Sim:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from r1ray.actors.spans import SpanLog
-from r1ray.controllers.telemetry import busy_seconds, utilisation, write_timeline
+from r1ray.controllers.grpo.telemetry import busy_seconds, utilisation, write_timeline
 
 SPANS = [
     {"actor": "generator-0", "kind": "generate", "t0": 100.0, "t1": 103.0, "args": {}},

@@ -4,7 +4,7 @@ import re
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from r1ray.controllers.tiny import TinySpec, build_tiny_world, make_example
+from r1ray.controllers.common.tiny import TinySpec, build_tiny_world, make_example
 
 
 def test_example_is_reversed_addition_with_trace():

@@ -12,7 +12,7 @@ from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import TrainSample
 from r1ray.cluster.groups import free_port
 
-from .test_actors import _prompt
+from r1ray.tests.test_actors import _prompt
 
 pytest.importorskip("vllm")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from . import interrupt
-from .config import TINY, EvalTaskConfig, Recipe
-from .data import _looks_local
-from .eval_tasks import load_tasks
-from .evaluate import Evaluator, table, write_results
-from .schema import ConfigError, build
-from .system import EVALUATE, System
+from ..common import interrupt
+from ..common.data import _looks_local
+from ..common.system import EVALUATE, System
+from ..config import TINY, EvalTaskConfig, Recipe
+from ..config.schema import ConfigError, build
+from .evaluator import Evaluator, write_results
+from .tasks import load_tasks
 
 log = logging.getLogger("r1ray")
 RUN_CHECKPOINTS = ("checkpoint-final", "checkpoint-interrupted", "checkpoint-sft")
@@ -50,7 +50,7 @@ def resolve_checkpoint(spec: str) -> tuple[str, Path | None]:
 def select_tasks(recipe: Recipe, names: list[str], limit: int | None) -> None:
     """``--tasks a,b``: the recipe's tasks of those names, else the built-in tasks; ``--limit``:
     the first N problems of each."""
-    from .config import EVAL_TASKS, validate_eval
+    from ..config import EVAL_TASKS, validate_eval
 
     if names:
         mine = {t.name or t.task: t for t in recipe.eval.tasks}
@@ -101,8 +101,8 @@ def evaluate(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     """The whole ``r1ray eval`` job; returns the combined results (also in results.json)."""
     from transformers import AutoTokenizer
 
-    from ..cluster import runtime
-    from .train import connect, prepare_model
+    from ...cluster import runtime
+    from ..common.job import connect, prepare_model
 
     t0 = time.perf_counter()
     model_path, tiny_dir = prepare_model(recipe)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import ray
 
-from ..actors.generator import SamplingConfig
-from ..cluster.groups import RemoteCallError
-from . import interrupt
-from .eval_tasks import Task
-from .system import System
+from ...actors.generator import SamplingConfig
+from ...cluster.groups import RemoteCallError
+from ..common import interrupt
+from ..common.system import System
+from .tasks import Task
 
 
 def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accuracy", greedy: bool = True) -> dict:
@@ -224,7 +224,7 @@ def metrics_of(results: dict[str, dict]) -> dict:
 def write_results(results: dict[str, dict], out_dir: Path, checkpoint: str) -> dict:
     """``<task>.json`` (the report), ``<task>.details.jsonl`` (one line per problem) and
     ``results.json`` (every report) in ``out_dir``; returns the combined record."""
-    from .metrics import write_json_atomic
+    from ..common.runlog import write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     combined = {"checkpoint": checkpoint, "tasks": {}}

@@ -23,14 +23,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoints, tag_for, truncate_jsonl
-from .config import Recipe, dump
-from .data import PreparedData, PromptRenderer, prepare_data
-from .metrics import MetricsWriter
-from .schema import ConfigError
-from .sft import run_sft
-from .sft_data import Truncation
-from .system import SFT, System
+from ..common.checkpoint import Checkpoints, tag_for
+from ..common.data import PreparedData, PromptRenderer, load_dataset_dict, prepare_data
+from ..common.job import actors_running, check_output_dir, open_run, prepare_model
+from ..common.runlog import MetricsWriter, read_json, truncate_jsonl
+from ..common.system import SFT, System
+from ..config import Recipe
+from ..config.schema import ConfigError
+from .data import Truncation, held_out_examples
+from .loop import run_sft
 
 log = logging.getLogger("r1ray")
 
@@ -49,49 +50,10 @@ def sft_steps(recipe: Recipe, data: PreparedData) -> int:
     return max(1, math.ceil(recipe.sft.epochs * len(data.train) / recipe.sft.batch_size))
 
 
-def held_out_examples(recipe: Recipe, data_dir_split, renderer: PromptRenderer) -> list:
-    """The first ``sft.eval_examples`` conversations of the test split, rendered; a bad one is
-    refused naming its row and column (before any actor starts)."""
-    from .sft_data import truncate
-
-    if not recipe.sft.eval_every:
-        return []
-    if data_dir_split is None:
-        raise ConfigError(f"config key 'data.test_split': got {recipe.data.test_split!r}, which {recipe.data.path} does "
-                          f"not have; accepted: a split of held-out conversations (needed because sft.eval_every="
-                          f"{recipe.sft.eval_every}), or sft.eval_every 0")
-    col = recipe.data.messages_column
-    if col not in data_dir_split.column_names:
-        raise ConfigError(f"config key 'data.messages_column': got {col!r}; accepted: a column of split "
-                          f"{recipe.data.test_split!r} (it has: {', '.join(data_dir_split.column_names)}; needed because "
-                          f"sft.eval_every={recipe.sft.eval_every})")
-    out, counts = [], Truncation()
-    for i in range(min(recipe.sft.eval_examples, len(data_dir_split))):
-        try:
-            e = renderer.sft_example(data_dir_split[i])
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ConfigError(f"split {recipe.data.test_split!r} (data.test_split) row {i}, column {col!r} "
-                              f"(data.messages_column): {err}; accepted: a list of {{role, content}} messages with "
-                              "an assistant turn") from None
-        e = truncate(e, recipe.sft.max_seq_length, i, counts) if recipe.sft.max_seq_length else e
-        if e is not None:
-            out.append(e)
-    if not out:
-        raise ConfigError(f"config key 'sft.eval_every': got {recipe.sft.eval_every} but split "
-                          f"{recipe.data.test_split!r} has no conversation to compute a held-out loss on; accepted: 0, "
-                          "or a test split with conversations")
-    return out
-
-
 def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
     """The whole ``r1ray sft`` job; returns the summary (also written to summary.json)."""
     from transformers import AutoTokenizer
 
-    from ..cluster import runtime
-    from .data import load_dataset_dict
-    from .metrics import read_json
-    from .train import (check_output_dir, close_run, connect, ended, prepare_model, resume_outcome, run_dir_for,
-                        signals_ignored, stop_on_sigterm)
 
     t_start = time.perf_counter()
     if not recipe.sft.steps and recipe.sft.epochs is None:
@@ -116,15 +78,8 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
     if state is not None and state["step"] >= cfg.steps:
         raise ConfigError(f"config key 'sft.steps': the run in {str(resume)!r} has already trained {state['step']} of "
                           f"{cfg.steps} steps; accepted: more steps (--set sft.steps=N) to train on")
-    connect(recipe, SFT)
-    stop_on_sigterm()
-    try:
-        run_dir = resume if resume is not None else run_dir_for(recipe)
-    except ConfigError:
-        runtime.stop()
-        raise
+    run_dir = open_run(recipe, SFT, resume)
     checkpoints = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
-    dump(recipe, run_dir / "config.yaml")
     done = state["step"] if state else 0
     if done:
         truncate_jsonl(run_dir / "sft_metrics.jsonl", done)
@@ -135,23 +90,24 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
     metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", purge_step=done + 1 if done else None)
     truncation = Truncation(**state["truncation"]) if state else Truncation()
     records: list[dict] = []
-    try:
-        system.start()
-        summary["startup_s"] = system.startup_s
 
-        def after_step(step: int, taken: int) -> None:
-            if not checkpoints.due(step) or step == cfg.steps:
-                return
-            tag = tag_for(step)
-            checkpoints.begin(step)
-            saved = system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
-            system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
-            checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
-                                "truncation": dataclasses.asdict(truncation)}, saved)
+    def after_step(step: int, taken: int) -> None:
+        if not checkpoints.due(step) or step == cfg.steps:
+            return
+        tag = tag_for(step)
+        checkpoints.begin(step)
+        saved = system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
+        system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
+        checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
+                            "truncation": dataclasses.asdict(truncation)}, saved)
 
-        resume_at = None
-        if state is not None:
-            resume_at = (state["step"], state["sampler_taken"])
+    def wrap_up() -> bool:
+        summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
+        metrics.close()
+        return metrics.count > 0
+
+    with actors_running(system, run_dir, summary, before, wrap_up):
+        resume_at = (state["step"], state["sampler_taken"]) if state is not None else None
         with tqdm(total=cfg.steps, initial=done, desc="SFT", unit="step", dynamic_ncols=True) as bar:
             records = run_sft(system, cfg, data, renderer, metrics, recipe.seed, bar, held_out=held_out,
                               truncation=truncation, resume_at=resume_at, after_step=after_step,
@@ -159,15 +115,6 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
         final = run_dir / "checkpoint-sft"
         system.learners.run_all("save_hf", str(final))
         summary.update(status="completed", checkpoint=str(final))
-    except BaseException as e:
-        ended(summary, e, run_dir)
-        raise
-    finally:
-        with signals_ignored():
-            summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
-            metrics.close()
-            summary = resume_outcome(before, summary, progressed=metrics.count > 0)
-            close_run(system, run_dir, summary)
     return summary
 
 
@@ -185,4 +132,3 @@ def sft_report(records: list[dict], truncation: Truncation, steps_done: int) -> 
         if evals:
             out["final_eval_loss"] = evals[-1]
     return out
-

@@ -3,77 +3,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import interrupt
-from .checkpoint import Checkpoints, truncate_jsonl
-from .config import TINY, Recipe, check_resources, dump, joins_cluster
-from .data import PreparedData, PromptRenderer, prepare_data
-from .eval_tasks import load_tasks
-from .evaluate import Evaluator, metrics_of, pass_at_1, write_results
-from .grpo import GrpoDriver
-from .metrics import MetricsWriter, read_jsonl, write_json_atomic
-from .schema import ConfigError
-from .sft import run_sft
-from .sft_run import held_out_examples
-from .system import GRPO, System
+from ..common.checkpoint import Checkpoints
+from ..common.data import PreparedData, PromptRenderer, prepare_data
+from ..common.job import (
+    actors_running,
+    check_output_dir,
+    open_run,
+    prepare_model,
+    save_interrupted,
+)
+from ..common.runlog import MetricsWriter, read_jsonl, truncate_jsonl
+from ..common.system import GRPO, System
+from ..config import Recipe
+from ..config.schema import ConfigError
+from ..evaluation.evaluator import Evaluator, metrics_of, pass_at_1, write_results
+from ..evaluation.tasks import load_tasks
+from ..sft.data import held_out_examples
+from ..sft.loop import run_sft
+from .driver import GrpoDriver
 
 log = logging.getLogger("r1ray")
-
-
-def prepare_model(recipe: Recipe) -> tuple[str, Path | None]:
-    """Resolve model.path; build the tiny world when the recipe asks for it and it is missing."""
-    if recipe.model.path != TINY and recipe.data.path != TINY:
-        return recipe.model.path, None
-    from .tiny import build_tiny_world
-
-    tiny_dir = Path(os.path.expanduser(recipe.model.tiny_dir))
-    t0 = time.perf_counter()
-    build_tiny_world(tiny_dir)
-    log.info("tiny world ready in %s (%.1fs)", tiny_dir, time.perf_counter() - t0)
-    model_path = str(tiny_dir / "model") if recipe.model.path == TINY else recipe.model.path
-    return model_path, tiny_dir
-
-
-def _output_error(path: Path, why: str) -> ConfigError:
-    return ConfigError(f"config key 'output_dir' (or --output-dir): {str(path)!r} {why}; accepted: a directory "
-                       "that can be created and written, or an existing one")
-
-
-def check_output_dir(recipe: Recipe) -> None:
-    """Refuse an output directory that cannot be written, before anything starts or is created."""
-    base = Path(recipe.output_dir).expanduser()
-    if base.exists() and not base.is_dir():
-        raise _output_error(base, "is a file, not a directory")
-    ancestor = base
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise _output_error(base, f"is below {str(ancestor)!r}, which is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise _output_error(base, f"cannot be written: {str(ancestor)!r} is read-only for this user")
-
-
-def run_dir_for(recipe: Recipe) -> Path:
-    """A fresh run directory: an existing non-empty one is never overwritten (suffix -1, -2, ...)."""
-    base = Path(recipe.output_dir).expanduser()
-    check_output_dir(recipe)
-    candidate, i = base, 0
-    while candidate.exists() and any(candidate.iterdir()):
-        i += 1
-        candidate = base.with_name(f"{base.name}-{i}")
-    try:
-        candidate.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _output_error(candidate, f"cannot be created ({e.strerror})") from None
-    return candidate
 
 
 def probe_prompts(recipe: Recipe, data: PreparedData, renderer: PromptRenderer, eval_used: int) -> list[dict]:
@@ -122,42 +76,6 @@ def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
     return evaluate
 
 
-def check_placement(recipe: Recipe, roles: tuple[str, ...]) -> None:
-    """Every bundle of the placement plan fits on some alive node (a generator's
-    tensor_parallel_size GPUs on one node), and all of them together fit the cluster."""
-    from ..cluster.placement import alive_nodes, unplaceable
-    from .system import placement_plan
-
-    why = unplaceable(placement_plan(recipe, roles), alive_nodes())
-    if why:
-        key = "generator.tensor_parallel_size" if why.startswith("generator") else "the actors' cpus_per_* / gpus_per_*"
-        raise ConfigError(f"config key '{key}': the placement cannot be met on this cluster: {why}")
-
-
-def connect(recipe: Recipe, roles: tuple[str, ...] = GRPO) -> None:
-    """Start or join Ray; on a joined cluster check its resources and take a free namespace.
-    Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again. ``roles``: the
-    actor groups the job starts (``system.GRPO``, ``EVALUATE``, ``SFT``), whose placement is checked."""
-    from ..cluster import runtime
-
-    on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
-    resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
-                              recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
-                              recipe.ray.ship_code)
-    try:
-        if joins_cluster(recipe) and "learner" in roles:  # the cluster's real size, before any actor starts
-            check_resources(recipe, resources.get("CPU", 0), resources.get("GPU", 0), learners_only="rollout" not in roles)
-        check_placement(recipe, roles)
-        namespace = runtime.free_namespace(recipe.ray.namespace)
-    except BaseException:
-        runtime.stop()
-        raise
-    if namespace != recipe.ray.namespace:
-        log.warning("Ray namespace %r is in use by another run on this cluster: this run uses %r",
-                    recipe.ray.namespace, namespace)
-        recipe.ray.namespace = namespace
-
-
 def resume_point(run_dir: Path, recipe: Recipe, model_path: str) -> dict:
     """Where ``--resume run_dir`` continues: the newest complete GRPO checkpoint, else the end of
     the SFT warm-up (its checkpoint-sft), else the start of GRPO. Refused, naming the run
@@ -192,8 +110,6 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
     SFT warm-up) is started again in a new run directory instead of refused."""
     from transformers import AutoTokenizer
 
-    from ..cluster import runtime
-
     t_start = time.perf_counter()
     if resume is None:
         check_output_dir(recipe)
@@ -218,14 +134,7 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
                 raise
             log.warning("%s; starting the run again (--resume auto)", e)
             resume = None
-    connect(recipe)
-    stop_on_sigterm()
-    try:
-        run_dir = resume if resume is not None else run_dir_for(recipe)
-    except ConfigError:
-        runtime.stop()
-        raise
-    dump(recipe, run_dir / "config.yaml")
+    run_dir = open_run(recipe, GRPO, resume)
     log.info("run directory: %s", run_dir)
     summary: dict = {"run_dir": str(run_dir), "model": model_path, "status": "running", "stage": "startup",
                      "data": data.summary()}
@@ -242,9 +151,18 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
     metrics = MetricsWriter(run_dir, purge_step=previous["step"] + 1 if previous else None)
     sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
     checkpoints = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
-    try:
-        system.start()
-        summary["startup_s"] = system.startup_s
+
+    def wrap_up() -> bool:
+        summary.update(wall_s=time.perf_counter() - t_start,
+                       sft_steps_done=done_before["sft_steps_done"] + sft_metrics.count,
+                       grpo_steps_done=done_before["grpo_steps_done"] + metrics.count)
+        metrics.close()
+        sft_metrics.close()
+        if summary["status"] == "interrupted" and recipe.checkpoint.on_interrupt and summary["stage"] in ("sft", "grpo"):
+            save_interrupted(system, run_dir, summary)
+        return metrics.count > 0 or sft_metrics.count > 0
+
+    with actors_running(system, run_dir, summary, previous["summary"] if previous else None, wrap_up):
         if recipe.sft.steps and previous is None:
             summary["stage"] = "sft"
             with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
@@ -288,82 +206,4 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
         system.learners.run_all("save_hf", str(ckpt))
         summary["checkpoint"] = str(ckpt)
         summary["status"] = "completed"
-    except BaseException as e:
-        ended(summary, e, run_dir)
-        raise
-    finally:
-        with signals_ignored():  # a second Ctrl-C must not cut the clean-up short
-            summary.update(wall_s=time.perf_counter() - t_start,
-                           sft_steps_done=done_before["sft_steps_done"] + sft_metrics.count,
-                           grpo_steps_done=done_before["grpo_steps_done"] + metrics.count)
-            metrics.close()
-            sft_metrics.close()
-            if summary["status"] == "interrupted" and recipe.checkpoint.on_interrupt and summary["stage"] in ("sft", "grpo"):
-                save_interrupted(system, run_dir, summary)
-            summary = resume_outcome(previous["summary"] if previous else None, summary,
-                                     progressed=metrics.count > 0 or sft_metrics.count > 0)
-            close_run(system, run_dir, summary)
     return summary
-
-
-def resume_outcome(previous: dict | None, summary: dict, progressed: bool) -> dict:
-    """What summary.json keeps after a resume: a resumed run that failed or was stopped before
-    its first new step leaves the outcome the run had recorded (completed, interrupted, failed)
-    as it was, and notes the attempt under ``last_resume``."""
-    if not previous or progressed or summary.get("status") == "completed":
-        return summary
-    return {**previous, "last_resume": {k: summary[k] for k in ("status", "error", "signal") if k in summary}}
-
-
-def ended(summary: dict, e: BaseException, run_dir: Path) -> None:
-    """Record in ``summary`` how a run stopped early: interrupted (Ctrl-C, or SIGTERM from ray job
-    stop / Kubernetes, turned into a KeyboardInterrupt) or failed (and the CLI says how to resume)."""
-    if isinstance(e, KeyboardInterrupt):
-        summary.update(status="interrupted", signal=str(e) or "SIGINT")
-    else:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        e.run_dir = str(run_dir)
-
-
-def close_run(system: System, run_dir: Path, summary: dict) -> None:
-    """The end of every run: summary.json written (a failure to write it is logged), the actors
-    and Ray stopped."""
-    from ..cluster import runtime
-
-    try:
-        write_json_atomic(run_dir / "summary.json", summary)
-    except OSError as e:
-        log.error("could not write %s: %s", run_dir / "summary.json", e)
-    system.shutdown()
-    runtime.stop()
-
-
-def save_interrupted(system: System, run_dir: Path, summary: dict) -> None:
-    """``checkpoint.on_interrupt``: the learner's weights as they are (after the step in
-    progress), in HF format; a failure is logged, the stop goes on."""
-    path = run_dir / "checkpoint-interrupted"
-    log.info("interrupted: saving the learner's weights to %s (checkpoint.on_interrupt)", path)
-    try:
-        system.learners.run_all("save_hf", str(path), timeout_s=300)
-        summary["checkpoint_interrupted"] = str(path)
-    except Exception as e:  # noqa: BLE001 - the run stops anyway; say why there is no checkpoint
-        log.error("could not save %s: %s", path, e)
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (``ray job stop``, Kubernetes) stops the run like Ctrl-C (``interrupt.install``)."""
-    interrupt.install()
-
-
-@contextmanager
-def signals_ignored():
-    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)

@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-from .schema import ConfigError
+from ..config.schema import ConfigError
 
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}  # what datasets also opens
 _FORMATS = {".jsonl": "one JSON object per line", ".json": "a JSON list of objects (or an object of columns)",

@@ -15,21 +15,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..actors.advantages import batch_advantages
-from ..actors.learner import GrpoStats
-from ..actors.loss import global_denominator, kl_estimate, micro_batch_count
-from ..actors.rollout import Rollout, TrainSample
-from ..actors.scorer import RewardHealth, add_stats
-from ..cluster.ray_metrics import RunMetrics
-from . import interrupt
-from .checkpoint import Checkpoints, tag_for
-from .config import Recipe
-from .data import EpochSampler, PreparedData, PromptRenderer
+from ...actors.advantages import batch_advantages
+from ...actors.learner import GrpoStats
+from ...actors.loss import global_denominator, kl_estimate, micro_batch_count
+from ...actors.rollout import Rollout, TrainSample
+from ...actors.scorer import RewardHealth, add_stats
+from ...cluster.ray_metrics import RunMetrics
+from ..common import interrupt
+from ..common.checkpoint import Checkpoints, tag_for
+from ..common.data import EpochSampler, PreparedData, PromptRenderer
+from ..common.inflight import InFlight, Work
+from ..common.system import System
+from ..config import Recipe
 from .elastic import Elastic
-from .inflight import InFlight, Work
-from .metrics import rollout_metrics
+from .records import rollout_metrics
 from .staleness import StalenessManager
-from .system import System
 from .telemetry import SpanCollector
 
 log = logging.getLogger("r1ray")

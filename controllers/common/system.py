@@ -4,17 +4,17 @@ from __future__ import annotations
 import logging
 import time
 
-from ..actors.generator import Generator, GeneratorConfig
-from ..actors.learner import LearnerConfig, LearnerRank
-from ..actors.reference import Reference
-from ..actors.scorer import RewardScorer, ScorerConfig
-from ..actors.weight_transfer import BACKEND as GLOO_TRANSFER
-from ..cluster import control
-from ..cluster.groups import ActorGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
-from ..cluster.placement import Bundles, Placement
-from ..cluster.weight_sync import start_broadcast, start_transfer
-from .config import Recipe
-from .schema import build, to_dict
+from ...actors.generator import Generator, GeneratorConfig
+from ...actors.learner import LearnerConfig, LearnerRank
+from ...actors.reference import Reference
+from ...actors.scorer import RewardScorer, ScorerConfig
+from ...actors.weight_transfer import BACKEND as GLOO_TRANSFER
+from ...cluster import control
+from ...cluster.groups import ActorGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
+from ...cluster.placement import Bundles, Placement
+from ...cluster.weight_sync import start_broadcast, start_transfer
+from ..config import Recipe
+from ..config.schema import build, to_dict
 
 log = logging.getLogger("r1ray")
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import ray
 
-from ..cluster.groups import RemoteCallError, Watchdog
+from ...cluster.groups import RemoteCallError, Watchdog
 
 
 @dataclass(eq=False)

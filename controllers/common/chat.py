@@ -1,4 +1,4 @@
-"""SFT data: conversations rendered with the tokenizer's chat template, loss on assistant tokens.
+"""Conversations rendered with the tokenizer's chat template, loss on assistant tokens.
 
 Every assistant turn of a multi-turn conversation is trained, and nothing else: the system and
 user turns and the template's own tokens around them are context. The assistant spans come
@@ -10,9 +10,7 @@ end-of-turn token (trained: the model must learn to stop); what the template add
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from ..actors.packing import SftExample
+from ...actors.packing import SftExample
 
 
 class TemplateError(ValueError):
@@ -53,25 +51,3 @@ def render_conversation(tokenizer, messages: list[dict], system_prompt: str | No
         trained[start:end] = [1] * (end - start)
     last = len(trained) - trained[::-1].index(1)  # what follows the last trained token changes no loss
     return SftExample(ids[:last], trained[:last])
-
-
-@dataclass
-class Truncation:
-    """Examples cut to ``max_seq_length`` tokens, and the trained tokens that were lost."""
-
-    examples: int = 0
-    tokens_lost: int = 0
-    dropped: list[int] = field(default_factory=list)  # rows left with nothing to train after the cut
-
-
-def truncate(example: SftExample, max_len: int, row: int, counts: Truncation) -> SftExample | None:
-    """The first ``max_len`` tokens (counted in ``counts``); None when no trained token is left."""
-    if len(example.ids) <= max_len:
-        return example
-    counts.examples += 1
-    counts.tokens_lost += sum(example.trained[max_len:])
-    cut = SftExample(example.ids[:max_len], example.trained[:max_len])
-    if cut.targets == 0:
-        counts.dropped.append(row)
-        return None
-    return cut

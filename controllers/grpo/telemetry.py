@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cluster.groups import RemoteCallError, get
+from ...cluster.groups import RemoteCallError, get
 
 
 def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:

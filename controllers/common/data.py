@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..actors.packing import SftExample
-from .config import TINY, DataConfig, Recipe
+from ...actors.packing import SftExample
+from ..config import TINY, DataConfig, Recipe
+from ..config.schema import ConfigError
+from .chat import render_conversation
 from .data_check import check_data_file, check_local_path
-from .schema import ConfigError
-from .sft_data import render_conversation
 
 log = logging.getLogger("r1ray")
 CHUNK = 1024  # rows read and tokenised per batch call

@@ -25,12 +25,11 @@ import asyncio
 import json
 import os
 import random
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
-
-import sys
-import warnings
 
 # distilabel's pydantic models warn about Field(default=None) on import, in every actor.
 warnings.filterwarnings("ignore", message="The 'default' attribute with value None")
@@ -198,7 +197,7 @@ class AnswerCheck(Step):
         return ["correct", "answers"]
 
     def load(self) -> None:
-        from ..rewards.isolation import VerifierPool, auto_memory_mb
+        from ...rewards.isolation import VerifierPool, auto_memory_mb
 
         super().load()
         self._pool = VerifierPool(self.workers, self.timeout_s, memory_mb=auto_memory_mb(self.workers))

@@ -1,5 +1,5 @@
 """``r1ray distill RECIPE``: a reasoning-trace dataset from a teacher model, as Open-R1 made
-OpenR1-Math (see ``controllers/distill.py`` for the pipeline).
+OpenR1-Math (see ``pipeline.py`` beside it).
 
 The output directory (``output_dir``) is the dataset being built; running the command again
 continues it:
@@ -29,10 +29,11 @@ import signal
 import time
 from pathlib import Path
 
-from .config import Recipe, dump
-from .distill import JOURNAL, ROW, GOLD, kept_indices, read_journal, repair_journal, scrub
-from .metrics import read_json, write_json_atomic
-from .schema import ConfigError
+from ..common import interrupt
+from ..common.runlog import read_json, write_json_atomic
+from ..config import Recipe, dump
+from ..config.schema import ConfigError
+from .pipeline import GOLD, JOURNAL, ROW, kept_indices, read_journal, repair_journal, scrub
 
 log = logging.getLogger("r1ray")
 
@@ -64,8 +65,8 @@ def api_key(recipe: Recipe):
 
 def teacher(recipe: Recipe) -> tuple[str, str | None, Path | None]:
     """(the model name sent in requests, the model the servers load or None, the tiny world's dir)."""
-    from .data import _looks_local
-    from .train import prepare_model
+    from ..common.data import _looks_local
+    from ..common.job import prepare_model
 
     d = recipe.distill
     tiny_dir = None
@@ -89,7 +90,7 @@ def teacher(recipe: Recipe) -> tuple[str, str | None, Path | None]:
 def load_prompts(recipe: Recipe, tiny_dir: Path | None):
     """(the source split, its prompt column, its answer column or None), checked row by row:
     a row without a prompt (or without a reference, when filtering) is refused by number."""
-    from .data import load_dataset_dict
+    from ..common.data import load_dataset_dict
 
     d = recipe.distill
     split = d.split or recipe.data.train_split
@@ -173,10 +174,10 @@ def preflight(url: str, key, timeout_s: float) -> None:
 def start_servers(recipe: Recipe, served: str, name: str, out: Path):
     """The self-hosted teacher: ``serve.replicas`` VllmServer actors in placement groups of
     their own (one node's GPUs each), started together; (urls, group, placement)."""
-    from ..actors.server import VllmServer
-    from ..cluster.groups import ActorGroup
-    from ..cluster.placement import Placement
-    from .system import DISTILL, placement_plan
+    from ...actors.server import VllmServer
+    from ...cluster.groups import ActorGroup
+    from ...cluster.placement import Placement
+    from ..common.system import DISTILL, placement_plan
 
     s = recipe.distill.serve
     placement = Placement(placement_plan(recipe, DISTILL), recipe.ray.namespace, recipe.ray.placement_timeout_s)
@@ -215,7 +216,7 @@ def run_pipeline(recipe: Recipe, out: Path, pending: list[int], source, prompt_c
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDisk, StepResources
 
-    from .distill import AnswerCheck, EndpointLLM, Journal, TraceGeneration
+    from .pipeline import AnswerCheck, EndpointLLM, Journal, TraceGeneration
 
     d = recipe.distill
     pending_dir = out / ".pending"
@@ -371,9 +372,9 @@ def distill_job(recipe: Recipe) -> dict:
     import datasets
 
     datasets.disable_progress_bars()  # a bar per small save otherwise; the pipeline logs its progress
-    from ..cluster import runtime
-    from .system import DISTILL
-    from .train import check_output_dir, check_placement, ended, signals_ignored, stop_on_sigterm
+    from ...cluster import runtime
+    from ..common.job import check_output_dir, connect, ended, signals_ignored
+    from ..common.system import DISTILL
 
     t_start = time.perf_counter()
     d = recipe.distill
@@ -407,13 +408,9 @@ def distill_job(recipe: Recipe) -> dict:
     try:
         if pending:
             on_gpu = bool(d.serve and d.serve.gpus_per_replica > 0)
-            runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
-                          recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
-                          recipe.ray.ship_code)
+            connect(recipe, DISTILL, on_gpu)
             started_ray = True
-            check_placement(recipe, DISTILL)
-            recipe.ray.namespace = runtime.free_namespace(recipe.ray.namespace)
-            stop_on_sigterm()
+            interrupt.install()
             if d.serve is not None:
                 urls, group, placement = start_servers(recipe, served, model_name, out)
             else:

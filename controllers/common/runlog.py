@@ -5,10 +5,7 @@ import errno
 import json
 import math
 import os
-import statistics
 from pathlib import Path
-
-from ..actors.rollout import Rollout
 
 
 class MetricsWriter:
@@ -99,22 +96,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
             tmp.unlink()
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
-def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size: int) -> dict:
-    """Rewards per function, completion lengths and group statistics of one batch."""
-    m: dict[str, float] = {}
-    m["reward/mean"], m["reward/std"] = _mean_std([r.reward for r in rollouts])
-    for name in reward_names:
-        vals = [r.scores.get(name) for r in rollouts]
-        m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _mean_std([v for v in vals if v is not None])
-    lens = [len(r.completion_ids) for r in rollouts]
-    m["completion_len/mean"], m["completion_len/max"] = statistics.fmean(lens), max(lens)
-    m["completion/truncated_ratio"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
-    groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
-    m["groups/zero_std_ratio"] = sum(len({r.reward for r in g}) == 1 for g in groups) / len(groups)
-    return m
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the records of ``path`` whose ``step`` is at most ``last_step`` (what a resumed run
+    redoes is written again). Atomic: a reader sees the old file or the new one. Returns the
+    number of records kept."""
+    if not path.exists():
+        return 0
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return len(kept)

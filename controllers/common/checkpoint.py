@@ -25,9 +25,9 @@ import re
 import shutil
 from pathlib import Path
 
-from ..actors.learner import file_record
-from .metrics import read_jsonl, write_json_atomic
-from .schema import ConfigError
+from ...actors.learner import file_record
+from ..config.schema import ConfigError
+from .runlog import write_json_atomic
 
 log = logging.getLogger("r1ray")
 
@@ -134,19 +134,6 @@ def verify(step_dir: Path, files: dict | None) -> str | None:
 
 def _step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
-
-
-def truncate_jsonl(path: Path, last_step: int) -> int:
-    """Keep the records of ``path`` whose ``step`` is at most ``last_step`` (what a resumed run
-    redoes is written again). Atomic: a reader sees the old file or the new one. Returns the
-    number of records kept."""
-    if not path.exists():
-        return 0
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
-    return len(kept)
 
 
 # Keys a resumed run must share with the run it continues: they decide the data order and

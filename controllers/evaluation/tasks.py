@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import EvalTaskConfig, Recipe
-from .schema import ConfigError
+from ..config import EvalTaskConfig, Recipe
+from ..config.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ def load_rows(cfg: EvalTaskConfig, key: str, tiny_dir: Path | None):
     """The task's split as a ``datasets.Dataset``: a local file or folder, else the hub."""
     import datasets
 
-    from .config import TINY
-    from .data import _data_files, _first_line, _looks_local
-    from .data_check import check_data_file, check_local_path
+    from ..common.data import _data_files, _first_line, _looks_local
+    from ..common.data_check import check_data_file, check_local_path
+    from ..config import TINY
 
     path = cfg.path
     try:
@@ -147,7 +147,7 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
     key = f"eval.tasks[{index}]"
     cfg = resolve(cfg, recipe)
     if cfg.task == "heldout":  # the recipe's own data, loaded as training loads it
-        from .data import load_dataset_dict
+        from ..common.data import load_dataset_dict
 
         splits = load_dataset_dict(recipe.data, tiny_dir)
         if cfg.split not in splits:
@@ -216,7 +216,7 @@ def _listed(items: list, limit: int = 20) -> str:
 
 def training_problems(recipe: Recipe, tiny_dir: Path | None) -> set[str]:
     """The recipe's training prompts, normalised, for the overlap check."""
-    from .data import load_dataset_dict
+    from ..common.data import load_dataset_dict
 
     ds = load_dataset_dict(recipe.data, tiny_dir)
     split = ds[recipe.data.train_split]

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING
 
 from ray.exceptions import RayActorError
 
-from ..cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
-from ..cluster.placement import Bundles
-from .inflight import Work
-from .system import lost_generators
+from ...cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
+from ...cluster.placement import Bundles
+from ..common.inflight import Work
+from ..common.system import lost_generators
 
 if TYPE_CHECKING:
-    from .grpo import GrpoDriver
+    from .driver import GrpoDriver
 
 log = logging.getLogger("r1ray")
 

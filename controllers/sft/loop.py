@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ..actors.learner import SftStats
-from ..actors.packing import SftExample, pack_bins
-from . import interrupt
-from .config import SftConfig
-from .data import EpochSampler, PreparedData, PromptRenderer
-from .sft_data import Truncation, truncate
-from .system import System
+from ...actors.learner import SftStats
+from ...actors.packing import SftExample, pack_bins
+from ..common import interrupt
+from ..common.data import EpochSampler, PreparedData, PromptRenderer
+from ..common.system import System
+from ..config import SftConfig
+from .data import Truncation, truncate
 
 
 def rows_of(examples: list[SftExample], cfg: SftConfig) -> list[list[SftExample]]:
@@ -39,7 +39,7 @@ def examples_of(rows, renderer: PromptRenderer, cfg: SftConfig, counts: Truncati
 
 def held_out_loss(system: System, examples: list[SftExample], cfg: SftConfig) -> float:
     """Mean NLL per trained token of ``examples`` under the learners' current weights."""
-    from ..cluster.groups import split
+    from ...cluster.groups import split
 
     rows = rows_of(examples, cfg)
     parts = split(rows, len(system.learners.ready()))

@@ -1,0 +1,275 @@
+"""The recipe schema: each layer's own config, composed; loaded from YAML and validated up front."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ...actors.generator import GeneratorConfig, SamplingConfig
+from ...actors.learner import LearnerConfig
+from ...actors.scorer import RewardSpec, ScorerConfig
+from ...actors.server import ServerConfig
+from .schema import to_dict
+
+PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the r1ray package (configs/ is in it)
+TINY = "tiny"  # model.path / data.path value meaning "the locally built tiny world"
+
+
+@dataclass
+class ModelConfig:
+    path: str = TINY  # hub name, local path, or "tiny"
+    tiny_dir: str = "~/.cache/r1ray/tiny-world"  # where the tiny world is built when path is "tiny"
+
+
+@dataclass
+class DataConfig:
+    path: str = TINY  # datasets.load_from_disk dir, a hub dataset name, or "tiny"
+    name: str | None = None  # hub dataset config name
+    train_split: str = "train"
+    test_split: str = "test"
+    prompt_column: str = "problem"
+    solution_column: str = "solution"
+    messages_column: str = "messages"  # SFT traces (chat messages ending with the assistant turn)
+    system_prompt: str | None = None
+    # A row that breaks a data rule (empty prompt or solution, a prompt longer than the generator
+    # takes, bad SFT messages) -- checked before Ray starts. "refuse": stop at the first such row,
+    # naming it; "drop": leave such rows out and count them per split and rule.
+    on_invalid_row: Literal["refuse", "drop"] = "refuse"
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS, a local `ray start` cluster, or start one
+    namespace: str = "r1ray"
+    num_cpus: int | None = None  # only when starting a local cluster; default: all cores
+    num_gpus: int | None = None
+    dashboard: bool = True
+    object_store_mb: int = 256
+    connect_timeout_s: float = 10.0  # joining a cluster that does not answer fails after this
+    # Joining a cluster from a clone: build a wheel of it (cached by content) and install it on
+    # every node through the runtime env (py_modules), so nodes need no r1ray of their own.
+    # false: the nodes have r1ray installed (the KubeRay image). A local Ray never ships.
+    ship_code: bool = True
+    # Deadlines. A call's first run (nothing measured yet) is bounded by call_timeout_s; later
+    # ones by deadline_factor x the slowest seconds per sample seen for that stage x its
+    # samples, at least deadline_min_s (scoring: by the verifier timeouts). Meanwhile every
+    # actor is pinged every heartbeat_s; one dead, or silent for liveness_timeout_s, ends the
+    # run with its name.
+    call_timeout_s: float = 600.0
+    deadline_factor: float = 5.0
+    deadline_min_s: float = 60.0
+    heartbeat_s: float = 10.0
+    liveness_timeout_s: float = 45.0
+    placement_timeout_s: float = 120.0  # reserving the placement groups (an autoscaler may add nodes meanwhile)
+
+
+@dataclass
+class GeneratorGroupConfig(GeneratorConfig):
+    num_actors: int = 1  # started (and placed) before the run begins
+    # Elastic group: the driver adds generators up to max_actors whenever the
+    # cluster has room (a node joins), replaces lost ones, and `r1ray scale` resizes it within
+    # [min_actors, max_actors]. null: num_actors.
+    min_actors: int | None = None
+    max_actors: int | None = None
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+
+    def actor_range(self) -> tuple[int, int]:
+        """(min_actors, max_actors), null meaning num_actors."""
+        return (self.num_actors if self.min_actors is None else self.min_actors,
+                self.num_actors if self.max_actors is None else self.max_actors)
+
+
+@dataclass
+class LearnerGroupConfig(LearnerConfig):
+    cpus_per_rank: float = 0.5
+    gpus_per_rank: float = 0.0
+
+
+@dataclass
+class ReferenceConfig:
+    cpus: float = 0.25
+    gpus: float = 0.0
+    micro_batch_size: int = 64
+
+
+@dataclass
+class SftConfig:
+    steps: int = 0  # 0 skips the warm-up
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    # Early stop once the policy, sampled as GRPO will sample it (one completion per prompt at
+    # `sampling`), is right on this share of `probe_prompts` held-out prompts that the final
+    # evaluation does not use (judged by `eval.reward`): enough right answers in each group for
+    # GRPO to learn from. Checked every `probe_every` steps from `probe_from` on.
+    # null: always run `steps`.
+    stop_at_pass_rate: float | None = None
+    probe_every: int = 10
+    probe_from: int = 0
+    probe_prompts: int = 64
+    save_checkpoint: bool = True  # HF-format checkpoint-sft/ in the run directory after the warm-up
+    # Examples are conversations (data.messages_column) rendered with the chat template; every
+    # assistant turn is trained. Longer than max_seq_length tokens: cut there (counted; null: never).
+    max_seq_length: int | None = None
+    epochs: float | None = None  # r1ray sft: passes over the conversations, instead of `steps`
+    packing: bool = False  # several examples per row of max_seq_length tokens, attention kept apart
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # after the warm-up
+    min_lr_ratio: float = 0.0  # linear / cosine decay to this share of lr (Open-R1: cosine to 0.1)
+    eval_every: int = 0  # held-out loss on data.test_split's conversations every N steps (0: never)
+    eval_examples: int = 256  # held-out conversations in that loss
+
+
+@dataclass
+class GrpoConfig:
+    steps: int = 100
+    prompts_per_step: int = 16
+    num_generations: int = 8  # completions per prompt (the group)
+    # "grpo": (r - group mean) / std by advantage_scale; "rloo": r - mean of the other G - 1
+    # (unscaled); "reinforce_pp": per-token returns whitened over the whole batch (advantage_scale unused)
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    advantage_scale: Literal["group", "batch", "none"] = "group"  # TRL scale_rewards; "batch": the step's batch
+    mask_truncated_completions: bool = False  # completions cut at sampling.max_new_tokens get no loss (DAPO)
+    max_staleness: int = 0  # eta: samples are at most this many versions old; 0 = synchronous on-policy
+    groups_per_request: int = 0  # prompt groups per generate call; 0: prompts_per_step / generators
+    partial_rollout_tokens: int = 0  # > 0: generators adopt new weights mid-request every N tokens
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, sample until the batch is full
+    log_completions_every: int = 0  # 0: never; N: write a few completions every N steps
+
+
+# The system prompt of Open-R1's published evaluations (lighteval --system-prompt).
+OPENR1_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+EVAL_TASKS = ("math_500", "aime24", "aime25", "gpqa_diamond", "heldout", "generic")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One benchmark of ``eval.tasks``. ``task``: math_500, aime24, aime25, gpqa_diamond (their hub
+    datasets by default), heldout (the recipe's own data.test_split), or generic (any dataset with
+    a problem and an answer column). Every other key overrides the task's default."""
+    task: str = "generic"
+    name: str | None = None  # the name in reports and metrics (eval/<name>/pass@1); default: task
+    path: str | None = None  # a local jsonl/json/parquet/csv file or save_to_disk folder, or a hub dataset
+    subset: str | None = None  # the hub dataset's config name (gpqa_diamond: "gpqa_diamond")
+    split: str | None = None
+    problem_column: str | None = None
+    answer_column: str | None = None  # gpqa_diamond: the correct option's text ("Correct Answer")
+    kind: Literal["math", "choice"] | None = None  # how answers are judged (generic: math)
+    num_samples: int | None = None  # n per problem; default: Open-R1's (AIME 64, MATH-500 4, GPQA 8; else 1)
+    max_problems: int | None = None  # only the first N problems (a quick look); null: all
+    system_prompt: str | None = None  # null: eval.system_prompt (heldout: data.system_prompt); "": none
+
+
+@dataclass
+class EvalSamplingConfig:
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.95
+    # null: the rest of generator.max_model_len after each prompt (Open-R1 generates up to 32768)
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 200  # held-out prompts for pass@1 before and after
+    max_new_tokens: int | None = None  # default: sampling.max_new_tokens
+    reward: str = "accuracy"  # the function that decides pass/fail
+    # Benchmarks: `r1ray eval` runs them, and during training every `every_steps` learner steps
+    # (metrics eval/<task>/pass@1, ...). Sampled with `sampling` and n per task, judged by
+    # math-verify as Open-R1 judges (rewards/answers.py), on the generator and scorer actors.
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    every_steps: int = 0
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    system_prompt: str | None = OPENR1_SYSTEM_PROMPT
+    k: list[int] | None = None  # pass@k and maj@k reported; null: 1, 2, 4, ... up to n, and n
+    seed: int = 0  # the option order of multiple-choice tasks (GPQA), fixed per problem
+
+
+@dataclass
+class CheckpointConfig:
+    # Every N GRPO steps: the learners' DeepSpeed state (weights, optimizer, scheduler, RNG) and
+    # the driver's (step, policy version, consumed prompts, data position) under
+    # <run_dir>/checkpoints/step-<N>/; `r1ray train --resume <run_dir>` continues from the newest
+    # complete one with the same data order. 0: no GRPO checkpoints.
+    every_steps: int = 0
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    # Ctrl-C / SIGTERM during SFT or GRPO: the learner's current weights as an HF checkpoint
+    # (checkpoint-interrupted/) before the actors stop, waiting for a step in progress to end.
+    on_interrupt: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """``r1ray distill``: reasoning traces from a teacher behind an OpenAI-compatible endpoint
+    (Open-R1's distilabel pipeline on Ray), filtered by math-verify, written as a dataset that
+    ``r1ray sft`` trains on. The prompts are ``data.path``'s ``split`` (default
+    data.train_split), column ``prompt_column`` (default data.prompt_column)."""
+    # The teacher: a hosted endpoint (base_url, e.g. https://api.deepseek.com/v1) or vLLM
+    # OpenAI-compatible servers started here as Ray actors (serve). One of the two.
+    model: str | None = None  # the model name sent in requests; with serve: default its model's path
+    base_url: str | None = None
+    api_key_env: str | None = None  # the environment variable that holds the key; it is never written anywhere
+    serve: ServerConfig | None = None
+    # Prompts
+    split: str | None = None
+    prompt_column: str | None = None
+    prompt_template: str = "{{ instruction }}"  # Jinja; {{ instruction }} is the prompt column's text
+    system_prompt: str | None = None
+    max_rows: int | None = None  # only the first N rows (a quick look); null: all
+    # Sampling and the client (Open-R1's distill.py knobs)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+    num_generations: int = 4  # completions per prompt
+    split_requests: bool = False  # num_generations requests of n=1 (endpoints that ignore n)
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {repetition_penalty: 1.05}
+    input_batch_size: int = 64  # prompts per distilabel batch (all of a batch's requests are in flight at once)
+    client_replicas: int = 1  # copies of the generation step (Ray actors), each with a batch in flight
+    timeout: int = 600  # seconds per request
+    retries: int = 5  # per request: 429, 5xx, timeouts, dropped connections and malformed answers, with backoff
+    # Rejection sampling: keep the generations whose \boxed{} answer math-verifies against the
+    # reference column (verifier processes with scorer.timeout_s, scorer.workers_per_actor).
+    filter: Literal["math_verify", "none"] = "math_verify"
+    answer_column: str = "answer"
+    keep: Literal["first", "all"] = "first"  # kept generations per problem in the SFT dataset
+    test_size: int = 0  # problems whose traces form the dataset's test split (held-out SFT loss)
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    push_to_hub: str | None = None  # a hub dataset name: pushed when a token (HF_TOKEN, huggingface-cli login) exists
+    private: bool = True
+
+
+STAGE_TYPES = ("distill", "sft", "grpo", "eval")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (``r1ray run``): the recipe with ``set``'s keys
+    (dotted, as with --set) changed, run as ``type`` in ``<output_dir>/<name>``. A stage's
+    output feeds the next: an sft or grpo stage's checkpoint becomes the next stage's
+    model.path (unless the next one sets it), an eval stage evaluates the stage before it."""
+    type: str = "sft"  # distill, sft, grpo or eval
+    name: str | None = None  # default: the type (a second stage of a type needs its own name)
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    generator: GeneratorGroupConfig = field(default_factory=GeneratorGroupConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.2)])
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    learner: LearnerGroupConfig = field(default_factory=LearnerGroupConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # r1ray run: distill -> sft -> grpo -> eval
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
