@@ -51,6 +51,7 @@ class InFlight:
         self.dog, self.rc, self.G, self.score_budget = watchdog, ray_cfg, group_size, score_budget
         self.work: list[Work] = []
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
+        self.turn = 0  # round-robin among equally loaded actors (pick)
         # (work, ref, error) -> True when the driver dealt with an actor lost under ``ref`` (an
         # elastic group's: the work was re-queued, or ``ref`` dropped from it); else the run stops
         self.on_lost: Callable[[Work, Any, BaseException], bool] | None = None
@@ -72,6 +73,13 @@ class InFlight:
         work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
         self.work.append(work)
         return work
+
+    def pick(self, stage: str, actors: int, among: list[int]) -> int:
+        """The least loaded of ``among`` (of a group of ``actors``) for ``stage``; ties go
+        round-robin so every actor gets work."""
+        load = self.load(stage, actors)
+        self.turn += 1
+        return min(among, key=lambda i: (load[i], (i - self.turn) % len(load)))
 
     def load(self, stage: str, actors: int) -> list[int]:
         """Work of ``stage`` in flight on each of ``actors`` actors."""

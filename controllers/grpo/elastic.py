@@ -32,28 +32,39 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ray.exceptions import RayActorError
 
 from ...cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
 from ...cluster.placement import Bundles
-from ..common.inflight import Work
-from ..common.system import lost_generators
-
-if TYPE_CHECKING:
-    from .driver import GrpoDriver
+from ..common.inflight import InFlight, Work
+from ..common.system import System, lost_generators
+from ..config import Recipe
 
 log = logging.getLogger("r1ray")
 
 MAX_FAILED_STARTS = 3  # a slot whose replacement dies this many times in a row stops the run
 
 
+@dataclass
+class Hooks:
+    """What the elastic groups ask of the loop they serve."""
+
+    generate: Callable[[list], None]  # send prompt groups to a usable generator
+    score: Callable[[list], None]  # send generated groups to a ready scorer
+    dropped_rewards: Callable[[], list[str]]  # reward functions the run dropped (a new scorer drops them too)
+    tally: Callable[[dict], None]  # add to the run's counts
+
+
 class Elastic:
-    def __init__(self, driver: "GrpoDriver"):
-        self.d, self.system = driver, driver.system
-        g = driver.r.generator
-        self.min, self.max = g.actor_range()
+    """The generator and scorer groups' membership, their lost work (re-queued here and sent
+    again first) and the weight syncs that bring generators in."""
+
+    def __init__(self, system: System, inflight: InFlight, recipe: Recipe, per_request: int, hooks: Hooks):
+        self.system, self.inflight, self.r, self.per_request, self.hooks = system, inflight, recipe, per_request, hooks
+        self.min, self.max = recipe.generator.actor_range()
         self.target = self.max
         self.draining: set[int] = set()  # generators that take no new work and go once idle
         self.failed_starts: Counter = Counter()  # (group, slot) -> replacements that died before joining
@@ -65,6 +76,9 @@ class Elastic:
         self.awaiting: dict[int, int] = {}
         self.syncs: dict[Work, list[tuple[int, int]]] = {}
         self.undelivered: set[Work] = set()
+        self.requeued: list = []  # groups whose generator was lost: generated again first, in admission order
+        self.rescore: list = []  # groups whose scorer was lost (or none was ready): scored again
+        self.finishing = False  # after the last step: lost spare work is not redone
         for group in self.groups():
             group.elastic = True
 
@@ -103,7 +117,7 @@ class Elastic:
             else:
                 i = len(gens)
                 plan = Bundles(f"generator-{i}", strategy="STRICT_PACK")
-                plan.add(f"generator-{i}", self.d.r.generator.cpus_per_actor, self.d.r.generator.gpus_per_actor)
+                plan.add(f"generator-{i}", self.r.generator.cpus_per_actor, self.r.generator.gpus_per_actor)
                 placement.add(plan)
                 j, ping = gens.add()
                 self.join(gens, j, ping)
@@ -120,7 +134,7 @@ class Elastic:
 
     def retire_drained(self) -> None:
         for i in sorted(self.draining):
-            if not self.d.inflight.of_actor("generate", i):
+            if not self.inflight.of_actor("generate", i):
                 self.draining.discard(i)
                 self.drop_slot(i)
                 self.counts["generators/removed"] += 1
@@ -128,8 +142,8 @@ class Elastic:
 
     def drop_slot(self, i: int) -> None:
         self.awaiting.pop(i, None)
-        for w in [w for w in self.d.inflight.work if w.stage == "join" and w.actor == i]:
-            self.d.inflight.remove(w)
+        for w in [w for w in self.inflight.work if w.stage == "join" and w.actor == i]:
+            self.inflight.remove(w)
         self.system.generators.retire(i)
         self.system.placement.release(f"generator-{i}")
 
@@ -137,7 +151,7 @@ class Elastic:
     def join(self, group: ActorGroup, i: int, ref, version: int = -1) -> None:
         """Watch a starting actor: the driver hears back when its constructor is done (``ref``
         its first ping, ``version`` -1) or when it loaded the weights of ``version``."""
-        self.d.inflight.submit(Work("join", [ref], actor=i, who=[group.name_of(i)], version=version,
+        self.inflight.submit(Work("join", [ref], actor=i, who=[group.name_of(i)], version=version,
                                     groups=[group.name]))
 
     def on_join(self, work: Work) -> None:
@@ -146,7 +160,7 @@ class Elastic:
         if group.state[i] != "starting":
             return
         if group is self.system.scorers:
-            for reward in self.d.dropped_rewards():
+            for reward in self.hooks.dropped_rewards():
                 group.call(i, "drop", reward, control=True)
             self.ready(group, i)
             return
@@ -166,7 +180,33 @@ class Elastic:
         self.failed_starts.pop((group.name, i), None)
         log.info("%s joined%s", group.name_of(i),
                  f" at policy version {self.system.weights[0]}" if group is self.system.generators else "")
-        self.d.flush_requeued()
+        self.flush_requeued()
+
+    # -- lost work ---------------------------------------------------------------------------
+    def requeue_work(self, work: Work) -> None:
+        """The work of a lost actor: its groups are generated (or scored) again."""
+        if self.finishing:  # spare work after the last step: nothing to redo
+            return
+        if work.stage == "generate":
+            self.requeued = sorted(self.requeued + work.groups, key=lambda g: g.seq)
+            self.hooks.tally({"groups/requeued": len(work.groups)})
+        elif work.stage == "score":
+            self.rescore += work.groups
+            self.hooks.tally({"groups/rescored": len(work.groups)})
+        self.flush_requeued()
+
+    def flush_requeued(self) -> None:
+        """Send re-queued groups to the generators and scorers that can take them."""
+        while self.requeued and self.usable():
+            groups, self.requeued = self.requeued[: self.per_request], self.requeued[self.per_request :]
+            self.hooks.generate(groups)
+        if self.rescore and self.system.scorers.ready():
+            groups, self.rescore = self.rescore, []
+            self.hooks.score(groups)
+
+    def waiting(self) -> int:
+        """Groups re-queued, not yet sent again."""
+        return len(self.requeued) + len(self.rescore)
 
     # -- weight syncs of vllm generators -----------------------------------------------------
     def transfer_members(self) -> list[int]:
@@ -183,18 +223,19 @@ class Elastic:
         version, refs = self.system.publish_weights(members=members, new_version=new_version)
         # Every learner rank takes part (ZeRO-3 gathers), though only rank 0 sends: all are watched.
         who = self.system.learners.names() + (gens.names() if members is None else [gens.name_of(i) for i in members])
-        work = self.d.inflight.submit(Work("sync", refs, version=version, who=who))
+        work = self.inflight.submit(Work("sync", refs, version=version, who=who))
         if forms:  # forming the group (engines' rendezvous) is not what a sync's pace measures
-            work.deadline = max(work.deadline, work.started + self.d.r.ray.call_timeout_s)
+            work.deadline = max(work.deadline, work.started + self.r.ray.call_timeout_s)
         self.syncs[work] = [(i, gens.incarnation[i]) for i in members or []]
         return work
 
-    def resync(self) -> None:
+    def resync(self, training: bool, confirmed: int) -> None:
         """Send the current weights again when generators wait for them (or hold older ones
-        after a sync that delivered nothing) and no train step is queued to publish newer ones."""
-        if not self.system.streams_weights or self.d.training or any(w.stage == "sync" for w in self.d.inflight.work):
+        than the published ``confirmed`` after a sync that delivered nothing) and no train step
+        (``training``) is queued to publish newer ones."""
+        if not self.system.streams_weights or training or any(w.stage == "sync" for w in self.inflight.work):
             return
-        if self.d.books.confirmed < self.system.version or any(
+        if confirmed < self.system.version or any(
                 i in self.transfer_members() for i in self.awaiting):
             work = self.publish(new_version=False)
             log.info("weights of version %d sent again, to %s (no train step is coming to publish newer ones)",
@@ -258,11 +299,11 @@ class Elastic:
         was = group.state[i]
         self.counts[f"{group.name}/lost" if lost else f"{group.name}/replaced"] += 1
         log.warning("%s %s: %s", group.name_of(i), why, "replacing it" if i not in self.draining else "removed")
-        for w in [w for w in self.d.inflight.work if i == w.actor and w.stage in ("generate", "score", "join")
+        for w in [w for w in self.inflight.work if i == w.actor and w.stage in ("generate", "score", "join")
                   and self._group_of(w) is group]:
-            self.d.inflight.remove(w)
-            self.d.requeue_work(w)
-        for w in [w for w in self.d.inflight.work if w.stage == "sync"]:  # stop waiting for its weights
+            self.inflight.remove(w)
+            self.requeue_work(w)
+        for w in [w for w in self.inflight.work if w.stage == "sync"]:  # stop waiting for its weights
             for ref in [r for r in w.pending if group.owner(r) == group.name_of(i)]:
                 w.drop(ref)
         if group is self.system.generators and i in self.draining:
@@ -283,8 +324,8 @@ class Elastic:
         cluster/placement.py); where its node lives, the new one is placed at once."""
         if group is self.system.generators:
             self.awaiting.pop(i, None)
-        for w in [w for w in self.d.inflight.work if w.stage == "join" and w.actor == i and self._group_of(w) is group]:
-            self.d.inflight.remove(w)
+        for w in [w for w in self.inflight.work if w.stage == "join" and w.actor == i and self._group_of(w) is group]:
+            self.inflight.remove(w)
         self.system.placement.renew(group.name_of(i))
         self.join(group, i, group.restart(i))
 
@@ -315,9 +356,9 @@ class Elastic:
             current = incarnation == group.incarnation[i] and group.state[i] != "gone"
             if current and not self.silent(group, [i]):
                 return False
-            if work in self.d.inflight.work:
-                self.d.inflight.remove(work)
-                self.d.requeue_work(work)
+            if work in self.inflight.work:
+                self.inflight.remove(work)
+                self.requeue_work(work)
             if current:
                 self.actor_lost(group, i, f"raised {describe(error)} and fails its pings")
             return True
@@ -325,9 +366,9 @@ class Elastic:
         if work.stage == "sync":
             work.drop(ref)
         if incarnation != group.incarnation[i] or group.state[i] == "gone":  # that actor was already replaced
-            if work.stage in ("generate", "score") and work in self.d.inflight.work:
-                self.d.inflight.remove(work)
-                self.d.requeue_work(work)
+            if work.stage in ("generate", "score") and work in self.inflight.work:
+                self.inflight.remove(work)
+                self.requeue_work(work)
             return True
         self.actor_lost(group, i, f"died ({describe(error)})")
         return True

@@ -1,8 +1,12 @@
-"""What a GRPO step records: the rollout metrics of its batch."""
+"""What a GRPO run records: each step's record (metrics.jsonl), its samples (samples.jsonl) and
+completions (completions.jsonl), and its progress as a checkpoint saves it."""
 from __future__ import annotations
 
 import statistics
+from collections import Counter
+from dataclasses import dataclass, field
 
+from ...actors.learner import GrpoStats
 from ...actors.rollout import Rollout
 
 
@@ -25,3 +29,78 @@ def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size
     groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
     m["groups/zero_std_ratio"] = sum(len({r.reward for r in g}) == 1 for g in groups) / len(groups)
     return m
+
+
+def sample_line(step: int, trained_at: int, group, r: Rollout) -> dict:
+    """samples.jsonl: one trained sample, with the policy versions that generated it."""
+    return {"step": step, "sample_id": r.sample_id, "trained_at": trained_at, "admitted_at": group.admitted_at,
+            "min_version": r.version, "max_version": max(r.versions, default=-1), "tokens": len(r.completion_ids),
+            "logprobs": len(r.logprobs), "reward": r.reward, "finish_reason": r.finish_reason}
+
+
+def completion_lines(step: int, group) -> list[dict]:
+    """completions.jsonl: a group's completions as text, every ``grpo.log_completions_every`` steps."""
+    return [{"step": step, "sample_id": r.sample_id, "text": r.text, "reward": r.reward, "scores": r.scores,
+             "versions": sorted(set(r.versions))} for r in group.rollouts]
+
+
+def step_record(step: int, version: int, trained_at: int, rollouts: list[Rollout], stats: list, reward_names: list[str],
+                group_size: int, seconds: float, extra: dict) -> dict:
+    """metrics.jsonl: one learner step (``stats``: each learner rank's GrpoStats; ``extra``: the
+    window's counts, utilisation and queue depths)."""
+    staleness = [trained_at - r.version for r in rollouts]
+    tokens = sum(len(r.completion_ids) for r in rollouts)
+    return {"step": step, "policy_version": version, "samples": len(rollouts), **extra,
+            **rollout_metrics(rollouts, reward_names, group_size), **GrpoStats.combine(stats),
+            "staleness/mean": statistics.fmean(staleness), "staleness/max": max(staleness), "time/step_s": seconds,
+            "throughput/samples_per_s": len(rollouts) / seconds, "throughput/tokens_per_s": tokens / seconds}
+
+
+@dataclass
+class Progress:
+    """What the run has done, as a GRPO checkpoint saves it and a resumed run restores it
+    (besides the learners' state): the steps' records, the prompts trained on in order, how
+    many prompts the sampler handed out, the totals and the staleness histogram."""
+
+    group_size: int
+    records: list[dict] = field(default_factory=list)
+    consumed_prompts: list[str] = field(default_factory=list)
+    taken0: int = 0  # prompts the sampler handed out before this driver (a resumed run)
+    counts: Counter = field(default_factory=Counter)  # dropped groups, interrupted samples, verifier counts
+    tokens: int = 0
+    histogram: Counter = field(default_factory=Counter)
+    reward_names: list[str] | None = None  # the reward functions still in use when it was saved
+
+    @classmethod
+    def restore(cls, state: dict, group_size: int) -> "Progress":
+        """From a checkpoint's driver state (``records``: metrics.jsonl up to it)."""
+        return cls(group_size, list(state["records"]), list(state["consumed_prompts"]), state["sampler_taken"],
+                   Counter(state["counts"]), state["tokens"],
+                   Counter({int(k): v for k, v in state["staleness_histogram"].items()}), list(state["reward_names"]))
+
+    @property
+    def samples(self) -> int:
+        """The samples the learner trained on."""
+        return len(self.consumed_prompts) * self.group_size
+
+    def state(self, step: int, version: int, last_seq: int, histogram: Counter, reward_names: list[str]) -> dict:
+        """What a resumed run needs besides the learners' state: every group admitted up to the
+        last one of this batch (``last_seq``) was consumed or dropped; the ones after it are
+        admitted again."""
+        return {"step": step, "policy_version": version, "sampler_taken": self.taken0 + last_seq + 1,
+                "consumed_prompts": list(self.consumed_prompts), "counts": dict(self.counts), "tokens": self.tokens,
+                "staleness_histogram": {str(k): v for k, v in histogram.items()}, "reward_names": list(reward_names)}
+
+
+def phase_summary(done: Progress, seconds: float, version: int, max_staleness: int, histogram: Counter,
+                  utilisation: dict, generator_group: dict) -> dict:
+    """summary.json's ``grpo``: the phase's totals."""
+    records = done.records
+    return {
+        "steps": len(records), "time_s": seconds, "samples": done.samples, "policy_version": version,
+        "max_staleness": max_staleness, "samples_per_s": done.samples / seconds, "tokens_per_s": done.tokens / seconds,
+        "reward_first": records[0]["reward/mean"] if records else None,
+        "reward_last": records[-1]["reward/mean"] if records else None,
+        "staleness_histogram": {str(k): v for k, v in sorted(histogram.items())},
+        "counts": dict(done.counts), "utilisation": utilisation, "generator_group": generator_group,
+    }

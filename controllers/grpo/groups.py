@@ -1,0 +1,70 @@
+"""Prompt groups on their way to the learner: the group itself, the dynamic-sampling filter,
+and a batch of groups turned into train samples (advantages, the loss's denominators)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...actors.advantages import batch_advantages
+from ...actors.loss import global_denominator, kl_estimate, micro_batch_count
+from ...actors.rollout import Rollout, TrainSample
+from ..config import Recipe
+
+
+@dataclass
+class Group:
+    """One prompt and its G completions on their way through the pipeline."""
+
+    seq: int  # admission order
+    prompt: dict
+    admitted_at: int  # the version every generator held when the group was admitted
+    rollouts: list[Rollout] = field(default_factory=list)
+
+
+def attach(groups: list[Group], rollouts: list[Rollout], group_size: int) -> None:
+    """Hand each group its ``group_size`` rollouts (a call returns them in the groups' order)."""
+    for k, g in enumerate(groups):
+        g.rollouts = rollouts[k * group_size : (k + 1) * group_size]
+
+
+class DynamicSampling:
+    """``grpo.dynamic_sampling``: a group whose rewards are all equal carries no learning signal
+    and is dropped; more than ``20 x prompts_per_step`` drops in a row stop the run."""
+
+    def __init__(self, on: bool, prompts_per_step: int):
+        self.on, self.limit = on, 20 * prompts_per_step
+        self.in_a_row = 0
+
+    def keep(self, group: Group) -> bool:
+        rewards = torch.tensor([r.reward for r in group.rollouts]).tolist()  # (compared as the learner sees them)
+        if not (self.on and len(set(rewards)) == 1):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise RuntimeError(f"grpo.dynamic_sampling dropped {self.in_a_row} groups in a row: every group has equal "
+                               "rewards (all solved or all failed); turn it off or change the data")
+        return False
+
+
+def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> tuple[list[TrainSample], float, float]:
+    """The batch's train samples, with advantages computed on the whole batch after the
+    reference ("batch" scaling, REINFORCE++ and KL-in-reward need it; each rollout's
+    ``advantage`` is set too), truncated completions out of the loss when
+    ``grpo.mask_truncated_completions``; and the global denominators of the loss type and of
+    the token mean."""
+    g, lc = recipe.grpo, recipe.learner.loss
+    kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator).tolist()
+          for r in rollouts] if lc.kl_in_reward else None
+    advantages = batch_advantages([r.reward for r in rollouts], g.num_generations, g.advantage_estimator,
+                                  g.advantage_scale, [len(r.completion_ids) for r in rollouts], kl, lc.kl_coef)
+    samples = []
+    for r, a in zip(rollouts, advantages):
+        r.advantage = a
+        in_loss = not (g.mask_truncated_completions and r.finish_reason == "length")
+        samples.append(TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a, r.ref_logprobs, in_loss))
+    lengths = [len(s.completion_ids) if s.in_loss else 0 for s in samples]
+    micro = micro_batch_count(len(samples), learner_ranks, recipe.learner.micro_batch_size)
+    denom = global_denominator(lc.loss_type, lengths, lc.max_completion_length or recipe.sampling.max_new_tokens, micro)
+    return samples, denom, float(max(sum(lengths), 1))
