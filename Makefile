@@ -1,12 +1,13 @@
 # The two commands of the README. Both set everything up themselves (idempotently):
 #   make demo   -> the tiny CPU recipe end to end (SFT warm-up, GRPO, held-out eval)
-#   make test   -> the test suite
+#   make test   -> the whole test suite (tests/unit, then tests/e2e): what CI runs
+#   make test-fast -> the unit tier only (seconds each, no Ray start, no subprocess)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.r1ray-setup-v1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,9 @@ demo: setup
 
 test: setup
 	DS_ACCELERATOR=cpu $(VENV)/bin/pytest -q
+
+test-fast: setup
+	DS_ACCELERATOR=cpu $(VENV)/bin/pytest -q tests/unit
 
 clean:
 	rm -rf $(VENV) runs

@@ -9,8 +9,9 @@ import torch
 
 
 @dataclass
-class Packed:
-    """Right-padded prompt+completion sequences.
+class TokenBatch:
+    """The token rows of one model call: right-padded prompt+completion sequences (``pad_batch``),
+    or packed SFT rows (``packing.sft_batch``).
 
     ``completion_mask[b, t]`` is 1 where token ``t + 1`` of row ``b`` is a completion token,
     i.e. on the positions whose next-token log-prob the loss uses (shape ``[B, L - 1]``).
@@ -37,11 +38,11 @@ class Packed:
             rows.append(values[b][self.completion_mask[b].bool()].tolist())
         return rows
 
-    def to(self, device) -> "Packed":
+    def to(self, device) -> "TokenBatch":
         def move(t):
             return None if t is None else t.to(device)
 
-        return Packed(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
+        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask),
                       move(self.position_ids))
 
     def model_inputs(self) -> dict:
@@ -61,7 +62,8 @@ def attention_kwargs(dtype: str) -> dict:
     return {}
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> Packed:
+def pad_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> TokenBatch:
+    """Prompt+completion rows right-padded to the longest, with the completion mask."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
@@ -74,10 +76,10 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attn[b, : len(seq)] = 1
         cmask[b, len(p) - 1 : len(seq) - 1] = 1
-    return Packed(ids, attn, cmask)
+    return TokenBatch(ids, attn, cmask)
 
 
-def token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048,
+def token_logprobs(model, packed: TokenBatch, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048,
                    logits_dtype: str = "model"):
     """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``
     (0 off the completion positions).
@@ -122,7 +124,7 @@ def engine_forward(engine, fn, *args):
             module.forward = own
 
 
-def _token_logprobs(module, forward, packed: Packed, temperature: float, entropy: str, chunk_tokens: int,
+def _token_logprobs(module, forward, packed: TokenBatch, temperature: float, entropy: str, chunk_tokens: int,
                     logits_dtype: str):
     cfg = getattr(module, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
@@ -181,7 +183,7 @@ def _fp32_head(head, h):
         del head.forward
 
 
-def _full_token_logprobs(model, packed: Packed, temperature: float = 1.0, entropy: str = "no"):
+def _full_token_logprobs(model, packed: TokenBatch, temperature: float = 1.0, entropy: str = "no"):
     """The whole-vocabulary path (row by row logsumexp), for heads that post-process logits."""
     logits = model(**packed.model_inputs(), use_cache=False).logits
     logits = logits[:, :-1].float()

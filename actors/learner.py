@@ -19,9 +19,9 @@ from typing import Literal
 
 import torch
 
-from .batching import attention_kwargs, pack, token_logprobs
-from .packing import SftExample, one_row, sft_batch, uses_flash_attention
+from .batching import attention_kwargs, pad_batch, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
+from .packing import SftExample, one_row, sft_batch, uses_flash_attention
 from .rollout import TrainSample
 from .spans import SpanLog
 
@@ -334,7 +334,7 @@ class LearnerRank:
                    own: list | None = None) -> tuple[torch.Tensor, GrpoStats]:
         """One micro-batch's loss; ``own`` (when given) collects its log-probs per sample."""
         lc = self.cfg.loss
-        packed = pack([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
+        packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
         old = packed.scatter([s.logprobs for s in mb]).to(self.device)
         ref = packed.scatter([s.ref_logprobs for s in mb]).to(self.device) if lc.kl_coef and not lc.kl_in_reward else None
         per_token = isinstance(mb[0].advantage, list)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .batching import Packed
+from .batching import TokenBatch
 
 
 @dataclass
@@ -71,7 +71,7 @@ def one_row(rows: Sequence[Sequence[SftExample]]) -> list[list[SftExample]]:
     return [[e for r in rows for e in r]]
 
 
-def sft_batch(rows: Sequence[Sequence[SftExample]], pad_id: int) -> Packed:
+def sft_batch(rows: Sequence[Sequence[SftExample]], pad_id: int) -> TokenBatch:
     """Rows of examples as one right-padded batch. A row of one example uses an attention mask;
     any batch with a packed row uses position ids reset per example (and pads as a segment of
     its own), which transformers turns into a block-diagonal causal mask."""
@@ -93,4 +93,4 @@ def sft_batch(rows: Sequence[Sequence[SftExample]], pad_id: int) -> Packed:
             t += n
         if t < width:  # padding: its own segment, never trained
             pos[b, t:] = torch.arange(width - t)
-    return Packed(ids, None if packed else attn, loss, pos if packed else None)
+    return TokenBatch(ids, None if packed else attn, loss, pos if packed else None)

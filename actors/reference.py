@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .batching import attention_kwargs, pack, token_logprobs
+from .batching import attention_kwargs, pad_batch, token_logprobs
 from .rollout import TrainSample
 from .spans import SpanLog
 
@@ -43,7 +43,7 @@ class Reference:
         out: list[list[float]] = []
         for i in range(0, len(samples), self.micro_batch_size):
             mb = samples[i : i + self.micro_batch_size]
-            packed = pack([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
+            packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
             lp = token_logprobs(self.model, packed.to(self.device), self.temperature, logits_dtype=self.logits_dtype)
             out.extend(packed.gather(lp.cpu()))
         return out

@@ -50,6 +50,22 @@ class ScorerConfig:
 FAILURES = ("errors", "invalid", "timeouts")
 
 
+@dataclass
+class Scores:
+    """What ``RewardScorer.score`` sends back for a list of rollouts, in their order."""
+
+    per_function: list[dict[str, float | None]]  # each rollout's score per function
+    rewards: list[float]  # each rollout's weighted sum
+    stats: dict  # the call's counts (see ``RewardScorer.score``)
+
+    def apply(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """Write the scores and rewards onto ``rollouts`` (the ones that were scored); returns them."""
+        for r, scores, reward in zip(rollouts, self.per_function, self.rewards, strict=True):
+            r.scores.update(scores)
+            r.reward = reward
+        return rollouts
+
+
 def check_specs(specs: list[RewardSpec]) -> None:
     """Resolve every function once so a typo fails before any actor starts."""
     for i, s in enumerate(specs):
@@ -96,33 +112,36 @@ class RewardScorer:
         self.specs = [s for s in self.specs if s.name != name]
         self.dropped.add(name)
 
-    def score(self, rollouts: list[Rollout]) -> tuple[list[Rollout], dict]:
-        """Fill ``scores`` and ``reward`` (weighted sum; a None score adds nothing) of each rollout.
+    def score(self, rollouts: list[Rollout]) -> "Scores":
+        """Each rollout's score per function (None: not applicable, or the function failed on
+        it) and its reward (the weighted sum; a None score adds nothing), and the call's stats;
+        the rollouts are not changed (``Scores.apply`` writes them), so only these numbers
+        travel back to the driver.
 
-        Returns the rollouts and stats. For each function still scoring, ints:
-        ``{name}/calls`` (completions attempted), ``{name}/errors`` (the call raised or crashed
-        its worker: scored None), ``{name}/invalid`` (returned NaN, inf, a str, a bool, ...:
-        scored None), ``{name}/timeouts`` (scored 0.0); and ``time_s`` (float seconds).
-        Only when the function failed in this call, one str: ``{name}/first_error``, an example
-        such as "sample 'p3/1': raised KeyError: 'solution' (at my_rewards.py:12 in fn)".
-        The str is not a count: sum the numbers and keep the first str (``add_stats``).
+        The stats, for each function still scoring, ints: ``{name}/calls`` (completions
+        attempted), ``{name}/errors`` (the call raised or crashed its worker: scored None),
+        ``{name}/invalid`` (returned NaN, inf, a str, a bool, ...: scored None),
+        ``{name}/timeouts`` (scored 0.0); and ``time_s`` (float seconds). Only when the
+        function failed in this call, one str: ``{name}/first_error``, an example such as
+        "sample 'p3/1': raised KeyError: 'solution' (at my_rewards.py:12 in fn)". The str is not
+        a count: sum the numbers and keep the first str (``add_stats``).
         """
         with self.spans.span("score", samples=len(rollouts)):
             return self._score(rollouts)
 
-    def _score(self, rollouts: list[Rollout]) -> tuple[list[Rollout], dict]:
+    def _score(self, rollouts: list[Rollout]) -> "Scores":
         t0 = time.perf_counter()
         completions, columns = self._inputs(rollouts)
         stats: dict[str, float | str] = {}
-        for r in rollouts:
-            r.reward = 0.0
+        per_function: list[dict[str, float | None]] = [{} for _ in rollouts]
+        rewards = [0.0] * len(rollouts)
         for spec in self.specs:
             # The pool turns every error and non-score into None: no NaN, inf or str gets here.
             res = self.pool.score(spec.name, spec.params, completions, columns, [r.sample_id for r in rollouts])
-            for r, s in zip(rollouts, res.scores):
-                r.scores[spec.name] = s
-                if s is not None:
-                    r.reward += spec.weight * s
+            for k, score in enumerate(res.scores):
+                per_function[k][spec.name] = score
+                if score is not None:
+                    rewards[k] += spec.weight * score
             stats[f"{spec.name}/calls"] = len(rollouts)
             stats[f"{spec.name}/errors"] = len(res.errors)
             stats[f"{spec.name}/invalid"] = len(res.invalid)
@@ -130,7 +149,7 @@ class RewardScorer:
             if res.first_error:
                 stats[f"{spec.name}/first_error"] = res.first_error
         stats["time_s"] = time.perf_counter() - t0
-        return rollouts, stats
+        return Scores(per_function, rewards, stats)
 
     def score_one(self, rollouts: list[Rollout], name: str, params: dict | None = None) -> list[float | None]:
         """Scores of one function (e.g. accuracy for evaluation), configured or not."""

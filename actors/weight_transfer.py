@@ -140,8 +140,12 @@ def receive_buckets(group, names: list[str], dtypes: list[torch.dtype], shapes: 
 @functools.cache
 def _engine_classes():
     from vllm.distributed.weight_transfer.base import (
-        TrainerInitInfo, TrainerWeightTransferEngine, WeightTransferEngine, WeightTransferInitInfo,
-        WeightTransferUpdateInfo)
+        TrainerInitInfo,
+        TrainerWeightTransferEngine,
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
 
     @dataclass
     class GlooInitInfo(WeightTransferInitInfo):
@@ -281,8 +285,7 @@ def _checked(pairs, meta):
 def register() -> None:
     """vLLM plugin entry point (group ``vllm.general_plugins``); safe to call more than once."""
     try:
-        from vllm.distributed.weight_transfer.factory import (WeightTransferEngineFactory,
-                                                              WeightTransferTrainerFactory)
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
     except ImportError:  # an older vLLM without the weight-transfer API
         return
     if BACKEND in WeightTransferEngineFactory._registry:

@@ -97,7 +97,6 @@ class Check:
 
 def learner(model: str, zero: int, mbs: int, checkpointing: bool = True, lr: float = 1e-3):
     from r1ray.actors.learner import LearnerConfig, LearnerRank, OptimConfig
-
     from r1ray.actors.server import free_port
 
     rank = LearnerRank(model, LearnerConfig(num_ranks=1, zero_stage=zero, micro_batch_size=mbs, dtype="bfloat16",
@@ -203,12 +202,12 @@ def check_logprobs(c: Check, model: str, shape: dict):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from r1ray.actors.batching import pack, token_logprobs
+    from r1ray.actors.batching import pad_batch, token_logprobs
 
     device = "cuda" if c.cuda else "cpu"
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(device).eval()
     batch = grpo_batch(4, shape["prompt"], shape["completion"], shape["vocab"], seed=3)
-    packed = pack([s.prompt_ids for s in batch], [s.completion_ids for s in batch], 0).to(device)
+    packed = pad_batch([s.prompt_ids for s in batch], [s.completion_ids for s in batch], 0).to(device)
     mask, targets = packed.completion_mask.bool(), packed.input_ids[:, 1:].unsqueeze(-1)
     with torch.no_grad():
         hidden = m.model(**packed.model_inputs()).last_hidden_state[:, :-1]

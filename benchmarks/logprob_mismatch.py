@@ -27,12 +27,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def measure(model: str, backend: str, dtype: str, logits_dtypes: list[str], samples: int, temperature: float) -> list:
     import torch
+    from transformers import AutoTokenizer
 
-    from r1ray.actors.batching import pack, token_logprobs
+    from r1ray.actors.batching import pad_batch, token_logprobs
     from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
     from r1ray.actors.learner import LearnerConfig, LearnerRank
     from r1ray.cluster.groups import free_port
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
     prompts = []
@@ -53,7 +53,7 @@ def measure(model: str, backend: str, dtype: str, logits_dtypes: list[str], samp
         gaps = []
         for i in range(0, len(rollouts), 16):
             mb = rollouts[i:i + 16]
-            packed = pack([r.prompt_ids for r in mb], [r.completion_ids for r in mb], learner.pad_id)
+            packed = pad_batch([r.prompt_ids for r in mb], [r.completion_ids for r in mb], learner.pad_id)
             with torch.no_grad():
                 lp = packed.gather(token_logprobs(learner.engine, packed, temperature, logits_dtype=logits_dtype))
             gaps += [b - a for r, row in zip(mb, lp) for a, b in zip(r.logprobs, row)]

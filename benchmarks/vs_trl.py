@@ -147,8 +147,8 @@ def pass_at_1(model_path: str, tiny: Path, n: int = 200) -> float:
 
     from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
     from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
-    from r1ray.controllers.config import DataConfig
     from r1ray.controllers.common.data import PromptRenderer
+    from r1ray.controllers.config import DataConfig
 
     test = datasets.load_from_disk(str(tiny / "data"))["test"]
     renderer = PromptRenderer(AutoTokenizer.from_pretrained(model_path), DataConfig())

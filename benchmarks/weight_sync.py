@@ -169,7 +169,7 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
     learners = ActorGroup("learner-rank", LearnerRank, 2, lambda i: ((model, lcfg, i, 2, 0), {}), num_cpus=0.5,
                           timeout_s=1800)
     addr, port = rendezvous_on(learners.actors[0])
-    learners.get(learners.call_all("setup", addr, port, 1800.0), "setup")
+    learners.get(learners.call_all(LearnerRank.setup, addr, port, 1800.0), "setup")
     if path == "collective":
         gcfg = GeneratorConfig(backend="vllm", max_model_len=256, cpu_kv_cache_gib=1, bucket_mb=bucket_mb)
         gens = ActorGroup("generator", Generator, n_gen, lambda i: ((model, gcfg, i), {}), num_cpus=0.25,
@@ -189,9 +189,9 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
     def sync(version: int) -> float:
         t0 = time.perf_counter()
         if path == "collective":
-            ray.get(learners.call_all("send_weights", version))
+            ray.get(learners.call_all(LearnerRank.send_weights, version))
         else:
-            exports = learners.call_all("export_weights", "float32")
+            exports = learners.call_all(LearnerRank.export_weights, "float32")
             ray.get([g.load_weights.remote(exports[0]) for g in gens.actors] + exports[1:])
         return time.perf_counter() - t0
 

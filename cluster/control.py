@@ -32,7 +32,6 @@ class RunControl:
 
 def start(namespace: str):
     import ray
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # the driver's node

@@ -1,9 +1,10 @@
 """Actor groups: N named Ray actors of one plain class, called together, every call bounded in time."""
 from __future__ import annotations
 
+import inspect
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -77,8 +78,16 @@ def split(items: list, parts: int) -> list[list]:
 CONTROL = "control"  # concurrency group for calls that must not wait behind long work (weights, spans, ping)
 
 
-class ActorGroup:
+A = TypeVar("A")  # the plain class a group's actors run
+
+
+class ActorGroup(Generic[A]):
     """``name-0 … name-(n-1)``: the names the dashboard shows and ``ray.get_actor`` finds.
+
+    Calls name the method by the class's own function, never by a string:
+    ``generators.call(i, Generator.generate, prompts, ...)``. A renamed or removed method fails
+    where the driver is imported, arguments that do not fit its signature fail at the call (not
+    inside the actor), and a reader or a tool can follow every call to its method.
 
     Work methods run one at a time, in submission order (``max_concurrency`` > 1: that many
     at once); ``control=True`` calls run in a separate concurrency group, beside whatever work
@@ -93,7 +102,7 @@ class ActorGroup:
     def __init__(self, name: str, cls: type, count: int, make_args: Callable[[int], tuple[tuple, dict]], *,
                  num_cpus: float, num_gpus: float = 0.0, timeout_s: float = 600.0, namespace: str | None = None,
                  max_concurrency: int = 1, scheduling: Callable[[str], Any] | None = None):
-        self.name, self.timeout_s = name, timeout_s
+        self.name, self.timeout_s, self.cls = name, timeout_s, cls
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
         self.elastic = False  # set by the driver (controllers/grpo/elastic.py): it replaces dead actors instead of stopping
@@ -139,7 +148,7 @@ class ActorGroup:
         self.incarnation[i] += 1
         self.actors[i] = self._create(i, self.incarnation[i])
         self.state[i] = "starting"
-        return self.call(i, "ping", control=True)
+        return self.call(i, self.cls.ping, control=True)
 
     def add(self) -> tuple[int, Any]:
         """A new slot (its bundle must be planned first); returns its index and first ping."""
@@ -157,8 +166,23 @@ class ActorGroup:
         self.state[i] = "gone"
         kill_quietly(self.actors[i])
 
-    def call(self, i: int, method: str, *args, control: bool = False, **kwargs):
-        m = getattr(self.actors[i], method)
+    def _method(self, method: Callable, args: tuple, kwargs: dict) -> str:
+        """The name of ``method``, a function of this group's class (or of a class it derives
+        from), after checking that ``args`` and ``kwargs`` fit its signature."""
+        name = getattr(method, "__name__", None)
+        if not callable(method) or name is None or inspect.getattr_static(self.cls, name, None) is not method:
+            raise TypeError(f"{self.name} group: {method!r} is not a method of {self.cls.__name__}; "
+                            f"call methods as {self.cls.__name__}.<method>")
+        try:
+            inspect.signature(method).bind(None, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{self.name} group: {self.cls.__name__}.{name}{inspect.signature(method)}: {e}") from None
+        return name
+
+    def call(self, i: int, method: Callable[..., Any], *args, control: bool = False, **kwargs):
+        """``method(*args, **kwargs)`` on actor ``i``; returns its object ref. ``control``: in
+        the control concurrency group, beside the work in progress."""
+        m = getattr(self.actors[i], self._method(method, args, kwargs))
         ref = (m.options(concurrency_group=CONTROL) if control else m).remote(*args, **kwargs)
         self._owners[ref] = (i, self.incarnation[i])
         if len(self._owners) > 4096:  # only in-flight work needs an owner
@@ -178,7 +202,7 @@ class ActorGroup:
     def probe(self, timeout_s: float) -> dict[str, str]:
         """Ping every actor (control group, beside its work): the unhealthy ones, by name, with
         what is wrong ("died: ..." or "no answer to a ping within N s")."""
-        pings = {self.call(i, "ping", control=True): self.name_of(i) for i in self.ready()}
+        pings = {self.call(i, self.cls.ping, control=True): self.name_of(i) for i in self.ready()}
         done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s, fetch_local=True)
         bad = {name: f"no answer to a ping within {timeout_s:.0f} s (hung or stopped)"
                for ref, name in pings.items() if ref not in done}
@@ -191,29 +215,31 @@ class ActorGroup:
                 bad[pings[ref]] = f"ping failed ({describe(e)})"
         return bad
 
-    def call_all(self, method: str, *args, control: bool = False, **kwargs) -> list:
+    def call_all(self, method: Callable[..., Any], *args, control: bool = False, **kwargs) -> list:
         return [self.call(i, method, *args, control=control, **kwargs) for i in self.ready()]
 
-    def shard(self, method: str, items: list, *args) -> list:
+    def shard(self, method: Callable[..., Any], items: list, *args) -> list:
         """Split ``items`` into contiguous chunks, one per ready actor, and call ``method(chunk, *args)``
         on each (actors whose chunk is empty are skipped). Returns the object refs, in order."""
         ready = self.ready()
         return [self.call(i, method, chunk, *args) for i, chunk in zip(ready, split(items, len(ready))) if chunk]
 
-    def map(self, method: str, items: list, *args) -> list:
+    def map(self, method: Callable[..., Any], items: list, *args) -> list:
         """``shard`` and wait: the actors' results (lists) concatenated in the order of ``items``."""
-        return [x for part in self.get(self.shard(method, items, *args), method) for x in part]
+        return [x for part in self.get(self.shard(method, items, *args), method.__name__) for x in part]
 
     def get(self, refs, what: str, timeout_s: float | None = None):
         return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}", self.watchdog)
 
-    def run_all(self, method: str, *args, timeout_s: float | None = None, control: bool = False, **kwargs) -> list:
-        return self.get(self.call_all(method, *args, control=control, **kwargs), method, timeout_s)
+    def run_all(self, method: Callable[..., Any], *args, timeout_s: float | None = None, control: bool = False,
+                **kwargs) -> list:
+        """``call_all`` and wait (``timeout_s``, default the group's): the results, in actor order."""
+        return self.get(self.call_all(method, *args, control=control, **kwargs), method.__name__, timeout_s)
 
     def wait_ready(self, timeout_s: float | None = None) -> float:
         """Block until every actor answers ``ping`` (constructors done). Returns seconds."""
         t0 = time.perf_counter()
-        self.run_all("ping", timeout_s=timeout_s, control=True)
+        self.run_all(self.cls.ping, timeout_s=timeout_s, control=True)
         return time.perf_counter() - t0
 
     def kill(self) -> None:

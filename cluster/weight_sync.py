@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ray
 
+from ..actors.generator import Generator
+from ..actors.learner import LearnerRank
 from .groups import CONTROL, ActorGroup, unanswered
 
 
@@ -38,26 +40,27 @@ class GeneratorsClient:
                  for g, name in zip(self.generators, self.names)}
         return unanswered(pings, self.ping_timeout_s)
 
-    def _all(self, method: str, *args, per_actor: list[tuple] | None = None) -> list:
-        """``method(*args)`` on every generator (or ``method(*per_actor[i])`` on generator i)."""
+    def _all(self, method, *args, per_actor: list[tuple] | None = None) -> list:
+        """``method(*args)`` (a ``Generator`` method) on every generator (or ``method(*per_actor[i])``
+        on generator i)."""
         arg_lists = per_actor or [args] * len(self.generators)
-        refs = [getattr(g, method).options(concurrency_group=CONTROL).remote(*a)
+        refs = [getattr(g, method.__name__).options(concurrency_group=CONTROL).remote(*a)
                 for g, a in zip(self.generators, arg_lists)]
         return ray.get(refs, timeout=self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         offset = init_info.get("rank_offset", 1)
-        self._all("init_weight_transfer", per_actor=[({**init_info, "rank_offset": offset + i * self.tp},)
+        self._all(Generator.init_weight_transfer, per_actor=[({**init_info, "rank_offset": offset + i * self.tp},)
                                                      for i in range(len(self.generators))])
 
     def start_weight_update(self) -> None:
-        self._all("start_weight_update")
+        self._all(Generator.start_weight_update)
 
     def update_weights(self, update_info: dict) -> None:
-        self._all("update_weights", update_info)
+        self._all(Generator.update_weights, update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish_weight_update", int(weight_version) if weight_version is not None else self.version)
+        self._all(Generator.finish_weight_update, int(weight_version) if weight_version is not None else self.version)
 
 
 def start_transfer(learners: ActorGroup, generators: list, names: list[str], backend: str, address: str, port: int,
@@ -67,7 +70,7 @@ def start_transfer(learners: ActorGroup, generators: list, names: list[str], bac
     of ``generators`` (actor handles, called ``names``), at ``address:port`` ("" and 0: rank 0's
     node and a port free there when the handshake runs)."""
     client = GeneratorsClient(generators, tensor_parallel_size, timeout_s, names)
-    return learners.call_all("init_weight_transfer", client, backend, address, port,
+    return learners.call_all(LearnerRank.init_weight_transfer, client, backend, address, port,
                              1 + len(generators) * tensor_parallel_size, bucket_bytes, dtype, timeout_s)
 
 
@@ -78,7 +81,7 @@ def start_broadcast(learners: ActorGroup, receivers: list[tuple[ActorGroup, str,
     Nothing waits here: a learner runs the export after the step queued before it, and the
     receivers' ``load_weights`` (control concurrency group) starts once rank 0's bytes exist.
     """
-    exports = learners.call_all("export_weights", dtype)
+    exports = learners.call_all(LearnerRank.export_weights, dtype)
     blob = exports[0]  # rank 0 holds the full state dict; other ranks return None
     loads = [ref for group, method, extra in receivers for ref in group.call_all(method, blob, *extra, control=True)]
     return exports, loads

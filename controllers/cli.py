@@ -175,7 +175,7 @@ def scale(args) -> int:
     return 0
 
 
-def evaluate(args) -> int:
+def eval_command(args) -> int:
     """``r1ray eval``: refuse what is wrong before Ray starts, run, print the table."""
     from pathlib import Path
 
@@ -185,8 +185,7 @@ def evaluate(args) -> int:
     from .config import load_recipe
     from .config.schema import ConfigError
     from .evaluation.evaluator import table
-    from .evaluation.job import evaluate as run_eval
-    from .evaluation.job import select_tasks
+    from .evaluation.job import eval_job, select_tasks
 
     try:
         if args.address:
@@ -200,7 +199,7 @@ def evaluate(args) -> int:
             recipe_path = str(saved)
         recipe = load_recipe(recipe_path, args.overrides, stage="eval")
         select_tasks(recipe, [t.strip() for t in (args.tasks or "").split(",") if t.strip()], args.limit)
-        combined = run_eval(recipe, args.checkpoint, args.output_dir)
+        combined = eval_job(recipe, args.checkpoint, args.output_dir)
     except (ConfigError, ClusterUnreachable, ShipError) as e:
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
@@ -350,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "scale":
         return scale(args)
     if args.command == "eval":
-        return evaluate(args)
+        return eval_command(args)
     if args.command == "run":
         return run_stages(args)
     if args.command == "ship":
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..cluster.groups import RemoteCallError
     from ..cluster.runtime import ClusterUnreachable
     from ..cluster.ship import ShipError
-    from .grpo.job import train
+    from .grpo.job import grpo_job
     from .grpo.staleness import StalenessError
 
     try:
@@ -421,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key in summary:
                     print(f"{key}: {summary[key]:.4f}")
             return 0
-        summary = train(recipe, resume, fresh_if_unresumable)
+        summary = grpo_job(recipe, resume, fresh_if_unresumable)
     except (ConfigError, ClusterUnreachable, ShipError) as e:  # what only the data or the cluster can tell, before any actor
         print(f"r1ray: {'invalid config: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2

@@ -162,11 +162,11 @@ def _run_stage(stage: Stage, stages: list[Stage]) -> None:
 
         sft_job(stage.recipe, stage.dir if stage.started() else None)
     elif stage.type == "grpo":
-        from .grpo.job import train
+        from .grpo.job import grpo_job
 
-        train(stage.recipe, stage.dir if stage.started() else None, fresh_if_unresumable=True)
+        grpo_job(stage.recipe, stage.dir if stage.started() else None, fresh_if_unresumable=True)
     else:
-        from .evaluation.job import evaluate
+        from .evaluation.job import eval_job
 
         before = [s for s in stages[:stages.index(stage)] if s.type != "eval"][-1]
-        evaluate(stage.recipe, str(before.dir), str(stage.dir))
+        eval_job(stage.recipe, str(before.dir), str(stage.dir))

@@ -23,3 +23,13 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_world) -> str:
     return str(tiny_world / "model")
+
+
+def pytest_collection_modifyitems(items):
+    """The tier is the folder: tests/e2e/ is marked ``e2e``, tests/unit/ ``unit``."""
+    for item in items:
+        parts = Path(str(item.path)).parts
+        if "e2e" in parts:
+            item.add_marker(pytest.mark.e2e)
+        elif "unit" in parts:
+            item.add_marker(pytest.mark.unit)

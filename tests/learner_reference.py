@@ -307,9 +307,9 @@ def weight_gap(a: dict, b: dict, start: dict) -> float:
 def learner_logprob_gap(learner: LearnerRank, rollouts, temperature: float) -> float:
     """The worst |behaviour - learner| log-prob over every sampled token of ``rollouts``: the
     learner's own log-probs (through its DeepSpeed engine, as a step computes them)."""
-    from r1ray.actors.batching import pack, token_logprobs
+    from r1ray.actors.batching import pad_batch, token_logprobs
 
-    packed = pack([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], learner.pad_id)
+    packed = pad_batch([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], learner.pad_id)
     with torch.no_grad():
         lp = packed.gather(token_logprobs(learner.engine, packed, temperature))
     return max(abs(a - b) for r, row in zip(rollouts, lp) for a, b in zip(r.logprobs, row))

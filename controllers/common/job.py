@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from ...actors.learner import LearnerRank
 from ..config import TINY, ConfigError, Recipe, check_resources, dump, joins_cluster
 from . import interrupt
 from .runlog import write_json_atomic
@@ -153,7 +154,7 @@ def save_interrupted(system: System, run_dir: Path, summary: dict) -> None:
     path = run_dir / "checkpoint-interrupted"
     log.info("interrupted: saving the learner's weights to %s (checkpoint.on_interrupt)", path)
     try:
-        system.learners.run_all("save_hf", str(path), timeout_s=300)
+        system.learners.run_all(LearnerRank.save_hf, str(path), timeout_s=300)
         summary["checkpoint_interrupted"] = str(path)
     except Exception as e:  # noqa: BLE001 - the run stops anyway; say why there is no checkpoint
         log.error("could not save %s: %s", path, e)

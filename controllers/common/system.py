@@ -123,7 +123,7 @@ class System:
         infos = [{"params": 0}]
         if self.training:
             addr, port = rendezvous_on(self.learners.actors[0])
-            setup = self.learners.call_all("setup", addr, port, min(self.timeout, 600.0))
+            setup = self.learners.call_all(LearnerRank.setup, addr, port, min(self.timeout, 600.0))
             infos = self.learners.get(setup, "setup (DeepSpeed init)")
             self.startup_s["learner"] = time.perf_counter() - t0
         for name, group in [("generator", self.generators), ("scorer", self.scorers), ("reference", self.reference)]:
@@ -181,12 +181,12 @@ class System:
             members = sorted(self.generators.ready() if members is None else members)
             if members != self.transfer_members:
                 refs = self.form_transfer(members)
-            refs += self.learners.call_all("send_weights", self.version)
+            refs += self.learners.call_all(LearnerRank.send_weights, self.version)
             self.weights = (self.version, None)
         else:
-            receivers.append((self.generators, "load_weights", (self.version,)))
+            receivers.append((self.generators, Generator.load_weights, (self.version,)))
         if include_reference and self.reference is not None:
-            receivers.append((self.reference, "load_weights", ()))
+            receivers.append((self.reference, Reference.load_weights, ()))
         if receivers:
             exports, loads = start_broadcast(self.learners, receivers, self.r.generator.dtype)
             self.weights = (self.version, exports[0])  # what a generator that joins later loads

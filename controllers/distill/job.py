@@ -29,6 +29,7 @@ import signal
 import time
 from pathlib import Path
 
+from ...actors.server import VllmServer
 from ..common import interrupt
 from ..common.runlog import read_json, write_json_atomic
 from ..config import Recipe, dump
@@ -189,7 +190,7 @@ def start_servers(recipe: Recipe, served: str, name: str, out: Path):
                            num_cpus=s.cpus_per_replica, num_gpus=s.gpus_per_replica, namespace=recipe.ray.namespace,
                            timeout_s=s.startup_timeout_s + 60, scheduling=placement.strategy)
         t0 = time.perf_counter()
-        urls = group.run_all("wait_ready", timeout_s=s.startup_timeout_s + 60)
+        urls = group.run_all(VllmServer.wait_ready, timeout_s=s.startup_timeout_s + 60)
         log.info("teacher: %d vLLM server(s) of %s ready in %.0f s: %s", len(urls), served, time.perf_counter() - t0,
                  ", ".join(urls))
         return urls, group, placement
@@ -201,7 +202,7 @@ def start_servers(recipe: Recipe, served: str, name: str, out: Path):
 def stop_servers(group, placement) -> None:
     if group is not None:
         try:
-            group.run_all("stop", timeout_s=60, control=True)
+            group.run_all(VllmServer.stop, timeout_s=60, control=True)
         except Exception as e:  # noqa: BLE001 - dead already: killing the actor ends its server
             log.warning("teacher servers: stop: %s", e)
         group.kill()

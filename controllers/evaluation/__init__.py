@@ -1,0 +1,1 @@
+"""Evaluation (`r1ray eval`, and during GRPO): the job, the evaluator on the actors, the tasks."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import ray
 
-from ...actors.generator import SamplingConfig
+from ...actors.generator import Generator, SamplingConfig
+from ...actors.scorer import RewardScorer
 from ...cluster.groups import RemoteCallError
 from ..common import interrupt
 from ..common.system import System
@@ -30,8 +31,8 @@ def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accu
     """Fraction of prompts whose completion (greedy, or one sample with ``sampling``) scores 1
     (a None score counts as a miss)."""
     t0 = time.perf_counter()
-    rollouts = system.generators.map("generate", prompts, 1, sampling, greedy)
-    scores = system.scorers.map("score_one", rollouts, reward)
+    rollouts = system.generators.map(Generator.generate, prompts, 1, sampling, greedy)
+    scores = system.scorers.map(RewardScorer.score_one, rollouts, reward)
     passed = sum(1 for s in scores if s is not None and s >= 1.0)
     return {"pass@1": passed / max(1, len(prompts)), "n": len(prompts), "passed": passed,
             "completion_len/mean": sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),
@@ -154,7 +155,7 @@ class Evaluator:
             for i in gens.ready():
                 while pending and slots[i] < per_generator:
                     task, prompts = pending.pop(0)
-                    ref = gens.call(i, "generate", prompts, task.num_samples, self._sampling(prompts), greedy)
+                    ref = gens.call(i, Generator.generate, prompts, task.num_samples, self._sampling(prompts), greedy)
                     running[ref] = ("generate", task, prompts, i)
                     slots[i] += 1
             done, _ = ray.wait(list(running), num_returns=1, timeout=min(10.0, self.timeout))
@@ -174,7 +175,7 @@ class Evaluator:
                 ready = scorers.ready()
                 j = ready[next_scorer % len(ready)]
                 next_scorer += 1
-                running[scorers.call(j, "judge", rollouts, task.judge)] = ("judge", task, prompts, rollouts)
+                running[scorers.call(j, RewardScorer.judge, rollouts, task.judge)] = ("judge", task, prompts, rollouts)
                 continue
             rollouts = who
             judged = scorers.get(ref, "judge (evaluation)")

@@ -97,7 +97,7 @@ def run_recipe(run_dir: Path) -> Recipe:
     return build(Recipe, yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
-def evaluate(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
+def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     """The whole ``r1ray eval`` job; returns the combined results (also in results.json)."""
     from transformers import AutoTokenizer
 

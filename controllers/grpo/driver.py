@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from ...actors.learner import LearnerRank
 from ...cluster.ray_metrics import RunMetrics
 from ..common import interrupt
 from ..common.checkpoint import Checkpoints, tag_for
@@ -32,7 +33,7 @@ class GrpoDriver:
 
     def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer, metrics,
                  completions_log=None, samples_log=None, checkpoints: Checkpoints | None = None,
-                 resume: dict | None = None, evaluate=None):
+                 resume: dict | None = None, benchmark_step=None):
         self.system, self.r, self.G = system, recipe, recipe.grpo.num_generations
         self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         self.done = Progress.restore(resume, self.G) if resume is not None else Progress(self.G)
@@ -53,7 +54,7 @@ class GrpoDriver:
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
         self.telemetry = SpanCollector(system)  # every actor's busy intervals: utilisation, the timeline
         self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
-        self.evaluate = evaluate  # step -> eval/<task>/... metrics, every eval.every_steps steps
+        self.benchmark_step = benchmark_step  # step -> eval/<task>/... metrics, every eval.every_steps steps
 
     @property
     def records(self) -> list[dict]:
@@ -108,7 +109,7 @@ class GrpoDriver:
         self.books.consume(version, [r.version for r in rollouts])
         samples, denom, tokens = train_batch(rollouts, self.r, len(self.system.learners))
         self.tally({"samples/masked_truncated": sum(not s.in_loss for s in samples)})
-        refs = self.system.learners.shard("grpo_step", samples, denom, tokens)
+        refs = self.system.learners.shard(LearnerRank.grpo_step, samples, denom, tokens)
         self.training = True
         self.inflight.submit(Work("train", refs, batch, version=version))
 
@@ -128,7 +129,7 @@ class GrpoDriver:
             # Queued behind the weight export, before the next batch: the state after exactly this step.
             self.checkpoints.begin(step)
             self.saving[version] = (
-                self.system.learners.call_all("save_checkpoint", str(self.checkpoints.dir), tag_for(step)),
+                self.system.learners.call_all(LearnerRank.save_checkpoint, str(self.checkpoints.dir), tag_for(step)),
                 self.done.state(step, version, max(g.seq for g in work.groups), self.books.histogram,
                                 self.rewards.names))
         window, self.window_counts = dict(self.window_counts), Counter()
@@ -149,11 +150,11 @@ class GrpoDriver:
             record = self.unsynced.pop(version)
             record["time/weight_sync_s"] = time.perf_counter() - work.started
             every = self.r.eval.every_steps
-            if self.evaluate is not None and every and record["step"] % every == 0:
+            if self.benchmark_step is not None and every and record["step"] % every == 0:
                 # The generators hold exactly this step's weights now. The loop waits meanwhile, so
                 # the work in flight gets the evaluation's time added to its deadlines.
                 t0 = time.perf_counter()
-                record.update(self.evaluate(record["step"]))
+                record.update(self.benchmark_step(record["step"]))
                 record["time/eval_s"] = time.perf_counter() - t0
                 self.inflight.postpone(record["time/eval_s"])
             self.metrics.write(record, prefix="grpo/")

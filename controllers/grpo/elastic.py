@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 from ray.exceptions import RayActorError
 
+from ...actors.generator import Generator
+from ...actors.scorer import RewardScorer
 from ...cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
 from ...cluster.placement import Bundles
 from ..common.inflight import InFlight, Work
@@ -161,7 +163,7 @@ class Elastic:
             return
         if group is self.system.scorers:
             for reward in self.hooks.dropped_rewards():
-                group.call(i, "drop", reward, control=True)
+                group.call(i, RewardScorer.drop, reward, control=True)
             self.ready(group, i)
             return
         if self.system.streams_weights:  # its engine is up: the next weight sync brings it in
@@ -173,7 +175,7 @@ class Elastic:
             self.ready(group, i)
             return
         # the newest published weights first (a sync may publish newer ones meanwhile: then again)
-        self.join(group, i, group.call(i, "load_weights", weights, version, control=True), version)
+        self.join(group, i, group.call(i, Generator.load_weights, weights, version, control=True), version)
 
     def ready(self, group: ActorGroup, i: int) -> None:
         group.mark_ready(i)
@@ -287,7 +289,7 @@ class Elastic:
     def silent(self, group: ActorGroup, slots: list[int]) -> list[int]:
         """Those of ``slots`` that do not answer a ping (dead, hung, or a vLLM engine that died
         inside a live actor), within the liveness timeout."""
-        pings = {group.call(i, "ping", control=True): i for i in slots}
+        pings = {group.call(i, group.cls.ping, control=True): i for i in slots}
         return unanswered(pings, min(30.0, self.system.watchdog.timeout_s))
 
     # -- losses ------------------------------------------------------------------------------

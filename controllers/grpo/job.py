@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ...actors.learner import LearnerRank
 from ..common.checkpoint import Checkpoints
 from ..common.data import PreparedData, PromptRenderer, prepare_data
 from ..common.job import (
@@ -53,7 +55,7 @@ def make_probe(system: System, recipe: Recipe, prompts: list[dict]):
     return probe
 
 
-def held_out(summary: dict, key: str, detail: dict) -> None:
+def record_eval(summary: dict, key: str, detail: dict) -> None:
     """Record a held-out evaluation (``eval_before`` / ``eval_after``) in the summary."""
     summary["stage"] = key
     summary[f"{key}_detail"], summary[key] = detail, detail["pass@1"]
@@ -65,7 +67,7 @@ def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
     and ``eval/<task>/...`` numbers for the step's record."""
     evaluator = Evaluator(system, tasks, recipe.eval, recipe.generator.max_model_len, recipe.ray.call_timeout_s)
 
-    def evaluate(step: int) -> dict:
+    def benchmark_step(step: int) -> dict:
         results = evaluator.run()
         write_results(results, run_dir / "eval" / f"step-{step}", f"{run_dir} at GRPO step {step}")
         found = metrics_of(results)
@@ -73,7 +75,7 @@ def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
                                                            for k, v in found.items() if k.endswith("/pass@1")))
         return found
 
-    return evaluate
+    return benchmark_step
 
 
 def resume_point(run_dir: Path, recipe: Recipe, model_path: str) -> dict:
@@ -99,8 +101,78 @@ def resume_point(run_dir: Path, recipe: Recipe, model_path: str) -> dict:
             "step": state["step"] if state else 0}
 
 
-def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool = False) -> dict:
-    """The whole job. Everything a user can get wrong (config, data, output directory, cluster
+@dataclass
+class Inputs:
+    """What the job prepares before anything starts (a bad one is refused then)."""
+
+    data: PreparedData
+    renderer: PromptRenderer
+    eval_prompts: list[dict]  # held-out pass@1 before and after GRPO (the test split's first rows)
+    probes: list[dict]  # the SFT warm-up's early-stop probe (the test split's tail)
+    sft_held_out: list  # conversations for the warm-up's held-out loss
+    tasks: list  # benchmarks every eval.every_steps (checked for overlap with the training data)
+    eval_sampling: object
+
+
+def prepare_inputs(recipe: Recipe, model_path: str, tiny_dir: Path | None) -> Inputs:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = prepare_data(recipe, tokenizer, tiny_dir)
+    renderer = PromptRenderer(tokenizer, recipe.data)
+    eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))
+                    for i in range(min(recipe.eval.num_prompts, len(data.test)))]
+    s = recipe.sampling
+    return Inputs(data, renderer, eval_prompts, probe_prompts(recipe, data, renderer, len(eval_prompts)),
+                  held_out_examples(recipe, data.test, renderer) if recipe.sft.steps else [],
+                  load_tasks(recipe, tokenizer, tiny_dir, check_overlap=True) if recipe.eval.every_steps else [],
+                  s if recipe.eval.max_new_tokens is None else type(s)(s.temperature, s.top_p, recipe.eval.max_new_tokens))
+
+
+def continued(run_dir: Path, summary: dict, previous: dict | None) -> tuple[dict, dict]:
+    """A resumed run's summary (what it had, less how it ended) and its step counts so far; what
+    it wrote after the checkpoint is cut away, to be written again."""
+    if previous is None:
+        return summary, {"sft_steps_done": 0, "grpo_steps_done": 0}
+    for name in ("metrics.jsonl", "samples.jsonl", "completions.jsonl"):
+        truncate_jsonl(run_dir / name, previous["step"])
+    kept = {k: v for k, v in previous["summary"].items() if k not in ("error", "signal", "grpo", "eval_after")}
+    log.info("resuming %s at GRPO step %d", run_dir, previous["step"])
+    return ({**kept, **summary, "resumed_from_step": previous["step"]},
+            {"sft_steps_done": previous["summary"].get("sft_steps_done", 0), "grpo_steps_done": previous["step"]})
+
+
+def sft_warm_up(system: System, recipe: Recipe, inputs: Inputs, sft_metrics, run_dir: Path, summary: dict) -> None:
+    """The SFT warm-up on the learners (stopped early by the probe when asked), its checkpoint,
+    and the generators and the reference brought to the SFT policy."""
+    summary["stage"] = "sft"
+    with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
+        t0 = time.perf_counter()
+        sft = run_sft(system, recipe.sft, inputs.data, inputs.renderer, sft_metrics, recipe.seed, bar,
+                      probe=make_probe(system, recipe, inputs.probes), held_out=inputs.sft_held_out)
+    summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
+                      "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
+    if recipe.sft.save_checkpoint or recipe.checkpoint.every_steps:  # a resumed run starts from it
+        summary["sft"]["checkpoint"] = str(run_dir / "checkpoint-sft")
+        system.learners.run_all(LearnerRank.save_hf, summary["sft"]["checkpoint"])
+    system.sync_weights(include_reference=True)
+
+
+def restore(system: System, checkpoints: Checkpoints, previous: dict | None, run_dir: Path) -> dict | None:
+    """A resumed run's learners (weights, optimizer, schedule, RNG) and generators at its
+    checkpoint; returns the driver's state from it (None: GRPO starts at step 0)."""
+    if previous is None or previous["state"] is None:
+        return None
+    state = previous["state"]
+    system.learners.run_all(LearnerRank.load_checkpoint, str(checkpoints.dir), state["tag"])
+    system.version = state["policy_version"] - 1  # the generators get the checkpoint's weights as its version
+    system.sync_weights()
+    return {**state, "records": read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool = False) -> dict:
+    """The whole ``r1ray train`` job: an SFT warm-up, held-out pass@1, GRPO, pass@1 again, the
+    final checkpoint. Everything a user can get wrong (config, data, output directory, cluster
     address, resources) is refused before the run directory exists, so it leaves nothing behind.
     Afterwards summary.json always says how the run ended: completed, interrupted or failed.
 
@@ -108,23 +180,11 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
     checkpoint, with the same data order; the records after that checkpoint are written again.
     ``fresh_if_unresumable`` (``--resume auto``): a run that cannot be continued (stopped in its
     SFT warm-up) is started again in a new run directory instead of refused."""
-    from transformers import AutoTokenizer
-
     t_start = time.perf_counter()
     if resume is None:
         check_output_dir(recipe)
     model_path, tiny_dir = prepare_model(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = prepare_data(recipe, tokenizer, tiny_dir)
-    renderer = PromptRenderer(tokenizer, recipe.data)
-    eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))
-                    for i in range(min(recipe.eval.num_prompts, len(data.test)))]
-    probes = probe_prompts(recipe, data, renderer, len(eval_prompts))
-    sft_held_out = held_out_examples(recipe, data.test, renderer) if recipe.sft.steps else []
-    # Benchmarks every eval.every_steps: checked now (a task overlapping the training data is refused).
-    tasks = load_tasks(recipe, tokenizer, tiny_dir, check_overlap=True) if recipe.eval.every_steps else []
-    eval_sampling = recipe.sampling if recipe.eval.max_new_tokens is None else \
-        type(recipe.sampling)(recipe.sampling.temperature, recipe.sampling.top_p, recipe.eval.max_new_tokens)
+    inputs = prepare_inputs(recipe, model_path, tiny_dir)
     previous = None
     if resume is not None:
         try:
@@ -136,17 +196,8 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
             resume = None
     run_dir = open_run(recipe, GRPO, resume)
     log.info("run directory: %s", run_dir)
-    summary: dict = {"run_dir": str(run_dir), "model": model_path, "status": "running", "stage": "startup",
-                     "data": data.summary()}
-    done_before = {"sft_steps_done": 0, "grpo_steps_done": 0}
-    if previous is not None:  # what the run wrote after the checkpoint is done again
-        for name in ("metrics.jsonl", "samples.jsonl", "completions.jsonl"):
-            truncate_jsonl(run_dir / name, previous["step"])
-        kept = {k: v for k, v in previous["summary"].items() if k not in ("error", "signal", "grpo", "eval_after")}
-        summary = {**kept, **summary, "resumed_from_step": previous["step"]}
-        done_before = {"sft_steps_done": previous["summary"].get("sft_steps_done", 0),
-                       "grpo_steps_done": previous["step"]}
-        log.info("resuming %s at GRPO step %d", run_dir, previous["step"])
+    summary, done_before = continued(run_dir, {"run_dir": str(run_dir), "model": model_path, "status": "running",
+                                               "stage": "startup", "data": inputs.data.summary()}, previous)
     system = System(recipe, previous["model_path"] if previous else model_path)
     metrics = MetricsWriter(run_dir, purge_step=previous["step"] + 1 if previous else None)
     sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
@@ -164,34 +215,18 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
 
     with actors_running(system, run_dir, summary, previous["summary"] if previous else None, wrap_up):
         if recipe.sft.steps and previous is None:
-            summary["stage"] = "sft"
-            with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
-                t0 = time.perf_counter()
-                sft = run_sft(system, recipe.sft, data, renderer, sft_metrics, recipe.seed, bar,
-                              probe=make_probe(system, recipe, probes), held_out=sft_held_out)
-            summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
-                              "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
-            if recipe.sft.save_checkpoint or recipe.checkpoint.every_steps:  # a resumed run starts from it
-                summary["sft"]["checkpoint"] = str(run_dir / "checkpoint-sft")
-                system.learners.run_all("save_hf", summary["sft"]["checkpoint"])
-            # Generators and the reference start GRPO from the SFT policy.
-            system.sync_weights(include_reference=True)
-        if eval_prompts and "eval_before" not in summary:
-            held_out(summary, "eval_before", pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward))
+            sft_warm_up(system, recipe, inputs, sft_metrics, run_dir, summary)
+        if inputs.eval_prompts and "eval_before" not in summary:
+            record_eval(summary, "eval_before", pass_at_1(system, inputs.eval_prompts, inputs.eval_sampling,
+                                                          recipe.eval.reward))
         summary["stage"] = "grpo"
-        system.learners.run_all("start_phase", recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
-        resume_state = None
-        if previous is not None and previous["state"] is not None:
-            state = previous["state"]
-            system.learners.run_all("load_checkpoint", str(checkpoints.dir), state["tag"])
-            system.version = state["policy_version"] - 1  # the generators get the checkpoint's weights as its version
-            system.sync_weights()
-            resume_state = {**state, "records": read_jsonl(run_dir / "metrics.jsonl")}
+        system.learners.run_all(LearnerRank.start_phase, recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
+        resume_state = restore(system, checkpoints, previous, run_dir)
         completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
         samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
-        driver = GrpoDriver(system, recipe, data, renderer, metrics, completions_log=completions_log,
+        driver = GrpoDriver(system, recipe, inputs.data, inputs.renderer, metrics, completions_log=completions_log,
                             samples_log=samples_log, checkpoints=checkpoints, resume=resume_state,
-                            evaluate=benchmarks(system, recipe, tasks, run_dir) if tasks else None)
+                            benchmark_step=benchmarks(system, recipe, inputs.tasks, run_dir) if inputs.tasks else None)
         with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
                   dynamic_ncols=True) as bar:
             driver.run(progress=bar)
@@ -199,11 +234,12 @@ def train(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: bool
         samples_log.close()
         summary["grpo"] = driver.summary()
         driver.telemetry.write_timeline(run_dir / "timeline.json")
-        if eval_prompts:
-            held_out(summary, "eval_after", pass_at_1(system, eval_prompts, eval_sampling, recipe.eval.reward))
+        if inputs.eval_prompts:
+            record_eval(summary, "eval_after", pass_at_1(system, inputs.eval_prompts, inputs.eval_sampling,
+                                                         recipe.eval.reward))
         summary["stage"] = "checkpoint"
         ckpt = run_dir / "checkpoint-final"
-        system.learners.run_all("save_hf", str(ckpt))
+        system.learners.run_all(LearnerRank.save_hf, str(ckpt))
         summary["checkpoint"] = str(ckpt)
         summary["status"] = "completed"
     return summary

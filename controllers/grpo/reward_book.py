@@ -5,7 +5,7 @@ import logging
 import math
 from collections.abc import Callable
 
-from ...actors.scorer import RewardHealth, add_stats
+from ...actors.scorer import RewardHealth, RewardScorer, add_stats
 from ...cluster.groups import ActorGroup
 from ..config import Recipe
 
@@ -24,7 +24,7 @@ class RewardBook:
         self.names = list(self.configured)
         self.scorers, self.tally, self.sc = scorers, tally, recipe.scorer
         for name in [n for n in self.names if kept is not None and n not in kept]:
-            scorers.run_all("drop", name, control=True)
+            scorers.run_all(RewardScorer.drop, name, control=True)
             self.names.remove(name)
         self.health = RewardHealth(self.names, self.sc.max_failed_steps, self.sc.on_broken)
         self.window: dict = {}  # the scorers' stats since the last learner step
@@ -39,7 +39,7 @@ class RewardBook:
         for name in self.health.end_step(window):
             log.warning("reward %r failed on every completion for %d steps: dropped (scorer.on_broken=drop); "
                         "example: %s", name, self.health.failed_steps[name], window.get(f"{name}/first_error"))
-            self.scorers.run_all("drop", name, control=True)
+            self.scorers.run_all(RewardScorer.drop, name, control=True)
             self.names.remove(name)
             self.tally({f"reward/{name}/dropped": 1})
 

@@ -3,7 +3,10 @@ generated, scored, (when the KL weight is on) given reference log-probs, and hel
 learner takes them, in admission order."""
 from __future__ import annotations
 
+from ...actors.generator import Generator
+from ...actors.reference import Reference
 from ...actors.rollout import TrainSample
+from ...actors.scorer import RewardScorer
 from ..common.data import EpochSampler, PreparedData, PromptRenderer
 from ..common.inflight import InFlight, Work
 from ..common.system import System
@@ -50,7 +53,7 @@ class RolloutStream:
 
     def generate(self, groups: list[Group]) -> None:
         i = self.inflight.pick("generate", len(self.system.generators), self.elastic.usable())
-        ref = self.system.generators.call(i, "generate", [g.prompt for g in groups], self.G, self.r.sampling,
+        ref = self.system.generators.call(i, Generator.generate, [g.prompt for g in groups], self.G, self.r.sampling,
                                           False, self.r.grpo.partial_rollout_tokens)
         self.inflight.submit(Work("generate", [ref], groups, actor=i))
 
@@ -64,16 +67,16 @@ class RolloutStream:
     def score(self, groups: list[Group]) -> None:
         j = self.inflight.pick("score", len(self.system.scorers), self.system.scorers.ready())
         rollouts = [r for g in groups for r in g.rollouts]
-        self.inflight.submit(Work("score", [self.system.scorers.call(j, "score", rollouts)], groups, actor=j))
+        self.inflight.submit(Work("score", [self.system.scorers.call(j, RewardScorer.score, rollouts)], groups, actor=j))
 
     def on_scored(self, work: Work) -> None:
-        rollouts, stats = work.value
-        self.rewards.add(stats)
-        attach(work.groups, rollouts, self.G)
+        scores = work.value  # only numbers come back: they go onto the driver's rollouts
+        scores.apply([r for g in work.groups for r in g.rollouts])
+        self.rewards.add(scores.stats)
         kept = [g for g in work.groups if self._keep(g)]
         if kept and self.system.reference is not None:
             samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
-            self.inflight.submit(Work("reference", [self.system.reference.call(0, "logprobs", samples)], kept, actor=0))
+            self.inflight.submit(Work("reference", [self.system.reference.call(0, Reference.logprobs, samples)], kept, actor=0))
         else:
             self._ready(kept)
 

@@ -101,7 +101,7 @@ class SpanCollector:
     def drain(self) -> None:
         s = self.system
         calls = [(grp, name, ref) for grp in s.groups()
-                 for name, ref in zip(grp.names(), grp.call_all("drain_spans", control=True))]
+                 for name, ref in zip(grp.names(), grp.call_all(grp.cls.drain_spans, control=True))]
         for grp, name, ref in calls:
             try:
                 part = get(ref, s.timeout, "drain_spans", s.watchdog)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ...actors.learner import LearnerRank
 from ..common.checkpoint import Checkpoints, tag_for
 from ..common.data import PreparedData, PromptRenderer, load_dataset_dict, prepare_data
 from ..common.job import actors_running, check_output_dir, open_run, prepare_model
@@ -96,8 +97,8 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
             return
         tag = tag_for(step)
         checkpoints.begin(step)
-        saved = system.learners.run_all("save_checkpoint", str(checkpoints.dir), tag)
-        system.learners.run_all("save_hf", str(checkpoints.dir / tag / "hf"))
+        saved = system.learners.run_all(LearnerRank.save_checkpoint, str(checkpoints.dir), tag)
+        system.learners.run_all(LearnerRank.save_hf, str(checkpoints.dir / tag / "hf"))
         checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
                             "truncation": dataclasses.asdict(truncation)}, saved)
 
@@ -113,7 +114,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
                               truncation=truncation, resume_at=resume_at, after_step=after_step,
                               load_state=(str(checkpoints.dir), state["tag"]) if state else None)
         final = run_dir / "checkpoint-sft"
-        system.learners.run_all("save_hf", str(final))
+        system.learners.run_all(LearnerRank.save_hf, str(final))
         summary.update(status="completed", checkpoint=str(final))
     return summary
 

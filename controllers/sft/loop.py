@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ...actors.learner import SftStats
+from ...actors.learner import LearnerRank, SftStats
 from ...actors.packing import SftExample, pack_bins
 from ..common import interrupt
 from ..common.data import EpochSampler, PreparedData, PromptRenderer
@@ -44,7 +44,7 @@ def held_out_loss(system: System, examples: list[SftExample], cfg: SftConfig) ->
     rows = rows_of(examples, cfg)
     parts = split(rows, len(system.learners.ready()))
     micro = max(-(-len(p) // system.r.learner.micro_batch_size) for p in parts)
-    refs = [system.learners.call(i, "sft_eval", part, micro) for i, part in zip(system.learners.ready(), parts)]
+    refs = [system.learners.call(i, LearnerRank.sft_eval, part, micro) for i, part in zip(system.learners.ready(), parts)]
     stats = system.learners.get(refs, "sft_eval")
     return sum(s.nll_sum for s in stats) / max(1, sum(e.targets for e in examples))
 
@@ -61,9 +61,9 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
     A resumed run: ``load_state`` (checkpoint folder, tag) restores the learners' state,
     ``resume_at`` (steps done, conversations the sampler had handed out) the data position.
     ``after_step(step, taken)`` runs after every step (checkpoints)."""
-    system.learners.run_all("start_phase", cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.steps, cfg.min_lr_ratio)
+    system.learners.run_all(LearnerRank.start_phase, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.steps, cfg.min_lr_ratio)
     if load_state is not None:
-        system.learners.run_all("load_checkpoint", *load_state)
+        system.learners.run_all(LearnerRank.load_checkpoint, *load_state)
     train = data.train
     sampler = EpochSampler(len(train), seed + 1, data.train_rows)
     done = 0
@@ -79,7 +79,7 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
         examples = examples_of((train[idx] for idx, _ in taken), renderer, cfg, counts, [rid for _, rid in taken])
         rows = rows_of(examples, cfg)
         targets = sum(e.targets for e in examples)
-        parts = system.learners.get(system.learners.shard("sft_step", rows, max(1, targets)), "sft_step")
+        parts = system.learners.get(system.learners.shard(LearnerRank.sft_step, rows, max(1, targets)), "sft_step")
         seconds = time.perf_counter() - t0
         tokens_in = sum(len(e.ids) for e in examples)
         record = {"step": step, **SftStats.combine(parts, max(1, targets)), "tokens": targets, "tokens_in": tokens_in,

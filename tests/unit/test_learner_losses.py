@@ -1,0 +1,56 @@
+"""A short GRPO step per loss type through the real learner (DeepSpeed, world of one, tiny model)."""
+import math
+
+import pytest
+import torch
+from tiny_actors import learner as _learner
+from tiny_actors import prompt as _prompt
+
+from r1ray.actors.advantages import batch_advantages
+from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
+from r1ray.actors.learner import GrpoStats
+from r1ray.actors.loss import LossConfig, global_denominator
+from r1ray.actors.rollout import TrainSample
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_model):
+    gen = Generator(tiny_model, GeneratorConfig(backend="hf"), seed=5)
+    return gen.generate([_prompt(tiny_model)], 4, SamplingConfig(max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_model):
+    learner = _learner(tiny_model)
+    learner.start_phase(lr=1e-2)
+    return learner
+
+
+CASES = {
+    "grpo": LossConfig(loss_type="grpo", importance_sampling_level="sequence"),
+    "bnpo": LossConfig(loss_type="bnpo", entropy_coef=0.01),
+    "dr_grpo": LossConfig(loss_type="dr_grpo", delta=2.0),
+    "dapo": LossConfig(loss_type="dapo", num_iterations=2),
+    "cispo": LossConfig(loss_type="cispo", clip_eps_high=5.0),
+    "sapo": LossConfig(loss_type="sapo"),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(CASES))
+def test_one_step_per_loss_type_moves_the_weights(learner, rollouts, loss_type):
+    learner.cfg.loss = CASES[loss_type]  # the learner reads its loss config at every step
+    per_token = loss_type == "dapo"  # REINFORCE++'s per-token advantages through the learner too
+    adv = batch_advantages([1.0, 0.0, 0.5, 0.0], 4, "reinforce_pp" if per_token else "grpo",
+                           lengths=[len(r.completion_ids) for r in rollouts])
+    samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a, in_loss=k != 3)
+               for k, (r, a) in enumerate(zip(rollouts, adv))]  # the last one masked (a truncated completion)
+    lengths = [len(s.completion_ids) if s.in_loss else 0 for s in samples]
+    before = {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
+    stats = learner.grpo_step(samples, global_denominator(loss_type, lengths, 8, 2), float(sum(lengths)))
+    metrics = GrpoStats.combine([stats])
+    assert stats.tokens == sum(lengths) * CASES[loss_type].num_iterations
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0 and metrics["entropy/mean"] > 0
+    after = learner.engine.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if loss_type == "dapo":  # iteration 2 measured its ratio against iteration 1's weights: no longer 1
+        assert metrics["ratio/max"] > 1.0 + 1e-4 or metrics["ratio/min"] < 1.0 - 1e-4

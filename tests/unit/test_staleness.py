@@ -1,0 +1,209 @@
+"""The staleness bound, replayed as event sequences: no Ray, no engine, milliseconds."""
+import random
+
+import pytest
+
+from r1ray.controllers.grpo.staleness import StalenessError, StalenessManager
+
+
+class Sim:
+    """A driver in miniature: one generator pool, one learner, weight loads that land late.
+
+    Groups finish in random order; a group's samples carry the version the generators held
+    when it was submitted (never older than the confirmed version it was admitted at).
+    """
+    def __init__(self, B, eta, steps, seed, drop_p=0.0, v0=0, batch=None):
+        self.m = StalenessManager(B, eta, steps, start_version=v0)
+        self.rng, self.drop_p, self.steps = random.Random(seed), drop_p, steps
+        self.version = self.generator_version = v0
+        self.flight: dict[int, int] = {}  # seq -> version that generated it
+        self.ready: dict[int, int] = {}
+        self.training: list[int] | None = None
+        self.loads: list[int] = []  # published versions on their way to the generators
+        self.confirms: list[int] = []  # loaded, confirmation on its way to the driver
+        self.consumed: list[int] = []
+        self.trained_at: dict[int, int] = {}
+        self.next_batch = batch or self.m.next_batch
+
+    def admit(self):
+        while self.m.may_admit():
+            seq, at = self.m.admit()
+            assert at == self.m.confirmed <= self.generator_version
+            self.flight[seq] = self.generator_version
+
+    def events(self):
+        out = [("finish", s) for s in self.flight]
+        if self.training is not None:
+            out.append(("trained", None))
+        if self.loads:
+            out.append(("load", None))
+        if self.confirms:
+            out.append(("confirm", None))
+        return out
+
+    def run(self):
+        steps_done = 0
+        while steps_done < self.steps:
+            self.admit()
+            if self.training is None:
+                batch = self.next_batch()
+                if batch is not None:
+                    versions = [self.ready.pop(s) for s in batch]
+                    self.m.consume(self.version, versions)
+                    for s in batch:
+                        self.trained_at[s] = self.version
+                    self.consumed += batch
+                    self.training = batch
+            kind, seq = self.rng.choice(self.events())
+            if kind == "finish":
+                v = self.flight.pop(seq)
+                if self.rng.random() < self.drop_p:
+                    self.m.drop(seq)
+                else:
+                    self.m.ready(seq)
+                    self.ready[seq] = v
+            elif kind == "trained":
+                self.training = None
+                self.version += 1
+                steps_done += 1
+                self.loads.append(self.version)
+            elif kind == "load":
+                self.generator_version = self.loads.pop(0)
+                self.confirms.append(self.generator_version)
+            else:
+                self.m.confirm(self.confirms.pop(0))
+        return self
+
+
+def test_eta_zero_is_lockstep():
+    B = 3
+    sim = Sim(B, 0, steps=6, seed=1)
+    sim.admit()
+    assert sim.m.admitted == B and not sim.m.may_admit()  # exactly one batch may start at v0
+    sim.run()
+    assert set(sim.m.histogram) == {0}  # every sample trained at the version that generated it
+    # the group admitted first after a step waits for that step's weights: admitted_at == trained_at
+    assert all(sim.m.admitted_at(s) == sim.trained_at[s] for s in sim.consumed)
+
+
+@pytest.mark.parametrize("eta", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("B", [1, 2, 4])
+def test_every_consumed_sample_is_within_eta_under_random_finish_orders(B, eta):
+    for seed in range(60):
+        sim = Sim(B, eta, steps=12, seed=seed, drop_p=0.3, v0=seed % 3).run()
+        assert max(sim.m.histogram) <= eta
+        assert len(sim.consumed) == len(set(sim.consumed)) == 12 * B
+        # admission order is consumption order, and the admitted-at version is within eta too
+        assert sim.consumed == sorted(sim.consumed)
+        assert all(sim.trained_at[s] - sim.m.admitted_at(s) <= eta for s in sim.consumed)
+
+
+def test_asynchrony_is_used_up_to_the_bound():
+    """With eta = 2 and late weight loads, some samples really are 2 versions old."""
+    seen = set()
+    for seed in range(30):
+        seen |= set(Sim(2, 2, steps=10, seed=seed).run().m.histogram)
+    assert seen == {0, 1, 2}
+
+
+def _ready_first(sim):
+    """The rule r1ray used before: take the oldest *ready* groups and wait only for groups that
+    would otherwise be too stale (admitted_at + eta <= version)."""
+    m = sim.m
+    version = sim.version
+    if any(m.admitted_at(s) + m.max_staleness <= version for s in sim.flight):
+        return None
+    ready = sorted(s for s, st in m._open.items() if st == "ready")
+    if len(ready) < m.groups_per_step:
+        return None
+    batch = ready[: m.groups_per_step]
+    for s in batch:
+        del m._open[s]
+    return batch
+
+
+def test_ready_first_batches_break_the_bound_at_eta_two():
+    """Why batches follow admission order: the old rule passes eta <= 1 but not eta = 2."""
+    def broken(B, eta):
+        count = 0
+        for seed in range(60):
+            sim = Sim(B, eta, steps=12, seed=seed)
+            sim.next_batch = lambda sim=sim: _ready_first(sim)
+            try:
+                sim.run()
+            except StalenessError:
+                count += 1
+        return count
+
+    assert broken(2, 0) == broken(2, 1) == 0
+    assert broken(1, 2) > 0
+
+
+def test_dropped_groups_are_re_admitted():
+    m = StalenessManager(groups_per_step=2, max_staleness=0, steps=5)
+    seqs = [m.admit()[0] for _ in range(2)]
+    assert not m.may_admit()
+    m.drop(seqs[0])
+    assert m.may_admit() and m.capacity() == 1
+    seq, at = m.admit()
+    assert seq == 2 and at == 0
+    m.ready(seqs[1])
+    assert m.next_batch() is None  # the replacement is still in flight
+    m.ready(seq)
+    assert m.next_batch() == [1, 2]
+
+
+def test_useful_work_never_exceeds_steps_times_B():
+    m = StalenessManager(groups_per_step=4, max_staleness=10, steps=3)
+    while m.may_admit():
+        m.admit()
+    assert m.useful == 12  # eta allows 44, the run needs 12
+    m.drop(0)
+    assert m.capacity() == 1
+    m.admit()
+    assert m.useful == 12 and not m.may_admit()
+
+
+def test_a_group_due_at_version_v_blocks_the_batch_until_it_arrives():
+    m = StalenessManager(groups_per_step=2, max_staleness=1, steps=10)
+    for _ in range(4):
+        m.admit()
+    for s in (1, 2, 3):  # everything but the oldest finished
+        m.ready(s)
+    assert m.due() == [0]
+    assert m.next_batch() is None  # three ready groups, but group 0 comes first
+    m.ready(0)
+    assert m.due() == [] and m.next_batch() == [0, 1]
+    assert m.next_batch() == [2, 3]
+    assert m.next_batch() is None and m.in_flight() == 0 and m.waiting() == 0
+
+
+def test_a_dropped_group_no_longer_blocks():
+    m = StalenessManager(groups_per_step=1, max_staleness=1, steps=10)
+    m.admit(), m.admit()
+    m.ready(1)
+    assert m.next_batch() is None
+    m.drop(0)
+    assert m.next_batch() == [1]
+
+
+def test_consume_refuses_a_sample_older_than_eta():
+    m = StalenessManager(groups_per_step=1, max_staleness=1, steps=10, start_version=5)
+    assert m.consume(7, [6, 7, 6]) == [1, 0, 1]
+    with pytest.raises(StalenessError, match="staleness 2 > grpo.max_staleness=1"):
+        m.consume(7, [5])
+    assert dict(m.histogram) == {1: 2, 0: 1}
+
+
+def test_admission_follows_confirmed_versions():
+    m = StalenessManager(groups_per_step=2, max_staleness=1, steps=10, start_version=3)
+    assert m.capacity() == 4
+    for _ in range(4):
+        m.admit()
+    assert not m.may_admit()
+    with pytest.raises(StalenessError):
+        m.admit()
+    m.confirm(4)
+    assert m.capacity() == 2 and m.admit() == (4, 4)
+    m.confirm(3)  # a late, older confirmation never lowers the version
+    assert m.confirmed == 4
