@@ -8,17 +8,7 @@ import time
 import pytest
 import r1ray_cli
 import yaml
-
-
-def _staged(tmp_path, tiny_world, stages, **base):
-    recipe = yaml.safe_load(open("configs/tiny-staged.yaml"))
-    recipe["stages"] = stages
-    recipe["model"]["tiny_dir"] = str(tiny_world)
-    recipe["ray"]["dashboard"] = False
-    recipe.update(base)
-    path = tmp_path / "staged.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tiny_recipes import staged as _staged
 
 
 def _run(recipe, out, **kw):

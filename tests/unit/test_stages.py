@@ -1,21 +1,10 @@
 """Multi-stage recipes (``r1ray run``) without running them: the plan, a distill stage feeding
 the next, bad stages refused up front."""
 import pytest
-import yaml
+from tiny_recipes import staged as _staged
 
 from r1ray.controllers.config.schema import ConfigError
 from r1ray.controllers.stages import plan
-
-
-def _staged(tmp_path, tiny_world, stages, **base):
-    recipe = yaml.safe_load(open("configs/tiny-staged.yaml"))
-    recipe["stages"] = stages
-    recipe["model"]["tiny_dir"] = str(tiny_world)
-    recipe["ray"]["dashboard"] = False
-    recipe.update(base)
-    path = tmp_path / "staged.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def test_the_shipped_staged_recipe_plans_sft_grpo_eval():
