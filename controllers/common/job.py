@@ -92,13 +92,15 @@ def check_placement(recipe: Recipe, roles: tuple[str, ...]) -> None:
         raise ConfigError(f"config key '{key}': the placement cannot be met on this cluster: {why}")
 
 
-def connect(recipe: Recipe, roles: tuple[str, ...] = GRPO) -> None:
+def connect(recipe: Recipe, roles: tuple[str, ...] = GRPO, on_gpu: bool | None = None) -> None:
     """Start or join Ray; on a joined cluster check its resources and take a free namespace.
     Raises ConfigError / ClusterUnreachable / ShipError with Ray stopped again. ``roles``: the
-    actor groups the job starts (``system.GRPO``, ``EVALUATE``, ``SFT``), whose placement is checked."""
+    actor groups the job starts (``system.GRPO``, ``EVALUATE``, ``SFT``, ``DISTILL``), whose
+    placement is checked. ``on_gpu``: whether the job's actors use GPUs (default: the learner's)."""
     from ...cluster import runtime
 
-    on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
+    if on_gpu is None:
+        on_gpu = (recipe.learner.gpus_per_rank or 0) > 0
     resources = runtime.start(recipe.ray.address, recipe.ray.namespace, recipe.ray.num_cpus, recipe.ray.num_gpus,
                               recipe.ray.dashboard, recipe.ray.object_store_mb, on_gpu, recipe.ray.connect_timeout_s,
                               recipe.ray.ship_code)
