@@ -105,7 +105,7 @@ class ActorGroup(Generic[A]):
         self.name, self.timeout_s, self.cls = name, timeout_s, cls
         self._owners: OrderedDict = OrderedDict()  # recent object refs -> index of the actor that computes them
         self.watchdog: Watchdog | None = None  # set by the System: liveness checks while waiting
-        self.elastic = False  # set by the driver (controllers/grpo/elastic.py): it replaces dead actors instead of stopping
+        self.elastic = False  # set by the driver (controllers/common/elastic.py): it replaces dead actors instead of stopping
         self._remote_cls = ray.remote(concurrency_groups={CONTROL: 3})(cls)
         self._make_args, self._scheduling = make_args, scheduling
         self._opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, lifetime=None,

@@ -30,6 +30,7 @@ class Work:
     started: float = field(default_factory=time.perf_counter)
     deadline: float = math.inf  # perf_counter time, set by InFlight.submit
     value: Any = None  # the results: a list for train and sync (one per ref), else the one result
+    samples: int | None = None  # completions it carries (default: its groups x the group size)
 
     def __post_init__(self):
         self.pending = set(self.refs)
@@ -47,8 +48,9 @@ class InFlight:
     ``ray.deadline_min_s``); the first work of a stage gets ``ray.call_timeout_s``, and scoring
     ``score_budget(samples)`` (the verifier timeouts bound it)."""
 
-    def __init__(self, watchdog: Watchdog, ray_cfg, group_size: int, score_budget: Callable[[int], float]):
-        self.dog, self.rc, self.G, self.score_budget = watchdog, ray_cfg, group_size, score_budget
+    def __init__(self, watchdog: Watchdog, ray_cfg, group_size: int, score_budget: Callable[[int], float],
+                 what: str = "GRPO"):
+        self.dog, self.rc, self.G, self.score_budget, self.what = watchdog, ray_cfg, group_size, score_budget, what
         self.work: list[Work] = []
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
         self.turn = 0  # round-robin among equally loaded actors (pick)
@@ -57,7 +59,7 @@ class InFlight:
         self.on_lost: Callable[[Work, Any, BaseException], bool] | None = None
 
     def samples(self, w: Work) -> int:
-        return len(w.groups) * self.G
+        return w.samples if w.samples is not None else len(w.groups) * self.G
 
     def submit(self, work: Work) -> Work:
         samples = max(1, self.samples(work))
@@ -105,12 +107,12 @@ class InFlight:
                     # the driver may repair the work of a lost actor (dead, or its vLLM engine dead)
                     # or a weight sync a lost generator broke; anything else ends the run
                     if self.on_lost is None or not self.on_lost(work, done[0], e):
-                        raise self.dog.failure(f"GRPO {work.stage}", done[0], e) from e
+                        raise self.dog.failure(f"{self.what} {work.stage}", done[0], e) from e
                 work.pending.discard(done[0])
                 if work in self.work and not work.pending:
                     return self._finished(work)
             self._check_deadlines()
-            self.dog.check("GRPO")
+            self.dog.check(self.what)
 
     def postpone(self, seconds: float) -> None:
         """The driver did something else for ``seconds`` (an evaluation): the work in flight,
@@ -141,10 +143,10 @@ class InFlight:
             return
         bad = self.dog.probe()  # a dead or hung actor is the better explanation
         if bad:
-            raise RemoteCallError(f"GRPO: {self.dog.explain(bad)}")
+            raise RemoteCallError(f"{self.what}: {self.dog.explain(bad)}")
         w = late[0]
         raise RemoteCallError(
-            f"GRPO {w.stage} on {', '.join(w.who)} ({self.samples(w)} samples) has run {now - w.started:.0f} s, "
+            f"{self.what} {w.stage} on {', '.join(w.who)} ({self.samples(w)} samples) has run {now - w.started:.0f} s, "
             f"past its deadline of {w.deadline - w.started:.0f} s; the actors answer pings, so the work is stuck or "
             "slower than before: raise ray.deadline_factor (or ray.call_timeout_s for a first call) if it is slow "
             "but progressing")

@@ -15,14 +15,14 @@ import json
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import ray
 
 from ...actors.generator import Generator, SamplingConfig
 from ...actors.scorer import RewardScorer
-from ...cluster.groups import RemoteCallError
 from ..common import interrupt
+from ..common.elastic import Elastic, Hooks
+from ..common.inflight import InFlight, Work
 from ..common.system import System
 from .tasks import Task
 
@@ -110,6 +110,7 @@ class Evaluator:
     def __init__(self, system: System, tasks: list[Task], eval_cfg, max_model_len: int, call_timeout_s: float):
         self.system, self.tasks, self.cfg = system, tasks, eval_cfg
         self.max_model_len, self.timeout = max_model_len, call_timeout_s
+        self.counts: Counter = Counter()  # calls sent again after a generator or scorer was lost
         self.sampling_record = {"temperature": eval_cfg.sampling.temperature, "top_p": eval_cfg.sampling.top_p,
                                 "max_new_tokens": eval_cfg.sampling.max_new_tokens,
                                 "max_model_len": max_model_len, "greedy": eval_cfg.sampling.temperature == 0,
@@ -137,66 +138,110 @@ class Evaluator:
 
     def run(self, progress=None) -> dict[str, dict]:
         """Every task evaluated; returns {task name: {"report": ..., "problems": [...]}}.
-        ``progress``: a tqdm bar over samples (problems x n), or None."""
+        ``progress``: a tqdm bar over samples (problems x n), or None.
+
+        The calls stream through ``InFlight`` as GRPO's work does (deadlines, liveness), and a
+        generator or scorer lost meanwhile is replaced as in GRPO (``Elastic``): its calls are
+        sent again, nothing is counted twice. Inside a GRPO run the actors' own loss handler is
+        set aside for the evaluation and put back after it."""
         t0 = time.perf_counter()
-        gens, scorers = self.system.generators, self.system.scorers
-        pending = self._calls()
+        system, dog = self.system, self.system.watchdog
+        inflight = InFlight(dog, system.r.ray, 1, self._judge_budget, what="evaluation")
+        elastic = Elastic(system, inflight, system.r, 1, Hooks(self._generate, self._judge, lambda: [],
+                                                             self.counts.update))
+        self.inflight, self.elastic = inflight, elastic
+        self.pending = [EvalCall(k, task, prompts) for k, (task, prompts) in enumerate(self._calls())]
+        per_generator = system.generator_calls if system.streams_weights else 2
         total = sum(len(t.prompts) for t in self.tasks)
-        per_generator = self.system.generator_calls if self.system.streams_weights else 2
-        greedy = self.cfg.sampling.temperature == 0
-        running: dict = {}  # ref -> (stage, task, prompts, rollouts)
-        slots: Counter = Counter()  # generator index -> calls in flight
         results: dict[str, list[dict]] = {t.name: [] for t in self.tasks}
         versions: set[int] = set()
-        last_progress = time.monotonic()
-        next_scorer = 0
-        while pending or running:
-            interrupt.check()
-            for i in gens.ready():
-                while pending and slots[i] < per_generator:
-                    task, prompts = pending.pop(0)
-                    ref = gens.call(i, Generator.generate, prompts, task.num_samples, self._sampling(prompts), greedy)
-                    running[ref] = ("generate", task, prompts, i)
-                    slots[i] += 1
-            done, _ = ray.wait(list(running), num_returns=1, timeout=min(10.0, self.timeout))
-            if not done:
-                if self.system.watchdog is not None:
-                    self.system.watchdog.check("evaluation")
-                if time.monotonic() - last_progress > self.timeout:
-                    raise RemoteCallError(f"evaluation: nothing finished in {self.timeout:.0f} s (ray.call_timeout_s) "
-                                          f"with {len(running)} calls in flight")
-                continue
-            last_progress = time.monotonic()
-            ref = done[0]
-            stage, task, prompts, who = running.pop(ref)
-            if stage == "generate":
-                slots[who] -= 1
-                rollouts = gens.get(ref, "generate (evaluation)")
-                ready = scorers.ready()
-                j = ready[next_scorer % len(ready)]
-                next_scorer += 1
-                running[scorers.call(j, RewardScorer.judge, rollouts, task.judge)] = ("judge", task, prompts, rollouts)
-                continue
-            rollouts = who
-            judged = scorers.get(ref, "judge (evaluation)")
-            n = task.num_samples
-            for k, p in enumerate(prompts):
-                mine, verdicts = rollouts[k * n:(k + 1) * n], judged[k * n:(k + 1) * n]
-                versions.update(v for r in mine for v in r.versions)
-                results[task.name].append(problem_record(task, p, mine, verdicts))
-            if progress is not None:
-                progress.update(len(prompts) * n)
-                progress.set_postfix(problems=f"{sum(map(len, results.values()))}/{total}", refresh=False)
+        saved = dog.on_lost, dog.doing
+        dog.on_lost, inflight.on_lost, dog.doing = elastic.actor_lost, elastic.work_lost, inflight.doing
+        try:
+            while self.pending or elastic.waiting() or any(w.stage != "join" for w in inflight.work):
+                interrupt.check()
+                elastic.heartbeat(system.r.ray.heartbeat_s)
+                elastic.resync(False, system.version)  # a replaced vllm generator inside GRPO needs the weights
+                elastic.flush_requeued()
+                load = inflight.load("generate", len(system.generators))
+                for i in elastic.usable():
+                    while self.pending and load[i] < per_generator:
+                        self._generate([self.pending.pop(0)], actor=i)
+                        load[i] += 1
+                work = inflight.next_done()
+                if work.stage == "join":
+                    elastic.on_join(work)
+                elif work.stage == "sync":
+                    elastic.synced(work)
+                elif work.stage == "generate":
+                    [call] = work.groups
+                    call.rollouts = work.value
+                    elastic.retire_drained()
+                    if system.scorers.ready():
+                        self._judge([call])
+                    else:  # every scorer is being replaced
+                        elastic.rescore.append(call)
+                else:
+                    [call] = work.groups
+                    n = call.task.num_samples
+                    for k, p in enumerate(call.prompts):
+                        mine, verdicts = call.rollouts[k * n:(k + 1) * n], work.value[k * n:(k + 1) * n]
+                        versions.update(v for r in mine for v in r.versions)
+                        results[call.task.name].append(problem_record(call.task, p, mine, verdicts))
+                    if progress is not None:
+                        progress.update(len(call.prompts) * n)
+                        progress.set_postfix(problems=f"{sum(map(len, results.values()))}/{total}", refresh=False)
+        finally:
+            for w in [w for w in inflight.work if w.stage == "join"]:  # still starting: GRPO's loop takes them
+                inflight.remove(w)
+            dog.on_lost, dog.doing = saved
         out = {}
         for task in self.tasks:
             problems = sorted(results[task.name], key=lambda p: p["row"])
             report = task_report(task, problems, ks_for(task.num_samples, self.cfg.k))
             report.update(sampling=self.sampling_record, source=task.source,
-                          policy_versions=sorted(versions) if versions else None)
+                          policy_versions=sorted(versions) if versions else None,
+                          actors={**elastic.counts_summary(), **self.counts})
             out[task.name] = {"report": report, "problems": problems}
         for entry in out.values():
             entry["report"]["time_s"] = time.perf_counter() - t0  # the tasks run interleaved: one clock
         return out
+
+    def _generate(self, calls: list["EvalCall"], actor: int | None = None) -> None:
+        """Each call to a generator (``actor``, or the least loaded usable one)."""
+        gens, greedy = self.system.generators, self.cfg.sampling.temperature == 0
+        for call in calls:
+            i = actor if actor is not None else self.inflight.pick("generate", len(gens), self.elastic.usable())
+            ref = gens.call(i, Generator.generate, call.prompts, call.task.num_samples, self._sampling(call.prompts),
+                            greedy)
+            self.inflight.submit(Work("generate", [ref], [call], actor=i, samples=call.samples))
+
+    def _judge(self, calls: list["EvalCall"]) -> None:
+        """Each generated call's completions to a ready scorer, judged by its task's judge."""
+        scorers = self.system.scorers
+        for call in calls:
+            j = self.inflight.pick("score", len(scorers), scorers.ready())
+            ref = scorers.call(j, RewardScorer.judge, call.rollouts, call.task.judge)
+            self.inflight.submit(Work("score", [ref], [call], actor=j, samples=call.samples))
+
+    def _judge_budget(self, samples: int) -> float:
+        """The longest a scorer can take to judge ``samples``: each may time out."""
+        sc = self.system.r.scorer
+        return sc.timeout_s * math.ceil(samples / sc.workers_per_actor)
+
+
+@dataclass(eq=False)
+class EvalCall:
+    """One generate call of an evaluation: a few problems of one task, then their completions."""
+
+    seq: int  # its place in the evaluation (a call sent again keeps it)
+    task: Task
+    prompts: list[dict]
+    rollouts: list = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return len(self.prompts) * self.task.num_samples
 
 
 def problem_record(task: Task, prompt: dict, rollouts: list, verdicts: list) -> dict:

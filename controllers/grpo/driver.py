@@ -15,10 +15,10 @@ from ...cluster.ray_metrics import RunMetrics
 from ..common import interrupt
 from ..common.checkpoint import Checkpoints, tag_for
 from ..common.data import PreparedData, PromptRenderer
+from ..common.elastic import Elastic, Hooks
 from ..common.inflight import InFlight, Work
 from ..common.system import System
 from ..config import Recipe
-from .elastic import Elastic, Hooks
 from .groups import train_batch
 from .records import Progress, completion_lines, phase_summary, sample_line, step_record
 from .reward_book import RewardBook

@@ -8,10 +8,10 @@ from ...actors.reference import Reference
 from ...actors.rollout import TrainSample
 from ...actors.scorer import RewardScorer
 from ..common.data import EpochSampler, PreparedData, PromptRenderer
+from ..common.elastic import Elastic
 from ..common.inflight import InFlight, Work
 from ..common.system import System
 from ..config import Recipe
-from .elastic import Elastic
 from .groups import DynamicSampling, Group, attach
 from .reward_book import RewardBook
 from .staleness import StalenessManager

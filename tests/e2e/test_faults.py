@@ -313,3 +313,46 @@ def test_bad_data_is_refused_by_check_and_train_before_ray(tmp_path, tiny_world)
     assert proc.returncode == 0 and "'train/prompt_too_long': 1" in proc.stdout
     proc = _cli(["check", "configs/tiny-cpu.yaml", *tiny, *data, "--set", "data.solution_column=gold"])
     assert proc.returncode == 2 and "'data.solution_column': got 'gold'" in proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_generator_lost_during_eval_is_replaced_and_no_problem_is_lost(tmp_path, tiny_world, ray_head):
+    """``r1ray eval`` on two generators of a shared cluster: generator-0 is killed while the
+    evaluation runs; it is replaced as in GRPO, its calls are sent again, and every problem is
+    reported once with all its samples."""
+    out, log = tmp_path / "eval", tmp_path / "eval.log"
+    problems, n = 500, 32  # the tiny world's whole test split: the evaluation outlasts the kill (about a minute)
+    cmd = r1ray_cli.cmd("eval", "configs/tiny-cpu.yaml", "--checkpoint", tiny_world / "model", "--output-dir", out,
+                        "--set", f"model.tiny_dir={tiny_world}", "--set", "ray.dashboard=false",
+                        "--set", "generator.num_actors=2", "--set", "ray.heartbeat_s=1",
+                        "--set", "ray.liveness_timeout_s=5",
+                        "--set", f"eval.tasks=[{{task: heldout, num_samples: {n}, max_problems: {problems}}}]")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=_env({"RAY_ADDRESS": ray_head}))
+        t0 = time.monotonic()
+        while True:  # both generators up (their constructors load the model): the evaluation is dispatching
+            if proc.poll() is not None:
+                raise AssertionError(f"eval ended early ({proc.returncode}): {log.read_text()[-3000:]}")
+            if all(_actor_answers(ray_head, f"generator-{i}") for i in (0, 1)):
+                break
+            assert time.monotonic() - t0 < 180, log.read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(0.5)
+        _kill(ray_head, "generator-0")
+        code, _, _ = _finish(proc, 420)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    assert "generator-0" in text and "replacing it" in text, text[-4000:]
+    report = json.loads((out / "heldout.json").read_text())
+    assert report["problems"] == problems and report["num_samples"] == n
+    assert report["actors"]["generator/lost"] >= 1 and report["actors"]["generator/restarted"] >= 1
+    details = [json.loads(line) for line in (out / "heldout.details.jsonl").read_text().splitlines()]
+    assert [d["row"] for d in details] == list(range(problems))  # each problem once, in order
+    assert all(len(d["completions"]) == n for d in details)
+    assert _no_actors_left(ray_head)
+
+
+def _actor_answers(address, name) -> bool:
+    proc = subprocess.run([sys.executable, str(ON_CLUSTER), address, "ping", name], capture_output=True, text=True,
+                          env=_env(), timeout=60)
+    return proc.returncode == 0 and proc.stdout.strip() == "ok"

@@ -41,9 +41,9 @@ from ...actors.generator import Generator
 from ...actors.scorer import RewardScorer
 from ...cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
 from ...cluster.placement import Bundles
-from ..common.inflight import InFlight, Work
-from ..common.system import System, lost_generators
 from ..config import Recipe
+from .inflight import InFlight, Work
+from .system import System, lost_generators
 
 log = logging.getLogger("r1ray")
 
@@ -166,7 +166,8 @@ class Elastic:
                 group.call(i, RewardScorer.drop, reward, control=True)
             self.ready(group, i)
             return
-        if self.system.streams_weights:  # its engine is up: the next weight sync brings it in
+        if self.system.streams_weights and self.system.learners is not None:
+            # its engine is up: the next weight sync brings it in
             self.awaiting[i] = group.incarnation[i]
             log.info("%s started: it takes work once the next weight sync reaches it", group.name_of(i))
             return
@@ -410,6 +411,10 @@ class Elastic:
         if wanted is not None and wanted != self.target:
             self.resize(wanted)
         self.control.report.remote(self.summary())
+
+    def counts_summary(self) -> dict:
+        """What happened to the groups' actors: lost, restarted, added, removed."""
+        return dict(self.counts)
 
     def summary(self) -> dict:
         gens = self.system.generators
