@@ -1,2 +1,2 @@
 """GRPO (`r1ray train`): the job, the streaming driver and its parts (rollouts, groups,
-records, reward book), the staleness bound, elastic generators and scorers, telemetry."""
+records, reward book), the staleness bound, telemetry."""
