@@ -107,9 +107,9 @@ class Evaluator:
     vLLM request, batched continuously), judges each call's completions on a scorer as soon as
     they arrive, and aggregates per task. Plain driver logic: the actors do the work."""
 
-    def __init__(self, system: System, tasks: list[Task], eval_cfg, max_model_len: int, call_timeout_s: float):
+    def __init__(self, system: System, tasks: list[Task], eval_cfg, max_model_len: int):
         self.system, self.tasks, self.cfg = system, tasks, eval_cfg
-        self.max_model_len, self.timeout = max_model_len, call_timeout_s
+        self.max_model_len = max_model_len
         self.counts: Counter = Counter()  # calls sent again after a generator or scorer was lost
         self.sampling_record = {"temperature": eval_cfg.sampling.temperature, "top_p": eval_cfg.sampling.top_p,
                                 "max_new_tokens": eval_cfg.sampling.max_new_tokens,

@@ -65,7 +65,7 @@ def record_eval(summary: dict, key: str, detail: dict) -> None:
 def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
     """The evaluation every ``eval.every_steps`` steps: reports in ``<run_dir>/eval/step-<N>/``,
     and ``eval/<task>/...`` numbers for the step's record."""
-    evaluator = Evaluator(system, tasks, recipe.eval, recipe.generator.max_model_len, recipe.ray.call_timeout_s)
+    evaluator = Evaluator(system, tasks, recipe.eval, recipe.generator.max_model_len)
 
     def benchmark_step(step: int) -> dict:
         results = evaluator.run()
