@@ -158,12 +158,12 @@ class RewardScorer:
 
     def judge(self, rollouts: list[Rollout], name: str) -> list[tuple[float | None, str | None]]:
         """(score, extracted answer) per rollout from a ``with_answers`` function (the benchmark
-        judges ``math_answer`` / ``choice_answer``), in the verifier workers under the time limit;
-        a timeout or error gives (0.0 or None, None)."""
+        judges ``math_answer`` / ``choice_answer``; any other reward function gives no answer), in
+        the verifier workers under the time limit; a timeout or error gives (0.0 or None, None)."""
         with self.spans.span("judge", samples=len(rollouts)):
             completions, columns = self._inputs(rollouts)
             res = self.pool.score(name, {}, completions, columns, [r.sample_id for r in rollouts])
-            return list(zip(res.scores, res.answers))
+            return list(zip(res.scores, res.answers or [None] * len(res.scores)))
 
     def close(self) -> None:
         self.pool.close()

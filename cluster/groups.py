@@ -224,10 +224,6 @@ class ActorGroup(Generic[A]):
         ready = self.ready()
         return [self.call(i, method, chunk, *args) for i, chunk in zip(ready, split(items, len(ready))) if chunk]
 
-    def map(self, method: Callable[..., Any], items: list, *args) -> list:
-        """``shard`` and wait: the actors' results (lists) concatenated in the order of ``items``."""
-        return [x for part in self.get(self.shard(method, items, *args), method.__name__) for x in part]
-
     def get(self, refs, what: str, timeout_s: float | None = None):
         return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}", self.watchdog)
 

@@ -1,7 +1,7 @@
 """Evaluation: held-out pass@1 during training, and benchmarks the way reasoning papers report them.
 
 ``pass_at_1``: one completion per held-out prompt (greedy by default), judged by one reward
-function; the quick before/after number of ``r1ray train``.
+function; the quick before/after number of ``r1ray train``. It runs on the ``Evaluator`` too.
 
 ``Evaluator``: n samples per problem of each task (``eval_tasks``) streamed through the
 generator group, judged on the scorer actors by math-verify as Open-R1 judges
@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +25,21 @@ from ..common import interrupt
 from ..common.elastic import Elastic, Hooks
 from ..common.inflight import InFlight, Work
 from ..common.system import System
+from ..config import EvalSamplingConfig
 from .tasks import Task
 
 
-def pass_at_1(system: System, prompts: list[dict], sampling, reward: str = "accuracy", greedy: bool = True) -> dict:
+def pass_at_1(system: System, prompts: list[dict], sampling: SamplingConfig, reward: str = "accuracy",
+              greedy: bool = True, dropped_rewards: Callable[[], list[str]] = list) -> dict:
     """Fraction of prompts whose completion (greedy, or one sample with ``sampling``) scores 1
-    (a None score counts as a miss)."""
+    (a None score counts as a miss). Streamed by the ``Evaluator``: a generator or scorer lost
+    meanwhile is replaced and its prompts are sent again."""
     t0 = time.perf_counter()
-    rollouts = system.generators.map(Generator.generate, prompts, 1, sampling, greedy)
-    scores = system.scorers.map(RewardScorer.score_one, rollouts, reward)
+    task = Task("held-out", "math", {}, 1, prompts, judge_name=reward)
+    how = EvalSamplingConfig(0.0 if greedy else sampling.temperature, sampling.top_p, sampling.max_new_tokens)
+    done = Evaluator(system, [task], how, dropped_rewards=dropped_rewards).collect()[task.name]
+    rollouts = [r for _, mine, _ in done for r in mine]
+    scores = [score for _, _, verdicts in done for score, _ in verdicts]
     passed = sum(1 for s in scores if s is not None and s >= 1.0)
     return {"pass@1": passed / max(1, len(prompts)), "n": len(prompts), "passed": passed,
             "completion_len/mean": sum(len(r.completion_ids) for r in rollouts) / max(1, len(rollouts)),
@@ -107,14 +114,18 @@ class Evaluator:
     vLLM request, batched continuously), judges each call's completions on a scorer as soon as
     they arrive, and aggregates per task. Plain driver logic: the actors do the work."""
 
-    def __init__(self, system: System, tasks: list[Task], eval_cfg, max_model_len: int):
-        self.system, self.tasks, self.cfg = system, tasks, eval_cfg
-        self.max_model_len = max_model_len
+    def __init__(self, system: System, tasks: list[Task], sampling: EvalSamplingConfig, ks: list[int] | None = None,
+                 dropped_rewards: Callable[[], list[str]] = list):
+        """``sampling``: temperature 0 is greedy; ``ks``: the k of pass@k / maj@k (None: 1, 2,
+        4, ... up to n); ``dropped_rewards``: the reward functions the run dropped, which a
+        scorer started meanwhile drops too."""
+        self.system, self.tasks, self.sampling, self.ks = system, tasks, sampling, ks
+        self.dropped_rewards = dropped_rewards
+        self.max_model_len = system.r.generator.max_model_len
         self.counts: Counter = Counter()  # calls sent again after a generator or scorer was lost
-        self.sampling_record = {"temperature": eval_cfg.sampling.temperature, "top_p": eval_cfg.sampling.top_p,
-                                "max_new_tokens": eval_cfg.sampling.max_new_tokens,
-                                "max_model_len": max_model_len, "greedy": eval_cfg.sampling.temperature == 0,
-                                "seed": system.r.seed}
+        self.sampling_record = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                "max_new_tokens": sampling.max_new_tokens, "max_model_len": self.max_model_len,
+                                "greedy": sampling.temperature == 0, "seed": system.r.seed}
 
     def _calls(self) -> list[tuple[Task, list[dict]]]:
         """(task, problems) per generate call: one problem per call on vLLM; on transformers as
@@ -131,30 +142,45 @@ class Evaluator:
         return calls
 
     def _sampling(self, prompts: list[dict]) -> SamplingConfig:
-        s = self.cfg.sampling
+        s = self.sampling
         room = self.max_model_len - max(len(p["prompt_ids"]) for p in prompts)
         return SamplingConfig(s.temperature if s.temperature > 0 else 1.0, s.top_p,
                               min(room, s.max_new_tokens) if s.max_new_tokens else room)
 
     def run(self, progress=None) -> dict[str, dict]:
         """Every task evaluated; returns {task name: {"report": ..., "problems": [...]}}.
-        ``progress``: a tqdm bar over samples (problems x n), or None.
+        ``progress``: a tqdm bar over samples (problems x n), or None."""
+        t0 = time.perf_counter()
+        judged = self.collect(progress)
+        out = {}
+        for task in self.tasks:
+            problems = [problem_record(task, p, mine, verdicts) for p, mine, verdicts in judged[task.name]]
+            report = task_report(task, problems, ks_for(task.num_samples, self.ks))
+            report.update(sampling=self.sampling_record, source=task.source,
+                          policy_versions=sorted(self.versions) if self.versions else None, actors=self.actors)
+            out[task.name] = {"report": report, "problems": problems}
+        for entry in out.values():
+            entry["report"]["time_s"] = time.perf_counter() - t0  # the tasks run interleaved: one clock
+        return out
+
+    def collect(self, progress=None) -> dict[str, list[tuple[dict, list, list]]]:
+        """Every task's problems generated and judged: {task name: [(prompt, its rollouts, their
+        (score, answer) verdicts)] in the task's order}.
 
         The calls stream through ``InFlight`` as GRPO's work does (deadlines, liveness), and a
         generator or scorer lost meanwhile is replaced as in GRPO (``Elastic``): its calls are
         sent again, nothing is counted twice. Inside a GRPO run the actors' own loss handler is
         set aside for the evaluation and put back after it."""
-        t0 = time.perf_counter()
         system, dog = self.system, self.system.watchdog
         inflight = InFlight(dog, system.r.ray, 1, self._judge_budget, what="evaluation")
-        elastic = Elastic(system, inflight, system.r, 1, Hooks(self._generate, self._judge, lambda: [],
+        elastic = Elastic(system, inflight, system.r, 1, Hooks(self._generate, self._judge, self.dropped_rewards,
                                                              self.counts.update))
         self.inflight, self.elastic = inflight, elastic
         self.pending = [EvalCall(k, task, prompts) for k, (task, prompts) in enumerate(self._calls())]
         per_generator = system.generator_calls if system.streams_weights else 2
         total = sum(len(t.prompts) for t in self.tasks)
-        results: dict[str, list[dict]] = {t.name: [] for t in self.tasks}
-        versions: set[int] = set()
+        judged: dict[str, list[tuple[int, int, tuple]]] = {t.name: [] for t in self.tasks}
+        self.versions: set[int] = set()
         saved = dog.on_lost, dog.doing
         dog.on_lost, inflight.on_lost, dog.doing = elastic.actor_lost, elastic.work_lost, inflight.doing
         try:
@@ -186,30 +212,21 @@ class Evaluator:
                     n = call.task.num_samples
                     for k, p in enumerate(call.prompts):
                         mine, verdicts = call.rollouts[k * n:(k + 1) * n], work.value[k * n:(k + 1) * n]
-                        versions.update(v for r in mine for v in r.versions)
-                        results[call.task.name].append(problem_record(call.task, p, mine, verdicts))
+                        self.versions.update(v for r in mine for v in r.versions)
+                        judged[call.task.name].append((call.seq, k, (p, mine, verdicts)))
                     if progress is not None:
                         progress.update(len(call.prompts) * n)
-                        progress.set_postfix(problems=f"{sum(map(len, results.values()))}/{total}", refresh=False)
+                        progress.set_postfix(problems=f"{sum(map(len, judged.values()))}/{total}", refresh=False)
         finally:
             for w in [w for w in inflight.work if w.stage == "join"]:  # still starting: GRPO's loop takes them
                 inflight.remove(w)
             dog.on_lost, dog.doing = saved
-        out = {}
-        for task in self.tasks:
-            problems = sorted(results[task.name], key=lambda p: p["row"])
-            report = task_report(task, problems, ks_for(task.num_samples, self.cfg.k))
-            report.update(sampling=self.sampling_record, source=task.source,
-                          policy_versions=sorted(versions) if versions else None,
-                          actors={**elastic.counts_summary(), **self.counts})
-            out[task.name] = {"report": report, "problems": problems}
-        for entry in out.values():
-            entry["report"]["time_s"] = time.perf_counter() - t0  # the tasks run interleaved: one clock
-        return out
+        self.actors = {**elastic.counts_summary(), **self.counts}
+        return {name: [done for _, _, done in sorted(calls, key=lambda c: c[:2])] for name, calls in judged.items()}
 
     def _generate(self, calls: list["EvalCall"], actor: int | None = None) -> None:
         """Each call to a generator (``actor``, or the least loaded usable one)."""
-        gens, greedy = self.system.generators, self.cfg.sampling.temperature == 0
+        gens, greedy = self.system.generators, self.sampling.temperature == 0
         for call in calls:
             i = actor if actor is not None else self.inflight.pick("generate", len(gens), self.elastic.usable())
             ref = gens.call(i, Generator.generate, call.prompts, call.task.num_samples, self._sampling(call.prompts),

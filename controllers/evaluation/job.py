@@ -127,7 +127,7 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
         total = sum(len(t.prompts) * t.num_samples for t in tasks)
         with tqdm(total=total, desc=f"eval ({sum(len(t.prompts) for t in tasks)} problems)", unit="sample",
                   dynamic_ncols=True) as bar:
-            results = Evaluator(system, tasks, recipe.eval, recipe.generator.max_model_len).run(progress=bar)
+            results = Evaluator(system, tasks, recipe.eval.sampling, recipe.eval.k).run(progress=bar)
         combined = write_results(results, out_dir, model_path)
     finally:
         system.shutdown()

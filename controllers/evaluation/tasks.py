@@ -56,10 +56,11 @@ class Task:
     source: dict  # path, subset, split, columns: what the report records
     num_samples: int
     prompts: list[dict] = field(default_factory=list)  # prompt_id, prompt_ids, columns (answer, prompt)
+    judge_name: str | None = None  # a reward function instead of the kind's judge (held-out pass@1)
 
     @property
     def judge(self) -> str:
-        return JUDGES[self.kind]
+        return self.judge_name or JUDGES[self.kind]
 
 
 def resolve(cfg: EvalTaskConfig, recipe: Recipe) -> EvalTaskConfig:

@@ -54,7 +54,7 @@ class GrpoDriver:
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
         self.telemetry = SpanCollector(system)  # every actor's busy intervals: utilisation, the timeline
         self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
-        self.benchmark_step = benchmark_step  # step -> eval/<task>/... metrics, every eval.every_steps steps
+        self.benchmark_step = benchmark_step  # (step, dropped rewards) -> eval/<task>/... metrics, every eval.every_steps steps
 
     @property
     def records(self) -> list[dict]:
@@ -154,7 +154,7 @@ class GrpoDriver:
                 # The generators hold exactly this step's weights now. The loop waits meanwhile, so
                 # the work in flight gets the evaluation's time added to its deadlines.
                 t0 = time.perf_counter()
-                record.update(self.benchmark_step(record["step"]))
+                record.update(self.benchmark_step(record["step"], self.rewards.dropped))
                 record["time/eval_s"] = time.perf_counter() - t0
                 self.inflight.postpone(record["time/eval_s"])
             self.metrics.write(record, prefix="grpo/")

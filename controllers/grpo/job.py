@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +66,10 @@ def record_eval(summary: dict, key: str, detail: dict) -> None:
 def benchmarks(system: System, recipe: Recipe, tasks: list, run_dir: Path):
     """The evaluation every ``eval.every_steps`` steps: reports in ``<run_dir>/eval/step-<N>/``,
     and ``eval/<task>/...`` numbers for the step's record."""
-    evaluator = Evaluator(system, tasks, recipe.eval, recipe.generator.max_model_len)
-
-    def benchmark_step(step: int) -> dict:
-        results = evaluator.run()
+    def benchmark_step(step: int, dropped_rewards: Callable[[], list[str]]) -> dict:
+        log.info("step %d evaluation starts: %s", step,
+                 ", ".join(f"{t.name} {len(t.prompts)} problems x {t.num_samples} samples" for t in tasks))
+        results = Evaluator(system, tasks, recipe.eval.sampling, recipe.eval.k, dropped_rewards).run()
         write_results(results, run_dir / "eval" / f"step-{step}", f"{run_dir} at GRPO step {step}")
         found = metrics_of(results)
         log.info("step %d evaluation: %s", step, ", ".join(f"{k.split('/')[1]} pass@1 {v:.3f}"
@@ -236,7 +237,7 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
         driver.telemetry.write_timeline(run_dir / "timeline.json")
         if inputs.eval_prompts:
             record_eval(summary, "eval_after", pass_at_1(system, inputs.eval_prompts, inputs.eval_sampling,
-                                                         recipe.eval.reward))
+                                                         recipe.eval.reward, dropped_rewards=driver.rewards.dropped))
         summary["stage"] = "checkpoint"
         ckpt = run_dir / "checkpoint-final"
         system.learners.run_all(LearnerRank.save_hf, str(ckpt))

@@ -352,6 +352,50 @@ def test_a_generator_lost_during_eval_is_replaced_and_no_problem_is_lost(tmp_pat
     assert _no_actors_left(ray_head)
 
 
+@pytest.mark.timeout(600)
+def test_a_generator_lost_during_a_steps_evaluation_is_replaced_with_the_steps_weights(tmp_path, tiny_world,
+                                                                                       ray_head):
+    """``r1ray train`` evaluating every step on two generators: generator-0 is killed during
+    step 1's evaluation. The run goes on: the replacement joins with step 1's weights, the lost
+    calls are sent again, every problem is reported once, and the held-out pass@1 after GRPO
+    (also streamed by the evaluator) is measured on the group."""
+    problems, n = 500, 32  # the evaluation outlasts the kill (about a minute)
+    log = tmp_path / "train.log"
+    out = tmp_path / "run"
+    cmd = r1ray_cli.cmd("train", "configs/tiny-cpu.yaml", "--output-dir", out, "--set", f"model.tiny_dir={tiny_world}",
+                        "--set", "grpo.steps=1", *BASE, "--set", "eval.num_prompts=100",
+                        "--set", "generator.num_actors=2", "--set", "generator.cpus_per_actor=0.25",
+                        "--set", "eval.every_steps=1", "--set", "eval.sampling.max_new_tokens=16",
+                        "--set", f"eval.tasks=[{{task: heldout, num_samples: {n}, max_problems: {problems}}}]")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=_env({"RAY_ADDRESS": ray_head}))
+        t0 = time.monotonic()
+        while "step 1 evaluation starts" not in log.read_text():
+            if proc.poll() is not None:
+                raise AssertionError(f"train ended early ({proc.returncode}): {log.read_text()[-3000:]}")
+            assert time.monotonic() - t0 < 300, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)
+        _kill(ray_head, "generator-0")
+        code, _, _ = _finish(proc, 480)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    assert "generator-0" in text and "replacing it" in text, text[-4000:]
+    assert "generator-0 joined at policy version 1" in text, text[-4000:]
+    report = json.loads((out / "eval" / "step-1" / "heldout.json").read_text())
+    assert report["problems"] == problems and report["num_samples"] == n
+    assert report["actors"]["generator/lost"] >= 1 and report["actors"]["generator/restarted"] >= 1
+    assert report["policy_versions"] == [1]  # every sample, the replacement's too, of step 1's weights
+    details = [json.loads(line) for line in (out / "eval" / "step-1" / "heldout.details.jsonl").read_text().splitlines()]
+    assert [d["row"] for d in details] == list(range(problems))  # each problem once, in order
+    assert all(len(d["completions"]) == n for d in details)
+    summary = _summary(out)
+    assert summary["status"] == "completed" and summary["eval_after_detail"]["n"] == 100
+    [record] = _jsonl_whole(out / "metrics.jsonl")
+    assert record["step"] == 1 and 0 <= record["eval/heldout/pass@1"] <= 1
+    assert _no_actors_left(ray_head)
+
+
 def _actor_answers(address, name) -> bool:
     proc = subprocess.run([sys.executable, str(ON_CLUSTER), address, "ping", name], capture_output=True, text=True,
                           env=_env(), timeout=60)
