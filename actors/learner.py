@@ -524,3 +524,10 @@ class LearnerRank:
 
     def ping(self) -> str:
         return "ok"
+
+    def sees(self, path: str) -> str | None:
+        """None when this rank's machine sees the file ``path`` (one the driver wrote in the run
+        directory, where this rank writes its checkpoint shards); else the machine's name."""
+        import socket
+
+        return None if os.path.isfile(path) else socket.gethostname()

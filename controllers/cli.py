@@ -109,10 +109,13 @@ def resumed_recipe(args):
     import yaml
 
     from .common.checkpoint import check_resumable
-    from .config import load_recipe
+    from .config import load_recipe, recipe_dict
     from .config.schema import ConfigError
+    from .config.storage import resolve_run_path
 
-    run_dir = Path(args.resume).expanduser()
+    storage = recipe_dict(args.recipe, args.overrides).get("storage")
+    run_dir = Path(resolve_run_path(args.resume, storage.get("path") if isinstance(storage, dict) else None,
+                                    key="--resume"))
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; accepted: a run directory written by "

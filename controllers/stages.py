@@ -24,6 +24,7 @@ from pathlib import Path
 from .common.runlog import read_json, write_json_atomic
 from .config import STAGE_TYPES, Recipe, recipe_dict
 from .config.schema import ConfigError, set_key
+from .config.storage import check_storage_path, resolve_run_path
 
 log = logging.getLogger("r1ray")
 
@@ -60,7 +61,10 @@ def plan(path: str, overrides: list[str] = (), output_dir: str | None = None, cp
     if not stages or not isinstance(stages, list):
         raise ConfigError(f"config key 'stages': recipe {path} has none; accepted: a list of stages, e.g. "
                           "[{type: sft}, {type: grpo}, {type: eval}] (r1ray train runs a recipe without stages)")
-    out = Path(base.get("output_dir", "runs/default")).expanduser()
+    storage = base.get("storage")
+    storage = storage.get("path") if isinstance(storage, dict) else None
+    check_storage_path(storage)
+    out = Path(resolve_run_path(str(base.get("output_dir", "runs/default")), storage))
     planned: list[Stage] = []
     names: set[str] = set()
     previous: Stage | None = None

@@ -193,6 +193,22 @@ def open_run(recipe: Recipe, roles: tuple[str, ...], resume: Path | None = None)
     return run_dir
 
 
+def check_shared(system: System, run_dir: Path) -> None:
+    """Every learner rank sees the run directory (its config.yaml), where it writes its
+    checkpoint shards and from where a resume reads them: a folder local to the driver's node
+    would split a checkpoint over the nodes' disks, and ``--resume`` would find it incomplete."""
+    if system.learners is None:
+        return
+    marker = run_dir / "config.yaml"
+    blind = [(i, host) for i, host in enumerate(system.learners.run_all(LearnerRank.sees, str(marker))) if host]
+    if blind:
+        who = ", ".join(f"learner-rank-{i} on {host}" for i, host in blind)
+        raise ConfigError(f"config key 'storage.path': the run directory {str(run_dir)!r} is not shared with {who} "
+                          f"(it does not see {marker.name}, which the driver wrote there): the checkpoint shards would "
+                          "be split over the nodes' disks; accepted: storage.path (or an absolute --output-dir) on a "
+                          "volume every node mounts at the same path (KubeRay: the shared volume of cluster/kuberay/)")
+
+
 @contextmanager
 def actors_running(system: System, run_dir: Path, summary: dict, previous: dict | None = None,
                    wrap_up: Callable[[], bool] | None = None):
@@ -205,6 +221,7 @@ def actors_running(system: System, run_dir: Path, summary: dict, previous: dict 
     try:
         system.start()
         summary["startup_s"] = system.startup_s
+        check_shared(system, run_dir)
         yield
     except BaseException as e:
         ended(summary, e, run_dir)

@@ -22,6 +22,7 @@ from .recipe import (
     ReferenceConfig,
     SftConfig,
     StageConfig,
+    StorageConfig,
 )
 from .schema import ConfigError
 from .validate import check_resources, validate, validate_distill, validate_eval, validate_loss
@@ -29,5 +30,5 @@ from .validate import check_resources, validate, validate_distill, validate_eval
 __all__ = ["EVAL_TASKS", "OPENR1_SYSTEM_PROMPT", "PACKAGE_DIR", "STAGE_TYPES", "TINY", "CheckpointConfig", "ConfigError",
            "DataConfig", "DistillConfig", "EvalConfig", "EvalSamplingConfig", "EvalTaskConfig", "GeneratorGroupConfig",
            "GrpoConfig", "LearnerGroupConfig", "ModelConfig", "RayConfig", "Recipe", "ReferenceConfig", "SftConfig",
-           "StageConfig", "check_resources", "dump", "joins_cluster", "load_recipe", "recipe_dict",
+           "StageConfig", "StorageConfig", "check_resources", "dump", "joins_cluster", "load_recipe", "recipe_dict",
            "resolve_recipe_path", "validate", "validate_distill", "validate_eval", "validate_loss"]

@@ -8,6 +8,7 @@ import yaml
 
 from .recipe import PACKAGE_DIR, Recipe
 from .schema import ConfigError, apply_override, build
+from .storage import check_storage_path, resolve_run_path
 from .validate import validate
 
 
@@ -52,6 +53,8 @@ def load_recipe(path: str | None, overrides: list[str] = (), output_dir: str | N
     else against this machine unless the recipe joins an existing cluster, for what ``stage``
     starts (see ``validate``)."""
     recipe = build(Recipe, recipe_dict(path, overrides, output_dir))
+    check_storage_path(recipe.storage.path)
+    recipe.output_dir = resolve_run_path(recipe.output_dir, recipe.storage.path)
     validate(recipe, cpus, gpus, resources=cpus is not None or gpus is not None or not joins_cluster(recipe),
              stage=stage)
     return recipe

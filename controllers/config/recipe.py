@@ -252,9 +252,21 @@ class StageConfig:
 
 
 @dataclass
+class StorageConfig:
+    # Where run directories live: a relative output_dir (--output-dir, --resume, eval reports)
+    # goes under it. A local folder, or a volume every node mounts at the same path (learner
+    # ranks on other nodes write their checkpoint shards there; a node that does not see it is
+    # refused). null: the current directory from a shell, ~/r1ray_runs inside a Ray job (whose
+    # current directory is Ray's temporary copy of --working-dir). A run directory Ray would
+    # delete (/tmp/ray, a runtime-env folder) is refused. See controllers/config/storage.py.
+    path: str | None = None
+
+
+@dataclass
 class Recipe:
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # the run directory; relative: under storage.path
+    storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)

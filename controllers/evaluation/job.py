@@ -19,6 +19,7 @@ from ..common.data import _looks_local
 from ..common.system import EVALUATE, System
 from ..config import TINY, EvalTaskConfig, Recipe
 from ..config.schema import ConfigError, build
+from ..config.storage import resolve_run_path, storage_root
 from .evaluator import Evaluator, write_results
 from .tasks import load_tasks
 
@@ -26,9 +27,12 @@ log = logging.getLogger("r1ray")
 RUN_CHECKPOINTS = ("checkpoint-final", "checkpoint-interrupted", "checkpoint-sft")
 
 
-def resolve_checkpoint(spec: str) -> tuple[str, Path | None]:
-    """(what transformers / vLLM load, the run directory when ``spec`` is one)."""
+def resolve_checkpoint(spec: str, storage: str | None = None) -> tuple[str, Path | None]:
+    """(what transformers / vLLM load, the run directory when ``spec`` is one). A relative path
+    that is not a folder here is looked for under ``storage.path`` (see config/storage.py)."""
     p = Path(spec).expanduser()
+    if not p.is_absolute() and not p.is_dir() and (storage_root(storage) / p).is_dir():
+        p = storage_root(storage) / p
     if p.is_dir():
         if (p / "config.json").is_file():
             return str(p), None
@@ -75,11 +79,12 @@ def select_tasks(recipe: Recipe, names: list[str], limit: int | None) -> None:
     validate_eval(recipe.eval, recipe.generator.max_model_len, recipe.data.test_split)
 
 
-def output_dir(spec: str | None, checkpoint: str, run_dir: Path | None) -> Path:
-    """``--output-dir``, else ``<run_dir>/eval/<checkpoint>`` or ``runs/eval/<model name>``; an existing
-    non-empty folder is never overwritten (suffix -1, -2, ...)."""
+def output_dir(spec: str | None, checkpoint: str, run_dir: Path | None, storage: str | None) -> Path:
+    """``--output-dir``, else ``<run_dir>/eval/<checkpoint>`` or ``runs/eval/<model name>`` (relative
+    ones under ``storage.path``); an existing non-empty folder is never overwritten (suffix -1, -2, ...)."""
     name = Path(checkpoint.rstrip("/")).name
-    base = Path(spec).expanduser() if spec else (run_dir / "eval" / name if run_dir else Path("runs/eval") / name)
+    spec = spec or (str(run_dir / "eval" / name) if run_dir else f"runs/eval/{name}")
+    base = Path(resolve_run_path(spec, storage, key="--output-dir"))
     candidate, i = base, 0
     while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
         i += 1
@@ -108,7 +113,7 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     model_path, tiny_dir = prepare_model(recipe)
     run_dir = None
     if checkpoint is not None:
-        model_path, run_dir = resolve_checkpoint(checkpoint)
+        model_path, run_dir = resolve_checkpoint(checkpoint, recipe.storage.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     trained_on = run_recipe(run_dir) if run_dir is not None else None
     if trained_on is not None and TINY in (trained_on.model.path, trained_on.data.path):
@@ -117,7 +122,7 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     if trained_on is not None:
         recipe.data = trained_on.data
     tasks = load_tasks(recipe, tokenizer, tiny_dir, check_overlap=trained_on is not None)
-    out_dir = output_dir(out, model_path, run_dir)
+    out_dir = output_dir(out, model_path, run_dir, recipe.storage.path)
     log.info("evaluating %s on %s -> %s", model_path, ", ".join(t.name for t in tasks), out_dir)
     connect(recipe, EVALUATE)
     interrupt.install()
