@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from . import storage
 from .rollout import Rollout
 from .spans import SpanLog
 
@@ -70,6 +71,7 @@ class Generator:
         self.version = 0
         self.calls = 0
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        storage.pull(model_path)  # a checkpoint on object storage: downloaded to this node first
         if cfg.backend == "vllm":
             self._engine = _VllmEngine(model_path, cfg, seed)
         elif cfg.backend == "hf":

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from . import storage
 from .batching import attention_kwargs, pad_batch, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .packing import SftExample, one_row, sft_batch, uses_flash_attention
@@ -169,6 +170,7 @@ class LearnerRank:
         self.engine = None
         self.spans = SpanLog()
         self.batch_size = None
+        self.uploads: list[storage.Upload] = []  # checkpoint files going to object storage meanwhile
 
     def __repr__(self) -> str:
         return f"LearnerRank({self.rank}/{self.world_size})"
@@ -188,6 +190,7 @@ class LearnerRank:
         torch.manual_seed(self.seed)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                    timeout=datetime.timedelta(seconds=timeout_s))
+        storage.pull(self.model_path)  # a checkpoint on object storage (a previous stage's, a resumed run's)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32,
@@ -465,7 +468,16 @@ class LearnerRank:
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
             torch.save(rng, os.path.join(path, tag, f"rng_rank{self.rank}.pt"))
-            return {"path": os.path.join(path, tag), "files": self._own_files(os.path.join(path, tag))}
+            files = self._own_files(os.path.join(path, tag))
+            if storage.uri_of(path):  # on object storage: this rank's files uploaded while it trains on
+                self.uploads.append(storage.Upload(os.path.join(path, tag), list(files)))
+            return {"path": os.path.join(path, tag), "files": files}
+
+    def wait_uploads(self) -> int:
+        """Wait for this rank's checkpoint uploads (``save_checkpoint`` on object storage); the
+        bytes sent. Raises the first that failed."""
+        uploads, self.uploads = self.uploads, []
+        return sum(u.wait() for u in uploads)
 
     def _own_files(self, folder: str) -> dict:
         """Size and sha256 of the files of ``folder`` that this rank wrote: DeepSpeed's and ours
@@ -487,6 +499,7 @@ class LearnerRank:
 
         import numpy as np
 
+        storage.pull(os.path.join(path, tag))  # on object storage: what another node wrote
         rng_file = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
         if not os.path.exists(rng_file):
             raise FileNotFoundError(f"learner rank {self.rank}: no checkpoint {tag!r} under {path} (no {rng_file})")
@@ -511,12 +524,14 @@ class LearnerRank:
             merged = copy.deepcopy(self.engine.module).merge_and_unload()
             merged.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
+            storage.push(path)
             return path
         state = self._full_state_dict()
         if state is None:
             return None
         self.engine.module.save_pretrained(path, state_dict=state)
         self.tokenizer.save_pretrained(path)
+        storage.push(path)  # on object storage: uploaded before the call returns
         return path
 
     def drain_spans(self) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import storage
 from .batching import attention_kwargs, pad_batch, token_logprobs
 from .rollout import TrainSample
 from .spans import SpanLog
@@ -16,6 +17,7 @@ class Reference:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cpu":
             torch.set_num_threads(threads)
+        storage.pull(model_path)  # a checkpoint on object storage: downloaded to this node first
         tok = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),

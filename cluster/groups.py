@@ -224,6 +224,11 @@ class ActorGroup(Generic[A]):
         ready = self.ready()
         return [self.call(i, method, chunk, *args) for i, chunk in zip(ready, split(items, len(ready))) if chunk]
 
+    def done(self, refs: list) -> bool:
+        """Whether every one of ``refs`` has finished, without waiting."""
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        return len(ready) == len(refs)
+
     def get(self, refs, what: str, timeout_s: float | None = None):
         return get(refs, timeout_s or self.timeout_s, f"{self.name} group: {what}", self.watchdog)
 

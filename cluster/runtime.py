@@ -16,7 +16,8 @@ def actor_env(on_gpu: bool) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU: gloo collectives, torch AdamW
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH", "R1RAY_HOME"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH", "R1RAY_HOME",
+                "R1RAY_STAGING", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

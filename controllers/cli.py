@@ -406,10 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not any(x > 0 for x in (recipe.learner.gpus_per_rank,)):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pathlib import Path
+
+    from ..actors import storage as store
     from ..actors.scorer import BrokenRewardError
     from ..cluster.groups import RemoteCallError
     from ..cluster.runtime import ClusterUnreachable
     from ..cluster.ship import ShipError
+    from .common.job import where
     from .grpo.job import grpo_job
     from .grpo.staleness import StalenessError
 
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sft.job import sft_job
 
             summary = sft_job(recipe, resume)
-            print(f"run directory: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}")
+            print(f"run directory: {where(Path(summary['run_dir']))}\ncheckpoint: {summary['checkpoint']}")
             for key in ("final_loss", "final_eval_loss", "tokens_per_s", "padding_waste", "wall_s"):
                 if key in summary:
                     print(f"{key}: {summary[key]:.4f}")
@@ -435,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = getattr(e, "run_dir", None)
         if run_dir:  # before the error, which stays the last line
             print(f"r1ray: the run directory keeps what was done; continue it from its last checkpoint with: "
-                  f"r1ray {args.command} --resume {run_dir}", file=sys.stderr)
+                  f"r1ray {args.command} --resume {store.uri_of(run_dir) or run_dir}", file=sys.stderr)
         print(f"r1ray: run failed: {e}", file=sys.stderr)
         return 1
-    print(f"run directory: {summary['run_dir']}")
+    print(f"run directory: {where(Path(summary['run_dir']))}")
     for key in ("eval_before", "eval_after", "wall_s"):
         if key in summary:
             print(f"{key}: {summary[key]:.3f}")

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..actors import storage as store
 from .common.runlog import read_json, write_json_atomic
 from .config import STAGE_TYPES, Recipe, recipe_dict
 from .config.schema import ConfigError, set_key
@@ -124,6 +125,13 @@ def _validated(data: dict, kind: str, cpus: float | None, gpus: float | None) ->
 
 
 def run(stages: list[Stage], output_dir: Path) -> dict:
+    try:
+        return _run(stages, output_dir)
+    finally:
+        store.push(output_dir / "stages.json")  # on object storage: the record uploaded (each stage uploads its own)
+
+
+def _run(stages: list[Stage], output_dir: Path) -> dict:
     """Run the stages in order, skipping complete ones; returns the stages' record."""
     record_path = output_dir / "stages.json"
     record = read_json(record_path) or {"stages": {}}

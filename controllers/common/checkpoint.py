@@ -25,7 +25,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ...actors.learner import file_record
+from ...actors import storage as store
+from ...actors.learner import LearnerRank, file_record
 from ..config.schema import ConfigError
 from .runlog import write_json_atomic
 
@@ -44,6 +45,7 @@ class Checkpoints:
 
     def __init__(self, run_dir: Path, every_steps: int, keep_last: int):
         self.dir, self.every, self.keep = Path(run_dir) / "checkpoints", every_steps, keep_last
+        self.uploading: list[tuple[list, dict, list]] = []  # (the ranks' wait_uploads refs, state, saved)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -52,19 +54,58 @@ class Checkpoints:
         """Before the learners write step ``step``: a driver.json left there by an earlier run
         (a resumed run saves the same step again) must not mark the new files complete."""
         (self.dir / tag_for(step) / STATE).unlink(missing_ok=True)
+        store.remove(self.dir / tag_for(step) / STATE)
 
-    def commit(self, state: dict, saved: list[dict] = ()) -> Path:
+    def save(self, step: int, learners) -> list:
+        """Checkpoints whose uploads are done committed (``flush``), then step ``step`` asked of the
+        learner ranks (``learners``, their group); the refs of their ``save_checkpoint``."""
+        self.flush(learners)
+        self.begin(step)
+        return learners.call_all(LearnerRank.save_checkpoint, str(self.dir), tag_for(step))
+
+    def commit(self, state: dict, saved: list[dict] = (), learners=None) -> None:
+        """``commit_now``, or on object storage (``learners`` given: their group) once every rank's
+        background upload of its files is done: the training goes on meanwhile, and the driver
+        state (what makes the checkpoint complete) reaches the storage after every shard."""
+        if learners is not None and store.uri_of(self.dir):
+            self.uploading.append((learners.call_all(LearnerRank.wait_uploads), state, list(saved)))
+            self.flush(learners)
+        else:
+            self.commit_now(state, saved)
+
+    def flush(self, learners, wait: bool = False) -> None:
+        """Commit the checkpoints whose uploads are done (``wait``: all of them, waiting; the end of a run)."""
+        while self.uploading and (wait or learners.done(self.uploading[0][0])):
+            refs, state, saved = self.uploading.pop(0)
+            learners.get(refs, "wait_uploads (checkpoint files to the storage)", timeout_s=3600 if wait else None)
+            self.commit_now(state, saved)
+
+    def settle(self, learners) -> None:
+        """However a run ends: the uploads in progress waited for and their checkpoints committed;
+        a failure (a rank gone) is logged, and the older checkpoints stay what a resume uses."""
+        if not self.uploading or learners is None:
+            return
+        try:
+            self.flush(learners, wait=True)
+        except Exception as e:  # noqa: BLE001 - the run is ending; say which checkpoint is not complete
+            log.error("checkpoint uploads did not finish (%s); the checkpoints after the last complete one stay "
+                      "incomplete on the storage", e)
+
+    def commit_now(self, state: dict, saved: list[dict] = ()) -> Path:
         """Write the driver's state into the step's directory (which the learners filled), with
         the size and sha256 of every file in it (``saved``: the learners' ``save_checkpoint``
         results, whose files they hashed; the driver hashes the rest), then delete all but the
         newest ``keep_last`` complete checkpoints (and incomplete older ones)."""
         path = self.dir / tag_for(state["step"])
         hashed = {name: record for part in saved for name, record in part["files"].items()}
+        path.mkdir(parents=True, exist_ok=True)  # on object storage the ranks may all have written elsewhere
         write_json_atomic(path / STATE, {**state, "files": manifest(path, hashed)})
+        store.push(path / STATE)  # on object storage: last, after the ranks uploaded their files
         complete = [p for p in self.steps() if (p / STATE).exists()]
         for old in self.steps():
             if old not in complete[-self.keep:] and _step(old) < state["step"]:
                 shutil.rmtree(old, ignore_errors=True)
+                store.remove(old)
         log.info("checkpoint: %s (step %d%s)", path, state["step"],
                  f", policy version {state['policy_version']}" if state.get("policy_version") else "")
         return path
@@ -86,6 +127,7 @@ class Checkpoints:
                 log.warning("checkpoint %s is incomplete (no %s: the run stopped while saving it): skipped", path, STATE)
                 continue
             try:
+                store.pull(path)  # on object storage: the whole checkpoint, to verify it here
                 state = json.loads((path / STATE).read_text())
             except (OSError, ValueError) as e:
                 problem = f"{STATE} cannot be read ({type(e).__name__}: {e})"

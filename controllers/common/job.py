@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from ...actors import storage as store
 from ...actors.learner import LearnerRank
 from ..config import TINY, ConfigError, Recipe, check_resources, dump, joins_cluster
 from . import interrupt
@@ -30,6 +31,13 @@ from .runlog import write_json_atomic
 from .system import GRPO, System
 
 log = logging.getLogger("r1ray")
+_mirrors: dict[Path, store.Mirror] = {}  # staged run directories being uploaded (open_run -> close_run)
+
+
+def where(run_dir: Path) -> str:
+    """The run directory as a user finds it: its URI when it lives on object storage."""
+    uri = store.uri_of(run_dir)
+    return f"{uri} (staged in {run_dir})" if uri else str(run_dir)
 
 
 def prepare_model(recipe: Recipe) -> tuple[str, Path | None]:
@@ -70,7 +78,7 @@ def run_dir_for(recipe: Recipe) -> Path:
     base = Path(recipe.output_dir).expanduser()
     check_output_dir(recipe)
     candidate, i = base, 0
-    while candidate.exists() and any(candidate.iterdir()):
+    while (candidate.exists() and any(candidate.iterdir())) or store.occupied(candidate):
         i += 1
         candidate = base.with_name(f"{base.name}-{i}")
     try:
@@ -142,12 +150,20 @@ def close_run(system: System, run_dir: Path, summary: dict) -> None:
     and Ray stopped."""
     from ...cluster import runtime
 
+    if store.uri_of(run_dir):
+        summary["run_uri"] = store.uri_of(run_dir)
     try:
         write_json_atomic(run_dir / "summary.json", summary)
     except OSError as e:
         log.error("could not write %s: %s", run_dir / "summary.json", e)
     system.shutdown()
     runtime.stop()
+    mirror = _mirrors.pop(Path(run_dir), None)
+    if mirror is not None:
+        try:
+            mirror.close()
+        except OSError as e:
+            log.error("could not upload %s to %s: %s (the staging copy keeps everything)", run_dir, mirror.uri, e)
 
 
 def save_interrupted(system: System, run_dir: Path, summary: dict) -> None:
@@ -190,6 +206,9 @@ def open_run(recipe: Recipe, roles: tuple[str, ...], resume: Path | None = None)
         runtime.stop()
         raise
     dump(recipe, run_dir / "config.yaml")
+    if store.uri_of(run_dir):
+        _mirrors[Path(run_dir)] = store.Mirror(run_dir, recipe.storage.sync_every_s)
+        _mirrors[Path(run_dir)].sync()
     return run_dir
 
 
@@ -197,7 +216,7 @@ def check_shared(system: System, run_dir: Path) -> None:
     """Every learner rank sees the run directory (its config.yaml), where it writes its
     checkpoint shards and from where a resume reads them: a folder local to the driver's node
     would split a checkpoint over the nodes' disks, and ``--resume`` would find it incomplete."""
-    if system.learners is None:
+    if system.learners is None or store.uri_of(run_dir):  # on object storage each rank uploads its own files
         return
     marker = run_dir / "config.yaml"
     blind = [(i, host) for i, host in enumerate(system.learners.run_all(LearnerRank.sees, str(marker))) if host]

@@ -256,10 +256,14 @@ class StorageConfig:
     # Where run directories live: a relative output_dir (--output-dir, --resume, eval reports)
     # goes under it. A local folder, or a volume every node mounts at the same path (learner
     # ranks on other nodes write their checkpoint shards there; a node that does not see it is
-    # refused). null: the current directory from a shell, ~/r1ray_runs inside a Ray job (whose
+    # refused), or an object-storage URI (s3://, gs://, abfs://, hdfs://, file://). null: the current directory from a shell, ~/r1ray_runs inside a Ray job (whose
     # current directory is Ray's temporary copy of --working-dir). A run directory Ray would
     # delete (/tmp/ray, a runtime-env folder) is refused. See controllers/config/storage.py.
+    # On object storage, every process works in a staging copy at the same path on every node
+    # ($R1RAY_STAGING, default ~/.cache/r1ray/staging); the driver uploads its files every
+    # sync_every_s seconds and at the end, learner ranks their checkpoint files as they save them.
     path: str | None = None
+    sync_every_s: float = 30.0
 
 
 @dataclass

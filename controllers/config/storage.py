@@ -9,6 +9,12 @@ stages of ``r1ray run``) is resolved against the storage root:
 - else, inside a Ray job (``ray job submit``), ``~/r1ray_runs``: the job's current directory is
   Ray's temporary copy of ``--working-dir``, deleted with Ray's session.
 
+``storage.path`` (or an output directory) may also be an object-storage URI (``s3://``,
+``gs://``, ``abfs://``, ``hdfs://``, ``file://``): the run then works in a local staging copy
+at the same path on every node and is uploaded (``actors/storage.py``); the path returned here
+is that staging copy, with the run's small files (logs, summaries, configs, driver states)
+already downloaded when the run exists. A storage that cannot be written is refused up front.
+
 A run directory inside a runtime-env folder or Ray's temporary folder (``/tmp/ray``,
 ``RAY_TMPDIR``) is refused before anything starts, naming the path and the fix.
 """
@@ -19,10 +25,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from ...actors import storage as store
 from .schema import ConfigError
 
 JOB_STORAGE = "~/r1ray_runs"  # the storage root of a run started from a Ray job without storage.path
-URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://", "file://")
 
 
 def ray_job_id() -> str | None:
@@ -67,16 +73,29 @@ def deleted_by_ray(path: Path) -> str | None:
     return None
 
 
+def check_reachable(uri: str, key: str) -> None:
+    """A URI that cannot be written (unknown scheme, no credentials, server down) is refused."""
+    if "?" in uri:
+        raise ConfigError(f"config key '{key}': got {uri!r}; accepted: a URI without settings after '?' (the "
+                          "learner ranks on other nodes upload through the bare URI): give them as each node's "
+                          "environment, e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID")
+    try:
+        store.check_reachable(uri)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"config key '{key}': cannot write to {uri!r} ({type(e).__name__}: {str(e)[:300]}); "
+                          "accepted: a folder, or an object-storage URI (s3://, gs://, abfs://, hdfs://, file://) "
+                          "this machine can write: check the bucket, the endpoint and the credentials") from None
+
+
 def check_storage_path(path: str | None) -> None:
-    """``storage.path``: a folder Ray does not delete (object-storage URIs are not read yet)."""
+    """``storage.path``: a folder Ray does not delete, or a URI that can be written."""
     if path is None:
         return
     if not isinstance(path, str) or not path.strip():
-        raise ConfigError(f"config key 'storage.path': got {path!r}; accepted: a folder path, or null")
-    if path.startswith(URI_SCHEMES) or "://" in path:
-        raise ConfigError(f"config key 'storage.path': got {path!r}; accepted: a local folder or a volume every "
-                          "node mounts at the same path (object-storage URIs such as s3:// are not supported yet: "
-                          "mount the bucket, e.g. with mountpoint-s3 or gcsfuse, and give its mount point)")
+        raise ConfigError(f"config key 'storage.path': got {path!r}; accepted: a folder path or a URI, or null")
+    if store.is_uri(path):
+        check_reachable(path, "storage.path")
+        return
     root = storage_root(path)
     why = deleted_by_ray(root)
     if why:
@@ -84,13 +103,29 @@ def check_storage_path(path: str | None) -> None:
                           f"{JOB_STORAGE} or a shared volume")
 
 
-def resolve_run_path(path: str, storage: str | None, key: str = "output_dir") -> str:
-    """``path`` (``~`` expanded) as an absolute path: a relative one under the storage root.
-    Refused when Ray would delete it."""
+def resolve_run_path(path: str, storage: str | None, key: str = "output_dir", write: bool = True) -> str:
+    """``path`` (``~`` expanded) as an absolute path: a relative one under the storage root; a
+    URI (or a relative path under a URI storage) as its staging copy, the run's small files
+    downloaded. Refused when Ray would delete it."""
     p = Path(path).expanduser()
-    if "://" in str(path):
-        raise ConfigError(f"config key '{key}': got {path!r}; accepted: a folder path (relative ones go under "
-                          "storage.path)")
+    uri = path if store.is_uri(path) else (f"{storage.rstrip('/')}/{p.as_posix()}"
+                                           if storage and store.is_uri(storage) and not p.is_absolute() else None)
+    if uri is not None:
+        if store.is_uri(path) and write:
+            check_reachable(uri.rsplit("/", 1)[0], key)
+        elif "?" in uri:
+            check_reachable(uri, key)  # refused
+        staged = store.local_path(uri)
+        why = deleted_by_ray(staged)
+        if why:
+            raise ConfigError(f"config key '{key}': its staging copy {str(staged)!r} {why}; accepted: "
+                              f"{store.STAGING_ENV} set to a persistent folder")
+        try:
+            store.pull(staged, small_only=True)
+        except OSError as e:
+            raise ConfigError(f"config key '{key}': cannot read {uri!r} ({e}); accepted: a URI this machine can "
+                              "read") from None
+        return str(staged)
     if not p.is_absolute():
         p = storage_root(storage) / p
     p = Path(os.path.abspath(p))

@@ -40,6 +40,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        ("checkpoint.every_steps", r.checkpoint.every_steps)]:
         _positive(key, value, allow_zero=True)
     _positive("checkpoint.keep_last", r.checkpoint.keep_last)
+    _positive("storage.sync_every_s", r.storage.sync_every_s)
     validate_loss(lc.loss, r.sampling.max_new_tokens)
     if g.num_generations < 2:
         raise ConfigError(f"config key 'grpo.num_generations': got {g.num_generations}; accepted: an integer >= 2 "

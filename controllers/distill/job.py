@@ -29,6 +29,7 @@ import signal
 import time
 from pathlib import Path
 
+from ...actors import storage as store
 from ...actors.server import VllmServer
 from ..common import interrupt
 from ..common.runlog import read_json, write_json_atomic
@@ -396,6 +397,7 @@ def distill_job(recipe: Recipe) -> dict:
     write_json_atomic(out / "distill.json", {"fingerprint": fp})
     dump(recipe, out / "config.yaml")
     cut = repair_journal(out / JOURNAL)
+    mirror = store.Mirror(out, recipe.storage.sync_every_s)  # on object storage: the journal uploaded as it grows
     if cut:
         log.warning("journal.jsonl: a last line cut short by a kill (%d bytes) was removed", cut)
     summary: dict = {"output_dir": str(out), "status": "running", "teacher": model_name,
@@ -442,4 +444,5 @@ def distill_job(recipe: Recipe) -> dict:
                     else "incomplete"
             summary["wall_s"] = round(time.perf_counter() - t_start, 2)
             write_json_atomic(out / "summary.json", json.loads(scrub(json.dumps(summary, default=str), secrets)))
+            mirror.close()
     return summary

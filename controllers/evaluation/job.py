@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from ...actors import storage as store
 from ..common import interrupt
 from ..common.data import _looks_local
 from ..common.system import EVALUATE, System
@@ -30,8 +31,10 @@ RUN_CHECKPOINTS = ("checkpoint-final", "checkpoint-interrupted", "checkpoint-sft
 def resolve_checkpoint(spec: str, storage: str | None = None) -> tuple[str, Path | None]:
     """(what transformers / vLLM load, the run directory when ``spec`` is one). A relative path
     that is not a folder here is looked for under ``storage.path`` (see config/storage.py)."""
-    p = Path(spec).expanduser()
-    if not p.is_absolute() and not p.is_dir() and (storage_root(storage) / p).is_dir():
+    p = Path(resolve_run_path(spec, storage, key="--checkpoint", write=False)) if store.is_uri(spec) else Path(spec).expanduser()
+    if store.is_uri(storage or "") and not p.is_absolute() and not p.is_dir():
+        p = Path(resolve_run_path(spec, storage, key="--checkpoint", write=False))  # a run under an object storage
+    elif not p.is_absolute() and not p.is_dir() and (storage_root(storage) / p).is_dir():
         p = storage_root(storage) / p
     if p.is_dir():
         if (p / "config.json").is_file():
@@ -134,6 +137,7 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
                   dynamic_ncols=True) as bar:
             results = Evaluator(system, tasks, recipe.eval.sampling, recipe.eval.k).run(progress=bar)
         combined = write_results(results, out_dir, model_path)
+        store.push(out_dir)  # on object storage: the reports uploaded
     finally:
         system.shutdown()
         runtime.stop()

@@ -13,7 +13,7 @@ from collections import Counter
 from ...actors.learner import LearnerRank
 from ...cluster.ray_metrics import RunMetrics
 from ..common import interrupt
-from ..common.checkpoint import Checkpoints, tag_for
+from ..common.checkpoint import Checkpoints
 from ..common.data import PreparedData, PromptRenderer
 from ..common.elastic import Elastic, Hooks
 from ..common.inflight import InFlight, Work
@@ -127,11 +127,9 @@ class GrpoDriver:
         version = self.elastic.publish().version
         if self.checkpoints is not None and self.checkpoints.due(step):
             # Queued behind the weight export, before the next batch: the state after exactly this step.
-            self.checkpoints.begin(step)
-            self.saving[version] = (
-                self.system.learners.call_all(LearnerRank.save_checkpoint, str(self.checkpoints.dir), tag_for(step)),
-                self.done.state(step, version, max(g.seq for g in work.groups), self.books.histogram,
-                                self.rewards.names))
+            self.saving[version] = (self.checkpoints.save(step, self.system.learners),
+                                    self.done.state(step, version, max(g.seq for g in work.groups),
+                                                    self.books.histogram, self.rewards.names))
         window, self.window_counts = dict(self.window_counts), Counter()
         now = time.perf_counter()
         self.unsynced[version] = step_record(step, version, work.version, rollouts, work.value, self.rewards.names,
@@ -163,7 +161,7 @@ class GrpoDriver:
             if version in self.saving:  # the step's record is written: the checkpoint may be committed
                 refs, state = self.saving.pop(version)
                 saved = self.system.learners.get(refs, "save_checkpoint")
-                self.checkpoints.commit(state, saved)  # the jsonl files are written line by line, unbuffered
+                self.checkpoints.commit(state, saved, self.system.learners)  # jsonl lines are written unbuffered
             written.append(record)
         return written
 
@@ -191,6 +189,8 @@ class GrpoDriver:
                 self.elastic.on_join(work)
         for w in [w for w in self.inflight.work if w.stage == "join"]:
             self.inflight.remove(w)
+        if self.checkpoints is not None:  # on object storage: the last checkpoints' uploads
+            self.checkpoints.flush(self.system.learners, wait=True)
         self.telemetry.drain()
 
     def summary(self) -> dict:

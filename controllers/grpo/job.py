@@ -19,6 +19,7 @@ from ..common.job import (
     open_run,
     prepare_model,
     save_interrupted,
+    where,
 )
 from ..common.runlog import MetricsWriter, read_jsonl, truncate_jsonl
 from ..common.system import GRPO, System
@@ -196,7 +197,7 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
             log.warning("%s; starting the run again (--resume auto)", e)
             resume = None
     run_dir = open_run(recipe, GRPO, resume)
-    log.info("run directory: %s", run_dir)
+    log.info("run directory: %s", where(run_dir))
     summary, done_before = continued(run_dir, {"run_dir": str(run_dir), "model": model_path, "status": "running",
                                                "stage": "startup", "data": inputs.data.summary()}, previous)
     system = System(recipe, previous["model_path"] if previous else model_path)
@@ -205,6 +206,7 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
     checkpoints = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
 
     def wrap_up() -> bool:
+        checkpoints.settle(system.learners)  # on object storage: uploads still in progress
         summary.update(wall_s=time.perf_counter() - t_start,
                        sft_steps_done=done_before["sft_steps_done"] + sft_metrics.count,
                        grpo_steps_done=done_before["grpo_steps_done"] + metrics.count)

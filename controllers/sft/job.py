@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ...actors.learner import LearnerRank
 from ..common.checkpoint import Checkpoints, tag_for
 from ..common.data import PreparedData, PromptRenderer, load_dataset_dict, prepare_data
-from ..common.job import actors_running, check_output_dir, open_run, prepare_model
+from ..common.job import actors_running, check_output_dir, open_run, prepare_model, where
 from ..common.runlog import MetricsWriter, read_json, truncate_jsonl
 from ..common.system import SFT, System
 from ..config import Recipe
@@ -86,7 +86,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
         truncate_jsonl(run_dir / "sft_metrics.jsonl", done)
     summary: dict = {"run_dir": str(run_dir), "model": model_path, "stage": "sft", "status": "running",
                      "data": data.summary(), "steps": cfg.steps, **({"resumed_from_step": done} if done else {})}
-    log.info("run directory: %s (SFT, %d steps%s)", run_dir, cfg.steps, f", from step {done}" if done else "")
+    log.info("run directory: %s (SFT, %d steps%s)", where(run_dir), cfg.steps, f", from step {done}" if done else "")
     system = System(recipe, model_path, SFT)
     metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", purge_step=done + 1 if done else None)
     truncation = Truncation(**state["truncation"]) if state else Truncation()
@@ -96,13 +96,13 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
         if not checkpoints.due(step) or step == cfg.steps:
             return
         tag = tag_for(step)
-        checkpoints.begin(step)
-        saved = system.learners.run_all(LearnerRank.save_checkpoint, str(checkpoints.dir), tag)
+        saved = system.learners.get(checkpoints.save(step, system.learners), "save_checkpoint")
         system.learners.run_all(LearnerRank.save_hf, str(checkpoints.dir / tag / "hf"))
         checkpoints.commit({"step": step, "policy_version": 0, "sampler_taken": taken,
-                            "truncation": dataclasses.asdict(truncation)}, saved)
+                            "truncation": dataclasses.asdict(truncation)}, saved, system.learners)
 
     def wrap_up() -> bool:
+        checkpoints.settle(system.learners)  # on object storage: uploads still in progress
         summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
         metrics.close()
         return metrics.count > 0

@@ -1,7 +1,8 @@
-"""Where runs live, through Ray as users run it (controllers/config/storage.py): the README's
-``ray job submit`` flow leaves the run in persistent storage, not in the job's temporary copy of
-its working directory; a retried job resumes it there; a run directory that a learner's node
-does not see is refused."""
+"""Where runs live, through Ray as users run it (controllers/config/storage.py,
+actors/storage.py): the README's ``ray job submit`` flow leaves the run in persistent storage,
+not in the job's temporary copy of its working directory; a retried job resumes it there; a run
+directory that a learner's node does not see is refused; a run on object storage checkpoints
+from a node with a disk of its own and resumes on another."""
 import json
 import os
 import shutil
@@ -134,3 +135,60 @@ def test_a_run_directory_that_a_learners_node_does_not_see_is_refused(tmp_path, 
     summary = json.loads((runs / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "not shared with learner-rank-0" in summary["error"]
     assert (runs / "run" / "metrics.jsonl").read_text() == ""  # refused before the first step
+
+
+def _two_nodes(port: int, private: Path, env: dict) -> None:
+    """A head with no CPUs (every actor goes to the second node) and a second node that sees an
+    empty disk of its own at ``private`` (a private tmpfs mounted over it)."""
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
+    node2 = (f"mount -t tmpfs r1ray-node2 {private} && exec {RAY} start --address=127.0.0.1:{port} --num-cpus=2 "
+             "--disable-usage-stats")
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", node2], check=True,
+                   capture_output=True, env=env, timeout=180)
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare --mount` to give a node a disk of its own")
+@pytest.mark.timeout(900)
+def test_a_run_on_object_storage_checkpoints_from_one_node_and_resumes_on_another(tmp_path, tiny_world):
+    """``storage.path: file://...`` (pyarrow.fs, as s3:// would be). Every actor runs on a node
+    whose staging folder is a disk of its own, which goes away with the node: what the run
+    leaves is what reached the storage. A new cluster (a new second node with an empty disk)
+    and a driver with nothing staged resume it from the URI alone."""
+    bucket, staging = tmp_path / "bucket", tmp_path / "staging"
+    bucket.mkdir()
+    staging.mkdir()
+    uri = f"file://{bucket}"
+    env = _env(R1RAY_STAGING=str(staging))
+    run_uri = f"{uri}/runs/job-1"
+    common = ["--set", f"model.tiny_dir={tiny_world}", *SHORT, "--set", "ray.ship_code=false"]
+    procs = []
+    for steps, how in ((2, ["--output-dir", "runs/job-1", "--set", f"storage.path={uri}"]),
+                       (3, ["--resume", run_uri])):
+        port = free_port()
+        try:
+            _two_nodes(port, staging, env)
+            args = ["train", *(["configs/tiny-cpu.yaml"] if steps == 2 else []), *how, *common,
+                    "--set", f"grpo.steps={steps}"]
+            procs.append(r1ray_cli.run(*args, extra_env={"RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}",
+                                                         "R1RAY_STAGING": str(staging)}, timeout=500))
+        finally:
+            subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        assert procs[-1].returncode == 0, procs[-1].stderr[-4000:]
+        assert f"run directory: {run_uri} (staged in" in procs[-1].stdout, procs[-1].stdout[-2000:]
+        shutil.rmtree(staging)  # the driver's machine forgets it too: the storage is all there is
+        staging.mkdir()
+        remote = bucket / "runs" / "job-1"
+        summary = json.loads((remote / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        assert [json.loads(x)["step"] for x in (remote / "metrics.jsonl").read_text().splitlines()] == \
+            list(range(1, steps + 1))
+        ckpt = remote / "checkpoints" / f"step-{steps:06d}"
+        state = json.loads((ckpt / "driver.json").read_text())
+        assert state["step"] == steps and state["files"]  # complete: the driver state came last
+        for name, record in state["files"].items():  # every rank's shard reached the storage whole
+            assert (ckpt / name).stat().st_size == record["size"], name
+        assert {p.name for p in (remote / "checkpoints").iterdir()} == {f"step-{steps - 1:06d}", f"step-{steps:06d}"}
+        assert (remote / "checkpoint-final" / "config.json").is_file()
+        assert any((remote / "checkpoint-final").glob("*.safetensors"))
+    assert "resuming" in procs[1].stderr and "at GRPO step 2" in procs[1].stderr, procs[1].stderr[-3000:]

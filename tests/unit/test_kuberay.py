@@ -45,7 +45,8 @@ def _validate(doc, schema):
 @pytest.mark.parametrize("manifest,crd", [("raycluster.yaml", "ray.io_rayclusters.yaml"),
                                           ("rayjob.yaml", "ray.io_rayjobs.yaml"),
                                           ("raycluster-single-node.yaml", "ray.io_rayclusters.yaml"),
-                                          ("rayjob-single-node.yaml", "ray.io_rayjobs.yaml")])
+                                          ("rayjob-single-node.yaml", "ray.io_rayjobs.yaml"),
+                                          ("rayjob-object-storage.yaml", "ray.io_rayjobs.yaml")])
 def test_manifests_are_valid_kuberay_v1(manifest, crd):
     _validate(yaml.safe_load((MANIFESTS / manifest).read_text()), _schema(crd))
 
@@ -122,3 +123,28 @@ def test_the_single_node_layout_holds_the_whole_recipe_in_one_pod(manifest):
     assert node["minReplicas"] == node["maxReplicas"] == node["replicas"] == 1
     assert spec["enableInTreeAutoscaling"] is False and spec["authOptions"]["mode"] == "token"
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # nothing placed on the head
+
+
+def test_the_object_storage_rayjob_is_rayjob_yaml_with_a_bucket_and_a_staging_folder_on_every_pod():
+    plain = yaml.safe_load((MANIFESTS / "rayjob.yaml").read_text())["spec"]
+    job = yaml.safe_load((MANIFESTS / "rayjob-object-storage.yaml").read_text())["spec"]
+    entry = job["entrypoint"].split()
+    assert entry[entry.index("--set") + 1].startswith("storage.path=s3://")
+    assert entry[entry.index("--output-dir") + 1] == "runs/qwen2.5-1.5b-grpo"  # relative: under the bucket
+    assert "--resume" in entry and entry[entry.index("--resume") + 1] == "auto"
+    spec, base = job["rayClusterSpec"], plain["rayClusterSpec"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    assert len(pods) == 1 + len(base["workerGroupSpecs"])
+    for pod in pods:
+        tpl = pod["template"]["spec"]
+        c = tpl["containers"][0]
+        assert {"name": "R1RAY_STAGING", "value": "/mnt/staging"} in c["env"]
+        assert {"secretRef": {"name": "r1ray-s3"}} in c["envFrom"]
+        assert {"name": "staging", "mountPath": "/mnt/staging"} in c["volumeMounts"]
+        assert any(v["name"] == "staging" and "emptyDir" in v for v in tpl["volumes"])
+        for key in ("env", "envFrom", "volumeMounts"):  # the rest as rayjob.yaml has it
+            c[key] = [x for x in c[key] if "staging" not in str(x).lower() and "r1ray-s3" not in str(x)]
+            if not c[key] and key == "envFrom":
+                del c[key]
+        tpl["volumes"] = [v for v in tpl["volumes"] if v["name"] != "staging"]
+    assert spec == base
