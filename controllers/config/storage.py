@@ -73,12 +73,17 @@ def deleted_by_ray(path: Path) -> str | None:
     return None
 
 
-def check_reachable(uri: str, key: str) -> None:
-    """A URI that cannot be written (unknown scheme, no credentials, server down) is refused."""
+def check_bare(uri: str, key: str) -> None:
+    """Settings after '?' in a URI are refused: the ranks on other nodes upload through the bare URI."""
     if "?" in uri:
         raise ConfigError(f"config key '{key}': got {uri!r}; accepted: a URI without settings after '?' (the "
                           "learner ranks on other nodes upload through the bare URI): give them as each node's "
                           "environment, e.g. AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID")
+
+
+def check_reachable(uri: str, key: str) -> None:
+    """A URI that cannot be written (unknown scheme, no credentials, server down) is refused."""
+    check_bare(uri, key)
     try:
         store.check_reachable(uri)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -111,10 +116,9 @@ def resolve_run_path(path: str, storage: str | None, key: str = "output_dir", wr
     uri = path if store.is_uri(path) else (f"{storage.rstrip('/')}/{p.as_posix()}"
                                            if storage and store.is_uri(storage) and not p.is_absolute() else None)
     if uri is not None:
+        check_bare(uri, key)
         if store.is_uri(path) and write:
             check_reachable(uri.rsplit("/", 1)[0], key)
-        elif "?" in uri:
-            check_reachable(uri, key)  # refused
         staged = store.local_path(uri)
         why = deleted_by_ray(staged)
         if why:

@@ -20,7 +20,7 @@ from ..common.data import _looks_local
 from ..common.system import EVALUATE, System
 from ..config import TINY, EvalTaskConfig, Recipe
 from ..config.schema import ConfigError, build
-from ..config.storage import resolve_run_path, storage_root
+from ..config.storage import resolve_run_path
 from .evaluator import Evaluator, write_results
 from .tasks import load_tasks
 
@@ -31,11 +31,11 @@ RUN_CHECKPOINTS = ("checkpoint-final", "checkpoint-interrupted", "checkpoint-sft
 def resolve_checkpoint(spec: str, storage: str | None = None) -> tuple[str, Path | None]:
     """(what transformers / vLLM load, the run directory when ``spec`` is one). A relative path
     that is not a folder here is looked for under ``storage.path`` (see config/storage.py)."""
-    p = Path(resolve_run_path(spec, storage, key="--checkpoint", write=False)) if store.is_uri(spec) else Path(spec).expanduser()
-    if store.is_uri(storage or "") and not p.is_absolute() and not p.is_dir():
-        p = Path(resolve_run_path(spec, storage, key="--checkpoint", write=False))  # a run under an object storage
-    elif not p.is_absolute() and not p.is_dir() and (storage_root(storage) / p).is_dir():
-        p = storage_root(storage) / p
+    p = Path(spec).expanduser()
+    if store.is_uri(spec) or (not p.is_absolute() and not p.is_dir()):
+        found = Path(resolve_run_path(spec, storage, key="--checkpoint", write=False))  # under storage.path
+        if store.is_uri(spec) or found.is_dir():
+            p = found
     if p.is_dir():
         if (p / "config.json").is_file():
             return str(p), None

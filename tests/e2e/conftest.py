@@ -8,6 +8,15 @@ import pytest
 import r1ray_cli
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_auth_token():
+    """Clusters started with ``ray start`` under ``RAY_AUTH_MODE=token`` need a token on this
+    machine (``~/.ray/auth_token``); a fresh machine has none until something makes one, so the
+    tier makes it first (``--generate`` keeps an existing one)."""
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
+
+
 @pytest.fixture
 def r1ray():
     """``r1ray(*args, timeout=600, extra_env=None)``: the CLI in a process of its own, waited

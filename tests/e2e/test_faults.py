@@ -340,7 +340,13 @@ def test_a_generator_lost_during_eval_is_replaced_and_no_problem_is_lost(tmp_pat
         time.sleep(0.5)
         _kill(ray_head, "generator-0")
         code, _, _ = _finish(proc, 420)
-    text = log.read_text()
+    _assert_replaced_and_every_problem_reported_once(log.read_text(), code, out, problems, n)
+    assert _no_actors_left(ray_head)
+
+
+def _assert_replaced_and_every_problem_reported_once(text: str, code: int, out: Path, problems: int, n: int) -> dict:
+    """The run ended well, generator-0 was replaced, and the heldout report in ``out`` has every
+    problem once, in order, with its ``n`` samples; returns the report."""
     assert code == 0, text[-4000:]
     assert "generator-0" in text and "replacing it" in text, text[-4000:]
     report = json.loads((out / "heldout.json").read_text())
@@ -349,7 +355,7 @@ def test_a_generator_lost_during_eval_is_replaced_and_no_problem_is_lost(tmp_pat
     details = [json.loads(line) for line in (out / "heldout.details.jsonl").read_text().splitlines()]
     assert [d["row"] for d in details] == list(range(problems))  # each problem once, in order
     assert all(len(d["completions"]) == n for d in details)
-    assert _no_actors_left(ray_head)
+    return report
 
 
 @pytest.mark.timeout(600)
@@ -379,16 +385,9 @@ def test_a_generator_lost_during_a_steps_evaluation_is_replaced_with_the_steps_w
         _kill(ray_head, "generator-0")
         code, _, _ = _finish(proc, 480)
     text = log.read_text()
-    assert code == 0, text[-4000:]
-    assert "generator-0" in text and "replacing it" in text, text[-4000:]
+    report = _assert_replaced_and_every_problem_reported_once(text, code, out / "eval" / "step-1", problems, n)
     assert "generator-0 joined at policy version 1" in text, text[-4000:]
-    report = json.loads((out / "eval" / "step-1" / "heldout.json").read_text())
-    assert report["problems"] == problems and report["num_samples"] == n
-    assert report["actors"]["generator/lost"] >= 1 and report["actors"]["generator/restarted"] >= 1
     assert report["policy_versions"] == [1]  # every sample, the replacement's too, of step 1's weights
-    details = [json.loads(line) for line in (out / "eval" / "step-1" / "heldout.details.jsonl").read_text().splitlines()]
-    assert [d["row"] for d in details] == list(range(problems))  # each problem once, in order
-    assert all(len(d["completions"]) == n for d in details)
     summary = _summary(out)
     assert summary["status"] == "completed" and summary["eval_after_detail"]["n"] == 100
     [record] = _jsonl_whole(out / "metrics.jsonl")
