@@ -18,8 +18,10 @@ from typing import Literal
 import torch
 
 from . import storage
+from .episodes import RolloutConfig, ToolTurns, Trajectory
 from .rollout import Rollout
 from .spans import SpanLog
+from .tools import CALL_CLOSE
 
 
 @dataclass
@@ -66,8 +68,10 @@ class Generator:
     ``finish_weight_update`` per version) while requests stay in flight.
     """
 
-    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int = 0, device: str | None = None):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int = 0, device: str | None = None,
+                 rollout: RolloutConfig | None = None):
         self.cfg, self.seed, self.model_path = cfg, seed, model_path
+        self.rollout = rollout or RolloutConfig()
         self.version = 0
         self.calls = 0
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +83,13 @@ class Generator:
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
+        # rollout.tools: multi-turn episodes (actors/episodes.py); hf only for now
+        self.tools = ToolTurns(self._engine.tokenizer, self.rollout) if self.rollout.tools else None
+        if self.tools and cfg.backend != "hf":
+            raise ValueError(f"rollout.tools with generator.backend={cfg.backend!r}: multi-turn episodes run on the "
+                             "'hf' backend only so far")
+        if self.tools:
+            self._engine.stop_strings = [CALL_CLOSE]  # a model turn ends where it closes a tool call
         self.spans = SpanLog()
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
@@ -94,7 +105,8 @@ class Generator:
         """``prompts``: dicts with ``prompt_id``, ``prompt_ids`` and optional ``columns``.
 
         Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order; each token
-        records the policy version that produced it. ``vllm``: weight updates land while the
+        records the policy version that produced it. With ``rollout.tools`` each rollout is an
+        episode (actors/episodes.py): weights that arrived meanwhile are adopted between turns. ``vllm``: weight updates land while the
         request runs (``cfg.pause_mode``). ``hf``: weights that arrived meanwhile are adopted
         before the request starts; with ``chunk_tokens`` > 0 also every ``chunk_tokens`` tokens,
         continuing the unfinished sequences with the new weights (partial rollouts).
@@ -105,14 +117,14 @@ class Generator:
                 outs = self._engine.generate([p["prompt_ids"] for p in prompts], n, sampling, greedy)
                 seqs = []
                 for p, (ids, lps, reason, versions) in zip((p for p in prompts for _ in range(n)), outs):
-                    q = _Seq(p["prompt_ids"])
-                    q.ids, q.lps, q.versions, q.reason = ids, lps, versions, reason
+                    q = Trajectory(p["prompt_ids"])
+                    q.ids, q.lps, q.versions, q.mask, q.reason = ids, lps, versions, [1] * len(ids), reason
                     seqs.append(q)
                 return self._rollouts(prompts, n, seqs)
         with self._lock, self.spans.span("generate", sequences=len(prompts) * n):
             self._adopt_pending()
-            seqs = [_Seq(p["prompt_ids"]) for p in prompts for _ in range(n)]
-            budget = sampling.max_new_tokens
+            seqs = [Trajectory(p["prompt_ids"]) for p in prompts for _ in range(n)]
+            budget = self.rollout.budget(sampling.max_new_tokens)
             step = budget if chunk_tokens <= 0 else min(chunk_tokens, budget)
             first = True
             while True:
@@ -121,7 +133,8 @@ class Generator:
                     break
                 if not first:
                     self._adopt_pending()
-                sp = SamplingConfig(sampling.temperature, sampling.top_p, min(step, budget - len(active[0].ids)))
+                room = max(budget - len(q.ids) for q in active)
+                sp = SamplingConfig(sampling.temperature, sampling.top_p, min(step, room))
                 self.calls += 1
                 seed = self.seed * 100_003 + self.calls
                 if first:  # one request per prompt with n samples: engines share the prompt's prefill
@@ -129,20 +142,30 @@ class Generator:
                 else:
                     outs = self._engine.generate([q.prompt + q.ids for q in active], 1, sp, greedy, seed)
                 for q, (ids, lps, reason) in zip(active, outs):
+                    if self.tools:
+                        ids, lps, reason = self.tools.cut_at_call(q, ids, lps, reason)
                     q.extend(ids, lps, self.version, reason, budget)
+                if self.tools:
+                    with self.spans.span("tools"):
+                        self.tools.answer(active, budget)
                 first = False
             return self._rollouts(prompts, n, seqs)
 
-    def _rollouts(self, prompts: list[dict], n: int, seqs: list["_Seq"]) -> list[Rollout]:
+    def _rollouts(self, prompts: list[dict], n: int, seqs: list[Trajectory]) -> list[Rollout]:
         out = []
+        decode = self._engine.tokenizer.decode
         for i, p in enumerate(prompts):
             for k in range(n):
                 q = seqs[i * n + k]
-                out.append(Rollout(
+                r = Rollout(
                     sample_id=f"{p['prompt_id']}/{k}", prompt_id=p["prompt_id"], prompt_ids=list(p["prompt_ids"]),
                     completion_ids=q.ids, logprobs=q.lps, versions=q.versions, finish_reason=q.reason,
-                    text=self._engine.tokenizer.decode(q.ids, skip_special_tokens=True),
-                    columns=dict(p.get("columns", {}))))
+                    text=decode(q.ids, skip_special_tokens=True), columns=dict(p.get("columns", {})))
+                if self.tools:
+                    r.loss_mask = q.mask
+                    r.messages = q.messages(lambda ids: decode(ids, skip_special_tokens=True))
+                    r.turns, r.tool_calls, r.tool_errors, r.tool_time_s = q.turns, q.tool_calls, q.tool_errors, q.tool_time_s
+                out.append(r)
         return out
 
     def load_weights(self, blob: bytes, version: int) -> float:
@@ -212,27 +235,14 @@ class Generator:
         """Stop vLLM's engine processes (an actor's are stopped when it is killed)."""
         if self.cfg.backend == "vllm":
             self._engine.shutdown()
+        if self.tools:
+            self.tools.close()
 
     def ping(self) -> str:
         """"ok", or an error when the vLLM engine died (its processes are gone) in this live actor."""
         if self.cfg.backend == "vllm" and self._engine.errored():
             raise RuntimeError("the vLLM engine of this generator is dead (its engine core process exited)")
         return "ok"
-
-
-class _Seq:
-    """One completion being built, possibly over several chunks and policy versions."""
-
-    def __init__(self, prompt: list[int]):
-        self.prompt, self.ids, self.lps, self.versions = list(prompt), [], [], []
-        self.done, self.reason = False, "length"
-
-    def extend(self, ids: list[int], lps: list[float], version: int, reason: str, budget: int) -> None:
-        self.ids += ids
-        self.lps += lps
-        self.versions += [version] * len(ids)
-        self.reason = reason
-        self.done = reason == "stop" or len(self.ids) >= budget or not ids
 
 
 class _HfEngine:
@@ -246,6 +256,7 @@ class _HfEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.stop_strings: list[str] = []  # besides EOS; a row that stops on one is padded after it
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state, strict=False)
@@ -278,6 +289,7 @@ class _HfEngine:
             eos_token_id=self.tokenizer.eos_token_id,
             return_dict_in_generate=True,
             output_logits=True,
+            **({"stop_strings": self.stop_strings, "tokenizer": self.tokenizer} if self.stop_strings else {}),
         )
         new = gen.sequences[:, width:].cpu()
         logits = torch.stack(gen.logits, dim=1).float().cpu()  # raw logits, [B, T, V]

@@ -346,6 +346,8 @@ class LearnerRank:
         keep = torch.tensor([[float(s.in_loss)] for s in mb], device=self.device)
         packed = packed.to(self.device)
         mask = packed.completion_mask * keep
+        if any(s.loss_mask is not None for s in mb):  # tool turns: in the context, out of the loss
+            mask = mask * packed.scatter([s.loss_mask or [1] * len(s.completion_ids) for s in mb]).to(self.device)
         logp, entropy = token_logprobs(self.engine, packed, lc.temperature, "grad" if lc.entropy_coef else "log",
                                        logits_dtype=self.cfg.logits_dtype)
         tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref, mask)

@@ -12,19 +12,31 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]  # behaviour log-probs of the sampled tokens, under logits / temperature
-    versions: list[int]  # policy version that produced each completion token
-    finish_reason: str  # "stop" (EOS) or "length"
+    versions: list[int]  # policy version that produced each completion token (-1: a tool turn's token)
+    finish_reason: str  # "stop" (EOS), "length", or "max_turns" (an episode's last turn called a tool)
     text: str = ""
     columns: dict[str, Any] = field(default_factory=dict)  # dataset columns (e.g. solution) for rewards
     scores: dict[str, float | None] = field(default_factory=dict)  # per reward function
     reward: float = 0.0
     advantage: float | list[float] = 0.0
     ref_logprobs: list[float] | None = None
+    # Multi-turn episodes (actors/episodes.py); None / defaults for one-turn completions.
+    loss_mask: list[int] | None = None  # 1: a model token, 0: a tool turn's token (context only)
+    messages: list[dict] | None = None  # the trajectory as assistant and tool messages (what rewards see)
+    turns: int = 1
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_time_s: float = 0.0
+
+    @property
+    def model_versions(self) -> list[int]:
+        """The policy version of each model token (tool turns' tokens left out)."""
+        return [v for v in self.versions if v >= 0]
 
     @property
     def version(self) -> int:
         """The oldest policy version that contributed a token (what staleness is measured on)."""
-        return min(self.versions) if self.versions else -1
+        return min(self.model_versions, default=-1)
 
 
 @dataclass
@@ -38,7 +50,15 @@ class TrainSample:
     advantage: float | list[float] = 0.0  # one per sample, or one per completion token (REINFORCE++)
     ref_logprobs: list[float] | None = None
     in_loss: bool = True  # False: kept out of the loss (a truncated completion, mask_truncated_completions)
+    loss_mask: list[int] | None = None  # per completion token: 0 keeps a tool turn's token out of the loss
+
+    @property
+    def loss_tokens(self) -> int:
+        """Completion tokens the loss sees (0 when the sample is out of the loss)."""
+        if not self.in_loss:
+            return 0
+        return len(self.completion_ids) if self.loss_mask is None else sum(self.loss_mask)
 
     @classmethod
     def of(cls, r: Rollout) -> "TrainSample":
-        return cls(r.prompt_ids, r.completion_ids, r.logprobs, r.advantage, r.ref_logprobs)
+        return cls(r.prompt_ids, r.completion_ids, r.logprobs, r.advantage, r.ref_logprobs, loss_mask=r.loss_mask)

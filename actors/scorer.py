@@ -92,11 +92,15 @@ class RewardScorer:
     @staticmethod
     def _inputs(rollouts: list[Rollout]) -> tuple[list, dict[str, list]]:
         """TRL's keyword arguments: conversational completions, prompts, completion_ids, dataset columns."""
-        completions = [[{"role": "assistant", "content": r.text}] for r in rollouts]
+        completions = [r.messages or [{"role": "assistant", "content": r.text}] for r in rollouts]
         columns: dict[str, list] = {key: [r.columns.get(key) for r in rollouts]
                                     for key in (rollouts[0].columns if rollouts else {}) if key != "prompt"}
         columns["prompts"] = [r.columns.get("prompt") for r in rollouts]
         columns["completion_ids"] = [r.completion_ids for r in rollouts]
+        if rollouts and rollouts[0].messages is not None:  # episodes: what happened in each, per trajectory
+            columns["num_turns"] = [r.turns for r in rollouts]
+            columns["tool_calls"] = [r.tool_calls for r in rollouts]
+            columns["tool_errors"] = [r.tool_errors for r in rollouts]
         return completions, columns
 
     def drop(self, name: str) -> None:

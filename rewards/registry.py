@@ -94,18 +94,26 @@ def _reject_unknown(name: str, params: dict, accepted: list[str]) -> None:
         )
 
 
-def _from_import_path(name: str, params: dict) -> RewardFn:
-    module_name, _, attribute = name.partition(":")
+def import_callable(path: str, kind: str, name: str | None = None):
+    """The callable at ``package.module:attribute`` (a user's reward or tool); ValueError naming
+    the ``kind`` and ``name`` (default: the path) otherwise."""
+    name = path if name is None else name
+    module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"reward import path {name!r} must look like 'package.module:function'")
+        raise ValueError(f"{kind} import path {name!r} must look like 'package.module:function'")
     try:
         target = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
     except Exception as e:  # an import error is a recipe error: say which one
-        raise ValueError(f"cannot load reward {name!r}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot load {kind} {name!r}: {type(e).__name__}: {e}") from e
     if not callable(target):
-        raise ValueError(f"reward {name!r} is not callable")
+        raise ValueError(f"{kind} {name!r} is not callable")
+    return target
+
+
+def _from_import_path(name: str, params: dict) -> RewardFn:
+    target = import_callable(name, "reward")
     if not params:
         return target
     _check_plugin_params(name, target, params)

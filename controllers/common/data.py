@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...actors.packing import SftExample
+from ...actors.tools import schemas
 from ..config import TINY, DataConfig, Recipe
 from ..config.schema import ConfigError
 from .chat import render_conversation
@@ -59,7 +60,7 @@ def prepare_data(recipe: Recipe, tokenizer, tiny_dir: Path | None) -> PreparedDa
     t0 = time.perf_counter()
     cfg = recipe.data
     ds = load_dataset_dict(cfg, tiny_dir)
-    renderer = PromptRenderer(tokenizer, cfg)
+    renderer = PromptRenderer(tokenizer, cfg, recipe.rollout.tools)
     needs = [_Need.train(recipe), _Need.test(recipe)]
     cache: dict[str, list] = {}  # split name -> rendered prompt lengths (a split may be both train and test)
     out: dict[str, tuple] = {}
@@ -231,10 +232,12 @@ class _Need:
                 + (("data.messages_column",) if sft else ()))
         why = (" and ".join([f"grpo.steps={r.grpo.steps}"] * grpo + [f"sft.steps={r.sft.steps}"] * sft)
                or "every run reads it")
-        limit = r.generator.max_model_len - r.sampling.max_new_tokens
+        budget = r.rollout.budget(r.sampling.max_new_tokens)
+        limit = r.generator.max_model_len - budget
         return _Need("train", r.data.train_split, True, why, cols, grpo, sft, limit,
                      f"generator.max_model_len={r.generator.max_model_len} - "
-                     f"sampling.max_new_tokens={r.sampling.max_new_tokens}", r.data.on_invalid_row)
+                     + (f"rollout.max_total_tokens={budget}" if r.rollout.tools and r.rollout.max_total_tokens
+                        else f"sampling.max_new_tokens={r.sampling.max_new_tokens}"), r.data.on_invalid_row)
 
     @staticmethod
     def test(r: Recipe) -> "_Need":
@@ -413,8 +416,11 @@ def _check_enough(r: Recipe, data: PreparedData, needs: list[_Need]) -> None:
 class PromptRenderer:
     """Chat-template rendering and tokenisation, done once per prompt in the driver."""
 
-    def __init__(self, tokenizer, cfg: DataConfig):
+    def __init__(self, tokenizer, cfg: DataConfig, tools: list[str] | None = None):
+        """``tools``: the recipe's ``rollout.tools``, rendered into every prompt through the chat
+        template's ``tools=`` (their JSON schemas)."""
         self.tok, self.cfg = tokenizer, cfg
+        self.tools = schemas(tools) if tools else None
 
     def messages(self, row: dict) -> list[dict]:
         msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
@@ -422,7 +428,8 @@ class PromptRenderer:
 
     def prompt(self, row: dict, prompt_id: str) -> dict:
         msgs = self.messages(row)
-        ids = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = self.tok.apply_chat_template(msgs, tools=self.tools, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
         columns = {k: v for k, v in row.items() if k != self.cfg.messages_column}
         columns["prompt"] = msgs
         return {"prompt_id": prompt_id, "prompt_ids": list(ids), "columns": columns}

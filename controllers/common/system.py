@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ...actors.episodes import RolloutConfig
 from ...actors.generator import Generator, GeneratorConfig
 from ...actors.learner import LearnerConfig, LearnerRank
 from ...actors.reference import Reference
@@ -104,7 +105,8 @@ class System:
                                    timeout_s=self.timeout, namespace=ns, scheduling=place)
         gcfg = _plain(GeneratorConfig, r.generator)
         self.generators = None if not self.rollout else ActorGroup("generator", Generator, r.generator.num_actors,
-                                     lambda i: ((self.model_path, gcfg, r.seed + 7919 * i), {}),
+                                     lambda i: ((self.model_path, gcfg, r.seed + 7919 * i),
+                                                {"rollout": _plain(RolloutConfig, r.rollout)}),
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
                                      timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls,
                                      scheduling=place)

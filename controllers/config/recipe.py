@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ...actors.episodes import RolloutConfig
 from ...actors.generator import GeneratorConfig, SamplingConfig
 from ...actors.learner import LearnerConfig
 from ...actors.scorer import RewardSpec, ScorerConfig
@@ -276,6 +277,7 @@ class Recipe:
     ray: RayConfig = field(default_factory=RayConfig)
     generator: GeneratorGroupConfig = field(default_factory=GeneratorGroupConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # tools and multi-turn episodes
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.2)])
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     learner: LearnerGroupConfig = field(default_factory=LearnerGroupConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ...actors.scorer import check_specs
+from ...actors.tools import schemas
 from .recipe import EVAL_TASKS, EvalConfig, Recipe
 from .schema import ConfigError
 
@@ -141,6 +142,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         raise ConfigError(f"config keys 'generator.min_actors' / 'generator.max_actors': got {gen.min_actors!r} / "
                           f"{gen.max_actors!r} with num_actors {gen.num_actors}; accepted: 1 <= min_actors <= "
                           "num_actors <= max_actors (null: num_actors)")
+    validate_rollout(r)
     if gen.backend == "vllm" and g.partial_rollout_tokens:
         raise ConfigError(f"config key 'grpo.partial_rollout_tokens': got {g.partial_rollout_tokens} with generator.backend "
                           "'vllm'; accepted: 0 (vLLM continues requests in flight under new weights itself: "
@@ -226,6 +228,34 @@ def validate_distill(r: Recipe, cpus: float | None = None, gpus: float | None = 
         raise ConfigError(f"config key 'distill.serve.replicas': {s.replicas} servers x {s.cpus_per_replica:g} CPUs need "
                           f"{s.replicas * s.cpus_per_replica:g} CPUs but {cpus:g} are available; accepted: fewer replicas "
                           "or a smaller distill.serve.cpus_per_replica")
+
+
+def validate_rollout(r: Recipe) -> None:
+    """``rollout``: tools that load and describe themselves, turn and token limits that fit."""
+    ro = r.rollout
+    for key, value in [("rollout.max_turns", ro.max_turns), ("rollout.tool_timeout_s", ro.tool_timeout_s),
+                       ("rollout.tool_workers", ro.tool_workers), ("rollout.max_tool_output_chars", ro.max_tool_output_chars),
+                       *([("rollout.max_total_tokens", ro.max_total_tokens)] if ro.max_total_tokens is not None else [])]:
+        _positive(key, value)
+    if not ro.tools:
+        if ro.max_turns > 1:
+            raise ConfigError(f"config key 'rollout.max_turns': got {ro.max_turns} with no rollout.tools; accepted: 1, "
+                              "or tools for the policy to call between turns")
+        return
+    try:
+        schemas(ro.tools)
+    except ValueError as e:
+        raise ConfigError(f"config key 'rollout.tools': {e}") from None
+    if ro.max_turns < 2:
+        raise ConfigError(f"config key 'rollout.max_turns': got {ro.max_turns} with rollout.tools; accepted: >= 2 "
+                          "(a turn that calls a tool, then one that reads its answer)")
+    if r.generator.backend != "hf":
+        raise ConfigError(f"config key 'rollout.tools': multi-turn episodes run on generator.backend 'hf' only so far; "
+                          f"got backend {r.generator.backend!r}")
+    budget = ro.budget(r.sampling.max_new_tokens)
+    if budget >= r.generator.max_model_len:
+        raise ConfigError(f"config key 'rollout.max_total_tokens': got {budget}; accepted: fewer than "
+                          f"generator.max_model_len={r.generator.max_model_len}")
 
 
 def validate_eval(e: EvalConfig, max_model_len: int, test_split: str) -> None:

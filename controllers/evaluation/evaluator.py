@@ -212,7 +212,7 @@ class Evaluator:
                     n = call.task.num_samples
                     for k, p in enumerate(call.prompts):
                         mine, verdicts = call.rollouts[k * n:(k + 1) * n], work.value[k * n:(k + 1) * n]
-                        self.versions.update(v for r in mine for v in r.versions)
+                        self.versions.update(v for r in mine for v in r.model_versions)
                         judged[call.task.name].append((call.seq, k, (p, mine, verdicts)))
                     if progress is not None:
                         progress.update(len(call.prompts) * n)

@@ -63,8 +63,9 @@ def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> 
     for r, a in zip(rollouts, advantages):
         r.advantage = a
         in_loss = not (g.mask_truncated_completions and r.finish_reason == "length")
-        samples.append(TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a, r.ref_logprobs, in_loss))
-    lengths = [len(s.completion_ids) if s.in_loss else 0 for s in samples]
+        samples.append(TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a, r.ref_logprobs, in_loss, r.loss_mask))
+    lengths = [s.loss_tokens for s in samples]
     micro = micro_batch_count(len(samples), learner_ranks, recipe.learner.micro_batch_size)
-    denom = global_denominator(lc.loss_type, lengths, lc.max_completion_length or recipe.sampling.max_new_tokens, micro)
+    denom = global_denominator(lc.loss_type, lengths, lc.max_completion_length or recipe.rollout.budget(recipe.sampling.max_new_tokens),
+                               micro)
     return samples, denom, float(max(sum(lengths), 1))

@@ -28,20 +28,29 @@ def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size
     m["completion/truncated_ratio"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
     groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
     m["groups/zero_std_ratio"] = sum(len({r.reward for r in g}) == 1 for g in groups) / len(groups)
+    if any(r.messages is not None for r in rollouts):  # multi-turn episodes with tools
+        n = len(rollouts)
+        m["turns/mean"] = sum(r.turns for r in rollouts) / n
+        m["tools/calls_per_sample"] = sum(r.tool_calls for r in rollouts) / n
+        m["tools/errors_per_sample"] = sum(r.tool_errors for r in rollouts) / n
+        m["tools/success_share"] = sum(r.tool_calls > r.tool_errors for r in rollouts) / n  # >= 1 call that worked
+        m["tools/time_s"] = sum(r.tool_time_s for r in rollouts)
+        m["completion_len/model_mean"] = sum(sum(r.loss_mask or []) for r in rollouts) / n
     return m
 
 
 def sample_line(step: int, trained_at: int, group, r: Rollout) -> dict:
     """samples.jsonl: one trained sample, with the policy versions that generated it."""
     return {"step": step, "sample_id": r.sample_id, "trained_at": trained_at, "admitted_at": group.admitted_at,
-            "min_version": r.version, "max_version": max(r.versions, default=-1), "tokens": len(r.completion_ids),
-            "logprobs": len(r.logprobs), "reward": r.reward, "finish_reason": r.finish_reason}
+            "min_version": r.version, "max_version": max(r.model_versions, default=-1), "tokens": len(r.completion_ids),
+            "logprobs": len(r.logprobs), "reward": r.reward, "finish_reason": r.finish_reason,
+            **({"turns": r.turns, "tool_calls": r.tool_calls, "tool_errors": r.tool_errors} if r.messages is not None else {})}
 
 
 def completion_lines(step: int, group) -> list[dict]:
     """completions.jsonl: a group's completions as text, every ``grpo.log_completions_every`` steps."""
     return [{"step": step, "sample_id": r.sample_id, "text": r.text, "reward": r.reward, "scores": r.scores,
-             "versions": sorted(set(r.versions))} for r in group.rollouts]
+             "versions": sorted(set(r.model_versions))} for r in group.rollouts]
 
 
 def step_record(step: int, version: int, trained_at: int, rollouts: list[Rollout], stats: list, reward_names: list[str],

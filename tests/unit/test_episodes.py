@@ -1,0 +1,269 @@
+"""Tools and multi-turn episodes (actors/tools.py, actors/episodes.py) on the real engines: a
+tiny model taught one tool-calling trace, so that greedy decoding calls the calculator."""
+import io
+import threading
+import time
+
+import pytest
+import torch
+from tiny_actors import learner as _learner
+
+from r1ray.actors.episodes import RolloutConfig, tool_turn_template
+from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
+from r1ray.actors.rollout import TrainSample
+from r1ray.actors.tools import ToolCall, ToolPool, calculator, parse_call, schemas
+from r1ray.controllers.common.data import PromptRenderer
+from r1ray.controllers.config import DataConfig, load_recipe
+from r1ray.controllers.config.schema import ConfigError
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+ANSWER = "<answer>\\boxed{5}</answer>"
+
+
+# -- tools -----------------------------------------------------------------------------------
+def test_calculator_is_exact_and_refuses_what_is_not_arithmetic():
+    assert calculator("123 * 456 + 7") == "56095"
+    assert calculator("(1 + 2) ** 3 // 4 % 5") == "1"
+    assert calculator("7 / 2") == "7/2 (= 3.5)"
+    assert calculator("-0.1 + 0.2") == "1/10 (= 0.1)"
+    for bad in ["__import__('os')", "9 ** 9 ** 9", "2 ** 0.5", "x + 1", "1; 2"]:
+        with pytest.raises((ValueError, SyntaxError)):
+            calculator(bad)
+
+
+def test_a_tool_call_is_parsed_from_qwen_s_format_or_refused_with_a_reason():
+    assert parse_call(f"think {CALL}") == ToolCall("calculator", {"expression": "2+3"})
+    assert parse_call('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>') == ToolCall("f", {"a": 1})
+    assert "not JSON" in parse_call("<tool_call>{oops</tool_call>")
+    assert "must be" in parse_call('<tool_call>["calculator"]</tool_call>')
+    assert "arguments" in parse_call('<tool_call>{"name": "f", "arguments": [1]}</tool_call>')
+    assert "no <tool_call>" in parse_call("</tool_call>")
+
+
+def test_tools_are_described_from_type_hints_and_docstrings():
+    [calc, boom] = schemas(["calculator", "plugin_tools:boom"])
+    assert calc["function"]["name"] == "calculator"
+    assert calc["function"]["parameters"]["properties"]["expression"]["type"] == "string"
+    assert boom["function"]["parameters"]["properties"]["x"]["type"] == "integer"
+    with pytest.raises(ValueError, match="plugin_tools:no_docstring.*docstring"):
+        schemas(["plugin_tools:no_docstring"])
+    with pytest.raises(ValueError, match="cannot load tool 'plugin_tools:missing'"):
+        schemas(["plugin_tools:missing"])
+    with pytest.raises(ValueError, match="accepted: python, calculator"):
+        schemas(["abacus"])
+
+
+def test_a_tool_that_raises_hangs_floods_or_is_unknown_gives_an_error_turn_and_the_pool_lives_on():
+    pool = ToolPool(["calculator", "plugin_tools:boom", "plugin_tools:sleepy", "plugin_tools:chatty"],
+                    num_workers=2, timeout_s=2.0, max_output_chars=100)
+    try:
+        t0 = time.monotonic()
+        res = pool.run([ToolCall("boom", {"x": 1}), ToolCall("sleepy", {"seconds": 60}), ToolCall("chatty", {"megabytes": 10}),
+                        ToolCall("abacus", {}), "the tool call is not JSON", ToolCall("calculator", {"expression": "6*7"}),
+                        ToolCall("calculator", {"wrong": 1})])
+        assert time.monotonic() - t0 < 30  # the hung call cost its timeout, not 60 s
+        assert [r.error for r in res] == [True, True, False, True, True, False, True]
+        assert res[0].text == "error: ZeroDivisionError: 1 / 0"
+        assert "did not answer within 2 s" in res[1].text and res[1].seconds >= 2
+        assert res[2].text.startswith("x" * 100) and "more characters cut" in res[2].text and len(res[2].text) < 200
+        assert "unknown tool 'abacus'" in res[3].text and "calculator" in res[3].text
+        assert res[4].text == "error: the tool call is not JSON"
+        assert res[5].text == "42"
+        assert "TypeError" in res[6].text
+        # the worker killed for the hung call was replaced
+        assert [r.text for r in pool.run([ToolCall("calculator", {"expression": "1+1"})] * 3)] == ["2"] * 3
+    finally:
+        pool.close()
+
+
+def test_the_python_tool_runs_in_the_sandbox_without_network():
+    pool = ToolPool(["python"], num_workers=1, timeout_s=30.0)
+    try:
+        ok, net, crash = pool.run([
+            ToolCall("python", {"code": "print(sum(range(101)))"}),
+            ToolCall("python", {"code": "import socket; socket.create_connection(('1.1.1.1', 53), timeout=3); print('online')"}),
+            ToolCall("python", {"code": "raise SystemExit(3)"})])
+        assert (ok.text, ok.error) == ("5050\n", False)
+        assert net.error and "OSError" in net.text  # the connection failed: the program never printed
+        assert crash.error and "exit status 3" in crash.text
+    finally:
+        pool.close()
+
+
+# -- episodes on the hf engine -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tool_caller(tiny_model, tmp_path_factory):
+    """The tiny model trained (plain PyTorch, about 10 s) on one trace: on "2+3" it calls the
+    calculator, reads the tool turn, and answers. Returns (model dir, prompt dict, tool-turn ids)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+3"}], add_generation_prompt=True, tokenize=True,
+                                     return_dict=False)
+    head, tail = tool_turn_template(tok)
+    turn = tok.encode(head + "5" + tail, add_special_tokens=False)
+    seq = list(prompt) + tok.encode(CALL, add_special_tokens=False) + turn + tok.encode(ANSWER, add_special_tokens=False) \
+        + [tok.eos_token_id]
+    ids = torch.tensor([seq])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    out = tmp_path_factory.mktemp("tool-caller")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out), {"prompt_id": "p0", "prompt_ids": list(prompt), "columns": {"solution": "\\boxed{5}"}}, turn
+
+
+def _generator(path, **rollout):
+    cfg = RolloutConfig(**{"tools": ["calculator"], "max_turns": 4, "max_total_tokens": 160, **rollout})
+    return Generator(path, GeneratorConfig(backend="hf"), seed=1, rollout=cfg)
+
+
+def test_an_episode_calls_the_tool_and_trains_on_exactly_the_generated_tokens(tool_caller):
+    path, prompt, turn = tool_caller
+    gen = _generator(path)
+    try:
+        [r] = gen.generate([prompt], 1, SamplingConfig(max_new_tokens=40), greedy=True)
+    finally:
+        gen.close()
+    assert (r.turns, r.tool_calls, r.tool_errors, r.finish_reason) == (2, 1, 0, "stop"), r.text
+    assert r.messages == [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "5"},
+                          {"role": "assistant", "content": ANSWER}]
+    n_call = next(i for i, m in enumerate(r.loss_mask) if m == 0)
+    tool = [t for t, m in zip(r.completion_ids, r.loss_mask) if m == 0]
+    assert tool == turn  # the tool turn: the template's tokens around the tool's answer, out of the loss
+    assert r.loss_mask == [1] * n_call + [0] * len(turn) + [1] * (len(r.completion_ids) - n_call - len(turn))
+    assert [v for v, m in zip(r.versions, r.loss_mask) if m == 0] == [-1] * len(turn)
+    assert set(r.model_versions) == {0} and r.version == 0
+    assert all(lp == 0.0 for lp, m in zip(r.logprobs, r.loss_mask) if m == 0)
+    # token faithfulness: the learner's log-probs of the sampled ids, tool turn in the context,
+    # equal the generator's behaviour log-probs on every model token
+    from transformers import AutoModelForCausalLM
+
+    from r1ray.actors.batching import pad_batch, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    batch = pad_batch([r.prompt_ids], [r.completion_ids], 0)
+    with torch.no_grad():
+        [learner_lps] = batch.gather(token_logprobs(model, batch))
+    model_lps = [(a, b) for a, b, m in zip(learner_lps, r.logprobs, r.loss_mask) if m]
+    assert max(abs(a - b) for a, b in model_lps) < 1e-4
+
+
+def test_max_turns_and_max_total_tokens_end_an_episode(tool_caller):
+    path, prompt, turn = tool_caller
+    one_turn = _generator(path, max_turns=1)  # (a recipe needs >= 2; the cut itself is tested here)
+    short = _generator(path, max_total_tokens=len(CALL) + 3)
+    try:
+        [r] = one_turn.generate([prompt], 1, SamplingConfig(max_new_tokens=40), greedy=True)
+        assert (r.finish_reason, r.turns, r.tool_calls, r.loss_mask) == ("max_turns", 1, 0, [1] * len(CALL))
+        [r] = short.generate([prompt], 1, SamplingConfig(max_new_tokens=40), greedy=True)
+        assert r.finish_reason == "length" and len(r.completion_ids) == len(CALL) + 3
+        assert r.loss_mask == [1] * len(CALL) + [0] * 3 and r.tool_calls == 1
+    finally:
+        one_turn.close()
+        short.close()
+
+
+def test_weights_that_arrive_while_a_tool_runs_are_adopted_for_the_next_turn(tool_caller, tmp_path, monkeypatch):
+    """A weight update in the middle of a trajectory: the first turn keeps version 0, the turn
+    after the tool answers is sampled by version 1 (hf adopts staged weights between turns)."""
+    path, prompt, turn = tool_caller
+    started, go = tmp_path / "started", tmp_path / "go"
+    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
+    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    gen = _generator(path, tools=["plugin_tools:slow_calculator"])
+    try:
+        from transformers import AutoModelForCausalLM
+
+        # the tool-caller's weights again, as version 1: the same tokens, labelled by version
+        state = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+        blob = io.BytesIO()
+        torch.save(state, blob)
+        out = {}
+        thread = threading.Thread(target=lambda: out.update(r=gen.generate([prompt], 1, SamplingConfig(max_new_tokens=40),
+                                                                            greedy=True)))
+        # the model calls "calculator"; the pool knows only slow_calculator, so rename it there
+        gen.tools.pool.paths["calculator"] = gen.tools.pool.paths.pop("slow_calculator")
+        thread.start()
+        for _ in range(300):
+            if started.exists():
+                break
+            time.sleep(0.1)
+        assert started.exists(), "the tool never ran"
+        gen.load_weights(blob.getvalue(), 1)  # staged: generate holds the engine
+        go.touch()
+        thread.join(60)
+    finally:
+        gen.close()
+    [r] = out["r"]
+    assert r.turns == 2 and r.tool_errors == 0 and r.messages[1]["content"] == "5", r.text
+    first = r.loss_mask.index(0)
+    assert r.versions[:first] == [0] * first
+    assert r.versions[first + len(turn):] == [1] * (len(r.versions) - first - len(turn))
+    assert r.version == 0 and gen.version == 1  # staleness counts the oldest model token
+
+
+def test_tool_turn_tokens_get_exactly_zero_gradient(tool_caller):
+    """A learner step on an episode does not depend on anything at its tool-turn positions: the
+    weights after it are equal whatever behaviour and reference log-probs sit there; without the
+    loss mask they differ (so the test can fail)."""
+    path, prompt, turn = tool_caller
+    gen = _generator(path)
+    try:
+        rollouts = gen.generate([prompt], 2, SamplingConfig(max_new_tokens=40, temperature=1.0))
+    finally:
+        gen.close()
+    assert all(0 in r.loss_mask for r in rollouts)  # both called the tool
+
+    def step(garbage: float, masked: bool):
+        samples = [TrainSample(r.prompt_ids, r.completion_ids,
+                               [lp if m else garbage for lp, m in zip(r.logprobs, r.loss_mask)], a,
+                               loss_mask=r.loss_mask if masked else None)
+                   for r, a in zip(rollouts, [1.0, -1.0])]
+        learner = _learner(path)
+        learner.start_phase(lr=1e-2)
+        learner.grpo_step(samples, global_denom=float(sum(s.loss_tokens for s in samples)),
+                          global_tokens=float(sum(s.loss_tokens for s in samples)))
+        return {k: v.clone() for k, v in learner.engine.module.state_dict().items()}
+
+    a, b = step(0.0, True), step(-7.0, True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c, d = step(0.0, False), step(-7.0, False)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+
+
+# -- the recipe ------------------------------------------------------------------------------
+@pytest.mark.parametrize("sets, match", [
+    (["rollout.max_turns=3"], "'rollout.max_turns': got 3 with no rollout.tools"),
+    (["rollout.tools=[calculator]"], "'rollout.max_turns': got 1 with rollout.tools; accepted: >= 2"),
+    (["rollout.tools=[abacus]", "rollout.max_turns=2"], "'rollout.tools': tool 'abacus': accepted: python, calculator"),
+    (["rollout.tools=[plugin_tools:no_docstring]", "rollout.max_turns=2"], "'rollout.tools': .*docstring"),
+    (["rollout.tools=[calculator]", "rollout.max_turns=2", "generator.backend=vllm"], "backend 'hf' only so far"),
+    (["rollout.tools=[calculator]", "rollout.max_turns=2", "rollout.max_total_tokens=4096"],
+     "'rollout.max_total_tokens': got 4096; accepted: fewer than generator.max_model_len"),
+    (["rollout.tools=[calculator]", "rollout.max_turns=2", "rollout.tool_timeout_s=0"], "'rollout.tool_timeout_s': got 0"),
+])
+def test_bad_rollout_settings_are_refused_naming_the_key(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_recipe("configs/tiny-cpu.yaml", sets)
+
+
+def test_tools_are_rendered_into_the_prompt_by_the_chat_template(tool_caller):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tool_caller[0])
+    # the tiny template ignores tools=; a template that renders them shows them in the prompt
+    tok.chat_template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                         "{% for m in messages %}{{ m.content }}{% endfor %}")
+    r = load_recipe("configs/tiny-cpu.yaml", ["rollout.tools=[calculator, python]", "rollout.max_turns=2"])
+    ids = PromptRenderer(tok, DataConfig(), r.rollout.tools).prompt({"problem": "2+3"}, "p0")["prompt_ids"]
+    assert tok.decode(ids) == "[tool calculator][tool python]2+3"
