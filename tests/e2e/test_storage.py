@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,11 @@ def _submit(dashboard: str, runtime_env: Path, submission_id: str, *args: str) -
     """``ray job submit`` from the clone, as the README writes it; (`ray job status`, lowercase; logs)."""
     cmd = [RAY, "job", "submit", "--address", dashboard, "--runtime-env", str(runtime_env), "--working-dir", ".",
            "--submission-id", submission_id, "--", "python", "-m", "r1ray", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=CLONE, timeout=600)
+    for _ in range(30):  # a fresh head's job agent may not have registered yet: Ray asks to try again
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=CLONE, timeout=600)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
     status = subprocess.run([RAY, "job", "status", "--address", dashboard, submission_id], capture_output=True,
                             text=True, env=_env(), timeout=60)
     logs = subprocess.run([RAY, "job", "logs", "--address", dashboard, submission_id], capture_output=True, text=True,
