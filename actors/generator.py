@@ -105,11 +105,12 @@ class Generator:
         """``prompts``: dicts with ``prompt_id``, ``prompt_ids`` and optional ``columns``.
 
         Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order; each token
-        records the policy version that produced it. With ``rollout.tools`` each rollout is an
-        episode (actors/episodes.py): weights that arrived meanwhile are adopted between turns. ``vllm``: weight updates land while the
+        records the policy version that produced it. ``vllm``: weight updates land while the
         request runs (``cfg.pause_mode``). ``hf``: weights that arrived meanwhile are adopted
         before the request starts; with ``chunk_tokens`` > 0 also every ``chunk_tokens`` tokens,
-        continuing the unfinished sequences with the new weights (partial rollouts).
+        continuing the unfinished sequences with the new weights (partial rollouts). With
+        ``rollout.tools`` (hf) each rollout is an episode (actors/episodes.py) and weights are
+        also adopted between its turns.
         """
         if self.cfg.backend == "vllm":
             with self.spans.span("generate", sequences=len(prompts) * n):

@@ -155,7 +155,11 @@ class ToolResult:
 
 class ToolPool:
     """Spawned workers that run tool calls, ``timeout_s`` of wall clock each, results cut to
-    ``max_output_chars``. Thread-safe; workers start on first use and are replaced when killed."""
+    ``max_output_chars``. Thread-safe. Workers start with the pool and import every tool first
+    (``start_timeout_s``); a worker killed for overrunning is replaced, and its start-up never
+    counts against a call's time."""
+
+    start_timeout_s = 300.0
 
     def __init__(self, tools: list[str], num_workers: int = 2, timeout_s: float = 10.0, max_output_chars: int = 1000):
         self.paths = {}
@@ -166,6 +170,9 @@ class ToolPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * max(1, int(num_workers))
         self._lock = threading.Lock()
+        with self._lock:
+            for slot in range(len(self._workers)):
+                self._workers[slot] = _Worker(self._ctx, list(self.paths.values()))
 
     def run(self, calls: list[ToolCall | str]) -> list[ToolResult]:
         """One result per call, in order (a str is a call that did not parse: an error result)."""
@@ -208,7 +215,8 @@ class ToolPool:
 
     def _send(self, slot: int, call: ToolCall) -> None:
         if self._workers[slot] is None or not self._workers[slot].proc.is_alive():
-            self._workers[slot] = _Worker(self._ctx)
+            self._workers[slot] = _Worker(self._ctx, list(self.paths.values()))
+        self._workers[slot].wait_ready(self.start_timeout_s)
         self._workers[slot].conn.send((self.paths[call.name], call.arguments, self.max_output_chars))
 
     def _kill(self, slot: int) -> None:
@@ -223,11 +231,24 @@ class ToolPool:
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, paths: list[str]):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="r1ray-tool-worker")
+        self.proc = ctx.Process(target=_worker_main, args=(child, paths), daemon=True, name="r1ray-tool-worker")
         self.proc.start()
         child.close()
+        self.ready = False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the worker has imported every tool (it says so once)."""
+        if self.ready:
+            return
+        if not self.conn.poll(timeout_s):
+            raise RuntimeError(f"a tool worker did not start within {timeout_s:g} s")
+        try:
+            self.conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError(f"a tool worker died while starting ({self.exit_status()})") from None
+        self.ready = True
 
     def exit_status(self) -> str:
         self.proc.join(1)
@@ -260,8 +281,9 @@ def clip(text: str, cap: int) -> str:
     return text if len(text) <= cap else f"{text[:cap]}\n... ({len(text) - cap} more characters cut)"
 
 
-def _worker_main(conn) -> None:
-    fns: dict[str, object] = {}
+def _worker_main(conn, paths: list[str]) -> None:
+    fns: dict[str, object] = {path: load(path) for path in paths}  # imports before the first call's clock
+    conn.send("ready")
     while True:
         try:
             path, arguments, cap = conn.recv()
