@@ -89,7 +89,7 @@ class Generator:
             raise ValueError(f"rollout.tools with generator.backend={cfg.backend!r}: multi-turn episodes run on the "
                              "'hf' backend only so far")
         if self.tools:
-            self._engine.stop_strings = [CALL_CLOSE]  # a model turn ends where it closes a tool call
+            self._engine.stop_at(CALL_CLOSE)  # a model turn ends where it closes a tool call
         self.spans = SpanLog()
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
@@ -257,7 +257,13 @@ class _HfEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.stop_strings: list[str] = []  # besides EOS; a row that stops on one is padded after it
+        self.stop: list[list[int]] = []  # token sequences that end a row besides EOS (padded after it)
+
+    def stop_at(self, text: str) -> None:
+        """End a row when its newest tokens are ``text``'s own tokenisation (one token for Qwen's
+        ``</tool_call>``). Cheap, unlike transformers' ``stop_strings``; text reached through
+        other tokens is still found afterwards, by ``ToolTurns.cut_at_call``."""
+        self.stop.append(self.tokenizer.encode(text, add_special_tokens=False))
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state, strict=False)
@@ -290,7 +296,7 @@ class _HfEngine:
             eos_token_id=self.tokenizer.eos_token_id,
             return_dict_in_generate=True,
             output_logits=True,
-            **({"stop_strings": self.stop_strings, "tokenizer": self.tokenizer} if self.stop_strings else {}),
+            **({"stopping_criteria": [_EndsWith(self.stop)]} if self.stop else {}),
         )
         new = gen.sequences[:, width:].cpu()
         logits = torch.stack(gen.logits, dim=1).float().cpu()  # raw logits, [B, T, V]
@@ -306,6 +312,20 @@ class _HfEngine:
                 end, reason = len(row), "length"
             results.append((row[:end], lps[b, :end].tolist(), reason))
         return results
+
+
+class _EndsWith:
+    """transformers stopping criterion: rows whose newest tokens are one of ``seqs``."""
+
+    def __init__(self, seqs: list[list[int]]):
+        self.seqs = [torch.tensor(q) for q in seqs]
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for q in self.seqs:
+            if input_ids.shape[1] >= len(q):
+                done |= (input_ids[:, -len(q):] == q.to(input_ids.device)).all(dim=1)
+        return done
 
 
 class _VllmEngine:

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("tiny", help="build the tiny offline world (model, tokenizer, dataset)")
     w.add_argument("--dir", default="~/.cache/r1ray/tiny-world")
     w.add_argument("--force", action="store_true")
+    w.add_argument("--task", choices=["add", "tools"], default="add",
+                   help="add: the default world; tools: 2-digit products and a calculator (model.tiny_task)")
     return p
 
 
@@ -344,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config.schema import ConfigError
 
     if args.command == "tiny":
-        from .common.tiny import build_tiny_world
+        from .common.tiny import TinySpec, build_tiny_world
 
-        out = build_tiny_world(os.path.expanduser(args.dir), force=args.force)
+        out = build_tiny_world(os.path.expanduser(args.dir), TinySpec.for_task(args.task), force=args.force)
         print(f"tiny world: {out}/model (model + tokenizer), {out}/data (train/test)")
         return 0
     if args.command == "scale":

@@ -44,11 +44,11 @@ def prepare_model(recipe: Recipe) -> tuple[str, Path | None]:
     """Resolve model.path; build the tiny world when the recipe asks for it and it is missing."""
     if recipe.model.path != TINY and recipe.data.path != TINY:
         return recipe.model.path, None
-    from .tiny import build_tiny_world
+    from .tiny import TinySpec, build_tiny_world
 
     tiny_dir = Path(os.path.expanduser(recipe.model.tiny_dir))
     t0 = time.perf_counter()
-    build_tiny_world(tiny_dir)
+    build_tiny_world(tiny_dir, TinySpec.for_task(recipe.model.tiny_task))
     log.info("tiny world ready in %s (%.1fs)", tiny_dir, time.perf_counter() - t0)
     model_path = str(tiny_dir / "model") if recipe.model.path == TINY else recipe.model.path
     return model_path, tiny_dir

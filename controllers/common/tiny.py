@@ -8,6 +8,11 @@ The task is 3-digit addition written least-significant digit first ("reversed"):
 causal model can learn it because each answer digit depends only on digits already seen.
 The SFT trace spells out the column sums with carries, e.g. for 321+654 (123 + 456):
 ``<think>3+6+0=9 2+5+0=7 1+4+0=5</think><answer>\\boxed{975}</answer>``.
+
+``task="tools"`` (configs/tiny-tools.yaml) is a world where a tool matters: 2-digit
+multiplication, which a model this small cannot do in its head but can do by calling the
+calculator and copying its answer. Its SFT traces mix the two ways: ``tool_share`` of them call
+the calculator (a tool turn, then the answer), the rest answer at once.
 """
 from __future__ import annotations
 
@@ -38,6 +43,13 @@ class TinySpec:
     train_size: int = 20000
     test_size: int = 500
     seed: int = 0
+    task: str = "add"  # "add": reversed-digit addition; "tools": 2-digit multiplication with a calculator
+    tool_share: float = 0.4  # task "tools": share of the SFT traces that call the calculator
+
+    @classmethod
+    def for_task(cls, task: str) -> "TinySpec":
+        """The world a recipe's ``model.tiny_task`` names (the tools world has 8100 problems)."""
+        return cls(task=task, train_size=7000) if task == "tools" else cls(task=task)
 
 
 def build_tokenizer():
@@ -113,10 +125,41 @@ def make_example(a: int, b: int, digits: int) -> dict:
     }
 
 
-def build_dataset(spec: TinySpec):
-    """Disjoint train / test splits of reversed-digit additions."""
+TOOL_CALL = '<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n</tool_call>'
+
+
+def make_tool_example(a: int, b: int, call: bool) -> dict:
+    """One row of the tools world: ``a*b``; its SFT trace calls the calculator or answers at once."""
+    problem, answer = f"{a}*{b}", str(a * b)
+    final = f"<answer>\\boxed{{{answer}}}</answer>"
+    turns = ([{"role": "assistant", "content": TOOL_CALL.format(expression=problem)},
+              {"role": "tool", "content": answer}] if call else [])
+    return {"problem": problem, "solution": f"\\boxed{{{answer}}}", "answer": answer,
+            "messages": [{"role": "user", "content": problem}, *turns, {"role": "assistant", "content": final}]}
+
+
+def _tool_dataset(spec: TinySpec):
     from datasets import Dataset, DatasetDict
 
+    rng = random.Random(spec.seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    if spec.train_size + spec.test_size > len(pairs):
+        raise ValueError(f"TinySpec: train_size + test_size = {spec.train_size + spec.test_size}; the tools world "
+                         f"has {len(pairs)} problems")
+    rng.shuffle(pairs)
+    rows = [make_tool_example(a, b, rng.random() < spec.tool_share)
+            for a, b in pairs[: spec.train_size + spec.test_size]]
+    return DatasetDict(train=Dataset.from_list(rows[: spec.train_size]), test=Dataset.from_list(rows[spec.train_size :]))
+
+
+def build_dataset(spec: TinySpec):
+    """Disjoint train / test splits of reversed-digit additions (or of the tools world's products)."""
+    from datasets import Dataset, DatasetDict
+
+    if spec.task == "tools":
+        return _tool_dataset(spec)
+    if spec.task != "add":
+        raise ValueError(f"TinySpec.task: got {spec.task!r}; accepted: 'add', 'tools'")
     rng = random.Random(spec.seed)
     hi = 10**spec.digits
     pairs: set[tuple[int, int]] = set()

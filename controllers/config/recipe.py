@@ -20,6 +20,9 @@ TINY = "tiny"  # model.path / data.path value meaning "the locally built tiny wo
 class ModelConfig:
     path: str = TINY  # hub name, local path, or "tiny"
     tiny_dir: str = "~/.cache/r1ray/tiny-world"  # where the tiny world is built when path is "tiny"
+    # The tiny world's task: "add" (the default world) or "tools" (2-digit products and a
+    # calculator, configs/tiny-tools.yaml); each task needs a tiny_dir of its own.
+    tiny_task: Literal["add", "tools"] = "add"
 
 
 @dataclass

@@ -39,3 +39,30 @@ def test_build_is_idempotent(tiny_world):
     stamp = (tiny_world / "model" / "model.safetensors").stat().st_mtime
     build_tiny_world(tiny_world)
     assert (tiny_world / "model" / "model.safetensors").stat().st_mtime == stamp
+
+
+def test_the_tools_world_mixes_calls_and_its_sft_tool_turn_is_the_episodes_own():
+    """SFT on a tool-calling trace sees the tool turn as exactly the tokens an episode appends
+    (so the warm-up teaches the context GRPO's episodes produce), untrained."""
+    from r1ray.actors.episodes import tool_turn_template
+    from r1ray.controllers.common.chat import render_conversation
+    from r1ray.controllers.common.tiny import build_dataset, build_tokenizer
+
+    ds = build_dataset(TinySpec.for_task("tools"))
+    train, test = ds["train"], ds["test"]
+    assert (len(train), len(test)) == (7000, 500)
+    assert not set(train["problem"]) & set(test["problem"])
+    share = sum(len(m) == 4 for m in train["messages"]) / len(train)
+    assert 0.37 < share < 0.43 and all(len(m) in (2, 4) for m in train["messages"])
+    row = next(r for r in train if len(r["messages"]) == 4)
+    a, b = map(int, row["problem"].split("*"))
+    assert row["answer"] == str(a * b) and row["messages"][2] == {"role": "tool", "content": row["answer"]}
+    tok = build_tokenizer()
+    ex = render_conversation(tok, row["messages"])
+    head, tail = tool_turn_template(tok)
+    turn = tok.encode(head + row["answer"] + tail, add_special_tokens=False)
+    call = tok.encode(row["messages"][1]["content"], add_special_tokens=False)
+    start = next(i for i in range(len(ex.ids)) if ex.ids[i:i + len(call)] == call) + len(call)
+    assert ex.ids[start:start + len(turn)] == turn
+    assert ex.trained[start + 1:start + len(turn)] == [0] * (len(turn) - 1)  # the turn is context, but its <|im_end|>
+    assert ex.trained[start] == 1  # ends the model's call turn: SFT trains it, an episode appends it
