@@ -37,7 +37,7 @@ def ray_head_with_jobs():
     """A `ray start` head with its dashboard (the job server): (GCS address, dashboard URL)."""
     port, dash = free_port(), free_port()
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, capture_output=True,
+                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"], check=True, capture_output=True,
                    env=_env(), timeout=180)
     try:
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
