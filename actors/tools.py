@@ -291,7 +291,7 @@ def _worker_main(conn, paths: list[str]) -> None:
             return
         out = _Capped(cap)
         try:
-            fn = fns.get(path) or fns.setdefault(path, load(path))
+            fn = fns[path]  # the pool sends only the paths this worker loaded at start
             with contextlib.redirect_stdout(out):
                 value = fn(**arguments)
             if value is None:  # what it printed, cut where the buffer stopped keeping it
