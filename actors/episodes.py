@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .tools import CALL_CLOSE, ToolPool, parse_call
+from .tools import CALL_CLOSE, ToolCall, ToolPool, ToolResult, parse_call
 
 
 @dataclass
@@ -40,14 +40,15 @@ class Trajectory:
         self.segments: list[tuple[str, int, int, str]] = []  # (role, start, end, tool answer) of finished turns
         self.turns, self.tool_calls, self.tool_errors, self.tool_time_s = 1, 0, 0, 0.0
 
-    def extend(self, ids: list[int], lps: list[float], version: int, reason: str, budget: int) -> None:
-        """Model tokens; ``reason`` "stop" (EOS), "length" or "tool" (a closed tool call)."""
+    def extend(self, ids: list[int], lps: list[float], version: int | list[int], reason: str, budget: int) -> None:
+        """Model tokens, sampled by policy ``version`` (one, or one per token); ``reason`` "stop"
+        (EOS), "length" or "tool" (a closed tool call)."""
         room = budget - len(self.ids)
         cut = len(ids) > room
         ids, lps = ids[:room], lps[:room]
         self.ids += ids
         self.lps += lps
-        self.versions += [version] * len(ids)
+        self.versions += list(version[: len(ids)]) if isinstance(version, list) else [version] * len(ids)
         self.mask += [1] * len(ids)
         self.reason = "length" if cut else reason
         self.done = self.reason == "stop" or len(self.ids) >= budget or (not ids and reason != "tool")
@@ -103,20 +104,30 @@ class ToolTurns:
     def answer(self, trajectories: list[Trajectory], budget: int) -> None:
         """Run the calls of the trajectories that stopped on one (in parallel, in the pool) and
         append each answer as a tool turn; a trajectory at ``max_turns`` ends there instead."""
+        calling = self.due(trajectories)
+        if calling:
+            for q, res in zip(calling, self.pool.run([self.call_of(q) for q in calling])):
+                self.append(q, res, budget)
+
+    def due(self, trajectories: list[Trajectory]) -> list[Trajectory]:
+        """The trajectories whose model turn closed a call and that may take a tool turn; one at
+        ``max_turns`` ends there instead."""
         calling = [q for q in trajectories if q.reason == "tool" and not q.done]
         for q in calling:
             if q.turns >= self.cfg.max_turns:
                 q.done, q.reason = True, "max_turns"
-        calling = [q for q in calling if not q.done]
-        if not calling:
-            return
-        results = self.pool.run([parse_call(self._text(q.ids[q.turn_start:])) for q in calling])
-        for q, res in zip(calling, results):
-            q.tool_calls += 1
-            q.tool_errors += int(res.error)
-            q.tool_time_s += res.seconds
-            ids = self.tok.encode(self.head + res.text + self.tail, add_special_tokens=False)
-            q.add_tool_turn(ids, res.text, budget)
+        return [q for q in calling if not q.done]
+
+    def call_of(self, q: Trajectory) -> ToolCall | str:
+        return parse_call(self._text(q.ids[q.turn_start:]))
+
+    def append(self, q: Trajectory, res: ToolResult, budget: int) -> None:
+        """The tool's answer as a tool turn: the template's text around it, tokenised on its own."""
+        q.tool_calls += 1
+        q.tool_errors += int(res.error)
+        q.tool_time_s += res.seconds
+        ids = self.tok.encode(self.head + res.text + self.tail, add_special_tokens=False)
+        q.add_tool_turn(ids, res.text, budget)
 
     def _text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

@@ -83,12 +83,9 @@ class Generator:
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
-        # rollout.tools: multi-turn episodes (actors/episodes.py); hf only for now
+        # rollout.tools: multi-turn episodes (actors/episodes.py)
         self.tools = ToolTurns(self._engine.tokenizer, self.rollout) if self.rollout.tools else None
-        if self.tools and cfg.backend != "hf":
-            raise ValueError(f"rollout.tools with generator.backend={cfg.backend!r}: multi-turn episodes run on the "
-                             "'hf' backend only so far")
-        if self.tools:
+        if self.tools and cfg.backend == "hf":
             self._engine.stop_at(CALL_CLOSE)  # a model turn ends where it closes a tool call
         self.spans = SpanLog()
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
@@ -109,16 +106,21 @@ class Generator:
         request runs (``cfg.pause_mode``). ``hf``: weights that arrived meanwhile are adopted
         before the request starts; with ``chunk_tokens`` > 0 also every ``chunk_tokens`` tokens,
         continuing the unfinished sequences with the new weights (partial rollouts). With
-        ``rollout.tools`` (hf) each rollout is an episode (actors/episodes.py) and weights are
-        also adopted between its turns.
+        ``rollout.tools`` each rollout is an episode (actors/episodes.py): hf adopts weights also
+        between its turns; on vllm each turn after the first is a request of its own.
         """
         if self.cfg.backend == "vllm":
             with self.spans.span("generate", sequences=len(prompts) * n):
                 self.calls += 1
-                outs = self._engine.generate([p["prompt_ids"] for p in prompts], n, sampling, greedy)
+                prompt_ids = [p["prompt_ids"] for p in prompts]
+                if self.tools:
+                    budget = self.rollout.budget(sampling.max_new_tokens)
+                    return self._rollouts(prompts, n, self._engine.episodes(prompt_ids, n, sampling, greedy, budget,
+                                                                            self.tools))
                 seqs = []
-                for p, (ids, lps, reason, versions) in zip((p for p in prompts for _ in range(n)), outs):
-                    q = Trajectory(p["prompt_ids"])
+                for p, (ids, lps, reason, versions) in zip((p for p in prompt_ids for _ in range(n)),
+                                                           self._engine.generate(prompt_ids, n, sampling, greedy)):
+                    q = Trajectory(p)
                     q.ids, q.lps, q.versions, q.mask, q.reason = ids, lps, versions, [1] * len(ids), reason
                     seqs.append(q)
                 return self._rollouts(prompts, n, seqs)
@@ -314,6 +316,16 @@ class _HfEngine:
         return results
 
 
+def _sampled(c) -> tuple[list[int], list[float], str, list[int]]:
+    """A vLLM completion as (ids, behaviour log-probs, "stop" | "length", per-token versions)."""
+    ids = list(c.token_ids)
+    lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
+    versions = [0] * len(ids)
+    for span in c.weight_versions or []:
+        versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
+    return ids, lps, "stop" if c.finish_reason == "stop" else "length", versions
+
+
 class _EndsWith:
     """transformers stopping criterion: rows whose newest tokens are one of ``seqs``."""
 
@@ -378,22 +390,64 @@ class _VllmEngine:
 
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool):
         """``(token ids, log-probs, finish reason, per-token versions)`` for each prompt x n."""
+        outs = self._run(self._requests(prompts, self._params(n, sp, greedy, sp.max_new_tokens)))
+        return [_sampled(c) for req in outs for c in sorted(req.outputs, key=lambda c: c.index)]
+
+    def episodes(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool, budget: int,
+                 tools: ToolTurns) -> list[Trajectory]:
+        """Multi-turn episodes, n per prompt, in order. A prompt's n first turns are one request;
+        each trajectory goes on after its tool answers as a request of its own on the same prefix
+        (prefix caching reuses the blocks computed under the same weights: a weight update
+        changes the cache salt, so a turn after it recomputes them). Tool calls run in the pool's
+        workers, awaited off this loop, while the other requests keep generating; updates land
+        inside turns (``pause_mode``) or between them, and every token keeps its version."""
+        return self._run(self._episodes(prompts, n, sp, greedy, budget, tools))
+
+    async def _episodes(self, prompts, n, sp, greedy, budget, tools) -> list[Trajectory]:
+        groups = await asyncio.gather(*(self._episode_group(p, n, sp, greedy, budget, tools) for p in prompts))
+        return [q for group in groups for q in group]
+
+    async def _episode_group(self, prompt, n, sp, greedy, budget, tools) -> list[Trajectory]:
+        if greedy:  # vLLM refuses n > 1 without sampling: n requests of one (the same prefix, cached)
+            firsts = await asyncio.gather(*(self._request(prompt, self._params(1, sp, greedy, budget, episode=True))
+                                            for _ in range(n)))
+            outputs = [req.outputs[0] for req in firsts]
+        else:
+            first = await self._request(prompt, self._params(n, sp, greedy, budget, episode=True))
+            outputs = sorted(first.outputs, key=lambda c: c.index)
+        group = []
+        for c in outputs:
+            q = Trajectory(prompt)
+            self._extend(q, c, budget, tools)
+            group.append(q)
+        await asyncio.gather(*(self._go_on(q, sp, greedy, budget, tools) for q in group))
+        return group
+
+    async def _go_on(self, q: Trajectory, sp, greedy, budget, tools) -> None:
+        loop = asyncio.get_running_loop()
+        while tools.due([q]):
+            [res] = await loop.run_in_executor(None, tools.pool.run, [tools.call_of(q)])
+            tools.append(q, res, budget)
+            if q.done:
+                break
+            out = await self._request(q.prompt + q.ids, self._params(1, sp, greedy, budget - len(q.ids), episode=True))
+            self._extend(q, out.outputs[0], budget, tools)
+        q.done = True
+
+    def _extend(self, q: Trajectory, c, budget: int, tools: ToolTurns) -> None:
+        ids, lps, reason, versions = _sampled(c)
+        ids, lps, reason = tools.cut_at_call(q, ids, lps, reason)
+        q.extend(ids, lps, versions[: len(ids)], reason, budget)
+
+    def _params(self, n: int, sp: SamplingConfig, greedy: bool, max_tokens: int, episode: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(n=n, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else sp.top_p,
-                                max_tokens=sp.max_new_tokens, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
-        outs = self._run(self._requests(prompts, params))
-        results = []
-        for req in outs:
-            for c in sorted(req.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
-                versions = [0] * len(ids)
-                for span in c.weight_versions or []:
-                    versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
-                results.append((ids, lps, "stop" if c.finish_reason == "stop" else "length", versions))
-        return results
+        # episode turns end where the text closes a tool call (the closing tokens kept: the
+        # learner trains on them), matched on the text with special tokens in it
+        stop = dict(stop=[CALL_CLOSE], include_stop_str_in_output=True, skip_special_tokens=False) if episode else {}
+        return SamplingParams(n=n, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else sp.top_p,
+                              max_tokens=max_tokens, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **stop)
 
     async def _requests(self, prompts: list[list[int]], params):
         return await asyncio.gather(*(self._request(p, params) for p in prompts))

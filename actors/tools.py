@@ -24,8 +24,8 @@ import math
 import multiprocessing
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -155,9 +155,10 @@ class ToolResult:
 
 class ToolPool:
     """Spawned workers that run tool calls, ``timeout_s`` of wall clock each, results cut to
-    ``max_output_chars``. Thread-safe. Workers start with the pool and import every tool first
-    (``start_timeout_s``); a worker killed for overrunning is replaced, and its start-up never
-    counts against a call's time."""
+    ``max_output_chars``. Thread-safe and concurrent: calls from any threads share the workers,
+    each call holding one worker while it runs. Workers start with the pool and import every
+    tool first (``start_timeout_s``); a worker killed for overrunning is replaced, and its
+    start-up never counts against a call's time."""
 
     start_timeout_s = 300.0
 
@@ -168,14 +169,16 @@ class ToolPool:
             self.paths[getattr(fn, "__name__", spec)] = BUILT_IN.get(spec, spec)
         self.timeout_s, self.max_output_chars = float(timeout_s), int(max_output_chars)
         self._ctx = multiprocessing.get_context("spawn")
-        self._workers: list[_Worker | None] = [None] * max(1, int(num_workers))
-        self._lock = threading.Lock()
-        with self._lock:
-            for slot in range(len(self._workers)):
-                self._workers[slot] = _Worker(self._ctx, list(self.paths.values()))
+        n = max(1, int(num_workers))
+        self._workers: list[_Worker | None] = [_Worker(self._ctx, list(self.paths.values())) for _ in range(n)]
+        self._free = list(range(n))  # worker slots no call holds
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = ThreadPoolExecutor(n, thread_name_prefix="tool-call")  # run()'s calls, in parallel
 
     def run(self, calls: list[ToolCall | str]) -> list[ToolResult]:
-        """One result per call, in order (a str is a call that did not parse: an error result)."""
+        """One result per call, in order (a str is a call that did not parse: an error result),
+        the calls running in parallel on the free workers."""
         results: list[ToolResult | None] = [None] * len(calls)
         todo = []
         for i, c in enumerate(calls):
@@ -185,39 +188,38 @@ class ToolPool:
                 results[i] = ToolResult(f"error: unknown tool {c.name!r}; available: {', '.join(self.paths)}", True, 0.0)
             else:
                 todo.append(i)
-        with self._lock:
-            busy: dict[int, tuple[int, float]] = {}  # worker slot -> (call index, start time)
-            while todo or busy:
-                for slot in range(len(self._workers)):
-                    if todo and slot not in busy:
-                        i = todo.pop(0)
-                        self._send(slot, calls[i])
-                        busy[slot] = (i, time.monotonic())
-                deadline = min(t0 for _, t0 in busy.values()) + self.timeout_s
-                ready = wait([self._workers[s].conn for s in busy], timeout=max(0.0, deadline - time.monotonic()))
-                now = time.monotonic()
-                for slot in list(busy):
-                    i, t0 = busy[slot]
-                    worker = self._workers[slot]
-                    if worker.conn in ready:
-                        try:
-                            text, error = worker.conn.recv()
-                        except (EOFError, OSError):
-                            text, error = f"error: the tool's process died ({worker.exit_status()})", True
-                            self._kill(slot)
-                        results[i] = ToolResult(text, error, now - t0)
-                        del busy[slot]
-                    elif now - t0 >= self.timeout_s:
-                        self._kill(slot)
-                        results[i] = ToolResult(f"error: the tool did not answer within {self.timeout_s:g} s", True, now - t0)
-                        del busy[slot]
+        for i, res in zip(todo, self._threads.map(lambda i: self._call(calls[i]), todo)):
+            results[i] = res
         return results
 
-    def _send(self, slot: int, call: ToolCall) -> None:
-        if self._workers[slot] is None or not self._workers[slot].proc.is_alive():
-            self._workers[slot] = _Worker(self._ctx, list(self.paths.values()))
-        self._workers[slot].wait_ready(self.start_timeout_s)
-        self._workers[slot].conn.send((self.paths[call.name], call.arguments, self.max_output_chars))
+    def _call(self, call: ToolCall) -> ToolResult:
+        with self._cond:
+            while not self._free and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError("ToolPool is closed")
+            slot = self._free.pop()
+        try:
+            if self._workers[slot] is None or not self._workers[slot].proc.is_alive():
+                self._workers[slot] = _Worker(self._ctx, list(self.paths.values()))
+            worker = self._workers[slot]
+            worker.wait_ready(self.start_timeout_s)
+            worker.conn.send((self.paths[call.name], call.arguments, self.max_output_chars))
+            t0 = time.monotonic()
+            if worker.conn.poll(self.timeout_s):  # an answer, or the end of a worker that died
+                try:
+                    text, error = worker.conn.recv()
+                except (EOFError, OSError):
+                    text, error = f"error: the tool's process died ({worker.exit_status()})", True
+                    self._kill(slot)
+            else:
+                self._kill(slot)
+                text, error = f"error: the tool did not answer within {self.timeout_s:g} s", True
+            return ToolResult(text, error, time.monotonic() - t0)
+        finally:
+            with self._cond:
+                self._free.append(slot)
+                self._cond.notify()
 
     def _kill(self, slot: int) -> None:
         if self._workers[slot] is not None:
@@ -225,9 +227,12 @@ class ToolPool:
             self._workers[slot] = None
 
     def close(self) -> None:
-        with self._lock:
-            for slot in range(len(self._workers)):
-                self._kill(slot)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for slot in range(len(self._workers)):
+            self._kill(slot)
 
 
 class _Worker:

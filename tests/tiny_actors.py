@@ -1,4 +1,5 @@
-"""Actors on the tiny model, in-process, for the tests: a rendered prompt and a set-up learner."""
+"""Actors on the tiny model, in-process, for the tests: a rendered prompt, a set-up learner, and
+the tiny model taught to call a tool."""
 from r1ray.actors.learner import LearnerConfig, LearnerRank
 from r1ray.cluster.groups import free_port
 
@@ -19,3 +20,40 @@ def learner(tiny_model, **kw) -> LearnerRank:
     rank = LearnerRank(tiny_model, cfg, rank=0, world_size=1)
     rank.setup("127.0.0.1", free_port())
     return rank
+
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+ANSWER = "<answer>\\boxed{5}</answer>"
+
+
+def train_tool_caller(tiny_model, out) -> tuple[str, dict, list[int]]:
+    """The tiny model trained (plain PyTorch, about 10 s) on one trace: on "2+3" it calls the
+    calculator, reads the tool turn, and answers. Returns (model dir, prompt dict, tool-turn ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r1ray.actors.episodes import tool_turn_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+3"}], add_generation_prompt=True, tokenize=True,
+                                     return_dict=False)
+    head, tail = tool_turn_template(tok)
+    turn = tok.encode(head + "5" + tail, add_special_tokens=False)
+    seq = list(prompt) + tok.encode(CALL, add_special_tokens=False) + turn + tok.encode(ANSWER, add_special_tokens=False) \
+        + [tok.eos_token_id]
+    ids = torch.tensor([seq])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out), {"prompt_id": "p0", "prompt_ids": list(prompt), "columns": {"solution": "\\boxed{5}"}}, turn

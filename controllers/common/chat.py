@@ -17,14 +17,17 @@ class TemplateError(ValueError):
     """The chat template cannot mark assistant tokens by prefix rendering."""
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
-                                              return_dict=False))
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                              tokenize=True, return_dict=False))
 
 
-def render_conversation(tokenizer, messages: list[dict], system_prompt: str | None = None) -> SftExample:
+def render_conversation(tokenizer, messages: list[dict], system_prompt: str | None = None,
+                        tools: list[dict] | None = None) -> SftExample:
     """The conversation's token ids and its assistant-token mask. ``system_prompt`` goes first
-    unless the conversation starts with a system turn of its own. Raises ValueError for a
+    unless the conversation starts with a system turn of its own; ``tools`` (JSON schemas) are
+    rendered by the template as in the GRPO prompts, so a warm-up's tool-calling traces see the
+    tools the policy will be offered. Raises ValueError for a
     conversation without an assistant turn, TemplateError for a template that is not
     prefix-stable."""
     msgs = list(messages)
@@ -32,14 +35,14 @@ def render_conversation(tokenizer, messages: list[dict], system_prompt: str | No
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     if not any(m.get("role") == "assistant" for m in msgs):
         raise ValueError("the conversation has no assistant turn (nothing to train on)")
-    ids = _render(tokenizer, msgs, generation_prompt=False)
+    ids = _render(tokenizer, msgs, generation_prompt=False, tools=tools)
     trained = [0] * len(ids)
     eos = tokenizer.eos_token_id
     for i, m in enumerate(msgs):
         if m.get("role") != "assistant":
             continue
-        start = len(_render(tokenizer, msgs[:i], generation_prompt=True)) if i else 0
-        upto = _render(tokenizer, msgs[:i + 1], generation_prompt=False)
+        start = len(_render(tokenizer, msgs[:i], generation_prompt=True, tools=tools)) if i else 0
+        upto = _render(tokenizer, msgs[:i + 1], generation_prompt=False, tools=tools)
         if ids[:len(upto)] != upto or start > len(upto):
             raise TemplateError("the chat template renders a conversation's first turns differently from the whole "
                                 "conversation, so assistant tokens cannot be told apart; accepted: a prefix-stable "

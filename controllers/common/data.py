@@ -436,7 +436,7 @@ class PromptRenderer:
 
     def sft_example(self, row: dict) -> SftExample:
         """The row's conversation rendered with the chat template, every assistant turn trained."""
-        return render_conversation(self.tok, row[self.cfg.messages_column], self.cfg.system_prompt)
+        return render_conversation(self.tok, row[self.cfg.messages_column], self.cfg.system_prompt, self.tools)
 
 
 @dataclass

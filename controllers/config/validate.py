@@ -249,9 +249,6 @@ def validate_rollout(r: Recipe) -> None:
     if ro.max_turns < 2:
         raise ConfigError(f"config key 'rollout.max_turns': got {ro.max_turns} with rollout.tools; accepted: >= 2 "
                           "(a turn that calls a tool, then one that reads its answer)")
-    if r.generator.backend != "hf":
-        raise ConfigError(f"config key 'rollout.tools': multi-turn episodes run on generator.backend 'hf' only so far; "
-                          f"got backend {r.generator.backend!r}")
     budget = ro.budget(r.sampling.max_new_tokens)
     if budget >= r.generator.max_model_len:
         raise ConfigError(f"config key 'rollout.max_total_tokens': got {budget}; accepted: fewer than "

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ...actors.tools import schemas
 from ..config import EvalTaskConfig, Recipe
 from ..config.schema import ConfigError
 
@@ -175,6 +176,7 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
                                      "problem_column": cfg.problem_column, "answer_column": cfg.answer_column,
                                      "problems": count, "rows": len(rows), "system_prompt": system or None},
                 cfg.num_samples)
+    tools = schemas(recipe.rollout.tools) if recipe.rollout.tools else None  # offered as in training
     overlap, empty, too_long = [], [], []
     for i in range(count):
         row = rows[i]
@@ -188,7 +190,8 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
             continue
         text, answer = choice_prompt(row, cfg, recipe.eval.seed, i) if cfg.kind == "choice" else (str(problem), gold)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+        ids = list(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
         if len(ids) >= max_model_len:
             too_long.append(f"{i} ({len(ids)} tokens)")
             continue

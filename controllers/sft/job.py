@@ -66,7 +66,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     checked = sft_only(recipe)
     data = prepare_data(checked, tokenizer, tiny_dir)
-    renderer = PromptRenderer(tokenizer, recipe.data)
+    renderer = PromptRenderer(tokenizer, recipe.data, recipe.rollout.tools)
     splits = load_dataset_dict(recipe.data, tiny_dir) if recipe.sft.eval_every else {}
     held_out = held_out_examples(recipe, splits.get(recipe.data.test_split) if splits else None, renderer)
     cfg = dataclasses.replace(recipe.sft, steps=sft_steps(recipe, data), stop_at_pass_rate=None)

@@ -6,8 +6,10 @@ import time
 
 import pytest
 import torch
+from tiny_actors import ANSWER, CALL, train_tool_caller
 from tiny_actors import prompt as _prompt
 
+from r1ray.actors.episodes import RolloutConfig
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import TrainSample
@@ -210,3 +212,53 @@ def test_recomputed_kv_continues_exactly_as_the_new_weights_would(vllm_setup, ti
     rest = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=len(r.completion_ids) - k,
                           do_sample=False, eos_token_id=gen.eos_token_id)[0, prefix.shape[1]:].tolist()
     assert r.completion_ids[k:] == rest
+
+
+def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_model, tmp_path, monkeypatch):
+    """Multi-turn episodes on vLLM: the tiny model taught to call the calculator; both samples
+    stop on the call, the weights arrive (version 1) while their tools run, and each goes on as
+    a request of its own on the same prefix. The tool turn is the template's tokens (mask 0,
+    version -1); the first turn is version 0, the one after the tool version 1; the learner's
+    log-probs of the ids equal vLLM's on every model token."""
+    from transformers import AutoModelForCausalLM
+
+    path, prompt, turn = train_tool_caller(tiny_model, tmp_path / "tool-caller")
+    started, go = tmp_path / "started", tmp_path / "go"
+    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
+    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    rollout = RolloutConfig(tools=["plugin_tools:slow_calculator"], max_turns=4, max_total_tokens=160)
+    gen = Generator(path, GeneratorConfig(backend="vllm", max_model_len=256, max_num_seqs=8), seed=0, rollout=rollout)
+    try:
+        # the model calls "calculator"; the pool knows only slow_calculator, so rename it there
+        gen.tools.pool.paths["calculator"] = gen.tools.pool.paths.pop("slow_calculator")
+        model = AutoModelForCausalLM.from_pretrained(path)
+        client, trainer = _trainer(gen, model, 1 << 20)
+        out = []
+        worker = threading.Thread(target=lambda: out.extend(
+            gen.generate([prompt], 2, SamplingConfig(max_new_tokens=40), greedy=True)))
+        worker.start()
+        for _ in range(600):
+            if started.exists():
+                break
+            time.sleep(0.1)
+        assert started.exists(), "the tool never ran"
+        _send(client, trainer, 1)  # the same weights, as version 1, while the calls run
+        go.touch()
+        worker.join(120)
+    finally:
+        gen.close()
+    assert len(out) == 2 and gen.version == 1
+    for r in out:
+        assert (r.turns, r.tool_calls, r.tool_errors, r.finish_reason) == (2, 1, 0, "stop"), r.text
+        assert r.messages == [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "5"},
+                              {"role": "assistant", "content": ANSWER}]
+        first, rest = r.loss_mask.index(0), len(r.completion_ids) - r.loss_mask.index(0) - len(turn)
+        assert r.completion_ids[first:first + len(turn)] == turn
+        assert r.loss_mask == [1] * first + [0] * len(turn) + [1] * rest and rest > 0
+        assert r.versions == [0] * first + [-1] * len(turn) + [1] * rest and r.version == 0
+        with torch.no_grad():
+            full = torch.tensor([r.prompt_ids + r.completion_ids])
+            logp = torch.log_softmax(model(full).logits[0, len(r.prompt_ids) - 1 : -1].float(), -1)
+            lp = logp.gather(-1, full[0, len(r.prompt_ids):, None]).squeeze(-1).tolist()
+        model_tokens = [(a, b) for a, b, m in zip(lp, r.logprobs, r.loss_mask) if m]
+        assert max(abs(a - b) for a, b in model_tokens) < 1e-3

@@ -6,18 +6,16 @@ import time
 
 import pytest
 import torch
+from tiny_actors import ANSWER, CALL, train_tool_caller
 from tiny_actors import learner as _learner
 
-from r1ray.actors.episodes import RolloutConfig, tool_turn_template
+from r1ray.actors.episodes import RolloutConfig
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 from r1ray.actors.rollout import TrainSample
 from r1ray.actors.tools import ToolCall, ToolPool, calculator, parse_call, schemas
 from r1ray.controllers.common.data import PromptRenderer
 from r1ray.controllers.config import DataConfig, load_recipe
 from r1ray.controllers.config.schema import ConfigError
-
-CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
-ANSWER = "<answer>\\boxed{5}</answer>"
 
 
 # -- tools -----------------------------------------------------------------------------------
@@ -93,33 +91,7 @@ def test_the_python_tool_runs_in_the_sandbox_without_network():
 # -- episodes on the hf engine -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tool_caller(tiny_model, tmp_path_factory):
-    """The tiny model trained (plain PyTorch, about 10 s) on one trace: on "2+3" it calls the
-    calculator, reads the tool turn, and answers. Returns (model dir, prompt dict, tool-turn ids)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "2+3"}], add_generation_prompt=True, tokenize=True,
-                                     return_dict=False)
-    head, tail = tool_turn_template(tok)
-    turn = tok.encode(head + "5" + tail, add_special_tokens=False)
-    seq = list(prompt) + tok.encode(CALL, add_special_tokens=False) + turn + tok.encode(ANSWER, add_special_tokens=False) \
-        + [tok.eos_token_id]
-    ids = torch.tensor([seq])
-    labels = ids.clone()
-    labels[0, : len(prompt)] = -100
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 1e-3:
-            break
-    out = tmp_path_factory.mktemp("tool-caller")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out), {"prompt_id": "p0", "prompt_ids": list(prompt), "columns": {"solution": "\\boxed{5}"}}, turn
+    return train_tool_caller(tiny_model, tmp_path_factory.mktemp("tool-caller"))
 
 
 def _generator(path, **rollout):
@@ -247,7 +219,6 @@ def test_tool_turn_tokens_get_exactly_zero_gradient(tool_caller):
     (["rollout.tools=[calculator]"], "'rollout.max_turns': got 1 with rollout.tools; accepted: >= 2"),
     (["rollout.tools=[abacus]", "rollout.max_turns=2"], "'rollout.tools': tool 'abacus': accepted: python, calculator"),
     (["rollout.tools=[plugin_tools:no_docstring]", "rollout.max_turns=2"], "'rollout.tools': .*docstring"),
-    (["rollout.tools=[calculator]", "rollout.max_turns=2", "generator.backend=vllm"], "backend 'hf' only so far"),
     (["rollout.tools=[calculator]", "rollout.max_turns=2", "rollout.max_total_tokens=4096"],
      "'rollout.max_total_tokens': got 4096; accepted: fewer than generator.max_model_len"),
     (["rollout.tools=[calculator]", "rollout.max_turns=2", "rollout.tool_timeout_s=0"], "'rollout.tool_timeout_s': got 0"),
@@ -257,7 +228,7 @@ def test_bad_rollout_settings_are_refused_naming_the_key(sets, match):
         load_recipe("configs/tiny-cpu.yaml", sets)
 
 
-def test_tools_are_rendered_into_the_prompt_by_the_chat_template(tool_caller):
+def test_tools_are_rendered_into_prompts_sft_traces_and_eval_tasks(tool_caller, tiny_world):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tool_caller[0])
@@ -265,5 +236,18 @@ def test_tools_are_rendered_into_the_prompt_by_the_chat_template(tool_caller):
     tok.chat_template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
                          "{% for m in messages %}{{ m.content }}{% endfor %}")
     r = load_recipe("configs/tiny-cpu.yaml", ["rollout.tools=[calculator, python]", "rollout.max_turns=2"])
-    ids = PromptRenderer(tok, DataConfig(), r.rollout.tools).prompt({"problem": "2+3"}, "p0")["prompt_ids"]
+    renderer = PromptRenderer(tok, DataConfig(), r.rollout.tools)
+    ids = renderer.prompt({"problem": "2+3"}, "p0")["prompt_ids"]
     assert tok.decode(ids) == "[tool calculator][tool python]2+3"
+    # an SFT warm-up's traces see the same tools; the assistant's tokens alone are trained
+    conversation = [{"role": "user", "content": "2+3"}, {"role": "assistant", "content": "5"}]
+    e = renderer.sft_example({"messages": conversation})
+    assert tok.decode(e.ids) == "[tool calculator][tool python]2+35"
+    assert tok.decode([t for t, m in zip(e.ids, e.trained) if m]) == "5"
+    # and so do the prompts of r1ray eval's tasks (the held-out split here)
+    from r1ray.controllers.evaluation.tasks import load_task
+
+    r = load_recipe("configs/tiny-cpu.yaml", ["rollout.tools=[calculator, python]", "rollout.max_turns=2",
+                                               f"model.tiny_dir={tiny_world}"])
+    task = load_task(r.eval.tasks[0], 0, r, tok, 256, tiny_world)
+    assert tok.decode(task.prompts[0]["prompt_ids"]).startswith("[tool calculator][tool python]")
