@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from . import storage
-from .episodes import RolloutConfig, ToolTurns, Trajectory
+from .episodes import RolloutConfig, ToolTurns, Trajectory, env_step
 from .rollout import Rollout
 from .spans import SpanLog
 from .tools import CALL_CLOSE
@@ -83,9 +83,9 @@ class Generator:
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
-        # rollout.tools: multi-turn episodes (actors/episodes.py)
-        self.tools = ToolTurns(self._engine.tokenizer, self.rollout) if self.rollout.tools else None
-        if self.tools and cfg.backend == "hf":
+        # rollout.tools / rollout.environment: multi-turn episodes (actors/episodes.py)
+        self.tools = ToolTurns(self._engine.tokenizer, self.rollout) if self.rollout.multi_turn else None
+        if self.rollout.tools and cfg.backend == "hf":
             self._engine.stop_at(CALL_CLOSE)  # a model turn ends where it closes a tool call
         self.spans = SpanLog()
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
@@ -115,7 +115,7 @@ class Generator:
                 prompt_ids = [p["prompt_ids"] for p in prompts]
                 if self.tools:
                     budget = self.rollout.budget(sampling.max_new_tokens)
-                    return self._rollouts(prompts, n, self._engine.episodes(prompt_ids, n, sampling, greedy, budget,
+                    return self._rollouts(prompts, n, self._engine.episodes(prompts, n, sampling, greedy, budget,
                                                                             self.tools))
                 seqs = []
                 for p, (ids, lps, reason, versions) in zip((p for p in prompt_ids for _ in range(n)),
@@ -127,6 +127,9 @@ class Generator:
         with self._lock, self.spans.span("generate", sequences=len(prompts) * n):
             self._adopt_pending()
             seqs = [Trajectory(p["prompt_ids"]) for p in prompts for _ in range(n)]
+            if self.tools:
+                for i, q in enumerate(seqs):
+                    self.tools.start(q, prompts[i // n].get("columns", {}))
             budget = self.rollout.budget(sampling.max_new_tokens)
             step = budget if chunk_tokens <= 0 else min(chunk_tokens, budget)
             first = True
@@ -393,7 +396,7 @@ class _VllmEngine:
         outs = self._run(self._requests(prompts, self._params(n, sp, greedy, sp.max_new_tokens)))
         return [_sampled(c) for req in outs for c in sorted(req.outputs, key=lambda c: c.index)]
 
-    def episodes(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool, budget: int,
+    def episodes(self, prompts: list[dict], n: int, sp: SamplingConfig, greedy: bool, budget: int,
                  tools: ToolTurns) -> list[Trajectory]:
         """Multi-turn episodes, n per prompt, in order. A prompt's n first turns are one request;
         each trajectory goes on after its tool answers as a request of its own on the same prefix
@@ -407,7 +410,8 @@ class _VllmEngine:
         groups = await asyncio.gather(*(self._episode_group(p, n, sp, greedy, budget, tools) for p in prompts))
         return [q for group in groups for q in group]
 
-    async def _episode_group(self, prompt, n, sp, greedy, budget, tools) -> list[Trajectory]:
+    async def _episode_group(self, p: dict, n, sp, greedy, budget, tools) -> list[Trajectory]:
+        prompt = p["prompt_ids"]
         if greedy:  # vLLM refuses n > 1 without sampling: n requests of one (the same prefix, cached)
             firsts = await asyncio.gather(*(self._request(prompt, self._params(1, sp, greedy, budget, episode=True))
                                             for _ in range(n)))
@@ -418,6 +422,7 @@ class _VllmEngine:
         group = []
         for c in outputs:
             q = Trajectory(prompt)
+            tools.start(q, p.get("columns", {}))
             self._extend(q, c, budget, tools)
             group.append(q)
         await asyncio.gather(*(self._go_on(q, sp, greedy, budget, tools) for q in group))
@@ -425,9 +430,15 @@ class _VllmEngine:
 
     async def _go_on(self, q: Trajectory, sp, greedy, budget, tools) -> None:
         loop = asyncio.get_running_loop()
-        while tools.due([q]):
-            [res] = await loop.run_in_executor(None, tools.pool.run, [tools.call_of(q)])
-            tools.append(q, res, budget)
+        while True:
+            if tools.due([q]):
+                [res] = await loop.run_in_executor(None, tools.pool.run, [tools.call_of(q)])
+                tools.append(q, res, budget)
+            elif tools.env_due([q]):
+                step = await loop.run_in_executor(None, env_step, q, tools.conversation(q))
+                tools.env_append(q, step, budget)
+            else:
+                break
             if q.done:
                 break
             out = await self._request(q.prompt + q.ids, self._params(1, sp, greedy, budget - len(q.ids), episode=True))

@@ -1,5 +1,5 @@
-"""A user's tools, referenced by import path in the tests: each with type hints and an Args:
-docstring (transformers' get_json_schema convention)."""
+"""A user's tools and environments, referenced by import path in the tests: tools with type
+hints and an Args: docstring (transformers' get_json_schema convention)."""
 import os
 import time
 from pathlib import Path
@@ -52,3 +52,31 @@ def slow_calculator(expression: str) -> str:
 
 def no_docstring(x: int) -> int:
     return x
+
+
+class Checker:
+    """An environment that answers back: the row's problem as the opening turn; after each
+    answer, "done" when it holds the row's solution, else a user turn saying it is wrong."""
+
+    def reset(self, row: dict) -> list[dict]:
+        self.solution, self.steps = row["solution"], 0
+        return [{"role": "user", "content": row["problem"]}]
+
+    def step(self, messages: list[dict]) -> tuple[list[dict], bool]:
+        self.steps += 1
+        assert messages[-1]["role"] == "assistant"
+        if self.solution in messages[-1]["content"]:
+            return [], True
+        return [{"role": "user", "content": "wrong, try again"}], False
+
+
+class Broken(Checker):
+    """An environment whose step raises."""
+
+    def step(self, messages: list[dict]) -> tuple[list[dict], bool]:
+        raise KeyError("score")
+
+
+class NoStep:
+    def reset(self, row: dict) -> list[dict]:
+        return []

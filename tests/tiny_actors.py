@@ -42,9 +42,46 @@ def train_tool_caller(tiny_model, out) -> tuple[str, dict, list[int]]:
     turn = tok.encode(head + "5" + tail, add_special_tokens=False)
     seq = list(prompt) + tok.encode(CALL, add_special_tokens=False) + turn + tok.encode(ANSWER, add_special_tokens=False) \
         + [tok.eos_token_id]
+    _fit(model, seq, len(prompt))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out), {"prompt_id": "p0", "prompt_ids": list(prompt), "columns": {"solution": "\\boxed{5}"}}, turn
+
+
+TALK = [{"role": "user", "content": "2+3"}, {"role": "assistant", "content": "<answer>\\boxed{4}</answer>"},
+        {"role": "user", "content": "wrong, try again"}, {"role": "assistant", "content": "<answer>\\boxed{5}</answer>"}]
+
+
+def train_env_talker(tiny_model, out) -> tuple[str, dict]:
+    """The tiny model trained on one conversation with a checker that answers back (``TALK``):
+    it answers 4, is told it is wrong, and answers 5. Returns (model dir, prompt dict)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r1ray.controllers.common.chat import render_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    opening = TALK[:1]
+    prompt = tok.apply_chat_template(opening, add_generation_prompt=True, tokenize=True, return_dict=False)
+    e = render_conversation(tok, TALK)
+    _fit(model, e.ids, len(prompt), e.trained)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out), {"prompt_id": "p0", "prompt_ids": list(prompt),
+                      "columns": {"problem": "2+3", "solution": "\\boxed{5}", "prompt": opening}}
+
+
+def _fit(model, seq: list[int], prompt_len: int, trained: list[int] | None = None) -> None:
+    """Adam on one sequence until it is memorised: the loss on the tokens after the prompt (or
+    on the ``trained`` ones)."""
+    import torch
+
     ids = torch.tensor([seq])
     labels = ids.clone()
-    labels[0, : len(prompt)] = -100
+    labels[0, :prompt_len] = -100
+    if trained is not None:
+        labels[0, torch.tensor(trained) == 0] = -100
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
@@ -54,6 +91,3 @@ def train_tool_caller(tiny_model, out) -> tuple[str, dict, list[int]]:
         opt.step()
         if loss.item() < 1e-3:
             break
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out), {"prompt_id": "p0", "prompt_ids": list(prompt), "columns": {"solution": "\\boxed{5}"}}, turn

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ...actors.episodes import load_environment
 from ...actors.packing import SftExample
 from ...actors.tools import schemas
 from ..config import TINY, DataConfig, Recipe
@@ -60,7 +61,7 @@ def prepare_data(recipe: Recipe, tokenizer, tiny_dir: Path | None) -> PreparedDa
     t0 = time.perf_counter()
     cfg = recipe.data
     ds = load_dataset_dict(cfg, tiny_dir)
-    renderer = PromptRenderer(tokenizer, cfg, recipe.rollout.tools)
+    renderer = PromptRenderer(tokenizer, cfg, recipe.rollout.tools, recipe.rollout.environment)
     needs = [_Need.train(recipe), _Need.test(recipe)]
     cache: dict[str, list] = {}  # split name -> rendered prompt lengths (a split may be both train and test)
     out: dict[str, tuple] = {}
@@ -416,15 +417,22 @@ def _check_enough(r: Recipe, data: PreparedData, needs: list[_Need]) -> None:
 class PromptRenderer:
     """Chat-template rendering and tokenisation, done once per prompt in the driver."""
 
-    def __init__(self, tokenizer, cfg: DataConfig, tools: list[str] | None = None):
+    def __init__(self, tokenizer, cfg: DataConfig, tools: list[str] | None = None, environment: str | None = None):
         """``tools``: the recipe's ``rollout.tools``, rendered into every prompt through the chat
-        template's ``tools=`` (their JSON schemas)."""
+        template's ``tools=`` (their JSON schemas). ``environment``: ``rollout.environment``,
+        whose ``reset(row)`` gives a prompt's messages instead of ``data.prompt_column``."""
         self.tok, self.cfg = tokenizer, cfg
         self.tools = schemas(tools) if tools else None
+        self.env_class = load_environment(environment) if environment else None
 
     def messages(self, row: dict) -> list[dict]:
         msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-        return msgs + [{"role": "user", "content": row[self.cfg.prompt_column]}]
+        if self.env_class is None:
+            return msgs + [{"role": "user", "content": row[self.cfg.prompt_column]}]
+        opening = [dict(m) for m in self.env_class().reset(dict(row))]
+        if not opening or not all(isinstance(m.get("content"), str) for m in opening):
+            raise ValueError(f"rollout.environment: reset(row) must return a non-empty list of messages; got {opening!r:.200}")
+        return opening if opening[0].get("role") == "system" else msgs + opening
 
     def prompt(self, row: dict, prompt_id: str) -> dict:
         msgs = self.messages(row)

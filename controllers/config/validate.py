@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from ...actors.episodes import load_environment
 from ...actors.scorer import check_specs
 from ...actors.tools import schemas
 from .recipe import EVAL_TASKS, EvalConfig, Recipe
@@ -237,18 +238,24 @@ def validate_rollout(r: Recipe) -> None:
                        ("rollout.tool_workers", ro.tool_workers), ("rollout.max_tool_output_chars", ro.max_tool_output_chars),
                        *([("rollout.max_total_tokens", ro.max_total_tokens)] if ro.max_total_tokens is not None else [])]:
         _positive(key, value)
-    if not ro.tools:
+    if not ro.multi_turn:
         if ro.max_turns > 1:
             raise ConfigError(f"config key 'rollout.max_turns': got {ro.max_turns} with no rollout.tools; accepted: 1, "
-                              "or tools for the policy to call between turns")
+                              "or tools (or an environment) for the policy to meet between turns")
         return
     try:
         schemas(ro.tools)
     except ValueError as e:
         raise ConfigError(f"config key 'rollout.tools': {e}") from None
+    if ro.environment:
+        try:
+            load_environment(ro.environment)
+        except ValueError as e:
+            raise ConfigError(f"config key 'rollout.environment': {e}; accepted: 'package.module:Class'") from None
+    what = "rollout.tools" if ro.tools else "rollout.environment"
     if ro.max_turns < 2:
-        raise ConfigError(f"config key 'rollout.max_turns': got {ro.max_turns} with rollout.tools; accepted: >= 2 "
-                          "(a turn that calls a tool, then one that reads its answer)")
+        raise ConfigError(f"config key 'rollout.max_turns': got {ro.max_turns} with {what}; accepted: >= 2 "
+                          "(a turn that calls a tool or meets the environment, then one that reads its answer)")
     budget = ro.budget(r.sampling.max_new_tokens)
     if budget >= r.generator.max_model_len:
         raise ConfigError(f"config key 'rollout.max_total_tokens': got {budget}; accepted: fewer than "

@@ -121,7 +121,7 @@ def prepare_inputs(recipe: Recipe, model_path: str, tiny_dir: Path | None) -> In
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = prepare_data(recipe, tokenizer, tiny_dir)
-    renderer = PromptRenderer(tokenizer, recipe.data, recipe.rollout.tools)
+    renderer = PromptRenderer(tokenizer, recipe.data, recipe.rollout.tools, recipe.rollout.environment)
     eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))
                     for i in range(min(recipe.eval.num_prompts, len(data.test)))]
     s = recipe.sampling

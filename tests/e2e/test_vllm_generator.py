@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from tiny_actors import ANSWER, CALL, train_tool_caller
+from tiny_actors import ANSWER, CALL, TALK, train_env_talker, train_tool_caller
 from tiny_actors import prompt as _prompt
 
 from r1ray.actors.episodes import RolloutConfig
@@ -262,3 +262,24 @@ def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_
             lp = logp.gather(-1, full[0, len(r.prompt_ids):, None]).squeeze(-1).tolist()
         model_tokens = [(a, b) for a, b, m in zip(lp, r.logprobs, r.loss_mask) if m]
         assert max(abs(a - b) for a, b in model_tokens) < 1e-3
+
+
+def test_an_environment_episode_is_the_templates_rendering(tiny_model, tmp_path):
+    """An environment that answers back (rollout.environment) on vLLM: the policy's wrong first
+    answer, the checker's user turn, the right answer; prompt + episode ids are exactly the
+    chat template's rendering of the conversation, the loss mask its assistant-token mask."""
+    from transformers import AutoTokenizer
+
+    from r1ray.controllers.common.chat import render_conversation
+
+    path, prompt = train_env_talker(tiny_model, tmp_path / "env-talker")
+    rollout = RolloutConfig(environment="plugin_tools:Checker", max_turns=4, max_total_tokens=120)
+    gen = Generator(path, GeneratorConfig(backend="vllm", max_model_len=256, max_num_seqs=8), seed=0, rollout=rollout)
+    try:
+        out = gen.generate([prompt], 2, SamplingConfig(max_new_tokens=40), greedy=True)
+    finally:
+        gen.close()
+    e = render_conversation(AutoTokenizer.from_pretrained(path), TALK)
+    for r in out:
+        assert (r.turns, r.finish_reason, r.messages) == (2, "stop", TALK[1:]), r.text
+        assert r.prompt_ids + r.completion_ids == e.ids and r.loss_mask == e.trained[len(r.prompt_ids):]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from tiny_actors import ANSWER, CALL, train_tool_caller
+from tiny_actors import ANSWER, CALL, TALK, train_env_talker, train_tool_caller
 from tiny_actors import learner as _learner
 
 from r1ray.actors.episodes import RolloutConfig
@@ -222,6 +222,11 @@ def test_tool_turn_tokens_get_exactly_zero_gradient(tool_caller):
     (["rollout.tools=[calculator]", "rollout.max_turns=2", "rollout.max_total_tokens=4096"],
      "'rollout.max_total_tokens': got 4096; accepted: fewer than generator.max_model_len"),
     (["rollout.tools=[calculator]", "rollout.max_turns=2", "rollout.tool_timeout_s=0"], "'rollout.tool_timeout_s': got 0"),
+    (["rollout.environment=plugin_tools:NoStep", "rollout.max_turns=2"],
+     "'rollout.environment': environment 'plugin_tools:NoStep' must be a class with reset.row. and step.messages.; "
+     "it has no step"),
+    (["rollout.environment=plugin_tools:Nowhere", "rollout.max_turns=2"], "'rollout.environment': cannot load"),
+    (["rollout.environment=plugin_tools:Checker"], "'rollout.max_turns': got 1 with rollout.environment; accepted: >= 2"),
 ])
 def test_bad_rollout_settings_are_refused_naming_the_key(sets, match):
     with pytest.raises(ConfigError, match=match):
@@ -251,3 +256,53 @@ def test_tools_are_rendered_into_prompts_sft_traces_and_eval_tasks(tool_caller, 
                                                f"model.tiny_dir={tiny_world}"])
     task = load_task(r.eval.tasks[0], 0, r, tok, 256, tiny_world)
     assert tok.decode(task.prompts[0]["prompt_ids"]).startswith("[tool calculator][tool python]")
+
+
+# -- environments -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env_talker(tiny_model, tmp_path_factory):
+    return train_env_talker(tiny_model, tmp_path_factory.mktemp("env-talker"))
+
+
+def _env_episode(path, prompt, environment, max_turns=4):
+    gen = Generator(path, GeneratorConfig(backend="hf"), seed=1,
+                    rollout=RolloutConfig(environment=environment, max_turns=max_turns, max_total_tokens=120))
+    try:
+        [r] = gen.generate([prompt], 1, SamplingConfig(max_new_tokens=40), greedy=True)
+    finally:
+        gen.close()
+    return r
+
+
+def test_an_environment_answers_back_and_the_episode_is_the_templates_rendering(env_talker):
+    """The checker says the first answer is wrong; the policy answers again; the checker ends it.
+    Token-faithful: prompt + episode ids are exactly the chat template's rendering of the whole
+    conversation, and the loss mask is exactly its assistant-token mask."""
+    from transformers import AutoTokenizer
+
+    from r1ray.controllers.common.chat import render_conversation
+
+    path, prompt = env_talker
+    r = _env_episode(path, prompt, "plugin_tools:Checker")
+    assert (r.turns, r.tool_calls, r.finish_reason) == (2, 0, "stop"), r.text
+    assert r.messages == TALK[1:]
+    e = render_conversation(AutoTokenizer.from_pretrained(path), TALK)
+    assert r.prompt_ids + r.completion_ids == e.ids
+    assert r.loss_mask == e.trained[len(r.prompt_ids):]
+    assert [v for v, m in zip(r.versions, r.loss_mask) if not m] == [-1] * r.loss_mask.count(0)
+    # max_turns ends it after the wrong answer; a step that raises ends it, not the run
+    r = _env_episode(path, prompt, "plugin_tools:Checker", max_turns=1)
+    assert (r.turns, r.finish_reason, r.loss_mask.count(0)) == (1, "max_turns", 0)
+    r = _env_episode(path, prompt, "plugin_tools:Broken")
+    assert (r.turns, r.finish_reason, r.messages) == (1, "env_error", TALK[1:2])
+
+
+def test_an_environment_gives_the_prompt_through_reset(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    row = {"problem": "2+3", "solution": "\\boxed{5}"}
+    p = PromptRenderer(tok, DataConfig(system_prompt="Be brief."), environment="plugin_tools:Checker").prompt(row, "p0")
+    assert p["columns"]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3"}]
+    assert p["prompt_ids"] == tok.apply_chat_template(p["columns"]["prompt"], add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
