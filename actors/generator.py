@@ -61,8 +61,9 @@ class GeneratorConfig:
 class Generator:
     """Plain class: works in-process; ``cluster/`` makes it a Ray actor named ``generator-<i>``.
 
-    ``hf``: one request at a time; ``load_weights`` stages serialised weights, adopted between
-    requests (or chunks). ``vllm``: calls run concurrently (each prompt group one vLLM request,
+    ``hf``: one request generates at a time; ``load_weights`` stages serialised weights, adopted
+    between requests (or chunks, or turns); with tools another request generates while one's
+    calls run. ``vllm``: calls run concurrently (each prompt group one vLLM request,
     batched continuously with the rest), and weights arrive through vLLM's weight-transfer API
     (``init_weight_transfer`` once, then ``start_weight_update`` / ``update_weights`` /
     ``finish_weight_update`` per version) while requests stay in flight.
@@ -152,8 +153,14 @@ class Generator:
                         ids, lps, reason = self.tools.cut_at_call(q, ids, lps, reason)
                     q.extend(ids, lps, self.version, reason, budget)
                 if self.tools:
-                    with self.spans.span("tools"):
-                        self.tools.answer(active, budget)
+                    # the engine is free while the calls run: another request (a generator with
+                    # tools takes two at once) generates meanwhile, or weights are adopted
+                    self._lock.release()
+                    try:
+                        with self.spans.span("tools"):
+                            self.tools.answer(active, budget)
+                    finally:
+                        self._lock.acquire()
                 first = False
             return self._rollouts(prompts, n, seqs)
 

@@ -80,3 +80,10 @@ class Broken(Checker):
 class NoStep:
     def reset(self, row: dict) -> list[dict]:
         return []
+
+
+class NeedsLevel(Checker):
+    """An environment that reads a column the tiny world does not have."""
+
+    def reset(self, row: dict) -> list[dict]:
+        return [{"role": "user", "content": f"level {row['level']}"}]

@@ -84,8 +84,9 @@ class System:
 
     @property
     def generator_calls(self) -> int:
-        """Generate calls one generator runs at once (vLLM batches them continuously)."""
-        return self.r.generator.max_requests if self.streams_weights else 1
+        """Generate calls one generator runs at once (vLLM batches them continuously; hf
+        episodes: one generates while the other's tool calls or environment steps run)."""
+        return self.r.generator.max_requests if self.streams_weights else 2 if self.r.rollout.multi_turn else 1
 
     @property
     def uses_reference(self) -> bool:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ...actors.episodes import load_environment
 from ...actors.tools import schemas
 from ..config import EvalTaskConfig, Recipe
 from ..config.schema import ConfigError
@@ -177,6 +178,7 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
                                      "problems": count, "rows": len(rows), "system_prompt": system or None},
                 cfg.num_samples)
     tools = schemas(recipe.rollout.tools) if recipe.rollout.tools else None  # offered as in training
+    env = load_environment(recipe.rollout.environment) if recipe.rollout.environment else None
     overlap, empty, too_long = [], [], []
     for i in range(count):
         row = rows[i]
@@ -190,13 +192,22 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
             continue
         text, answer = choice_prompt(row, cfg, recipe.eval.seed, i) if cfg.kind == "choice" else (str(problem), gold)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        columns = {"answer": str(answer), "problem": str(problem), "prompt": msgs, "row": i}
+        if env is not None:  # the environment opens each episode from the task's row, as in training
+            try:
+                opening = [dict(m) for m in env().reset(dict(row))]
+            except Exception as e:
+                raise ConfigError(f"config key '{key}' ({cfg.name}): rollout.environment's reset(row) failed on row {i}: "
+                                  f"{type(e).__name__}: {e}; accepted: a task whose rows have the columns the "
+                                  "environment reads") from None
+            msgs = opening if opening and opening[0].get("role") == "system" else msgs[:-1] + opening
+            columns = {**row, **columns, "prompt": msgs}
         ids = list(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
                                                  return_dict=False))
         if len(ids) >= max_model_len:
             too_long.append(f"{i} ({len(ids)} tokens)")
             continue
-        task.prompts.append({"prompt_id": f"{cfg.name}-{i}", "prompt_ids": ids,
-                             "columns": {"answer": str(answer), "problem": str(problem), "prompt": msgs, "row": i}})
+        task.prompts.append({"prompt_id": f"{cfg.name}-{i}", "prompt_ids": ids, "columns": columns})
     where = f"config key '{key}' ({cfg.name})"
     if empty:
         raise ConfigError(f"{where}: {len(empty)} of its {count} rows have an empty problem or answer: rows "

@@ -184,6 +184,40 @@ def test_weights_that_arrive_while_a_tool_runs_are_adopted_for_the_next_turn(too
     assert r.version == 0 and gen.version == 1  # staleness counts the oldest model token
 
 
+def test_another_request_generates_while_one_waits_for_its_tool(tool_caller, tmp_path, monkeypatch):
+    """hf: the engine is released while a request's calls run, so a second request (the
+    generator takes two at once with tools) is not held behind a slow tool."""
+    path, prompt, turn = tool_caller
+    started, go = tmp_path / "started", tmp_path / "go"
+    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
+    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    gen = _generator(path, tools=["plugin_tools:slow_calculator"], max_total_tokens=None)
+    gen.tools.pool.paths["calculator"] = gen.tools.pool.paths.pop("slow_calculator")
+    try:
+        out = {}
+        slow = threading.Thread(target=lambda: out.update(a=gen.generate([prompt], 1, SamplingConfig(max_new_tokens=160),
+                                                                          greedy=True)))
+        slow.start()
+        for _ in range(300):
+            if started.exists():
+                break
+            time.sleep(0.1)
+        assert started.exists(), "the tool never ran"
+        # three tokens: this one ends before it closes a call
+        quick = threading.Thread(target=lambda: out.update(b=gen.generate([prompt], 1, SamplingConfig(max_new_tokens=3),
+                                                                           greedy=True)))
+        quick.start()
+        quick.join(60)
+        assert "b" in out and slow.is_alive(), "the second request waited for the first one's tool"
+        go.touch()
+        slow.join(60)
+    finally:
+        gen.close()
+    [a], [b] = out["a"], out["b"]
+    assert (a.turns, a.tool_calls, a.finish_reason) == (2, 1, "stop") and a.messages[1]["content"] == "5"
+    assert (b.turns, b.finish_reason, len(b.completion_ids)) == (1, "length", 3)
+
+
 def test_tool_turn_tokens_get_exactly_zero_gradient(tool_caller):
     """A learner step on an episode does not depend on anything at its tool-turn positions: the
     weights after it are equal whatever behaviour and reference log-probs sit there; without the
@@ -306,3 +340,23 @@ def test_an_environment_gives_the_prompt_through_reset(tiny_model):
     assert p["columns"]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3"}]
     assert p["prompt_ids"] == tok.apply_chat_template(p["columns"]["prompt"], add_generation_prompt=True, tokenize=True,
                                                       return_dict=False)
+
+
+def test_r1ray_eval_opens_each_task_row_through_the_environment(tiny_world):
+    from transformers import AutoTokenizer
+
+    from r1ray.controllers.evaluation.tasks import load_task
+
+    tok = AutoTokenizer.from_pretrained(tiny_world / "model")
+
+    def task(environment):
+        r = load_recipe("configs/tiny-cpu.yaml", [f"rollout.environment={environment}", "rollout.max_turns=3",
+                                                   f"model.tiny_dir={tiny_world}"])
+        return load_task(r.eval.tasks[0], 0, r, tok, 256, tiny_world)
+
+    p = task("plugin_tools:Checker").prompts[0]
+    assert p["columns"]["prompt"] == [{"role": "user", "content": p["columns"]["problem"]}]
+    assert p["columns"]["solution"] == p["columns"]["answer"] and "messages" in p["columns"]  # the row's own columns
+    with pytest.raises(ConfigError, match=r"eval.tasks\[0\]' \(heldout\): rollout.environment's reset\(row\) failed "
+                                          r"on row 0: KeyError: 'level'"):
+        task("plugin_tools:NeedsLevel")
