@@ -133,25 +133,34 @@ class Generator:
                     self.tools.start(q, prompts[i // n].get("columns", {}))
             budget = self.rollout.budget(sampling.max_new_tokens)
             step = budget if chunk_tokens <= 0 else min(chunk_tokens, budget)
-            first = True
+            first, layout, rows = True, None, {}
             while True:
                 active = [q for q in seqs if not q.done]
                 if not active:
                     break
-                if not first:
-                    self._adopt_pending()
+                if not first and self._adopt_pending():
+                    layout = None  # KV computed by the old weights: the next turn recomputes it
                 room = max(budget - len(q.ids) for q in active)
                 sp = SamplingConfig(sampling.temperature, sampling.top_p, min(step, room))
                 self.calls += 1
                 seed = self.seed * 100_003 + self.calls
+                keep = self.tools is not None  # episodes: the next turn reuses this turn's KV cache
                 if first:  # one request per prompt with n samples: engines share the prompt's prefill
-                    outs = self._engine.generate([p["prompt_ids"] for p in prompts], n, sp, greedy, seed)
+                    outs, layout = self._engine.generate([p["prompt_ids"] for p in prompts], n, sp, greedy, seed, keep)
+                elif layout is not None and all(len(q.ids) > rows[id(q)][1] for q in active):
+                    # each row goes on from its tokens in the last turn's batch: only the tokens
+                    # after them (the tool's or environment's turn) are new
+                    outs, layout = self._engine.resume(layout, [rows[id(q)][0] for q in active],
+                                                       [rows[id(q)][2] for q in active],
+                                                       [q.ids[rows[id(q)][1]:] for q in active], sp, greedy, seed)
                 else:
-                    outs = self._engine.generate([q.prompt + q.ids for q in active], 1, sp, greedy, seed)
-                for q, (ids, lps, reason) in zip(active, outs):
+                    outs, layout = self._engine.generate([q.prompt + q.ids for q in active], 1, sp, greedy, seed, keep)
+                for i, (q, (ids, lps, reason)) in enumerate(zip(active, outs)):
                     if self.tools:
                         ids, lps, reason = self.tools.cut_at_call(q, ids, lps, reason)
+                    before = len(q.ids)
                     q.extend(ids, lps, self.version, reason, budget)
+                    rows[id(q)] = (i, len(q.ids), len(q.ids) - before)  # its row, tokens in it, this turn's
                 if self.tools:
                     # the engine is free while the calls run: another request (a generator with
                     # tools takes two at once) generates meanwhile, or weights are adopted
@@ -205,13 +214,15 @@ class Generator:
                     self._lock.release()
         return time.perf_counter() - t0
 
-    def _adopt_pending(self) -> None:
+    def _adopt_pending(self) -> bool:
+        """Load the weights staged by ``load_weights``, if any; True when it did."""
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
             state, version = pending
             self._engine.load_state_dict(state)
             self.version = version
+        return pending is not None
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -281,24 +292,54 @@ class _HfEngine:
         self.model.load_state_dict(state, strict=False)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool, seed: int):
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool, seed: int,
+                 keep: bool = False):
+        """``(results, layout)``: with ``keep`` and one batch, the layout a next turn of the same
+        rows resumes from (``resume``), else None."""
         torch.manual_seed(seed)
         flat = [p for p in prompts for _ in range(n)]
-        out = []
+        out, layout = [], None
         for start in range(0, len(flat), self.cfg.hf_batch_size):
-            out.extend(self._generate_batch(flat[start : start + self.cfg.hf_batch_size], sp, greedy))
-        return out
+            batch = flat[start : start + self.cfg.hf_batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for b, p in enumerate(batch):  # left padding: generation continues every row at the same column
+                ids[b, width - len(p) :] = torch.tensor(p)
+                attn[b, width - len(p) :] = 1
+            results, layout = self._generate_batch(ids, attn, sp, greedy)
+            out.extend(results)
+        return out, (layout if keep and len(flat) <= self.cfg.hf_batch_size else None)
 
-    def _generate_batch(self, prompts: list[list[int]], sp: SamplingConfig, greedy: bool):
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, p in enumerate(prompts):  # left padding: generation continues every row at the same column
-            ids[b, width - len(p) :] = torch.tensor(p)
-            attn[b, width - len(p) :] = 1
+    @torch.no_grad()
+    def resume(self, layout: "_Layout", rows: list[int], kept: list[int], new: list[list[int]], sp: SamplingConfig,
+               greedy: bool, seed: int):
+        """The next turn of rows of the last turn's batch, on its KV cache: row ``rows[b]``'s
+        input and its first ``kept[b]`` generated tokens stay (the rest of that row is masked
+        out), ``new[b]`` (non-empty) follows them. Positions come from the mask, so every token
+        sits where a fresh batch of the whole sequence puts it."""
+        torch.manual_seed(seed)
+        idx = torch.tensor(rows)
+        seqs, attn = layout.seqs[idx], torch.zeros((len(rows), layout.seqs.shape[1]), dtype=torch.long)
+        attn[:, : layout.width] = layout.input_mask[idx]
+        for b, k in enumerate(kept):
+            attn[b, layout.width : layout.width + k] = 1
+        layout.cache.reorder_cache(idx.to(self.device))  # its rows, in this order (the cache is used up)
+        span = max(map(len, new))
+        tail = torch.full((len(rows), span), self.pad_id, dtype=torch.long)
+        tail_mask = torch.zeros_like(tail)
+        for b, t in enumerate(new):  # left padding inside: every row's last token is its newest
+            tail[b, span - len(t):] = torch.tensor(t)
+            tail_mask[b, span - len(t):] = 1
+        return self._generate_batch(torch.cat([seqs, tail], 1), torch.cat([attn, tail_mask], 1), sp, greedy,
+                                    layout.cache)
+
+    def _generate_batch(self, ids: torch.Tensor, attn: torch.Tensor, sp: SamplingConfig, greedy: bool, cache=None):
+        width = ids.shape[1]
         gen = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=attn.to(self.device),
+            past_key_values=cache,
             do_sample=not greedy,
             temperature=sp.temperature if not greedy else None,
             top_p=sp.top_p if not greedy else None,
@@ -323,7 +364,19 @@ class _HfEngine:
             else:
                 end, reason = len(row), "length"
             results.append((row[:end], lps[b, :end].tolist(), reason))
-        return results
+        return results, _Layout(gen.sequences.cpu(), attn, width, gen.past_key_values)
+
+
+@dataclass
+class _Layout:
+    """hf: one turn's batch as the engine left it, for the next turn of its rows: every row's
+    tokens (input, then what it generated, pads after a row ended), the input's mask, the
+    input's width and the KV cache of all but the last column."""
+
+    seqs: torch.Tensor
+    input_mask: torch.Tensor
+    width: int
+    cache: object
 
 
 def _sampled(c) -> tuple[list[int], list[float], str, list[int]]:

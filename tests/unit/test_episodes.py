@@ -360,3 +360,24 @@ def test_r1ray_eval_opens_each_task_row_through_the_environment(tiny_world):
     with pytest.raises(ConfigError, match=r"eval.tasks\[0\]' \(heldout\): rollout.environment's reset\(row\) failed "
                                           r"on row 0: KeyError: 'level'"):
         task("plugin_tools:NeedsLevel")
+
+
+def test_a_turn_resumed_on_the_kv_cache_equals_one_generated_afresh(tiny_model):
+    """hf episodes reuse the last turn's KV cache: rows taken in another order, each cut where
+    its turn ended (the rest of its row masked out), new tokens of different lengths after
+    them. Greedy tokens and log-probs equal a fresh batch of the whole sequences."""
+    from r1ray.actors.generator import _HfEngine
+
+    eng = _HfEngine(tiny_model, GeneratorConfig(backend="hf"), "cpu")
+    prompts = [eng.tokenizer.encode(t) for t in ("1+2", "345+678=", "9")]  # left padding of different widths
+    sp = SamplingConfig(max_new_tokens=12)
+    first, layout = eng.generate(prompts, 1, sp, True, 0, keep=True)
+    made = [len(ids) for ids, _, _ in first]
+    assert min(made) >= 3
+    rows, kept = [2, 0], [made[2], 3]  # the whole turn (its last token is not in the cache), and a cut
+    new = [[5, 6, 7, 8, 9], [10]]
+    resumed, _ = eng.resume(layout, rows, kept, new, sp, True, 1)
+    fresh, _ = eng.generate([prompts[r] + first[r][0][:k] + t for r, k, t in zip(rows, kept, new)], 1, sp, True, 1)
+    for (a, lps_a, why_a), (b, lps_b, why_b) in zip(resumed, fresh):
+        assert a == b and why_a == why_b
+        assert max(abs(x - y) for x, y in zip(lps_a, lps_b)) < 1e-4
