@@ -229,6 +229,8 @@ def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_
     rollout = RolloutConfig(tools=["plugin_tools:slow_calculator"], max_turns=4, max_total_tokens=160)
     gen = Generator(path, GeneratorConfig(backend="vllm", max_model_len=256, max_num_seqs=8), seed=0, rollout=rollout)
     try:
+        # a turn after the first reuses its prefix's cached blocks (salted per weight version)
+        assert gen._engine.engine.vllm_config.cache_config.enable_prefix_caching
         # the model calls "calculator"; the pool knows only slow_calculator, so rename it there
         gen.tools.pool.paths["calculator"] = gen.tools.pool.paths.pop("slow_calculator")
         model = AutoModelForCausalLM.from_pretrained(path)
