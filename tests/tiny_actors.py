@@ -91,3 +91,21 @@ def _fit(model, seq: list[int], prompt_len: int, trained: list[int] | None = Non
         opt.step()
         if loss.item() < 1e-3:
             break
+
+
+def slow_tool_files(tmp_path, monkeypatch):
+    """(started, go) for ``plugin_tools:slow_calculator``, which touches ``started`` and waits
+    for ``go``; set before the tool workers are spawned (they take the environment then)."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
+    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    return started, go
+
+
+def wait_until_started(started, seconds: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), "the tool never ran"

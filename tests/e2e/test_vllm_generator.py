@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from tiny_actors import ANSWER, CALL, TALK, train_env_talker, train_tool_caller
+from tiny_actors import ANSWER, CALL, TALK, slow_tool_files, train_env_talker, train_tool_caller, wait_until_started
 from tiny_actors import prompt as _prompt
 
 from r1ray.actors.episodes import RolloutConfig
@@ -223,9 +223,7 @@ def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_
     from transformers import AutoModelForCausalLM
 
     path, prompt, turn = train_tool_caller(tiny_model, tmp_path / "tool-caller")
-    started, go = tmp_path / "started", tmp_path / "go"
-    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
-    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    started, go = slow_tool_files(tmp_path, monkeypatch)
     rollout = RolloutConfig(tools=["plugin_tools:slow_calculator"], max_turns=4, max_total_tokens=160)
     gen = Generator(path, GeneratorConfig(backend="vllm", max_model_len=256, max_num_seqs=8), seed=0, rollout=rollout)
     try:
@@ -239,11 +237,7 @@ def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_
         worker = threading.Thread(target=lambda: out.extend(
             gen.generate([prompt], 2, SamplingConfig(max_new_tokens=40), greedy=True)))
         worker.start()
-        for _ in range(600):
-            if started.exists():
-                break
-            time.sleep(0.1)
-        assert started.exists(), "the tool never ran"
+        wait_until_started(started)
         _send(client, trainer, 1)  # the same weights, as version 1, while the calls run
         go.touch()
         worker.join(120)

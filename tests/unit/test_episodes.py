@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from tiny_actors import ANSWER, CALL, TALK, train_env_talker, train_tool_caller
+from tiny_actors import ANSWER, CALL, TALK, slow_tool_files, train_env_talker, train_tool_caller, wait_until_started
 from tiny_actors import learner as _learner
 
 from r1ray.actors.episodes import RolloutConfig
@@ -149,9 +149,7 @@ def test_weights_that_arrive_while_a_tool_runs_are_adopted_for_the_next_turn(too
     """A weight update in the middle of a trajectory: the first turn keeps version 0, the turn
     after the tool answers is sampled by version 1 (hf adopts staged weights between turns)."""
     path, prompt, turn = tool_caller
-    started, go = tmp_path / "started", tmp_path / "go"
-    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
-    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    started, go = slow_tool_files(tmp_path, monkeypatch)
     gen = _generator(path, tools=["plugin_tools:slow_calculator"])
     try:
         from transformers import AutoModelForCausalLM
@@ -166,11 +164,7 @@ def test_weights_that_arrive_while_a_tool_runs_are_adopted_for_the_next_turn(too
         # the model calls "calculator"; the pool knows only slow_calculator, so rename it there
         gen.tools.pool.paths["calculator"] = gen.tools.pool.paths.pop("slow_calculator")
         thread.start()
-        for _ in range(300):
-            if started.exists():
-                break
-            time.sleep(0.1)
-        assert started.exists(), "the tool never ran"
+        wait_until_started(started)
         gen.load_weights(blob.getvalue(), 1)  # staged: generate holds the engine
         go.touch()
         thread.join(60)
@@ -188,9 +182,7 @@ def test_another_request_generates_while_one_waits_for_its_tool(tool_caller, tmp
     """hf: the engine is released while a request's calls run, so a second request (the
     generator takes two at once with tools) is not held behind a slow tool."""
     path, prompt, turn = tool_caller
-    started, go = tmp_path / "started", tmp_path / "go"
-    monkeypatch.setenv("R1RAY_TEST_TOOL_STARTED", str(started))
-    monkeypatch.setenv("R1RAY_TEST_TOOL_GO", str(go))
+    started, go = slow_tool_files(tmp_path, monkeypatch)
     gen = _generator(path, tools=["plugin_tools:slow_calculator"], max_total_tokens=None)
     gen.tools.pool.paths["calculator"] = gen.tools.pool.paths.pop("slow_calculator")
     try:
@@ -198,11 +190,7 @@ def test_another_request_generates_while_one_waits_for_its_tool(tool_caller, tmp
         slow = threading.Thread(target=lambda: out.update(a=gen.generate([prompt], 1, SamplingConfig(max_new_tokens=160),
                                                                           greedy=True)))
         slow.start()
-        for _ in range(300):
-            if started.exists():
-                break
-            time.sleep(0.1)
-        assert started.exists(), "the tool never ran"
+        wait_until_started(started)
         # three tokens: this one ends before it closes a call
         quick = threading.Thread(target=lambda: out.update(b=gen.generate([prompt], 1, SamplingConfig(max_new_tokens=3),
                                                                            greedy=True)))
