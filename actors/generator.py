@@ -138,8 +138,11 @@ class Generator:
                 active = [q for q in seqs if not q.done]
                 if not active:
                     break
-                if not first and self._adopt_pending():
-                    layout = None  # KV computed by the old weights: the next turn recomputes it
+                if not first:
+                    self._adopt_pending()
+                if layout is not None and layout.version != self.version:
+                    layout = None  # KV computed by older weights (adopted here, or by a request that
+                    # ran while our tools did): the next turn recomputes it
                 room = max(budget - len(q.ids) for q in active)
                 sp = SamplingConfig(sampling.temperature, sampling.top_p, min(step, room))
                 self.calls += 1
@@ -155,6 +158,8 @@ class Generator:
                                                        [q.ids[rows[id(q)][1]:] for q in active], sp, greedy, seed)
                 else:
                     outs, layout = self._engine.generate([q.prompt + q.ids for q in active], 1, sp, greedy, seed, keep)
+                if layout is not None:
+                    layout.version = self.version  # weights change only under the lock, not during a call
                 for i, (q, (ids, lps, reason)) in enumerate(zip(active, outs)):
                     if self.tools:
                         ids, lps, reason = self.tools.cut_at_call(q, ids, lps, reason)
@@ -214,15 +219,13 @@ class Generator:
                     self._lock.release()
         return time.perf_counter() - t0
 
-    def _adopt_pending(self) -> bool:
-        """Load the weights staged by ``load_weights``, if any; True when it did."""
+    def _adopt_pending(self) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is not None:
             state, version = pending
             self._engine.load_state_dict(state)
             self.version = version
-        return pending is not None
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -377,6 +380,7 @@ class _Layout:
     input_mask: torch.Tensor
     width: int
     cache: object
+    version: int = -1  # the policy version whose weights computed the cache
 
 
 def _sampled(c) -> tuple[list[int], list[float], str, list[int]]:
