@@ -217,14 +217,30 @@ def env_step(q: Trajectory, messages: list[dict]) -> tuple[list[dict], bool, str
     """``q``'s environment stepped on ``messages``: (messages to append, done, error or None)."""
     try:
         out, done = q.env.step(messages)
-        out = [dict(m) for m in out]
-        if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in out):
-            raise TypeError(f"step must return ([{{'role': str, 'content': str}}, ...], done); got {out!r:.200}")
+        out = checked_messages(out, "step(messages)")
         if not out and not done:
             raise ValueError("step returned no messages and done=False: the policy would have nothing to answer")
         return out, bool(done), None
     except Exception as e:  # the user's code: the trajectory ends, the run goes on
         return [], True, f"{type(e).__name__}: {e}"
+
+
+def checked_messages(messages, what: str) -> list[dict]:
+    """An environment's messages, copied, or TypeError naming ``what`` returned something else."""
+    out = [dict(m) for m in messages]
+    if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in out):
+        raise TypeError(f"{what} must return messages [{{'role': str, 'content': str}}, ...]; got {out!r:.200}")
+    return out
+
+
+def opening_messages(env_class: type, row: dict, system_prompt: str | None) -> list[dict]:
+    """A row's prompt under an environment: its ``reset(row)``, after ``system_prompt`` unless
+    the environment opens with a system turn of its own (the driver's prompts and r1ray eval's)."""
+    opening = checked_messages(env_class().reset(dict(row)), "reset(row)")
+    if not opening:
+        raise ValueError("reset(row) returned no messages: the policy would have nothing to answer")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return opening if opening[0]["role"] == "system" else system + opening
 
 
 def load_environment(spec: str) -> type:

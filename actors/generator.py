@@ -475,13 +475,13 @@ class _VllmEngine:
         return [q for group in groups for q in group]
 
     async def _episode_group(self, p: dict, n, sp, greedy, budget, tools) -> list[Trajectory]:
-        prompt = p["prompt_ids"]
+        prompt, calls = p["prompt_ids"], tools.pool is not None  # turns stop at a closed call
         if greedy:  # vLLM refuses n > 1 without sampling: n requests of one (the same prefix, cached)
-            firsts = await asyncio.gather(*(self._request(prompt, self._params(1, sp, greedy, budget, episode=True))
+            firsts = await asyncio.gather(*(self._request(prompt, self._params(1, sp, greedy, budget, calls))
                                             for _ in range(n)))
             outputs = [req.outputs[0] for req in firsts]
         else:
-            first = await self._request(prompt, self._params(n, sp, greedy, budget, episode=True))
+            first = await self._request(prompt, self._params(n, sp, greedy, budget, calls))
             outputs = sorted(first.outputs, key=lambda c: c.index)
         group = []
         for c in outputs:
@@ -505,7 +505,8 @@ class _VllmEngine:
                 break
             if q.done:
                 break
-            out = await self._request(q.prompt + q.ids, self._params(1, sp, greedy, budget - len(q.ids), episode=True))
+            out = await self._request(q.prompt + q.ids, self._params(1, sp, greedy, budget - len(q.ids),
+                                                                     stop_at_call=tools.pool is not None))
             self._extend(q, out.outputs[0], budget, tools)
         q.done = True
 
@@ -514,13 +515,13 @@ class _VllmEngine:
         ids, lps, reason = tools.cut_at_call(q, ids, lps, reason)
         q.extend(ids, lps, versions[: len(ids)], reason, budget)
 
-    def _params(self, n: int, sp: SamplingConfig, greedy: bool, max_tokens: int, episode: bool = False):
+    def _params(self, n: int, sp: SamplingConfig, greedy: bool, max_tokens: int, stop_at_call: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # episode turns end where the text closes a tool call (the closing tokens kept: the
-        # learner trains on them), matched on the text with special tokens in it
-        stop = dict(stop=[CALL_CLOSE], include_stop_str_in_output=True, skip_special_tokens=False) if episode else {}
+        # with tools, a turn ends where its text closes a call (the closing tokens kept: the
+        # learner trains on them), matched on the text with special tokens in it; hf stops alike
+        stop = dict(stop=[CALL_CLOSE], include_stop_str_in_output=True, skip_special_tokens=False) if stop_at_call else {}
         return SamplingParams(n=n, temperature=0.0 if greedy else sp.temperature, top_p=1.0 if greedy else sp.top_p,
                               max_tokens=max_tokens, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY, **stop)
 

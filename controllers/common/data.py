@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...actors.episodes import load_environment
+from ...actors.episodes import load_environment, opening_messages
 from ...actors.packing import SftExample
 from ...actors.tools import schemas
 from ..config import TINY, DataConfig, Recipe
@@ -426,13 +426,10 @@ class PromptRenderer:
         self.env_class = load_environment(environment) if environment else None
 
     def messages(self, row: dict) -> list[dict]:
+        if self.env_class is not None:
+            return opening_messages(self.env_class, row, self.cfg.system_prompt)
         msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-        if self.env_class is None:
-            return msgs + [{"role": "user", "content": row[self.cfg.prompt_column]}]
-        opening = [dict(m) for m in self.env_class().reset(dict(row))]
-        if not opening or not all(isinstance(m.get("content"), str) for m in opening):
-            raise ValueError(f"rollout.environment: reset(row) must return a non-empty list of messages; got {opening!r:.200}")
-        return opening if opening[0].get("role") == "system" else msgs + opening
+        return msgs + [{"role": "user", "content": row[self.cfg.prompt_column]}]
 
     def prompt(self, row: dict, prompt_id: str) -> dict:
         msgs = self.messages(row)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ...actors.episodes import load_environment
+from ...actors.episodes import load_environment, opening_messages
 from ...actors.tools import schemas
 from ..config import EvalTaskConfig, Recipe
 from ..config.schema import ConfigError
@@ -195,12 +195,11 @@ def load_task(cfg: EvalTaskConfig, index: int, recipe: Recipe, tokenizer, max_mo
         columns = {"answer": str(answer), "problem": str(problem), "prompt": msgs, "row": i}
         if env is not None:  # the environment opens each episode from the task's row, as in training
             try:
-                opening = [dict(m) for m in env().reset(dict(row))]
+                msgs = opening_messages(env, row, system)
             except Exception as e:
                 raise ConfigError(f"config key '{key}' ({cfg.name}): rollout.environment's reset(row) failed on row {i}: "
                                   f"{type(e).__name__}: {e}; accepted: a task whose rows have the columns the "
                                   "environment reads") from None
-            msgs = opening if opening and opening[0].get("role") == "system" else msgs[:-1] + opening
             columns = {**row, **columns, "prompt": msgs}
         ids = list(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
                                                  return_dict=False))
