@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class ConfigError(ValueError):
@@ -93,6 +96,8 @@ def coerce(tp, value: Any, key: str):
             return value
         raise _fail(key, value, "an integer")
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 2e-3, without a dot, as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 number = float(value)

@@ -187,3 +187,13 @@ def test_every_float_key_refuses_nan_and_infinity():
             assert f"'{key}'" in str(e.value) and "finite" in str(e.value), (key, bad, str(e.value))
     with pytest.raises(ConfigError, match=r"'rewards\[0\].weight'.*finite"):
         load_recipe(TINY, ["rewards=[{name: accuracy, weight: .nan}]"])
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML reads ``2e-3`` (YAML 1.1 wants ``2.0e-3``) as a string: a number key takes it as the number."""
+    assert load_recipe(TINY, ["learner.optim.lr=2e-3"]).learner.optim.lr == 0.002
+    assert load_recipe(TINY, ["learner.optim.lr=1E+1"]).learner.optim.lr == 10.0
+    for bad in ("e-3", "2e", "two"):
+        with pytest.raises(ConfigError, match=r"'learner.optim.lr'.*a number"):
+            load_recipe(TINY, [f"learner.optim.lr={bad}"])
+    assert load_recipe(TINY, ["output_dir=1e5"]).output_dir.endswith("/1e5")  # a string key keeps the string
