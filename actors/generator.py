@@ -19,6 +19,7 @@ import torch
 
 from . import storage
 from .episodes import RolloutConfig, ToolTurns, Trajectory, env_step
+from .learner import LoraConfig
 from .rollout import Rollout
 from .spans import SpanLog
 from .tools import CALL_CLOSE
@@ -70,17 +71,19 @@ class Generator:
     """
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int = 0, device: str | None = None,
-                 rollout: RolloutConfig | None = None):
+                 rollout: RolloutConfig | None = None, lora: LoraConfig | None = None):
+        """``lora``: the learner's adapters (``learner.lora``): weight syncs carry only them."""
         self.cfg, self.seed, self.model_path = cfg, seed, model_path
         self.rollout = rollout or RolloutConfig()
         self.version = 0
         self.calls = 0
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         storage.pull(model_path)  # a checkpoint on object storage: downloaded to this node first
+        self.lora = lora
         if cfg.backend == "vllm":
-            self._engine = _VllmEngine(model_path, cfg, seed)
+            self._engine = _VllmEngine(model_path, cfg, seed, lora)
         elif cfg.backend == "hf":
-            self._engine = _HfEngine(model_path, cfg, self.device)
+            self._engine = _HfEngine(model_path, cfg, self.device, lora)
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
@@ -196,14 +199,17 @@ class Generator:
         return out
 
     def load_weights(self, blob: bytes, version: int) -> float:
-        """Stage weights serialised by the learner (``torch.save`` of a state dict).
+        """Stage weights serialised by the learner (``torch.save`` of a state dict; with LoRA of
+        ``{"adapter": ..., "base": ...}``, the base only when it moved).
 
         Called concurrently with ``generate`` (Ray's "control" concurrency group): an idle
         generator adopts them at once, a busy one between requests (or chunks). Returns seconds.
         """
         if self.cfg.backend == "vllm":
-            raise RuntimeError("Generator(vllm).load_weights: the vllm backend takes weights through vLLM's "
-                               "weight-transfer API (init_weight_transfer, then start/update/finish_weight_update)")
+            if self.lora is None:
+                raise RuntimeError("Generator(vllm).load_weights: the vllm backend takes weights through vLLM's "
+                                   "weight-transfer API (init_weight_transfer, then start/update/finish_weight_update)")
+            return self._load_adapter(blob, version)
         t0 = time.perf_counter()
         with self.spans.span("load_weights", version=version):
             state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
@@ -218,6 +224,24 @@ class Generator:
                 finally:
                     self._lock.release()
         return time.perf_counter() - t0
+
+    def _load_adapter(self, blob: bytes, version: int) -> float:
+        """vllm with LoRA: the adapters become vLLM's LoRA adapter of every request (loaded in
+        place, under generation paused as for a weight update: ``pause_mode`` decides what the
+        requests in flight do). Returns the seconds generation was paused."""
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        if "base" in state:
+            raise ValueError("Generator(vllm).load_weights: LoRA exports with base weights (after an SFT warm-up's "
+                             "rebase) cannot reach vLLM's base model; run the warm-up as an r1ray sft stage")
+        with self._pending_lock:  # loads may overlap (two control threads): never let an older version win
+            if version <= self.version:
+                return 0.0
+            t0 = time.time()
+            self._engine.load_adapter(state["adapter"], self.lora, version)
+            self.version = version
+        t1 = time.time()
+        self.spans.add("weight_update", t0, t1, version=version)
+        return t1 - t0
 
     def _adopt_pending(self) -> None:
         with self._pending_lock:
@@ -272,15 +296,29 @@ class Generator:
         return "ok"
 
 
+def _load_exactly(model, state: dict, what: str) -> None:
+    """Load ``state`` (a part of ``model``'s tensors), refusing names ``model`` does not have:
+    a LoRA sync whose names do not match would otherwise change nothing, silently."""
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"weights ({what}): {len(unexpected)} names this generator's model does not have, e.g. "
+                         f"{unexpected[0]!r}: the learner's learner.lora differs from the generator's")
+
+
 class _HfEngine:
     """transformers.generate: the fastest engine for a tiny model on a CPU."""
 
-    def __init__(self, model_path: str, cfg: GeneratorConfig, device: str):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, device: str, lora: LoraConfig | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.device = cfg, device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
+        self.lora = lora is not None
+        if self.lora:  # the learner's adapters on the same base; zero (B = 0) until the first sync
+            import peft
+
+            self.model = peft.get_peft_model(self.model, lora.peft())
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.stop: list[list[int]] = []  # token sequences that end a row besides EOS (padded after it)
@@ -292,7 +330,14 @@ class _HfEngine:
         self.stop.append(self.tokenizer.encode(text, add_special_tokens=False))
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state, strict=False)
+        if not self.lora:
+            self.model.load_state_dict(state, strict=False)
+            return
+        if "base" in state:  # plain names -> the peft-wrapped base's (a LoRA layer's ``base_layer``)
+            base = self.model.get_base_model()
+            names = {k.replace(".base_layer.", "."): k for k in base.state_dict() if "lora_" not in k}
+            _load_exactly(base, {names.get(k, k): v for k, v in state["base"].items()}, "base")
+        _load_exactly(self.model, state["adapter"], "adapter")
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingConfig, greedy: bool, seed: int,
@@ -407,13 +452,26 @@ class _EndsWith:
         return done
 
 
+def lora_rank_slot(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds rank ``r``."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    slots = sorted(get_args(MaxLoRARanks))
+    fits = [s for s in slots if s >= r]
+    if not fits:
+        raise ValueError(f"learner.lora.r={r}: vLLM's LoRA takes ranks up to {slots[-1]}")
+    return fits[0]
+
+
 class _VllmEngine:
     """vLLM's ``AsyncLLM`` (its engine core and workers in processes of their own, on a CPU as on
     a GPU), driven from an event loop thread of its own so that calls from any thread join the
     running batch: every prompt group is one request with n = G samples. Seeded once at start;
     no per-request seeds (they force vLLM's one-by-one sampler)."""
 
-    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, lora: LoraConfig | None = None):
         from transformers import AutoTokenizer
 
         on_gpu = torch.cuda.is_available()
@@ -426,13 +484,16 @@ class _VllmEngine:
         # submitted after the next update began (a fresh salt per update).
         self.salt = uuid.uuid4().hex
         self.transfer_backend = "nccl" if on_gpu else "r1ray_gloo"
+        self.lora_request = None  # LoRA: the policy's adapter in vLLM (one, loaded in place per version)
+        self._adapter_dirs: list[str] = []
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-engine-loop", daemon=True).start()
         enforce_eager = (not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager
-        self.engine = self._run(self._start(model_path, cfg, seed, enforce_eager))
+        self.engine = self._run(self._start(model_path, cfg, seed, enforce_eager, lora))
 
-    async def _start(self, model_path: str, cfg: GeneratorConfig, seed: int, enforce_eager: bool):
+    async def _start(self, model_path: str, cfg: GeneratorConfig, seed: int, enforce_eager: bool,
+                     lora: LoraConfig | None):
         from vllm import AsyncEngineArgs
         from vllm.config import WeightTransferConfig
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -448,7 +509,9 @@ class _VllmEngine:
             # tensor parallelism in worker processes of this actor, on the GPUs Ray gave it
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
-            weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend)))
+            weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend),
+            # LoRA: one adapter (the policy's) of at most the learner's rank, in every request
+            **({"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_rank_slot(lora.r)} if lora else {})))
         await engine.update_weight_version("0")  # every token is labelled with the weights that sampled it
         return engine
 
@@ -533,7 +596,7 @@ class _VllmEngine:
 
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt, cache_salt=self.salt), params,
-                                              request_id=uuid.uuid4().hex):
+                                              request_id=uuid.uuid4().hex, lora_request=self.lora_request):
             final = out
         return final
 
@@ -561,6 +624,42 @@ class _VllmEngine:
 
         self._run(self.engine.update_weights(WeightTransferUpdateRequest(update_info)))
 
+    def load_adapter(self, state: dict, lora: LoraConfig, version: int) -> None:
+        """LoRA: write the learner's adapter tensors as a peft adapter folder and load it into
+        vLLM in place of the previous version's (same adapter id, ``load_inplace``), while
+        generation is paused; later tokens are labelled ``version``. A fresh prefix-cache salt,
+        as for any update: blocks computed under the old adapter are never reused."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        folder = tempfile.mkdtemp(prefix=f"r1ray-adapter-v{version}-")
+        config = lora.peft()
+        config.base_model_name_or_path = None
+        # the layers the learner's peft resolved ("all-linear" names none): those the tensors adapt
+        config.target_modules = sorted({k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in state if ".lora_A." in k})
+        config.save_pretrained(folder)
+        # peft's file names: without the adapter's name ("default"), as save_pretrained writes them
+        save_file({k.replace(".default.", "."): v.contiguous() for k, v in state.items()},
+                  os.path.join(folder, "adapter_model.safetensors"))
+        request = LoRARequest("policy", 1, folder, load_inplace=True)
+        self.salt = uuid.uuid4().hex
+        # The first load: requests in flight carry no adapter (B = 0 at the start: the same
+        # policy) and cannot take one, so they finish first, under the version that sampled them.
+        mode = self.cfg.pause_mode if self.lora_request is not None else "wait"
+        self._run(self.engine.pause_generation(mode=mode, clear_cache=self.cfg.kv_on_update == "recompute"))
+        try:
+            self._run(self.engine.add_lora(request))
+            self.lora_request = LoRARequest("policy", 1, folder)  # requests use it as loaded
+            self._run(self.engine.update_weight_version(str(version)))
+        finally:
+            self._run(self.engine.resume_generation())
+        self._adapter_dirs.append(folder)
+        while len(self._adapter_dirs) > 2:  # the one loaded, and the one before (a request may name it)
+            shutil.rmtree(self._adapter_dirs.pop(0), ignore_errors=True)
+
     def finish_update(self, version: int) -> None:
         self._run(self.engine.finish_weight_update(weight_version=str(version)))
         self._run(self.engine.resume_generation())
@@ -574,4 +673,8 @@ class _VllmEngine:
 
         self._run(stop())  # in the loop, so the output handler is cancelled rather than failing
         self.engine = None
+        import shutil
+
+        for folder in self._adapter_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -40,11 +40,19 @@ class OptimConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters through peft: only they train; exports (HF checkpoints) are merged."""
+    """LoRA adapters through peft: only they train (the base weights stay frozen); HF checkpoints
+    are merged, weight syncs carry the adapters only."""
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None  # null: every linear layer but the LM head ("all-linear")
+
+    def peft(self):
+        """peft's config for these adapters (the learner's and an hf generator's)."""
+        import peft
+
+        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, task_type="CAUSAL_LM",
+                               target_modules=list(self.target_modules) if self.target_modules else "all-linear")
 
 
 @dataclass
@@ -60,7 +68,7 @@ class LearnerConfig:
     logits_dtype: Literal["model", "float32"] = "model"
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    lora: LoraConfig | None = None  # r1ray sft only (ZeRO-0/1/2): merged into every HF checkpoint
+    lora: LoraConfig | None = None  # ZeRO-0/1/2: adapters, merged into every HF checkpoint
 
 
 @dataclass
@@ -171,6 +179,7 @@ class LearnerRank:
         self.spans = SpanLog()
         self.batch_size = None
         self.uploads: list[storage.Upload] = []  # checkpoint files going to object storage meanwhile
+        self._base_changed = False  # LoRA: the frozen base weights moved (rebase_adapters): the next export sends them
 
     def __repr__(self) -> str:
         return f"LearnerRank({self.rank}/{self.world_size})"
@@ -201,10 +210,7 @@ class LearnerRank:
         if self.cfg.lora is not None:
             import peft
 
-            lc = self.cfg.lora
-            model = peft.get_peft_model(model, peft.LoraConfig(
-                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, task_type="CAUSAL_LM",
-                target_modules=list(lc.target_modules) if lc.target_modules else "all-linear"))
+            model = peft.get_peft_model(model, self.cfg.lora.peft())
         o = self.cfg.optim
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
                                       betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -370,6 +376,64 @@ class LearnerRank:
             is_weight_sum=float(parts["is_weight"][m].sum()), is_truncated=float(parts["is_truncated"][m].sum()),
             logp_diff_abs_sum=float(logp_diff[m].abs().sum()), entropy_sum=float(entropy.detach()[m].sum()))
 
+    def reference_logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
+        """LoRA: the reference log-probs of ``samples`` (per completion token, as
+        ``Reference.logprobs``) from this rank's own weights with the adapters switched off: the
+        frozen base, so no second copy of the model exists. Runs between train steps (the rank
+        takes one call at a time); ZeRO-0/1/2 hold the whole base on every rank."""
+        if self.cfg.lora is None:
+            raise RuntimeError("LearnerRank.reference_logprobs: the learner has no LoRA adapters to switch off "
+                               "(learner.lora is null); the reference actor computes the reference log-probs")
+        out: list[list[float]] = []
+        with self.spans.span("ref_logprobs", samples=len(samples)):
+            self.engine.eval()
+            with torch.no_grad(), self.engine.module.disable_adapter():
+                for mb in _micro_batches(samples, self.cfg.micro_batch_size):
+                    packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
+                    lp = token_logprobs(self.engine, packed.to(self.device), self.cfg.loss.temperature,
+                                        logits_dtype=self.cfg.logits_dtype)
+                    out.extend(packed.gather(lp.cpu()))
+        return out
+
+    def _lora_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.engine.module.modules() if isinstance(m, LoraLayer)]
+
+    def rebase_adapters(self) -> None:
+        """LoRA: fold the adapters into the frozen base weights and start them again from zero
+        (B = 0; A keeps its values, as after peft's own initialisation only B is zero), so the
+        policy is unchanged and "adapters off" is now this policy: after an SFT warm-up, the
+        reference (adapters off) is the warmed-up model, as a separate reference actor would
+        be. Every rank does the same arithmetic as peft's merge (``checkpoint-sft``, merged by
+        ``save_hf`` just before, holds exactly these base weights). DeepSpeed's fp32 copies of
+        the trained B (ZeRO-1/2, bf16) are zeroed with them; Adam's moments are cleared by the
+        next ``start_phase``."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for layer in self._lora_layers():
+                for name in layer.active_adapters:
+                    if name not in layer.lora_A:
+                        continue
+                    base = layer.get_base_layer().weight
+                    base.data += layer.get_delta_weight(name).to(base.dtype)
+                    b = layer.lora_B[name].weight
+                    b.data.zero_()
+                    safe_set_full_fp32_param(b, torch.zeros_like(b, dtype=torch.float32))
+        self._base_changed = True
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapters' tensors under the peft model's own names (what a peft model with the
+        same LoraConfig loads)."""
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items() if "lora_" in k}
+
+    def _base_state(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights under the plain model's names (``from_pretrained``'s)."""
+        base = self.engine.module.get_base_model()
+        return {k.replace(".base_layer.", "."): v.detach().cpu() for k, v in base.state_dict().items()
+                if "lora_" not in k}
+
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0 (ZeRO-3 shards are gathered; every rank must call this)."""
         import deepspeed
@@ -383,17 +447,27 @@ class LearnerRank:
         return state
 
     def export_weights(self, dtype: str = "float32") -> bytes | None:
-        """Serialised full state dict (rank 0), what generators and the reference load."""
+        """Serialised weights (rank 0), what generators and the reference load: the full state
+        dict; with LoRA ``{"adapter": adapters}``, plus ``"base"`` (plain names) when the base
+        moved since the last export (``rebase_adapters``)."""
         with self.spans.span("export_weights"):
             return self._export(dtype)
 
     def _export(self, dtype: str) -> bytes | None:
-        state = self._full_state_dict()
-        if state is None:
-            return None
         target = getattr(torch, dtype)
+        if self.cfg.lora is not None:
+            with_base, self._base_changed = self._base_changed, False
+            if self.rank != 0:  # ZeRO-0/1/2: rank 0 holds them whole
+                return None
+            parts = {"adapter": self._adapter_state(), **({"base": self._base_state()} if with_base else {})}
+            blob = {part: {k: v.to(target) for k, v in state.items()} for part, state in parts.items()}
+        else:
+            state = self._full_state_dict()
+            if state is None:
+                return None
+            blob = {k: v.to(target) for k, v in state.items()}
         buf = io.BytesIO()
-        torch.save({k: v.to(target) for k, v in state.items()}, buf)
+        torch.save(blob, buf)
         return buf.getvalue()
 
     def init_weight_transfer(self, client, backend: str, master_address: str, master_port: int, world_size: int,
@@ -516,9 +590,12 @@ class LearnerRank:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def save_hf(self, path: str) -> str | None:
-        """HF-format checkpoint (``from_pretrained`` loads it) written by rank 0."""
-        if self.cfg.lora is not None:  # the adapters merged into a copy: training goes on unmerged
+    def save_hf(self, path: str, adapter_base: str | None = None) -> str | None:
+        """HF-format checkpoint (``from_pretrained`` loads it) written by rank 0. With LoRA the
+        adapters merged into a copy (training goes on unmerged), and, given ``adapter_base``
+        (the model the adapters apply to: the run's start, or its warmed-up checkpoint-sft),
+        the adapters alone in ``<path>/adapter`` (peft's ``PeftModel.from_pretrained``)."""
+        if self.cfg.lora is not None:
             if self.rank != 0:
                 return None
             import copy
@@ -526,6 +603,13 @@ class LearnerRank:
             merged = copy.deepcopy(self.engine.module).merge_and_unload()
             merged.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
+            if adapter_base is not None:
+                config = self.engine.module.peft_config["default"]
+                config.base_model_name_or_path, before = adapter_base, config.base_model_name_or_path
+                try:
+                    self.engine.module.save_pretrained(os.path.join(path, "adapter"))
+                finally:
+                    config.base_model_name_or_path = before
             storage.push(path)
             return path
         state = self._full_state_dict()

@@ -30,10 +30,19 @@ class Reference:
         return "Reference()"
 
     def load_weights(self, blob: bytes) -> None:
-        """Re-anchor the reference (e.g. to the SFT checkpoint before GRPO starts)."""
+        """Re-anchor the reference (e.g. to the SFT checkpoint before GRPO starts). A LoRA
+        learner's export is its base plus adapters: it is the policy only when the adapters are
+        zero (B = 0), as right after ``LearnerRank.rebase_adapters``, the one time it is sent here."""
         import io
 
-        self.model.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True), strict=False)
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        if "adapter" in state:
+            nonzero = [k for k, v in state["adapter"].items() if "lora_B" in k and bool(v.any())]
+            if nonzero or "base" not in state:
+                raise ValueError("Reference.load_weights: a LoRA export is the policy only as a rebased base with "
+                                 f"zero adapters; got {'no base' if 'base' not in state else f'adapters {nonzero[0]!r}...'}")
+            state = state["base"]
+        self.model.load_state_dict(state, strict=False)
 
     def logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
         """Per completion token log-probs under the reference, aligned with ``completion_ids``."""

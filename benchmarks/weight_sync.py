@@ -1,6 +1,8 @@
-"""Weight sync, before and after: learner weights from 2 DeepSpeed ranks to 1 and 2 vLLM generators.
+"""Weight sync, before and after: learner weights from 2 DeepSpeed ranks to 1 and 2 vLLM generators,
+and LoRA's adapter-only syncs against full ones into hf generators.
 
     python benchmarks/weight_sync.py [--sizes 10M 100M 500M] [--generators 1 2] [--repeats 3]
+    python benchmarks/weight_sync.py --paths hf-full hf-lora --sizes 100M 500M --generators 1 --name weight_sync_lora
 
 Random-weight Qwen2-shaped models (about 10M, 100M, 500M and, where memory allows, 1B
 parameters, fp32 on the wire as the CPU recipe sends them), two real learner ranks (DeepSpeed
@@ -12,6 +14,9 @@ and worker in processes of their own, as on a GPU). Two paths:
   vLLM's worker, which ``torch.load``s it and reloads the weights in place.
 - ``collective`` (now): vLLM's weight-transfer API; learner rank 0 broadcasts the tensors by
   name in buckets of ``--bucket-mb`` over a gloo group spanning it and every vLLM worker.
+- ``hf-full`` / ``hf-lora``: the ``hf`` generator's path (rank 0's serialised export through the
+  object store into ``Generator.load_weights``), the whole model against LoRA adapters
+  (``learner.lora`` r=``--lora-r``, every linear layer): only the adapters cross the wire.
 
 Reported per size, generator count and path: seconds per sync (median of the repeats, after one
 warm-up sync), GB/s of weights delivered to each generator, the share of this machine's memcpy
@@ -157,15 +162,16 @@ class BlobGenerator:
         return "ok"
 
 
-def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) -> dict:
+def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int, lora_r: int = 16) -> dict:
     import ray
 
     from r1ray.actors.generator import Generator, GeneratorConfig
-    from r1ray.actors.learner import LearnerConfig, LearnerRank
+    from r1ray.actors.learner import LearnerConfig, LearnerRank, LoraConfig
     from r1ray.cluster.groups import ActorGroup, rendezvous_on
     from r1ray.cluster.weight_sync import start_transfer
 
-    lcfg = LearnerConfig(num_ranks=2, zero_stage=2, micro_batch_size=1)
+    lora = LoraConfig(r=lora_r, alpha=2 * lora_r, dropout=0.0) if path == "hf-lora" else None
+    lcfg = LearnerConfig(num_ranks=2, zero_stage=2, micro_batch_size=1, lora=lora)
     learners = ActorGroup("learner-rank", LearnerRank, 2, lambda i: ((model, lcfg, i, 2, 0), {}), num_cpus=0.5,
                           timeout_s=1800)
     addr, port = rendezvous_on(learners.actors[0])
@@ -174,6 +180,10 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
         gcfg = GeneratorConfig(backend="vllm", max_model_len=256, cpu_kv_cache_gib=1, bucket_mb=bucket_mb)
         gens = ActorGroup("generator", Generator, n_gen, lambda i: ((model, gcfg, i), {}), num_cpus=0.25,
                           timeout_s=1800, max_concurrency=4)
+    elif path.startswith("hf-"):
+        gcfg = GeneratorConfig(backend="hf", max_model_len=256)
+        gens = ActorGroup("generator", Generator, n_gen, lambda i: ((model, gcfg, i), {"lora": lora}), num_cpus=0.25,
+                          timeout_s=1800)
     else:
         gens = ActorGroup("blob-generator", BlobGenerator, n_gen, lambda i: ((model,), {}), num_cpus=0.25,
                           timeout_s=1800)
@@ -186,10 +196,17 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
     watched = [learners.actors[0], *gens.actors]
     ray.get([a.__ray_call__.remote(_start_sampler) for a in watched])
 
+    sent = []  # bytes of one export (the blob paths)
+
     def sync(version: int) -> float:
         t0 = time.perf_counter()
         if path == "collective":
             ray.get(learners.call_all(LearnerRank.send_weights, version))
+        elif path.startswith("hf-"):
+            exports = learners.call_all(LearnerRank.export_weights, "float32")
+            ray.get([g.load_weights.remote(exports[0], version) for g in gens.actors] + exports[1:])
+            if not sent:
+                sent.append(len(ray.get(exports[0])))
         else:
             exports = learners.call_all(LearnerRank.export_weights, "float32")
             ray.get([g.load_weights.remote(exports[0]) for g in gens.actors] + exports[1:])
@@ -205,7 +222,7 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int) ->
         extra_gen.append(max(p - b for p, b in zip(peak[1:], base[1:])))
     for group in (gens, learners):
         group.kill()
-    return {"seconds": statistics.median(times), "all_seconds": times,
+    return {"seconds": statistics.median(times), "all_seconds": times, **({"bytes": sent[0]} if sent else {}),
             "learner_extra_peak_mb": max(extra_learner) / 2**20, "generator_extra_peak_mb": max(extra_gen) / 2**20}
 
 
@@ -213,15 +230,16 @@ def report(rows: list[dict], bandwidth: float, name: str, paths: list[str], gene
     """benchmarks/results/<name>.md (the table) and .png (seconds per sync against model size)."""
     results = HERE / "results"
     lines = [f"memcpy bandwidth on this machine: {bandwidth:.2f} GB/s", "",
-             "| model | generators | path | s / sync | GB/s per generator | of memcpy | learner rank 0 extra peak MiB | "
-             "generator extra peak MiB |", "|---|---|---|---|---|---|---|---|"]
+             "| model | generators | path | MB / sync | s / sync | GB/s per generator | of memcpy | "
+             "learner rank 0 extra peak MiB | generator extra peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" in r:
-            lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['generators']} | {r['path']} | {r['seconds']:.2f} | "
+            lines.append(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['generators']} | {r['path']} | "
+                         f"{r['bytes'] / 1e6:.1f} | {r['seconds']:.2f} | "
                          f"{r['gbps']:.2f} | {r['of_memcpy']:.0%} | {r['learner_extra_peak_mb']:.0f} | "
                          f"{r['generator_extra_peak_mb']:.0f} |")
         else:
-            lines.append(f"| {r['size']} | {r['generators']} | {r['path']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['size']} | {r['generators']} | {r['path']} | | failed: {r['error']} | | | | |")
     table = "\n".join(lines)
     print("\n" + table)
     (results / f"{name}.md").write_text(table + "\n")
@@ -237,7 +255,7 @@ def report(rows: list[dict], bandwidth: float, name: str, paths: list[str], gene
                 pts = [(r["params"], r["seconds"]) for r in rows if r["path"] == path and r["generators"] == n_gen
                        and "seconds" in r]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", linestyle="-" if path == "collective" else "--",
+                    ax.plot(*zip(*pts), marker="o", linestyle="-" if path in ("collective", "hf-lora") else "--",
                             label=f"{path}, {n_gen} generator{'s' if n_gen > 1 else ''}")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -255,7 +273,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["10M", "100M", "500M"], choices=list(SIZES))
     ap.add_argument("--generators", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--paths", nargs="+", default=["blob", "collective"], choices=["blob", "collective"])
+    ap.add_argument("--paths", nargs="+", default=["blob", "collective"],
+                    choices=["blob", "collective", "hf-full", "hf-lora"])
+    ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=512)
     ap.add_argument("--models", default=str(Path.home() / ".cache" / "r1ray" / "bench-models"))
@@ -284,12 +304,12 @@ def main() -> int:
                          logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
                                                                           "DS_ACCELERATOR": "cpu"}})
                 try:
-                    r = run_case(path, model, n_gen, args.repeats, args.bucket_mb)
+                    r = run_case(path, model, n_gen, args.repeats, args.bucket_mb, args.lora_r)
                 except Exception as e:  # noqa: BLE001 - a case that cannot run here is reported, not fatal
                     r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
                 finally:
                     ray.shutdown()
-                r.update(size=size, params=params, generators=n_gen, path=path, bytes=params * 4)
+                r = {"bytes": params * 4, **r, "size": size, "params": params, "generators": n_gen, "path": path}
                 if "seconds" in r:
                     r["gbps"] = r["bytes"] / r["seconds"] / 1e9
                     r["of_memcpy"] = r["gbps"] / bandwidth

@@ -30,6 +30,7 @@ class Work:
     started: float = field(default_factory=time.perf_counter)
     deadline: float = math.inf  # perf_counter time, set by InFlight.submit
     value: Any = None  # the results: a list for train and sync (one per ref), else the one result
+    # (or the parts' lists joined: reference log-probs from the learner ranks)
     samples: int | None = None  # completions it carries (default: its groups x the group size)
 
     def __post_init__(self):
@@ -131,7 +132,8 @@ class InFlight:
     def _finished(self, work: Work) -> Work:
         self.work.remove(work)
         values = [work.values[ref] for ref in work.refs]
-        work.value = values if work.stage in ("train", "sync") else values[0]
+        work.value = values if work.stage in ("train", "sync") else values[0] if len(values) == 1 else \
+            [x for part in values for x in part]  # reference log-probs sharded over the learner ranks
         seconds = time.perf_counter() - work.started
         self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), seconds / max(1, self.samples(work)))
         return work

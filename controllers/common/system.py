@@ -39,7 +39,7 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     train = Bundles("train")
     for i in range(r.learner.num_ranks):
         train.add(f"learner-rank-{i}", r.learner.cpus_per_rank, r.learner.gpus_per_rank)
-    if r.learner.loss.kl_coef > 0 and "rollout" in roles:
+    if r.reference_actor and "rollout" in roles:
         train.add("reference-0", r.reference.cpus, r.reference.gpus)
     plans = [train] if "learner" in roles else []
     if "teacher" in roles and r.distill.serve is not None:
@@ -78,19 +78,27 @@ class System:
         self.startup_s: dict[str, float] = {}
 
     @property
-    def streams_weights(self) -> bool:
-        """vLLM generators: weights go over a collective, and requests run concurrently."""
+    def batches_requests(self) -> bool:
+        """vLLM generators: requests run concurrently, batched continuously."""
         return self.r.generator.backend == "vllm"
+
+    @property
+    def streams_weights(self) -> bool:
+        """vLLM generators: weights go over a collective. With LoRA the adapters go as hf
+        generators' weights do (one export through the object store), into vLLM's LoRA."""
+        return self.batches_requests and self.r.learner.lora is None
 
     @property
     def generator_calls(self) -> int:
         """Generate calls one generator runs at once (vLLM batches them continuously; hf
         episodes: one generates while the other's tool calls or environment steps run)."""
-        return self.r.generator.max_requests if self.streams_weights else 2 if self.r.rollout.multi_turn else 1
+        return self.r.generator.max_requests if self.batches_requests else 2 if self.r.rollout.multi_turn else 1
 
     @property
     def uses_reference(self) -> bool:
-        return self.r.learner.loss.kl_coef > 0
+        """A reference actor computes the reference log-probs (with LoRA adapters switched off
+        the learner does: ``Recipe.reference_on_learner``)."""
+        return self.r.reference_actor
 
     def start(self) -> "System":
         r, ns = self.r, self.r.ray.namespace
@@ -107,7 +115,7 @@ class System:
         gcfg = _plain(GeneratorConfig, r.generator)
         self.generators = None if not self.rollout else ActorGroup("generator", Generator, r.generator.num_actors,
                                      lambda i: ((self.model_path, gcfg, r.seed + 7919 * i),
-                                                {"rollout": _plain(RolloutConfig, r.rollout)}),
+                                                {"rollout": _plain(RolloutConfig, r.rollout), "lora": r.learner.lora if self.training else None}),
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
                                      timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls,
                                      scheduling=place)

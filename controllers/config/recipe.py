@@ -95,6 +95,11 @@ class ReferenceConfig:
     cpus: float = 0.25
     gpus: float = 0.0
     micro_batch_size: int = 64
+    # With learner.lora: the reference log-probs come from the learner ranks with their adapters
+    # switched off (the frozen base; after an SFT warm-up, the warmed-up model): no reference
+    # actor, no second copy of the model. null: on with LoRA. false: a reference actor as without
+    # LoRA (it overlaps with training, at the cost of a copy).
+    adapters_off: bool | None = None
 
 
 @dataclass
@@ -294,3 +299,14 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+    @property
+    def reference_on_learner(self) -> bool:
+        """The KL term's reference is the learner with its LoRA adapters off (no reference actor)."""
+        return (self.learner.loss.kl_coef > 0 and self.learner.lora is not None
+                and self.reference.adapters_off is not False)
+
+    @property
+    def reference_actor(self) -> bool:
+        """A reference actor computes the KL term's reference log-probs."""
+        return self.learner.loss.kl_coef > 0 and not self.reference_on_learner

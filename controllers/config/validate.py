@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ...actors.episodes import load_environment
+from ...actors.generator import lora_rank_slot
 from ...actors.scorer import check_specs
 from ...actors.tools import schemas
 from .recipe import EVAL_TASKS, EvalConfig, Recipe
@@ -75,13 +76,24 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if r.sft.epochs is not None:
         _positive("sft.epochs", r.sft.epochs)
     _positive("sft.eval_examples", r.sft.eval_examples)
+    if r.reference.adapters_off and lc.lora is None:
+        raise ConfigError("config key 'reference.adapters_off': got true with learner.lora null; accepted: null or "
+                          "false, or LoRA adapters (learner.lora) to switch off")
     if lc.lora is not None:
-        if stage != "sft":
-            raise ConfigError("config key 'learner.lora': LoRA adapters train in r1ray sft (merged into its "
-                              "checkpoints); accepted: null for r1ray train (GRPO updates every weight)")
         if lc.zero_stage == 3:
             raise ConfigError("config key 'learner.lora': got adapters with learner.zero_stage 3; accepted: zero_stage "
-                              "0, 1 or 2 (the merge on export needs the whole weights on rank 0)")
+                              "0, 1 or 2 (merges, adapter exports and the adapters-off reference need the whole "
+                              "weights on every rank)")
+        if stage == "grpo" and r.generator.backend == "vllm":
+            if r.sft.steps:
+                raise ConfigError(f"config key 'sft.steps': got {r.sft.steps} with learner.lora and generator.backend "
+                                  "'vllm': the warm-up's adapters are folded into the base, which vLLM's LoRA cannot "
+                                  "take in flight; accepted: sft.steps 0 with the warm-up as an r1ray sft stage "
+                                  "before (configs/tiny-staged.yaml), or generator.backend hf")
+            try:
+                lora_rank_slot(lc.lora.r)
+            except ValueError as e:
+                raise ConfigError(f"config key 'learner.lora.r': {e}") from None
         for key, value in [("learner.lora.r", lc.lora.r), ("learner.lora.alpha", lc.lora.alpha)]:
             _positive(key, value)
         if not 0 <= lc.lora.dropout < 1:
@@ -340,7 +352,7 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
                           f"{int(cpus // lc.cpus_per_rank) if lc.cpus_per_rank else 'any'} ranks of {lc.cpus_per_rank:g} CPUs "
                           "(or a cluster with more CPUs)")
     need_gpus = lc.num_ranks * lc.gpus_per_rank + r.generator.num_actors * r.generator.gpus_per_actor
-    if lc.loss.kl_coef:
+    if r.reference_actor:
         need_gpus += r.reference.gpus
     if learners_only:
         need_gpus = lc.num_ranks * lc.gpus_per_rank
@@ -353,12 +365,12 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
                               f"are available; accepted: at most {gpus} GPUs in all")
         return
     total = (need_learner_cpus + r.generator.num_actors * r.generator.cpus_per_actor
-             + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if lc.loss.kl_coef else 0))
+             + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if r.reference_actor else 0))
     if total > cpus:
         raise ConfigError(f"config: the actors ask for {total:g} CPUs in all (learner {need_learner_cpus:g}, generator "
                           f"{r.generator.num_actors * r.generator.cpus_per_actor:g}, scorer "
                           f"{r.scorer.num_actors * r.scorer.cpus_per_actor:g}, reference "
-                          f"{r.reference.cpus if lc.loss.kl_coef else 0:g}) but {cpus} are available; "
+                          f"{r.reference.cpus if r.reference_actor else 0:g}) but {cpus} are available; "
                           "accepted: lower *.cpus_per_* or the actor counts")
 
 

@@ -133,7 +133,7 @@ class Evaluator:
         calls = []
         gens = max(1, len(self.system.generators.ready()))
         for task in self.tasks:
-            if self.system.streams_weights:
+            if self.system.batches_requests:
                 per = 1
             else:
                 per = max(1, min(self.system.r.generator.hf_batch_size // task.num_samples,
@@ -177,7 +177,7 @@ class Evaluator:
                                                              self.counts.update))
         self.inflight, self.elastic = inflight, elastic
         self.pending = [EvalCall(k, task, prompts) for k, (task, prompts) in enumerate(self._calls())]
-        per_generator = system.generator_calls if system.streams_weights else 2
+        per_generator = system.generator_calls if system.batches_requests else 2
         total = sum(len(t.prompts) for t in self.tasks)
         judged: dict[str, list[tuple[int, int, tuple]]] = {t.name: [] for t in self.tasks}
         self.versions: set[int] = set()

@@ -146,7 +146,10 @@ def continued(run_dir: Path, summary: dict, previous: dict | None) -> tuple[dict
 
 def sft_warm_up(system: System, recipe: Recipe, inputs: Inputs, sft_metrics, run_dir: Path, summary: dict) -> None:
     """The SFT warm-up on the learners (stopped early by the probe when asked), its checkpoint,
-    and the generators and the reference brought to the SFT policy."""
+    and the generators and the reference brought to the SFT policy. LoRA: the adapters are
+    folded into the base (``rebase_adapters``), so the adapters-off reference is the SFT policy
+    and GRPO's adapters start from zero on it; checkpoint-sft, always written then, is that base
+    (what ``checkpoint-final/adapter`` applies to, and where a resumed run starts)."""
     summary["stage"] = "sft"
     with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
         t0 = time.perf_counter()
@@ -154,9 +157,12 @@ def sft_warm_up(system: System, recipe: Recipe, inputs: Inputs, sft_metrics, run
                       probe=make_probe(system, recipe, inputs.probes), held_out=inputs.sft_held_out)
     summary["sft"] = {"steps": len(sft), "final_loss": sft[-1]["loss"], "time_s": time.perf_counter() - t0,
                       "probes": {r["step"]: r["probe_pass@1"] for r in sft if "probe_pass@1" in r}}
-    if recipe.sft.save_checkpoint or recipe.checkpoint.every_steps:  # a resumed run starts from it
+    lora = recipe.learner.lora is not None
+    if recipe.sft.save_checkpoint or recipe.checkpoint.every_steps or lora:  # a resumed run starts from it
         summary["sft"]["checkpoint"] = str(run_dir / "checkpoint-sft")
         system.learners.run_all(LearnerRank.save_hf, summary["sft"]["checkpoint"])
+    if lora:
+        system.learners.run_all(LearnerRank.rebase_adapters)
     system.sync_weights(include_reference=True)
 
 
@@ -242,7 +248,8 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
                                                          recipe.eval.reward, dropped_rewards=driver.rewards.dropped))
         summary["stage"] = "checkpoint"
         ckpt = run_dir / "checkpoint-final"
-        system.learners.run_all(LearnerRank.save_hf, str(ckpt))
+        # LoRA: also the adapters alone, on the model GRPO started from (the warm-up's checkpoint-sft)
+        system.learners.run_all(LearnerRank.save_hf, str(ckpt), summary.get("sft", {}).get("checkpoint") or system.model_path)
         summary["checkpoint"] = str(ckpt)
         summary["status"] = "completed"
     return summary

@@ -4,6 +4,7 @@ learner takes them, in admission order."""
 from __future__ import annotations
 
 from ...actors.generator import Generator
+from ...actors.learner import LearnerRank
 from ...actors.reference import Reference
 from ...actors.rollout import TrainSample
 from ...actors.scorer import RewardScorer
@@ -29,7 +30,7 @@ class RolloutStream:
         self.G = g.num_generations
         # vLLM: one group per call, so each returns the moment its G completions are done.
         self.per_request = g.groups_per_request or (
-            1 if system.streams_weights else max(1, g.prompts_per_step // len(system.generators)))
+            1 if system.batches_requests else max(1, g.prompts_per_step // len(system.generators)))
         self.sampler = EpochSampler(len(data.train), recipe.seed, data.train_rows)
         if taken:
             self.sampler.seek(taken)  # a resumed run: the same data order from where it stopped
@@ -77,6 +78,10 @@ class RolloutStream:
         if kept and self.system.reference is not None:
             samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
             self.inflight.submit(Work("reference", [self.system.reference.call(0, Reference.logprobs, samples)], kept, actor=0))
+        elif kept and self.r.reference_on_learner:  # LoRA: the learner ranks, adapters off, between train steps
+            samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
+            self.inflight.submit(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples),
+                                      kept, actor=0))
         else:
             self._ready(kept)
 

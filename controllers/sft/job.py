@@ -114,7 +114,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
                               truncation=truncation, resume_at=resume_at, after_step=after_step,
                               load_state=(str(checkpoints.dir), state["tag"]) if state else None)
         final = run_dir / "checkpoint-sft"
-        system.learners.run_all(LearnerRank.save_hf, str(final))
+        system.learners.run_all(LearnerRank.save_hf, str(final), system.model_path)  # LoRA: + final/adapter
         summary.update(status="completed", checkpoint=str(final))
     return summary
 

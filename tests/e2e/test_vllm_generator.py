@@ -279,3 +279,45 @@ def test_an_environment_episode_is_the_templates_rendering(tiny_model, tmp_path)
     for r in out:
         assert (r.turns, r.finish_reason, r.messages) == (2, "stop", TALK[1:]), r.text
         assert r.prompt_ids + r.completion_ids == e.ids and r.loss_mask == e.trained[len(r.prompt_ids):]
+
+
+def test_a_lora_adapter_sync_gives_the_learners_greedy_outputs(tiny_model):
+    """LoRA GRPO on vLLM: the learner's adapters (only they cross) become vLLM's LoRA adapter,
+    loaded in place per version; greedy tokens and log-probs are then the learner's policy's."""
+    from tiny_actors import learner as _learner
+
+    from r1ray.actors.batching import pad_batch, token_logprobs
+    from r1ray.actors.learner import LoraConfig
+
+    lora = LoraConfig(r=8, alpha=16, dropout=0.0)
+    learner = _learner(tiny_model, lora=lora)
+    learner.start_phase(lr=3e-2)
+    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=128, cpu_kv_cache_gib=1), seed=0,
+                    lora=lora)
+    try:
+        prompts = [_prompt(tiny_model), _prompt(tiny_model, "12+34", "p1")]
+        for version in (1, 2, 3):
+            rollouts = gen.generate(prompts, 4, SamplingConfig(max_new_tokens=10))
+            samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a)
+                       for r, a in zip(rollouts, [1.0, -1.0, 0.5, -0.5] * 2)]
+            tokens = float(sum(len(s.completion_ids) for s in samples))
+            learner.grpo_step(samples, tokens, tokens)
+            gen.load_weights(learner.export_weights(), version)
+        outs = gen.generate(prompts, 1, SamplingConfig(max_new_tokens=12), greedy=True)
+        module = learner.engine.module
+        module.eval()
+        for out in outs:
+            assert out.versions == [3] * len(out.completion_ids)
+            with torch.no_grad():
+                ids = module.generate(input_ids=torch.tensor([out.prompt_ids]), max_new_tokens=12, do_sample=False,
+                                      pad_token_id=learner.pad_id)[0, len(out.prompt_ids):].tolist()
+            assert out.completion_ids == ids[: len(out.completion_ids)]
+        packed = pad_batch([o.prompt_ids for o in outs], [o.completion_ids for o in outs], learner.pad_id)
+        with torch.no_grad():
+            mine = packed.gather(token_logprobs(learner.engine, packed).cpu())
+        base = Reference(tiny_model).logprobs([TrainSample(o.prompt_ids, o.completion_ids) for o in outs])
+        for o, lp, b in zip(outs, mine, base):
+            assert lp == pytest.approx(o.logprobs, abs=1e-3)
+        assert max(abs(x - y) for o, b in zip(outs, base) for x, y in zip(o.logprobs, b)) > 1e-2  # the adapter acts
+    finally:
+        gen.close()

@@ -187,13 +187,23 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_model, tmp_p
     assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable  # still training adapters
 
 
-def test_lora_is_an_sft_option_checked_up_front():
+def test_lora_is_checked_up_front():
     from r1ray.controllers.config import load_recipe
     from r1ray.controllers.config.schema import ConfigError
 
     assert load_recipe("tiny-cpu", ["learner.lora={r: 4}"], stage="sft").learner.lora.r == 4
-    with pytest.raises(ConfigError, match=r"learner.lora.*r1ray sft"):
-        load_recipe("tiny-cpu", ["learner.lora={r: 4}"])  # GRPO updates every weight
+    recipe = load_recipe("tiny-cpu", ["learner.lora={r: 4}"])  # GRPO: the reference is the learner, adapters off
+    assert recipe.reference_on_learner and not recipe.reference_actor
+    recipe = load_recipe("tiny-cpu", ["learner.lora={r: 4}", "reference.adapters_off=false"])
+    assert recipe.reference_actor and not recipe.reference_on_learner
+    assert not load_recipe("tiny-cpu", ["learner.lora={r: 4}", "learner.loss.kl_coef=0"]).reference_on_learner
+    with pytest.raises(ConfigError, match=r"reference.adapters_off.*learner.lora null"):
+        load_recipe("tiny-cpu", ["reference.adapters_off=true"])
+    assert load_recipe("tiny-cpu", ["learner.lora={r: 4}", "generator.backend=vllm", "sft.steps=0"]).learner.lora
+    with pytest.raises(ConfigError, match=r"sft.steps.*r1ray sft stage"):
+        load_recipe("tiny-cpu", ["learner.lora={r: 4}", "generator.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"learner.lora.r.*up to 512"):
+        load_recipe("tiny-cpu", ["learner.lora={r: 1024}", "generator.backend=vllm", "sft.steps=0"])
     with pytest.raises(ConfigError, match=r"learner.lora.*zero_stage 3"):
         load_recipe("tiny-cpu", ["learner.lora={r: 4}", "learner.zero_stage=3"], stage="sft")
     with pytest.raises(ConfigError, match=r"learner.lora.r"):
