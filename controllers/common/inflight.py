@@ -32,6 +32,9 @@ class Work:
     value: Any = None  # the results: a list for train and sync (one per ref), else the one result
     # (or the parts' lists joined: reference log-probs from the learner ranks)
     samples: int | None = None  # completions it carries (default: its groups x the group size)
+    # the actors' queue it waits in, when not its stage's on ``actor`` alone: "learner" for the
+    # train steps and LoRA's reference log-probs, which the learner ranks run one after another
+    queue: str | None = None
 
     def __post_init__(self):
         self.pending = set(self.refs)
@@ -64,18 +67,25 @@ class InFlight:
 
     def submit(self, work: Work) -> Work:
         samples = max(1, self.samples(work))
-        if work.stage == "score":
+        if work.queue == "learner" and work.stage != "train":
+            # behind a train step (and any checkpoint it saves): bounded like a first call
+            budget = self.rc.call_timeout_s
+        elif work.stage == "score":
             budget = self.score_budget(samples) + self.rc.deadline_min_s
         elif work.stage in self.rates:
             budget = max(self.rc.deadline_min_s, self.rc.deadline_factor * self.rates[work.stage] * samples)
         else:
             budget = self.rc.call_timeout_s
-        ahead = [w.deadline for w in self.work if (w.stage, w.actor) == (work.stage, work.actor)]
+        ahead = [w.deadline for w in self.work if self._queue(w) == self._queue(work)]
         # an actor that starts may wait for a node to join: no deadline (the run goes on without it)
         work.deadline = math.inf if work.stage == "join" else max([work.started, *ahead]) + budget
         work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
         self.work.append(work)
         return work
+
+    @staticmethod
+    def _queue(w: Work):
+        return w.queue or (w.stage, w.actor)
 
     def pick(self, stage: str, actors: int, among: list[int]) -> int:
         """The least loaded of ``among`` (of a group of ``actors``) for ``stage``; ties go

@@ -111,7 +111,7 @@ class GrpoDriver:
         self.tally({"samples/masked_truncated": sum(not s.in_loss for s in samples)})
         refs = self.system.learners.shard(LearnerRank.grpo_step, samples, denom, tokens)
         self.training = True
-        self.inflight.submit(Work("train", refs, batch, version=version))
+        self.inflight.submit(Work("train", refs, batch, version=version, queue="learner"))
 
     def on_trained(self, work: Work) -> None:
         """Log the consumed samples, publish the new weights, keep the step's record until they land."""

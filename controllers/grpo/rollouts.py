@@ -81,7 +81,7 @@ class RolloutStream:
         elif kept and self.r.reference_on_learner:  # LoRA: the learner ranks, adapters off, between train steps
             samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
             self.inflight.submit(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples),
-                                      kept, actor=0))
+                                      kept, queue="learner"))
         else:
             self._ready(kept)
 

@@ -93,7 +93,9 @@ class SpanCollector:
         """(group, the span kinds that count as its busy time, actors) for utilisation."""
         s = self.system
         out = [("generator", ("generate", "load_weights", "weight_update"), len(s.generators.ready())),
-               ("scorer", ("score",), len(s.scorers.ready())), ("learner", ("train", "export_weights", "send_weights"), len(s.learners))]
+               ("scorer", ("score",), len(s.scorers.ready())),
+               # ref_logprobs: LoRA's reference, the learner with its adapters off
+               ("learner", ("train", "export_weights", "send_weights", "ref_logprobs"), len(s.learners))]
         if s.reference is not None:
             out.append(("reference", ("ref_logprobs",), 1))
         return out

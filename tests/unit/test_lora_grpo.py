@@ -142,3 +142,24 @@ def test_final_checkpoint_is_merged_and_keeps_the_adapter(trained, tiny_model, t
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(again(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_work_on_the_learners_waits_behind_the_train_step_without_a_short_deadline():
+    """LoRA's reference log-probs run on the learner ranks after the train step queued there (and
+    the checkpoint it may save): their deadline starts from the train step's and is a first
+    call's, not the few seconds per sample the last reference call took."""
+    from r1ray.cluster.groups import Watchdog
+    from r1ray.controllers.common.inflight import InFlight, Work
+    from r1ray.controllers.config.recipe import RayConfig
+
+    rc = RayConfig()
+    inflight = InFlight(Watchdog([]), rc, 4, lambda n: 1.0)
+    inflight.rates["reference"] = 0.001  # what an earlier reference call on idle learners took
+    train = inflight.submit(Work("train", ["t"], who=["learner-rank-0"], queue="learner"))
+    ref = inflight.submit(Work("reference", ["r"], [object()], who=["learner-rank-0"], queue="learner"))
+    assert ref.deadline >= train.deadline + rc.call_timeout_s - 1e-6
+    # the reference actor's calls keep their own queue and the measured budget
+    actor = inflight.submit(Work("reference", ["a"], [object()], actor=0, who=["reference-0"]))
+    assert actor.deadline - actor.started == pytest.approx(rc.deadline_min_s)
+    later = inflight.submit(Work("train", ["t2"], who=["learner-rank-0"], queue="learner"))
+    assert later.deadline >= ref.deadline  # a train step queued behind the reference call
