@@ -71,8 +71,10 @@ class Generator:
     """
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int = 0, device: str | None = None,
-                 rollout: RolloutConfig | None = None, lora: LoraConfig | None = None):
-        """``lora``: the learner's adapters (``learner.lora``): weight syncs carry only them."""
+                 rollout: RolloutConfig | None = None, lora: LoraConfig | None = None, module=None):
+        """``lora``: the learner's adapters (``learner.lora``): weight syncs carry only them.
+        ``module`` (hf): generate with this model itself, a colocated learner's (no copy, no
+        weight loads: the learner labels the versions, ``LearnerRank.generate``)."""
         self.cfg, self.seed, self.model_path = cfg, seed, model_path
         self.rollout = rollout or RolloutConfig()
         self.version = 0
@@ -83,7 +85,7 @@ class Generator:
         if cfg.backend == "vllm":
             self._engine = _VllmEngine(model_path, cfg, seed, lora)
         elif cfg.backend == "hf":
-            self._engine = _HfEngine(model_path, cfg, self.device, lora)
+            self._engine = _HfEngine(model_path, cfg, self.device, lora, module)
         else:
             raise ValueError(f"generator.backend={cfg.backend!r}: accepted are 'hf', 'vllm'")
         self.eos_token_id = self._engine.tokenizer.eos_token_id
@@ -308,12 +310,16 @@ def _load_exactly(model, state: dict, what: str) -> None:
 class _HfEngine:
     """transformers.generate: the fastest engine for a tiny model on a CPU."""
 
-    def __init__(self, model_path: str, cfg: GeneratorConfig, device: str, lora: LoraConfig | None = None):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, device: str, lora: LoraConfig | None = None,
+                 module=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.device = cfg, device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
+        if module is not None:  # a colocated learner's own module (with its adapters, if any)
+            self.model, lora = module, None
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).to(device)
         self.lora = lora is not None
         if self.lora:  # the learner's adapters on the same base; zero (B = 0) until the first sync
             import peft

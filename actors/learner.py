@@ -623,6 +623,30 @@ class LearnerRank:
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()
 
+    # -- colocate (placement.mode colocate): a generator on this rank's own module -----------
+    def host_generator(self, cfg, seed: int = 0, rollout=None) -> None:
+        """Start an ``hf`` generator in this process that generates with this rank's module:
+        one copy of the weights, and no weight sync (``adopt_weights`` labels the versions).
+        ZeRO-0/1/2 hold the whole module on every rank."""
+        from .generator import Generator
+
+        self.generator = Generator(self.model_path, cfg, seed, device=str(self.device), rollout=rollout,
+                                   module=self.engine.module)
+
+    def generate(self, prompts: list[dict], n: int, sampling, greedy: bool = False, chunk_tokens: int = 0) -> list:
+        """``Generator.generate`` on the hosted generator, the module in eval mode (no dropout);
+        training sets train mode again."""
+        self.engine.module.eval()
+        return self.generator.generate(prompts, n, sampling, greedy, chunk_tokens)
+
+    def adopt_weights(self, version: int) -> float:
+        """Colocate: the module is already the new policy; later tokens are labelled ``version``."""
+        self.generator.version = version
+        return 0.0
+
+    def drain_generator_spans(self) -> list[dict]:
+        return self.generator.drain_spans()
+
     def ping(self) -> str:
         return "ok"
 

@@ -248,6 +248,38 @@ class ActorGroup(Generic[A]):
             kill_quietly(a)
 
 
+class HostedGroup(ActorGroup):
+    """A group whose members live in another group's actors (``placement.mode: colocate``: the
+    generator inside learner rank 0). Calls name this group's class (``Generator.generate``)
+    and go to the host actor's method of the same name, or of the name ``rename`` gives
+    (``drain_spans`` -> ``drain_generator_spans``, so the host's own spans stay its own). The
+    host group owns the actors: ``kill`` leaves them, and a member cannot be replaced alone."""
+
+    def __init__(self, name: str, cls: type, host: ActorGroup, indices: list[int], rename: dict[str, str],
+                 timeout_s: float = 600.0):
+        self.name, self.timeout_s, self.cls = name, timeout_s, cls
+        self._owners: OrderedDict = OrderedDict()
+        self.watchdog: Watchdog | None = None
+        self.elastic = False
+        self._rename = dict(rename)
+        self.actors = [host.actors[i] for i in indices]
+        self.state = ["ready"] * len(self.actors)
+        self.incarnation = [0] * len(self.actors)
+
+    def _method(self, method: Callable, args: tuple, kwargs: dict) -> str:
+        name = super()._method(method, args, kwargs)
+        return self._rename.get(name, name)
+
+    def restart(self, i: int):
+        raise RuntimeError(f"{self.name}-{i} lives in another group's actor: it is restarted with it, not alone")
+
+    def add(self):
+        raise RuntimeError(f"the {self.name} group lives in another group's actors: it cannot grow")
+
+    def kill(self) -> None:
+        pass  # the host group's actors
+
+
 class Watchdog:
     """Liveness of a run's actor groups while the driver waits on them.
 

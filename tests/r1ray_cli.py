@@ -11,6 +11,8 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 R1RAY = [sys.executable, "-m", "r1ray.controllers.cli"]
+# No dashboard, no SFT probe stop: what most CLI tests add to a recipe
+QUIET = ["--set", "ray.dashboard=false", "--set", "sft.stop_at_pass_rate=null"]
 
 
 def cmd(*args: str) -> list[str]:

@@ -11,7 +11,7 @@ from ...actors.reference import Reference
 from ...actors.scorer import RewardScorer, ScorerConfig
 from ...actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ...cluster import control
-from ...cluster.groups import ActorGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
+from ...cluster.groups import ActorGroup, HostedGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
 from ...cluster.placement import Bundles, Placement
 from ...cluster.weight_sync import start_broadcast, start_transfer
 from ..config import Recipe
@@ -49,7 +49,7 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
             plans.append(server)
     if "rollout" not in roles:
         return plans
-    for i in range(r.generator.num_actors):
+    for i in range(0 if r.colocated and "learner" in roles else r.generator.num_actors):  # colocate: in rank 0
         gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
         gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
         plans.append(gen)
@@ -76,6 +76,8 @@ class System:
         # vllm generators: the slots in the weight-transfer group (None: it must be formed again)
         self.transfer_members: list[int] | None = None
         self.startup_s: dict[str, float] = {}
+        # placement.mode colocate: the generator runs in learner rank 0, on its module
+        self.colocated = recipe.colocated and self.training and self.rollout
 
     @property
     def batches_requests(self) -> bool:
@@ -113,7 +115,7 @@ class System:
                                    num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank,
                                    timeout_s=self.timeout, namespace=ns, scheduling=place)
         gcfg = _plain(GeneratorConfig, r.generator)
-        self.generators = None if not self.rollout else ActorGroup("generator", Generator, r.generator.num_actors,
+        self.generators = None if not self.rollout or self.colocated else ActorGroup("generator", Generator, r.generator.num_actors,
                                      lambda i: ((self.model_path, gcfg, r.seed + 7919 * i),
                                                 {"rollout": _plain(RolloutConfig, r.rollout), "lora": r.learner.lora if self.training else None}),
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
@@ -137,6 +139,11 @@ class System:
             setup = self.learners.call_all(LearnerRank.setup, addr, port, min(self.timeout, 600.0))
             infos = self.learners.get(setup, "setup (DeepSpeed init)")
             self.startup_s["learner"] = time.perf_counter() - t0
+        if self.colocated:
+            self.learners.get([self.learners.call(0, LearnerRank.host_generator, gcfg, r.seed,
+                                                  _plain(RolloutConfig, r.rollout))], "host_generator")
+            self.generators = HostedGroup("generator", Generator, self.learners, [0],
+                                          {"drain_spans": "drain_generator_spans"}, self.timeout)
         for name, group in [("generator", self.generators), ("scorer", self.scorers), ("reference", self.reference)]:
             if group is not None:
                 group.wait_ready()
@@ -188,7 +195,10 @@ class System:
         if new_version:
             self.version += 1
         refs, receivers = [], []
-        if self.streams_weights:  # learner rank 0 broadcasts to the generators and waits for them
+        if self.colocated:  # the generator runs on the learner's module: the new version is a label
+            refs.append(self.learners.call(0, LearnerRank.adopt_weights, self.version))
+            self.weights = (self.version, None)
+        elif self.streams_weights:  # learner rank 0 broadcasts to the generators and waits for them
             members = sorted(self.generators.ready() if members is None else members)
             if members != self.transfer_members:
                 refs = self.form_transfer(members)

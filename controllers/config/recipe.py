@@ -68,6 +68,15 @@ class RayConfig:
 
 
 @dataclass
+class PlacementConfig:
+    # split: generators on devices of their own (streaming, max_staleness >= 0). colocate: the
+    # generator shares the learner's: with hf it runs inside learner rank 0's process on the
+    # learner's own module (one copy of the weights, no weight sync at all); generation and
+    # training take turns, so max_staleness must be 0.
+    mode: Literal["split", "colocate"] = "split"
+
+
+@dataclass
 class GeneratorGroupConfig(GeneratorConfig):
     num_actors: int = 1  # started (and placed) before the run begins
     # Elastic group: the driver adds generators up to max_actors whenever the
@@ -283,6 +292,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     generator: GeneratorGroupConfig = field(default_factory=GeneratorGroupConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # tools and multi-turn episodes
@@ -299,6 +309,11 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+    @property
+    def colocated(self) -> bool:
+        """The generator runs inside learner rank 0 on its module (``placement.mode: colocate``)."""
+        return self.placement.mode == "colocate"
 
     @property
     def reference_on_learner(self) -> bool:

@@ -76,6 +76,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if r.sft.epochs is not None:
         _positive("sft.epochs", r.sft.epochs)
     _positive("sft.eval_examples", r.sft.eval_examples)
+    if r.colocated and stage == "grpo":
+        _check_colocate(r)
     if r.reference.adapters_off and lc.lora is None:
         raise ConfigError("config key 'reference.adapters_off': got true with learner.lora null; accepted: null or "
                           "false, or LoRA adapters (learner.lora) to switch off")
@@ -351,7 +353,8 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
                           f"{need_learner_cpus} CPUs, but only {cpus} are available; accepted: at most "
                           f"{int(cpus // lc.cpus_per_rank) if lc.cpus_per_rank else 'any'} ranks of {lc.cpus_per_rank:g} CPUs "
                           "(or a cluster with more CPUs)")
-    need_gpus = lc.num_ranks * lc.gpus_per_rank + r.generator.num_actors * r.generator.gpus_per_actor
+    own = 0 if r.colocated else r.generator.num_actors  # colocated: the generator is in learner rank 0
+    need_gpus = lc.num_ranks * lc.gpus_per_rank + own * r.generator.gpus_per_actor
     if r.reference_actor:
         need_gpus += r.reference.gpus
     if learners_only:
@@ -364,14 +367,38 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
             raise ConfigError(f"config key 'learner.gpus_per_rank': the learner ranks need {need_gpus} GPUs but {gpus} "
                               f"are available; accepted: at most {gpus} GPUs in all")
         return
-    total = (need_learner_cpus + r.generator.num_actors * r.generator.cpus_per_actor
+    total = (need_learner_cpus + own * r.generator.cpus_per_actor
              + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if r.reference_actor else 0))
     if total > cpus:
         raise ConfigError(f"config: the actors ask for {total:g} CPUs in all (learner {need_learner_cpus:g}, generator "
-                          f"{r.generator.num_actors * r.generator.cpus_per_actor:g}, scorer "
+                          f"{own * r.generator.cpus_per_actor:g}, scorer "
                           f"{r.scorer.num_actors * r.scorer.cpus_per_actor:g}, reference "
                           f"{r.reference.cpus if r.reference_actor else 0:g}) but {cpus} are available; "
                           "accepted: lower *.cpus_per_* or the actor counts")
+
+
+def _check_colocate(r: Recipe) -> None:
+    """``placement.mode: colocate``: what cannot share the learner's process and module."""
+    gen, lc = r.generator, r.learner
+    if r.grpo.max_staleness:
+        raise ConfigError(f"config key 'grpo.max_staleness': got {r.grpo.max_staleness} with placement.mode colocate; "
+                          "accepted: 0 (a colocated generator and the learner take turns on the same weights: nothing "
+                          "is generated while they train), or placement.mode split")
+    if gen.backend != "hf":
+        raise ConfigError(f"config key 'placement.mode': colocate runs the hf generator inside learner rank 0 for now; "
+                          f"got generator.backend {gen.backend!r} (vLLM beside the learner, with sleep mode on GPUs, is "
+                          "not built yet); accepted: generator.backend hf, or placement.mode split")
+    if gen.actor_range() != (1, 1) or gen.num_actors != 1:
+        raise ConfigError(f"config key 'generator.num_actors': got {gen.num_actors} (min_actors {gen.min_actors}, "
+                          f"max_actors {gen.max_actors}) with placement.mode colocate; accepted: 1 and no elastic range "
+                          "(the one generator lives in learner rank 0's process)")
+    if lc.zero_stage == 3:
+        raise ConfigError("config key 'learner.zero_stage': got 3 with placement.mode colocate; accepted: 0, 1 or 2 "
+                          "(the colocated generator reads the module's weights whole; ZeRO-3 holds a shard per rank)")
+    if gen.dtype != lc.dtype:
+        raise ConfigError(f"config key 'generator.dtype': got {gen.dtype!r} with placement.mode colocate and "
+                          f"learner.dtype {lc.dtype!r}; accepted: {lc.dtype!r} (the generator runs on the learner's "
+                          "own weights)")
 
 
 def _local_gpus() -> int:

@@ -17,6 +17,17 @@ def ray_auth_token():
     subprocess.run([str(ray), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
 
 
+@pytest.fixture(scope="session")
+def warmed(tmp_path_factory, tiny_world):
+    """The tiny recipe's full-weight warm-up as a stage of its own (``r1ray sft``, 200 steps, as
+    tiny-staged's), once per session: its run directory (the model: ``checkpoint-sft``)."""
+    sft = tmp_path_factory.mktemp("warmed") / "sft"
+    proc = r1ray_cli.run("sft", "configs/tiny-cpu.yaml", "--output-dir", sft, "--set", f"model.tiny_dir={tiny_world}",
+                         *r1ray_cli.QUIET, "--set", "sft.steps=200", "--set", "sft.eval_every=0", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return sft
+
+
 @pytest.fixture
 def r1ray():
     """``r1ray(*args, timeout=600, extra_env=None)``: the CLI in a process of its own, waited

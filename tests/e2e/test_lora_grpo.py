@@ -5,24 +5,14 @@ import json
 
 import pytest
 import r1ray_cli
+from r1ray_cli import QUIET
 
 LORA = ["--set", "learner.lora={r: 16, alpha: 32}", "--set", "learner.optim.lr=2.0e-3"]
-QUIET = ["--set", "ray.dashboard=false", "--set", "sft.stop_at_pass_rate=null"]
 
 
 def _ok(proc):
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-@pytest.fixture(scope="module")
-def warmed(tmp_path_factory, tiny_world):
-    """The full-weight warm-up as a stage of its own (``r1ray sft``, as tiny-staged's); its run
-    directory (the model: ``checkpoint-sft``)."""
-    sft = tmp_path_factory.mktemp("lora") / "sft"
-    _ok(r1ray_cli.run("sft", "configs/tiny-cpu.yaml", "--output-dir", sft, "--set", f"model.tiny_dir={tiny_world}",
-                      *QUIET, "--set", "sft.steps=200", "--set", "sft.eval_every=0", timeout=900))
-    return sft
 
 
 @pytest.mark.timeout(1500)
