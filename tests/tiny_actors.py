@@ -109,3 +109,28 @@ def wait_until_started(started, seconds: float = 60.0) -> None:
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert started.exists(), "the tool never ran"
+
+
+def assert_learners_policy(learner: LearnerRank, outs: list, version: int, abs_tol: float) -> list[list[float]]:
+    """Greedy rollouts ``outs`` (12 new tokens at most) are the learner's policy at ``version``:
+    every token labelled ``version``, the tokens the learner's own greedy decoding picks, and
+    log-probs within ``abs_tol`` of the learner's. Returns the learner's log-probs."""
+    import pytest
+    import torch
+
+    from r1ray.actors.batching import pad_batch, token_logprobs
+
+    module = learner.engine.module
+    module.eval()
+    for out in outs:
+        assert out.versions == [version] * len(out.completion_ids)
+        with torch.no_grad():
+            ids = module.generate(input_ids=torch.tensor([out.prompt_ids]), max_new_tokens=12, do_sample=False,
+                                  pad_token_id=learner.pad_id)[0, len(out.prompt_ids):].tolist()
+        assert out.completion_ids == ids[: len(out.completion_ids)]
+    packed = pad_batch([o.prompt_ids for o in outs], [o.completion_ids for o in outs], learner.pad_id)
+    with torch.no_grad():
+        mine = packed.gather(token_logprobs(learner.engine, packed, learner.cfg.loss.temperature).cpu())
+    for o, lp in zip(outs, mine):
+        assert lp == pytest.approx(o.logprobs, abs=abs_tol)
+    return mine

@@ -284,9 +284,9 @@ def test_an_environment_episode_is_the_templates_rendering(tiny_model, tmp_path)
 def test_a_lora_adapter_sync_gives_the_learners_greedy_outputs(tiny_model):
     """LoRA GRPO on vLLM: the learner's adapters (only they cross) become vLLM's LoRA adapter,
     loaded in place per version; greedy tokens and log-probs are then the learner's policy's."""
+    from tiny_actors import assert_learners_policy
     from tiny_actors import learner as _learner
 
-    from r1ray.actors.batching import pad_batch, token_logprobs
     from r1ray.actors.learner import LoraConfig
 
     lora = LoraConfig(r=8, alpha=16, dropout=0.0)
@@ -304,20 +304,8 @@ def test_a_lora_adapter_sync_gives_the_learners_greedy_outputs(tiny_model):
             learner.grpo_step(samples, tokens, tokens)
             gen.load_weights(learner.export_weights(), version)
         outs = gen.generate(prompts, 1, SamplingConfig(max_new_tokens=12), greedy=True)
-        module = learner.engine.module
-        module.eval()
-        for out in outs:
-            assert out.versions == [3] * len(out.completion_ids)
-            with torch.no_grad():
-                ids = module.generate(input_ids=torch.tensor([out.prompt_ids]), max_new_tokens=12, do_sample=False,
-                                      pad_token_id=learner.pad_id)[0, len(out.prompt_ids):].tolist()
-            assert out.completion_ids == ids[: len(out.completion_ids)]
-        packed = pad_batch([o.prompt_ids for o in outs], [o.completion_ids for o in outs], learner.pad_id)
-        with torch.no_grad():
-            mine = packed.gather(token_logprobs(learner.engine, packed).cpu())
+        assert_learners_policy(learner, outs, 3, abs_tol=1e-3)
         base = Reference(tiny_model).logprobs([TrainSample(o.prompt_ids, o.completion_ids) for o in outs])
-        for o, lp, b in zip(outs, mine, base):
-            assert lp == pytest.approx(o.logprobs, abs=1e-3)
         assert max(abs(x - y) for o, b in zip(outs, base) for x, y in zip(o.logprobs, b)) > 1e-2  # the adapter acts
     finally:
         gen.close()

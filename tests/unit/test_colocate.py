@@ -1,11 +1,10 @@
 """placement.mode colocate: the hf generator inside learner rank 0 on the learner's own module
 (real engines, no Ray), its placement, and what cannot be colocated, refused up front."""
 import pytest
-import torch
+from tiny_actors import assert_learners_policy
 from tiny_actors import learner as _learner
 from tiny_actors import prompt as _prompt
 
-from r1ray.actors.batching import pad_batch, token_logprobs
 from r1ray.actors.generator import GeneratorConfig, SamplingConfig
 from r1ray.actors.learner import LoraConfig
 from r1ray.actors.rollout import TrainSample
@@ -32,17 +31,7 @@ def test_a_hosted_generator_samples_the_learners_current_weights_without_a_copy(
     outs = learner.generate(prompts, 1, SamplingConfig(max_new_tokens=12), greedy=True)
     module = learner.engine.module
     assert not module.training  # generation runs without dropout
-    for out in outs:
-        assert out.versions == [1] * len(out.completion_ids)
-        with torch.no_grad():
-            ids = module.generate(input_ids=torch.tensor([out.prompt_ids]), max_new_tokens=12, do_sample=False,
-                                  pad_token_id=learner.pad_id)[0, len(out.prompt_ids):].tolist()
-        assert out.completion_ids == ids[: len(out.completion_ids)]
-    packed = pad_batch([o.prompt_ids for o in outs], [o.completion_ids for o in outs], learner.pad_id)
-    with torch.no_grad():
-        mine = packed.gather(token_logprobs(learner.engine, packed).cpu())
-    for o, lp in zip(outs, mine):
-        assert lp == pytest.approx(o.logprobs, abs=1e-5)
+    assert_learners_policy(learner, outs, 1, abs_tol=1e-5)
     learner.grpo_step(samples, tokens, tokens)  # training switches dropout (LoRA's) on again
     assert module.training
 

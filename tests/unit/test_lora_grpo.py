@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from tiny_actors import assert_learners_policy
 from tiny_actors import learner as _learner
 from tiny_actors import prompt as _prompt
 
@@ -71,18 +72,8 @@ def test_adapter_sync_carries_only_the_adapters_and_the_generator_matches_the_le
     full_bytes = sum(p.numel() * p.element_size() for p in learner.engine.module.get_base_model().parameters())
     assert adapter_bytes < 0.25 * full_bytes  # r=4 on a tiny model; benchmarks/weight_sync.py has the 500M rows
     # greedy: the generator's tokens and log-probs are the learner's policy's
-    out = gen.generate([_prompt(tiny_model)], 1, GREEDY, greedy=True)[0]
-    assert out.versions == [3] * len(out.completion_ids)
-    module = learner.engine.module
-    module.eval()
-    with torch.no_grad():
-        ids = module.generate(input_ids=torch.tensor([out.prompt_ids]), max_new_tokens=12, do_sample=False,
-                              pad_token_id=learner.pad_id)[0, len(out.prompt_ids):].tolist()
-    assert out.completion_ids == ids[: len(out.completion_ids)]
-    mine = learner.cfg.loss.temperature  # the generator's log-probs are at temperature 1 here
-    assert mine == 1.0
-    lp = _policy_logprobs(learner, [TrainSample(out.prompt_ids, out.completion_ids)])[0]
-    assert lp == pytest.approx(out.logprobs, abs=1e-4)
+    assert learner.cfg.loss.temperature == 1.0  # the generator's greedy log-probs are at temperature 1
+    assert_learners_policy(learner, gen.generate([_prompt(tiny_model)], 1, GREEDY, greedy=True), 3, abs_tol=1e-4)
     # a generator without the learner's adapters refuses the sync instead of changing nothing
     plain = Generator(tiny_model, GeneratorConfig(backend="hf"), seed=3, lora=LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="learner.lora"):
