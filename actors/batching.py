@@ -100,6 +100,21 @@ def token_logprobs(model, packed: TokenBatch, temperature: float = 1.0, entropy:
     return _token_logprobs(module, module, packed, temperature, entropy, chunk_tokens, logits_dtype)
 
 
+@torch.no_grad()
+def completion_logprobs(model, samples: Sequence, pad_id: int, micro_batch_size: int, temperature: float = 1.0,
+                        logits_dtype: str = "model", device="cpu") -> list[list[float]]:
+    """Per completion token log-probs of ``samples`` (anything with ``prompt_ids`` and
+    ``completion_ids``) under ``model`` (as ``token_logprobs``), ``micro_batch_size`` at a time,
+    without gradients: the reference's, and the learner's with its LoRA adapters off."""
+    out: list[list[float]] = []
+    for i in range(0, len(samples), micro_batch_size):
+        mb = samples[i : i + micro_batch_size]
+        packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], pad_id)
+        lp = token_logprobs(model, packed.to(device), temperature, logits_dtype=logits_dtype)
+        out.extend(packed.gather(lp.cpu()))
+    return out
+
+
 def engine_forward(engine, fn, *args):
     """``fn(module, forward, *args)`` run as the forward of ``engine.module`` through ``engine.forward``.
 

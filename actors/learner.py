@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from . import storage
-from .batching import attention_kwargs, pad_batch, token_logprobs
+from .batching import attention_kwargs, completion_logprobs, pad_batch, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .packing import SftExample, one_row, sft_batch, uses_flash_attention
 from .rollout import TrainSample
@@ -384,16 +384,11 @@ class LearnerRank:
         if self.cfg.lora is None:
             raise RuntimeError("LearnerRank.reference_logprobs: the learner has no LoRA adapters to switch off "
                                "(learner.lora is null); the reference actor computes the reference log-probs")
-        out: list[list[float]] = []
         with self.spans.span("ref_logprobs", samples=len(samples)):
             self.engine.eval()
-            with torch.no_grad(), self.engine.module.disable_adapter():
-                for mb in _micro_batches(samples, self.cfg.micro_batch_size):
-                    packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
-                    lp = token_logprobs(self.engine, packed.to(self.device), self.cfg.loss.temperature,
-                                        logits_dtype=self.cfg.logits_dtype)
-                    out.extend(packed.gather(lp.cpu()))
-        return out
+            with self.engine.module.disable_adapter():
+                return completion_logprobs(self.engine, samples, self.pad_id, self.cfg.micro_batch_size,
+                                           self.cfg.loss.temperature, self.cfg.logits_dtype, self.device)
 
     def _lora_layers(self) -> list:
         from peft.tuners.lora import LoraLayer

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import storage
-from .batching import attention_kwargs, pad_batch, token_logprobs
+from .batching import attention_kwargs, completion_logprobs
 from .rollout import TrainSample
 from .spans import SpanLog
 
@@ -47,17 +47,8 @@ class Reference:
     def logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
         """Per completion token log-probs under the reference, aligned with ``completion_ids``."""
         with self.spans.span("ref_logprobs", samples=len(samples)):
-            return self._logprobs(samples)
-
-    @torch.no_grad()
-    def _logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
-        out: list[list[float]] = []
-        for i in range(0, len(samples), self.micro_batch_size):
-            mb = samples[i : i + self.micro_batch_size]
-            packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
-            lp = token_logprobs(self.model, packed.to(self.device), self.temperature, logits_dtype=self.logits_dtype)
-            out.extend(packed.gather(lp.cpu()))
-        return out
+            return completion_logprobs(self.model, samples, self.pad_id, self.micro_batch_size, self.temperature,
+                                       self.logits_dtype, self.device)
 
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()
