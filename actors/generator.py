@@ -71,10 +71,13 @@ class Generator:
     """
 
     def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int = 0, device: str | None = None,
-                 rollout: RolloutConfig | None = None, lora: LoraConfig | None = None, module=None):
+                 rollout: RolloutConfig | None = None, lora: LoraConfig | None = None, module=None,
+                 colocated: bool = False):
         """``lora``: the learner's adapters (``learner.lora``): weight syncs carry only them.
         ``module`` (hf): generate with this model itself, a colocated learner's (no copy, no
-        weight loads: the learner labels the versions, ``LearnerRank.generate``)."""
+        weight loads: the learner labels the versions, ``LearnerRank.generate``).
+        ``colocated`` (vllm): a learner rank shares this generator's device; it ``sleep``s
+        while the learner trains and wakes with the next weights."""
         self.cfg, self.seed, self.model_path = cfg, seed, model_path
         self.rollout = rollout or RolloutConfig()
         self.version = 0
@@ -83,7 +86,7 @@ class Generator:
         storage.pull(model_path)  # a checkpoint on object storage: downloaded to this node first
         self.lora = lora
         if cfg.backend == "vllm":
-            self._engine = _VllmEngine(model_path, cfg, seed, lora)
+            self._engine = _VllmEngine(model_path, cfg, seed, lora, colocated)
         elif cfg.backend == "hf":
             self._engine = _HfEngine(model_path, cfg, self.device, lora, module)
         else:
@@ -252,6 +255,21 @@ class Generator:
             state, version = pending
             self._engine.load_state_dict(state)
             self.version = version
+
+    def sleep(self) -> dict:
+        """Colocated vLLM: give the device to the learner's next step. Requests in flight finish
+        first; then, on a GPU, vLLM's sleep mode discards the KV cache and the weights (level 2:
+        the next update replaces them all) or offloads them to host memory (level 1, LoRA: the
+        base stays); on a CPU (no sleep mode there) scheduling pauses (level 0), so no engine
+        step competes with the learner for the cores. The next weight update wakes it: weights
+        first, then the KV cache. Returns ``{"level": l, "seconds": s}``."""
+        if self.cfg.backend != "vllm":
+            raise RuntimeError("Generator.sleep: only a colocated vllm generator sleeps (a colocated hf one runs "
+                               "inside the learner, on its module)")
+        t0 = time.time()
+        level = self._engine.sleep()
+        self.spans.add("sleep", t0, time.time(), level=level)
+        return {"level": level, "seconds": time.time() - t0}
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -477,10 +495,14 @@ class _VllmEngine:
     running batch: every prompt group is one request with n = G samples. Seeded once at start;
     no per-request seeds (they force vLLM's one-by-one sampler)."""
 
-    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, lora: LoraConfig | None = None):
+    def __init__(self, model_path: str, cfg: GeneratorConfig, seed: int, lora: LoraConfig | None = None,
+                 colocated: bool = False):
         from transformers import AutoTokenizer
 
         on_gpu = torch.cuda.is_available()
+        # colocated: how deep ``sleep`` goes (vLLM's levels; see Generator.sleep), None: never sleeps
+        self.sleep_level = None if not colocated else (1 if lora else 2) if on_gpu else 0
+        self.asleep = False
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
         # vLLM's INFO lines come once per weight update otherwise (pause, resume, cache resets).
@@ -489,7 +511,7 @@ class _VllmEngine:
         # Prefix-cache salt: blocks computed under one set of weights are never reused by a request
         # submitted after the next update began (a fresh salt per update).
         self.salt = uuid.uuid4().hex
-        self.transfer_backend = "nccl" if on_gpu else "r1ray_gloo"
+        self.transfer_backend = ("ipc" if colocated else "nccl") if on_gpu else "r1ray_gloo"
         self.lora_request = None  # LoRA: the policy's adapter in vLLM (one, loaded in place per version)
         self._adapter_dirs: list[str] = []
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -516,6 +538,7 @@ class _VllmEngine:
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else None,
             logprobs_mode="processed_logprobs",  # after temperature: what the learner recomputes
             weight_transfer_config=WeightTransferConfig(backend=self.transfer_backend),
+            enable_sleep_mode=bool(self.sleep_level),  # a GPU shared with a learner rank
             # LoRA: one adapter (the policy's) of at most the learner's rank, in every request
             **({"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_rank_slot(lora.r)} if lora else {})))
         await engine.update_weight_version("0")  # every token is labelled with the weights that sampled it
@@ -606,6 +629,21 @@ class _VllmEngine:
             final = out
         return final
 
+    def sleep(self) -> int:
+        """vLLM's ``sleep`` at ``sleep_level`` after the requests in flight finish; returns the level."""
+        if self.sleep_level is None:
+            raise RuntimeError("Generator.sleep: this vLLM generator is not colocated (placement.mode split)")
+        if not self.asleep:
+            self._run(self.engine.sleep(level=self.sleep_level, mode="wait"))
+            self.asleep = True
+        return self.sleep_level
+
+    def wake(self, tags: list[str] | None) -> None:
+        """Wake what ``tags`` names (vLLM's "weights", "kv_cache"; None: all); scheduling resumes
+        once everything is resident again."""
+        if self.asleep:
+            self.asleep = not self._run(self.engine.wake_up(tags if self.sleep_level else ["scheduling"]))
+
     def init_transfer(self, init_info: dict) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
@@ -618,6 +656,8 @@ class _VllmEngine:
         self._run(self.engine.shutdown_weight_transfer_engine())
 
     def start_update(self) -> None:
+        if self.asleep and self.sleep_level:  # the weights' memory back, not yet the KV cache's (vLLM's order)
+            self._run(self.engine.wake_up(["weights"]))
         self.salt = uuid.uuid4().hex  # requests from now on start a prefix-cache line of their own
         # clear_cache: drop every cached block and preempt the requests kept, which recompute
         # their KV after the update.
@@ -651,6 +691,7 @@ class _VllmEngine:
         save_file({k.replace(".default.", "."): v.contiguous() for k, v in state.items()},
                   os.path.join(folder, "adapter_model.safetensors"))
         request = LoRARequest("policy", 1, folder, load_inplace=True)
+        self.wake(None)  # colocated: the base weights and the KV cache back, scheduling resumed
         self.salt = uuid.uuid4().hex
         # The first load: requests in flight carry no adapter (B = 0 at the start: the same
         # policy) and cannot take one, so they finish first, under the version that sampled them.
@@ -668,6 +709,7 @@ class _VllmEngine:
 
     def finish_update(self, version: int) -> None:
         self._run(self.engine.finish_weight_update(weight_version=str(version)))
+        self.wake(["kv_cache"])  # a colocated generator: the KV cache last, then scheduling resumes
         self._run(self.engine.resume_generation())
 
     def shutdown(self) -> None:

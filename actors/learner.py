@@ -485,7 +485,7 @@ class LearnerRank:
             except Exception as e:  # noqa: BLE001 - a broken channel is replaced either way
                 log.warning("closing the previous weight-transfer channel: %s", e)
         self._transfer, self._client = None, client
-        device = str(self.device) if backend == "nccl" else "cpu"
+        device = str(self.device) if backend in ("nccl", "ipc") else "cpu"
         self._source = state_source(self.engine.module, getattr(torch, dtype), device, bucket_bytes,
                                     self.cfg.zero_stage == 3)
         lost = client.unreachable() if self.rank == 0 else []

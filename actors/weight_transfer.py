@@ -4,7 +4,10 @@ This is vLLM 0.32's weight-transfer API (``weight_transfer_config``, ``init_weig
 ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``) with one backend per
 device:
 
-- on GPUs, vLLM's own ``nccl`` engines (packed buffers of ``bucket_bytes``);
+- on GPUs, vLLM's own ``nccl`` engines (packed buffers of ``bucket_bytes``), or its ``ipc``
+  engines when the generators are colocated on the learner ranks' GPUs (NCCL cannot join two
+  processes on one device; every learner rank shares its GPU's tensors by CUDA IPC handle, and
+  each vLLM worker maps those of its own GPU);
 - on CPUs, the ``r1ray_gloo`` engines below: the same interface over a gloo process group, so
   CPU tests run the code path a GPU run takes. vLLM loads the entry point of group
   ``vllm.general_plugins`` (``register`` here) in each of its processes, which registers them
@@ -300,7 +303,11 @@ def register() -> None:
 
 def trainer_init_info(backend: str, rank: int, master_address: str, master_port: int, world_size: int,
                       bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float = 600.0):
-    """The trainer-side init info of ``backend`` ("nccl" or "r1ray_gloo")."""
+    """The trainer-side init info of ``backend`` ("nccl", "ipc" or "r1ray_gloo")."""
+    if backend == "ipc":  # colocated on the learner ranks' GPUs: every rank shares its tensors' handles
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+        return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=bucket_bytes, rank=rank)
     if backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
@@ -309,7 +316,7 @@ def trainer_init_info(backend: str, rank: int, master_address: str, master_port:
     if backend == BACKEND:
         register()
         return _engine_classes()[2](master_address, master_port, world_size, bucket_bytes, timeout_s, rank=rank)
-    raise ValueError(f"weight transfer backend {backend!r}: accepted are 'nccl', {BACKEND!r}")
+    raise ValueError(f"weight transfer backend {backend!r}: accepted are 'nccl', 'ipc', {BACKEND!r}")
 
 
 def state_source(module: torch.nn.Module, dtype: torch.dtype, device: str, bucket_bytes: int, zero3: bool):

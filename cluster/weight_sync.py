@@ -3,7 +3,8 @@
 Two transports:
 
 - ``vllm`` generators: vLLM's weight-transfer API over a collective (NCCL on GPUs, gloo on
-  CPUs; ``actors/weight_transfer.py``). Learner rank 0 is the sender; ``GeneratorsClient`` is
+  CPUs; ``actors/weight_transfer.py``), or over CUDA IPC handles to generators colocated on
+  the learner ranks' GPUs (vLLM's ``ipc`` engine). Learner rank 0 is the sender; ``GeneratorsClient`` is
   its handle on the generators' side of the handshake, carried to it as an argument, so the
   learner never imports this layer. Tensors never pass through the object store.
 - ``hf`` generators and the reference: rank 0 serialises the state dict once into Ray's object
@@ -49,7 +50,10 @@ class GeneratorsClient:
         return ray.get(refs, timeout=self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        offset = init_info.get("rank_offset", 1)
+        if "rank_offset" not in init_info:  # no collective ("ipc": each worker maps its GPU's tensors)
+            self._all(Generator.init_weight_transfer, init_info)
+            return
+        offset = init_info["rank_offset"]
         self._all(Generator.init_weight_transfer, per_actor=[({**init_info, "rank_offset": offset + i * self.tp},)
                                                      for i in range(len(self.generators))])
 

@@ -29,16 +29,24 @@ def _plain(cls, group_cfg):
 # What a job starts: GRPO everything; r1ray eval the rollout side; r1ray sft the learners;
 # r1ray distill the self-hosted teacher servers (when distill.serve is set).
 GRPO, EVALUATE, SFT, DISTILL = ("learner", "rollout"), ("rollout",), ("learner",), ("teacher",)
+# placement.mode colocate with vLLM on GPUs: the part of a learner rank's GPU each of the rank and
+# its generator asks Ray for (so Ray gives both the same device; vLLM sleeps while the rank trains)
+GPU_SHARE = 0.5
 
 
 def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     """The recipe's placement groups: learner ranks and the reference packed together
     (``train``, role "learner"); one group per generator (``generator-<i>``:
     ``tensor_parallel_size`` GPUs on one node), so generators can come and go one by one, and
-    one per scorer (``reward-scorer-<i>``): role "rollout"."""
+    one per scorer (``reward-scorer-<i>``): role "rollout". ``placement.mode: colocate``: no
+    generator group (hf: the generator runs inside learner rank 0; vllm: generator ``i`` shares
+    learner rank ``i``'s bundle)."""
     train = Bundles("train")
     for i in range(r.learner.num_ranks):
         train.add(f"learner-rank-{i}", r.learner.cpus_per_rank, r.learner.gpus_per_rank)
+    if r.colocated and not r.hosts_generator and roles == GRPO:
+        for i in range(r.generator.num_actors):
+            train.share(f"generator-{i}", f"learner-rank-{i}", r.generator.cpus_per_actor)
     if r.reference_actor and "rollout" in roles:
         train.add("reference-0", r.reference.cpus, r.reference.gpus)
     plans = [train] if "learner" in roles else []
@@ -76,8 +84,10 @@ class System:
         # vllm generators: the slots in the weight-transfer group (None: it must be formed again)
         self.transfer_members: list[int] | None = None
         self.startup_s: dict[str, float] = {}
-        # placement.mode colocate: the generator runs in learner rank 0, on its module
+        # placement.mode colocate: generators share the learner ranks' devices (hf: hosted in
+        # learner rank 0, on its module; vllm: actors in the ranks' bundles that sleep while they train)
         self.colocated = recipe.colocated and self.training and self.rollout
+        self.hosted = self.colocated and recipe.hosts_generator
 
     @property
     def batches_requests(self) -> bool:
@@ -97,6 +107,19 @@ class System:
         return self.r.generator.max_requests if self.batches_requests else 2 if self.r.rollout.multi_turn else 1
 
     @property
+    def sleeps_generators(self) -> bool:
+        """Colocated vLLM: the generators sleep before each train step (``sleep_generators``)."""
+        return self.colocated and not self.hosted
+
+    def sleep_generators(self) -> float:
+        """Colocated vLLM: every generator finishes its requests and frees the device for the
+        train step queued next (``Generator.sleep``); the next weight sync wakes them. Waits for
+        them (the step must not start on a device vLLM still holds); returns the seconds."""
+        t0 = time.perf_counter()
+        self.generators.get(self.generators.call_all(Generator.sleep), "sleep (colocated vLLM generators)")
+        return time.perf_counter() - t0
+
+    @property
     def uses_reference(self) -> bool:
         """A reference actor computes the reference log-probs (with LoRA adapters switched off
         the learner does: ``Recipe.reference_on_learner``)."""
@@ -110,15 +133,17 @@ class System:
         self.startup_s["placement"] = time.perf_counter() - t0
         lcfg = _plain(LearnerConfig, r.learner)
         n = r.learner.num_ranks if self.training else 0
+        share = GPU_SHARE if self.sleeps_generators else 1.0  # of a GPU a rank shares with its generator
         self.learners = None if not self.training else ActorGroup("learner-rank", LearnerRank, n,
                                    lambda i: ((self.model_path, lcfg, i, n, r.seed), {}),
-                                   num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank,
+                                   num_cpus=r.learner.cpus_per_rank, num_gpus=r.learner.gpus_per_rank * share,
                                    timeout_s=self.timeout, namespace=ns, scheduling=place)
         gcfg = _plain(GeneratorConfig, r.generator)
-        self.generators = None if not self.rollout or self.colocated else ActorGroup("generator", Generator, r.generator.num_actors,
+        self.generators = None if not self.rollout or self.hosted else ActorGroup("generator", Generator, r.generator.num_actors,
                                      lambda i: ((self.model_path, gcfg, r.seed + 7919 * i),
-                                                {"rollout": _plain(RolloutConfig, r.rollout), "lora": r.learner.lora if self.training else None}),
-                                     num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor,
+                                                {"rollout": _plain(RolloutConfig, r.rollout), "colocated": self.colocated,
+                                                 "lora": r.learner.lora if self.training else None}),
+                                     num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor * share,
                                      timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls,
                                      scheduling=place)
         self.scorers = None if not self.rollout else ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
@@ -139,7 +164,7 @@ class System:
             setup = self.learners.call_all(LearnerRank.setup, addr, port, min(self.timeout, 600.0))
             infos = self.learners.get(setup, "setup (DeepSpeed init)")
             self.startup_s["learner"] = time.perf_counter() - t0
-        if self.colocated:
+        if self.hosted:
             self.learners.get([self.learners.call(0, LearnerRank.host_generator, gcfg, r.seed,
                                                   _plain(RolloutConfig, r.rollout))], "host_generator")
             self.generators = HostedGroup("generator", Generator, self.learners, [0],
@@ -173,7 +198,8 @@ class System:
         runs on the learners in queue order, after the work queued before it: nothing waits
         here). Returns the learners' object refs."""
         r = self.r
-        backend = "nccl" if r.generator.gpus_per_actor > 0 else GLOO_TRANSFER
+        on_gpus = r.generator.gpus_per_actor > 0
+        backend = ("ipc" if self.colocated else "nccl") if on_gpus else GLOO_TRANSFER
         self.transfer_members = list(members)
         return start_transfer(self.learners, [self.generators.actors[i] for i in members],
                               [self.generators.name_of(i) for i in members], backend, "", 0,
@@ -195,7 +221,7 @@ class System:
         if new_version:
             self.version += 1
         refs, receivers = [], []
-        if self.colocated:  # the generator runs on the learner's module: the new version is a label
+        if self.hosted:  # the generator runs on the learner's module: the new version is a label
             refs.append(self.learners.call(0, LearnerRank.adopt_weights, self.version))
             self.weights = (self.version, None)
         elif self.streams_weights:  # learner rank 0 broadcasts to the generators and waits for them

@@ -312,8 +312,14 @@ class Recipe:
 
     @property
     def colocated(self) -> bool:
-        """The generator runs inside learner rank 0 on its module (``placement.mode: colocate``)."""
+        """Generators share the learner ranks' devices (``placement.mode: colocate``)."""
         return self.placement.mode == "colocate"
+
+    @property
+    def hosts_generator(self) -> bool:
+        """Colocated hf: the generator runs inside learner rank 0's process, on its module (one
+        copy of the weights). Colocated vLLM runs as actors in the learner ranks' bundles."""
+        return self.colocated and self.generator.backend == "hf"
 
     @property
     def reference_on_learner(self) -> bool:

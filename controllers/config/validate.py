@@ -137,9 +137,9 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     for key, value in [("learner.gpus_per_rank", lc.gpus_per_rank), ("generator.gpus_per_actor", gen.gpus_per_actor),
                        ("reference.gpus", r.reference.gpus)]:
         if value < 0 or value != int(value):
-            raise ConfigError(f"config key '{key}': got {value!r}; accepted: 0 or a whole number of GPUs (actors sharing "
-                              "one GPU would need vLLM's sleep/wake between phases, which r1ray does not do: give each "
-                              "actor its own GPUs)")
+            raise ConfigError(f"config key '{key}': got {value!r}; accepted: 0 or a whole number of GPUs (to share a "
+                              "learner rank's GPU with a vLLM generator that sleeps while it trains: placement.mode "
+                              "colocate)")
     if gen.tensor_parallel_size > 1 and gen.backend != "vllm":
         raise ConfigError(f"config key 'generator.tensor_parallel_size': got {gen.tensor_parallel_size} with backend "
                           f"{gen.backend!r}; accepted: 1, or backend 'vllm' (tensor parallelism is vLLM's)")
@@ -353,8 +353,9 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
                           f"{need_learner_cpus} CPUs, but only {cpus} are available; accepted: at most "
                           f"{int(cpus // lc.cpus_per_rank) if lc.cpus_per_rank else 'any'} ranks of {lc.cpus_per_rank:g} CPUs "
                           "(or a cluster with more CPUs)")
-    own = 0 if r.colocated else r.generator.num_actors  # colocated: the generator is in learner rank 0
-    need_gpus = lc.num_ranks * lc.gpus_per_rank + own * r.generator.gpus_per_actor
+    own = 0 if r.hosts_generator else r.generator.num_actors  # colocated hf: the generator is in learner rank 0
+    # colocated vLLM: each generator shares a learner rank's GPU (and adds its CPUs to the rank's bundle)
+    need_gpus = lc.num_ranks * lc.gpus_per_rank + (0 if r.colocated else own * r.generator.gpus_per_actor)
     if r.reference_actor:
         need_gpus += r.reference.gpus
     if learners_only:
@@ -384,18 +385,27 @@ def _check_colocate(r: Recipe) -> None:
         raise ConfigError(f"config key 'grpo.max_staleness': got {r.grpo.max_staleness} with placement.mode colocate; "
                           "accepted: 0 (a colocated generator and the learner take turns on the same weights: nothing "
                           "is generated while they train), or placement.mode split")
-    if gen.backend != "hf":
-        raise ConfigError(f"config key 'placement.mode': colocate runs the hf generator inside learner rank 0 for now; "
-                          f"got generator.backend {gen.backend!r} (vLLM beside the learner, with sleep mode on GPUs, is "
-                          "not built yet); accepted: generator.backend hf, or placement.mode split")
-    if gen.actor_range() != (1, 1) or gen.num_actors != 1:
+    if r.hosts_generator and (gen.actor_range() != (1, 1) or gen.num_actors != 1):
         raise ConfigError(f"config key 'generator.num_actors': got {gen.num_actors} (min_actors {gen.min_actors}, "
-                          f"max_actors {gen.max_actors}) with placement.mode colocate; accepted: 1 and no elastic range "
-                          "(the one generator lives in learner rank 0's process)")
-    if lc.zero_stage == 3:
-        raise ConfigError("config key 'learner.zero_stage': got 3 with placement.mode colocate; accepted: 0, 1 or 2 "
-                          "(the colocated generator reads the module's weights whole; ZeRO-3 holds a shard per rank)")
-    if gen.dtype != lc.dtype:
+                          f"max_actors {gen.max_actors}) with placement.mode colocate and backend hf; accepted: 1 and "
+                          "no elastic range (the one generator lives in learner rank 0's process)")
+    if gen.backend == "vllm" and (gen.actor_range() != (gen.num_actors, gen.num_actors)
+                                  or gen.num_actors > lc.num_ranks):
+        raise ConfigError(f"config key 'generator.num_actors': got {gen.num_actors} (min_actors {gen.min_actors}, "
+                          f"max_actors {gen.max_actors}) with placement.mode colocate and {lc.num_ranks} learner ranks; "
+                          f"accepted: 1 to {lc.num_ranks} and no elastic range (generator i shares learner rank i's "
+                          "bundle: its CPUs and GPU)")
+    if gen.backend == "vllm" and (lc.gpus_per_rank or gen.gpus_per_actor) and (
+            lc.gpus_per_rank, gen.gpus_per_actor, gen.tensor_parallel_size) != (1, 1, 1):
+        raise ConfigError(f"config keys 'learner.gpus_per_rank' / 'generator.gpus_per_actor' / "
+                          f"'generator.tensor_parallel_size': got {lc.gpus_per_rank:g} / {gen.gpus_per_actor:g} / "
+                          f"{gen.tensor_parallel_size} with placement.mode colocate; accepted: 1 / 1 / 1 (a vLLM generator "
+                          "and a learner rank share one GPU: vLLM sleeps while the rank trains) or 0 / 0 / 1 on CPUs")
+    if r.hosts_generator and lc.zero_stage == 3:
+        raise ConfigError("config key 'learner.zero_stage': got 3 with placement.mode colocate and backend hf; "
+                          "accepted: 0, 1 or 2 (the hosted generator reads the module's weights whole; ZeRO-3 holds a "
+                          "shard per rank), or backend vllm (its weight sync gathers one bucket at a time)")
+    if r.hosts_generator and gen.dtype != lc.dtype:
         raise ConfigError(f"config key 'generator.dtype': got {gen.dtype!r} with placement.mode colocate and "
                           f"learner.dtype {lc.dtype!r}; accepted: {lc.dtype!r} (the generator runs on the learner's "
                           "own weights)")

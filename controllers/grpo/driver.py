@@ -109,6 +109,8 @@ class GrpoDriver:
         self.books.consume(version, [r.version for r in rollouts])
         samples, denom, tokens = train_batch(rollouts, self.r, len(self.system.learners))
         self.tally({"samples/masked_truncated": sum(not s.in_loss for s in samples)})
+        if self.system.sleeps_generators:  # colocated vLLM: the device is the learner's until the next sync
+            self.system.sleep_generators()
         refs = self.system.learners.shard(LearnerRank.grpo_step, samples, denom, tokens)
         self.training = True
         self.inflight.submit(Work("train", refs, batch, version=version, queue="learner"))

@@ -309,3 +309,42 @@ def test_a_lora_adapter_sync_gives_the_learners_greedy_outputs(tiny_model):
         assert max(abs(x - y) for o, b in zip(outs, base) for x, y in zip(o.logprobs, b)) > 1e-2  # the adapter acts
     finally:
         gen.close()
+
+
+def test_a_colocated_generator_sleeps_while_the_learner_trains_and_wakes_with_its_weights(tiny_model):
+    """placement.mode colocate: after a batch (the driver's order) ``sleep`` holds every request:
+    nothing is scheduled (level 0 on a CPU, where vLLM has no sleep mode: the cores are the
+    learner's) until the next weight update has landed; a request queued meanwhile runs wholly
+    under the new weights, its greedy tokens the learner model's."""
+    from transformers import AutoModelForCausalLM
+
+    gen = Generator(tiny_model, GeneratorConfig(backend="vllm", max_model_len=128, cpu_kv_cache_gib=1), seed=0,
+                    colocated=True)
+    try:
+        assert gen._engine.sleep_level == 0 and gen._engine.transfer_backend == "r1ray_gloo"
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        client, trainer = _trainer(gen, model, 1 << 20)
+        prompt = _prompt(tiny_model)
+        assert len(gen.generate([prompt], 4, SamplingConfig(max_new_tokens=24))) == 4  # the batch
+        assert gen.sleep()["level"] == 0
+        queued = []
+        worker = threading.Thread(target=lambda: queued.extend(gen.generate([prompt], 1, SamplingConfig(max_new_tokens=10),
+                                                                            greedy=True)), daemon=True)
+        worker.start()
+        time.sleep(2.0)
+        assert not queued and gen._engine.asleep  # asleep: accepted, not scheduled
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        _send(client, trainer, 1)  # wakes it
+        worker.join(60)
+        [out] = queued
+        assert not gen._engine.asleep and out.versions == [1] * len(out.completion_ids)
+        ids = torch.tensor([prompt["prompt_ids"]])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                  eos_token_id=gen.eos_token_id)[0, ids.shape[1]:].tolist()
+        assert out.completion_ids == expected
+        assert [s["kind"] for s in gen.drain_spans() if s["kind"] in ("sleep", "weight_update")] == ["sleep", "weight_update"]
+    finally:
+        gen.close()
