@@ -268,8 +268,9 @@ class Generator:
                                "inside the learner, on its module)")
         t0 = time.time()
         level = self._engine.sleep()
-        self.spans.add("sleep", t0, time.time(), level=level)
-        return {"level": level, "seconds": time.time() - t0}
+        t1 = time.time()
+        self.spans.add("sleep", t0, t1, level=level)
+        return {"level": level, "seconds": t1 - t0}
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -656,8 +657,8 @@ class _VllmEngine:
         self._run(self.engine.shutdown_weight_transfer_engine())
 
     def start_update(self) -> None:
-        if self.asleep and self.sleep_level:  # the weights' memory back, not yet the KV cache's (vLLM's order)
-            self._run(self.engine.wake_up(["weights"]))
+        if self.sleep_level:  # the weights' memory back, not yet the KV cache's (vLLM's order)
+            self.wake(["weights"])
         self.salt = uuid.uuid4().hex  # requests from now on start a prefix-cache line of their own
         # clear_cache: drop every cached block and preempt the requests kept, which recompute
         # their KV after the update.

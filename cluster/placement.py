@@ -19,8 +19,9 @@ loop of its single thread that starves node health checks and every other RPC (a
 time out; ray-project/ray#65007), whereas a new group waits for room with backoff. The driver
 ``renew``s the group of a lost elastic actor and any of a starting one that turns ``rescheduling``.
 
-Every actor is scheduled into its own bundle (or one it shares by plan), so a rank can never land on a node the plan did
-not reserve for it, and ``unplaceable`` says up front whether a plan fits the nodes there.
+Every actor is scheduled into its own bundle (or one the plan has it share), so a rank can never
+land on a node the plan did not reserve for it, and ``unplaceable`` says up front whether a plan
+fits the nodes there.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Bundles:
     name: str
     bundles: list[tuple[str, dict[str, float]]] = field(default_factory=list)
     strategy: str = "PACK"
-    shared: dict[str, str] = field(default_factory=dict)  # owner -> the bundle's first owner it shares
+    shared: dict[str, str] = field(default_factory=dict)  # owner -> the owner of the bundle it shares
 
     def add(self, owner: str, cpus: float, gpus: float = 0.0) -> None:
         self.bundles.append((owner, {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}))

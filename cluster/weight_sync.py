@@ -4,9 +4,9 @@ Two transports:
 
 - ``vllm`` generators: vLLM's weight-transfer API over a collective (NCCL on GPUs, gloo on
   CPUs; ``actors/weight_transfer.py``), or over CUDA IPC handles to generators colocated on
-  the learner ranks' GPUs (vLLM's ``ipc`` engine). Learner rank 0 is the sender; ``GeneratorsClient`` is
-  its handle on the generators' side of the handshake, carried to it as an argument, so the
-  learner never imports this layer. Tensors never pass through the object store.
+  the learner ranks' GPUs (vLLM's ``ipc`` engine). Learner rank 0 is the sender;
+  ``GeneratorsClient`` is its handle on the generators' side of the handshake, carried to it as
+  an argument, so the learner never imports this layer. Tensors never pass through the object store.
 - ``hf`` generators and the reference: rank 0 serialises the state dict once into Ray's object
   store and every receiver resolves the same object reference, so the bytes never pass through
   the driver. All ranks take part in the export because ZeRO-3 has to gather the shards.

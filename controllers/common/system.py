@@ -57,7 +57,7 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
             plans.append(server)
     if "rollout" not in roles:
         return plans
-    for i in range(0 if r.colocated and "learner" in roles else r.generator.num_actors):  # colocate: in rank 0
+    for i in range(0 if r.colocated and "learner" in roles else r.generator.num_actors):  # colocate: see train
         gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
         gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
         plans.append(gen)
@@ -111,13 +111,12 @@ class System:
         """Colocated vLLM: the generators sleep before each train step (``sleep_generators``)."""
         return self.colocated and not self.hosted
 
-    def sleep_generators(self) -> float:
+    def sleep_generators(self) -> None:
         """Colocated vLLM: every generator finishes its requests and frees the device for the
-        train step queued next (``Generator.sleep``); the next weight sync wakes them. Waits for
-        them (the step must not start on a device vLLM still holds); returns the seconds."""
-        t0 = time.perf_counter()
+        train step queued next (``Generator.sleep``: its span is in the timeline); the next
+        weight sync wakes them. Waits for them (the step must not start on a device vLLM still
+        holds)."""
         self.generators.get(self.generators.call_all(Generator.sleep), "sleep (colocated vLLM generators)")
-        return time.perf_counter() - t0
 
     @property
     def uses_reference(self) -> bool:
