@@ -52,6 +52,66 @@ class TokenBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
+def item_tokens(item) -> int:
+    """The tokens of one training row: a sample's prompt and completion, or a (packed) SFT row's examples."""
+    if hasattr(item, "completion_ids"):
+        return len(item.prompt_ids) + len(item.completion_ids)
+    return sum(len(e.ids) for e in item)
+
+
+def micro_batch_plan(lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """The micro-batches of one rank's share, as indices into it.
+
+    Counted (``max_tokens`` None): ``micro_batch_size`` rows at a time, in order. Token budget
+    (veRL's dynamic batch size): longest first, each micro-batch at most ``micro_batch_size``
+    rows whose padded size (rows x its longest) is at most ``max_tokens``; a row longer than the
+    budget goes alone. Rows of like lengths share a micro-batch, so a short one is not padded to
+    a long one's length, and many short rows fill the slot of one long one. The loss is
+    normalised by counts of the whole batch, so the plan changes the speed, not the step."""
+    n = len(lengths)
+    if max_tokens is None:
+        return [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
+    plan: list[list[int]] = []
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        if plan and len(plan[-1]) < micro_batch_size and (len(plan[-1]) + 1) * lengths[plan[-1][0]] <= max_tokens:
+            plan[-1].append(i)  # sorted longest first: the micro-batch's first row is its longest
+        else:
+            plan.append([i])
+    return plan
+
+
+def shard_indices(lengths: Sequence[int], ranks: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Which rows each rank trains on (indices, in order). Counted: contiguous near-equal
+    shards (a prompt's group stays together). Token budget: balanced by tokens, not by count:
+    longest first, each to the rank with the fewest tokens so far (fewest rows on a tie)."""
+    n = len(lengths)
+    if max_tokens is None:
+        size, extra = divmod(n, ranks)
+        bounds = [r * size + min(r, extra) for r in range(ranks + 1)]
+        return [list(range(bounds[r], bounds[r + 1])) for r in range(ranks)]
+    parts: list[list[int]] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], len(parts[r]), r))
+        parts[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(p) for p in parts]
+
+
+def learner_shards(items: Sequence, ranks: int, max_tokens: int | None = None, sequence_parallel: int = 1) -> list[list]:
+    """``items`` (samples or SFT rows) cut into the ranks' shares (``shard_indices``); with
+    sequence parallelism, each group of ``sequence_parallel`` consecutive ranks shares one."""
+    parts = shard_indices([item_tokens(x) for x in items], ranks // sequence_parallel, max_tokens)
+    return [[items[i] for i in part] for part in parts for _ in range(sequence_parallel)]
+
+
+def step_micro_batches(lengths: Sequence[int], ranks: int, micro_batch_size: int, max_tokens: int | None = None) -> int:
+    """Micro-batches in one step over all ranks: every rank takes as many as the busiest
+    (``bnpo``'s denominator; the learner pads the others with zero-weight ones)."""
+    return ranks * max(len(micro_batch_plan([lengths[i] for i in part], micro_batch_size, max_tokens))
+                       for part in shard_indices(lengths, ranks, max_tokens))
+
+
 def attention_kwargs(dtype: str) -> dict:
     """``from_pretrained`` kwargs: FlashAttention-2 when it is installed (the ``flash`` extra),
     a GPU is present and the model runs in 16 bits; otherwise transformers' default (SDPA)."""
@@ -80,7 +140,7 @@ def pad_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[i
 
 
 def token_logprobs(model, packed: TokenBatch, temperature: float = 1.0, entropy: str = "no", chunk_tokens: int = 2048,
-                   logits_dtype: str = "model"):
+                   logits_dtype: str = "model", sp=None):
     """Log-prob of each next token under ``softmax(logits / temperature)``, shape ``[B, L-1]``
     (0 off the completion positions).
 
@@ -92,12 +152,13 @@ def token_logprobs(model, packed: TokenBatch, temperature: float = 1.0, entropy:
     "float32": the matmul itself in fp32 (no rounding of the logits to bf16's 8-bit mantissa).
     ``entropy`` "log" (no gradient) or "grad" also returns each position's entropy
     ``logsumexp(z) - sum softmax(z) z``. ``model`` is an HF causal LM or a DeepSpeed engine
-    around one.
+    around one. ``sp`` (``actors/sequence_parallel.SequenceGroup``): this rank computes its
+    share of the positions and the whole rows come back gathered from the group.
     """
     module = getattr(model, "module", model)
     if module is not model:  # a DeepSpeed engine: this runs as its module's forward, see engine_forward
-        return engine_forward(model, _token_logprobs, packed, temperature, entropy, chunk_tokens, logits_dtype)
-    return _token_logprobs(module, module, packed, temperature, entropy, chunk_tokens, logits_dtype)
+        return engine_forward(model, _token_logprobs, packed, temperature, entropy, chunk_tokens, logits_dtype, sp)
+    return _token_logprobs(module, module, packed, temperature, entropy, chunk_tokens, logits_dtype, sp)
 
 
 @torch.no_grad()
@@ -140,20 +201,55 @@ def engine_forward(engine, fn, *args):
 
 
 def _token_logprobs(module, forward, packed: TokenBatch, temperature: float, entropy: str, chunk_tokens: int,
-                    logits_dtype: str):
+                    logits_dtype: str, sp=None):
     cfg = getattr(module, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        if sp is not None:
+            raise ValueError("learner.sequence_parallel_size > 1: this model post-processes its logits (softcapping or "
+                             "a logit scale), which only the whole-vocabulary path applies; accepted: 1")
         return _full_token_logprobs(forward, packed, temperature, entropy)  # heads that post-process logits
-    hidden = module.get_decoder()(**packed.model_inputs(), use_cache=False).last_hidden_state[:, :-1]
-    mask = packed.completion_mask.bool()
+    if sp is None:
+        hidden = module.get_decoder()(**packed.model_inputs(), use_cache=False).last_hidden_state[:, :-1]
+        return _head_logprobs(module, hidden, packed.input_ids[:, 1:], packed.completion_mask.bool(), temperature,
+                              entropy, chunk_tokens, logits_dtype)
+    ids, positions, targets, mask, width = _sequence_share(packed, sp)
+    hidden = module.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    out = _head_logprobs(module, hidden, targets, mask, temperature, entropy, chunk_tokens, logits_dtype, True)
+    return sp.gather(out)[:, :width - 1] if entropy == "no" else tuple(sp.gather(t)[:, :width - 1] for t in out)
+
+
+def _sequence_share(packed: TokenBatch, sp):
+    """Sequence parallelism: this rank's share of positions of right-padded rows (the width
+    padded to a multiple of the group), with each position's next token and whether it is a
+    completion target, taken from the whole rows before they are cut."""
+    import torch.nn.functional as F
+
+    if packed.position_ids is not None:
+        raise ValueError("learner.sequence_parallel_size > 1 takes one sequence per row; packed rows (sft.packing) "
+                         "would attend across examples")
+    rows, width = packed.input_ids.shape
+    extra = -width % sp.size
+    ids = F.pad(packed.input_ids, (0, extra))
+    positions = torch.arange(width + extra, device=ids.device).expand(rows, -1)
+    targets = F.pad(packed.input_ids[:, 1:], (0, extra + 1))
+    mask = F.pad(packed.completion_mask, (0, extra + 1)).bool()
+    return sp.local(ids), sp.local(positions), sp.local(targets), sp.local(mask), width
+
+
+def _head_logprobs(module, hidden, targets, mask, temperature: float, entropy: str, chunk_tokens: int,
+                   logits_dtype: str, in_group: bool = False):
+    """Log-probs (and entropies) ``[B, L]`` of ``targets`` from ``hidden`` ``[B, L, H]`` where
+    ``mask``; 0 elsewhere. ``in_group``: this rank holds a share of the rows (sequence
+    parallelism), see ``_head_calls``."""
     where = mask.reshape(-1).nonzero().squeeze(-1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
-    targets = packed.input_ids[:, 1:].reshape(-1).index_select(0, where)
+    targets = targets.reshape(-1).index_select(0, where)
     head = module.get_output_embeddings()
     want = entropy != "no"
     grad = torch.is_grad_enabled()
     logps, ents = [], []
-    for start in range(0, h.shape[0], chunk_tokens):
+    for k in range(_head_calls(head, -(-h.shape[0] // chunk_tokens), in_group)):
+        start = k * chunk_tokens  # past the end: an empty chunk
         args = (head, h[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature,
                 want, entropy == "grad", logits_dtype == "float32" and h.dtype != torch.float32)
         if grad:
@@ -169,6 +265,23 @@ def _token_logprobs(module, forward, packed: TokenBatch, temperature: float, ent
     ent = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device)
     ent = ent.index_put((where,), torch.cat(ents) if ents else ent[:0]).view(mask.shape)
     return logp, ent
+
+
+def _head_calls(head, chunks: int, in_group: bool) -> int:
+    """How many chunks' head calls a micro-batch makes. ZeRO-3 gathers the head's weight at each
+    call, a collective of every rank: every rank makes as many as the busiest, empty ones after
+    its own (otherwise ranks with more completion tokens than others wait for them forever).
+    A rank of a sequence-parallel group whose share holds no completion token makes one empty
+    call: its loss stays tied to its decoder, whose backward meets the group's all-to-alls."""
+    if in_group:
+        chunks = max(chunks, 1)
+    import torch.distributed as dist
+
+    if hasattr(head.weight, "ds_id") and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor([chunks], device=head.weight.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        chunks = int(most.item())
+    return chunks
 
 
 def _head_chunk(head, h, targets, temperature: float, want_entropy: bool, entropy_grad: bool, fp32: bool = False):

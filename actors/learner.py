@@ -5,7 +5,9 @@ batch (tokens, sequences, sequences x max length: ``loss.global_denominator``), 
 does not depend on how the batch is cut into ranks and micro-batches: DeepSpeed averages
 gradients over ranks, hence the ``* world_size``. The exception is ``bnpo``, which TRL defines
 per local batch: each micro-batch's token mean weighs 1 / (micro-batches over all ranks),
-TRL's per-device mean / gradient-accumulation steps, averaged over devices.
+TRL's per-device mean / gradient-accumulation steps, averaged over devices. With sequence
+parallelism the ranks of a group share one shard: each computes the shard's whole loss from
+gathered log-probs and takes 1 / sequence_parallel_size of it (``actors/sequence_parallel.py``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Literal
 import torch
 
 from . import storage
-from .batching import attention_kwargs, completion_logprobs, pad_batch, token_logprobs
+from .batching import attention_kwargs, completion_logprobs, item_tokens, micro_batch_plan, pad_batch, token_logprobs
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .packing import SftExample, one_row, sft_batch, uses_flash_attention
 from .rollout import TrainSample
@@ -60,6 +62,14 @@ class LearnerConfig:
     num_ranks: int = 2
     zero_stage: Literal[0, 1, 2, 3] = 2
     micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    # Token-budget micro-batches (veRL's dynamic batch size): also at most this many padded
+    # tokens (rows x the longest) per micro-batch, rows of like lengths together, the batch
+    # balanced over ranks by tokens (actors/batching.micro_batch_plan). null: counted only.
+    max_tokens_per_micro_batch: int | None = None
+    # Ulysses sequence parallelism (actors/sequence_parallel.py): groups of this many consecutive
+    # ranks train the same rows, each holding 1/N of every row's positions; the data-parallel
+    # degree is num_ranks / N.
+    sequence_parallel_size: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     threads_per_rank: int = 1  # torch intra-op threads on CPU
@@ -69,6 +79,11 @@ class LearnerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig | None = None  # ZeRO-0/1/2: adapters, merged into every HF checkpoint
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many different shares of a batch the ranks train on."""
+        return self.num_ranks // self.sequence_parallel_size
 
 
 @dataclass
@@ -165,17 +180,13 @@ def file_record(path: str) -> dict:
         return {"size": os.path.getsize(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
-def _micro_batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 class LearnerRank:
     """Plain class: a world of one works in-process; ``cluster/`` runs one Ray actor per rank."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.model_path, self.cfg, self.rank, self.world_size, self.seed = model_path, cfg, rank, world_size, seed
         self.engine = None
+        self.sp = None  # this rank's sequence-parallel group (learner.sequence_parallel_size > 1)
         self.spans = SpanLog()
         self.batch_size = None
         self.uploads: list[storage.Upload] = []  # checkpoint files going to object storage meanwhile
@@ -183,6 +194,12 @@ class LearnerRank:
 
     def __repr__(self) -> str:
         return f"LearnerRank({self.rank}/{self.world_size})"
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank's step statistics count: with sequence parallelism every rank of a
+        group computes the same whole-row losses, and its first rank reports them."""
+        return self.sp is None or self.sp.rank == 0
 
     def setup(self, master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0) -> dict:
         """Join the process group and build the DeepSpeed engine (all ranks call this together)."""
@@ -202,8 +219,14 @@ class LearnerRank:
         storage.pull(self.model_path)  # a checkpoint on object storage (a previous stage's, a resumed run's)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32,
-                                                     **attention_kwargs(self.cfg.dtype))
+        sp_size = self.cfg.sequence_parallel_size
+        attention = attention_kwargs(self.cfg.dtype) or ({"attn_implementation": "sdpa"} if sp_size > 1 else {})
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32, **attention)
+        if sp_size > 1:
+            from .sequence_parallel import attach, new_groups
+
+            self.sp = new_groups(self.world_size, self.rank, sp_size)
+            attach(model, self.sp)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -251,9 +274,16 @@ class LearnerRank:
             "steps_per_print": 10**9,
         }
 
-    def _set_micro_batches(self, n_local: int) -> int:
-        """DeepSpeed steps the optimizer after a fixed number of micro-batches: set it per batch."""
-        gas = -(-n_local // self.cfg.micro_batch_size)
+    def _set_micro_batches(self, local: int) -> int:
+        """DeepSpeed steps the optimizer after a fixed number of micro-batches: every rank takes
+        as many as the busiest (``local``: this rank's), set per batch."""
+        gas = local
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            most = torch.tensor([local], dtype=torch.long, device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            gas = int(most.item())
         size = self.cfg.micro_batch_size * gas * self.world_size
         if size != self.batch_size:
             self.engine.set_train_batch_size(size)
@@ -261,23 +291,28 @@ class LearnerRank:
         return gas
 
     def _run_micro_batches(self, items: list, loss_fn, total):
-        """Forward/backward over micro-batches, one optimizer step; ``loss_fn(mb, weight)``
-        returns (loss, stats), and the stats of real micro-batches are added to ``total``.
-        Pads to full micro-batches with zero-weight repeats so every rank takes the same
-        number of DeepSpeed micro-steps."""
+        """Forward/backward over micro-batches (``micro_batch_plan``), one optimizer step;
+        ``loss_fn(mb, weight)`` returns (loss, stats), and the stats of real micro-batches are
+        added to ``total``. A rank with fewer micro-batches than the busiest runs zero-weight
+        ones on its shortest row, so every rank takes the same number of DeepSpeed micro-steps."""
         t0 = time.perf_counter()
-        gas = self._set_micro_batches(len(items))
-        work = [(mb, 1.0) for mb in _micro_batches(items, self.cfg.micro_batch_size)]
-        work += [(items[:1], 0.0)] * (gas - len(work))  # ranks with fewer items still complete the step
+        lengths = [item_tokens(x) for x in items]
+        plan = micro_batch_plan(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        gas = self._set_micro_batches(len(plan))
+        work = [([items[i] for i in mb], 1.0) for mb in plan]
+        work += [([min(items, key=item_tokens)], 0.0)] * (gas - len(work))
         self.engine.train()
         norm = None
         for k, (mb, weight) in enumerate(work):
+            # The boundary said, not counted: DeepSpeed counts micro-steps since the start, so
+            # a step whose count differs from the last one's would end where the count says.
+            self.engine.set_gradient_accumulation_boundary(k == len(work) - 1)
             loss, stats = loss_fn(mb, weight=weight)
             self.engine.backward(loss, scale_wrt_gas=False)
             if k == len(work) - 1:
                 norm = self._grad_norm_before_step()
             self.engine.step()
-            if weight:
+            if weight and self.reports:
                 total.add(stats)
         total.grad_norm = float(self.engine.get_global_grad_norm() or norm or 0.0)
         total.lr = float(self.scheduler.get_last_lr()[0])
@@ -306,11 +341,13 @@ class LearnerRank:
         the rest on its first row and does not count them."""
         total = SftStats()
         self.engine.eval()
-        batches = list(_micro_batches(rows, self.cfg.micro_batch_size))
+        plan = micro_batch_plan([item_tokens(r) for r in rows], self.cfg.micro_batch_size,
+                                self.cfg.max_tokens_per_micro_batch)
+        batches = [[rows[i] for i in mb] for mb in plan]
         with torch.no_grad():
             for i in range(micro_batches):
                 stats = self._sft_loss(batches[i] if i < len(batches) else rows[:1] or [[_FILLER]], 1, 1.0)[1]
-                if i < len(batches):
+                if i < len(batches) and self.reports:
                     total.add(stats)
         return total
 
@@ -318,10 +355,11 @@ class LearnerRank:
         if len(mb) > 1 and any(len(r) > 1 for r in mb) and uses_flash_attention(self.engine.module):
             mb = one_row(mb)  # packed rows would attend across examples under FlashAttention
         batch = sft_batch(mb, self.pad_id).to(self.device)
-        nll = -(token_logprobs(self.engine, batch, logits_dtype=self.cfg.logits_dtype) * batch.completion_mask).sum()
+        nll = -(token_logprobs(self.engine, batch, logits_dtype=self.cfg.logits_dtype, sp=self.sp)
+                * batch.completion_mask).sum()
         stats = SftStats(nll_sum=float(nll.detach()), tokens=sum(len(e.ids) for r in mb for e in r),
                          slots=batch.input_ids.numel())
-        return nll / global_tokens * self.world_size * weight, stats
+        return nll / global_tokens * self.world_size * weight / self.cfg.sequence_parallel_size, stats
 
     def grpo_step(self, samples: list[TrainSample], global_denom: float, global_tokens: float) -> GrpoStats:
         """``loss.num_iterations`` optimizer steps over this rank's samples. ``global_denom`` is the
@@ -332,16 +370,16 @@ class LearnerRank:
         total = GrpoStats(iterations=mu)
         with self.spans.span("train", samples=len(samples), iterations=mu):
             for it in range(mu):
-                own: list | None = [] if it == 0 and mu > 1 else None
+                own: dict | None = {} if it == 0 and mu > 1 else None
                 self._run_micro_batches(samples, lambda mb, weight=1.0: self._grpo_loss(
                     mb, global_denom, global_tokens, weight, own), total)
                 if own is not None:
-                    samples = [replace(s, logprobs=lp) for s, lp in zip(samples, own)]
+                    samples = [replace(s, logprobs=own[id(s)]) for s in samples]
         return total
 
     def _grpo_loss(self, mb: list[TrainSample], denom: float, tokens: float, weight: float,
-                   own: list | None = None) -> tuple[torch.Tensor, GrpoStats]:
-        """One micro-batch's loss; ``own`` (when given) collects its log-probs per sample."""
+                   own: dict | None = None) -> tuple[torch.Tensor, GrpoStats]:
+        """One micro-batch's loss; ``own`` (when given) collects its log-probs by ``id`` of sample."""
         lc = self.cfg.loss
         packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], self.pad_id)
         old = packed.scatter([s.logprobs for s in mb]).to(self.device)
@@ -355,15 +393,16 @@ class LearnerRank:
         if any(s.loss_mask is not None for s in mb):  # tool turns: in the context, out of the loss
             mask = mask * packed.scatter([s.loss_mask or [1] * len(s.completion_ids) for s in mb]).to(self.device)
         logp, entropy = token_logprobs(self.engine, packed, lc.temperature, "grad" if lc.entropy_coef else "log",
-                                       logits_dtype=self.cfg.logits_dtype)
+                                       logits_dtype=self.cfg.logits_dtype, sp=self.sp)
         tok_loss, parts = grpo_token_losses(logp, old, adv, lc, ref, mask)
         loss = aggregate(tok_loss, mask, lc.loss_type, denom)
         if lc.entropy_coef:
             loss = loss - lc.entropy_coef * aggregate(entropy, mask, "dapo", tokens)
         loss = loss * self.world_size * weight
         if own is not None and weight:
-            own.extend(packed.gather(logp.detach().cpu()))
-        return loss, self._grpo_stats(loss, parts, logp.detach() - old, entropy, mask.bool())
+            own.update((id(s), lp) for s, lp in zip(mb, packed.gather(logp.detach().cpu())))
+        stats = self._grpo_stats(loss, parts, logp.detach() - old, entropy, mask.bool())
+        return loss / self.cfg.sequence_parallel_size, stats
 
     def _grpo_stats(self, loss, parts: dict, logp_diff, entropy, m) -> GrpoStats:
         ratio = parts["ratio"][m]

@@ -12,7 +12,6 @@ for ``bnpo``, which TRL defines on the local batch (see ``aggregate``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Sequence
 
@@ -169,7 +168,3 @@ def global_denominator(loss_type: str, lengths: Sequence[int], max_completion_le
         raise ValueError(f"loss_type {loss_type!r}: accepted are {', '.join(counts)}")
     return float(max(counts[loss_type], 1))
 
-
-def micro_batch_count(samples: int, ranks: int, micro_batch_size: int) -> int:
-    """Micro-batches in one step over all ranks, for ``samples`` split evenly over ``ranks``."""
-    return ranks * math.ceil(math.ceil(samples / ranks) / micro_batch_size)

@@ -221,8 +221,12 @@ class ActorGroup(Generic[A]):
     def shard(self, method: Callable[..., Any], items: list, *args) -> list:
         """Split ``items`` into contiguous chunks, one per ready actor, and call ``method(chunk, *args)``
         on each (actors whose chunk is empty are skipped). Returns the object refs, in order."""
-        ready = self.ready()
-        return [self.call(i, method, chunk, *args) for i, chunk in zip(ready, split(items, len(ready))) if chunk]
+        return self.scatter(method, split(items, len(self.ready())), *args)
+
+    def scatter(self, method: Callable[..., Any], parts: list[list], *args) -> list:
+        """``method(part, *args)`` on each ready actor in order, ``parts[i]`` to the i-th (actors
+        whose part is empty are skipped). Returns the object refs, in order."""
+        return [self.call(i, method, part, *args) for i, part in zip(self.ready(), parts) if part]
 
     def done(self, refs: list) -> bool:
         """Whether every one of ``refs`` has finished, without waiting."""

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from r1ray.actors.batching import item_tokens, learner_shards, micro_batch_plan, shard_indices, step_micro_batches
 from r1ray.actors.learner import GrpoStats, LearnerConfig, LearnerRank, LoraConfig, OptimConfig, SftStats
-from r1ray.actors.loss import LossConfig, aggregate, global_denominator, grpo_token_losses, micro_batch_count
+from r1ray.actors.loss import LossConfig, aggregate, global_denominator, grpo_token_losses
 from r1ray.actors.packing import SftExample
 from r1ray.actors.rollout import TrainSample
-from r1ray.cluster.groups import split
 
 LR = 2e-3
 OPTIM = OptimConfig(lr=LR, weight_decay=0.01, betas=(0.9, 0.99), grad_clip=1.0)
@@ -45,10 +45,15 @@ class Case:
     dtype: str = "float32"
     packed: bool = False  # sft: two examples to a row
     steps: int = 3
+    max_tokens: int | None = None  # learner.max_tokens_per_micro_batch
+    sp: int = 1  # learner.sequence_parallel_size
+    checkpointing: bool = False  # learner.gradient_checkpointing
 
     def learner_config(self, ranks: int) -> LearnerConfig:
         return LearnerConfig(num_ranks=ranks, zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
-                             dtype=self.dtype, optim=OPTIM, loss=self.loss, lora=self.lora)
+                             max_tokens_per_micro_batch=self.max_tokens, sequence_parallel_size=self.sp,
+                             gradient_checkpointing=self.checkpointing, dtype=self.dtype, optim=OPTIM,
+                             loss=self.loss, lora=self.lora)
 
 
 # ---- the batches -------------------------------------------------------------------------------
@@ -157,10 +162,14 @@ def reference_grpo_loss(model, samples: list[TrainSample], cfg: LossConfig, deno
     return loss, [logp[b][mask[b].bool()].detach().tolist() for b in range(len(samples))]
 
 
-def micro_batches_of(samples: list, ranks: int, micro_batch_size: int) -> list[list]:
-    """How the learner cuts a batch: contiguous rank shards, then micro-batches in order."""
-    return [shard[i:i + micro_batch_size] for shard in split(samples, ranks)
-            for i in range(0, len(shard), micro_batch_size)]
+def micro_batches_of(lengths: list[int], ranks: int, micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """How the learner cuts a batch of rows of ``lengths`` tokens: rank shards, then each
+    shard's micro-batches (indices into the batch)."""
+    out = []
+    for part in shard_indices(lengths, ranks, max_tokens):
+        plan = micro_batch_plan([lengths[i] for i in part], micro_batch_size, max_tokens)
+        out += [[part[i] for i in mb] for mb in plan]
+    return out
 
 
 def reference_run(model_path: str, case: Case, ranks: int, init_state: dict, batches: list) -> dict:
@@ -208,8 +217,9 @@ def _reference_grpo_iteration(model, batch, case: Case, ranks: int, own):
     if lc.loss_type != "bnpo":
         denom = global_denominator(lc.loss_type, lengths, MAX_NEW, 1)
         return reference_grpo_loss(model, batch, lc, denom, tokens, own)
-    mbs = micro_batches_of(list(range(len(batch))), ranks, case.micro_batch_size)
-    n = micro_batch_count(len(batch), ranks, case.micro_batch_size)
+    sizes = [item_tokens(s) for s in batch]
+    mbs = micro_batches_of(sizes, ranks // case.sp, case.micro_batch_size, case.max_tokens)
+    n = step_micro_batches(sizes, ranks // case.sp, case.micro_batch_size, case.max_tokens)
     loss, lp = 0.0, [None] * len(batch)
     for idx in mbs:  # TRL's bnpo: each micro-batch's token mean / micro-batches in the step
         part, part_lp = reference_grpo_loss(model, [batch[i] for i in idx], dataclasses.replace(lc, loss_type="dapo"),
@@ -248,7 +258,7 @@ def learner_run(model_path: str, case: Case, rank: int, ranks: int, port: int, b
     for batch in batches:
         if case.kind == "sft":
             total = sum(e.targets for e in batch)
-            rows = split(sft_rows(batch, case.packed), ranks)[rank]
+            rows = learner_shards(sft_rows(batch, case.packed), ranks, case.max_tokens, case.sp)[rank]
             stats = learner.sft_step(rows, total)
             parts = [None] * ranks
             dist.all_gather_object(parts, stats)
@@ -256,9 +266,10 @@ def learner_run(model_path: str, case: Case, rank: int, ranks: int, port: int, b
         else:
             lc = case.loss
             lengths = [len(s.completion_ids) if s.in_loss else 0 for s in batch]
-            denom = global_denominator(lc.loss_type, lengths, MAX_NEW,
-                                       micro_batch_count(len(batch), ranks, case.micro_batch_size))
-            stats = learner.grpo_step(split(batch, ranks)[rank], denom, float(max(sum(lengths), 1)))
+            denom = global_denominator(lc.loss_type, lengths, MAX_NEW, step_micro_batches(
+                [item_tokens(s) for s in batch], ranks // case.sp, case.micro_batch_size, case.max_tokens))
+            stats = learner.grpo_step(learner_shards(batch, ranks, case.max_tokens, case.sp)[rank], denom,
+                                      float(max(sum(lengths), 1)))
             parts = [None] * ranks
             dist.all_gather_object(parts, stats)
             metrics = GrpoStats.combine(parts)

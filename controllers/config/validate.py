@@ -16,6 +16,51 @@ def _positive(key: str, value, allow_zero: bool = False):
         raise ConfigError(f"config key '{key}': got {value!r}; accepted: a number {'>= 0' if allow_zero else '> 0'}")
 
 
+def _check_sequence_parallel(r: Recipe, stage: str) -> None:
+    """Ulysses groups of consecutive learner ranks; what does not go with them is refused."""
+    lc, n = r.learner, r.learner.sequence_parallel_size
+    _positive("learner.sequence_parallel_size", n)
+    if n == 1:
+        return
+    key = f"config key 'learner.sequence_parallel_size': got {n}"
+    if lc.num_ranks % n:
+        raise ConfigError(f"{key}, which does not divide learner.num_ranks={lc.num_ranks}; accepted: a divisor of the "
+                          "rank count (the data-parallel degree is num_ranks / sequence_parallel_size)")
+    for on, what in [(lc.lora is not None, "learner.lora (LoRA adapters)"),
+                     (r.colocated, "placement.mode colocate (a generator on the learner's module)"),
+                     (r.sft.packing and (stage == "sft" or (stage == "grpo" and r.sft.steps > 0)),
+                      "sft.packing (packed rows attend across examples without a mask)")]:
+        if on:
+            raise ConfigError(f"{key} with {what}; accepted: 1 with it, or turn it off")
+    config = os.path.join(os.path.expanduser(r.model.path), "config.json")
+    if os.path.isfile(config):  # a local model: its heads are known now (a hub model's at the learner's setup)
+        import json
+
+        with open(config) as f:
+            cfg = json.load(f)
+        cfg = cfg.get("text_config", cfg)
+        heads, kv = cfg.get("num_attention_heads", n), cfg.get("num_key_value_heads", n)
+        if heads % n or (kv % n and n % kv):
+            raise ConfigError(f"{key}; the model has {heads} attention heads and {kv} key/value heads; accepted: a "
+                              "size that divides the heads and divides or is a multiple of the key/value heads")
+
+
+def _check_token_budget(r: Recipe, stage: str) -> None:
+    """A token budget below the longest row would put that row alone in a micro-batch larger
+    than the budget: refused, so that the budget is what a rank's memory is planned for."""
+    budget = r.learner.max_tokens_per_micro_batch
+    _positive("learner.max_tokens_per_micro_batch", budget)
+    longest = [(r.rollout.budget(r.sampling.max_new_tokens), "a completion of sampling.max_new_tokens"
+                if not r.rollout.multi_turn else "an episode of rollout.max_total_tokens")] if stage == "grpo" else []
+    if stage in ("grpo", "sft") and r.sft.max_seq_length and (stage == "sft" or r.sft.steps):
+        longest.append((r.sft.max_seq_length, "an SFT row of sft.max_seq_length"))
+    for tokens, what in longest:
+        if budget < tokens:
+            raise ConfigError(f"config key 'learner.max_tokens_per_micro_batch': got {budget}, fewer than {what} "
+                              f"({tokens} tokens); accepted: null (micro-batches counted in rows) or at least the "
+                              "longest row a rank trains on (its prompt included)")
+
+
 def validate(r: Recipe, available_cpus: float | None = None, available_gpus: float | None = None,
              resources: bool = True, stage: str = "grpo") -> None:
     """``stage``: what the recipe runs as: "grpo" (r1ray train: every actor group), "sft" (the
@@ -54,10 +99,13 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         raise ConfigError(f"config key 'learner.loss.temperature': got {lc.loss.temperature}; accepted: the value of "
                           f"sampling.temperature ({r.sampling.temperature}), because the learner must score each token "
                           "at the temperature the generator sampled it with")
+    _check_sequence_parallel(r, stage)
     batch = g.prompts_per_step * g.num_generations
-    if batch % lc.num_ranks:
+    if batch % lc.data_parallel_size:
         raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
-                          f"do not divide over learner.num_ranks={lc.num_ranks}; accepted: a batch divisible by the rank count")
+                          f"do not divide over {lc.data_parallel_size} data-parallel shares (learner.num_ranks="
+                          f"{lc.num_ranks} / learner.sequence_parallel_size={lc.sequence_parallel_size}); accepted: a "
+                          "batch divisible by that count")
     if r.sft.stop_at_pass_rate is not None:
         if not 0 < r.sft.stop_at_pass_rate <= 1:
             raise ConfigError(f"config key 'sft.stop_at_pass_rate': got {r.sft.stop_at_pass_rate}; accepted: a number in "
@@ -76,6 +124,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     if r.sft.epochs is not None:
         _positive("sft.epochs", r.sft.epochs)
     _positive("sft.eval_examples", r.sft.eval_examples)
+    if lc.max_tokens_per_micro_batch is not None:
+        _check_token_budget(r, stage)
     if r.colocated and stage == "grpo":
         _check_colocate(r)
     if r.reference.adapters_off and lc.lora is None:

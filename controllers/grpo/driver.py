@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from ...actors.batching import learner_shards
 from ...actors.learner import LearnerRank
 from ...cluster.ray_metrics import RunMetrics
 from ..common import interrupt
@@ -111,7 +112,10 @@ class GrpoDriver:
         self.tally({"samples/masked_truncated": sum(not s.in_loss for s in samples)})
         if self.system.sleeps_generators:  # colocated vLLM: the device is the learner's until the next sync
             self.system.sleep_generators()
-        refs = self.system.learners.shard(LearnerRank.grpo_step, samples, denom, tokens)
+        lc = self.r.learner
+        shards = learner_shards(samples, len(self.system.learners), lc.max_tokens_per_micro_batch,
+                                lc.sequence_parallel_size)
+        refs = self.system.learners.scatter(LearnerRank.grpo_step, shards, denom, tokens)
         self.training = True
         self.inflight.submit(Work("train", refs, batch, version=version, queue="learner"))
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...actors.advantages import batch_advantages
-from ...actors.loss import global_denominator, kl_estimate, micro_batch_count
+from ...actors.batching import item_tokens, step_micro_batches
+from ...actors.loss import global_denominator, kl_estimate
 from ...actors.rollout import Rollout, TrainSample
 from ..config import Recipe
 
@@ -65,7 +66,9 @@ def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> 
         in_loss = not (g.mask_truncated_completions and r.finish_reason == "length")
         samples.append(TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, a, r.ref_logprobs, in_loss, r.loss_mask))
     lengths = [s.loss_tokens for s in samples]
-    micro = micro_batch_count(len(samples), learner_ranks, recipe.learner.micro_batch_size)
+    lr = recipe.learner
+    micro = step_micro_batches([item_tokens(s) for s in samples], learner_ranks // lr.sequence_parallel_size,
+                               lr.micro_batch_size, lr.max_tokens_per_micro_batch)
     denom = global_denominator(lc.loss_type, lengths, lc.max_completion_length or recipe.rollout.budget(recipe.sampling.max_new_tokens),
                                micro)
     return samples, denom, float(max(sum(lengths), 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ...actors.batching import item_tokens, learner_shards, micro_batch_plan
 from ...actors.learner import LearnerRank, SftStats
 from ...actors.packing import SftExample, pack_bins
 from ..common import interrupt
@@ -39,11 +40,11 @@ def examples_of(rows, renderer: PromptRenderer, cfg: SftConfig, counts: Truncati
 
 def held_out_loss(system: System, examples: list[SftExample], cfg: SftConfig) -> float:
     """Mean NLL per trained token of ``examples`` under the learners' current weights."""
-    from ...cluster.groups import split
-
     rows = rows_of(examples, cfg)
-    parts = split(rows, len(system.learners.ready()))
-    micro = max(-(-len(p) // system.r.learner.micro_batch_size) for p in parts)
+    lc = system.r.learner
+    parts = learner_shards(rows, len(system.learners.ready()), lc.max_tokens_per_micro_batch, lc.sequence_parallel_size)
+    micro = max(len(micro_batch_plan([item_tokens(r) for r in p], lc.micro_batch_size, lc.max_tokens_per_micro_batch))
+                for p in parts)
     refs = [system.learners.call(i, LearnerRank.sft_eval, part, micro) for i, part in zip(system.learners.ready(), parts)]
     stats = system.learners.get(refs, "sft_eval")
     return sum(s.nll_sum for s in stats) / max(1, sum(e.targets for e in examples))
@@ -79,7 +80,10 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
         examples = examples_of((train[idx] for idx, _ in taken), renderer, cfg, counts, [rid for _, rid in taken])
         rows = rows_of(examples, cfg)
         targets = sum(e.targets for e in examples)
-        parts = system.learners.get(system.learners.shard(LearnerRank.sft_step, rows, max(1, targets)), "sft_step")
+        lc = system.r.learner
+        shards = learner_shards(rows, len(system.learners.ready()), lc.max_tokens_per_micro_batch,
+                                lc.sequence_parallel_size)
+        parts = system.learners.get(system.learners.scatter(LearnerRank.sft_step, shards, max(1, targets)), "sft_step")
         seconds = time.perf_counter() - t0
         tokens_in = sum(len(e.ids) for e in examples)
         record = {"step": step, **SftStats.combine(parts, max(1, targets)), "tokens": targets, "tokens_in": tokens_in,

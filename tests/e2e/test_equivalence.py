@@ -2,7 +2,7 @@
 
 ZeRO-0/1/2/3 x one and two ranks x one micro-batch and several, for GRPO (every loss type,
 off-policy corrections, per-token advantages, ``num_iterations`` 2, LoRA) and SFT (padded and
-packed rows, LoRA), in fp32 from the same weights on the same batches, three steps each. Per
+packed rows, LoRA), micro-batches counted in rows or formed by a token budget, in fp32 from the same weights on the same batches, three steps each. Per
 step the loss and the gradient norm, and the weights after the last step, must equal the
 reference's.
 
@@ -48,10 +48,34 @@ def _cases() -> list[Case]:
     cases += [Case(f"sft-packed-zero{z}-mb2", "sft", z, 2, packed=True) for z in (2, 3)]
     cases += [Case(f"{kind}-lora-zero{z}-mb2", kind, z, 2, loss=KL, lora=LORA) for kind in ("grpo", "sft")
               for z in (0, 1, 2)]  # LoRA with ZeRO-3 is refused by the config
+    # Token-budget micro-batches: rows regrouped by length, shards balanced by tokens, micro-batch
+    # counts that differ between ranks; the step is still the reference's.
+    budget = {"tokens": KL, "tokens-grpo-seq": losses["grpo-seq"], "tokens-bnpo": losses["bnpo"],
+              "tokens-iterations2": LossConfig(num_iterations=2)}
+    cases += [Case(f"grpo-{name}-zero{z}", "grpo", z, 12, loss=loss, max_tokens=100) for name, loss in budget.items()
+              for z in (0, 3)]
+    cases += [Case(f"sft-tokens{'-packed' if packed else ''}-zero{z}", "sft", z, 12, packed=packed, max_tokens=60)
+              for packed in (False, True) for z in (2, 3)]
+    # Steps of 12, 8, 12 rows (packing makes row counts vary): DeepSpeed must end each step
+    # after its own micro-batches, not after the count the previous step left behind.
+    cases += [Case(f"sft-uneven-zero{z}-mb2", "sft", z, 2) for z in (2, 3)]
     return cases
 
 
 CASES = _cases()
+# Ulysses sequence parallelism: two ranks, one group, each rank holding half of every row.
+SP_CASES = [Case(f"grpo-sp2-zero{z}-mb2", "grpo", z, 2, loss=KL, sp=2) for z in (0, 2, 3)] + [
+    Case("grpo-sp2-grpo-seq-zero2-mb2", "grpo", 2, 2, loss=LossConfig(loss_type="grpo", importance_sampling_level="sequence"), sp=2),
+    Case("grpo-sp2-dapo-entropy-zero2-mb2", "grpo", 2, 2, sp=2,
+         loss=LossConfig(loss_type="dapo", entropy_coef=0.01, kl_coef=0.05, kl_estimator="k2")),
+    Case("grpo-sp2-bnpo-zero2-mb2", "grpo", 2, 2, loss=LossConfig(loss_type="bnpo"), sp=2),
+    Case("grpo-sp2-iterations2-zero3-mb2", "grpo", 3, 2, loss=LossConfig(num_iterations=2), sp=2),
+    Case("grpo-sp2-tokens-zero2", "grpo", 2, 12, loss=KL, max_tokens=100, sp=2),
+    Case("grpo-sp2-checkpointing-zero2-mb2", "grpo", 2, 2, loss=KL, sp=2, checkpointing=True),
+    Case("sft-sp2-zero2-mb2", "sft", 2, 2, sp=2),
+    Case("sft-sp2-zero3-mb2", "sft", 3, 2, sp=2),
+    Case("sft-sp2-uneven-zero2-mb2", "sft", 2, 2, sp=2),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +83,13 @@ def batches(tiny_model):
     grpo = grpo_batches(tiny_model, 3)
     per_token = [[dataclasses.replace(s, advantage=[s.advantage * 0.9 ** t for t in range(len(s.completion_ids))])
                   for s in b] for b in grpo]  # REINFORCE++-style per-token advantages
-    return {"grpo": grpo, "grpo_per_token": per_token, "sft": sft_batches(3)}
+    sft = sft_batches(3)
+    return {"grpo": grpo, "grpo_per_token": per_token, "sft": sft, "sft_uneven": [sft[0], sft[1][:8], sft[2]]}
 
 
 def _batches_of(case: Case, batches: dict) -> list:
-    return batches["grpo_per_token" if "per_token" in case.name else case.kind]
+    return batches["grpo_per_token" if "per_token" in case.name else "sft_uneven" if "uneven" in case.name
+                   else case.kind]
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
@@ -74,8 +100,25 @@ def world(request, tiny_model, batches, tmp_path_factory):
                             str(tmp_path_factory.mktemp("eq")))
 
 
+@pytest.fixture(scope="module")
+def sp_world(tiny_model, batches, tmp_path_factory):
+    return 2, run_world(tiny_model, SP_CASES, 2, {c.name: _batches_of(c, batches) for c in SP_CASES},
+                        str(tmp_path_factory.mktemp("sp")))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_learner_step_equals_the_plain_pytorch_step(world, case, tiny_model, batches):
+    _check_against_the_reference(world, case, tiny_model, batches)
+
+
+@pytest.mark.parametrize("case", SP_CASES, ids=[c.name for c in SP_CASES])
+def test_sequence_parallel_step_equals_the_plain_pytorch_step(sp_world, case, tiny_model, batches):
+    """DeepSpeed's Ulysses attention over gloo (all-to-all), the log-probs gathered back into
+    whole rows: the step of one sequence-parallel group of 2 is the plain step on the batch."""
+    _check_against_the_reference(sp_world, case, tiny_model, batches)
+
+
+def _check_against_the_reference(world, case, tiny_model, batches):
     ranks, results = world
     got = results[case.name]
     ref = reference_run(tiny_model, case, ranks, got["init"], _batches_of(case, batches))

@@ -52,7 +52,8 @@ def test_an_empty_split_is_refused(tmp_path, tiny_world):
     assert "config key 'data.train_split': split 'train'" in proc.stderr and "has no rows" in proc.stderr
 
 
-# -- r1ray sft end to end: packing, held-out loss, HF checkpoints, an interrupted run resumed -------
+# -- r1ray sft end to end: packing, token-budget micro-batches, held-out loss, HF checkpoints, an
+# interrupted run resumed ------------------------------------------------------------------------
 def _sft_cmd(out, tiny_world, *extra):
 
     return r1ray_cli.cmd("sft", "configs/tiny-cpu.yaml", "--output-dir", str(out),
@@ -60,7 +61,7 @@ def _sft_cmd(out, tiny_world, *extra):
             "--set", "sft.batch_size=32", "--set", "sft.packing=true", "--set", "sft.max_seq_length=256",
             "--set", "sft.schedule=cosine", "--set", "sft.warmup_steps=2", "--set", "sft.min_lr_ratio=0.1",
             "--set", "sft.eval_every=6", "--set", "sft.eval_examples=32", "--set", "checkpoint.every_steps=3",
-            "--set", "checkpoint.keep_last=2", *extra)
+            "--set", "checkpoint.keep_last=2", "--set", "learner.max_tokens_per_micro_batch=512", *extra)
 
 
 def _records(out):

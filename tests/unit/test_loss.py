@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from r1ray.actors.advantages import group_advantages
-from r1ray.actors.batching import pad_batch
+from r1ray.actors.batching import pad_batch, step_micro_batches
 from r1ray.actors.loss import (
     LossConfig,
     aggregate,
@@ -13,7 +13,6 @@ from r1ray.actors.loss import (
     grpo_token_losses,
     kl_estimate,
     log_importance_ratio,
-    micro_batch_count,
 )
 
 
@@ -125,7 +124,7 @@ def test_aggregation_per_loss_type_by_hand():
     assert global_denominator("dapo", [2, 3], 4, 1) == 5.0 and global_denominator("grpo", [2, 3], 4, 1) == 2.0
     assert global_denominator("dr_grpo", [2, 0], 4, 1) == 8.0 and global_denominator("bnpo", [2, 3], 4, 3) == 3.0
     assert global_denominator("dapo", [0, 0], 4, 1) == 1.0  # everything masked: no division by zero
-    assert micro_batch_count(16, 2, 3) == 6  # 8 per rank -> 3 micro-batches of at most 3, on 2 ranks
+    assert step_micro_batches([5] * 16, 2, 3) == 6  # 8 per rank -> 3 micro-batches of at most 3, on 2 ranks
     with pytest.raises(ValueError, match="accepted"):
         aggregate(losses, mask, "token_mean", 1.0)
 
@@ -211,7 +210,7 @@ def test_update_does_not_depend_on_ranks_and_micro_batches(loss_type):
     logp, old, ref = torch.randn(8, 6) - 2, torch.randn(8, 6) - 2, torch.randn(8, 6) - 2
     adv, mask = torch.randn(8), (torch.rand(8, 6) > 0.3).long()
     lengths = mask.sum(-1).tolist()
-    denom = global_denominator(loss_type, lengths, 6, micro_batch_count(8, 2, 2))
+    denom = global_denominator(loss_type, lengths, 6, step_micro_batches([1] * 8, 2, 2))
     whole_loss, whole_grad = _grad(cfg, logp, old, adv, ref, mask, denom)
     world, parts_grad, parts_loss = 2, torch.zeros_like(logp), 0.0
     for rank_rows in (range(0, 4), range(4, 8)):
