@@ -103,6 +103,26 @@ def check_data(recipe) -> dict:
     return prepare_data(recipe, AutoTokenizer.from_pretrained(model_path), tiny_dir).summary()
 
 
+def learner_memory(recipe) -> tuple[str, str | None]:
+    """Each learner rank's estimated peak memory (``config/memory.py``) as a line, and why the
+    recipe cannot fit when it cannot. Needs the model's config: a local folder, the tiny world
+    (built if missing), or the hub."""
+    from transformers import AutoConfig
+
+    from .common.job import prepare_model
+    from .config.memory import ModelShape, check_memory
+
+    try:
+        shape = ModelShape.of(AutoConfig.from_pretrained(prepare_model(recipe)[0]))
+    except Exception as e:  # noqa: BLE001 - no hub here, or not a decoder this estimate knows
+        return f"not estimated ({type(e).__name__}: {str(e).splitlines()[0][:200]})", None
+    stages = ("sft", "grpo") if recipe.sft.steps else ("grpo",)
+    report, problem = check_memory(recipe, shape, stages)
+    parts = ", ".join(f"{k} {report[k]:.2f}" for k in ("weights", "gradients", "optimizer", "activations", "lm_head"))
+    return (f"about {report['total']:.2f} GiB ({parts}; {report['tokens_per_micro_batch']} tokens per micro-batch, "
+            f"{report['params_b'] * 1000:.1f}M parameters)"), problem
+
+
 def resumed_recipe(args):
     """``--resume RUN_DIR``: the run's own config.yaml (or the recipe given, which must keep the
     keys that decide the data order), with ``--set`` overrides (e.g. more grpo.steps)."""
@@ -389,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if not (args.eval or args.distill):
+            memory, problem = learner_memory(recipe)
+            print(f"learner memory per rank: {memory}")
+            if problem:
+                print(f"r1ray: invalid config: {problem}", file=sys.stderr)
+                return 2
         if not args.skip_data and args.distill:
             from .distill.job import load_prompts, teacher
 

@@ -97,6 +97,7 @@ class GeneratorGroupConfig(GeneratorConfig):
 class LearnerGroupConfig(LearnerConfig):
     cpus_per_rank: float = 0.5
     gpus_per_rank: float = 0.0
+    gpu_memory_gib: float = 80.0  # what r1ray check plans each rank's GPU to hold (an H100: 80)
 
 
 @dataclass

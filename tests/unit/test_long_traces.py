@@ -131,3 +131,69 @@ def test_sequence_parallel_sizes_are_checked_against_a_local_models_heads(tiny_m
     assert r.learner.data_parallel_size == 2
     with pytest.raises(ConfigError, match="4 attention heads and 2 key/value heads"):
         load_recipe("configs/tiny-cpu.yaml", [*common, "learner.sequence_parallel_size=8"])
+
+
+# -- the learner's memory estimate (r1ray check) ---------------------------------------------------
+QWEN_1_5B = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": False}  # R1-Distill-Qwen-1.5B
+H100 = ["ray.num_cpus=64", "ray.num_gpus=8"]
+
+
+def test_the_estimate_counts_what_autograd_keeps(tiny_model):
+    """The parameter count is the model's; the activations per token and layer are within 10%
+    of the tensors autograd saves for backward in a forward of the decoder (SDPA, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from r1ray.controllers.config.memory import ModelShape
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").train()
+    shape = ModelShape.of(model.config)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(tokens: int) -> int:
+        storages = {}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model.model(input_ids=torch.randint(3, 200, (1, tokens)))
+        return sum(storages.values())
+
+    per_token_layer = (saved(512) - saved(256)) / 256 / 4 / shape.layers
+    assert per_token_layer == pytest.approx(shape.saved_per_token(), rel=0.1)
+
+
+def test_the_16k_recipe_fits_an_h100_and_without_its_long_trace_settings_is_refused_by_name():
+    from r1ray.controllers.config.memory import ModelShape, check_memory
+
+    shape = ModelShape.of(QWEN_1_5B)
+    assert shape.params == pytest.approx(1.777e9, rel=1e-3)
+    recipe = load_recipe("configs/deepscaler-1.5b-16k-h100.yaml", H100)
+    assert recipe.learner.sequence_parallel_size == 2 and recipe.sampling.max_new_tokens == 16384
+    report, problem = check_memory(recipe, shape, ("grpo",))
+    assert problem is None and 10 < report["total"] < 40, report
+    plain = load_recipe("configs/deepscaler-1.5b-16k-h100.yaml",
+                        [*H100, "learner.sequence_parallel_size=1", "learner.gradient_checkpointing=false"])
+    report, problem = check_memory(plain, shape, ("grpo",))
+    assert report["activations"] > 80  # 64k tokens x 28 layers kept whole: more than the GPU
+    for key in ("learner.sequence_parallel_size", "learner.gradient_checkpointing",
+                "learner.max_tokens_per_micro_batch", "learner.zero_stage"):
+        assert key in problem
+    # each setting acts where it should: SP halves the activations, ZeRO-3 partitions the weights
+    half = check_memory(load_recipe("configs/deepscaler-1.5b-16k-h100.yaml",
+                                    [*H100, "learner.gradient_checkpointing=false"]), shape, ("grpo",))[0]
+    assert half["activations"] == pytest.approx(report["activations"] / 2)
+    zero3 = check_memory(load_recipe("configs/deepscaler-1.5b-16k-h100.yaml", [*H100, "learner.zero_stage=3"]),
+                         shape, ("grpo",))[0]
+    assert zero3["weights"] == pytest.approx(report["weights"] / 4)
+
+
+def test_r1ray_check_prints_each_ranks_memory(tiny_world):
+    from r1ray.controllers.cli import learner_memory
+
+    line, problem = learner_memory(load_recipe("configs/tiny-cpu.yaml", [f"model.tiny_dir={tiny_world}"]))
+    assert line.startswith("about ") and "GiB" in line and "activations" in line and problem is None
