@@ -1,8 +1,9 @@
 """Long traces on the learner: the longest row one step takes with and without sequence
 parallelism and gradient checkpointing, and token-budget micro-batches against counted ones.
 
-    python benchmarks/long_context.py [--parts longest budget] [--lengths 512 1024 2048]
-                                      [--max-len 1024] [--samples 20] [--steps 2]
+    python benchmarks/long_context.py [--parts longest budget] [--lengths 1024 2048 4096]
+                                      [--tries 3] [--ckpt-tries 0] [--max-len 1024] [--samples 20]
+                                      [--steps 2]
 
 A random Qwen2-shaped model of about 90M parameters (``weight_sync.py``'s "100M" shape: hidden
 768, 10 layers, vocabulary 32768, tied embeddings) and two real learner ranks (DeepSpeed ZeRO-2
@@ -11,15 +12,18 @@ over gloo, one thread each, fp32, as the tiny recipe).
 ``longest``: GRPO steps on single rows of ``--lengths`` tokens (a 32-token prompt, the rest
 completion), for sequence_parallel_size 1 (each rank trains a row of its own) and 2 (both
 ranks one row, half of its positions each), gradient checkpointing off and on. Each rank's
-resident memory is sampled every 2 ms during the step (after a warm-up step that allocates
-gradients and optimizer states); the peak over ranks, against the row's length, is a line
-(the CPU's SDPA kernel keeps attention memory linear): its slope is the activation memory per
-token (at these lengths not quite a line: attention's share grows). The memory limit is what
-one rank needs for the longest of ``--lengths`` without sequence parallelism or
-checkpointing; for each setting, up to ``--tries`` longer rows are trained, each length a
-secant step on peak(length) = limit from the two newest points, and the longest row whose
-step stayed within the limit is reported. (Equal losses with and without sequence
-parallelism are tests/e2e/test_equivalence.py's.)
+resident memory is sampled every 2 ms during the step, after a warm-up step that allocates
+gradients and optimizer states, with every allocation over 64 KiB mapped on its own (so what
+a rank holds, not glibc's heap high-water mark); the peak over ranks is reported. Against the
+row's length it is not one line: the LM head runs ``chunk_tokens`` = 2,048 positions at a time,
+so its logits grow with a rank's positions up to 2,048 and stay constant beyond, and the slope
+past that is the activation memory per token. The memory limit is what one rank needs for the
+longest of ``--lengths`` without sequence parallelism or checkpointing; for each setting, up
+to ``--tries`` longer rows are trained (``--ckpt-tries`` with checkpointing, whose rows run to
+tens of thousands of tokens: minutes a step on one CPU thread), each length a secant step on
+peak(length) = limit from the two newest points, and the longest row whose step stayed within
+the limit is reported, beside the secant estimate from ``--lengths`` alone. (Equal losses with
+and without sequence parallelism are tests/e2e/test_equivalence.py's.)
 
 ``budget``: one GRPO batch whose lengths follow a long tail: 90% short completions
 (``max-len``/16 to ``max-len``/8 tokens) and 10% at ``max-len``, shuffled, after a 32-token
@@ -178,6 +182,7 @@ def _longest_worker(rank: int, ranks: int, port: int, model: str, sp: int, ckpt:
         points.append({"length": length, "step_s": seconds, "peak_gib": gib})
     slope = (points[-1]["peak_gib"] - points[-2]["peak_gib"]) / (points[-1]["length"] - points[-2]["length"])
     limit = limit or points[-1]["peak_gib"]  # the first setting's (no SP, no checkpointing) at the longest length
+    estimate = int(lengths[-1] + (limit - points[-1]["peak_gib"]) / slope) if slope > 0 else None
     checks = []
     for _ in range(tries):  # secant steps on peak(length) = limit, from the two newest points; each one trained
         (a, pa), (b, pb) = [(p["length"], p["peak_gib"]) for p in (points + checks)[-2:]]
@@ -192,29 +197,27 @@ def _longest_worker(rank: int, ranks: int, port: int, model: str, sp: int, ckpt:
     if rank == 0:
         Path(out).write_text(json.dumps({
             "sequence_parallel_size": sp, "gradient_checkpointing": ckpt, "points": points, "checks": checks,
-            "limit_gib": limit, "gib_per_1k_tokens": slope * 1000,
+            "limit_gib": limit, "gib_per_1k_tokens": slope * 1000, "estimated_longest": estimate,
             "longest": max(fits, key=lambda p: p["length"]) if fits else None,
             "s_per_1k_tokens": points[-1]["step_s"] / (shares * lengths[-1]) * 1000}))
 
 
-def _budget_worker(rank: int, ranks: int, port: int, model: str, plans: dict, samples: list, steps: int, out: str):
+def _budget_worker(rank: int, ranks: int, port: int, model: str, mbs: int, budget: int | None, samples: list,
+                   steps: int, out: str):
+    """One plan in processes of its own (two DeepSpeed engines in one process share state)."""
     os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
 
     torch.set_num_threads(1)
-    results = {}
-    for name, (mbs, budget) in plans.items():
-        learner = _learner(model, rank, ranks, port, micro_batch_size=mbs, max_tokens_per_micro_batch=budget)
-        times, metrics = [], None
-        for step in range(steps + 1):
-            seconds, _, metrics = _timed_step(learner, samples, ranks)
-            if step:
-                times.append(seconds)
-        results[name] = {"step_s": statistics.median(times), "steps_s": times, "loss": metrics["loss"],
-                         "grad_norm": metrics["grad_norm"]}
-        del learner
+    learner = _learner(model, rank, ranks, port, micro_batch_size=mbs, max_tokens_per_micro_batch=budget)
+    times, metrics = [], None
+    for step in range(steps + 1):
+        seconds, _, metrics = _timed_step(learner, samples, ranks)
+        if step:
+            times.append(seconds)
     if rank == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out).write_text(json.dumps({"step_s": statistics.median(times), "steps_s": times,
+                                         "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}))
 
 
 def _spawn(worker, *args) -> dict:
@@ -227,24 +230,26 @@ def _spawn(worker, *args) -> dict:
     return json.loads(out.read_text())
 
 
-def longest(model: str, lengths: list[int], tries: int) -> tuple[dict, list[str]]:
+def longest(model: str, lengths: list[int], tries: int, ckpt_tries: int) -> tuple[dict, list[str]]:
     settings = {"no SP": (1, False), "SP 2": (2, False), "no SP, checkpointing": (1, True),
                 "SP 2, checkpointing": (2, True)}
     res: dict = {"settings": {}}
     for name, (sp, ckpt) in settings.items():
-        res["settings"][name] = _spawn(_longest_worker, model, sp, ckpt, lengths, res.get("limit_gib"), tries)
+        res["settings"][name] = _spawn(_longest_worker, model, sp, ckpt, lengths, res.get("limit_gib"),
+                                       ckpt_tries if ckpt else tries)
         res.setdefault("limit_gib", res["settings"][name]["limit_gib"])
     base = res["settings"]["no SP"]["longest"]["length"]
     lines = [f"## The longest row one step takes ({res['limit_gib']:.2f} GiB per rank: what a {lengths[-1]}-token "
              "row needs without SP or checkpointing)", "",
              f"| setting | peak GiB at {' / '.join(map(str, lengths))} tokens | GiB per 1k tokens | lengths tried: "
-             "peak GiB | longest row within the limit | x no SP | s per 1k tokens |", "|---|---|---|---|---|---|---|"]
+             "peak GiB | longest row trained within the limit | x no SP | secant estimate from the first three | "
+             "s per 1k tokens |", "|---|---|---|---|---|---|---|---|"]
     for name, r in res["settings"].items():
         peaks = " / ".join(f"{p['peak_gib']:.2f}" for p in r["points"])
         tried = ", ".join(f"{c['length']}: {c['peak_gib']:.2f}" for c in r["checks"]) or "-"
         best = r["longest"]["length"] if r["longest"] else 0
         lines.append(f"| {name} | {peaks} | {r['gib_per_1k_tokens']:.3f} | {tried} | {best} | {best / base:.2f} | "
-                     f"{r['s_per_1k_tokens']:.1f} |")
+                     f"{r['estimated_longest'] or '-'} | {r['s_per_1k_tokens']:.1f} |")
     return res, lines
 
 
@@ -255,7 +260,7 @@ def budget(model: str, args) -> tuple[dict, list[str]]:
     tokens = args.budget or 2 * (PROMPT + args.max_len)
     plans = {"counted": (args.micro_batch_size, None), "token budget": (64, tokens)}
     lengths = [item_tokens(s) for s in samples]
-    results = _spawn(_budget_worker, model, plans, samples, args.steps)
+    results = {name: _spawn(_budget_worker, model, mbs, b, samples, args.steps) for name, (mbs, b) in plans.items()}
     for name, (mbs, b) in plans.items():  # per rank: the padded tokens of its micro-batches
         results[name]["padded_tokens"] = [
             sum(len(mb) * max(part_len[i] for i in mb) for mb in micro_batch_plan(part_len, mbs, b))
@@ -280,8 +285,9 @@ def budget(model: str, args) -> tuple[dict, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["longest", "budget"], choices=["longest", "budget"])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="rows of the longest part")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rows of the longest part")
     ap.add_argument("--tries", type=int, default=3, help="longest: lengths tried beyond --lengths per setting")
+    ap.add_argument("--ckpt-tries", type=int, default=0, help="longest: the same, with gradient checkpointing")
     ap.add_argument("--max-len", type=int, default=1024, help="budget: completion tokens of the long 10%%")
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--micro-batch-size", type=int, default=4, help="budget: rows per micro-batch when counted")
@@ -290,13 +296,17 @@ def main() -> None:
     ap.add_argument("--name", default="long_context")
     args = ap.parse_args()
 
+    # Every allocation over 64 KiB its own mapping, returned to the system when freed: a rank's resident
+    # memory is then what it holds, not glibc's heap high-water mark (its default threshold grows to 32 MiB,
+    # and freed tensors below it stay resident). Read by the spawned ranks at their start.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     model = build_model(Path(tempfile.gettempdir()) / "r1ray-long-context")
     summary: dict = {"model": SHAPE, "machine": f"{os.cpu_count()} CPUs, 2 ranks x 1 thread, ZeRO-2, fp32"}
     lines = [f"# Long traces on the learner ({summary['machine']}, a 90M Qwen2-shaped model)", ""]
     rdir = HERE / "results"
     rdir.mkdir(exist_ok=True)
     for part in args.parts:
-        result, text = longest(model, args.lengths, args.tries) if part == "longest" else budget(model, args)
+        result, text = longest(model, args.lengths, args.tries, args.ckpt_tries) if part == "longest" else budget(model, args)
         summary[part] = result
         lines += [*text, ""]
         print("\n".join(text), flush=True)
