@@ -12,8 +12,13 @@ from . import ship
 log = logging.getLogger("r1ray.cluster")
 
 
+# Hugging Face's libraries (hub, transformers, datasets) draw no progress bars
+LIBRARY_BAR_SWITCHES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
 def actor_env(on_gpu: bool) -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    # No library bars: an actor's output is never a terminal; Ray relays it line by line.
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning", **LIBRARY_BAR_SWITCHES}
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU: gloo collectives, torch AdamW
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH", "R1RAY_HOME",

@@ -363,7 +363,11 @@ def ship(out: str, wheel_dir: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .common.progress import on_terminal, quiet_library_bars
     from .config.schema import ConfigError
+
+    if not on_terminal():  # a file, a Ray job's log, CI: plain progress lines, no bar fragments
+        quiet_library_bars()
 
     if args.command == "tiny":
         from .common.tiny import TinySpec, build_tiny_world

@@ -215,8 +215,8 @@ class Evaluator:
                         self.versions.update(v for r in mine for v in r.model_versions)
                         judged[call.task.name].append((call.seq, k, (p, mine, verdicts)))
                     if progress is not None:
-                        progress.update(len(call.prompts) * n)
                         progress.set_postfix(problems=f"{sum(map(len, judged.values()))}/{total}", refresh=False)
+                        progress.update(len(call.prompts) * n)
         finally:
             for w in [w for w in inflight.work if w.stage == "join"]:  # still starting: GRPO's loop takes them
                 inflight.remove(w)

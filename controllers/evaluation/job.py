@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import yaml
-from tqdm.auto import tqdm
 
 from ...actors import storage as store
 from ..common import interrupt
 from ..common.data import _looks_local
+from ..common.progress import progress
 from ..common.system import EVALUATE, System
 from ..config import TINY, EvalTaskConfig, Recipe
 from ..config.schema import ConfigError, build
@@ -133,8 +133,7 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     try:
         system.start()
         total = sum(len(t.prompts) * t.num_samples for t in tasks)
-        with tqdm(total=total, desc=f"eval ({sum(len(t.prompts) for t in tasks)} problems)", unit="sample",
-                  dynamic_ncols=True) as bar:
+        with progress(total, f"eval ({sum(len(t.prompts) for t in tasks)} problems)", "sample") as bar:
             results = Evaluator(system, tasks, recipe.eval.sampling, recipe.eval.k).run(progress=bar)
         combined = write_results(results, out_dir, model_path)
         store.push(out_dir)  # on object storage: the reports uploaded

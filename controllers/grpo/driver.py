@@ -90,10 +90,10 @@ class GrpoDriver:
                 self.on_trained(work)
             elif self.elastic.synced(work):  # (a sync that reached no generator is sent again)
                 for record in self.on_synced(work):
-                    if progress is not None:
-                        progress.update(1)
+                    if progress is not None:  # (the step's figures first: the update shows them)
                         progress.set_postfix(reward=f"{record['reward/mean']:.3f}", loss=f"{record['loss']:.4f}",
-                                             stale=f"{record['staleness/mean']:.2f}")
+                                             stale=f"{record['staleness/mean']:.2f}", refresh=False)
+                        progress.update(1)
         self.finish()
         self.t1, self.wall1 = time.perf_counter(), time.time()
         self.system.watchdog.doing = lambda name: ""

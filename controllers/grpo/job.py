@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ...actors.learner import LearnerRank
 from ..common.checkpoint import Checkpoints
 from ..common.data import PreparedData, PromptRenderer, prepare_data
@@ -21,6 +19,7 @@ from ..common.job import (
     save_interrupted,
     where,
 )
+from ..common.progress import progress
 from ..common.runlog import MetricsWriter, read_jsonl, truncate_jsonl
 from ..common.system import GRPO, System
 from ..config import Recipe
@@ -151,7 +150,7 @@ def sft_warm_up(system: System, recipe: Recipe, inputs: Inputs, sft_metrics, run
     and GRPO's adapters start from zero on it; checkpoint-sft, always written then, is that base
     (what ``checkpoint-final/adapter`` applies to, and where a resumed run starts)."""
     summary["stage"] = "sft"
-    with tqdm(total=recipe.sft.steps, desc="SFT warm-up", unit="step", dynamic_ncols=True) as bar:
+    with progress(recipe.sft.steps, "SFT warm-up", "step") as bar:
         t0 = time.perf_counter()
         sft = run_sft(system, recipe.sft, inputs.data, inputs.renderer, sft_metrics, recipe.seed, bar,
                       probe=make_probe(system, recipe, inputs.probes), held_out=inputs.sft_held_out)
@@ -236,8 +235,8 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
         driver = GrpoDriver(system, recipe, inputs.data, inputs.renderer, metrics, completions_log=completions_log,
                             samples_log=samples_log, checkpoints=checkpoints, resume=resume_state,
                             benchmark_step=benchmarks(system, recipe, inputs.tasks, run_dir) if inputs.tasks else None)
-        with tqdm(total=recipe.grpo.steps, desc=f"GRPO (max_staleness={recipe.grpo.max_staleness})", unit="step",
-                  dynamic_ncols=True) as bar:
+        with progress(recipe.grpo.steps, f"GRPO (max_staleness={recipe.grpo.max_staleness})", "step",
+                      initial=resume_state["step"] if resume_state else 0) as bar:
             driver.run(progress=bar)
         completions_log.close()
         samples_log.close()

@@ -21,12 +21,11 @@ import math
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ...actors.learner import LearnerRank
 from ..common.checkpoint import Checkpoints, tag_for
 from ..common.data import PreparedData, PromptRenderer, load_dataset_dict, prepare_data
 from ..common.job import actors_running, check_output_dir, open_run, prepare_model, where
+from ..common.progress import progress
 from ..common.runlog import MetricsWriter, read_json, truncate_jsonl
 from ..common.system import SFT, System
 from ..config import Recipe
@@ -109,7 +108,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
 
     with actors_running(system, run_dir, summary, before, wrap_up):
         resume_at = (state["step"], state["sampler_taken"]) if state is not None else None
-        with tqdm(total=cfg.steps, initial=done, desc="SFT", unit="step", dynamic_ncols=True) as bar:
+        with progress(cfg.steps, "SFT", "step", initial=done) as bar:
             records = run_sft(system, cfg, data, renderer, metrics, recipe.seed, bar, held_out=held_out,
                               truncation=truncation, resume_at=resume_at, after_step=after_step,
                               load_state=(str(checkpoints.dir), state["tag"]) if state else None)

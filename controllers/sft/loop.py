@@ -100,9 +100,9 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
         if after_step is not None:
             after_step(step, sampler.taken)
         if progress is not None:
-            progress.update(1)
             shown = {k: f"{record[k]:.3f}" for k in ("probe_pass@1", "eval_loss") if k in record}
-            progress.set_postfix(loss=f"{record['loss']:.3f}", **shown)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", **shown, refresh=False)
+            progress.update(1)
         if stop:
             break
     return records

@@ -4,6 +4,7 @@ Small step counts: these check the plumbing and the artifacts; learning itself i
 the full tiny recipe (README) and by benchmarks/.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,14 @@ def _check_eval_of_run_directory(out):
         assert report["pass@1"] == pytest.approx(sum(sum(d["correct"]) / n for d in details) / problems)
         assert name in proc.stdout
     assert "pass@1" in proc.stdout and str(where) in proc.stdout
+    assert re.search(r"eval \(10 problems\): 32/32 samples \(100%\), problems=10/10 \|", proc.stderr), proc.stderr[-3000:]
+    _check_no_bars(proc)
+
+
+def _check_no_bars(proc):
+    """Output to a pipe, not a terminal: plain progress lines, no bar fragments (ours or the libraries')."""
+    output = proc.stdout + proc.stderr
+    assert "\r" not in output and "it/s]" not in output and "Loading weights" not in output, output[-3000:]
 
 
 @pytest.mark.timeout(900)
@@ -120,6 +129,10 @@ def test_tiny_recipe_end_to_end_hf_backend(tmp_path, tiny_world):
     _check_evaluated_during_training(out, every=2)
     _check_eval_of_run_directory(out)
     assert "eval_after" in proc.stdout
+    _check_no_bars(proc)  # the SFT warm-up stopped by the probe at step 2 of 3; GRPO's last line
+    assert re.search(r"SFT warm-up: 2/3 steps \(67%\), loss=[\d.]+, probe_pass@1=1\.000 \|", proc.stderr)
+    assert re.search(r"GRPO \(max_staleness=\d+\): 3/3 steps \(100%\), reward=[\d.]+, loss=-?[\d.]+, stale=[\d.]+ \|",
+                     proc.stderr), proc.stderr[-3000:]
     sft = [json.loads(line) for line in (out / "sft_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft] == [1, 2] and "probe_pass@1" not in sft[0] and sft[1]["probe_pass@1"] == 1.0
     summary = json.loads((out / "summary.json").read_text())

@@ -1,6 +1,7 @@
 """Exact resume through the CLI: a run whose driver was killed resumes to the same samples as a
 run that was not, and resume errors are named before Ray starts."""
 import json
+import re
 import signal
 import subprocess
 import time
@@ -103,6 +104,8 @@ def test_a_killed_driver_resumes_to_the_samples_of_an_uninterrupted_run(tmp_path
     assert summary["status"] == "completed" and summary["resumed_from_step"] == 8
     records = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
+    progress = re.findall(r"GRPO \(max_staleness=\d+\): (\d+)/12 steps", proc.stderr)  # counted from step 8 on
+    assert progress == ["9", "10", "11", "12"], proc.stderr[-3000:]
     assert {k: v for k, v in _by_step(cut).items() if k <= 10} == want  # steps 9 and 10 redone as before
     # Every checkpoint damaged: refused before anything starts, naming each; the outcome stays.
     for step in ("step-000010", "step-000012"):
