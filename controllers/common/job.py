@@ -29,6 +29,8 @@ from ..config import TINY, ConfigError, Recipe, check_resources, dump, joins_clu
 from . import interrupt
 from .runlog import write_json_atomic
 from .system import GRPO, System
+from .trackers import Trackers, TrackerUnavailable
+from .trackers import check as check_trackers
 
 log = logging.getLogger("r1ray")
 _mirrors: dict[Path, store.Mirror] = {}  # staged run directories being uploaded (open_run -> close_run)
@@ -86,6 +88,42 @@ def run_dir_for(recipe: Recipe) -> Path:
     except OSError as e:
         raise _output_error(candidate, f"cannot be created ({e.strerror})") from None
     return candidate
+
+
+def trackers_ready(recipe: Recipe) -> list[str]:
+    """The trackers a run will start (``logging.trackers``), each checked before anything
+    starts: one that cannot start (not installed, not logged in, its server down) is refused by
+    name with its fix, or with ``logging.on_tracker_error: warn`` left out with a warning."""
+    lc = recipe.logging
+    problems = check_trackers(lc.trackers)
+    if problems and lc.on_tracker_error == "fail":
+        raise ConfigError("; ".join(f"config key 'logging.trackers': {why}" for why in problems.values())
+                          + " (or set logging.on_tracker_error: warn to run without it)")
+    for name, why in problems.items():
+        log.warning("logging.trackers: %s; the run goes on without %s (logging.on_tracker_error: warn)", why, name)
+    return [name for name in lc.trackers if name not in problems]
+
+
+def start_trackers(recipe: Recipe, run_dir: Path, names: list[str]) -> Trackers:
+    """The run's trackers started (continuing the runs a resumed run directory names), the
+    resolved recipe as their parameters."""
+    lc = recipe.logging
+    try:
+        trackers = Trackers.open(names, run_dir, lc.project, lc.run_name, lc.tags, lc.on_tracker_error)
+    except TrackerUnavailable as e:
+        raise ConfigError(str(e)) from None
+    trackers.params(recipe.to_dict())
+    return trackers
+
+
+def end_trackers(trackers: Trackers, run_dir: Path, summary: dict) -> None:
+    """The summary's numbers and the run directory's plots to the trackers, their runs ended;
+    calls that failed are counted in the summary (``tracker_errors``)."""
+    trackers.images(run_dir)
+    trackers.summary(summary)
+    errors = trackers.close()
+    if errors:
+        summary["tracker_errors"] = errors
 
 
 def check_placement(recipe: Recipe, roles: tuple[str, ...]) -> None:

@@ -1,4 +1,5 @@
-"""metrics.jsonl (one object per learner step) and TensorBoard, written as the run goes."""
+"""metrics.jsonl (one object per learner step), written as the run goes, and sent on to the
+run's trackers (controllers/common/trackers.py)."""
 from __future__ import annotations
 
 import errno
@@ -9,28 +10,22 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    """A jsonl file (and TensorBoard) written line by line as the run goes.
+    """A jsonl file written line by line as the run goes, each record also sent to
+    ``trackers`` (when given): as metrics on ``axis`` ("grpo" or "sft" steps), or with ``table``
+    as the rows of a table, one table per step.
 
     Each line goes to the file in one ``os.write``; if that fails part-way (a full disk), the
     file is cut back to its last whole line before the error is raised, so a reader never
     meets half a record. ``count`` is the number of records written."""
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", tensorboard: bool = True,
-                 purge_step: int | None = None):
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", trackers=None, axis: str = "grpo",
+                 table: str | None = None):
         self.path = run_dir / filename
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.count = 0
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.trackers, self.axis, self.table, self.rows = trackers, axis, table, []
 
-                # purge_step: a resumed run drops the events it is about to write again
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
-            except ImportError:
-                self.tb = None
-
-    def write(self, record: dict, prefix: str = "") -> None:
+    def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         data = (json.dumps(clean) + "\n").encode()
         size = os.fstat(self.fd).st_size
@@ -42,19 +37,26 @@ class MetricsWriter:
             os.ftruncate(self.fd, size)
             raise
         self.count += 1
-        if self.tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(prefix + k, v, step)
+        if self.trackers is None:
+            return
+        if self.table is None:
+            self.trackers.log(clean, self.axis)
+            return
+        if self.rows and self.rows[-1].get("step") != clean.get("step"):
+            self._send_table()
+        self.rows.append(clean)
+
+    def _send_table(self) -> None:
+        if self.rows:
+            self.trackers.table(self.table, self.rows, int(self.rows[0].get("step", 0)))
+            self.rows = []
 
     def close(self) -> None:
+        if self.trackers is not None and self.table is not None:
+            self._send_table()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
 
 
 def read_jsonl(path: Path) -> list[dict]:

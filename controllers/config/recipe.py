@@ -285,6 +285,23 @@ class StorageConfig:
     sync_every_s: float = 30.0
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class LoggingConfig:
+    """Where a run's metrics go beside its jsonl files (controllers/common/trackers.py). Each
+    tracker's own settings come from its usual environment variables (WANDB_MODE,
+    WANDB_PROJECT, WANDB_ENTITY, WANDB_API_KEY, MLFLOW_TRACKING_URI, ...); none is ever logged."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "r1ray"  # the W&B project, the MLflow experiment (WANDB_PROJECT overrides it for W&B)
+    run_name: str | None = None  # default: the run directory's name
+    tags: list[str] = field(default_factory=list)
+    # A tracker that cannot start: "fail" refuses the run before anything starts (naming the
+    # tracker and the fix); "warn" goes on without it. A tracker failing mid-run never ends it.
+    on_tracker_error: Literal["fail", "warn"] = "fail"
+
+
 @dataclass
 class Recipe:
     seed: int = 0
@@ -307,6 +324,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     stages: list[StageConfig] = field(default_factory=list)  # r1ray run: distill -> sft -> grpo -> eval
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)

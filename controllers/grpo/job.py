@@ -14,9 +14,12 @@ from ..common.data import PreparedData, PromptRenderer, prepare_data
 from ..common.job import (
     actors_running,
     check_output_dir,
+    end_trackers,
     open_run,
     prepare_model,
     save_interrupted,
+    start_trackers,
+    trackers_ready,
     where,
 )
 from ..common.progress import progress
@@ -190,6 +193,7 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
     t_start = time.perf_counter()
     if resume is None:
         check_output_dir(recipe)
+    tracker_names = trackers_ready(recipe)
     model_path, tiny_dir = prepare_model(recipe)
     inputs = prepare_inputs(recipe, model_path, tiny_dir)
     previous = None
@@ -206,8 +210,9 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
     summary, done_before = continued(run_dir, {"run_dir": str(run_dir), "model": model_path, "status": "running",
                                                "stage": "startup", "data": inputs.data.summary()}, previous)
     system = System(recipe, previous["model_path"] if previous else model_path)
-    metrics = MetricsWriter(run_dir, purge_step=previous["step"] + 1 if previous else None)
-    sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", tensorboard=False)
+    trackers = start_trackers(recipe, run_dir, tracker_names)
+    metrics = MetricsWriter(run_dir, trackers=trackers)
+    sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", trackers=trackers, axis="sft")
     checkpoints = Checkpoints(run_dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep_last)
 
     def wrap_up() -> bool:
@@ -219,6 +224,7 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
         sft_metrics.close()
         if summary["status"] == "interrupted" and recipe.checkpoint.on_interrupt and summary["stage"] in ("sft", "grpo"):
             save_interrupted(system, run_dir, summary)
+        end_trackers(trackers, run_dir, summary)
         return metrics.count > 0 or sft_metrics.count > 0
 
     with actors_running(system, run_dir, summary, previous["summary"] if previous else None, wrap_up):
@@ -230,8 +236,8 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
         summary["stage"] = "grpo"
         system.learners.run_all(LearnerRank.start_phase, recipe.learner.optim.lr, recipe.learner.optim.warmup_steps)
         resume_state = restore(system, checkpoints, previous, run_dir)
-        completions_log = MetricsWriter(run_dir, "completions.jsonl", tensorboard=False)
-        samples_log = MetricsWriter(run_dir, "samples.jsonl", tensorboard=False)
+        completions_log = MetricsWriter(run_dir, "completions.jsonl", trackers=trackers, table="completions")
+        samples_log = MetricsWriter(run_dir, "samples.jsonl")
         driver = GrpoDriver(system, recipe, inputs.data, inputs.renderer, metrics, completions_log=completions_log,
                             samples_log=samples_log, checkpoints=checkpoints, resume=resume_state,
                             benchmark_step=benchmarks(system, recipe, inputs.tasks, run_dir) if inputs.tasks else None)

@@ -24,7 +24,16 @@ from pathlib import Path
 from ...actors.learner import LearnerRank
 from ..common.checkpoint import Checkpoints, tag_for
 from ..common.data import PreparedData, PromptRenderer, load_dataset_dict, prepare_data
-from ..common.job import actors_running, check_output_dir, open_run, prepare_model, where
+from ..common.job import (
+    actors_running,
+    check_output_dir,
+    end_trackers,
+    open_run,
+    prepare_model,
+    start_trackers,
+    trackers_ready,
+    where,
+)
 from ..common.progress import progress
 from ..common.runlog import MetricsWriter, read_json, truncate_jsonl
 from ..common.system import SFT, System
@@ -61,6 +70,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
                           "(passes over the training conversations)")
     if resume is None:
         check_output_dir(recipe)
+    tracker_names = trackers_ready(recipe)
     model_path, tiny_dir = prepare_model(recipe)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     checked = sft_only(recipe)
@@ -87,7 +97,8 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
                      "data": data.summary(), "steps": cfg.steps, **({"resumed_from_step": done} if done else {})}
     log.info("run directory: %s (SFT, %d steps%s)", where(run_dir), cfg.steps, f", from step {done}" if done else "")
     system = System(recipe, model_path, SFT)
-    metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", purge_step=done + 1 if done else None)
+    trackers = start_trackers(recipe, run_dir, tracker_names)
+    metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", trackers=trackers, axis="sft")
     truncation = Truncation(**state["truncation"]) if state else Truncation()
     records: list[dict] = []
 
@@ -104,6 +115,7 @@ def sft_job(recipe: Recipe, resume: Path | None = None) -> dict:
         checkpoints.settle(system.learners)  # on object storage: uploads still in progress
         summary.update(sft_report(records, truncation, done + metrics.count), wall_s=time.perf_counter() - t_start)
         metrics.close()
+        end_trackers(trackers, run_dir, summary)
         return metrics.count > 0
 
     with actors_running(system, run_dir, summary, before, wrap_up):

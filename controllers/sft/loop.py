@@ -95,7 +95,7 @@ def run_sft(system: System, cfg: SftConfig, data: PreparedData, renderer: Prompt
             stop = record["probe_pass@1"] >= cfg.stop_at_pass_rate
         if held_out and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or stop):
             record["eval_loss"] = held_out_loss(system, held_out, cfg)
-        metrics.write(record, prefix="sft/")
+        metrics.write(record)
         records.append(record)
         if after_step is not None:
             after_step(step, sampler.taken)

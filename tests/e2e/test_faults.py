@@ -234,7 +234,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 run = Path({str(tmp_path)!r})
 write_json_atomic(run / "summary.json", {{"status": "running"}})
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
-w = MetricsWriter(run, tensorboard=False)
+w = MetricsWriter(run)
 n = 0
 try:
     while True:
