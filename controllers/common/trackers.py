@@ -152,7 +152,7 @@ class TensorBoardTracker(Tracker):
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
 
     def log(self, metrics, step, axis):
-        prefix = "" if axis == "grpo" else f"{axis}/"
+        prefix = f"{axis}/"  # grpo/loss, sft/loss: the tags TensorBoard always had
         for k, v in metrics.items():
             self.writer.add_scalar(k if k.startswith(prefix) else prefix + k, v, step)
 
@@ -221,9 +221,10 @@ _MLFLOW_NAME = re.compile(r"[^/\w.\- :]")
 
 
 def mlflow_key(key: str) -> str:
-    """MLflow's metric and parameter names allow letters, digits, ``_ - . / :`` and spaces:
-    ``eval/aime/pass@1`` becomes ``eval/aime/pass_at_1``."""
-    return _MLFLOW_NAME.sub("_", key.replace("@", "_at_"))
+    """MLflow's names allow letters, digits, ``_ - . / :`` and spaces, and its file store makes
+    each ``/`` a folder (so ``samples`` and ``samples/masked_truncated`` cannot both exist):
+    ``eval/aime/pass@1`` becomes ``eval.aime.pass_at_1``."""
+    return _MLFLOW_NAME.sub("_", key.replace("@", "_at_").replace("/", "."))
 
 
 class MlflowTracker(Tracker):

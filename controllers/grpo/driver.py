@@ -161,7 +161,7 @@ class GrpoDriver:
                 record.update(self.benchmark_step(record["step"], self.rewards.dropped))
                 record["time/eval_s"] = time.perf_counter() - t0
                 self.inflight.postpone(record["time/eval_s"])
-            self.metrics.write(record, prefix="grpo/")
+            self.metrics.write(record)
             self.ray_metrics.record(record)
             self.records.append(record)
             if version in self.saving:  # the step's record is written: the checkpoint may be committed

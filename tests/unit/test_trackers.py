@@ -80,8 +80,9 @@ def test_every_metric_reaches_wandb_and_mlflow_at_its_step_with_config_tables_an
     assert {"tiny", "cpu"} <= set(run.data.tags)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
         (1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "sft/loss")] == [(1, 1.0), (2, 0.5)]
-    assert [m.step for m in client.get_metric_history(run_id, "eval/heldout/pass_at_1")] == [1, 2, 3]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "sft.loss")] == [(1, 1.0), (2, 0.5)]
+    assert [m.step for m in client.get_metric_history(run_id, "eval.heldout.pass_at_1")] == [1, 2, 3]
+    assert [m.value for m in client.get_metric_history(run_id, "reward.mean")] == [0.1, 0.2, 0.3]
     assert run.data.params["learner.optim.lr"] == "1e-06" and run.data.params["learner.zero_stage"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "completions")}
@@ -93,7 +94,7 @@ def test_every_metric_reaches_wandb_and_mlflow_at_its_step_with_config_tables_an
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss")] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("grpo/loss")] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert [e.step for e in events.Scalars("sft/loss")] == [1, 2]
 
     # No key from the environment anywhere in what the trackers wrote
@@ -137,7 +138,7 @@ def test_a_tracker_that_fails_mid_run_is_counted_and_warned_about_once(local_tra
     assert len(warned) == 1 and "the run goes on" in warned[0].getMessage()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert [e.step for e in EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("grpo/loss")] == [1, 2, 3, 4, 5]
 
 
 def test_trackers_that_cannot_start_are_named_with_their_fix(tmp_path, monkeypatch, caplog):
@@ -168,6 +169,6 @@ def test_trackers_that_cannot_start_are_named_with_their_fix(tmp_path, monkeypat
 
 
 def test_metric_names_mlflow_accepts():
-    assert mlflow_key("eval/aime24/pass@1") == "eval/aime24/pass_at_1"
-    assert mlflow_key("reward/accuracy/mean") == "reward/accuracy/mean"
-    assert mlflow_key("time/step_s (p50)") == "time/step_s _p50_"
+    assert mlflow_key("eval/aime24/pass@1") == "eval.aime24.pass_at_1"
+    assert mlflow_key("reward/accuracy/mean") == "reward.accuracy.mean"
+    assert mlflow_key("time/step_s (p50)") == "time.step_s _p50_"
