@@ -285,9 +285,6 @@ class StorageConfig:
     sync_every_s: float = 30.0
 
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-
-
 @dataclass
 class LoggingConfig:
     """Where a run's metrics go beside its jsonl files (controllers/common/trackers.py). Each
