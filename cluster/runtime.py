@@ -41,25 +41,31 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def unreachable(host: str, port: int, timeout_s: float, retry: bool = False) -> str | None:
+    """None when something listens at ``host:port`` within ``timeout_s``; else why not (the
+    socket's error). ``retry``: try again every 0.5 s until the deadline (a server starting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+                return None
+        except OSError as e:
+            why = e.strerror or str(e)
+        if not retry or time.monotonic() >= deadline:
+            return why
+        time.sleep(0.5)
+
+
 def check_reachable(address: str, timeout_s: float) -> None:
     """Fail within ``timeout_s`` when nothing listens at ``address`` (Ray itself retries for
     minutes, printing only reconnect warnings)."""
     target = _host_port(address)
-    if target is None:
-        return
-    deadline, last = time.monotonic() + timeout_s, None
-    while True:
-        try:
-            with socket.create_connection(target, timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
-                return
-        except OSError as e:
-            last = e
-        if time.monotonic() >= deadline:
-            raise ClusterUnreachable(
-                f"cannot reach the Ray cluster at {address!r} within {timeout_s:g} s ({last.strerror or last}); "
-                "accepted: the address of a running head node (`ray start --head` prints it; set by "
-                "RAY_ADDRESS, ray.address or --address), or none to start a local Ray")
-        time.sleep(0.5)
+    why = target and unreachable(*target, timeout_s, retry=True)
+    if why:
+        raise ClusterUnreachable(
+            f"cannot reach the Ray cluster at {address!r} within {timeout_s:g} s ({why}); "
+            "accepted: the address of a running head node (`ray start --head` prints it; set by "
+            "RAY_ADDRESS, ray.address or --address), or none to start a local Ray")
 
 
 def job_runtime_env() -> dict:

@@ -419,13 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 print(f"r1ray: invalid config: {problem}", file=sys.stderr)
                 return 2
-            from .common.job import trackers_ready
+        from .common.job import trackers_ready
 
-            try:
-                print(f"trackers: {', '.join(trackers_ready(recipe)) or 'none'}")
-            except ConfigError as e:
-                print(f"r1ray: invalid config: {e}", file=sys.stderr)
-                return 2
+        try:
+            print(f"trackers: {', '.join(trackers_ready(recipe)) or 'none'}")
+        except ConfigError as e:
+            print(f"r1ray: invalid config: {e}", file=sys.stderr)
+            return 2
         if not args.skip_data and args.distill:
             from .distill.job import load_prompts, teacher
 

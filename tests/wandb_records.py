@@ -60,3 +60,18 @@ def config(run_dir: Path) -> dict:
 
 def run_ids(run_dir: Path) -> list[str]:
     return [r.run.run_id for f in run_files(run_dir) for r in records(f) if r.WhichOneof("record_type") == "run"]
+
+
+def run_records(run_dir: Path) -> list:
+    """The ``run`` record of each offline run (its id, name, job_type, run_group, tags)."""
+    return [r.run for f in run_files(run_dir) for r in records(f) if r.WhichOneof("record_type") == "run"]
+
+
+def summary(run_dir: Path) -> dict:
+    """The summary the runs of ``run_dir`` ended with (later updates over earlier ones)."""
+    out: dict = {}
+    for f in run_files(run_dir):
+        for r in records(f):
+            if r.WhichOneof("record_type") == "summary":
+                out.update(_items(r.summary.update))
+    return out

@@ -27,6 +27,7 @@ from ...actors import storage as store
 from ...actors.learner import LearnerRank
 from ..config import TINY, ConfigError, Recipe, check_resources, dump, joins_cluster
 from . import interrupt
+from .plots import draw_curves
 from .runlog import write_json_atomic
 from .system import GRPO, System
 from .trackers import Trackers, TrackerUnavailable
@@ -104,21 +105,28 @@ def trackers_ready(recipe: Recipe) -> list[str]:
     return [name for name in lc.trackers if name not in problems]
 
 
-def start_trackers(recipe: Recipe, run_dir: Path, names: list[str]) -> Trackers:
-    """The run's trackers started (continuing the runs a resumed run directory names), the
-    resolved recipe as their parameters."""
+def start_trackers(recipe: Recipe, run_dir: Path, names: list[str], job_type: str = "train",
+                   run_name: str | None = None, group: str | None = None, params: dict | None = None) -> Trackers:
+    """The job's trackers started (continuing the runs a resumed run directory names), the
+    resolved recipe (and ``params``) as their parameters. ``job_type``: train, eval or distill;
+    ``run_name``: the name when ``logging.run_name`` is unset (else the directory's name);
+    ``group``: the training run an evaluation belongs to."""
     lc = recipe.logging
     try:
-        trackers = Trackers.open(names, run_dir, lc.project, lc.run_name, lc.tags, lc.on_tracker_error)
+        trackers = Trackers.open(names, run_dir, lc.project, lc.run_name or run_name, lc.tags, lc.on_tracker_error,
+                                 job_type=job_type, group=group)
     except TrackerUnavailable as e:
         raise ConfigError(str(e)) from None
-    trackers.params(recipe.to_dict())
+    trackers.params({**recipe.to_dict(), **(params or {})})
     return trackers
 
 
-def end_trackers(trackers: Trackers, run_dir: Path, summary: dict) -> None:
-    """The summary's numbers and the run directory's plots to the trackers, their runs ended;
-    calls that failed are counted in the summary (``tracker_errors``)."""
+def end_trackers(trackers: Trackers, run_dir: Path, summary: dict, curves: bool = True) -> None:
+    """The run's curves drawn (``curves``: curves.png, sft_curves.png), the summary's numbers
+    and the run directory's plots to the trackers, their runs ended; calls that failed are
+    counted in the summary (``tracker_errors``)."""
+    if curves:
+        draw_curves(run_dir)
     trackers.images(run_dir)
     trackers.summary(summary)
     errors = trackers.close()

@@ -23,10 +23,10 @@ import math
 import netrc
 import os
 import re
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ...cluster.runtime import unreachable
 from .runlog import read_json, write_json_atomic
 
 log = logging.getLogger("r1ray.trackers")
@@ -62,11 +62,8 @@ def _reachable(url: str, timeout_s: float) -> str | None:
     """None when something listens at ``url``'s host and port; else why not."""
     parts = urlparse(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
-            return None
-    except OSError as e:
-        return f"{parts.hostname}:{port} does not answer within {timeout_s:g} s ({e.strerror or e})"
+    why = unreachable(parts.hostname, port, timeout_s)
+    return f"{parts.hostname}:{port} does not answer within {timeout_s:g} s ({why})" if why else None
 
 
 def _check_wandb(timeout_s: float) -> str | None:
@@ -178,13 +175,15 @@ class TensorBoardTracker(Tracker):
 class WandbTracker(Tracker):
     name = "wandb"
 
-    def __init__(self, run_dir: Path, project: str, run_name: str, tags: list[str], run_id: str | None):
+    def __init__(self, run_dir: Path, project: str, run_name: str, tags: list[str], run_id: str | None,
+                 job_type: str = "train", group: str | None = None):
         import wandb
 
         self.wandb = wandb
         # WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, ... apply as wandb reads them; the run's files
         # go under the run directory (wandb/), so they live where the run lives.
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or project, name=run_name, tags=tags or None,
+                              job_type=job_type, group=os.environ.get("WANDB_RUN_GROUP") or group,
                               dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
                               settings=wandb.Settings(console="off", silent=True))
         self.run_id = self.run.id
@@ -230,7 +229,8 @@ def mlflow_key(key: str) -> str:
 class MlflowTracker(Tracker):
     name = "mlflow"
 
-    def __init__(self, run_dir: Path, project: str, run_name: str, tags: list[str], run_id: str | None):
+    def __init__(self, run_dir: Path, project: str, run_name: str, tags: list[str], run_id: str | None,
+                 job_type: str = "train", group: str | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -238,7 +238,8 @@ class MlflowTracker(Tracker):
         if run_id is None:
             experiment = self.client.get_experiment_by_name(project)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
-            run = self.client.create_run(experiment_id, run_name=run_name, tags={t: "true" for t in tags})
+            labels = {t: "true" for t in tags} | {"r1ray.job_type": job_type} | ({"r1ray.group": group} if group else {})
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=labels)
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -271,7 +272,9 @@ class MlflowTracker(Tracker):
         self.client.log_artifact(self.run_id, str(path), "plots")
 
     def summary(self, data):
+        # MLflow has no summary: its numbers also as metrics (summary.*), so runs sort and compare by them
         self.client.log_dict(self.run_id, data, "summary.json")
+        self.log({f"summary/{k}": v for k, v in data.items()}, 0, "grpo")
 
     def close(self):
         self.client.set_terminated(self.run_id)
@@ -290,10 +293,12 @@ class Trackers:
 
     @classmethod
     def open(cls, names: list[str], run_dir: Path, project: str, run_name: str | None = None,
-             tags: list[str] | None = None, on_error: str = "fail") -> Trackers:
+             tags: list[str] | None = None, on_error: str = "fail", job_type: str = "train",
+             group: str | None = None) -> Trackers:
         """Start each named tracker for ``run_dir`` (continuing the runs of its trackers.json).
         ``on_error`` "fail": a tracker that cannot start raises TrackerUnavailable; "warn": the
-        run goes on without it."""
+        run goes on without it. ``job_type`` (train, eval, distill) and ``group`` (the training
+        run an evaluation belongs to) label the run: W&B's job_type and group, MLflow tags."""
         state = read_json(run_dir / STATE) or {}
         ids, run_name = state.get("runs", {}), run_name or run_dir.name
         started = []
@@ -302,9 +307,11 @@ class Trackers:
                 if name == "tensorboard":
                     started.append(TensorBoardTracker(run_dir))
                 elif name == "wandb":
-                    started.append(WandbTracker(run_dir, project, run_name, list(tags or []), ids.get(name)))
+                    started.append(WandbTracker(run_dir, project, run_name, list(tags or []), ids.get(name),
+                                                job_type, group))
                 elif name == "mlflow":
-                    started.append(MlflowTracker(run_dir, project, run_name, list(tags or []), ids.get(name)))
+                    started.append(MlflowTracker(run_dir, project, run_name, list(tags or []), ids.get(name),
+                                                 job_type, group))
                 else:
                     raise ValueError(f"unknown tracker {name!r}")
             except Exception as e:  # noqa: BLE001 - whatever the tracker raised, named
@@ -362,6 +369,8 @@ class Trackers:
     def summary(self, summary: dict) -> None:
         flat = {k: v for k, v in flatten(summary).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if not flat:
+            return  # a job that ended before it had numbers
         self._each("summary", lambda t: t.summary(flat))
 
     def close(self) -> dict[str, int]:

@@ -369,19 +369,42 @@ def this_run(done: dict[int, dict], failed: dict[int, dict], since: float, until
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def sample_table(done: dict[int, dict], source, prompt_col: str, limit: int = 20) -> list[dict]:
+    """The first ``limit`` rows done, one table row each: the prompt, the first generation with
+    its finish reason, extracted answer and verdict (None when the data has no answers)."""
+    rows = []
+    for r in sorted(r for r in done if r < len(source))[:limit]:
+        rec = done[r]
+        gens = rec.get("generations") or [""]
+        rows.append({"row": r, "prompt": str(source[r][prompt_col]), "generation": gens[0],
+                     "finish_reason": (rec.get("finish_reasons") or [None])[0],
+                     "answer": (rec.get("answers") or [None])[0], "correct": (rec.get("correct") or [None])[0],
+                     "generations": len(gens), "completion_tokens": rec.get("completion_tokens")})
+    return rows
+
+
 def distill_job(recipe: Recipe) -> dict:
     """The whole ``r1ray distill`` job; returns the summary (also in summary.json)."""
     import datasets
 
     datasets.disable_progress_bars()  # a bar per small save otherwise; the pipeline logs its progress
     from ...cluster import runtime
-    from ..common.job import check_output_dir, connect, ended, signals_ignored
+    from ..common.job import (
+        check_output_dir,
+        connect,
+        end_trackers,
+        ended,
+        signals_ignored,
+        start_trackers,
+        trackers_ready,
+    )
     from ..common.system import DISTILL
 
     t_start = time.perf_counter()
     d = recipe.distill
     out = Path(recipe.output_dir).expanduser().resolve()  # absolute: the pipeline's actors write there
     check_output_dir(recipe)
+    tracker_names = trackers_ready(recipe)
     key = api_key(recipe)
     secrets = [key] if key else []
     model_name, served, tiny_dir = teacher(recipe)
@@ -400,6 +423,7 @@ def distill_job(recipe: Recipe) -> dict:
     mirror = store.Mirror(out, recipe.storage.sync_every_s)  # on object storage: the journal uploaded as it grows
     if cut:
         log.warning("journal.jsonl: a last line cut short by a kill (%d bytes) was removed", cut)
+    trackers = start_trackers(recipe, out, tracker_names, "distill")  # a continued dataset: the same tracker run
     summary: dict = {"output_dir": str(out), "status": "running", "teacher": model_name,
                      "endpoint": "self-hosted vLLM" if d.serve else d.base_url, "rows": n_rows,
                      "already_done": n_rows - len(pending), "retrying_failed": sum(1 for r in failed if r < n_rows)}
@@ -443,6 +467,9 @@ def distill_job(recipe: Recipe) -> dict:
                 summary["status"] = "completed" if not report["rows_failed"] and not report["rows_pending"] \
                     else "incomplete"
             summary["wall_s"] = round(time.perf_counter() - t_start, 2)
+            rows = sample_table(done_all, source, prompt_col)
+            trackers.table("distilled/samples", json.loads(scrub(json.dumps(rows, default=str), secrets)), step=0)
+            end_trackers(trackers, out, summary, curves=False)  # the numbers only: no text reaches a tracker
             write_json_atomic(out / "summary.json", json.loads(scrub(json.dumps(summary, default=str), secrets)))
             mirror.close()
     return summary

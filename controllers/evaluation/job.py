@@ -21,7 +21,7 @@ from ..common.system import EVALUATE, System
 from ..config import TINY, EvalTaskConfig, Recipe
 from ..config.schema import ConfigError, build
 from ..config.storage import resolve_run_path
-from .evaluator import Evaluator, write_results
+from .evaluator import Evaluator, metrics_of, write_results
 from .tasks import load_tasks
 
 log = logging.getLogger("r1ray")
@@ -105,14 +105,37 @@ def run_recipe(run_dir: Path) -> Recipe:
     return build(Recipe, yaml.safe_load((run_dir / "config.yaml").read_text()))
 
 
+SAMPLE_ROWS = 100  # problems per task in the trackers' table
+
+
+def sample_table(problems: list[dict], limit: int = SAMPLE_ROWS) -> list[dict]:
+    """The first ``limit`` problems of a task as table rows: the prompt, the gold answer, the
+    first completion with its answer and verdict, and how many of the samples were right."""
+    def text(prompt) -> str:  # a chat prompt as its turns, one per line
+        return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+    return [{"prompt": text(p["prompt"]), "gold": p["gold"], "completion": p["completions"][0] if p["completions"] else "",
+             "answer": p["answers"][0] if p["answers"] else None, "correct": bool(p["correct"] and p["correct"][0]),
+             "correct_samples": f"{sum(p['correct'])}/{len(p['correct'])}"} for p in problems[:limit]]
+
+
+def report_to_trackers(trackers, results: dict[str, dict], wall_s: float) -> dict:
+    """Each task's first problems as a table; returns the numbers for the tracker run's summary
+    (``eval/<task>/pass@1``, ..., as training steps name them)."""
+    for name, entry in results.items():
+        trackers.table(f"eval/{name}/samples", sample_table(entry["problems"]), step=0)
+    return {**metrics_of(results), "wall_s": wall_s}
+
+
 def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     """The whole ``r1ray eval`` job; returns the combined results (also in results.json)."""
     from transformers import AutoTokenizer
 
     from ...cluster import runtime
-    from ..common.job import connect, prepare_model
+    from ..common.job import connect, end_trackers, prepare_model, start_trackers, trackers_ready
 
     t0 = time.perf_counter()
+    tracker_names = trackers_ready(recipe)
     model_path, tiny_dir = prepare_model(recipe)
     run_dir = None
     if checkpoint is not None:
@@ -130,15 +153,28 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
     connect(recipe, EVALUATE)
     interrupt.install()
     system = System(recipe, model_path, EVALUATE)
+    # The tracker run: eval-<run>-<checkpoint> (or eval-<model>), grouped with the training run
+    group = (trained_on.logging.run_name or run_dir.name) if run_dir else None
+    label = f"{group}-{Path(model_path).name}" if group else Path(model_path.rstrip("/")).name
+    trackers, numbers = None, {}
     try:
+        trackers = start_trackers(recipe, out_dir, tracker_names, "eval", f"eval-{label}", group,
+                                  {"checkpoint": model_path})
         system.start()
         total = sum(len(t.prompts) * t.num_samples for t in tasks)
         with progress(total, f"eval ({sum(len(t.prompts) for t in tasks)} problems)", "sample") as bar:
             results = Evaluator(system, tasks, recipe.eval.sampling, recipe.eval.k).run(progress=bar)
         combined = write_results(results, out_dir, model_path)
-        store.push(out_dir)  # on object storage: the reports uploaded
+        numbers = report_to_trackers(trackers, results, time.perf_counter() - t0)
+        end_trackers(trackers, out_dir, numbers, curves=False)  # failed calls: numbers["tracker_errors"]
+        trackers = None
+        store.push(out_dir)  # on object storage: the reports (and the trackers' files) uploaded
     finally:
         system.shutdown()
         runtime.stop()
+        if trackers is not None:  # stopped or failed: the tracker runs ended all the same
+            end_trackers(trackers, out_dir, numbers, curves=False)
     combined.update(output_dir=str(out_dir), wall_s=time.perf_counter() - t0)
+    if "tracker_errors" in numbers:
+        combined["tracker_errors"] = numbers["tracker_errors"]
     return combined

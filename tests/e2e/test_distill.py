@@ -134,14 +134,19 @@ def _files_text(root: Path) -> str:
 
 
 @pytest.mark.timeout(900)
-def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_feeds_sft(tmp_path, tiny_world):
+def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_feeds_sft(tmp_path, tiny_world,
+                                                                                        monkeypatch):
     faults = {PROBLEMS[1]["problem"]: ["429", "500"], PROBLEMS[2]["problem"]: ["hang"],
               PROBLEMS[3]["problem"]: ["malformed"], PROBLEMS[4]["problem"]: "always-500"}
     fake = FakeOpenAI(_answer, key=KEY, faults=faults, hang_s=3.0)
     data, out = _data(tmp_path), tmp_path / "traces"
+    trackers = ("--set", "logging.trackers=[wandb, mlflow]")  # W&B offline, MLflow on a local store
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true",
+           "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()}
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's client too
     try:
         proc = _distill(out, data, fake.url, "--set", "distill.retries=2", "--set", "distill.timeout=2",
-                        "--set", "distill.test_size=2")
+                        "--set", "distill.test_size=2", *trackers, env=env)
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]  # row 4 kept failing
         assert "row 4 failed: InternalServerError from " + fake.url in proc.stderr
         assert "run the same command again to retry them" in proc.stderr
@@ -153,7 +158,7 @@ def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_fee
         assert summary["this_run"]["requests"] == 11 and summary["this_run"]["requests_per_s"] > 0
         # The key: not in any file written, not in what the command printed, not in Ray's logs.
         session_logs = Path("/tmp/ray/session_latest/logs")
-        for text in (_files_text(out), proc.stdout, proc.stderr,
+        for text in (_files_text(out), _files_text(tmp_path / "mlruns"), proc.stdout, proc.stderr,
                      _files_text(session_logs) if session_logs.exists() else ""):
             assert KEY not in text
         assert "TEACHER_KEY" in (out / "config.yaml").read_text()  # the variable's name is what is kept
@@ -162,7 +167,7 @@ def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_fee
         fake.faults.pop(PROBLEMS[4]["problem"])
         before = {p["problem"]: len(fake.requests_for(p["problem"])) for p in PROBLEMS}
         proc = _distill(out, data, fake.url, "--set", "distill.retries=2", "--set", "distill.timeout=2",
-                        "--set", "distill.test_size=2")
+                        "--set", "distill.test_size=2", *trackers, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         after = {p["problem"]: len(fake.requests_for(p["problem"])) for p in PROBLEMS}
         assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {PROBLEMS[4]["problem"]: 1}
@@ -181,6 +186,9 @@ def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_fee
                                      {"role": "assistant", "content": _answer(PROBLEMS[0]["problem"], 0)}]
         odd = [r for r in ds["train"] if r["source_row"] % 2]
         assert odd and all(r["generation_index"] == 1 for r in odd)  # the right one of the two
+
+        # The trackers: one run continued by the second invocation, its summary the dataset's counts
+        _check_distill_trackers(out, tmp_path / "mlruns", summary)
     finally:
         fake.close()
 
@@ -193,6 +201,26 @@ def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_fee
     summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == 3 and "final_eval_loss" in summary
     assert (tmp_path / "sft" / "checkpoint-sft" / "config.json").exists()
+
+
+def _check_distill_trackers(out: Path, mlruns: Path, summary: dict) -> None:
+    import mlflow
+    import wandb_records
+
+    ids = json.loads((out / "trackers.json").read_text())["runs"]
+    records = wandb_records.run_records(out)
+    assert [(r.run_id, r.job_type, r.display_name) for r in records] == [(ids["wandb"], "distill", "traces")] * 2
+    logged = wandb_records.summary(out)
+    assert (logged["rows_done"], logged["kept"], logged["this_run.rows_done"]) == (12, summary["kept"], 1)
+    table = next(r for r in wandb_records.history(out) if "distilled/samples/_type" in r)
+    assert table["distilled/samples/nrows"] == 11  # the first invocation's (the second logs its own)
+    client = mlflow.MlflowClient(mlruns.as_uri())
+    run = client.get_run(ids["mlflow"])
+    assert run.data.tags["r1ray.job_type"] == "distill" and run.data.params["distill.api_key_env"] == "TEACHER_KEY"
+    assert [m.value for m in client.get_metric_history(ids["mlflow"], "summary.rows_done")] == [11, 12]
+    rows = json.loads(open(client.download_artifacts(ids["mlflow"], "distilled/samples/step-0.json",
+                                                     str(out.parent))).read())
+    assert [r[rows["columns"].index("row")] for r in rows["data"]] == list(range(12))
 
 
 @pytest.mark.timeout(600)

@@ -68,6 +68,29 @@ def test_a_run_logs_to_every_tracker_at_its_steps_and_a_resume_continues_the_sam
     assert [r["step"] for r in wandb_records.history(out) if "loss" in r and "step" in r] == list(range(1, 7))
     assert [m.step for m in client.get_metric_history(ids["mlflow"], "loss")] == list(range(1, 7))
     assert yaml.safe_load((out / "config.yaml").read_text())["logging"]["trackers"] == ["tensorboard", "wandb", "mlflow"]
+    assert (out / "curves.png").is_file() and (out / "sft_curves.png").is_file()  # redrawn whole by the resume
+    assert {a.path for a in client.list_artifacts(ids["mlflow"], "plots")} == {"plots/curves.png", "plots/sft_curves.png"}
+
+    # r1ray eval of the run directory: its own tracker run (job_type eval) in the run's group
+    proc = r1ray_cli.run("eval", "--checkpoint", out, "--tasks", "heldout", "--limit", "4", extra_env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    where = out / "eval" / "checkpoint-final"
+    report = json.loads((where / "results.json").read_text())["tasks"]["heldout"]
+    (record,) = wandb_records.run_records(where)
+    assert (record.job_type, record.run_group, record.display_name) == ("eval", "run", "eval-run-checkpoint-final")
+    logged = wandb_records.summary(where)
+    assert logged["eval/heldout/pass@1"] == report["pass@1"] and logged["eval/heldout/answered"] == report["answered"]
+    table = next(r for r in wandb_records.history(where) if "eval/heldout/samples/_type" in r)
+    assert table["eval/heldout/samples/nrows"] == 4
+    eval_id = json.loads((where / "trackers.json").read_text())["runs"]["mlflow"]
+    run = client.get_run(eval_id)
+    assert run.data.tags["r1ray.job_type"] == "eval" and run.data.tags["r1ray.group"] == "run"
+    assert run.data.metrics["summary.eval.heldout.pass_at_1"] == pytest.approx(report["pass@1"])
+    assert run.data.params["checkpoint"] == str(out / "checkpoint-final")
+    samples = client.download_artifacts(eval_id, "eval/heldout/samples/step-0.json", str(tmp_path))
+    details = [json.loads(line) for line in (where / "heldout.details.jsonl").read_text().splitlines()]
+    assert [row[:2] for row in json.loads(open(samples).read())["data"]] == [
+        ["\n".join(f"{m['role']}: {m['content']}" for m in d["prompt"]), d["gold"]] for d in details]
 
 
 def test_a_tracker_that_cannot_start_is_refused_before_anything_starts(tmp_path, tiny_world):
@@ -84,3 +107,6 @@ def test_a_tracker_that_cannot_start_is_refused_before_anything_starts(tmp_path,
     proc = r1ray_cli.run("check", *args, "--skip-data", "--set", "logging.on_tracker_error=warn", extra_env=env,
                          timeout=300)
     assert proc.returncode == 0 and "trackers: tensorboard" in proc.stdout and "wandb is not logged in" in proc.stderr
+    proc = r1ray_cli.run("eval", *args, "--checkpoint", tiny_world / "model", "--tasks", "heldout",
+                         "--output-dir", tmp_path / "eval", extra_env=env, timeout=300)
+    assert proc.returncode == 2 and "wandb is not logged in" in proc.stderr and not (tmp_path / "eval").exists()

@@ -172,3 +172,36 @@ def test_metric_names_mlflow_accepts():
     assert mlflow_key("eval/aime24/pass@1") == "eval.aime24.pass_at_1"
     assert mlflow_key("reward/accuracy/mean") == "reward.accuracy.mean"
     assert mlflow_key("time/step_s (p50)") == "time.step_s _p50_"
+
+
+def test_a_jobs_curves_reach_every_tracker_as_images_with_its_labels_and_summary(local_trackers):
+    from r1ray.controllers.common.job import end_trackers
+
+    run_dir = local_trackers
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.1 * s, "reward/mean": s / 10}) + "\n" for s in range(1, 4)))
+    (run_dir / "sft_metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    trackers = Trackers.open(["tensorboard", "wandb", "mlflow"], run_dir, "r1ray-tests", job_type="eval",
+                             group="tiny-run")
+    summary = {"eval/heldout/pass@1": 0.5, "wall_s": 3.0, "status": "completed"}
+    end_trackers(trackers, run_dir, summary)
+    assert "tracker_errors" not in summary and (run_dir / "curves.png").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert set(events.Tags()["images"]) == {"curves", "sft_curves"}
+
+    rows = wandb_records.history(run_dir)
+    assert sorted(k for r in rows for k, v in r.items() if k.endswith("/_type") and v == "image-file") == [
+        "curves/_type", "sft_curves/_type"]
+    (run,) = wandb_records.run_records(run_dir)
+    assert (run.job_type, run.run_group, run.display_name) == ("eval", "tiny-run", "tiny")
+    assert wandb_records.summary(run_dir)["eval/heldout/pass@1"] == 0.5
+
+    client, run_id = _mlflow(run_dir)
+    tags = client.get_run(run_id).data.tags
+    assert (tags["r1ray.job_type"], tags["r1ray.group"]) == ("eval", "tiny-run")
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/curves.png", "plots/sft_curves.png"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "summary.eval.heldout.pass_at_1")] == [
+        (0, 0.5)]
