@@ -1,4 +1,5 @@
-"""Advantage estimators: GRPO's group baseline, RLOO's leave-one-out baseline, REINFORCE++.
+"""Advantage estimators: GRPO's group baseline, RLOO's leave-one-out baseline, REINFORCE++,
+and on-policy distillation's per-token reverse KL to a teacher.
 
 Pure tensor functions. Rewards of one prompt's G completions are consecutive rows. With
 ``kl_in_reward`` the driver passes each completion's per-token KL to the reference (estimated
@@ -49,6 +50,34 @@ def reinforce_pp_advantages(returns: torch.Tensor, mask: torch.Tensor, eps: floa
     values = returns[m]
     std = values.std(unbiased=True) if values.numel() > 1 else values.new_tensor(0.0)
     return (returns - values.mean()) / (std + eps) * mask
+
+
+def reverse_kl(logprobs: Sequence[float], teacher_logprobs: Sequence[float],
+               mask: Sequence[int] | None = None) -> list[float]:
+    """Per sampled token, log pi_student - log pi_teacher: the single-sample estimate of the
+    reverse KL(student || teacher) the student's own samples give (0 on tokens out of the loss,
+    a tool turn's). Positive where the student is surer of its token than the teacher."""
+    if len(logprobs) != len(teacher_logprobs):
+        raise ValueError(f"{len(logprobs)} student and {len(teacher_logprobs)} teacher log-probs: one each per "
+                         "completion token")
+    mask = [1] * len(logprobs) if mask is None else mask
+    return [(s - t) if m else 0.0 for s, t, m in zip(logprobs, teacher_logprobs, mask)]
+
+
+def distill_advantages(token_kl: Sequence[float], discount: float = 0.0) -> list[float]:
+    """On-policy distillation: A_t = -sum_{k >= t} discount^(k - t) x KL_k (discount 0: each
+    token's own -KL_t, as the Qwen3 report and Thinking Machines' on-policy distillation use)."""
+    out, running = [0.0] * len(token_kl), 0.0
+    for t in range(len(token_kl) - 1, -1, -1):
+        running = -token_kl[t] + discount * running
+        out[t] = running
+    return out
+
+
+def add_token_terms(advantages: list, terms: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Each sample's advantage (a float, or one per token) plus a per-token term: per-token lists."""
+    return [[(a[t] if isinstance(a, list) else a) + x for t, x in enumerate(term)]
+            for a, term in zip(advantages, terms)]
 
 
 def batch_advantages(rewards: Sequence[float], group_size: int, estimator: str, scale: str = "group",

@@ -40,6 +40,10 @@ class LossConfig:
     kl_coef: float = 0.0  # beta; 0 skips the reference group
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # TRL uses k3
     kl_in_reward: bool = False  # True: the driver subtracts beta x KL from the rewards instead of the loss
+    # On-policy distillation beside the rewards (needs `teacher.model`): the driver adds
+    # -coef x (log pi_behaviour - log pi_teacher) to each completion token's advantage (slime's
+    # opd_kl_coef): the per-token reverse KL to the teacher as a penalty
+    teacher_kl_coef: float = 0.0
     entropy_coef: float = 0.0  # bonus: loss - coef x mean token entropy (entropy is logged either way)
     num_iterations: int = 1  # mu: optimizer steps per batch, old log-probs fixed at iteration 1's
     max_completion_length: int | None = None  # dr_grpo's constant; None: sampling.max_new_tokens

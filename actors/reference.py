@@ -1,4 +1,6 @@
-"""Reference: a frozen copy of the initial policy that computes reference log-probs for the KL term."""
+"""Reference: a frozen model's per-token log-probs of sampled completions. The reference is a
+frozen copy of the initial policy (the KL term); a teacher (on-policy distillation) is another
+model with the same tokenizer, run by the same class under its own span name."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +13,8 @@ from .spans import SpanLog
 
 class Reference:
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 32,
-                 temperature: float = 1.0, threads: int = 1, device: str | None = None, logits_dtype: str = "model"):
+                 temperature: float = 1.0, threads: int = 1, device: str | None = None, logits_dtype: str = "model",
+                 span: str = "ref_logprobs"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,6 +27,7 @@ class Reference:
                                                           **attention_kwargs(dtype)).to(self.device)
         self.model.eval().requires_grad_(False)
         self.micro_batch_size, self.temperature, self.logits_dtype = micro_batch_size, temperature, logits_dtype
+        self.span = span  # the timeline's name for its work: ref_logprobs, or teacher_logprobs
         self.spans = SpanLog()
 
     def __repr__(self) -> str:
@@ -45,8 +49,8 @@ class Reference:
         self.model.load_state_dict(state, strict=False)
 
     def logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
-        """Per completion token log-probs under the reference, aligned with ``completion_ids``."""
-        with self.spans.span("ref_logprobs", samples=len(samples)):
+        """Per completion token log-probs under this model, aligned with ``completion_ids``."""
+        with self.spans.span(self.span, samples=len(samples)):
             return completion_logprobs(self.model, samples, self.pad_id, self.micro_batch_size, self.temperature,
                                        self.logits_dtype, self.device)
 

@@ -20,6 +20,7 @@ class Rollout:
     reward: float = 0.0
     advantage: float | list[float] = 0.0
     ref_logprobs: list[float] | None = None
+    teacher_logprobs: list[float] | None = None  # the teacher's log-probs of the same tokens (teacher.model)
     # Multi-turn episodes (actors/episodes.py); None / defaults for one-turn completions.
     loss_mask: list[int] | None = None  # 1: a model token, 0: a tool turn's token (context only)
     messages: list[dict] | None = None  # the trajectory as assistant and tool messages (what rewards see)

@@ -21,7 +21,7 @@ from ...cluster.groups import RemoteCallError, Watchdog
 class Work:
     """One piece of in-flight work: done when every one of its object refs is."""
 
-    stage: Literal["generate", "score", "reference", "train", "sync", "join"]  # join: an actor starting
+    stage: Literal["generate", "score", "reference", "teacher", "train", "sync", "join"]  # join: an actor starting
     refs: list
     groups: list = field(default_factory=list)  # the prompt groups it carries
     actor: int | None = None  # the generator or scorer doing it (load balancing)
@@ -178,5 +178,5 @@ class InFlight:
         for w in self.work:
             groups[w.stage] += len(w.groups)
         return {"queue/generate_groups": groups["generate"], "queue/score_groups": groups["score"],
-                "queue/reference_groups": groups["reference"],
+                "queue/reference_groups": groups["reference"], "queue/teacher_groups": groups["teacher"],
                 "queue/sync_pending": sum(w.stage == "sync" for w in self.work)}

@@ -50,6 +50,11 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     if r.reference_actor and "rollout" in roles:
         train.add("reference-0", r.reference.cpus, r.reference.gpus)
     plans = [train] if "learner" in roles else []
+    if r.teacher_actor and roles == GRPO:  # on-policy distillation: a group each, like the scorers
+        for i in range(r.teacher.num_actors):
+            teacher = Bundles(f"teacher-{i}")
+            teacher.add(f"teacher-{i}", r.teacher.cpus, r.teacher.gpus)
+            plans.append(teacher)
     if "teacher" in roles and r.distill.serve is not None:
         for i in range(r.distill.serve.replicas):  # a group each: one server's GPUs on one node
             server = Bundles(f"teacher-{i}", strategy="STRICT_PACK")
@@ -76,7 +81,7 @@ class System:
         self.training, self.rollout = "learner" in roles, "rollout" in roles
         self.version = 0
         self.timeout = recipe.ray.call_timeout_s
-        self.learners = self.generators = self.scorers = self.reference = None
+        self.learners = self.generators = self.scorers = self.reference = self.teacher = None
         self.watchdog: Watchdog | None = None
         self.placement: Placement | None = None
         self.control = None  # the run's RunControl actor (r1ray scale)
@@ -157,6 +162,15 @@ class System:
                                                     r.learner.threads_per_rank), {"logits_dtype": r.learner.logits_dtype}),
                                         num_cpus=rc.cpus, num_gpus=rc.gpus, timeout_s=self.timeout, namespace=ns,
                                         scheduling=place)
+        if r.teacher_actor and self.training and self.rollout:
+            tc = r.teacher
+            dtype = tc.dtype or ("float32" if r.learner.dtype == "float32" else "bfloat16")
+            self.teacher = ActorGroup("teacher", Reference, tc.num_actors,
+                                      lambda i: ((tc.model, dtype, tc.micro_batch_size, r.learner.loss.temperature,
+                                                  r.learner.threads_per_rank),
+                                                 {"logits_dtype": r.learner.logits_dtype, "span": "teacher_logprobs"}),
+                                      num_cpus=tc.cpus, num_gpus=tc.gpus, timeout_s=self.timeout, namespace=ns,
+                                      scheduling=place)
         infos = [{"params": 0}]
         if self.training:
             addr, port = rendezvous_on(self.learners.actors[0])
@@ -168,7 +182,8 @@ class System:
                                                   _plain(RolloutConfig, r.rollout))], "host_generator")
             self.generators = HostedGroup("generator", Generator, self.learners, [0],
                                           {"drain_spans": "drain_generator_spans"}, self.timeout)
-        for name, group in [("generator", self.generators), ("scorer", self.scorers), ("reference", self.reference)]:
+        for name, group in [("generator", self.generators), ("scorer", self.scorers), ("reference", self.reference),
+                            ("teacher", self.teacher)]:
             if group is not None:
                 group.wait_ready()
                 self.startup_s[name] = time.perf_counter() - t0
@@ -184,12 +199,12 @@ class System:
             group.watchdog = self.watchdog
         up = ([f"{n} learner ranks ({infos[0]['params']:,} params)"] if self.training else []) + \
             ([f"{len(self.generators)} generators", f"{len(self.scorers)} scorers"] if self.rollout else []) + \
-            (["1 reference"] if self.reference else [])
+            (["1 reference"] if self.reference else []) + ([f"{len(self.teacher)} teachers"] if self.teacher else [])
         log.info("actors up in %.1fs: %s", time.perf_counter() - t0, ", ".join(up))
         return self
 
     def groups(self) -> list[ActorGroup]:
-        return [g for g in (self.learners, self.generators, self.scorers, self.reference) if g is not None]
+        return [g for g in (self.learners, self.generators, self.scorers, self.reference, self.teacher) if g is not None]
 
     def form_transfer(self, members: list[int]) -> list:
         """Queue the (re-)forming of the weight-transfer group: learner rank 0 and the vLLM

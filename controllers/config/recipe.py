@@ -113,6 +113,18 @@ class ReferenceConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """A frozen teacher beside the learner (on-policy distillation): its per-token log-probs of
+    the student's sampled tokens, computed as the reference's are, by its own actors."""
+    model: str | None = None  # a hub name or a local HF folder with the student's tokenizer; null: no teacher
+    num_actors: int = 1
+    cpus: float = 0.25  # per actor
+    gpus: float = 0.0  # per actor
+    dtype: Literal["float32", "bfloat16"] | None = None  # null: as the learner (float32 or bfloat16)
+    micro_batch_size: int = 64
+
+
+@dataclass
 class SftConfig:
     steps: int = 0  # 0 skips the warm-up
     batch_size: int = 64
@@ -145,8 +157,11 @@ class GrpoConfig:
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt (the group)
     # "grpo": (r - group mean) / std by advantage_scale; "rloo": r - mean of the other G - 1
-    # (unscaled); "reinforce_pp": per-token returns whitened over the whole batch (advantage_scale unused)
-    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    # (unscaled); "reinforce_pp": per-token returns whitened over the whole batch (advantage_scale unused);
+    # "on_policy_distill": per token -(log pi_behaviour - log pi_teacher), discounted by
+    # `distill_discount` (needs `teacher.model`; no rewards enter the advantage)
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "on_policy_distill"] = "grpo"
+    distill_discount: float = 0.0  # on_policy_distill: A_t = sum_{k>=t} discount^(k-t) x (-reverse KL_k)
     advantage_scale: Literal["group", "batch", "none"] = "group"  # TRL scale_rewards; "batch": the step's batch
     mask_truncated_completions: bool = False  # completions cut at sampling.max_new_tokens get no loss (DAPO)
     max_staleness: int = 0  # eta: samples are at most this many versions old; 0 = synchronous on-policy
@@ -315,6 +330,7 @@ class Recipe:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     learner: LearnerGroupConfig = field(default_factory=LearnerGroupConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -342,6 +358,11 @@ class Recipe:
         """The KL term's reference is the learner with its LoRA adapters off (no reference actor)."""
         return (self.learner.loss.kl_coef > 0 and self.learner.lora is not None
                 and self.reference.adapters_off is not False)
+
+    @property
+    def teacher_actor(self) -> bool:
+        """Teacher actors compute the teacher's log-probs of every sampled token."""
+        return self.teacher.model is not None
 
     @property
     def reference_actor(self) -> bool:

@@ -100,6 +100,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                           f"sampling.temperature ({r.sampling.temperature}), because the learner must score each token "
                           "at the temperature the generator sampled it with")
     _check_sequence_parallel(r, stage)
+    _check_teacher(r)
     batch = g.prompts_per_step * g.num_generations
     if batch % lc.data_parallel_size:
         raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
@@ -380,6 +381,9 @@ def validate_loss(lc, max_new_tokens: int) -> None:
         raise ConfigError(f"config key 'learner.loss.num_iterations': got {lc.num_iterations} with off_policy "
                           f"{lc.off_policy!r}; accepted: 1, or off_policy 'none' (iterations 2.. use the learner's "
                           "own log-probs as the old policy)")
+    if lc.teacher_kl_coef < 0:
+        raise ConfigError(f"config key 'learner.loss.teacher_kl_coef': got {lc.teacher_kl_coef}; accepted: a number "
+                          ">= 0 (0: no teacher term)")
     if lc.kl_in_reward and not lc.kl_coef:
         raise ConfigError("config key 'learner.loss.kl_in_reward': got True with kl_coef 0; accepted: false, or a "
                           "kl_coef > 0 (the KL weight in the reward)")
@@ -408,6 +412,9 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
     need_gpus = lc.num_ranks * lc.gpus_per_rank + (0 if r.colocated else own * r.generator.gpus_per_actor)
     if r.reference_actor:
         need_gpus += r.reference.gpus
+    teacher_cpus = r.teacher.num_actors * r.teacher.cpus if r.teacher_actor else 0
+    if r.teacher_actor:
+        need_gpus += r.teacher.num_actors * r.teacher.gpus
     if learners_only:
         need_gpus = lc.num_ranks * lc.gpus_per_rank
     if need_gpus > gpus:
@@ -419,13 +426,64 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
                               f"are available; accepted: at most {gpus} GPUs in all")
         return
     total = (need_learner_cpus + own * r.generator.cpus_per_actor
-             + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if r.reference_actor else 0))
+             + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if r.reference_actor else 0)
+             + teacher_cpus)
     if total > cpus:
         raise ConfigError(f"config: the actors ask for {total:g} CPUs in all (learner {need_learner_cpus:g}, generator "
                           f"{own * r.generator.cpus_per_actor:g}, scorer "
                           f"{r.scorer.num_actors * r.scorer.cpus_per_actor:g}, reference "
-                          f"{r.reference.cpus if r.reference_actor else 0:g}) but {cpus} are available; "
+                          f"{r.reference.cpus if r.reference_actor else 0:g}, teacher {teacher_cpus:g}) but {cpus} "
+                          "are available; "
                           "accepted: lower *.cpus_per_* or the actor counts")
+
+
+def _check_teacher(r: Recipe) -> None:
+    """``teacher`` and the two ways of learning from it (on-policy distillation)."""
+    g, lc, tc = r.grpo, r.learner.loss, r.teacher
+    wants = ("grpo.advantage_estimator", "on_policy_distill") if g.advantage_estimator == "on_policy_distill" else \
+        ("learner.loss.teacher_kl_coef", lc.teacher_kl_coef) if lc.teacher_kl_coef else None
+    if wants and tc.model is None:
+        raise ConfigError(f"config key '{wants[0]}': got {wants[1]!r} without a teacher; accepted: teacher.model (a hub "
+                          "name or a local HF folder with the student's tokenizer), or "
+                          + ("another advantage_estimator" if wants[0].startswith("grpo") else "teacher_kl_coef 0"))
+    if g.advantage_estimator == "on_policy_distill" and (lc.teacher_kl_coef or lc.kl_in_reward):
+        key = "teacher_kl_coef" if lc.teacher_kl_coef else "kl_in_reward"
+        raise ConfigError(f"config key 'learner.loss.{key}': got {getattr(lc, key)!r} with advantage_estimator "
+                          "on_policy_distill; accepted: 0 / false (the advantage is the teacher's term alone; the "
+                          "reference KL can stay in the loss with kl_coef)")
+    if not 0 <= g.distill_discount <= 1:
+        raise ConfigError(f"config key 'grpo.distill_discount': got {g.distill_discount}; accepted: a number in [0, 1] "
+                          "(0: each token's own reverse KL)")
+    if tc.model is not None:
+        _positive("teacher.num_actors", tc.num_actors)
+        _positive("teacher.micro_batch_size", tc.micro_batch_size)
+        _positive("teacher.cpus", tc.cpus, allow_zero=True)
+        _positive("teacher.gpus", tc.gpus, allow_zero=True)
+
+
+def check_teacher_tokenizer(r: Recipe, student) -> None:
+    """The teacher scores the student's token ids: its tokenizer must be the student's (the same
+    vocabulary, ids and special tokens). Refused by name before any actor starts."""
+    if r.teacher.model is None:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        teacher = AutoTokenizer.from_pretrained(r.teacher.model)
+    except Exception as e:  # noqa: BLE001 - its own message says what is missing
+        raise ConfigError(f"config key 'teacher.model': {r.teacher.model!r} has no tokenizer that loads "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); accepted: a hub name or a local HF "
+                          "folder with the student's tokenizer") from None
+    a, b = student.get_vocab(), teacher.get_vocab()
+    differ = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
+    specials = [(name, getattr(student, name), getattr(teacher, name)) for name in ("eos_token_id", "pad_token_id")
+                if getattr(student, name) != getattr(teacher, name)]
+    if differ or specials:
+        what = (f"{len(a)} vs {len(b)} tokens; first difference: token {differ[0][0]!r} id {differ[0][1]}"
+                if differ else f"{specials[0][0]} {specials[0][1]} vs {specials[0][2]}")
+        raise ConfigError(f"config key 'teacher.model': {r.teacher.model!r} has another tokenizer than the student "
+                          f"({what}); accepted: a teacher with the student's tokenizer (the teacher scores the "
+                          "student's token ids)")
 
 
 def _check_colocate(r: Recipe) -> None:

@@ -86,6 +86,8 @@ class GrpoDriver:
                 self.stream.on_scored(work)
             elif work.stage == "reference":
                 self.stream.on_referenced(work)
+            elif work.stage == "teacher":
+                self.stream.on_taught(work)
             elif work.stage == "train":
                 self.on_trained(work)
             elif self.elastic.synced(work):  # (a sync that reached no generator is sent again)

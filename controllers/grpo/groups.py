@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...actors.advantages import batch_advantages
+from ...actors.advantages import add_token_terms, batch_advantages, distill_advantages, reverse_kl
 from ...actors.batching import item_tokens, step_micro_batches
 from ...actors.loss import global_denominator, kl_estimate
 from ...actors.rollout import Rollout, TrainSample
@@ -49,17 +49,35 @@ class DynamicSampling:
         return False
 
 
+def teacher_kl(rollouts: list[Rollout]) -> list[list[float]]:
+    """Each rollout's per-token reverse KL to the teacher (behaviour minus teacher log-probs;
+    0 on a tool turn's tokens)."""
+    missing = [r.sample_id for r in rollouts if r.teacher_logprobs is None]
+    if missing:
+        raise RuntimeError(f"no teacher log-probs for {missing[0]} (and {len(missing) - 1} more): the teacher "
+                           "stage did not run for them")
+    return [reverse_kl(r.logprobs, r.teacher_logprobs, r.loss_mask) for r in rollouts]
+
+
 def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> tuple[list[TrainSample], float, float]:
     """The batch's train samples, with advantages computed on the whole batch after the
     reference ("batch" scaling, REINFORCE++ and KL-in-reward need it; each rollout's
     ``advantage`` is set too), truncated completions out of the loss when
     ``grpo.mask_truncated_completions``; and the global denominators of the loss type and of
-    the token mean."""
+    the token mean. With a teacher: "on_policy_distill" advantages (each token's reverse KL to
+    the teacher, negated and discounted), or ``teacher_kl_coef`` x that KL charged per token on
+    top of the rewards' advantages."""
     g, lc = recipe.grpo, recipe.learner.loss
-    kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator).tolist()
-          for r in rollouts] if lc.kl_in_reward else None
-    advantages = batch_advantages([r.reward for r in rollouts], g.num_generations, g.advantage_estimator,
-                                  g.advantage_scale, [len(r.completion_ids) for r in rollouts], kl, lc.kl_coef)
+    if g.advantage_estimator == "on_policy_distill":
+        advantages = [distill_advantages(k, g.distill_discount) for k in teacher_kl(rollouts)]
+    else:
+        kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator).tolist()
+              for r in rollouts] if lc.kl_in_reward else None
+        advantages = batch_advantages([r.reward for r in rollouts], g.num_generations, g.advantage_estimator,
+                                      g.advantage_scale, [len(r.completion_ids) for r in rollouts], kl, lc.kl_coef)
+        if lc.teacher_kl_coef:
+            advantages = add_token_terms(advantages, [[-lc.teacher_kl_coef * x for x in k]
+                                                      for k in teacher_kl(rollouts)])
     samples = []
     for r, a in zip(rollouts, advantages):
         r.advantage = a

@@ -25,7 +25,7 @@ from ..common.job import (
 from ..common.progress import progress
 from ..common.runlog import MetricsWriter, read_jsonl, truncate_jsonl
 from ..common.system import GRPO, System
-from ..config import Recipe
+from ..config import Recipe, check_teacher_tokenizer
 from ..config.schema import ConfigError
 from ..evaluation.evaluator import Evaluator, metrics_of, pass_at_1, write_results
 from ..evaluation.tasks import load_tasks
@@ -122,6 +122,7 @@ def prepare_inputs(recipe: Recipe, model_path: str, tiny_dir: Path | None) -> In
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_teacher_tokenizer(recipe, tokenizer)
     data = prepare_data(recipe, tokenizer, tiny_dir)
     renderer = PromptRenderer(tokenizer, recipe.data, recipe.rollout.tools, recipe.rollout.environment)
     eval_prompts = [renderer.prompt(data.test[i], data.test_id(i))

@@ -6,6 +6,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ...actors.advantages import reverse_kl
 from ...actors.learner import GrpoStats
 from ...actors.rollout import Rollout
 
@@ -26,6 +27,11 @@ def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size
     lens = [len(r.completion_ids) for r in rollouts]
     m["completion_len/mean"], m["completion_len/max"] = statistics.fmean(lens), max(lens)
     m["completion/truncated_ratio"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
+    if rollouts and all(r.teacher_logprobs is not None for r in rollouts):  # teacher.model: how far from it
+        kl = [x for r in rollouts for x, m in zip(reverse_kl(r.logprobs, r.teacher_logprobs, r.loss_mask),
+                                                   r.loss_mask or [1] * len(r.logprobs)) if m]
+        m["teacher/reverse_kl"] = statistics.fmean(kl) if kl else 0.0
+        m["teacher/reverse_kl_per_sample"] = sum(kl) / len(rollouts)
     groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
     m["groups/zero_std_ratio"] = sum(len({r.reward for r in g}) == 1 for g in groups) / len(groups)
     if any(r.messages is not None for r in rollouts):  # multi-turn episodes with tools

@@ -1,6 +1,7 @@
 """The rollout side of the GRPO loop: prompt groups admitted under the staleness bound, then
-generated, scored, (when the KL weight is on) given reference log-probs, and held until the
-learner takes them, in admission order."""
+generated, scored, (when the KL weight is on) given reference log-probs and (with a teacher)
+the teacher's log-probs, both at once, and held until the learner takes them, in admission
+order."""
 from __future__ import annotations
 
 from ...actors.generator import Generator
@@ -36,6 +37,7 @@ class RolloutStream:
             self.sampler.seek(taken)  # a resumed run: the same data order from where it stopped
         self.filter = DynamicSampling(g.dynamic_sampling, g.prompts_per_step)
         self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
+        self.parts: dict[int, int] = {}  # seq -> log-prob parts (reference, teacher) still to come
         self.elastic: Elastic | None = None  # set by the driver: its generators, and the groups to redo
 
     def admit(self) -> None:
@@ -75,20 +77,45 @@ class RolloutStream:
         scores.apply([r for g in work.groups for r in g.rollouts])
         self.rewards.add(scores.stats)
         kept = [g for g in work.groups if self._keep(g)]
-        if kept and self.system.reference is not None:
-            samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
-            self.inflight.submit(Work("reference", [self.system.reference.call(0, Reference.logprobs, samples)], kept, actor=0))
-        elif kept and self.r.reference_on_learner:  # LoRA: the learner ranks, adapters off, between train steps
-            samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
-            self.inflight.submit(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples),
-                                      kept, queue="learner"))
-        else:
+        if not kept:
+            return
+        samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
+        parts = []
+        if self.system.reference is not None:
+            parts.append(Work("reference", [self.system.reference.call(0, Reference.logprobs, samples)], kept, actor=0))
+        elif self.r.reference_on_learner:  # LoRA: the learner ranks, adapters off, between train steps
+            parts.append(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples), kept,
+                              queue="learner"))
+        if self.system.teacher is not None:  # on-policy distillation: beside the reference, not after it
+            k = self.inflight.pick("teacher", len(self.system.teacher), self.system.teacher.ready())
+            parts.append(Work("teacher", [self.system.teacher.call(k, Reference.logprobs, samples)], kept, actor=k))
+        for g in kept:
+            self.parts[g.seq] = len(parts)
+        for part in parts:
+            self.inflight.submit(part)
+        if not parts:
             self._ready(kept)
 
     def on_referenced(self, work: Work) -> None:
         for r, lp in zip((r for g in work.groups for r in g.rollouts), work.value):
             r.ref_logprobs = lp
-        self._ready(work.groups)
+        self._part_done(work.groups)
+
+    def on_taught(self, work: Work) -> None:
+        """The teacher's log-probs of the groups' sampled tokens."""
+        for r, lp in zip((r for g in work.groups for r in g.rollouts), work.value):
+            r.teacher_logprobs = lp
+        self._part_done(work.groups)
+
+    def _part_done(self, groups: list[Group]) -> None:
+        """One log-prob part of ``groups`` arrived; those with every part go to ``ready``."""
+        done = []
+        for g in groups:
+            self.parts[g.seq] -= 1
+            if not self.parts[g.seq]:
+                del self.parts[g.seq]
+                done.append(g)
+        self._ready(done)
 
     def take_batch(self) -> list[Group] | None:
         """The next batch (the next B useful groups in admission order), or None while it is not complete."""

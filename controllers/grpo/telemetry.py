@@ -60,6 +60,8 @@ def step_timing(spans: list[dict], start: float, end: float, groups: list[tuple[
     ranks = next(n for name, _, n in groups if name == "learner")
     out = {"time/generate_s": busy.get("generate", 0.0), "time/score_s": busy.get("score", 0.0),
            "time/reference_s": busy.get("ref_logprobs", 0.0), "time/train_s": busy.get("train", 0.0) / ranks}
+    if "teacher_logprobs" in busy or any(name == "teacher" for name, _, _ in groups):
+        out["time/teacher_s"] = busy.get("teacher_logprobs", 0.0)
     for group, u in utilisation(spans, start, end, groups).items():
         out[f"util/{group}/busy_s"], out[f"util/{group}/idle_ratio"] = u["busy_s"], u["idle_ratio"]
     return out
@@ -98,6 +100,8 @@ class SpanCollector:
                ("learner", ("train", "export_weights", "send_weights", "ref_logprobs"), len(s.learners))]
         if s.reference is not None:
             out.append(("reference", ("ref_logprobs",), 1))
+        if s.teacher is not None:
+            out.append(("teacher", ("teacher_logprobs",), len(s.teacher.ready())))
         return out
 
     def drain(self) -> None:
