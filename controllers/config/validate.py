@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ...actors.episodes import load_environment
 from ...actors.generator import lora_rank_slot
@@ -451,6 +452,10 @@ def _check_teacher(r: Recipe) -> None:
         raise ConfigError(f"config key 'learner.loss.{key}': got {getattr(lc, key)!r} with advantage_estimator "
                           "on_policy_distill; accepted: 0 / false (the advantage is the teacher's term alone; the "
                           "reference KL can stay in the loss with kl_coef)")
+    if g.advantage_estimator == "on_policy_distill" and g.dynamic_sampling:
+        raise ConfigError("config key 'grpo.dynamic_sampling': got True with advantage_estimator on_policy_distill; "
+                          "accepted: false (it drops groups whose rewards are all equal, and the distillation "
+                          "advantage does not use the rewards: such groups still carry the teacher's signal)")
     if not 0 <= g.distill_discount <= 1:
         raise ConfigError(f"config key 'grpo.distill_discount': got {g.distill_discount}; accepted: a number in [0, 1] "
                           "(0: each token's own reverse KL)")
@@ -468,6 +473,12 @@ def check_teacher_tokenizer(r: Recipe, student) -> None:
         return
     from transformers import AutoTokenizer
 
+    model = r.teacher.model
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path (a hub name is owner/name)
+        if not Path(model).expanduser().is_dir():
+            raise ConfigError(f"config key 'teacher.model': {model!r} is not a folder here; accepted: a local HF "
+                              "folder (configs/tiny-opd.yaml's teacher is what `make demo` writes: run it first) or "
+                              "a hub name")
     try:
         teacher = AutoTokenizer.from_pretrained(r.teacher.model)
     except Exception as e:  # noqa: BLE001 - its own message says what is missing

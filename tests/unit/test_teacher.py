@@ -62,6 +62,8 @@ def test_train_batch_uses_the_teacher_alone_or_on_top_of_the_rewards():
     (["grpo.advantage_estimator=on_policy_distill", "teacher.model=t", "learner.loss.kl_coef=0.1",
       "learner.loss.kl_in_reward=true"], "learner.loss.kl_in_reward"),
     (["teacher.model=t", "grpo.distill_discount=1.5"], "grpo.distill_discount"),
+    (["grpo.advantage_estimator=on_policy_distill", "teacher.model=t", "grpo.dynamic_sampling=true"],
+     "grpo.dynamic_sampling"),
     (["teacher.model=t", "teacher.num_actors=0"], "teacher.num_actors"),
     (["teacher.model=t", "learner.loss.teacher_kl_coef=-1"], "learner.loss.teacher_kl_coef"),
 ])
@@ -85,8 +87,12 @@ def test_a_teacher_needs_the_students_tokenizer(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'teacher.model': .* has another tokenizer than the student "
                                           r"\(\d+ vs \d+ tokens; first difference: token '<extra_teacher_token>'"):
         check_teacher_tokenizer(load_recipe(TINY, ["learner.loss.kl_coef=0", f"teacher.model={other}"]), student)
-    with pytest.raises(ConfigError, match=r"config key 'teacher.model': .* has no tokenizer that loads"):
+    with pytest.raises(ConfigError, match=r"config key 'teacher.model': .*/none' is not a folder here.*make demo"):
         check_teacher_tokenizer(load_recipe(TINY, ["learner.loss.kl_coef=0", f"teacher.model={tmp_path / 'none'}"]),
+                                student)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"config key 'teacher.model': .* has no tokenizer that loads"):
+        check_teacher_tokenizer(load_recipe(TINY, ["learner.loss.kl_coef=0", f"teacher.model={tmp_path / 'empty'}"]),
                                 student)
 
 
