@@ -7,6 +7,16 @@ import sys
 from pathlib import Path
 
 
+def save_results(name: str, data: dict, table: str) -> Path:
+    """benchmarks/results/<name>.json (``data``) and .md (``table``); returns the folder (for
+    the .png beside them)."""
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (results / f"{name}.md").write_text(table + "\n")
+    return results
+
+
 def train(recipe: str | Path, out: Path, sets: list[str]) -> dict:
     """Runs the recipe with ``--set`` overrides (no dashboard) into ``out``; returns its summary.json.
     A failed run ends the benchmark with the command, the tail of its stderr and its exit code."""

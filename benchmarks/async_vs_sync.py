@@ -10,11 +10,10 @@ held-out pass@1; writes benchmarks/results/<name>.{json,md,png} (--name, default
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from _train import train
+from _train import save_results, train
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "configs" / "tiny-cpu.yaml"
@@ -56,10 +55,7 @@ def main() -> int:
                      f"{r['eval_before']:.3f} -> {r['eval_after']:.3f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{args.name}.json").write_text(json.dumps({"overrides": args.overrides, "rows": rows}, indent=2))
-    (results / f"{args.name}.md").write_text(table + "\n")
+    results = save_results(args.name, {"overrides": args.overrides, "rows": rows}, table)
     plot(rows, results / f"{args.name}.png")
     return 0
 

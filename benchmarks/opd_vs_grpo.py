@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _train import train
+from _train import save_results, train
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parent / "configs"
@@ -93,12 +93,9 @@ def main() -> int:
                      f"{r['s_per_step']:.2f} | {r['eval_before']:.3f} -> {r['eval_after']:.3f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{args.name}.json").write_text(json.dumps(
-        {"teacher": teacher, "teacher_pass@1": teacher_pass, "start": start, "start_pass@1": start_pass,
-         "target": target, "steps": args.steps, "overrides": args.overrides, "runs": rows}, indent=2))
-    (results / f"{args.name}.md").write_text(table + "\n")
+    results = save_results(args.name, {"teacher": teacher, "teacher_pass@1": teacher_pass, "start": start,
+                                       "start_pass@1": start_pass, "target": target, "steps": args.steps,
+                                       "overrides": args.overrides, "runs": rows}, table)
     plot(rows, start_pass, teacher_pass, results / f"{args.name}.png")
     return 0
 

@@ -121,12 +121,11 @@ def start_trackers(recipe: Recipe, run_dir: Path, names: list[str], job_type: st
     return trackers
 
 
-def end_trackers(trackers: Trackers, run_dir: Path, summary: dict, curves: bool = True) -> None:
-    """The run's curves drawn (``curves``: curves.png, sft_curves.png), the summary's numbers
-    and the run directory's plots to the trackers, their runs ended; calls that failed are
-    counted in the summary (``tracker_errors``)."""
-    if curves:
-        draw_curves(run_dir)
+def end_trackers(trackers: Trackers, run_dir: Path, summary: dict) -> None:
+    """The run's curves drawn (curves.png, sft_curves.png: none where the directory has no
+    metrics), the summary's numbers and the run directory's plots to the trackers, their runs
+    ended; calls that failed are counted in the summary (``tracker_errors``)."""
+    draw_curves(run_dir)
     trackers.images(run_dir)
     trackers.summary(summary)
     errors = trackers.close()

@@ -469,7 +469,7 @@ def distill_job(recipe: Recipe) -> dict:
             summary["wall_s"] = round(time.perf_counter() - t_start, 2)
             rows = sample_table(done_all, source, prompt_col)
             trackers.table("distilled/samples", json.loads(scrub(json.dumps(rows, default=str), secrets)), step=0)
-            end_trackers(trackers, out, summary, curves=False)  # the numbers only: no text reaches a tracker
+            end_trackers(trackers, out, summary)  # the numbers only: no text reaches a tracker
             write_json_atomic(out / "summary.json", json.loads(scrub(json.dumps(summary, default=str), secrets)))
             mirror.close()
     return summary

@@ -166,14 +166,14 @@ def eval_job(recipe: Recipe, checkpoint: str | None, out: str | None) -> dict:
             results = Evaluator(system, tasks, recipe.eval.sampling, recipe.eval.k).run(progress=bar)
         combined = write_results(results, out_dir, model_path)
         numbers = report_to_trackers(trackers, results, time.perf_counter() - t0)
-        end_trackers(trackers, out_dir, numbers, curves=False)  # failed calls: numbers["tracker_errors"]
+        end_trackers(trackers, out_dir, numbers)  # failed calls: numbers["tracker_errors"]
         trackers = None
         store.push(out_dir)  # on object storage: the reports (and the trackers' files) uploaded
     finally:
         system.shutdown()
         runtime.stop()
         if trackers is not None:  # stopped or failed: the tracker runs ended all the same
-            end_trackers(trackers, out_dir, numbers, curves=False)
+            end_trackers(trackers, out_dir, numbers)
     combined.update(output_dir=str(out_dir), wall_s=time.perf_counter() - t0)
     if "tracker_errors" in numbers:
         combined["tracker_errors"] = numbers["tracker_errors"]

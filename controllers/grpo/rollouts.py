@@ -89,12 +89,13 @@ class RolloutStream:
         if self.system.teacher is not None:  # on-policy distillation: beside the reference, not after it
             k = self.inflight.pick("teacher", len(self.system.teacher), self.system.teacher.ready())
             parts.append(Work("teacher", [self.system.teacher.call(k, Reference.logprobs, samples)], kept, actor=k))
+        if not parts:
+            self._ready(kept)
+            return
         for g in kept:
             self.parts[g.seq] = len(parts)
         for part in parts:
             self.inflight.submit(part)
-        if not parts:
-            self._ready(kept)
 
     def on_referenced(self, work: Work) -> None:
         for r, lp in zip((r for g in work.groups for r in g.rollouts), work.value):

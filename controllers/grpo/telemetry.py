@@ -60,7 +60,7 @@ def step_timing(spans: list[dict], start: float, end: float, groups: list[tuple[
     ranks = next(n for name, _, n in groups if name == "learner")
     out = {"time/generate_s": busy.get("generate", 0.0), "time/score_s": busy.get("score", 0.0),
            "time/reference_s": busy.get("ref_logprobs", 0.0), "time/train_s": busy.get("train", 0.0) / ranks}
-    if "teacher_logprobs" in busy or any(name == "teacher" for name, _, _ in groups):
+    if any(name == "teacher" for name, _, _ in groups):
         out["time/teacher_s"] = busy.get("teacher_logprobs", 0.0)
     for group, u in utilisation(spans, start, end, groups).items():
         out[f"util/{group}/busy_s"], out[f"util/{group}/idle_ratio"] = u["busy_s"], u["idle_ratio"]
