@@ -2,7 +2,9 @@
 
 Every function runs through ``rewards.VerifierPool``: one completion at a time, in a worker
 process, under a hard wall-clock limit, so a pathological completion costs at most
-``timeout_s`` and never hangs the run.
+``timeout_s`` and never hangs the run. A ``judge`` (an LLM behind an endpoint: I/O, not CPU)
+runs in this process instead, many requests at once, under its own limits and deadline
+(``rewards/judge.py``), in a thread beside the verifier workers.
 
 A function that misbehaves is contained: a value that is not a score (NaN, inf, "0.5", True)
 and a call that raises both score None and are counted; the pool logs the first of each kind
@@ -12,6 +14,7 @@ once. ``RewardHealth`` turns "failed on every completion, step after step" into 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,9 +79,21 @@ def check_specs(specs: list[RewardSpec]) -> None:
 
 
 class RewardScorer:
-    def __init__(self, specs: list[RewardSpec], cfg: ScorerConfig):
+    """``keys``: the API keys of the judges' endpoints by the environment variable that names
+    them (``api_key_env``), read by the driver; a judge whose key is not there reads this
+    process's environment."""
+
+    def __init__(self, specs: list[RewardSpec], cfg: ScorerConfig, keys: dict | None = None):
         check_specs(specs)
         self.specs, self.cfg = list(specs), cfg
+        self.judges = {}  # name -> an open rewards.judge.Judge: the limits are split among the scorer actors
+        for s in self.specs:
+            fn = rewards.get(s.name, **s.params)
+            if getattr(fn, "concurrent", False):
+                key = (keys or {}).get(fn.api_key_env) if fn.api_key_env else None
+                key = key.get_secret_value() if hasattr(key, "get_secret_value") else key
+                self.judges[s.name] = fn.open(key, share=cfg.num_actors)
+        self._threads = ThreadPoolExecutor(max(1, len(self.judges)), thread_name_prefix="r1ray-judge-call")
         self.dropped: set[str] = set()
         self.memory_mb = (rewards.auto_memory_mb(cfg.num_actors * cfg.workers_per_actor) if cfg.memory_mb == "auto"
                           else cfg.memory_mb)
@@ -139,26 +154,45 @@ class RewardScorer:
         stats: dict[str, float | str] = {}
         per_function: list[dict[str, float | None]] = [{} for _ in rollouts]
         rewards = [0.0] * len(rollouts)
+        ids = [r.sample_id for r in rollouts]
+        judged = {s.name: self._threads.submit(self.judges[s.name].score, completions, columns, ids)
+                  for s in self.specs if s.name in self.judges}
         for spec in self.specs:
+            if spec.name in judged:
+                continue
             # The pool turns every error and non-score into None: no NaN, inf or str gets here.
-            res = self.pool.score(spec.name, spec.params, completions, columns, [r.sample_id for r in rollouts])
-            for k, score in enumerate(res.scores):
-                per_function[k][spec.name] = score
-                if score is not None:
-                    rewards[k] += spec.weight * score
-            stats[f"{spec.name}/calls"] = len(rollouts)
-            stats[f"{spec.name}/errors"] = len(res.errors)
-            stats[f"{spec.name}/invalid"] = len(res.invalid)
-            stats[f"{spec.name}/timeouts"] = len(res.timeouts)
-            if res.first_error:
-                stats[f"{spec.name}/first_error"] = res.first_error
+            self._add(spec, self.pool.score(spec.name, spec.params, completions, columns, ids), per_function, rewards,
+                      stats)
+        for spec in self.specs:
+            if spec.name in judged:
+                res = judged[spec.name].result()
+                self._add(spec, res, per_function, rewards, stats)
+                stats.update({f"{spec.name}/{k}": v for k, v in res.counts.items()})
         stats["time_s"] = time.perf_counter() - t0
         return Scores(per_function, rewards, stats)
+
+    @staticmethod
+    def _add(spec: RewardSpec, res, per_function: list, rewards: list, stats: dict) -> None:
+        """One function's result (a ScoreResult or a JudgeResult) into the call's scores and stats."""
+        n = len(res.scores)
+        for k, score in enumerate(res.scores):
+            per_function[k][spec.name] = score
+            if score is not None:
+                rewards[k] += spec.weight * score
+        stats[f"{spec.name}/calls"] = n
+        stats[f"{spec.name}/errors"] = len(res.errors)
+        stats[f"{spec.name}/invalid"] = len(res.invalid)
+        stats[f"{spec.name}/timeouts"] = len(res.timeouts)
+        if res.first_error:
+            stats[f"{spec.name}/first_error"] = res.first_error
 
     def score_one(self, rollouts: list[Rollout], name: str, params: dict | None = None) -> list[float | None]:
         """Scores of one function (e.g. accuracy for evaluation), configured or not."""
         completions, columns = self._inputs(rollouts)
-        return self.pool.score(name, params or {}, completions, columns, [r.sample_id for r in rollouts]).scores
+        ids = [r.sample_id for r in rollouts]
+        if name in self.judges and not params:
+            return self.judges[name].score(completions, columns, ids).scores
+        return self.pool.score(name, params or {}, completions, columns, ids).scores
 
     def judge(self, rollouts: list[Rollout], name: str) -> list[tuple[float | None, str | None]]:
         """(score, extracted answer) per rollout from a ``with_answers`` function (the benchmark
@@ -171,6 +205,9 @@ class RewardScorer:
 
     def close(self) -> None:
         self.pool.close()
+        for judge in self.judges.values():
+            judge.close()
+        self._threads.shutdown(wait=False)
 
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()

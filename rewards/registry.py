@@ -18,6 +18,7 @@ from typing import Callable
 from .answers import boxed_math_answer, choice_answer, math_answer
 from .code_reward import make_code
 from .formatting import format_reward, make_code_format, reasoning_steps_reward, tag_count_reward
+from .judge import Judge
 from .math_rewards import accuracy_reward, length_reward, make_cosine
 from .partial import digit_match_reward
 from .penalties import make_repetition_penalty, make_soft_overlong_punishment
@@ -43,6 +44,7 @@ _FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "cosine": make_cosine,
     "digit_match": _without_params(digit_match_reward),
     "format": _without_params(format_reward),
+    "judge": Judge,  # an LLM grades each completion (rewards/judge.py)
     "length": _without_params(length_reward),
     "math_answer": _without_params(math_answer),
     "reasoning_steps": _without_params(reasoning_steps_reward),

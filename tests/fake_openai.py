@@ -12,11 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     """``answer(prompt, i)`` gives the i-th completion's text for a prompt. ``faults[prompt]`` is a
     list of faults served one per request before answering ("429", "500", "hang",
-    "malformed"), or the string "always-500". ``delay_s`` slows every answer."""
+    "malformed"), or the string "always-500"; ``fault_fn(prompt)`` may name a fault for any
+    prompt without a plan. ``delay_s`` slows every answer; ``retry_after`` is the Retry-After
+    header of a 429. ``times`` holds each chat request's arrival (time.monotonic()) and
+    ``max_in_flight`` the most requests it held at once."""
 
     def __init__(self, answer, key: str | None = None, faults: dict | None = None, delay_s: float = 0.0,
-                 hang_s: float = 5.0, split_reasoning: bool = False):
+                 hang_s: float = 5.0, split_reasoning: bool = False, fault_fn=None, retry_after: str = "0"):
         self.answer, self.key, self.faults = answer, key, dict(faults or {})
+        self.fault_fn, self.retry_after = fault_fn, retry_after
+        self.times: list[float] = []
+        self.in_flight = self.max_in_flight = 0
         self.split_reasoning = split_reasoning  # the think block as reasoning_content (DeepSeek's API)
         self.delay_s, self.hang_s = delay_s, hang_s
         self.log: list[tuple[str, str]] = []  # (prompt, what happened)
@@ -56,6 +62,17 @@ class FakeOpenAI:
                     self._send(404, b"{}")
 
             def do_POST(self):
+                with fake.lock:
+                    fake.times.append(time.monotonic())
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    self._post()
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _post(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 req = json.loads(self.rfile.read(length) or b"{}")
                 if not self._authorized():
@@ -68,10 +85,14 @@ class FakeOpenAI:
                         fault = "500"
                     elif plan:
                         fault = plan.pop(0)
+                    elif fake.fault_fn is not None:
+                        fault = fake.fault_fn(prompt)
                     fake.log.append((prompt, fault or "ok"))
                 if fault == "429":
                     return self._send(429, json.dumps({"error": {"message": "rate limited"}}).encode(),
-                                      headers={"Retry-After": "0"})
+                                      headers={"Retry-After": fake.retry_after})
+                if fault == "echo-500":  # a proxy that quotes the request's headers back
+                    return self._send(500, json.dumps({"error": {"message": f"bad gateway for {dict(self.headers)}"}}).encode())
                 if fault == "500":
                     return self._send(500, json.dumps({"error": {"message": "upstream exploded"}}).encode())
                 if fault == "hang":

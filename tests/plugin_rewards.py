@@ -46,3 +46,8 @@ def bad_answers(completions, **kwargs):
 
 
 bad_answers.with_answers = True
+
+
+def judge_verdict(text: str):
+    """A judge parser: GOOD 1.0, BAD 0.0, anything else None (no verdict)."""
+    return {"GOOD": 1.0, "BAD": 0.0}.get(text.strip())

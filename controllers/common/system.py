@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 from ...actors.episodes import RolloutConfig
 from ...actors.generator import Generator, GeneratorConfig
 from ...actors.learner import LearnerConfig, LearnerRank
 from ...actors.reference import Reference
-from ...actors.scorer import RewardScorer, ScorerConfig
+from ...actors.scorer import RewardScorer, RewardSpec, ScorerConfig
+from ...actors.server import VllmServer
 from ...actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ...cluster import control
 from ...cluster.groups import ActorGroup, HostedGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
 from ...cluster.placement import Bundles, Placement
 from ...cluster.weight_sync import start_broadcast, start_transfer
-from ..config import Recipe
+from ..config import Recipe, judge_keys
 from ..config.schema import build, to_dict
 
 log = logging.getLogger("r1ray")
@@ -62,6 +65,11 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
             plans.append(server)
     if "rollout" not in roles:
         return plans
+    for k, s in r.judge_servers:  # a judge reward's own vLLM servers: a group each, like distill's
+        for i in range(s.replicas):
+            server = Bundles(f"judge-{k}-{i}", strategy="STRICT_PACK")
+            server.add(f"judge-{k}-{i}", s.cpus_per_replica, s.gpus_per_replica)
+            plans.append(server)
     for i in range(0 if r.colocated and "learner" in roles else r.generator.num_actors):  # colocate: see train
         gen = Bundles(f"generator-{i}", strategy="STRICT_PACK")
         gen.add(f"generator-{i}", r.generator.cpus_per_actor, r.generator.gpus_per_actor)
@@ -74,7 +82,7 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
 
 
 class System:
-    def __init__(self, recipe: Recipe, model_path: str, roles: tuple[str, ...] = GRPO):
+    def __init__(self, recipe: Recipe, model_path: str, roles: tuple[str, ...] = GRPO, log_dir: Path | None = None):
         """``roles``: GRPO (every group), EVALUATE (generators and scorers: ``r1ray eval``) or
         SFT (the learner ranks: ``r1ray sft``)."""
         self.r, self.model_path, self.roles = recipe, model_path, roles
@@ -82,6 +90,8 @@ class System:
         self.version = 0
         self.timeout = recipe.ray.call_timeout_s
         self.learners = self.generators = self.scorers = self.reference = self.teacher = None
+        self.judge_servers: list[ActorGroup] = []  # the vLLM servers of judge rewards with serve:
+        self.log_dir = log_dir  # where those servers' logs go (default: a temporary folder)
         self.watchdog: Watchdog | None = None
         self.placement: Placement | None = None
         self.control = None  # the run's RunControl actor (r1ray scale)
@@ -135,6 +145,7 @@ class System:
         self.placement = Placement(placement_plan(r, self.roles), ns, r.ray.placement_timeout_s)
         place = self.placement.strategy
         self.startup_s["placement"] = time.perf_counter() - t0
+        judges_ready = self.start_judge_servers() if self.rollout else []
         lcfg = _plain(LearnerConfig, r.learner)
         n = r.learner.num_ranks if self.training else 0
         share = GPU_SHARE if self.sleeps_generators else 1.0  # of a GPU a rank shares with its generator
@@ -150,8 +161,9 @@ class System:
                                      num_cpus=r.generator.cpus_per_actor, num_gpus=r.generator.gpus_per_actor * share,
                                      timeout_s=self.timeout, namespace=ns, max_concurrency=self.generator_calls,
                                      scheduling=place)
+        specs = self.judged_specs(judges_ready) if self.rollout else r.rewards
         self.scorers = None if not self.rollout else ActorGroup("reward-scorer", RewardScorer, r.scorer.num_actors,
-                                  lambda i: ((r.rewards, _plain(ScorerConfig, r.scorer)), {}),
+                                  lambda i: ((specs, _plain(ScorerConfig, r.scorer)), {"keys": judge_keys(r)}),
                                   num_cpus=r.scorer.cpus_per_actor, timeout_s=self.timeout, namespace=ns,
                                   scheduling=place)
         if self.uses_reference and self.training and self.rollout:
@@ -202,6 +214,42 @@ class System:
             (["1 reference"] if self.reference else []) + ([f"{len(self.teacher)} teachers"] if self.teacher else [])
         log.info("actors up in %.1fs: %s", time.perf_counter() - t0, ", ".join(up))
         return self
+
+    def start_judge_servers(self) -> list:
+        """Start the vLLM servers of every judge reward with ``serve`` (placement groups
+        ``judge-<k>-<i>``; ``k``: the reward's index); returns each group's readiness refs
+        (their URLs), awaited before the scorers start, while the other actors start too."""
+        r = self.r
+        log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="r1ray-judge-"))
+        refs = []
+        for k, s in r.judge_servers:
+            params = r.rewards[k].params
+            served = self.model_path if s.model in (None, "tiny") else s.model
+            if Path(served).expanduser().exists():
+                served = str(Path(served).expanduser().resolve())  # the server actor's working directory is not ours
+            name = params.get("model") or "judge"
+            group = ActorGroup(f"judge-{k}", VllmServer, s.replicas,
+                               lambda i, k=k, s=s, served=served, name=name, params=params:
+                               ((s, served, name, str(log_dir / f"judge-{k}-{i}.log"), r.seed + i,
+                                 params.get("api_key_env")), {}),
+                               num_cpus=s.cpus_per_replica, num_gpus=s.gpus_per_replica, namespace=r.ray.namespace,
+                               timeout_s=s.startup_timeout_s + 60, scheduling=self.placement.strategy)
+            self.judge_servers.append(group)
+            refs.append((k, group, group.call_all(VllmServer.wait_ready)))
+        return refs
+
+    def judged_specs(self, ready: list) -> list[RewardSpec]:
+        """The rewards as the scorers get them: a judge with ``serve`` gets its servers' URLs."""
+        specs = list(self.r.rewards)
+        for k, group, refs in ready:
+            t0 = time.perf_counter()
+            urls = group.get(refs, "judge servers (vLLM) starting", timeout_s=group.timeout_s)
+            log.info("judge rewards[%d]: %d vLLM server(s) ready in %.0f s: %s", k, len(urls),
+                     time.perf_counter() - t0, ", ".join(urls))
+            params = {key: v for key, v in specs[k].params.items() if key != "serve"}
+            specs[k] = RewardSpec(specs[k].name, specs[k].weight, {**params, "base_urls": urls,
+                                                                    "model": params.get("model") or "judge"})
+        return specs
 
     def groups(self) -> list[ActorGroup]:
         return [g for g in (self.learners, self.generators, self.scorers, self.reference, self.teacher) if g is not None]
@@ -263,7 +311,12 @@ class System:
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:
-        for group in (self.scorers, self.generators, self.reference, self.learners):
+        for group in self.judge_servers:  # stop vLLM's server process group, then the actor
+            try:
+                group.run_all(VllmServer.stop, timeout_s=60, control=True)
+            except Exception as e:  # noqa: BLE001 - dead already: killing the actor ends its server
+                log.warning("judge servers: stop: %s", e)
+        for group in (self.scorers, self.generators, self.reference, self.teacher, self.learners, *self.judge_servers):
             if group is not None:
                 group.kill()
         kill_quietly(self.control)

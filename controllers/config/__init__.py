@@ -25,10 +25,18 @@ from .recipe import (
     StorageConfig,
 )
 from .schema import ConfigError
-from .validate import check_resources, check_teacher_tokenizer, validate, validate_distill, validate_eval, validate_loss
+from .validate import (
+    check_resources,
+    check_teacher_tokenizer,
+    judge_keys,
+    validate,
+    validate_distill,
+    validate_eval,
+    validate_loss,
+)
 
 __all__ = ["EVAL_TASKS", "OPENR1_SYSTEM_PROMPT", "PACKAGE_DIR", "STAGE_TYPES", "TINY", "CheckpointConfig", "ConfigError",
            "DataConfig", "DistillConfig", "EvalConfig", "EvalSamplingConfig", "EvalTaskConfig", "GeneratorGroupConfig",
            "GrpoConfig", "LearnerGroupConfig", "ModelConfig", "RayConfig", "Recipe", "ReferenceConfig", "SftConfig",
-           "StageConfig", "StorageConfig", "check_resources", "check_teacher_tokenizer", "dump", "joins_cluster",
+           "StageConfig", "StorageConfig", "check_resources", "check_teacher_tokenizer", "dump", "judge_keys", "joins_cluster",
            "load_recipe", "recipe_dict", "resolve_recipe_path", "validate", "validate_distill", "validate_eval", "validate_loss"]

@@ -360,6 +360,13 @@ class Recipe:
                 and self.reference.adapters_off is not False)
 
     @property
+    def judge_servers(self) -> list[tuple[int, ServerConfig]]:
+        """The ``judge`` rewards whose endpoint r1ray starts (``params.serve``): (their index in
+        ``rewards``, the vLLM servers' settings)."""
+        return [(i, ServerConfig(**s.params["serve"])) for i, s in enumerate(self.rewards)
+                if s.name == "judge" and s.params.get("serve") is not None]
+
+    @property
     def teacher_actor(self) -> bool:
         """Teacher actors compute the teacher's log-probs of every sampled token."""
         return self.teacher.model is not None

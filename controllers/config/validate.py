@@ -102,6 +102,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                           "at the temperature the generator sampled it with")
     _check_sequence_parallel(r, stage)
     _check_teacher(r)
+    _check_judges(r)
     batch = g.prompts_per_step * g.num_generations
     if batch % lc.data_parallel_size:
         raise ConfigError(f"config keys 'grpo.prompts_per_step' x 'grpo.num_generations' = {batch} samples per step "
@@ -416,6 +417,8 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
     teacher_cpus = r.teacher.num_actors * r.teacher.cpus if r.teacher_actor else 0
     if r.teacher_actor:
         need_gpus += r.teacher.num_actors * r.teacher.gpus
+    judge_cpus = sum(s.replicas * s.cpus_per_replica for _, s in r.judge_servers)
+    need_gpus += sum(s.replicas * s.gpus_per_replica for _, s in r.judge_servers)
     if learners_only:
         need_gpus = lc.num_ranks * lc.gpus_per_rank
     if need_gpus > gpus:
@@ -428,12 +431,13 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
         return
     total = (need_learner_cpus + own * r.generator.cpus_per_actor
              + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if r.reference_actor else 0)
-             + teacher_cpus)
+             + teacher_cpus + judge_cpus)
     if total > cpus:
         raise ConfigError(f"config: the actors ask for {total:g} CPUs in all (learner {need_learner_cpus:g}, generator "
                           f"{own * r.generator.cpus_per_actor:g}, scorer "
                           f"{r.scorer.num_actors * r.scorer.cpus_per_actor:g}, reference "
-                          f"{r.reference.cpus if r.reference_actor else 0:g}, teacher {teacher_cpus:g}) but {cpus} "
+                          f"{r.reference.cpus if r.reference_actor else 0:g}, teacher {teacher_cpus:g}, judge servers "
+                          f"{judge_cpus:g}) but {cpus} "
                           "are available; "
                           "accepted: lower *.cpus_per_* or the actor counts")
 
@@ -464,6 +468,47 @@ def _check_teacher(r: Recipe) -> None:
         _positive("teacher.micro_batch_size", tc.micro_batch_size)
         _positive("teacher.cpus", tc.cpus, allow_zero=True)
         _positive("teacher.gpus", tc.gpus, allow_zero=True)
+
+
+def _check_judges(r: Recipe) -> None:
+    """``judge`` rewards: the servers r1ray starts for ``serve``, and the key in the environment
+    (read here, so a missing one stops the run before any actor starts)."""
+    import dataclasses
+
+    from ...actors.server import ServerConfig
+
+    accepted = ", ".join(f.name for f in dataclasses.fields(ServerConfig))
+    for i, s in enumerate(r.rewards):
+        if s.name != "judge":
+            continue
+        serve, env = s.params.get("serve"), s.params.get("api_key_env")
+        if serve is not None and not isinstance(serve, dict):
+            raise ConfigError(f"config key 'rewards[{i}].params.serve': got {serve!r}; accepted: a mapping of vLLM "
+                              f"server settings ({accepted})")
+        if serve is not None:
+            unknown = sorted(set(serve) - {f.name for f in dataclasses.fields(ServerConfig)})
+            if unknown:
+                raise ConfigError(f"config key 'rewards[{i}].params.serve': got {', '.join(map(repr, unknown))}; "
+                                  f"accepted: {accepted}")
+            cfg = ServerConfig(**serve)
+            if isinstance(cfg.replicas, bool) or not isinstance(cfg.replicas, int) or cfg.replicas < 1:
+                raise ConfigError(f"config key 'rewards[{i}].params.serve.replicas': got {cfg.replicas!r}; accepted: "
+                                  "an integer >= 1")
+            _positive(f"rewards[{i}].params.serve.cpus_per_replica", cfg.cpus_per_replica)
+            _positive(f"rewards[{i}].params.serve.gpus_per_replica", cfg.gpus_per_replica, allow_zero=True)
+        if env is not None and not os.environ.get(env, "").strip():
+            raise ConfigError(f"config key 'rewards[{i}].params.api_key_env': the environment variable {env} is not "
+                              f"set (or empty); accepted: export {env}=<the judge's key> before running, or "
+                              "api_key_env null for an endpoint without a key")
+
+
+def judge_keys(r: Recipe) -> dict:
+    """The judges' API keys by the environment variable that holds each, as pydantic SecretStr
+    (printed as **********): what the scorer actors are given."""
+    from pydantic import SecretStr
+
+    names = {s.params.get("api_key_env") for s in r.rewards if s.name == "judge"} - {None}
+    return {name: SecretStr(os.environ.get(name, "").strip()) for name in sorted(names)}
 
 
 def check_teacher_tokenizer(r: Recipe, student) -> None:

@@ -38,7 +38,9 @@ from distilabel.models.llms import OpenAILLM  # noqa: E402 - after the filter
 from distilabel.models.llms.base import AsyncLLM  # noqa: E402
 from distilabel.steps import Step, StepInput  # noqa: E402
 from distilabel.steps.tasks import TextGeneration  # noqa: E402
-from pydantic import Field, PrivateAttr, SecretStr  # noqa: E402
+from pydantic import Field, PrivateAttr  # noqa: E402
+
+from ...rewards.endpoint import scrub  # noqa: E402,F401 - shared with the judge reward
 
 # distilabel installs rich tracebacks that print every frame's local variables (an API key
 # among them) for any uncaught exception; r1ray's own tracebacks stay plain.
@@ -51,15 +53,6 @@ GOLD = "r1ray_answer"
 
 class MalformedResponse(ValueError):
     """The endpoint answered 200 with something that is not a chat completion."""
-
-
-def scrub(text: str, secrets: list) -> str:
-    """``text`` with every secret (an API key, a str or a SecretStr) replaced by ``***``."""
-    for s in secrets:
-        s = s.get_secret_value() if isinstance(s, SecretStr) else s
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    return text
 
 
 def trace_text(content: str | None, reasoning: str | None) -> str | None:

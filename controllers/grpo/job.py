@@ -210,7 +210,7 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
     log.info("run directory: %s", where(run_dir))
     summary, done_before = continued(run_dir, {"run_dir": str(run_dir), "model": model_path, "status": "running",
                                                "stage": "startup", "data": inputs.data.summary()}, previous)
-    system = System(recipe, previous["model_path"] if previous else model_path)
+    system = System(recipe, previous["model_path"] if previous else model_path, log_dir=run_dir / "servers")
     trackers = start_trackers(recipe, run_dir, tracker_names)
     metrics = MetricsWriter(run_dir, trackers=trackers)
     sft_metrics = MetricsWriter(run_dir, "sft_metrics.jsonl", trackers=trackers, axis="sft")

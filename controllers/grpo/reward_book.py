@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ...actors.scorer import RewardHealth, RewardScorer, add_stats
 from ...cluster.groups import ActorGroup
+from ...rewards.judge import DEADLINE_S as JUDGE_DEADLINE_S
 from ..config import Recipe
 
 log = logging.getLogger("r1ray")
@@ -26,6 +27,9 @@ class RewardBook:
         for name in [n for n in self.names if kept is not None and n not in kept]:
             scorers.run_all(RewardScorer.drop, name, control=True)
             self.names.remove(name)
+        # a judge's calls end by its deadline (rewards/judge.py), whatever the number of samples
+        self.deadlines = {s.name: float(s.params.get("deadline_s", JUDGE_DEADLINE_S)) for s in recipe.rewards
+                          if s.name == "judge"}
         self.health = RewardHealth(self.names, self.sc.max_failed_steps, self.sc.on_broken)
         self.window: dict = {}  # the scorers' stats since the last learner step
 
@@ -47,5 +51,8 @@ class RewardBook:
         return [n for n in self.configured if n not in self.names]
 
     def score_budget(self, samples: int) -> float:
-        """The longest a scorer can take on ``samples``: every function may time out on each."""
-        return self.sc.timeout_s * len(self.names) * math.ceil(samples / self.sc.workers_per_actor)
+        """The longest a scorer can take on ``samples``: every function may time out on each, and
+        every judge may use its deadline."""
+        pooled = [n for n in self.names if n not in self.deadlines]
+        return (self.sc.timeout_s * len(pooled) * math.ceil(samples / self.sc.workers_per_actor)
+                + sum(d for n, d in self.deadlines.items() if n in self.names))

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from fake_openai import FakeOpenAI
 
 from r1ray import rewards
 from r1ray.rewards.formatting import FORMAT_PATTERN, matches_code_format, matches_format
@@ -29,8 +30,8 @@ def chat(text):
 
 def test_names_lists_every_open_r1_reward():
     assert rewards.names() == [
-        "accuracy", "boxed_math_answer", "choice_answer", "code", "code_format", "cosine", "digit_match", "format", "length",
-        "math_answer", "reasoning_steps", "repetition_penalty", "soft_overlong_punishment", "tag_count",
+        "accuracy", "boxed_math_answer", "choice_answer", "code", "code_format", "cosine", "digit_match", "format", "judge",
+        "length", "math_answer", "reasoning_steps", "repetition_penalty", "soft_overlong_punishment", "tag_count",
     ]
 
 
@@ -127,10 +128,18 @@ CALL_KWARGS = {
 
 @pytest.mark.parametrize("name", rewards.names())
 def test_every_reward_takes_trl_kwargs_and_both_completion_shapes(name):
-    fn = rewards.get(name)
+    # the judge needs an endpoint: the fake OpenAI server, grading whether 42 is in the answer
+    server = FakeOpenAI(lambda prompt, i: "CORRECT" if "42" in prompt.split("Student's")[-1] else "INCORRECT") \
+        if name == "judge" else None
+    fn = rewards.get(name, **({"model": "judge", "base_url": server.url} if server else {}))
     text = THINK_ANSWER.replace("42", "\\boxed{42}\n```python\nprint(42)\n```")
-    as_string = fn(completions=[text], **CALL_KWARGS)
-    as_chat = fn(completions=[chat(text)], **CALL_KWARGS)
+    try:
+        as_string = fn(completions=[text], **CALL_KWARGS)
+        as_chat = fn(completions=[chat(text)], **CALL_KWARGS)
+    finally:
+        if server:
+            fn.close()
+            server.close()
     assert len(as_string) == 1 and as_string == as_chat
     score = as_string[0]
     if getattr(fn, "with_answers", False):  # the benchmark judges: (score, extracted answer)
