@@ -98,9 +98,30 @@ def check_data(recipe) -> dict:
 
     from .common.data import prepare_data
     from .common.job import prepare_model
+    from .config import check_teacher_tokenizer
 
     model_path, tiny_dir = prepare_model(recipe)
-    return prepare_data(recipe, AutoTokenizer.from_pretrained(model_path), tiny_dir).summary()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_teacher_tokenizer(recipe, tokenizer)  # a teacher with another tokenizer: refused here too
+    return prepare_data(recipe, tokenizer, tiny_dir).summary()
+
+
+def judge_lines(recipe) -> list[str]:
+    """One line per ``judge`` reward: where it asks, and its limits (the endpoint's totals)."""
+    from .. import rewards
+
+    lines = []
+    for i, s in enumerate(recipe.rewards):
+        if s.name != "judge":
+            continue
+        j = rewards.get(s.name, **s.params)
+        where = (f"{j.serve.get('replicas', 1)} vLLM server(s) of {j.serve.get('model') or recipe.model.path} started "
+                 "with the run") if j.serve is not None else ", ".join(j.urls)
+        rps = "no rate limit" if j.requests_per_second is None else f"{j.requests_per_second:g} requests/s"
+        lines.append(f"judge rewards[{i}]: {where}; {rps} and {j.max_concurrency} in flight per URL, split among "
+                     f"{recipe.scorer.num_actors} scorer(s); deadline {j.deadline_s:g} s per scoring call; key: "
+                     f"{'$' + j.api_key_env if j.api_key_env else 'none'}")
+    return lines
 
 
 def learner_memory(recipe) -> tuple[str, str | None]:
@@ -421,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         from .common.job import trackers_ready
 
+        for line in judge_lines(recipe):
+            print(line)
         try:
             print(f"trackers: {', '.join(trackers_ready(recipe)) or 'none'}")
         except ConfigError as e:

@@ -2,6 +2,7 @@
 forward pass of the teacher, the reverse-KL advantage against hand-computed values, the
 teacher term on top of GRPO's advantages, and the recipes refused before anything starts."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,11 @@ def test_a_teacher_needs_the_students_tokenizer(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'teacher.model': .* has another tokenizer than the student "
                                           r"\(\d+ vs \d+ tokens; first difference: token '<extra_teacher_token>'"):
         check_teacher_tokenizer(load_recipe(TINY, ["learner.loss.kl_coef=0", f"teacher.model={other}"]), student)
+    from r1ray.controllers.cli import check_data  # r1ray check refuses it too, before anything starts
+
+    with pytest.raises(ConfigError, match=r"has another tokenizer than the student"):
+        check_data(load_recipe(TINY, ["learner.loss.kl_coef=0", f"teacher.model={other}",
+                                      f"model.tiny_dir={Path(tiny_model).parent}"]))
     with pytest.raises(ConfigError, match=r"config key 'teacher.model': .*/none' is not a folder here.*make demo"):
         check_teacher_tokenizer(load_recipe(TINY, ["learner.loss.kl_coef=0", f"teacher.model={tmp_path / 'none'}"]),
                                 student)
