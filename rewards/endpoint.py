@@ -12,9 +12,13 @@ The API key is given as a value (never read from a file); every error text is sc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import json
+import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -24,6 +28,15 @@ class DeadlineExceeded(Exception):
 
 class RequestFailed(Exception):
     """The endpoint refused the request, or kept failing it after every retry; names the URL."""
+
+    def __init__(self, message: str, url: str = ""):
+        super().__init__(message)
+        self.url = url
+
+
+class Malformed(ValueError):
+    """A 200 answer that is not what was asked for (no choices, no text, the wrong count):
+    retried like a 5xx."""
 
 
 def scrub(text: str, secrets: list) -> str:
@@ -91,7 +104,7 @@ class RateLimit:
 class Endpoint:
     url: str
     client: object  # openai.AsyncOpenAI
-    slots: asyncio.Semaphore
+    slots: object  # an asyncio.Semaphore, or a null context: no limit
     rate: RateLimit
     in_flight: int = 0
 
@@ -114,15 +127,26 @@ class Counts:
         return out
 
 
+def first_text(resp) -> str:
+    """The first choice's text of a chat completion; Malformed when it has none."""
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise Malformed("no choices in the answer")
+    text = getattr(getattr(choices[0], "message", None), "content", None)
+    if not isinstance(text, str):
+        raise Malformed("the answer has no text")
+    return text
+
+
 class EndpointPool:
-    """Chat completions over ``urls``; made inside the event loop that will use it.
+    """Chat completions over ``urls`` (the distillation client and the judge reward's).
 
-    ``max_concurrency`` and ``requests_per_second`` hold for each URL (None: no rate limit).
-    A request goes to the URL whose next rate slot is the earliest, then the one with the
-    fewest requests in flight."""
+    ``max_concurrency`` and ``requests_per_second`` hold for each URL (None: no limit). A
+    request goes to the URL whose next rate slot is the earliest, then the one with the fewest
+    requests in flight; its retries go to the same URL (the one that asked to wait)."""
 
-    def __init__(self, urls: list[str], api_key: str | None, *, max_concurrency: int, requests_per_second: float | None,
-                 timeout_s: float, retries: int):
+    def __init__(self, urls: list[str], api_key: str | None, *, max_concurrency: int | None,
+                 requests_per_second: float | None, timeout_s: float, retries: int):
         from openai import AsyncOpenAI
 
         if not urls:
@@ -131,7 +155,8 @@ class EndpointPool:
         self.retries, self.timeout_s = retries, timeout_s
         self.endpoints = [Endpoint(u, AsyncOpenAI(base_url=u, api_key=api_key or "EMPTY", max_retries=0,
                                                   timeout=timeout_s),
-                                   asyncio.Semaphore(max_concurrency), RateLimit(requests_per_second)) for u in urls]
+                                   asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext(),
+                                   RateLimit(requests_per_second)) for u in urls]
         self.counts = Counts()
 
     async def close(self) -> None:
@@ -142,29 +167,34 @@ class EndpointPool:
         return min(self.endpoints, key=lambda e: (e.rate.next, e.in_flight))
 
     async def chat(self, deadline: float, **request) -> str:
-        """The first choice's text of ``chat.completions.create(**request)`` by ``deadline``
-        (time.monotonic()). DeadlineExceeded when it cannot be had in time, RequestFailed when
-        the endpoint refused it (4xx other than 408/409/429) or failed every retry."""
+        """The first choice's text of ``chat.completions.create(**request)`` by ``deadline``."""
+        return (await self.complete(deadline, first_text, **request))[0]
+
+    async def complete(self, deadline: float = math.inf, parse: Callable = first_text, **request) -> tuple:
+        """(``parse(answer)``, the URL that answered) for ``chat.completions.create(**request)``
+        by ``deadline`` (time.monotonic(); inf: none). ``parse`` raises Malformed (or a
+        ValueError, TypeError, AttributeError, KeyError) for an answer that is not what was
+        asked: retried. DeadlineExceeded when it cannot be had in time, RequestFailed when the
+        endpoint refused it (4xx other than 408/409/429) or failed every retry."""
         import openai
 
-        attempt = 0
+        attempt, e = 0, self._pick()
         while True:
-            e = self._pick()
             try:
-                return await self._once(e, deadline, request)
+                return await self._once(e, deadline, request, parse), e.url
             except DeadlineExceeded:
                 raise
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.BadRequestError,
                     openai.NotFoundError, openai.UnprocessableEntityError) as err:
-                raise RequestFailed(self._describe(err, e.url)) from None
+                raise RequestFailed(self._describe(err, e.url), e.url) from None
             except (openai.APIStatusError, openai.APIConnectionError, openai.APIResponseValidationError,
-                    _Malformed) as err:
+                    Malformed) as err:
                 if isinstance(err, openai.RateLimitError):
                     self.counts.rate_limited += 1
-                if isinstance(err, (_Malformed, openai.APIResponseValidationError)):
+                if isinstance(err, (Malformed, openai.APIResponseValidationError)):
                     self.counts.malformed += 1
                 if attempt >= self.retries:
-                    raise RequestFailed(f"{self._describe(err, e.url)} (after {attempt + 1} tries)") from None
+                    raise RequestFailed(f"{self._describe(err, e.url)} (after {attempt + 1} tries)", e.url) from None
                 wait = retry_after_s(err)
                 wait = backoff_s(attempt) if wait is None else wait
                 if time.monotonic() + wait >= deadline:
@@ -174,12 +204,12 @@ class EndpointPool:
                 attempt += 1
                 self.counts.retries += 1
 
-    async def _once(self, e: Endpoint, deadline: float, request: dict) -> str:
+    async def _once(self, e: Endpoint, deadline: float, request: dict, parse: Callable):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("no time left")
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(None if math.isinf(remaining) else remaining):
                 async with e.slots:
                     await e.rate.acquire(deadline)
                     e.in_flight += 1
@@ -187,24 +217,20 @@ class EndpointPool:
                     self.counts.per_url[e.url] = self.counts.per_url.get(e.url, 0) + 1
                     try:
                         resp = await e.client.chat.completions.create(**request)
+                    except json.JSONDecodeError as err:  # a 200 whose body is not JSON (a proxy's page, cut off)
+                        raise Malformed(f"the answer is not JSON: {err}") from None
                     finally:
                         e.in_flight -= 1
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from {e.url} before the deadline") from None
-        choices = getattr(resp, "choices", None)
-        if not isinstance(choices, list) or not choices:
-            raise _Malformed(f"no choices in the answer from {e.url}")
-        message = getattr(choices[0], "message", None)
-        text = getattr(message, "content", None)
-        if not isinstance(text, str):
-            raise _Malformed(f"the answer from {e.url} has no text")
-        return text
+        try:
+            return parse(resp)
+        except Malformed:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            raise Malformed(f"{type(err).__name__}: {err}") from None
 
     def _describe(self, err: BaseException, url: str) -> str:
         status = getattr(err, "status_code", None)
-        what = f"HTTP {status}" if status else type(err).__name__
+        what = f"{type(err).__name__} (HTTP {status})" if status else type(err).__name__
         return scrub(f"{what} from {url}: {str(err).strip()[:200]}", [self.key] if self.key else [])
-
-
-class _Malformed(Exception):
-    """A 200 answer that is not a chat completion with text."""

@@ -260,6 +260,9 @@ class DistillConfig:
     client_replicas: int = 1  # copies of the generation step (Ray actors), each with a batch in flight
     timeout: int = 600  # seconds per request
     retries: int = 5  # per request: 429, 5xx, timeouts, dropped connections and malformed answers, with backoff
+    # The endpoint's limits per base URL, shared by the client_replicas (each takes its share):
+    max_concurrency: int | None = None  # requests in flight; null: input_batch_size x client_replicas at most
+    requests_per_second: float | None = None  # request starts, retries included; null: no limit
     # Rejection sampling: keep the generations whose \boxed{} answer math-verifies against the
     # reference column (verifier processes with scorer.timeout_s, scorer.workers_per_actor).
     filter: Literal["math_verify", "none"] = "math_verify"

@@ -258,7 +258,10 @@ def validate_distill(r: Recipe, cpus: float | None = None, gpus: float | None = 
     for key, value in [("distill.top_p", d.top_p), ("distill.max_new_tokens", d.max_new_tokens),
                        ("distill.num_generations", d.num_generations), ("distill.input_batch_size", d.input_batch_size),
                        ("distill.client_replicas", d.client_replicas), ("distill.timeout", d.timeout),
-                       *([("distill.max_rows", d.max_rows)] if d.max_rows is not None else [])]:
+                       *([("distill.max_rows", d.max_rows)] if d.max_rows is not None else []),
+                       *([("distill.max_concurrency", d.max_concurrency)] if d.max_concurrency is not None else []),
+                       *([("distill.requests_per_second", d.requests_per_second)]
+                         if d.requests_per_second is not None else [])]:
         _positive(key, value)
     for key, value in [("distill.temperature", d.temperature), ("distill.retries", d.retries),
                        ("distill.test_size", d.test_size)]:

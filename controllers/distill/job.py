@@ -234,6 +234,11 @@ def run_pipeline(recipe: Recipe, out: Path, pending: list[int], source, prompt_c
         load = LoadDataFromDisk(name="prompts", dataset_path=str(pending_dir), batch_size=d.input_batch_size)
         llm = EndpointLLM(model=model_name, base_url=urls[0], base_urls=urls, api_key=key, max_retries=d.retries,
                           timeout=d.timeout, split_requests=d.split_requests, extra_body=d.extra_body,
+                          # the endpoint's limits, split among the client replicas (one client each)
+                          max_concurrency=None if d.max_concurrency is None else
+                          max(1, d.max_concurrency // d.client_replicas),
+                          requests_per_second=None if d.requests_per_second is None else
+                          d.requests_per_second / d.client_replicas,
                           generation_kwargs={"max_new_tokens": d.max_new_tokens, "temperature": d.temperature,
                                              "top_p": d.top_p})
         gen = TraceGeneration(name="generate", llm=llm, template=d.prompt_template, system_prompt=d.system_prompt,

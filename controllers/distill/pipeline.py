@@ -8,10 +8,12 @@ The pipeline (``Pipeline(...).ray()``, one Ray actor per step replica)::
                                    -> AnswerCheck (verifier processes) -> Journal
 
 - ``EndpointLLM`` is distilabel's ``OpenAILLM`` spread over several base URLs (the self-hosted
-  servers): each request goes to the URL with the fewest requests in flight. The OpenAI client
-  retries 429s, 5xx answers, timeouts and dropped connections with exponential backoff
-  (honouring Retry-After); answers that are not valid completions are retried here the same
-  way. A request that still fails fails its row only, with the error and the URL recorded.
+  servers) through the judge reward's client (``rewards/endpoint.py``): each request goes to
+  the URL with the fewest requests in flight, under per-URL limits of requests in flight and
+  per second that retries pass too; 429s, 5xx answers, timeouts, dropped connections and
+  answers that are not valid completions are retried with exponential backoff (honouring
+  Retry-After). A request that still fails fails its row only, with the error and the URL
+  recorded.
 - ``TraceGeneration`` is distilabel's ``TextGeneration`` (Jinja prompt template with
   ``{{ instruction }}``, system prompt, n completions per prompt) whose rows also say why they
   failed, the finish reasons and token counts, and the exact messages sent.
@@ -24,7 +26,6 @@ The pipeline (``Pipeline(...).ray()``, one Ray actor per step replica)::
 import asyncio
 import json
 import os
-import random
 import sys
 import time
 import warnings
@@ -40,7 +41,7 @@ from distilabel.steps import Step, StepInput  # noqa: E402
 from distilabel.steps.tasks import TextGeneration  # noqa: E402
 from pydantic import Field, PrivateAttr  # noqa: E402
 
-from ...rewards.endpoint import scrub  # noqa: E402,F401 - shared with the judge reward
+from ...rewards.endpoint import Malformed, scrub  # noqa: E402 - the judge reward's client
 
 # distilabel installs rich tracebacks that print every frame's local variables (an API key
 # among them) for any uncaught exception; r1ray's own tracebacks stay plain.
@@ -49,10 +50,6 @@ sys.excepthook = sys.__excepthook__
 JOURNAL = "journal.jsonl"
 ROW = "r1ray_row"  # the row's index in the source split: its identity across runs
 GOLD = "r1ray_answer"
-
-
-class MalformedResponse(ValueError):
-    """The endpoint answered 200 with something that is not a chat completion."""
 
 
 def trace_text(content: str | None, reasoning: str | None) -> str | None:
@@ -64,92 +61,81 @@ def trace_text(content: str | None, reasoning: str | None) -> str | None:
 
 
 class EndpointLLM(OpenAILLM):
-    """distilabel's OpenAILLM over one or several OpenAI-compatible base URLs."""
+    """distilabel's OpenAILLM over one or several OpenAI-compatible base URLs, through
+    ``rewards.endpoint.EndpointPool`` (the judge reward's client): per-URL limits of requests in
+    flight and per second that retries pass too, backoff honouring Retry-After."""
 
     base_urls: list[str] = Field(default_factory=list)  # empty: base_url
     split_requests: bool = False  # n requests of one completion each (endpoints that ignore n)
     extra_body: dict = Field(default_factory=dict)  # more fields of every request (vLLM's, a provider's)
-    _clients: list = PrivateAttr(default_factory=list)
-    _urls: list = PrivateAttr(default_factory=list)
-    _in_flight: list = PrivateAttr(default_factory=list)
+    max_concurrency: int | None = None  # requests in flight per URL; None: no limit
+    requests_per_second: float | None = None  # request starts per second per URL, retries included; None: no limit
+    _pool: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
-        from openai import AsyncOpenAI
+        from ...rewards.endpoint import EndpointPool
 
         AsyncLLM.load(self)
-        key = self.api_key.get_secret_value() if self.api_key is not None else "EMPTY"
-        self._urls = list(self.base_urls or [self.base_url])
-        self._clients = [AsyncOpenAI(base_url=u, api_key=key or "EMPTY", max_retries=self.max_retries,
-                                     timeout=self.timeout) for u in self._urls]
-        self._in_flight = [0] * len(self._urls)
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        self._pool = EndpointPool(list(self.base_urls or [self.base_url]), key, max_concurrency=self.max_concurrency,
+                                  requests_per_second=self.requests_per_second, timeout_s=self.timeout,
+                                  retries=self.max_retries)
 
     def unload(self) -> None:
-        self._clients = []
+        self._pool = None
         super().unload()
 
     def _secrets(self) -> list[str]:
         return [self.api_key.get_secret_value()] if self.api_key is not None else []
 
-    async def _complete(self, i: int, messages: list, n: int, max_new_tokens: int, temperature: float,
-                        top_p: float) -> tuple[list[str], list[str | None], list[int]]:
-        import openai
+    async def _complete(self, messages: list, n: int, max_new_tokens: int, temperature: float,
+                        top_p: float) -> tuple[tuple[list[str], list[str | None], list[int]], str]:
+        """((texts, finish reasons, [completion tokens]), the URL that answered)."""
 
-        attempt = 0
-        while True:
-            try:
-                resp = await self._clients[i].chat.completions.create(
-                    model=self.model, messages=messages, n=n, max_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, extra_body=self.extra_body or None)
-                choices = getattr(resp, "choices", None)
-                if not isinstance(choices, list) or len(choices) != n:
-                    raise MalformedResponse(f"expected {n} choices, got "
-                                            f"{len(choices) if isinstance(choices, list) else type(resp).__name__}")
-                texts, reasons = [], []
-                for ch in sorted(choices, key=lambda c: getattr(c, "index", 0) or 0):
-                    msg = ch.message
-                    extra = getattr(msg, "model_extra", None) or {}
-                    reasoning = extra.get("reasoning_content") or extra.get("reasoning")
-                    text = trace_text(msg.content, reasoning if isinstance(reasoning, str) else None)
-                    if not isinstance(text, str):
-                        raise MalformedResponse("a choice has no content")
-                    texts.append(text)
-                    reasons.append(ch.finish_reason)
-                usage = getattr(resp, "usage", None)
-                tokens = int(getattr(usage, "completion_tokens", 0) or 0) if usage is not None else 0
-                return texts, reasons, [tokens]
-            except (MalformedResponse, json.JSONDecodeError, openai.APIResponseValidationError, AttributeError,
-                    TypeError) as e:
-                # The client retries status codes and timeouts itself; a body that is not a
-                # completion (a proxy's HTML page, a truncated JSON) is retried here.
-                if attempt >= self.max_retries:
-                    raise MalformedResponse(f"malformed answer after {attempt + 1} tries: {type(e).__name__}: "
-                                            f"{str(e)[:200]}") from None
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random()))
-                attempt += 1
+        def parse(resp):
+            choices = getattr(resp, "choices", None)
+            if not isinstance(choices, list) or len(choices) != n:
+                raise Malformed(f"expected {n} choices, got "
+                                f"{len(choices) if isinstance(choices, list) else type(resp).__name__}")
+            texts, reasons = [], []
+            for ch in sorted(choices, key=lambda c: getattr(c, "index", 0) or 0):
+                msg = ch.message
+                extra = getattr(msg, "model_extra", None) or {}
+                reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+                text = trace_text(msg.content, reasoning if isinstance(reasoning, str) else None)
+                if not isinstance(text, str):
+                    raise Malformed("a choice has no content")
+                texts.append(text)
+                reasons.append(ch.finish_reason)
+            usage = getattr(resp, "usage", None)
+            return texts, reasons, [int(getattr(usage, "completion_tokens", 0) or 0) if usage is not None else 0]
+
+        return await self._pool.complete(parse=parse, model=self.model, messages=messages, n=n,
+                                         max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         extra_body=self.extra_body or None)
 
     async def agenerate(self, input, num_generations: int = 1, max_new_tokens: int = 128,  # type: ignore[override]
                         temperature: float = 1.0, top_p: float = 1.0) -> dict:
-        i = min(range(len(self._urls)), key=lambda k: self._in_flight[k])
-        self._in_flight[i] += 1
+        from ...rewards.endpoint import RequestFailed
+
         try:
             if self.split_requests:
-                parts = await asyncio.gather(*[self._complete(i, input, 1, max_new_tokens, temperature, top_p)
+                parts = await asyncio.gather(*[self._complete(input, 1, max_new_tokens, temperature, top_p)
                                                for _ in range(num_generations)])
-                texts = [t for p in parts for t in p[0]]
-                reasons = [r for p in parts for r in p[1]]
-                tokens = [sum(t for p in parts for t in p[2])]
+                texts = [t for (p, _) in parts for t in p[0]]
+                reasons = [r for (p, _) in parts for r in p[1]]
+                tokens = [sum(t for (p, _) in parts for t in p[2])]
+                url = parts[-1][1]
             else:
-                texts, reasons, tokens = await self._complete(i, input, num_generations, max_new_tokens, temperature,
-                                                              top_p)
+                (texts, reasons, tokens), url = await self._complete(input, num_generations, max_new_tokens,
+                                                                     temperature, top_p)
             return {"generations": texts, "finish_reasons": reasons, "completion_tokens": tokens[0], "error": None,
-                    "url": self._urls[i], "statistics": {"input_tokens": [0], "output_tokens": tokens}}
+                    "url": url, "statistics": {"input_tokens": [0], "output_tokens": tokens}}
         except Exception as e:  # noqa: BLE001 - the row fails, with why and where; the run goes on
-            what = f"{type(e).__name__} from {self._urls[i]}: {str(e).strip()[:300]}"
+            what = str(e) if isinstance(e, RequestFailed) else f"{type(e).__name__}: {str(e).strip()[:300]}"
             return {"generations": None, "finish_reasons": None, "completion_tokens": 0,
-                    "error": scrub(what, self._secrets()), "url": self._urls[i],
+                    "error": scrub(what, self._secrets()), "url": getattr(e, "url", ""),
                     "statistics": {"input_tokens": [0], "output_tokens": [0]}}
-        finally:
-            self._in_flight[i] -= 1
 
 
 class TraceGeneration(TextGeneration):

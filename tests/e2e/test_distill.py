@@ -97,7 +97,8 @@ def test_the_client_retries_faults_spreads_requests_and_reports_what_keeps_faili
             if o["error"] is None:
                 assert o["generations"] == [_answer(prompt, 0), _answer(prompt, 1)]
                 assert o["finish_reasons"] == ["stop", "stop"]
-        assert "InternalServerError from http://127.0.0.1:" in outs[3]["error"] and "500" in outs[3]["error"]
+        assert "InternalServerError (HTTP 500) from http://127.0.0.1:" in outs[3]["error"]
+        assert "after 3 tries" in outs[3]["error"] and outs[3]["url"] in (a.url, b.url)
         assert KEY not in outs[3]["error"]
         served = {prompt: a.requests_for(prompt) + b.requests_for(prompt) for prompt in p}
         assert served[p[0]] == ["429", "500", "ok"]  # retried with backoff by the client
@@ -108,6 +109,21 @@ def test_the_client_retries_faults_spreads_requests_and_reports_what_keeps_faili
     finally:
         a.close()
         b.close()
+
+
+def test_the_client_keeps_to_the_endpoints_rate_and_concurrency_limits():
+    fake = FakeOpenAI(_answer, key=KEY, delay_s=0.3)
+    try:
+        llm = EndpointLLM(model="teacher", base_url=fake.url, api_key=SecretStr(KEY), max_retries=0, timeout=10,
+                          max_concurrency=2, requests_per_second=5.0)
+        llm.load()
+        outs = llm.generate_outputs([[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(8)],
+                                    num_generations=1, max_new_tokens=8, temperature=0.6, top_p=0.95)
+        assert all(o["error"] is None for o in outs) and fake.max_in_flight == 2
+        spans = [b - a for a, b in zip(fake.times, fake.times[5:])]  # any 6 arrivals span a second
+        assert len(fake.times) == 8 and min(spans) >= 0.9, spans
+    finally:
+        fake.close()
 
 
 def test_a_teacher_that_returns_reasoning_apart_gets_it_back_as_the_think_block():
@@ -148,7 +164,7 @@ def test_distill_survives_endpoint_faults_keeps_the_key_secret_continues_and_fee
         proc = _distill(out, data, fake.url, "--set", "distill.retries=2", "--set", "distill.timeout=2",
                         "--set", "distill.test_size=2", *trackers, env=env)
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]  # row 4 kept failing
-        assert "row 4 failed: InternalServerError from " + fake.url in proc.stderr
+        assert "row 4 failed: InternalServerError (HTTP 500) from " + fake.url in proc.stderr
         assert "run the same command again to retry them" in proc.stderr
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "incomplete" and summary["rows_done"] == 11 and summary["rows_failed"] == 1
