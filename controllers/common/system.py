@@ -65,7 +65,7 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
             plans.append(server)
     if "rollout" not in roles:
         return plans
-    for k, s in r.judge_servers:  # a judge reward's own vLLM servers: a group each, like distill's
+    for k, s in r.judge_servers if roles == GRPO else []:  # a judge's own vLLM servers: a group each, like distill's
         for i in range(s.replicas):
             server = Bundles(f"judge-{k}-{i}", strategy="STRICT_PACK")
             server.add(f"judge-{k}-{i}", s.cpus_per_replica, s.gpus_per_replica)
@@ -145,7 +145,7 @@ class System:
         self.placement = Placement(placement_plan(r, self.roles), ns, r.ray.placement_timeout_s)
         place = self.placement.strategy
         self.startup_s["placement"] = time.perf_counter() - t0
-        judges_ready = self.start_judge_servers() if self.rollout else []
+        judges_ready = self.start_judge_servers() if self.rollout and self.training else []
         lcfg = _plain(LearnerConfig, r.learner)
         n = r.learner.num_ranks if self.training else 0
         share = GPU_SHARE if self.sleeps_generators else 1.0  # of a GPU a rank shares with its generator
@@ -239,8 +239,11 @@ class System:
         return refs
 
     def judged_specs(self, ready: list) -> list[RewardSpec]:
-        """The rewards as the scorers get them: a judge with ``serve`` gets its servers' URLs."""
+        """The rewards as the scorers get them: a judge with ``serve`` gets its servers' URLs
+        (``r1ray eval`` starts none, and leaves such a judge out: it scores with eval.reward)."""
         specs = list(self.r.rewards)
+        if not self.training:
+            return [s for s in specs if not (s.name == "judge" and s.params.get("serve") is not None)]
         for k, group, refs in ready:
             t0 = time.perf_counter()
             urls = group.get(refs, "judge servers (vLLM) starting", timeout_s=group.timeout_s)

@@ -246,7 +246,7 @@ SERVED = ("rewards=[{name: accuracy}, {name: judge, params: {serve: {replicas: 2
 
 
 def test_a_recipe_judge_is_checked_placed_and_counted_before_any_actor_starts(monkeypatch):
-    from r1ray.controllers.common.system import placement_plan
+    from r1ray.controllers.common.system import EVALUATE, placement_plan
     from r1ray.controllers.config import judge_keys, load_recipe
     from r1ray.controllers.config.schema import ConfigError
     from r1ray.controllers.grpo.reward_book import RewardBook
@@ -255,6 +255,7 @@ def test_a_recipe_judge_is_checked_placed_and_counted_before_any_actor_starts(mo
     assert [(k, s.replicas) for k, s in r.judge_servers] == [(1, 2)]
     names = [b.name for b in placement_plan(r)]
     assert "judge-1-0" in names and "judge-1-1" in names
+    assert not [b for b in placement_plan(r, EVALUATE) if b.name.startswith("judge")]  # r1ray eval starts none
     book = RewardBook.__new__(RewardBook)  # its budget alone: no actors
     book.names, book.sc = ["accuracy", "judge"], r.scorer
     book.deadlines = {"judge": 30.0}
