@@ -188,19 +188,21 @@ class Judge:
         self._pool = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
         return self
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the client; ``wait``: close its connections first (up to 10 s)."""
         if self._loop is None:
             return
         loop, pool, self._loop, self._pool = self._loop, self._pool, None, None
-        try:
-            asyncio.run_coroutine_threadsafe(pool.close(), loop).result(timeout=10)
-        except Exception:  # noqa: BLE001 - closing a client that is gone already
-            pass
+        if wait:
+            try:
+                asyncio.run_coroutine_threadsafe(pool.close(), loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 - closing a client that is gone already
+                pass
         loop.call_soon_threadsafe(loop.stop)
 
     def __del__(self):
         try:
-            self.close()
+            self.close(wait=False)  # at interpreter exit the loop's thread may be gone: never wait on it
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 

@@ -5,6 +5,7 @@ and the key is in no file or log; and against a vLLM server r1ray starts for ``s
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import r1ray_cli
@@ -69,10 +70,11 @@ def test_a_faulty_rate_limited_judge_is_bounded_counted_and_dropped_when_gone(tm
     assert sum(r.get("reward/judge/dropped", 0) for r in records) == 1  # gone: dropped, the run went on
     assert "reward/judge/calls" not in records[-1] and "reward/judge/mean" not in records[-1]  # trained on without it
     assert 30 <= len(fake.times) <= total["requests"]  # every request the server saw was counted
-    # 4 requests/s at the server, retries included: any 5 arrivals span a second (less 0.1 s of
-    # the server's own scheduling jitter on 2 busy cores)
-    spans = [b - a for a, b in zip(fake.times, fake.times[4:])]
-    assert min(spans) >= 1.0 - 0.1, sorted(spans)[:3]
+    # 4 requests/s at the server, retries included: any 13 arrivals span 3 s and any 5 span 1 s
+    # (less the server's own scheduling jitter on 2 busy cores: one arrival came 0.12 s late)
+    for n, seconds, jitter in ((13, 3.0, 0.15), (5, 1.0, 0.25)):
+        spans = [b - a for a, b in zip(fake.times, fake.times[n - 1:])]
+        assert min(spans) >= seconds - jitter, (n, sorted(spans)[:3])
     scored = [e for e in json.loads((out / "timeline.json").read_text())["traceEvents"]
               if e.get("ph") == "X" and e["name"] == "score"]
     assert scored and max(e["dur"] for e in scored) / 1e6 < 3.0 + 2.0  # deadline 3 s (+ the verifiers' share)
@@ -80,6 +82,10 @@ def test_a_faulty_rate_limited_judge_is_bounded_counted_and_dropped_when_gone(tm
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
     assert KEY not in proc.stdout and KEY not in proc.stderr
+    session_logs = Path("/tmp/ray/session_latest/logs")  # the scorer actors were given the key
+    for path in session_logs.rglob("*") if session_logs.exists() else []:
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.timeout(900)
@@ -93,9 +99,12 @@ def test_a_self_hosted_vllm_judge_grades_the_run(tmp_path, tiny_world):
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = _jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
-    calls = sum(r["reward/judge/calls"] for r in records)
-    asked = sum(r["reward/judge/requests"] + r["reward/judge/cached"] for r in records)
-    failed = sum(r["reward/judge/errors"] + r["reward/judge/timeouts"] for r in records)
-    assert calls == 32 and failed == 0 and asked > 0  # every completion went to the server (or its cache)
+    # (a step's record counts the scoring done since the step before: with max_staleness 1 both
+    # steps' groups may be scored before step 1 ends, so the run's totals are what is checked)
+    counts = json.loads((out / "summary.json").read_text())["grpo"]["counts"]
+    judged = {k: counts[f"reward/judge/{k}"] for k in ("calls", "requests", "cached", "errors", "timeouts", "invalid")}
+    assert judged["calls"] == 32 and judged["errors"] + judged["timeouts"] == 0, judged
+    # the completions went to the server (a group's identical ones share a request)
+    assert 0 < judged["requests"] + judged["cached"] <= 32
     log = (out / "servers" / "judge-1-0.log").read_text()
     assert log.strip()  # the server wrote its log into the run directory

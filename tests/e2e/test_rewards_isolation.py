@@ -243,7 +243,8 @@ def test_score_is_safe_to_call_from_threads(pool):
 def test_importing_and_getting_rewards_does_not_import_sympy():
     # Workers and scorers start fast: math-verify loads on first use only.
     code = ("import sys\nfrom r1ray import rewards\n"
-            "[rewards.get(n) for n in rewards.names()]\n"
+            "[rewards.get(n) for n in rewards.names() if n != 'judge']\n"
+            "rewards.get('judge', model='m', base_url='http://127.0.0.1:9/v1')\n"
             "print(sorted(m for m in ('sympy', 'math_verify') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
