@@ -220,6 +220,8 @@ class System:
         ``judge-<k>-<i>``; ``k``: the reward's index); returns each group's readiness refs
         (their URLs), awaited before the scorers start, while the other actors start too."""
         r = self.r
+        if not r.judge_servers:
+            return []
         log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="r1ray-judge-"))
         refs = []
         for k, s in r.judge_servers:
