@@ -69,13 +69,16 @@ class Scores:
         return rollouts
 
 
-def check_specs(specs: list[RewardSpec]) -> None:
-    """Resolve every function once so a typo fails before any actor starts."""
+def check_specs(specs: list[RewardSpec]) -> list:
+    """Resolve every function once so a typo fails before any actor starts; the functions, in
+    the order of ``specs``."""
+    fns = []
     for i, s in enumerate(specs):
         try:
-            rewards.get(s.name, **s.params)
+            fns.append(rewards.get(s.name, **s.params))
         except (ValueError, TypeError, ImportError, AttributeError) as e:
             raise ValueError(f"rewards[{i}] (name={s.name!r}, params={s.params}): {e}") from None
+    return fns
 
 
 class RewardScorer:
@@ -84,11 +87,9 @@ class RewardScorer:
     process's environment."""
 
     def __init__(self, specs: list[RewardSpec], cfg: ScorerConfig, keys: dict | None = None):
-        check_specs(specs)
         self.specs, self.cfg = list(specs), cfg
         self.judges = {}  # name -> an open rewards.judge.Judge: the limits are split among the scorer actors
-        for s in self.specs:
-            fn = rewards.get(s.name, **s.params)
+        for s, fn in zip(self.specs, check_specs(specs)):
             if getattr(fn, "concurrent", False):
                 key = (keys or {}).get(fn.api_key_env) if fn.api_key_env else None
                 key = key.get_secret_value() if hasattr(key, "get_secret_value") else key

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class DeadlineExceeded(Exception):
@@ -117,13 +117,11 @@ class Counts:
     retries: int = 0
     rate_limited: int = 0
     malformed: int = 0
-    per_url: dict = field(default_factory=dict)  # url -> requests
 
     def drain(self) -> dict:
         out = {"requests": self.requests, "retries": self.retries, "rate_limited": self.rate_limited,
                "malformed": self.malformed}
         self.requests = self.retries = self.rate_limited = self.malformed = 0
-        self.per_url = {}
         return out
 
 
@@ -151,8 +149,7 @@ class EndpointPool:
 
         if not urls:
             raise ValueError("EndpointPool: no base URL")
-        self.key = api_key
-        self.retries, self.timeout_s = retries, timeout_s
+        self.key, self.retries = api_key, retries
         self.endpoints = [Endpoint(u, AsyncOpenAI(base_url=u, api_key=api_key or "EMPTY", max_retries=0,
                                                   timeout=timeout_s),
                                    asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext(),
@@ -182,8 +179,6 @@ class EndpointPool:
         while True:
             try:
                 return await self._once(e, deadline, request, parse), e.url
-            except DeadlineExceeded:
-                raise
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.BadRequestError,
                     openai.NotFoundError, openai.UnprocessableEntityError) as err:
                 raise RequestFailed(self._describe(err, e.url), e.url) from None
@@ -214,7 +209,6 @@ class EndpointPool:
                     await e.rate.acquire(deadline)
                     e.in_flight += 1
                     self.counts.requests += 1
-                    self.counts.per_url[e.url] = self.counts.per_url.get(e.url, 0) + 1
                     try:
                         resp = await e.client.chat.completions.create(**request)
                     except json.JSONDecodeError as err:  # a 200 whose body is not JSON (a proxy's page, cut off)

@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ._content import text_of
 from .endpoint import DeadlineExceeded, EndpointPool, RequestFailed, scrub
 
 DEFAULT_TEMPLATE = """You are grading a student's answer to a problem against the reference answer.
@@ -49,7 +50,6 @@ Student's answer:
 Is the student's final answer equivalent to the reference answer? Reply with one word: CORRECT or INCORRECT."""
 DEFAULT_CHOICES = {"CORRECT": 1.0, "INCORRECT": 0.0}
 TEMPLATE_VARIABLES = ("problem", "completion", "reference", "columns")
-DEADLINE_S = 120.0  # one scoring call's default deadline
 _EXAMPLE_CHARS = 200
 
 
@@ -78,7 +78,7 @@ class Judge:
                  system_prompt: str | None = None, reference_column: str = "solution", strip_thinking: bool = True,
                  regex: str | None = None, choices: dict | None = None, parser: str | None = None,
                  score_range: list | None = None, max_concurrency: int = 8, requests_per_second: float | None = None,
-                 timeout_s: float = 60.0, retries: int = 3, deadline_s: float = DEADLINE_S, max_tokens: int = 256,
+                 timeout_s: float = 60.0, retries: int = 3, deadline_s: float = 120.0, max_tokens: int = 256,
                  temperature: float = 0.0, extra_body: dict | None = None, cache_size: int = 100_000):
         import jinja2
         import jinja2.meta
@@ -133,14 +133,14 @@ class Judge:
             raise ValueError(f"judge requests_per_second must be > 0 (or null: no limit), got {requests_per_second!r}")
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         try:
-            unknown = sorted(jinja2.meta.find_undeclared_variables(env.parse(template)) - set(TEMPLATE_VARIABLES))
+            used = jinja2.meta.find_undeclared_variables(env.parse(template))
             self.template = env.from_string(template)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"judge template does not parse: {e} (line {e.lineno})") from None
-        if unknown:
+        if unknown := sorted(used - set(TEMPLATE_VARIABLES)):
             raise ValueError(f"judge template uses {', '.join(map(repr, unknown))}; accepted: "
                              f"{', '.join(TEMPLATE_VARIABLES)} (columns.<name>: any dataset column)")
-        self.uses_reference = "reference" in jinja2.meta.find_undeclared_variables(env.parse(template))
+        self.uses_reference = "reference" in used
         self.model, self.urls, self.api_key_env, self.serve = model, urls, api_key_env, serve
         self.system_prompt, self.reference_column, self.strip_thinking = system_prompt, reference_column, strip_thinking
         self.score_range = None if score_range is None else (float(score_range[0]), float(score_range[1]))
@@ -161,12 +161,9 @@ class Judge:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def open(self, api_key: str | None = None, share: int = 1, urls: list[str] | None = None) -> "Judge":
+    def open(self, api_key: str | None = None, share: int = 1) -> "Judge":
         """Start the client: ``api_key`` (default: from ``api_key_env``), the limits divided by
-        ``share`` (the scorer actors that use this endpoint at once), ``urls`` (the servers
-        started for ``serve``)."""
-        if urls:
-            self.urls = list(urls)
+        ``share`` (the scorer actors that use this endpoint at once)."""
         if not self.urls:
             raise RuntimeError("judge with serve: its vLLM servers are started by r1ray train; give base_url to call it "
                                "directly")
@@ -179,13 +176,9 @@ class Judge:
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="r1ray-judge", daemon=True).start()
         rps = None if self.requests_per_second is None else self.requests_per_second / self._share
-        conc = max(1, self.max_concurrency // self._share)
-
-        async def make() -> EndpointPool:
-            return EndpointPool(self.urls, api_key, max_concurrency=conc, requests_per_second=rps,
-                                timeout_s=self.timeout_s, retries=self.retries)
-
-        self._pool = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
+        # (its semaphores bind to the loop that first uses them: this one)
+        self._pool = EndpointPool(self.urls, api_key, max_concurrency=max(1, self.max_concurrency // self._share),
+                                  requests_per_second=rps, timeout_s=self.timeout_s, retries=self.retries)
         return self
 
     def close(self, wait: bool = True) -> None:
@@ -339,10 +332,9 @@ class Judge:
             result.first_error = scrub(f"sample {ids[i]!r}: {_clip(what, 300)}", [self._key] if self._key else [])
 
     def _answer_text(self, completion) -> str:
-        if isinstance(completion, list):  # conversational: the last assistant turn
-            turns = [m.get("content") or "" for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
-            completion = turns[-1] if turns else ""
-        text = str(completion)
+        if isinstance(completion, list):  # conversational: the last assistant turn (an episode ends with tools too)
+            completion = [m for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+        text = text_of(completion)
         if self.strip_thinking and "<think>" in text:
             _, closed, after = text.partition("</think>")
             text = after.strip() if closed else ""  # a trace cut inside its thinking has no answer yet

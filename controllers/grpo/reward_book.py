@@ -5,9 +5,8 @@ import logging
 import math
 from collections.abc import Callable
 
-from ...actors.scorer import RewardHealth, RewardScorer, add_stats
+from ...actors.scorer import RewardHealth, RewardScorer, add_stats, check_specs
 from ...cluster.groups import ActorGroup
-from ...rewards.judge import DEADLINE_S as JUDGE_DEADLINE_S
 from ..config import Recipe
 
 log = logging.getLogger("r1ray")
@@ -28,8 +27,8 @@ class RewardBook:
             scorers.run_all(RewardScorer.drop, name, control=True)
             self.names.remove(name)
         # a judge's calls end by its deadline (rewards/judge.py), whatever the number of samples
-        self.deadlines = {s.name: float(s.params.get("deadline_s", JUDGE_DEADLINE_S)) for s in recipe.rewards
-                          if s.name == "judge"}
+        self.deadlines = {s.name: fn.deadline_s for s, fn in zip(recipe.rewards, check_specs(recipe.rewards))
+                          if getattr(fn, "concurrent", False)}
         self.health = RewardHealth(self.names, self.sc.max_failed_steps, self.sc.on_broken)
         self.window: dict = {}  # the scorers' stats since the last learner step
 
