@@ -110,13 +110,13 @@ def judge_lines(recipe) -> list[str]:
     """One line per ``judge`` reward: where it asks, and its limits (the endpoint's totals)."""
     from .. import rewards
 
-    lines = []
+    lines, served = [], dict(recipe.judge_servers)
     for i, s in enumerate(recipe.rewards):
         if s.name != "judge":
             continue
         j = rewards.get(s.name, **s.params)
-        where = (f"{j.serve.get('replicas', 1)} vLLM server(s) of {j.serve.get('model') or recipe.model.path} started "
-                 "with the run") if j.serve is not None else ", ".join(j.urls)
+        where = (f"{served[i].replicas} vLLM server(s) of {served[i].model or recipe.model.path} started with the run"
+                 if i in served else ", ".join(j.urls))
         rps = "no rate limit" if j.requests_per_second is None else f"{j.requests_per_second:g} requests/s"
         lines.append(f"judge rewards[{i}]: {where}; {rps} and {j.max_concurrency} in flight per URL, split among "
                      f"{recipe.scorer.num_actors} scorer(s); deadline {j.deadline_s:g} s per scoring call; key: "

@@ -37,6 +37,26 @@ GRPO, EVALUATE, SFT, DISTILL = ("learner", "rollout"), ("rollout",), ("learner",
 GPU_SHARE = 0.5
 
 
+def server_group(name: str, cfg, model: str, served_name: str, log_dir: Path, seed: int, api_key_env: str | None,
+                 namespace: str, scheduling) -> ActorGroup:
+    """``cfg.replicas`` vLLM OpenAI-compatible servers of ``model`` (``actors/server.py``), one actor
+    each (``<name>-<i>``, in the placement bundles of those names), logging to
+    ``log_dir/<name>-<i>.log``: distillation's self-hosted teacher and a judge reward's ``serve``."""
+    return ActorGroup(name, VllmServer, cfg.replicas,
+                      lambda i: ((cfg, model, served_name, str(log_dir / f"{name}-{i}.log"), seed + i, api_key_env), {}),
+                      num_cpus=cfg.cpus_per_replica, num_gpus=cfg.gpus_per_replica, namespace=namespace,
+                      timeout_s=cfg.startup_timeout_s + 60, scheduling=scheduling)
+
+
+def stop_server_group(group: ActorGroup) -> None:
+    """Stop each server's process group, then the actors."""
+    try:
+        group.run_all(VllmServer.stop, timeout_s=60, control=True)
+    except Exception as e:  # noqa: BLE001 - dead already: killing the actor ends its server
+        log.warning("%s servers: stop: %s", group.name, e)
+    group.kill()
+
+
 def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
     """The recipe's placement groups: learner ranks and the reference packed together
     (``train``, role "learner"); one group per generator (``generator-<i>``:
@@ -229,13 +249,8 @@ class System:
             served = self.model_path if s.model in (None, "tiny") else s.model
             if Path(served).expanduser().exists():
                 served = str(Path(served).expanduser().resolve())  # the server actor's working directory is not ours
-            name = params.get("model") or "judge"
-            group = ActorGroup(f"judge-{k}", VllmServer, s.replicas,
-                               lambda i, k=k, s=s, served=served, name=name, params=params:
-                               ((s, served, name, str(log_dir / f"judge-{k}-{i}.log"), r.seed + i,
-                                 params.get("api_key_env")), {}),
-                               num_cpus=s.cpus_per_replica, num_gpus=s.gpus_per_replica, namespace=r.ray.namespace,
-                               timeout_s=s.startup_timeout_s + 60, scheduling=self.placement.strategy)
+            group = server_group(f"judge-{k}", s, served, params.get("model") or "judge", log_dir, r.seed,
+                                 params.get("api_key_env"), r.ray.namespace, self.placement.strategy)
             self.judge_servers.append(group)
             refs.append((k, group, group.call_all(VllmServer.wait_ready)))
         return refs
@@ -316,12 +331,9 @@ class System:
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:
-        for group in self.judge_servers:  # stop vLLM's server process group, then the actor
-            try:
-                group.run_all(VllmServer.stop, timeout_s=60, control=True)
-            except Exception as e:  # noqa: BLE001 - dead already: killing the actor ends its server
-                log.warning("judge servers: stop: %s", e)
-        for group in (self.scorers, self.generators, self.reference, self.teacher, self.learners, *self.judge_servers):
+        for group in self.judge_servers:
+            stop_server_group(group)
+        for group in (self.scorers, self.generators, self.reference, self.teacher, self.learners):
             if group is not None:
                 group.kill()
         kill_quietly(self.control)

@@ -28,6 +28,7 @@ from .schema import ConfigError
 from .validate import (
     check_resources,
     check_teacher_tokenizer,
+    env_secret,
     judge_keys,
     validate,
     validate_distill,
@@ -38,5 +39,5 @@ from .validate import (
 __all__ = ["EVAL_TASKS", "OPENR1_SYSTEM_PROMPT", "PACKAGE_DIR", "STAGE_TYPES", "TINY", "CheckpointConfig", "ConfigError",
            "DataConfig", "DistillConfig", "EvalConfig", "EvalSamplingConfig", "EvalTaskConfig", "GeneratorGroupConfig",
            "GrpoConfig", "LearnerGroupConfig", "ModelConfig", "RayConfig", "Recipe", "ReferenceConfig", "SftConfig",
-           "StageConfig", "StorageConfig", "check_resources", "check_teacher_tokenizer", "dump", "judge_keys", "joins_cluster",
-           "load_recipe", "recipe_dict", "resolve_recipe_path", "validate", "validate_distill", "validate_eval", "validate_loss"]
+           "StageConfig", "StorageConfig", "check_resources", "check_teacher_tokenizer", "dump", "env_secret",
+           "judge_keys", "joins_cluster", "load_recipe", "recipe_dict", "resolve_recipe_path", "validate", "validate_distill", "validate_eval", "validate_loss"]

@@ -499,19 +499,27 @@ def _check_judges(r: Recipe) -> None:
                                   "an integer >= 1")
             _positive(f"rewards[{i}].params.serve.cpus_per_replica", cfg.cpus_per_replica)
             _positive(f"rewards[{i}].params.serve.gpus_per_replica", cfg.gpus_per_replica, allow_zero=True)
-        if env is not None and not os.environ.get(env, "").strip():
-            raise ConfigError(f"config key 'rewards[{i}].params.api_key_env': the environment variable {env} is not "
-                              f"set (or empty); accepted: export {env}=<the judge's key> before running, or "
-                              "api_key_env null for an endpoint without a key")
+        if env is not None:
+            env_secret(env, f"rewards[{i}].params.api_key_env", "the judge's key")
+
+
+def env_secret(name: str, key: str, what: str = "your key"):
+    """The value of the environment variable ``name`` as a pydantic SecretStr (printed as
+    **********); ConfigError naming the config ``key`` that names the variable when it is unset."""
+    from pydantic import SecretStr
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"config key '{key}': the environment variable {name} is not set (or empty); accepted: "
+                          f"export {name}=<{what}> before running, or api_key_env null for an endpoint without a key")
+    return SecretStr(value)
 
 
 def judge_keys(r: Recipe) -> dict:
-    """The judges' API keys by the environment variable that holds each, as pydantic SecretStr
-    (printed as **********): what the scorer actors are given."""
-    from pydantic import SecretStr
-
-    names = {s.params.get("api_key_env") for s in r.rewards if s.name == "judge"} - {None}
-    return {name: SecretStr(os.environ.get(name, "").strip()) for name in sorted(names)}
+    """The judges' API keys by the environment variable that holds each: what the scorer actors
+    are given."""
+    return {s.params["api_key_env"]: env_secret(s.params["api_key_env"], f"rewards[{i}].params.api_key_env")
+            for i, s in enumerate(r.rewards) if s.name == "judge" and s.params.get("api_key_env") is not None}
 
 
 def check_teacher_tokenizer(r: Recipe, student) -> None:

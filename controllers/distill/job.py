@@ -33,7 +33,7 @@ from ...actors import storage as store
 from ...actors.server import VllmServer
 from ..common import interrupt
 from ..common.runlog import read_json, write_json_atomic
-from ..config import Recipe, dump
+from ..config import Recipe, dump, env_secret
 from ..config.schema import ConfigError
 from .pipeline import GOLD, JOURNAL, ROW, kept_indices, read_journal, repair_journal, scrub
 
@@ -52,17 +52,8 @@ class EndpointError(RuntimeError):
 def api_key(recipe: Recipe):
     """The key from the environment variable the recipe names, as a pydantic SecretStr (shown as
     ********** wherever it is printed); refused when that variable is unset."""
-    from pydantic import SecretStr
-
     name = recipe.distill.api_key_env
-    if name is None:
-        return None
-    value = os.environ.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"config key 'distill.api_key_env': the environment variable {name} is not set (or empty); "
-                          f"accepted: export {name}=<your key> before running, or api_key_env null for an endpoint "
-                          "without a key")
-    return SecretStr(value)
+    return None if name is None else env_secret(name, "distill.api_key_env")
 
 
 def teacher(recipe: Recipe) -> tuple[str, str | None, Path | None]:
@@ -176,20 +167,15 @@ def preflight(url: str, key, timeout_s: float) -> None:
 def start_servers(recipe: Recipe, served: str, name: str, out: Path):
     """The self-hosted teacher: ``serve.replicas`` VllmServer actors in placement groups of
     their own (one node's GPUs each), started together; (urls, group, placement)."""
-    from ...actors.server import VllmServer
-    from ...cluster.groups import ActorGroup
     from ...cluster.placement import Placement
-    from ..common.system import DISTILL, placement_plan
+    from ..common.system import DISTILL, placement_plan, server_group
 
     s = recipe.distill.serve
     placement = Placement(placement_plan(recipe, DISTILL), recipe.ray.namespace, recipe.ray.placement_timeout_s)
     group = None
     try:
-        group = ActorGroup("teacher", VllmServer, s.replicas,
-                           lambda i: ((s, served, name, str(out / "servers" / f"teacher-{i}.log"), recipe.seed + i,
-                                       recipe.distill.api_key_env), {}),
-                           num_cpus=s.cpus_per_replica, num_gpus=s.gpus_per_replica, namespace=recipe.ray.namespace,
-                           timeout_s=s.startup_timeout_s + 60, scheduling=placement.strategy)
+        group = server_group("teacher", s, served, name, out / "servers", recipe.seed, recipe.distill.api_key_env,
+                             recipe.ray.namespace, placement.strategy)
         t0 = time.perf_counter()
         urls = group.run_all(VllmServer.wait_ready, timeout_s=s.startup_timeout_s + 60)
         log.info("teacher: %d vLLM server(s) of %s ready in %.0f s: %s", len(urls), served, time.perf_counter() - t0,
@@ -201,12 +187,10 @@ def start_servers(recipe: Recipe, served: str, name: str, out: Path):
 
 
 def stop_servers(group, placement) -> None:
+    from ..common.system import stop_server_group
+
     if group is not None:
-        try:
-            group.run_all(VllmServer.stop, timeout_s=60, control=True)
-        except Exception as e:  # noqa: BLE001 - dead already: killing the actor ends its server
-            log.warning("teacher servers: stop: %s", e)
-        group.kill()
+        stop_server_group(group)
     if placement is not None:
         placement.remove()
 
