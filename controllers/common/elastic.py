@@ -30,7 +30,6 @@ that wait for weights) the current version is sent again (``resync``).
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from ray.exceptions import RayActorError
 
 from ...actors.generator import Generator
 from ...actors.scorer import RewardScorer
+from ...cluster import transport
 from ...cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
 from ...cluster.placement import Bundles
 from ..config import Recipe
@@ -390,7 +390,7 @@ class Elastic:
     # -- resize by hand ----------------------------------------------------------------------
     def heartbeat(self, every_s: float) -> None:
         """At most every ``every_s``: stranded reservations, then the run's RunControl actor."""
-        now = time.monotonic()
+        now = transport.now()
         if now - self.polled < every_s:
             return
         self.polled = now

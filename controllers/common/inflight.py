@@ -1,19 +1,17 @@
 """The driver's work in flight: what each piece waits on, which actors do it, and its deadline.
 
-Ray-free bookkeeping around ``ray.wait``: ``InFlight.next_done`` hands back finished work one
+Ray-free bookkeeping around ``ray.wait`` (through ``cluster/transport.py``): ``InFlight.next_done`` hands back finished work one
 piece at a time, while the system's watchdog pings the actors and work past its deadline
 ends the run with the actors' names and what they were doing.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-import ray
-
+from ...cluster import transport
 from ...cluster.groups import RemoteCallError, Watchdog
 
 
@@ -27,7 +25,7 @@ class Work:
     actor: int | None = None  # the generator or scorer doing it (load balancing)
     version: int | None = None  # train: the version it trains at; sync: the version it publishes
     who: list[str] = field(default_factory=list)  # the actors doing it, by name (default: the refs' owners)
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=transport.now)
     deadline: float = math.inf  # perf_counter time, set by InFlight.submit
     value: Any = None  # the results: a list for train and sync (one per ref), else the one result
     # (or the parts' lists joined: reference log-probs from the learner ranks)
@@ -106,14 +104,14 @@ class InFlight:
         """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
         while True:
             refs = [ref for w in self.work for ref in w.pending]
-            wait_s = min(self.dog.every_s, min(w.deadline for w in self.work) - time.perf_counter())
+            wait_s = min(self.dog.every_s, min(w.deadline for w in self.work) - transport.now())
             if all(w.stage == "join" for w in self.work):
                 wait_s = min(wait_s, 1.0)  # the driver re-checks control (r1ray scale) meanwhile
-            done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, wait_s), fetch_local=True)
+            done = transport.wait(refs, max(0.0, wait_s))
             if done:
                 work = next(w for w in self.work if done[0] in w.pending)
                 try:
-                    work.values[done[0]] = ray.get(done[0], timeout=0)
+                    work.values[done[0]] = transport.get(done[0])
                 except Exception as e:  # noqa: BLE001 - every failure becomes one named error
                     # the driver may repair the work of a lost actor (dead, or its vLLM engine dead)
                     # or a weight sync a lost generator broke; anything else ends the run
@@ -144,12 +142,12 @@ class InFlight:
         values = [work.values[ref] for ref in work.refs]
         work.value = values if work.stage in ("train", "sync") else values[0] if len(values) == 1 else \
             [x for part in values for x in part]  # reference log-probs sharded over the learner ranks
-        seconds = time.perf_counter() - work.started
+        seconds = transport.now() - work.started
         self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), seconds / max(1, self.samples(work)))
         return work
 
     def _check_deadlines(self) -> None:
-        now = time.perf_counter()
+        now = transport.now()
         late = [w for w in self.work if now > w.deadline]
         if not late:
             return
@@ -165,7 +163,7 @@ class InFlight:
 
     def doing(self, name: str) -> str:
         """What actor ``name`` is doing, for error messages."""
-        now = time.perf_counter()
+        now = transport.now()
         for w in self.work:
             if name in w.who:
                 step = f" at version {w.version}" if w.version is not None else ""

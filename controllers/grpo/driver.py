@@ -7,11 +7,11 @@ samples.jsonl records them.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from ...actors.batching import learner_shards
 from ...actors.learner import LearnerRank
+from ...cluster import transport
 from ...cluster.ray_metrics import RunMetrics
 from ..common import interrupt
 from ..common.checkpoint import Checkpoints
@@ -63,7 +63,7 @@ class GrpoDriver:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, progress=None) -> list[dict]:
-        self.t0, self.wall0 = time.perf_counter(), time.time()
+        self.t0, self.wall0 = transport.now(), transport.wall()
         self.t_last = self.t0
         self.telemetry.window_start = self.wall0
         self.system.watchdog.doing = self.inflight.doing
@@ -97,7 +97,7 @@ class GrpoDriver:
                                              stale=f"{record['staleness/mean']:.2f}", refresh=False)
                         progress.update(1)
         self.finish()
-        self.t1, self.wall1 = time.perf_counter(), time.time()
+        self.t1, self.wall1 = transport.now(), transport.wall()
         self.system.watchdog.doing = lambda name: ""
         self.system.watchdog.on_lost = self.inflight.on_lost = None
         return self.records
@@ -139,7 +139,7 @@ class GrpoDriver:
                                     self.done.state(step, version, max(g.seq for g in work.groups),
                                                     self.books.histogram, self.rewards.names))
         window, self.window_counts = dict(self.window_counts), Counter()
-        now = time.perf_counter()
+        now = transport.now()
         self.unsynced[version] = step_record(step, version, work.version, rollouts, work.value, self.rewards.names,
                                              self.G, now - self.t_last,
                                              {**window, **self.telemetry.window(), **self.queue_depths()})
@@ -154,14 +154,14 @@ class GrpoDriver:
         written = []
         for version in sorted(v for v in self.unsynced if v <= work.version):
             record = self.unsynced.pop(version)
-            record["time/weight_sync_s"] = time.perf_counter() - work.started
+            record["time/weight_sync_s"] = transport.now() - work.started
             every = self.r.eval.every_steps
             if self.benchmark_step is not None and every and record["step"] % every == 0:
                 # The generators hold exactly this step's weights now. The loop waits meanwhile, so
                 # the work in flight gets the evaluation's time added to its deadlines.
-                t0 = time.perf_counter()
+                t0 = transport.now()
                 record.update(self.benchmark_step(record["step"], self.rewards.dropped))
-                record["time/eval_s"] = time.perf_counter() - t0
+                record["time/eval_s"] = transport.now() - t0
                 self.inflight.postpone(record["time/eval_s"])
             self.metrics.write(record)
             self.ray_metrics.record(record)

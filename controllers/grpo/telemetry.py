@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from ...cluster.groups import RemoteCallError, get
+from ...cluster import transport
+from ...cluster.groups import RemoteCallError
 
 
 def _covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -89,7 +89,7 @@ class SpanCollector:
 
     def __init__(self, system):
         self.system, self.spans = system, []
-        self.window_start = time.time()
+        self.window_start = transport.wall()
 
     def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
         """(group, the span kinds that count as its busy time, actors) for utilisation."""
@@ -110,7 +110,7 @@ class SpanCollector:
                  for name, ref in zip(grp.names(), grp.call_all(grp.cls.drain_spans, control=True))]
         for grp, name, ref in calls:
             try:
-                part = get(ref, s.timeout, "drain_spans", s.watchdog)
+                part = grp.get(ref, "drain_spans", s.timeout)
             except RemoteCallError:
                 if grp.elastic:  # lost meanwhile: the driver replaces it; its spans are gone with it
                     continue
@@ -121,7 +121,7 @@ class SpanCollector:
 
     def window(self) -> dict:
         """``step_timing`` since the previous call (a learner step's window)."""
-        now = time.time()
+        now = transport.wall()
         self.drain()
         out = step_timing(self.spans, self.window_start, now, self.groups())
         self.window_start = now
