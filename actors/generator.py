@@ -107,10 +107,11 @@ class Generator:
         return f"Generator({self.cfg.backend}, v{self.version})"
 
     def generate(self, prompts: list[dict], n: int, sampling: SamplingConfig, greedy: bool = False,
-                 chunk_tokens: int = 0) -> list[Rollout]:
+                 chunk_tokens: int = 0, first_sample: int = 0) -> list[Rollout]:
         """``prompts``: dicts with ``prompt_id``, ``prompt_ids`` and optional ``columns``.
 
-        Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order; each token
+        Returns ``len(prompts) * n`` rollouts, grouped by prompt in input order (sample ids
+        ``<prompt_id>/<k>`` from ``k = first_sample``: a call for part of a group); each token
         records the policy version that produced it. ``vllm``: weight updates land while the
         request runs (``cfg.pause_mode``). ``hf``: weights that arrived meanwhile are adopted
         before the request starts; with ``chunk_tokens`` > 0 also every ``chunk_tokens`` tokens,
@@ -124,7 +125,7 @@ class Generator:
                 prompt_ids = [p["prompt_ids"] for p in prompts]
                 if self.tools:
                     budget = self.rollout.budget(sampling.max_new_tokens)
-                    return self._rollouts(prompts, n, self._engine.episodes(prompts, n, sampling, greedy, budget,
+                    return self._rollouts(prompts, n, first_sample, self._engine.episodes(prompts, n, sampling, greedy, budget,
                                                                             self.tools))
                 seqs = []
                 for p, (ids, lps, reason, versions) in zip((p for p in prompt_ids for _ in range(n)),
@@ -132,7 +133,7 @@ class Generator:
                     q = Trajectory(p)
                     q.ids, q.lps, q.versions, q.mask, q.reason = ids, lps, versions, [1] * len(ids), reason
                     seqs.append(q)
-                return self._rollouts(prompts, n, seqs)
+                return self._rollouts(prompts, n, first_sample, seqs)
         with self._lock, self.spans.span("generate", sequences=len(prompts) * n):
             self._adopt_pending()
             seqs = [Trajectory(p["prompt_ids"]) for p in prompts for _ in range(n)]
@@ -184,16 +185,16 @@ class Generator:
                     finally:
                         self._lock.acquire()
                 first = False
-            return self._rollouts(prompts, n, seqs)
+            return self._rollouts(prompts, n, first_sample, seqs)
 
-    def _rollouts(self, prompts: list[dict], n: int, seqs: list[Trajectory]) -> list[Rollout]:
+    def _rollouts(self, prompts: list[dict], n: int, first_sample: int, seqs: list[Trajectory]) -> list[Rollout]:
         out = []
         decode = self._engine.tokenizer.decode
         for i, p in enumerate(prompts):
             for k in range(n):
                 q = seqs[i * n + k]
                 r = Rollout(
-                    sample_id=f"{p['prompt_id']}/{k}", prompt_id=p["prompt_id"], prompt_ids=list(p["prompt_ids"]),
+                    sample_id=f"{p['prompt_id']}/{first_sample + k}", prompt_id=p["prompt_id"], prompt_ids=list(p["prompt_ids"]),
                     completion_ids=q.ids, logprobs=q.lps, versions=q.versions, finish_reason=q.reason,
                     text=decode(q.ids, skip_special_tokens=True), columns=dict(p.get("columns", {})))
                 if self.tools:

@@ -667,11 +667,12 @@ class LearnerRank:
         self.generator = Generator(self.model_path, cfg, seed, device=str(self.device), rollout=rollout,
                                    module=self.engine.module)
 
-    def generate(self, prompts: list[dict], n: int, sampling, greedy: bool = False, chunk_tokens: int = 0) -> list:
+    def generate(self, prompts: list[dict], n: int, sampling, greedy: bool = False, chunk_tokens: int = 0,
+                 first_sample: int = 0) -> list:
         """``Generator.generate`` on the hosted generator, the module in eval mode (no dropout);
         training sets train mode again."""
         self.engine.module.eval()
-        return self.generator.generate(prompts, n, sampling, greedy, chunk_tokens)
+        return self.generator.generate(prompts, n, sampling, greedy, chunk_tokens, first_sample)
 
     def adopt_weights(self, version: int) -> float:
         """Colocate: the module is already the new policy; later tokens are labelled ``version``."""

@@ -71,7 +71,8 @@ def placement_plan(r: Recipe, roles: tuple[str, ...] = GRPO) -> list[Bundles]:
         for i in range(r.generator.num_actors):
             train.share(f"generator-{i}", f"learner-rank-{i}", r.generator.cpus_per_actor)
     if r.reference_actor and "rollout" in roles:
-        train.add("reference-0", r.reference.cpus, r.reference.gpus)
+        for i in range(r.reference.num_actors):
+            train.add(f"reference-{i}", r.reference.cpus, r.reference.gpus)
     plans = [train] if "learner" in roles else []
     if r.teacher_actor and roles == GRPO:  # on-policy distillation: a group each, like the scorers
         for i in range(r.teacher.num_actors):
@@ -188,7 +189,7 @@ class System:
                                   scheduling=place)
         if self.uses_reference and self.training and self.rollout:
             rc = r.reference
-            self.reference = ActorGroup("reference", Reference, 1,
+            self.reference = ActorGroup("reference", Reference, rc.num_actors,
                                         lambda i: ((self.model_path, "float32" if r.learner.dtype == "float32" else "bfloat16",
                                                     rc.micro_batch_size, r.learner.loss.temperature,
                                                     r.learner.threads_per_rank), {"logits_dtype": r.learner.logits_dtype}),
@@ -231,7 +232,7 @@ class System:
             group.watchdog = self.watchdog
         up = ([f"{n} learner ranks ({infos[0]['params']:,} params)"] if self.training else []) + \
             ([f"{len(self.generators)} generators", f"{len(self.scorers)} scorers"] if self.rollout else []) + \
-            (["1 reference"] if self.reference else []) + ([f"{len(self.teacher)} teachers"] if self.teacher else [])
+            ([f"{len(self.reference)} reference"] if self.reference else []) + ([f"{len(self.teacher)} teachers"] if self.teacher else [])
         log.info("actors up in %.1fs: %s", time.perf_counter() - t0, ", ".join(up))
         return self
 

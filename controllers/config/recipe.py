@@ -102,8 +102,12 @@ class LearnerGroupConfig(LearnerConfig):
 
 @dataclass
 class ReferenceConfig:
-    cpus: float = 0.25
-    gpus: float = 0.0
+    cpus: float = 0.25  # per reference actor
+    gpus: float = 0.0  # per reference actor
+    # Reference actors: each group's log-prob call goes to the least loaded one. One reference
+    # GPU keeps up with about 4 learner ranks' GPUs (2N vs 8N FLOPs a token with gradient
+    # checkpointing): scale it with the learner ranks (benchmarks/simulate.py).
+    num_actors: int = 1
     micro_batch_size: int = 64
     # With learner.lora: the reference log-probs come from the learner ranks with their adapters
     # switched off (the frozen base; after an SFT warm-up, the warmed-up model): no reference
@@ -166,6 +170,11 @@ class GrpoConfig:
     mask_truncated_completions: bool = False  # completions cut at sampling.max_new_tokens get no loss (DAPO)
     max_staleness: int = 0  # eta: samples are at most this many versions old; 0 = synchronous on-policy
     groups_per_request: int = 0  # prompt groups per generate call; 0: prompts_per_step / generators
+    # vLLM: a group's completions in requests of this many, each scored and given reference (and
+    # teacher) log-probs as soon as it finishes, the group re-assembled before its advantages; 0:
+    # the whole group in one request (a group waits for its longest completion). 1 streams each
+    # completion on its own (benchmarks/simulate.py measures the gain).
+    completions_per_request: int = 0
     partial_rollout_tokens: int = 0  # > 0: generators adopt new weights mid-request every N tokens
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, sample until the batch is full
     log_completions_every: int = 0  # 0: never; N: write a few completions every N steps

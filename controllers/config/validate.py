@@ -72,6 +72,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     for key, value in [("grpo.num_generations", g.num_generations), ("grpo.prompts_per_step", g.prompts_per_step),
                        ("learner.num_ranks", lc.num_ranks), ("learner.micro_batch_size", lc.micro_batch_size),
                        ("generator.num_actors", r.generator.num_actors), ("scorer.num_actors", r.scorer.num_actors),
+                       ("reference.num_actors", r.reference.num_actors),
                        ("scorer.workers_per_actor", r.scorer.workers_per_actor), ("sampling.max_new_tokens", r.sampling.max_new_tokens),
                        ("sampling.temperature", r.sampling.temperature), ("learner.optim.lr", lc.optim.lr),
                        ("scorer.timeout_s", r.scorer.timeout_s), ("ray.call_timeout_s", r.ray.call_timeout_s),
@@ -173,6 +174,13 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     except ValueError as e:
         raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
     gen = r.generator
+    if not 0 <= g.completions_per_request <= g.num_generations:
+        raise ConfigError(f"config key 'grpo.completions_per_request': got {g.completions_per_request}; accepted: 0 (the "
+                          f"whole group in one request) to num_generations ({g.num_generations})")
+    if g.completions_per_request and gen.backend != "vllm":
+        raise ConfigError(f"config key 'grpo.completions_per_request': got {g.completions_per_request} with generator "
+                          f"backend {gen.backend!r}; accepted: 0, or backend 'vllm' (hf generators batch a whole call, "
+                          "so parts of a group would run one after another)")
     for key, value in [("generator.bucket_mb", gen.bucket_mb), ("generator.max_requests", gen.max_requests),
                        ("generator.tensor_parallel_size", gen.tensor_parallel_size),
                        ("ray.placement_timeout_s", r.ray.placement_timeout_s),
@@ -415,8 +423,9 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
     own = 0 if r.hosts_generator else r.generator.num_actors  # colocated hf: the generator is in learner rank 0
     # colocated vLLM: each generator shares a learner rank's GPU (and adds its CPUs to the rank's bundle)
     need_gpus = lc.num_ranks * lc.gpus_per_rank + (0 if r.colocated else own * r.generator.gpus_per_actor)
+    reference_cpus = r.reference.num_actors * r.reference.cpus if r.reference_actor else 0
     if r.reference_actor:
-        need_gpus += r.reference.gpus
+        need_gpus += r.reference.num_actors * r.reference.gpus
     teacher_cpus = r.teacher.num_actors * r.teacher.cpus if r.teacher_actor else 0
     if r.teacher_actor:
         need_gpus += r.teacher.num_actors * r.teacher.gpus
@@ -425,21 +434,24 @@ def check_resources(r: Recipe, cpus: float | None = None, gpus: float | None = N
     if learners_only:
         need_gpus = lc.num_ranks * lc.gpus_per_rank
     if need_gpus > gpus:
-        raise ConfigError(f"config keys 'learner.gpus_per_rank' / 'generator.gpus_per_actor': the recipe needs {need_gpus} "
-                          f"GPUs but {gpus} are available; accepted: at most {gpus} GPUs in all")
+        ref_gpus = r.reference.num_actors * r.reference.gpus if r.reference_actor else 0
+        raise ConfigError(f"config keys 'learner.gpus_per_rank' / 'generator.gpus_per_actor' / 'reference.num_actors': "
+                          f"the recipe needs {need_gpus:g} GPUs (learner {lc.num_ranks * lc.gpus_per_rank:g}, reference "
+                          f"{ref_gpus:g}, generators and others {need_gpus - lc.num_ranks * lc.gpus_per_rank - ref_gpus:g}) "
+                          f"but {gpus:g} are available; accepted: at most {gpus:g} GPUs in all")
     if learners_only:
         if need_gpus > gpus:
             raise ConfigError(f"config key 'learner.gpus_per_rank': the learner ranks need {need_gpus} GPUs but {gpus} "
                               f"are available; accepted: at most {gpus} GPUs in all")
         return
     total = (need_learner_cpus + own * r.generator.cpus_per_actor
-             + r.scorer.num_actors * r.scorer.cpus_per_actor + (r.reference.cpus if r.reference_actor else 0)
+             + r.scorer.num_actors * r.scorer.cpus_per_actor + reference_cpus
              + teacher_cpus + judge_cpus)
     if total > cpus:
         raise ConfigError(f"config: the actors ask for {total:g} CPUs in all (learner {need_learner_cpus:g}, generator "
                           f"{own * r.generator.cpus_per_actor:g}, scorer "
                           f"{r.scorer.num_actors * r.scorer.cpus_per_actor:g}, reference "
-                          f"{r.reference.cpus if r.reference_actor else 0:g}, teacher {teacher_cpus:g}, judge servers "
+                          f"{reference_cpus:g}, teacher {teacher_cpus:g}, judge servers "
                           f"{judge_cpus:g}) but {cpus} "
                           "are available; "
                           "accepted: lower *.cpus_per_* or the actor counts")

@@ -23,10 +23,41 @@ class Group:
     rollouts: list[Rollout] = field(default_factory=list)
 
 
-def attach(groups: list[Group], rollouts: list[Rollout], group_size: int) -> None:
-    """Hand each group its ``group_size`` rollouts (a call returns them in the groups' order)."""
-    for k, g in enumerate(groups):
-        g.rollouts = rollouts[k * group_size : (k + 1) * group_size]
+@dataclass(eq=False)
+class Part:
+    """Completions ``first`` .. ``first + count - 1`` of ``group``: generated, scored and given
+    log-probs on their own (``grpo.completions_per_request``); their rollouts are the group's."""
+
+    group: Group
+    first: int
+    count: int
+    rollouts: list[Rollout] = field(default_factory=list)
+
+    @property
+    def seq(self) -> int:
+        return self.group.seq
+
+    @property
+    def prompt(self) -> dict:
+        return self.group.prompt
+
+
+def split(group: Group, group_size: int, per_request: int) -> list[Part]:
+    """``group`` as parts of ``per_request`` completions (the last may be smaller)."""
+    group.rollouts = [None] * group_size
+    return [Part(group, k, min(per_request, group_size - k)) for k in range(0, group_size, per_request)]
+
+
+def attach(units: list, rollouts: list[Rollout], group_size: int) -> None:
+    """Hand each group (or part of one) its rollouts (a call returns them in the units' order);
+    a part's rollouts take their places in its group."""
+    start = 0
+    for u in units:
+        n = u.count if isinstance(u, Part) else group_size
+        u.rollouts = rollouts[start : start + n]
+        if isinstance(u, Part):
+            u.group.rollouts[u.first : u.first + n] = u.rollouts
+        start += n
 
 
 class DynamicSampling:

@@ -1,7 +1,8 @@
 """The rollout side of the GRPO loop: prompt groups admitted under the staleness bound, then
 generated, scored, (when the KL weight is on) given reference log-probs and (with a teacher)
 the teacher's log-probs, both at once, and held until the learner takes them, in admission
-order."""
+order. With ``grpo.completions_per_request`` a group goes through those stages in parts, each
+as soon as its completions are done, and is whole again before it is ready."""
 from __future__ import annotations
 
 from ...actors.generator import Generator
@@ -14,7 +15,7 @@ from ..common.elastic import Elastic
 from ..common.inflight import InFlight, Work
 from ..common.system import System
 from ..config import Recipe
-from .groups import DynamicSampling, Group, attach
+from .groups import DynamicSampling, Group, Part, attach, split
 from .reward_book import RewardBook
 from .staleness import StalenessManager
 
@@ -29,15 +30,21 @@ class RolloutStream:
         self.books, self.inflight, self.rewards, self.tally = books, inflight, rewards, tally
         g = recipe.grpo
         self.G = g.num_generations
-        # vLLM: one group per call, so each returns the moment its G completions are done.
+        # vLLM: one group per call, so each returns the moment its G completions are done (or one
+        # part of a group: completions_per_request).
         self.per_request = g.groups_per_request or (
             1 if system.batches_requests else max(1, g.prompts_per_step // len(system.generators)))
+        self.split = 0 < g.completions_per_request < self.G
+        if self.split:
+            self.per_request = 1
         self.sampler = EpochSampler(len(data.train), recipe.seed, data.train_rows)
         if taken:
             self.sampler.seek(taken)  # a resumed run: the same data order from where it stopped
         self.filter = DynamicSampling(g.dynamic_sampling, g.prompts_per_step)
         self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
-        self.parts: dict[int, int] = {}  # seq -> log-prob parts (reference, teacher) still to come
+        # seq -> completions x log-prob stages (reference, teacher) still to come
+        self.parts: dict[int, int] = {}
+        self.scored: dict[int, int] = {}  # seq -> completions scored (groups in parts)
         self.elastic: Elastic | None = None  # set by the driver: its generators, and the groups to redo
 
     def admit(self) -> None:
@@ -52,13 +59,25 @@ class RolloutStream:
                 idx, pid = self.sampler.take(1)[0]
                 seq, at = self.books.admit()
                 groups.append(Group(seq, self.renderer.prompt(self.train[idx], pid), at))
-            self.generate(groups)
+            if not self.split:
+                self.generate(groups)
+                continue
+            for g in groups:
+                for part in split(g, self.G, self.r.grpo.completions_per_request):
+                    self.generate([part])
 
-    def generate(self, groups: list[Group]) -> None:
+    def size(self, units: list) -> int:
+        """Completions of ``units`` (groups, or parts of groups)."""
+        return sum(u.count if isinstance(u, Part) else self.G for u in units)
+
+    def generate(self, units: list) -> None:
+        """One generate call for ``units``: groups, or one part of a group."""
         i = self.inflight.pick("generate", len(self.system.generators), self.elastic.usable())
-        ref = self.system.generators.call(i, Generator.generate, [g.prompt for g in groups], self.G, self.r.sampling,
-                                          False, self.r.grpo.partial_rollout_tokens)
-        self.inflight.submit(Work("generate", [ref], groups, actor=i))
+        part = units[0] if isinstance(units[0], Part) else None
+        n, kw = (part.count, {"first_sample": part.first}) if part else (self.G, {})
+        ref = self.system.generators.call(i, Generator.generate, [u.prompt for u in units], n, self.r.sampling,
+                                          False, self.r.grpo.partial_rollout_tokens, **kw)
+        self.inflight.submit(Work("generate", [ref], units, actor=i, samples=self.size(units)))
 
     def on_generated(self, work: Work) -> None:
         attach(work.groups, work.value, self.G)
@@ -67,55 +86,72 @@ class RolloutStream:
             return
         self.score(work.groups)
 
-    def score(self, groups: list[Group]) -> None:
+    def score(self, units: list) -> None:
         j = self.inflight.pick("score", len(self.system.scorers), self.system.scorers.ready())
-        rollouts = [r for g in groups for r in g.rollouts]
-        self.inflight.submit(Work("score", [self.system.scorers.call(j, RewardScorer.score, rollouts)], groups, actor=j))
+        rollouts = [r for u in units for r in u.rollouts]
+        self.inflight.submit(Work("score", [self.system.scorers.call(j, RewardScorer.score, rollouts)], units, actor=j,
+                                  samples=len(rollouts)))
 
     def on_scored(self, work: Work) -> None:
         scores = work.value  # only numbers come back: they go onto the driver's rollouts
-        scores.apply([r for g in work.groups for r in g.rollouts])
+        scores.apply([r for u in work.groups for r in u.rollouts])
         self.rewards.add(scores.stats)
-        kept = [g for g in work.groups if self._keep(g)]
-        if not kept:
-            return
-        samples = [TrainSample.of(r) for g in kept for r in g.rollouts]
-        parts = []
+        if self.split and self.filter.on:  # dynamic sampling needs the group's every reward first
+            whole = []
+            for part in work.groups:
+                self.scored[part.seq] = self.scored.get(part.seq, 0) + part.count
+                if self.scored[part.seq] == self.G:
+                    del self.scored[part.seq]
+                    whole.append(part.group)
+            units = whole
+        else:
+            units = work.groups
+        kept = [u for u in units if isinstance(u, Part) or self._keep(u)]
+        if kept:
+            self.log_probs(kept)
+
+    def log_probs(self, units: list) -> None:
+        """The reference's and the teacher's log-probs of ``units``' completions, both at once."""
+        samples = [TrainSample.of(r) for u in units for r in u.rollouts]
+        parts, n = [], len(samples)
         if self.system.reference is not None:
-            parts.append(Work("reference", [self.system.reference.call(0, Reference.logprobs, samples)], kept, actor=0))
+            ref = self.system.reference
+            k = self.inflight.pick("reference", len(ref), ref.ready())
+            parts.append(Work("reference", [ref.call(k, Reference.logprobs, samples)], units, actor=k, samples=n))
         elif self.r.reference_on_learner:  # LoRA: the learner ranks, adapters off, between train steps
-            parts.append(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples), kept,
-                              queue="learner"))
+            parts.append(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples), units,
+                              queue="learner", samples=n))
         if self.system.teacher is not None:  # on-policy distillation: beside the reference, not after it
             k = self.inflight.pick("teacher", len(self.system.teacher), self.system.teacher.ready())
-            parts.append(Work("teacher", [self.system.teacher.call(k, Reference.logprobs, samples)], kept, actor=k))
+            parts.append(Work("teacher", [self.system.teacher.call(k, Reference.logprobs, samples)], units, actor=k,
+                              samples=n))
+        for u in units:  # (a group's first unit sets its count: every completion through every stage)
+            self.parts.setdefault(u.seq, self.G * max(1, len(parts)))
         if not parts:
-            self._ready(kept)
-            return
-        for g in kept:
-            self.parts[g.seq] = len(parts)
+            self._part_done(units)
         for part in parts:
             self.inflight.submit(part)
 
     def on_referenced(self, work: Work) -> None:
-        for r, lp in zip((r for g in work.groups for r in g.rollouts), work.value):
+        for r, lp in zip((r for u in work.groups for r in u.rollouts), work.value):
             r.ref_logprobs = lp
         self._part_done(work.groups)
 
     def on_taught(self, work: Work) -> None:
-        """The teacher's log-probs of the groups' sampled tokens."""
-        for r, lp in zip((r for g in work.groups for r in g.rollouts), work.value):
+        """The teacher's log-probs of the units' sampled tokens."""
+        for r, lp in zip((r for u in work.groups for r in u.rollouts), work.value):
             r.teacher_logprobs = lp
         self._part_done(work.groups)
 
-    def _part_done(self, groups: list[Group]) -> None:
-        """One log-prob part of ``groups`` arrived; those with every part go to ``ready``."""
+    def _part_done(self, units: list) -> None:
+        """One log-prob stage of ``units`` arrived (or they need none); groups with every
+        completion through every stage go to ``ready``."""
         done = []
-        for g in groups:
-            self.parts[g.seq] -= 1
-            if not self.parts[g.seq]:
-                del self.parts[g.seq]
-                done.append(g)
+        for u in units:
+            self.parts[u.seq] -= self.size([u])
+            if self.parts[u.seq] <= 0:
+                del self.parts[u.seq]
+                done.append(u.group if isinstance(u, Part) else u)
         self._ready(done)
 
     def take_batch(self) -> list[Group] | None:

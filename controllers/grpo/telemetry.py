@@ -99,7 +99,7 @@ class SpanCollector:
                # ref_logprobs: LoRA's reference, the learner with its adapters off
                ("learner", ("train", "export_weights", "send_weights", "ref_logprobs"), len(s.learners))]
         if s.reference is not None:
-            out.append(("reference", ("ref_logprobs",), 1))
+            out.append(("reference", ("ref_logprobs",), len(s.reference.ready())))
         if s.teacher is not None:
             out.append(("teacher", ("teacher_logprobs",), len(s.teacher.ready())))
         return out

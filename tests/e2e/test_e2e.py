@@ -147,10 +147,19 @@ def test_tiny_recipe_end_to_end_hf_backend(tmp_path, tiny_world):
 
 @pytest.mark.timeout(900)
 def test_tiny_recipe_end_to_end_vllm_backend_zero3(tmp_path, tiny_world):
+    """Also streams each completion on its own (grpo.completions_per_request=1): every group
+    trains whole, its four completions generated, scored and referenced one by one."""
     pytest.importorskip("vllm")
     out, _ = _train(tmp_path, tiny_world, "vllm", ["--set", "learner.zero_stage=3", "--set", "generator.max_model_len=96",
-                                                   "--set", "generator.bucket_mb=1", *EVAL_EVERY_2])
+                                                   "--set", "generator.bucket_mb=1", "--set", "grpo.completions_per_request=1",
+                                                   *EVAL_EVERY_2])
     _check_run(out, vllm=True)
+    groups = {}
+    for s in _samples(out):
+        groups.setdefault((s["step"], s["sample_id"].rsplit("/", 1)[0]), []).append(int(s["sample_id"].rsplit("/", 1)[1]))
+    assert all(sorted(ks) == [0, 1, 2, 3] for ks in groups.values()) and len(groups) == 3 * 4
+    boxes = [e for e in json.loads((out / "timeline.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert sum(e["name"] == "score" for e in boxes) >= 3 * 16  # one call per completion
     _check_evaluated_during_training(out, every=2)  # on the vLLM generators
 
 

@@ -24,6 +24,17 @@ def test_the_h100_recipe_plans_one_node():
     assert "does not fit" in unplaceable(plans, [{"CPU": 128, "GPU": 7}])
 
 
+def test_reference_actors_each_get_a_bundle_and_are_counted():
+    plans = placement_plan(_gpu_recipe("reference.num_actors=2", "generator.num_actors=2", gpus=8))
+    train = plans[0]
+    assert [o for o, _ in train.bundles][-2:] == ["reference-0", "reference-1"]
+    assert train.total() == {"CPU": 20, "GPU": 6}
+    with pytest.raises(ConfigError, match=r"needs 9 GPUs \(learner 4, reference 2, generators and others 3\) but 8 are available"):
+        _gpu_recipe("reference.num_actors=2")
+    with pytest.raises(ConfigError, match="'reference.num_actors': got 0"):
+        _gpu_recipe("reference.num_actors=0")
+
+
 def test_tensor_parallel_generators_need_their_gpus_on_one_node():
     r = _gpu_recipe("generator.num_actors=1", "generator.tensor_parallel_size=4", "generator.gpus_per_actor=4", gpus=16)
     plans = placement_plan(r)
