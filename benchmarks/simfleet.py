@@ -1,0 +1,898 @@
+"""A simulated fleet for the GRPO driver: its actors, their devices and a clock, no Ray, no model.
+
+``benchmarks/simulate.py`` runs r1ray's own ``GrpoDriver`` (admission, the staleness bound,
+the in-flight table, elastic slots, weight-sync sequencing) against this fleet: ``SimSystem``
+is a ``System`` whose groups are ``SimGroup`` s, ``ActorGroup`` s whose calls (checked
+against the real actor classes' signatures, as every call is) go to simulated actors, and
+``SimTransport`` is installed as the driver's transport (``cluster/transport.py``), so its
+waits advance a simulated clock from one event to the next.
+
+Devices:
+
+- ``Pool``: actors that run their work calls one at a time in order (Ray's default), on
+  ``cores`` shared by every busy actor of the pool (processor sharing: each running call
+  progresses at ``min(1, cores / demand)`` of its solo speed). One pool with the CPU's cores
+  models the tiny recipe on this machine; a pool per GPU (``cores=inf``) a learner rank, the
+  reference or a scorer on its own device.
+- ``VllmDevice``: a vLLM engine: continuous batching of up to ``max_num_seqs`` sequences,
+  each decoding one token per engine step, the step's time from the cost model's
+  ``decode_step(running, context)``; prefill of a new prompt stalls the batch
+  (``prefill``); a weight update pauses it (``pause_mode: keep``). A generate call returns
+  when its last sequence does.
+
+Costs come from a ``CostModel`` (``GpuCosts`` from published figures, ``CpuCosts`` measured
+from a run's timeline); completion lengths from ``Lengths``.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from r1ray.actors.generator import Generator
+from r1ray.actors.learner import GrpoStats, LearnerRank
+from r1ray.actors.reference import Reference
+from r1ray.actors.rollout import Rollout
+from r1ray.actors.scorer import RewardScorer, Scores
+from r1ray.cluster.groups import ActorGroup, Watchdog
+from r1ray.controllers.common.data import PreparedData
+from r1ray.controllers.common.system import GRPO, System
+
+WALL0 = 1.8e9  # the simulated wall clock's epoch seconds at time 0 (the actors' spans use it)
+EPS = 1e-9
+
+
+# -- the clock and the refs ------------------------------------------------------------------
+class Ref:
+    """A simulated object ref: done once its call finished."""
+
+    __slots__ = ("value", "error", "done", "then")
+
+    def __init__(self):
+        self.value, self.error, self.done, self.then = None, None, False, []
+
+
+class SimTransport:
+    """The driver's transport over the simulated fleet: ``wait`` runs the devices' events in
+    time order until one of the refs is done or the timeout passes on the simulated clock.
+    ``calls`` counts what a run would ask of Ray (remote calls, waits, gets)."""
+
+    def __init__(self, latency_s: float = 0.0):
+        self.t = 0.0
+        self.latency_s = latency_s  # from a work call to its start on the actor (Ray's dispatch)
+        self._timer = Pool(self)
+        self._heap: list = []
+        self._n = 0
+        self.calls: Counter = Counter()
+        self.sim_cpu_s = 0.0  # CPU seconds spent simulating the fleet (not the driver's)
+        self.finished: list[Ref] = []  # refs done in the current event
+
+    def now(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return WALL0 + self.t
+
+    def resolve(self, ref: Ref, value=None, error: BaseException | None = None) -> None:
+        ref.value, ref.error, ref.done = value, error, True
+        self.finished.append(ref)
+        then, ref.then = ref.then, []
+        for fn in then:
+            fn()
+
+    def push(self, device: "Device") -> None:
+        """(Re)schedule ``device``'s next event (its older entries become stale)."""
+        device.stamp += 1
+        t = device.next_time()
+        if t < math.inf:
+            self._n += 1
+            heapq.heappush(self._heap, (t, self._n, device.stamp, device))
+
+    def run_until(self, done, t_end: float) -> bool:
+        """Process events up to ``t_end`` until ``done()``; returns ``done()``."""
+        t0 = time.process_time()
+        try:
+            return self._run_until(done, t_end)
+        finally:
+            self.sim_cpu_s += time.process_time() - t0
+
+    def _run_until(self, done, t_end: float) -> bool:
+        while self._heap and not done():
+            t, _, stamp, dev = self._heap[0]
+            if stamp != dev.stamp:
+                heapq.heappop(self._heap)
+                continue
+            if t > t_end:
+                break
+            heapq.heappop(self._heap)
+            self.t = max(self.t, t)
+            dev.advance(self.t)
+            self.push(dev)
+        if not done():
+            if t_end == math.inf:
+                raise RuntimeError("simulation: the driver waits for work no device is doing (a deadlock)")
+            self.t = max(self.t, t_end)
+        return done()
+
+    def wait(self, refs: list, timeout: float) -> list:
+        self.calls["ray.wait"] += 1
+        first = next((r for r in refs if r.done), None)
+        if first is not None:
+            return [first]
+        wanted = set(refs)
+        self.finished = []
+        hit: list = []
+
+        def done() -> bool:
+            if self.finished:
+                hit.extend(r for r in self.finished if r in wanted)
+                self.finished = []
+            return bool(hit)
+
+        self.run_until(done, self.t + max(timeout, 1e-6))  # (a real wait takes some time, even of 0 s)
+        return hit[:1]
+
+    def get(self, ref: Ref):
+        self.calls["ray.get"] += 1
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def later(self, seconds: float, fn) -> None:
+        """``fn()`` after ``seconds`` on the simulated clock."""
+        ref = Ref()
+        ref.then.append(fn)
+        self._timer.submit(Job(ref, _NOBODY, "", seconds, None, 0.0, None, True))
+
+    def wait_all(self, refs: list) -> None:
+        """Run until every one of ``refs`` is done (a blocking ``ray.get`` of them)."""
+        self.calls["ray.get"] += 1
+        self.run_until(lambda: all(r.done for r in refs), math.inf)
+
+
+# -- devices ---------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Job:
+    ref: Ref
+    actor: "SimActor"
+    kind: str  # the span it records ("" for none)
+    seconds: float  # solo seconds (Pool)
+    value: object = None  # a callable: the result, made when the job finishes
+    demand: float = 1.0  # cores it keeps busy
+    on_start: object = None
+    control: bool = False
+    t0: float = 0.0
+    remaining: float = 0.0
+    args: dict = field(default_factory=dict)
+
+
+class Device:
+    def __init__(self, tr: SimTransport):
+        self.tr, self.t, self.stamp = tr, 0.0, 0
+
+    def next_time(self) -> float:
+        raise NotImplementedError
+
+    def advance(self, t: float) -> None:
+        raise NotImplementedError
+
+    def touch(self) -> None:
+        """Bring the device to the transport's time before its state changes."""
+        if self.t < self.tr.t:
+            self.advance(self.tr.t)
+
+    def finish(self, job: Job, t: float) -> None:
+        job.actor.span(job.kind, job.t0, t, job.args)
+        value = job.value() if callable(job.value) else job.value
+        self.tr.resolve(job.ref, value)
+
+
+class Pool(Device):
+    """Actors running one work call at a time each (control calls beside it), sharing ``cores``."""
+
+    def __init__(self, tr: SimTransport, cores: float = math.inf, background: float = 0.0):
+        super().__init__(tr)
+        self.cores, self.background = cores, background  # background: cores other processes keep busy
+        self.queues: dict[SimActor, deque] = {}
+        self.control: list[Job] = []
+
+    def submit(self, job: Job) -> None:
+        self.touch()
+        job.remaining = job.seconds
+        if job.control:
+            self._start(job)
+            self.control.append(job)
+        else:
+            q = self.queues.setdefault(job.actor, deque())
+            q.append(job)
+            if len(q) == 1:
+                self._start(job)
+        self.tr.push(self)
+
+    def _start(self, job: Job) -> None:
+        job.t0 = self.t
+        if job.on_start is not None:
+            job.on_start(job)
+
+    def running(self) -> list[Job]:
+        return [q[0] for q in self.queues.values() if q] + self.control
+
+    def complete(self, job: Job) -> None:
+        """End a running job of unknown length now (a collective its peers finished)."""
+        self.touch()
+        job.remaining = 0.0
+        self.tr.push(self)
+
+    def rate(self, run: list[Job]) -> float:
+        demand = sum(j.demand for j in run) + self.background
+        return min(1.0, self.cores / demand) if demand > 0 else 1.0
+
+    def next_time(self) -> float:
+        run = self.running()
+        if not run:
+            return math.inf
+        return self.t + min(j.remaining for j in run) / self.rate(run)
+
+    def advance(self, t: float) -> None:
+        while True:
+            run = self.running()
+            if not run:
+                self.t = max(self.t, t)
+                return
+            rate = self.rate(run)
+            step = min(j.remaining for j in run) / rate
+            if self.t + step > t + EPS:
+                for j in run:
+                    j.remaining -= (t - self.t) * rate
+                self.t = t
+                return
+            self.t += step
+            for j in run:
+                j.remaining -= step * rate
+            for j in [j for j in run if j.remaining <= EPS * (1.0 + (j.seconds if j.seconds < math.inf else 0.0))]:
+                if j.control:
+                    self.control.remove(j)
+                else:
+                    q = self.queues[j.actor]
+                    q.popleft()
+                    if q:
+                        self._start(q[0])
+                self.finish(j, self.t)
+
+
+class VllmDevice(Device):
+    """One vLLM engine: continuous batching, one token per running sequence per engine step."""
+
+    def __init__(self, tr: SimTransport, costs: "GpuCosts", max_num_seqs: int):
+        super().__init__(tr)
+        self.costs, self.max_num_seqs = costs, max_num_seqs
+        self.rem = np.zeros(0)  # tokens each running sequence still decodes
+        self.ctx = np.zeros(0)  # its context so far (prompt + decoded)
+        self.owner: list[Job] = []  # the call each running sequence belongs to
+        self.waiting: deque = deque()  # (job, prompt tokens, completion tokens), admitted in order
+        self.left: dict[Job, int] = {}  # call -> its sequences not finished
+        self.stall = 0.0  # prefill seconds the batch still owes
+        self.paused_until = -math.inf
+        self.draining: list = []  # pause_mode wait: updates waiting for the running sequences to finish
+        self.prefilled: set = set()  # prompts whose prefix is cached (a group's samples share it)
+
+    def submit(self, job: Job, seqs: list[tuple[int, int, object]]) -> None:
+        """``seqs``: (prompt tokens, completion tokens, prompt key) of the call's sequences."""
+        self.touch()
+        job.t0 = self.t
+        self.left[job] = len(seqs)
+        self.waiting.extend((job, p, n, key) for p, n, key in seqs)
+        self._admit()
+        self.tr.push(self)
+
+    def update(self, seconds: float, mode: str, done) -> None:
+        """A weight update of ``seconds``: ``keep`` pauses the running sequences now (they go
+        on with the new weights: partial rollouts); ``wait`` first lets them finish, admitting
+        none. ``done(t0, t1)`` when the new weights are in."""
+        self.touch()
+        if mode == "wait" and self.owner:
+            self.draining.append((seconds, done))
+        else:
+            self._pause(seconds, done)
+        self.tr.push(self)
+
+    def _pause(self, seconds: float, done) -> None:
+        t0 = max(self.paused_until, self.t)
+        self.paused_until = t0 + seconds
+        self.tr.later(self.paused_until - self.tr.t, lambda: done(t0, self.paused_until))
+
+    def _admit(self) -> None:
+        if self.draining:
+            return
+        new_rem, new_ctx = [], []
+        while self.waiting and len(self.owner) < self.max_num_seqs:
+            job, p, n, key = self.waiting.popleft()
+            if key not in self.prefilled:  # prefix caching: the group's other samples reuse it
+                self.prefilled.add(key)
+                self.stall += self.costs.prefill(p)
+            self.owner.append(job)
+            new_rem.append(n)
+            new_ctx.append(p)
+        if new_rem:
+            self.rem = np.concatenate([self.rem, np.asarray(new_rem, float)])
+            self.ctx = np.concatenate([self.ctx, np.asarray(new_ctx, float)])
+
+    def next_time(self) -> float:
+        if not self.owner:
+            if self.waiting and self.paused_until > self.t:  # resume admitting after a drained update
+                return self.paused_until
+            return math.inf
+        start = max(self.t, self.paused_until) + self.stall
+        return start + self.rem.min() * self.costs.decode_step(len(self.owner), float(self.ctx.sum()))
+
+    def advance(self, t: float) -> None:
+        if not self.owner and not self.draining and self.waiting and t >= self.paused_until:
+            self._admit()
+        while self.owner:
+            start = max(self.t, self.paused_until)
+            if start >= t:
+                self.t = t
+                return
+            if self.stall > 0:
+                used = min(self.stall, t - start)
+                self.stall -= used
+                start += used
+                if start >= t - EPS and self.stall > EPS:
+                    self.t = t
+                    return
+                self.stall = max(0.0, self.stall)
+            step_s = self.costs.decode_step(len(self.owner), float(self.ctx.sum()))
+            k = float(self.rem.min())
+            t_fin = start + k * step_s
+            tokens = k if t_fin <= t + EPS else (t - start) / step_s
+            self.rem -= tokens
+            self.ctx += tokens
+            self.t = min(t_fin, t)
+            if t_fin > t + EPS:
+                return
+            done = np.flatnonzero(self.rem <= 1e-6)
+            keep = np.ones(len(self.owner), bool)
+            keep[done] = False
+            finished = [self.owner[i] for i in done]
+            self.owner = [j for j, k in zip(self.owner, keep) if k]
+            self.rem, self.ctx = self.rem[keep], self.ctx[keep]
+            for job in finished:
+                self.left[job] -= 1
+                if not self.left[job]:
+                    del self.left[job]
+                    self.finish(job, self.t)
+            if self.draining and not self.owner:
+                for seconds, done_fn in self.draining:
+                    self._pause(seconds, done_fn)
+                self.draining = []
+                return
+            self._admit()
+        self.t = max(self.t, t)
+
+
+# -- actors ----------------------------------------------------------------------------------
+class SimActor:
+    """One simulated actor: its methods (named as the real class's) queue jobs on its device."""
+
+    def __init__(self, name: str, fleet: "Fleet", device: Device):
+        self.name, self.fleet, self.device = name, fleet, device
+        self.spans: list[dict] = []
+        self.version = 0
+
+    def span(self, kind: str, t0: float, t1: float, args: dict | None = None) -> None:
+        if kind:
+            self.spans.append({"kind": kind, "t0": WALL0 + t0, "t1": WALL0 + t1, "args": dict(args or {})})
+
+    def run(self, method: str, args: tuple, kwargs: dict, control: bool) -> Ref:
+        ref = Ref()
+        handler = getattr(self, f"do_{method}", None)
+        if handler is None:
+            if method not in ("ping", "drain_spans"):
+                raise NotImplementedError(f"the simulated {self.name} has no model of {method}")
+            self.fleet.tr.resolve(ref, "ok" if method == "ping" else self.drain())
+            return ref
+        handler(ref, *args, **kwargs)
+        return ref
+
+    def drain(self) -> list[dict]:
+        out, self.spans = self.spans, []
+        return out
+
+    def pool_job(self, ref: Ref, kind: str, seconds: float, value=None, control: bool = False, demand: float = 1.0,
+                 on_start=None, **args) -> None:
+        self.device.submit(Job(ref, self, kind, seconds, value, demand, on_start, control, args=args))
+
+
+class SimGenerator(SimActor):
+    def do_generate(self, ref: Ref, prompts: list[dict], n: int, sampling, greedy: bool = False,
+                    partial_rollout_tokens: int | None = None, first_sample: int = 0) -> None:
+        f = self.fleet
+        lengths = [f.lengths.group(f.rng, n) for _ in prompts]
+        cap = f.lengths.cap
+
+        v = self.version  # (what it holds when the call arrives: its tokens are no older)
+
+        def rollouts() -> list[Rollout]:
+            out = []
+            for p, ls in zip(prompts, lengths):
+                for k, m in enumerate(ls):
+                    out.append(Rollout(f"{p['prompt_id']}/{first_sample + k}", p["prompt_id"], p["prompt_ids"], f.tokens(m),
+                                       f.logprobs(m), f.versions(m, v), "length" if m >= cap else "stop"))
+            return out
+
+        if isinstance(self.device, VllmDevice):
+            seqs = [(len(p["prompt_ids"]), m, (id(p), p["prompt_id"])) for p, ls in zip(prompts, lengths) for m in ls]
+            self.device.submit(Job(ref, self, "generate", 0.0, rollouts, args={"sequences": len(seqs)}), seqs)
+        else:
+            self.pool_job(ref, "generate", f.costs.generate(len(prompts) * n, sum(map(sum, lengths))), rollouts,
+                          demand=f.costs.demand("generate"), sequences=len(prompts) * n)
+
+    def do_load_weights(self, ref: Ref, blob, version: int) -> None:  # hf generators: the export, loaded
+        def loaded():
+            self.version = version
+            return self.fleet.costs.seconds("load_weights")
+        self.pool_job(ref, "load_weights", self.fleet.costs.seconds("load_weights"), loaded, control=True,
+                      demand=self.fleet.costs.demand("load_weights"), version=version)
+
+
+class SimScorer(SimActor):
+    def do_score(self, ref: Ref, rollouts: list[Rollout]) -> None:
+        f = self.fleet
+        names = [s.name for s in f.recipe.rewards]
+
+        def scores() -> Scores:
+            rewards = [float(f.rng.random() < f.solve_rate(r.prompt_id)) for r in rollouts]
+            stats = {"time_s": 0.0}
+            for name in names:
+                stats[f"{name}/calls"] = len(rollouts)
+                stats[f"{name}/errors"] = stats[f"{name}/invalid"] = stats[f"{name}/timeouts"] = 0
+            return Scores([{name: x for name in names} for x in rewards], rewards, stats)
+
+        self.pool_job(ref, "score", f.costs.score(len(rollouts)), scores, demand=f.costs.demand("score"))
+
+
+class SimReference(SimActor):
+    def do_logprobs(self, ref: Ref, samples: list) -> None:
+        f = self.fleet
+        tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+        self.pool_job(ref, "ref_logprobs", f.costs.reference(len(samples), tokens),
+                      lambda: [f.logprobs(len(s.completion_ids)) for s in samples], demand=f.costs.demand("ref_logprobs"))
+
+
+class SimLearner(SimActor):
+    def do_grpo_step(self, ref: Ref, shard: list, denom: float, tokens: float) -> None:
+        f = self.fleet
+        ranks = len(f.system.learners)  # (a step ends on every rank at once: the batch's tokens / ranks)
+        seconds = f.costs.train(len(shard), int(tokens + ranks * sum(len(s.prompt_ids) for s in shard)) // ranks, ranks)
+        self.pool_job(ref, "train", seconds, lambda: GrpoStats(tokens=float(sum(len(s.completion_ids) for s in shard)),
+                                                               ratio_max=1.0, ratio_min=1.0, grad_norm=1.0),
+                      demand=f.costs.demand("train"))
+
+    def do_export_weights(self, ref: Ref, dtype: str) -> None:  # hf generators: through the object store
+        self.pool_job(ref, "export_weights", self.fleet.costs.seconds("export_weights"), "weights",
+                      demand=self.fleet.costs.demand("export_weights"))
+
+    def do_send_weights(self, ref: Ref, version: int) -> None:
+        """vLLM generators: every rank gathers (ZeRO-3), rank 0 broadcasts; the ranks are done
+        when every generator has the weights (``generator.pause_mode``: see ``VllmDevice.update``)."""
+        f = self.fleet
+        seconds = f.costs.sync_seconds(len(f.system.generators))
+        sends = f.sends.setdefault(version, [])
+
+        def start(job: Job) -> None:
+            if version in f.landed:  # a rank that starts after the weights landed is done at once
+                job.remaining = 0.0
+                return
+            sends.append(job)
+            if self is not f.system.learners.actors[0]:
+                return
+            gens = f.system.generators.actors
+            left = [len(gens)]
+
+            def landed(g, t0, t1):
+                g.version = version
+                g.span("weight_update", t0, t1, {"version": version})
+                left[0] -= 1
+                if not left[0]:
+                    f.landed.add(version)
+                    for j in f.sends.pop(version):
+                        j.actor.device.complete(j)
+
+            for g in gens:
+                g.device.update(seconds, f.recipe.generator.pause_mode, lambda t0, t1, g=g: landed(g, t0, t1))
+
+        self.pool_job(ref, "send_weights", math.inf, {"seconds": seconds, "lost": []}, on_start=start,
+                      demand=f.costs.demand("send_weights"), version=version)
+
+
+class SimGroup(ActorGroup):
+    """An ``ActorGroup`` of simulated actors: the same typed calls (``call(i, Cls.method,
+    ...)``, signatures checked), answered by the fleet on the simulated clock."""
+
+    def __init__(self, name: str, cls: type, actors: list[SimActor], tr: SimTransport, timeout_s: float):
+        self.name, self.timeout_s, self.cls, self.tr = name, timeout_s, cls, tr
+        self._owners: OrderedDict = OrderedDict()
+        self.watchdog = None
+        self.elastic = False
+        self.actors = actors
+        self.state = ["ready"] * len(actors)
+        self.incarnation = [0] * len(actors)
+
+    def call(self, i: int, method, *args, control: bool = False, **kwargs) -> Ref:
+        name = self._method(method, args, kwargs)
+        self.tr.calls["remote calls"] += 1
+        pending = [a for a in args if isinstance(a, Ref) and not a.done]
+        ref = Ref()
+        self._owners[ref] = (i, 0)
+        if len(self._owners) > 4096:
+            self._owners.popitem(last=False)
+
+        def run():  # once the refs among the arguments are done (Ray resolves them first)
+            if any(isinstance(a, Ref) and not a.done for a in args):
+                return
+            inner = self.actors[i].run(name, tuple(a.value if isinstance(a, Ref) else a for a in args), kwargs,
+                                       control)
+            if inner.done:
+                self.tr.resolve(ref, inner.value, inner.error)
+            else:
+                inner.then.append(lambda: self.tr.resolve(ref, inner.value, inner.error))
+
+        latency = 0.0 if control else self.tr.latency_s  # Ray's dispatch of a task to its actor
+        if pending:
+            for a in pending:
+                a.then.append(run)
+        elif latency > 0:
+            self.tr.later(latency, run)
+        else:
+            run()
+        return ref
+
+    def probe(self, timeout_s: float) -> dict[str, str]:
+        return {}
+
+    def done(self, refs: list) -> bool:
+        return all(r.done for r in refs)
+
+    def get(self, refs, what: str, timeout_s: float | None = None):
+        many = isinstance(refs, list)
+        self.tr.wait_all(refs if many else [refs])
+        return [self.tr.get(r) for r in refs] if many else self.tr.get(refs)
+
+    def restart(self, i: int):
+        raise NotImplementedError("simulated groups keep their size")
+
+    def add(self):
+        raise NotImplementedError("simulated groups keep their size")
+
+    def kill(self) -> None:
+        pass
+
+
+class SimPlacement:
+    def rescheduling(self, names: list) -> list:
+        return []
+
+    def release(self, name: str) -> None:
+        pass
+
+    def renew(self, name: str) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+class Fleet:
+    """The simulated actors' shared state: the clock, the cost model, the random draws, and
+    shared token lists (the driver reads lengths and versions, never the ids)."""
+
+    def __init__(self, recipe, costs, lengths: "Lengths", seed: int = 0):
+        self.recipe, self.costs, self.lengths = recipe, costs, lengths
+        self.tr = SimTransport(costs.latency_s)
+        self.rng = random.Random(seed)
+        self.system: SimSystem | None = None
+        self._lists: dict = {}
+        self.sends: dict[int, list[Job]] = {}  # version -> the learner ranks' send_weights jobs under way
+        self.landed: set[int] = set()  # versions every generator holds
+        self._solve: dict[str, float] = {}
+
+    def later(self, seconds: float, fn) -> None:
+        self.tr.later(seconds, fn)
+
+    def tokens(self, n: int) -> list[int]:
+        return self._list("t", n, 1)
+
+    def logprobs(self, n: int) -> list[float]:
+        return self._list("l", n, -0.5)
+
+    def versions(self, n: int, v: int) -> list[int]:
+        return self._list(("v", v), n, v)
+
+    def _list(self, kind, n: int, x):
+        key = (kind, n)
+        if key not in self._lists:
+            self._lists[key] = [x] * n
+        return self._lists[key]
+
+    def solve_rate(self, prompt_id: str) -> float:
+        base = prompt_id.split(".")[0]
+        if base not in self._solve:
+            self._solve[base] = self.rng.random()
+        return self._solve[base]
+
+
+class _Nobody(SimActor):
+    def __init__(self):
+        self.name, self.spans = "timer", []
+
+    def span(self, *a, **k) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
+
+
+class SimSystem(System):
+    """The run's groups as simulated actors on their devices: one pool for a CPU machine
+    (``costs.cores``), else one device per actor (vLLM engines for the generators)."""
+
+    def __init__(self, recipe, fleet: Fleet):
+        super().__init__(recipe, "simulated", GRPO)
+        self.fleet = fleet
+        fleet.system = self
+        tr, r, ns = fleet.tr, recipe, recipe.ray.call_timeout_s
+        shared = Pool(tr, fleet.costs.cores, fleet.costs.background) if fleet.costs.cores < math.inf else None
+
+        def device(kind: str) -> Device:
+            if kind == "generator" and self.batches_requests:
+                return VllmDevice(tr, fleet.costs, r.generator.max_num_seqs)
+            return shared or Pool(tr)
+
+        def group(name: str, cls: type, sim: type, n: int, kind: str) -> SimGroup:
+            return SimGroup(name, cls, [sim(f"{name}-{i}", fleet, device(kind)) for i in range(n)], tr, ns)
+
+        self.learners = group("learner-rank", LearnerRank, SimLearner, r.learner.num_ranks, "learner")
+        self.generators = group("generator", Generator, SimGenerator, r.generator.num_actors, "generator")
+        self.scorers = group("reward-scorer", RewardScorer, SimScorer, r.scorer.num_actors, "scorer")
+        if r.reference_actor:
+            self.reference = group("reference", Reference, SimReference, r.reference.num_actors, "reference")
+        self.placement = SimPlacement()
+        self.transfer_members = self.generators.ready() if self.streams_weights else None
+        self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
+        for g in self.groups():
+            g.watchdog = self.watchdog
+
+    def start(self) -> "SimSystem":
+        return self
+
+    def form_transfer(self, members: list[int]) -> list:
+        raise NotImplementedError("simulated generators keep their weight-transfer group")
+
+
+# -- what things cost ------------------------------------------------------------------------
+@dataclass
+class Lengths:
+    """Completion lengths: per prompt a log-normal median (``median`` x exp(N(0, prompt_sigma)):
+    hard prompts run long), each sample log-normal around it (``sigma``), cut at ``cap``."""
+
+    cap: int
+    median: float
+    sigma: float = 0.5
+    prompt_sigma: float = 0.5
+    floor: int = 1
+
+    def group(self, rng: random.Random, n: int) -> list[int]:
+        mu = math.log(self.median) + rng.gauss(0.0, self.prompt_sigma)
+        return [max(self.floor, min(self.cap, int(math.exp(mu + rng.gauss(0.0, self.sigma))))) for _ in range(n)]
+
+    def stats(self, draws: int = 20000, seed: int = 0) -> dict:
+        rng = random.Random(seed)
+        xs = [x for _ in range(draws // 8) for x in self.group(rng, 8)]
+        xs.sort()
+        return {"mean": sum(xs) / len(xs), "median": xs[len(xs) // 2], "p90": xs[int(0.9 * len(xs))],
+                "truncated": sum(x >= self.cap for x in xs) / len(xs)}
+
+
+@dataclass
+class Model:
+    name: str
+    params: float
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_bytes_per_token(self) -> float:  # K and V, bf16
+        return self.layers * 2 * self.kv_heads * self.head_dim * 2
+
+    @property
+    def weight_bytes(self) -> float:  # bf16
+        return 2 * self.params
+
+
+QWEN_1_5B = Model("Qwen2.5-1.5B", 1.54e9, 28, 2, 128)
+QWEN_7B = Model("Qwen2.5-7B", 7.6e9, 28, 4, 128)
+
+
+@dataclass
+class GpuCosts:
+    """H100 SXM costs (sources in docs/simulator.md): 989 TFLOPS dense bf16, 3.35 TB/s HBM,
+    NVLink 380 GB/s measured one way, NDR InfiniBand 45 GB/s per NIC effective."""
+
+    model: Model
+    peak_flops: float = 989e12
+    hbm_bw: float = 3.35e12
+    nvlink_bw: float = 380e9
+    ib_bw: float = 45e9
+    gpus_per_node: int = 8
+    step_overhead_s: float = 0.003  # per decode step: scheduling, launches (vLLM V1, fit to 5-8 ms at 7-8B)
+    hbm_efficiency: float = 0.8
+    decode_mfu: float = 0.2  # a large decode batch: fit to vLLM 0.6 8B bf16, 256 seqs, 25.6 ms TPOT (Lambda)
+    prefill_mfu: float = 0.5
+    train_mfu: float = 0.35  # effective, ZeRO-3 communication included (torchtitan FSDP: 33-39%)
+    reference_mfu: float = 0.45
+    gradient_checkpointing: bool = True
+    score_s: float = 0.004  # math-verify, per completion, one worker
+    scorer_workers: int = 8
+    sync_overhead_s: float = 0.25  # a weight sync beyond the wire time (verl: 0.12-0.3 s at 7B)
+    optimizer_s: float = 0.5  # ZeRO-3 Adam step and gradient reduce-scatter tail
+    cores: float = math.inf  # every actor on its own device
+    background: float = 0.0
+    latency_s: float = 0.002  # Ray's dispatch of a task to an actor
+
+    def decode_step(self, running: int, context_tokens: float) -> float:
+        m = self.model
+        memory = (m.weight_bytes + m.kv_bytes_per_token * context_tokens) / (self.hbm_efficiency * self.hbm_bw)
+        compute = 2 * m.params * running / (self.decode_mfu * self.peak_flops)
+        return self.step_overhead_s + max(memory, compute)
+
+    def prefill(self, tokens: int) -> float:
+        return 2 * self.model.params * tokens / (self.prefill_mfu * self.peak_flops)
+
+    def generate(self, sequences: int, tokens: int) -> float:  # (vLLM devices model it themselves)
+        raise NotImplementedError
+
+    def score(self, samples: int) -> float:
+        return self.score_s * samples / self.scorer_workers
+
+    def reference(self, samples: int, tokens: int) -> float:
+        return 2 * self.model.params * tokens / (self.reference_mfu * self.peak_flops)
+
+    def train(self, samples: int, tokens: int, ranks: int) -> float:
+        flops = (8 if self.gradient_checkpointing else 6) * self.model.params * tokens
+        return flops / (self.train_mfu * self.peak_flops) + self.optimizer_s
+
+    def sync_seconds(self, generators: int) -> float:
+        """Learner rank 0 gathers the weights and broadcasts them to the generators: over
+        NVLink within a node, over one NIC per hop beyond it (NCCL's ring: about one copy)."""
+        bw = self.nvlink_bw if generators < self.gpus_per_node else self.ib_bw
+        return self.sync_overhead_s + 2 * self.model.weight_bytes / bw
+
+    def seconds(self, kind: str) -> float:
+        return 0.0
+
+    def demand(self, kind: str) -> float:
+        return 1.0
+
+
+@dataclass
+class CpuCosts:
+    """Solo seconds per call measured on this machine (``fit_cpu_costs``), and the cores the
+    actors share: every call of a kind keeps ``threads[kind]`` of them busy."""
+
+    per_call: dict  # kind -> solo seconds per call (generate, train, export_weights, load_weights)
+    per_sample: dict  # kind -> solo seconds per sample (score, ref_logprobs)
+    threads: dict  # kind -> cores it keeps busy
+    cores: float = 2.0
+    background: float = 0.0  # cores kept busy beside the actors' calls whenever one runs (driver, Ray)
+    latency_s: float = 0.0  # Ray's dispatch of a work call, measured as the gaps between stages
+
+    def generate(self, sequences: int, tokens: int) -> float:
+        return self.per_call["generate"]
+
+    def score(self, samples: int) -> float:
+        return self.per_sample["score"] * samples
+
+    def reference(self, samples: int, tokens: int) -> float:
+        return self.per_sample["ref_logprobs"] * samples
+
+    def train(self, samples: int, tokens: int, ranks: int) -> float:
+        return self.per_call["train"]
+
+    def sync_seconds(self, generators: int) -> float:
+        return self.per_call.get("send_weights", 0.0)
+
+    def seconds(self, kind: str) -> float:
+        return self.per_call.get(kind, 0.0)
+
+    def demand(self, kind: str) -> float:
+        return self.threads.get(kind, 1.0)
+
+
+def solo_seconds(spans: list[dict], cores: float, threads: dict, background: float = 0.0) -> list[tuple[dict, float]]:
+    """Each span's solo seconds under processor sharing: the integral over the span of the
+    speed it had, ``min(1, cores / busy threads)`` with every span open at that moment counted."""
+    edges = sorted({sp["t0"] for sp in spans} | {sp["t1"] for sp in spans})
+    # the busy threads in each elementary interval (spans of one actor and kind overlap only
+    # for a vLLM generator, which is one engine: counted once)
+    open_at = [0.0] * (len(edges) - 1)
+    index = {t: i for i, t in enumerate(edges)}
+    seen: dict = {}
+    for sp in spans:
+        key = (sp["actor"], sp["kind"])
+        for i in range(index[sp["t0"]], index[sp["t1"]]):
+            if (key, i) not in seen:
+                seen[(key, i)] = True
+                open_at[i] += threads.get(sp["kind"], 1.0)
+    speed = [min(1.0, cores / (d + background)) if d > 0 else 1.0 for d in open_at]
+    width = [edges[i + 1] - edges[i] for i in range(len(edges) - 1)]
+    out = []
+    for sp in spans:
+        i0, i1 = index[sp["t0"]], index[sp["t1"]]
+        out.append((sp, sum(speed[i] * width[i] for i in range(i0, i1))))
+    return out
+
+
+def fit_cpu_costs(timeline: Path, cores: float, threads: dict, background: float = 0.0) -> CpuCosts:
+    """Solo costs from a run's ``timeline.json`` (its GRPO steps)."""
+    import json
+
+    events = json.loads(Path(timeline).read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["tid"]}
+    spans = [{"actor": names[e["tid"]], "kind": e["name"], "t0": e["ts"] / 1e6, "t1": (e["ts"] + e["dur"]) / 1e6,
+              "args": e.get("args", {})} for e in events if e.get("ph") == "X"]
+    spans = [sp for sp in spans if sp["kind"] in threads]
+    per: dict[str, list[tuple[float, int]]] = {}
+    for sp, solo in solo_seconds(spans, cores, threads, background):
+        size = sp["args"].get("samples") or sp["args"].get("sequences") or 1
+        per.setdefault(sp["kind"], []).append((solo, size))
+    mean = {k: sum(s for s, _ in v) / len(v) for k, v in per.items()}
+    per_sample = {k: sum(s for s, _ in v) / max(1, sum(n for _, n in v)) for k, v in per.items()}
+    per_call = {k: mean[k] for k in ("generate", "export_weights", "load_weights") if k in mean}
+    ranks = len({sp["actor"] for sp in spans if sp["kind"] == "train"})
+    per_call["train"] = sum(s for s, _ in per["train"]) / len(per["train"])  # each rank's call
+    return CpuCosts(per_call, {"score": per_sample.get("score", 0.0), "ref_logprobs": per_sample.get("ref_logprobs", 0.0)},
+                    threads, cores, background) if ranks else None
+
+
+def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambda rng: 64, samples_log=None):
+    """``GrpoDriver`` on the simulated fleet; returns (driver, records). ``samples_log``: a
+    writer (``write(dict)``) of samples.jsonl's lines."""
+    from r1ray.cluster import transport
+    from r1ray.controllers.grpo.driver import GrpoDriver
+
+    class Renderer:
+        def __init__(self):
+            self.rng = random.Random(recipe.seed)
+            self.lengths: dict = {}
+
+        def prompt(self, row: dict, prompt_id: str) -> dict:
+            n = self.lengths.setdefault(row["row"], prompt_tokens(self.rng))
+            return {"prompt_id": prompt_id, "prompt_ids": fleet.tokens(n), "columns": {}}
+
+    class Metrics:
+        def __init__(self):
+            self.records = []
+
+        def write(self, record: dict) -> None:
+            self.records.append(record)
+
+    rows = [{"row": i} for i in range(prompts)]
+    data = PreparedData(rows, [], range(prompts), [])
+    system = fleet.system or SimSystem(recipe, fleet)
+    with transport.use(fleet.tr):
+        driver = GrpoDriver(system, recipe, data, Renderer(), Metrics(), samples_log=samples_log)
+        driver.ray_metrics = _NoMetrics()
+        records = driver.run()
+    return driver, records
+
+
+class _NoMetrics:
+    def record(self, rec: dict) -> None:
+        pass

@@ -1,0 +1,284 @@
+"""r1ray's GRPO driver against simulated fleets: validated here, then predicting H100 clusters.
+
+    python benchmarks/simulate.py validate [--measured runs/sim-validate] [--measure]
+    python benchmarks/simulate.py predict [--steps 8] [--only 7b-64]
+    python benchmarks/simulate.py overhead [--generators 256 --ranks 64]
+
+The driver's own code (``GrpoDriver``: admission, the staleness bound, the in-flight table,
+elastic slots, weight-sync sequencing) runs unchanged on a simulated clock against the
+actors of ``benchmarks/simfleet.py``; see docs/simulator.md for the cost model and its sources.
+
+validate: the tiny recipe measured on this machine (``benchmarks/async_vs_sync.py`` at
+max_staleness 0, 1, 2; ``--measure`` runs it) against the simulator with costs fitted from
+the max_staleness=0 run's timeline (each call's solo seconds under processor sharing of the
+CPU's cores) and Ray's dispatch latency from the gaps between stages. The cores each kind of
+call keeps busy are fitted on max_staleness 0 and 1 (a grid); max_staleness 2 is held out.
+
+predict: seconds per step, samples/s and busy fractions for the 1.5B recipe on 8 H100s and
+the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at max_staleness
+0, 1, 2, 4, with and without partial rollouts (``generator.pause_mode`` keep / wait).
+
+overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
+simulated generators and 64 learner ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _train import save_results  # noqa: E402
+from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, run_driver  # noqa: E402
+
+from r1ray.controllers.config.load import load_recipe  # noqa: E402
+
+TINY = HERE.parent / "configs" / "tiny-cpu.yaml"
+KINDS = ("generate", "score", "ref_logprobs", "train", "export_weights", "load_weights")
+
+
+def load(recipe, sets: list[str]):
+    """A recipe for a simulated fleet: checked, but against the fleet it asks for."""
+    return load_recipe(str(recipe), sets, cpus=1e9, gpus=1e9)
+
+
+# -- validation on this machine -----------------------------------------------------------
+def dispatch_latency(timeline: Path) -> float:
+    """Ray's dispatch latency on this machine: the median gap from a call's end to the start
+    of the call it lets the driver send (generate -> score -> reference -> train -> export ->
+    load), over the run."""
+    events = json.loads(Path(timeline).read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["tid"]}
+    spans = sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, names[e["tid"]], e["name"])
+                   for e in events if e.get("ph") == "X")
+    chain = ["generate", "score", "ref_logprobs", "train", "export_weights", "load_weights"]
+    gaps = []
+    for a, b in zip(chain, chain[1:]):
+        starts = sorted(s[0] for s in spans if s[3] == b)
+        for s in spans:
+            if s[3] == a:
+                later = [t - s[1] for t in starts if t >= s[1] - 1e-4]
+                if later:
+                    gaps.append(max(0.0, min(later)))
+    return statistics.median(gaps)
+
+
+def measured(run_dir: Path) -> dict:
+    g = json.loads((run_dir / "summary.json").read_text())["grpo"]
+    return {"time_s": g["time_s"], "samples_per_s": g["samples_per_s"],
+            "busy": {k: round(1 - v["idle_ratio"], 4) for k, v in g["utilisation"].items()}}
+
+
+def simulate_tiny(eta: int, steps: int, costs) -> dict:
+    r = load(TINY, [f"grpo.max_staleness={eta}", f"grpo.steps={steps}"])
+    driver, _ = run_driver(r, Fleet(r, costs, Lengths(r.sampling.max_new_tokens, 30, 0.3, 0.2), seed=r.seed))
+    s = driver.summary()
+    return {"time_s": s["time_s"], "samples_per_s": s["samples_per_s"],
+            "busy": {k: round(1 - v["idle_ratio"], 4) for k, v in s["utilisation"].items()}}
+
+
+def errors(pred: dict, meas: dict) -> dict:
+    """Relative errors: seconds, and each group's busy fraction."""
+    out = {"time_s": pred["time_s"] / meas["time_s"] - 1}
+    for k, b in meas["busy"].items():
+        out[f"busy/{k}"] = pred["busy"][k] / b - 1 if b > 0 else 0.0
+    return out
+
+
+def validate(args) -> int:
+    root = Path(args.measured)
+    if args.measure:
+        import subprocess
+
+        subprocess.run([sys.executable, str(HERE / "async_vs_sync.py"), "--etas", "0", "1", "2", "--steps",
+                        str(args.steps), "--name", "sim_measured", "--out", str(root)], check=True)
+    meas = {eta: measured(root / f"eta-{eta}") for eta in (0, 1, 2)}
+    steps = json.loads((root / "eta-0" / "summary.json").read_text())["grpo"]["steps"]
+    latency = dispatch_latency(root / "eta-0" / "timeline.json")
+    best = None
+    grid = itertools.product([1.0, 1.5, 2.0], [1.0, 1.5], [1.0, 1.5, 2.0], [0.0, 0.3])
+    for gen, train, ref, background in grid:  # the cores each kind keeps busy: fitted on eta 0 and 1
+        threads = {**dict.fromkeys(KINDS, 1.0), "generate": gen, "train": train, "ref_logprobs": ref}
+        costs = fit_cpu_costs(root / "eta-0" / "timeline.json", args.cores, threads, background)
+        costs.latency_s = latency
+        fit = {eta: simulate_tiny(eta, steps, costs) for eta in (0, 1)}
+        worst = max(abs(e) for eta in fit for e in errors(fit[eta], meas[eta]).values())
+        if best is None or worst < best[0]:
+            best = (worst, threads, background, costs)
+    worst, threads, background, costs = best
+    rows = []
+    for eta in (0, 1, 2):
+        pred = simulate_tiny(eta, steps, costs)
+        rows.append({"eta": eta, "role": "held out" if eta == 2 else "fitted", "measured": meas[eta],
+                     "predicted": pred, "errors": errors(pred, meas[eta])})
+    lines = [f"Tiny recipe, {steps} GRPO steps, this machine ({args.cores:g} cores). Costs: solo seconds per call "
+             f"from max_staleness=0's timeline; Ray dispatch {latency * 1000:.1f} ms (median gap between stages); "
+             f"cores per call fitted on max_staleness 0 and 1: {threads}, background {background:g}.", "",
+             "| max_staleness | | GRPO s | samples/s | generator busy | learner busy | reference busy | scorer busy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for what in ("measured", "predicted"):
+            x = r[what]
+            lines.append(f"| {r['eta']} ({r['role']}) | {what} | {x['time_s']:.1f} | {x['samples_per_s']:.1f} | "
+                         + " | ".join(f"{x['busy'][k]:.2f}" for k in ("generator", "learner", "reference", "scorer"))
+                         + " |")
+        e = r["errors"]
+        lines.append(f"| | error | {e['time_s']:+.0%} | {-e['time_s'] / (1 + e['time_s']):+.0%} | "
+                     + " | ".join(f"{e['busy/' + k]:+.0%}" for k in ("generator", "learner", "reference", "scorer"))
+                     + " |")
+    worst_all = max(abs(v) for r in rows for v in r["errors"].values())
+    lines.append(f"\nLargest error: {worst_all:.1%} (aim: 15%).")
+    table = "\n".join(lines)
+    print(table)
+    save_results("simulate_validation", {"steps": steps, "cores": args.cores, "latency_s": latency, "threads": threads,
+                                         "background": background, "costs": vars(costs), "rows": rows,
+                                         "largest_error": worst_all}, table)
+    return 0
+
+
+# -- predictions for H100 clusters ----------------------------------------------------------
+def prompt_tokens(median: int):
+    return lambda rng: int(median * math.exp(rng.gauss(0.0, 0.3)))
+
+
+# name -> (recipe, model, completion lengths, prompt tokens, scale: the recipe's actor counts and batch x k)
+SCENARIOS = {
+    "1.5b-8": ("qwen2.5-1.5b-h100.yaml", QWEN_1_5B, Lengths(4096, 1800, 0.5, 0.5), 150, 1),
+    "7b-8": ("qwen2.5-math-7b-grpo-h100.yaml", QWEN_7B, Lengths(1024, 330, 0.5, 0.45), 300, 1),
+    "7b-64": ("qwen2.5-math-7b-grpo-h100.yaml", QWEN_7B, Lengths(1024, 330, 0.5, 0.45), 300, 8),
+    "7b-256": ("qwen2.5-math-7b-grpo-h100.yaml", QWEN_7B, Lengths(1024, 330, 0.5, 0.45), 300, 32),
+}
+
+
+def scaled(recipe, k: int) -> list[str]:
+    """The recipe's generators, learner ranks, reference and scorer actors and prompts per step, x k."""
+    r = load(HERE.parent / "configs" / recipe, [])
+    sets = [f"generator.num_actors={r.generator.num_actors * k}", f"learner.num_ranks={r.learner.num_ranks * k}",
+            f"scorer.num_actors={r.scorer.num_actors * k}", f"grpo.prompts_per_step={r.grpo.prompts_per_step * k}",
+            f"reference.num_actors={r.reference.num_actors * k}"]
+    return sets
+
+
+def gpus_of(r) -> int:
+    g = r.learner.num_ranks * r.learner.gpus_per_rank
+    if not r.colocated:
+        g += r.generator.num_actors * r.generator.gpus_per_actor
+    if r.reference_actor:
+        g += r.reference.num_actors * r.reference.gpus
+    return int(round(g))
+
+
+def predict_one(name: str, sets: list[str], steps: int, seed: int = 0) -> dict:
+    recipe, model, lengths, prompt_median, k = SCENARIOS[name]
+    r = load(HERE.parent / "configs" / recipe, scaled(recipe, k) + sets + [f"grpo.steps={steps}"])
+    fleet = Fleet(r, GpuCosts(model), lengths, seed=seed)
+    t0 = time.process_time()
+    driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(prompt_median))
+    cpu = time.process_time() - t0
+    eta = r.grpo.max_staleness
+    steady = records[min(len(records) - 2, eta + 2):]  # after the pipeline filled
+    step_s = statistics.fmean(x["time/step_s"] for x in steady)
+    busy = {g: round(1 - statistics.fmean(x[f"util/{g}/idle_ratio"] for x in steady), 3)
+            for g in ("generator", "learner", "reference", "scorer") if f"util/{g}/idle_ratio" in steady[0]}
+    samples = r.grpo.prompts_per_step * r.grpo.num_generations
+    return {"scenario": name, "sets": sets, "gpus": gpus_of(r), "eta": eta, "step_s": round(step_s, 2),
+            "samples_per_s": round(samples / step_s, 2), "busy": busy,
+            "completion_len": round(statistics.fmean(x["completion_len/mean"] for x in steady), 1),
+            "truncated": round(statistics.fmean(x["completion/truncated_ratio"] for x in steady), 3),
+            "sim_cpu_s": round(cpu, 2)}
+
+
+def predict(args) -> int:
+    rows = []
+    names = args.only or list(SCENARIOS)
+    for name, eta, mode in itertools.product(names, args.etas, args.modes):
+        row = predict_one(name, [f"grpo.max_staleness={eta}", f"generator.pause_mode={mode}", *args.set],
+                          args.steps + eta)
+        row["partial_rollouts"] = mode == "keep"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = {(r["scenario"], r["partial_rollouts"]): r["samples_per_s"] for r in rows if r["eta"] == 0}
+    lines = ["| recipe | GPUs | η | partial rollouts | s / step | samples/s | vs η=0 | generator busy | learner busy | "
+             "reference busy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b0 = base.get((r["scenario"], r["partial_rollouts"]))
+        lines.append(f"| {r['scenario']} | {r['gpus']} | {r['eta']} | {'yes' if r['partial_rollouts'] else 'no'} | "
+                     f"{r['step_s']:.1f} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / b0:.2f}x | "
+                     f"{r['busy'].get('generator', 0):.2f} | {r['busy'].get('learner', 0):.2f} | "
+                     f"{r['busy'].get('reference', 0):.2f} |" if b0 else "")
+    table = "\n".join(lines)
+    print(table)
+    save_results(args.name, {"steps": args.steps, "sets": args.set, "rows": rows}, table)
+    return 0
+
+
+# -- the driver at scale ---------------------------------------------------------------------
+def overhead(args) -> int:
+    recipe = "qwen2.5-math-7b-grpo-h100.yaml"
+    sets = [f"generator.num_actors={args.generators}", f"learner.num_ranks={args.ranks}",
+            f"scorer.num_actors={args.generators // 8}", f"grpo.prompts_per_step={args.prompts}",
+            f"grpo.max_staleness={args.eta}", f"grpo.steps={args.steps}"]
+    r = load(HERE.parent / "configs" / recipe, sets)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+    tracemalloc.start()
+    t0 = time.process_time()
+    driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300))
+    cpu = time.process_time() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    sim = fleet.tr.sim_cpu_s
+    steady = records[args.eta + 2:]
+    step_s = statistics.fmean(x["time/step_s"] for x in steady)
+    per_step = {k: v / len(records) for k, v in fleet.tr.calls.items()}
+    driver_cpu = (cpu - sim) / len(records)
+    tokens = r.grpo.prompts_per_step * r.grpo.num_generations * (statistics.fmean(
+        x["completion_len/mean"] for x in steady) + 300) * (r.grpo.max_staleness + 1)
+    out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts,
+           "eta": args.eta, "steps": len(records), "predicted_step_s": round(step_s, 2),
+           "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_share_of_step": round(driver_cpu / step_s, 4),
+           "simulator_cpu_s_per_step": round(sim / len(records), 3), "ray_calls_per_step": per_step,
+           "peak_python_memory_mb": round(peak / 2**20, 1),
+           "token_lists_in_flight_mb_estimate": round(tokens * 72 / 2**20, 1)}
+    print(json.dumps(out, indent=1))
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
+    save_results("simulate_overhead", out, table)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate")
+    v.add_argument("--measured", default="runs/sim-validate")
+    v.add_argument("--measure", action="store_true", help="run benchmarks/async_vs_sync.py first")
+    v.add_argument("--steps", type=int, default=40)
+    v.add_argument("--cores", type=float, default=2.0)
+    p = sub.add_parser("predict")
+    p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
+    p.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--modes", nargs="+", default=["keep", "wait"], choices=["keep", "wait"])
+    p.add_argument("--steps", type=int, default=8, help="steps after the pipeline fills (+ max_staleness)")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--name", default="simulate_predictions")
+    o = sub.add_parser("overhead")
+    o.add_argument("--generators", type=int, default=256)
+    o.add_argument("--ranks", type=int, default=64)
+    o.add_argument("--prompts", type=int, default=2048)
+    o.add_argument("--eta", type=int, default=1)
+    o.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    random.seed(0)
+    return {"validate": validate, "predict": predict, "overhead": overhead}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The fleet simulator (benchmarks/simfleet.py): its devices against hand computations, and the
+GRPO driver's own code on it (no Ray, no model; seconds)."""
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from simfleet import QWEN_7B, CpuCosts, Fleet, GpuCosts, Job, Lengths, Pool, Ref, SimTransport, VllmDevice, run_driver  # noqa: E402
+
+from r1ray.cluster.groups import RemoteCallError  # noqa: E402
+from r1ray.controllers.config import load_recipe  # noqa: E402
+
+
+class _Actor:
+    def __init__(self, name):
+        self.name, self.spans = name, []
+
+    def span(self, kind, t0, t1, args=None):
+        self.spans.append((kind, t0, t1))
+
+
+def _done_at(tr: SimTransport, refs: list) -> list[float]:
+    times = {}
+    for r in refs:
+        r.then.append(lambda r=r: times.setdefault(id(r), tr.t))
+    tr.run_until(lambda: all(r.done for r in refs), math.inf)
+    return [times[id(r)] for r in refs]
+
+
+def test_pool_shares_its_cores_between_busy_actors():
+    """Two actors on one core: both at half speed while both run (processor sharing); calls
+    of one actor run one after another."""
+    tr = SimTransport()
+    pool, a, b = Pool(tr, cores=1.0), _Actor("a"), _Actor("b")
+    refs = [Ref(), Ref(), Ref()]
+    pool.submit(Job(refs[0], a, "x", 1.0))
+    pool.submit(Job(refs[1], b, "x", 2.0))
+    pool.submit(Job(refs[2], a, "x", 0.5))  # queued behind a's first call
+    # 0-2 s: both at 1/2 -> a's first done at 2 s (b has 1 s left); a's second and b share
+    # until a's is done at 3 s (b: 0.5 s left), b alone to 3.5 s
+    assert _done_at(tr, refs) == pytest.approx([2.0, 3.5, 3.0])
+    assert a.spans == [("x", 0.0, 2.0), ("x", 2.0, 3.0)]
+
+
+class _FlatCosts:
+    def decode_step(self, running, context):
+        return 0.01
+
+    def prefill(self, tokens):
+        return 0.0
+
+
+def test_vllm_device_decodes_in_steps_and_pauses_for_updates():
+    tr = SimTransport()
+    dev, actor = VllmDevice(tr, _FlatCosts(), max_num_seqs=2), _Actor("g")
+    call, late = Ref(), Ref()
+    dev.submit(Job(call, actor, "generate", 0.0), [(5, 10, "p"), (5, 30, "p")])
+    dev.submit(Job(late, actor, "generate", 0.0), [(5, 10, "q")])  # waits for a free slot (max_num_seqs 2)
+    assert _done_at(tr, [call, late]) == pytest.approx([0.30, 0.20])  # 'late' starts at 0.10
+    # keep: the running sequence pauses 0.5 s mid-request; wait: it finishes first
+    for mode, expect in (("keep", 0.65), ("wait", 0.15)):
+        tr = SimTransport()
+        dev = VllmDevice(tr, _FlatCosts(), max_num_seqs=8)
+        first, after = Ref(), Ref()
+        dev.submit(Job(first, actor, "generate", 0.0), [(5, 15, "p")])
+        landed = []
+        tr.later(0.05, lambda: dev.update(0.5, mode, lambda t0, t1: landed.append((t0, t1))))
+        tr.later(0.06, lambda: dev.submit(Job(after, actor, "generate", 0.0), [(5, 1, "q")]))
+        done = _done_at(tr, [first, after])
+        assert done[0] == pytest.approx(expect)
+        assert landed == [pytest.approx((0.05, 0.55) if mode == "keep" else (0.15, 0.65))]
+        assert done[1] == pytest.approx(0.56 if mode == "keep" else 0.66)  # admitted after the update
+
+
+def _tiny(*sets):
+    return load_recipe("tiny-cpu", ["ray.dashboard=false", *sets])
+
+
+def _cpu_costs(**kw):
+    return CpuCosts({"generate": 0.4, "train": 0.3, "export_weights": 0.02, "load_weights": 0.01},
+                    {"score": 0.001, "ref_logprobs": 0.002}, {}, cores=math.inf, **kw)
+
+
+def test_synchronous_step_time_is_the_sum_of_its_stages():
+    """max_staleness 0 on unshared devices: a step is one generate call (16 groups), then score,
+    reference, train, export and load in turn, plus Ray's dispatch before each work call."""
+    r = _tiny("grpo.max_staleness=0", "grpo.steps=5")
+    costs = _cpu_costs(latency_s=0.005)
+    driver, records = run_driver(r, Fleet(r, costs, Lengths(48, 20)))
+    samples = r.grpo.prompts_per_step * r.grpo.num_generations
+    stages = 0.4 + 0.001 * samples + 0.002 * samples + 0.3 + 0.02 + 0.01
+    dispatches = 5  # generate, score, reference, train, export (the load waits on the export, no latency after)
+    for rec in records[1:]:
+        assert rec["time/step_s"] == pytest.approx(stages + dispatches * 0.005, rel=1e-6)
+        assert rec["samples"] == samples and rec["staleness/max"] == 0
+
+
+@pytest.mark.parametrize("eta", [1, 2])
+def test_the_driver_keeps_its_staleness_bound_and_overlaps_on_the_fleet(eta):
+    r = _tiny(f"grpo.max_staleness={eta}", "grpo.steps=12")
+    fleet = Fleet(r, _cpu_costs(), Lengths(48, 20))
+    driver, records = run_driver(r, fleet)
+    hist = driver.books.histogram
+    assert max(hist) == eta and sum(hist.values()) == 12 * 128
+    # generation (0.4 s) overlaps training: steady steps take the slowest stage, not the sum
+    assert records[-1]["time/step_s"] < 0.4 + 0.128 + 0.256 + 0.3
+    assert fleet.tr.calls["remote calls"] > 0
+
+
+def test_groups_streamed_in_parts_are_whole_again_before_training():
+    """completions_per_request=1 (vLLM): each completion is its own generate, score and
+    reference call, and each group trains with all its completions, in sample order."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["grpo.completions_per_request=1", "grpo.steps=3", "grpo.prompts_per_step=8"], cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(1024, 300), seed=1)
+
+    class Log:
+        lines = []
+
+        def write(self, line):
+            self.lines.append(line)
+
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=Log())
+    G = r.grpo.num_generations
+    assert [rec["samples"] for rec in records] == [8 * G] * 3
+    ids = [line["sample_id"] for line in Log.lines]
+    assert len(ids) == len(set(ids)) == 3 * 8 * G
+    by_prompt = Counter(i.rsplit("/", 1)[0] for i in ids)
+    assert set(by_prompt.values()) == {G}
+    assert [i.rsplit("/", 1)[1] for i in ids[:G]] == [str(k) for k in range(G)]
+    calls = Counter(sp["kind"] for sp in driver.telemetry.spans)  # every actor's, as the timeline has them
+    assert calls["generate"] >= 3 * 8 * G and calls["score"] >= 3 * 8 * G and calls["ref_logprobs"] >= 3 * 8 * G
+
+
+def test_a_simulated_call_past_its_deadline_stops_the_run_as_a_real_one_does():
+    """The driver's deadlines run on the simulated clock: a learner step 50x slower than
+    the ones before it ends the run with the usual message."""
+    r = _tiny("grpo.max_staleness=0", "grpo.steps=6", "ray.deadline_factor=3", "ray.deadline_min_s=1")
+    costs = _cpu_costs()
+    fleet = Fleet(r, costs, Lengths(48, 20))
+    slow = iter([0.3] * 3 + [15.0] * 10)
+    costs.train = lambda samples, tokens, ranks: next(slow)
+    with pytest.raises(RemoteCallError, match="GRPO train on learner-rank-0, learner-rank-1 .* past its deadline"):
+        run_driver(r, fleet)
