@@ -37,7 +37,10 @@ class Rollout:
     @property
     def version(self) -> int:
         """The oldest policy version that contributed a token (what staleness is measured on)."""
-        return min(self.model_versions, default=-1)
+        seen = self.__dict__.get("_oldest")  # (computed once per length of ``versions``: O(tokens))
+        if seen is None or seen[0] != len(self.versions):
+            seen = self.__dict__["_oldest"] = (len(self.versions), min(filter((0).__le__, self.versions), default=-1))
+        return seen[1]
 
 
 @dataclass

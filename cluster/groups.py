@@ -1,6 +1,7 @@
 """Actor groups: N named Ray actors of one plain class, called together, every call bounded in time."""
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections import OrderedDict
@@ -10,6 +11,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..actors.server import free_port
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(method: Callable) -> inspect.Signature:
+    return inspect.signature(method)
 
 
 class RemoteCallError(RuntimeError):
@@ -132,7 +138,14 @@ class ActorGroup(Generic[A]):
         return len(self.actors)
 
     def ready(self) -> list[int]:
-        return [i for i, st in enumerate(self.state) if st == "ready"]
+        """The ready slots (a fresh list; cached until a slot's state changes)."""
+        if getattr(self, "_ready", None) is None:
+            self._ready = [i for i, st in enumerate(self.state) if st == "ready"]
+        return list(self._ready)
+
+    def _set(self, i: int, state: str) -> None:
+        self.state[i] = state
+        self._ready = None
 
     def name_of(self, i: int) -> str:
         return f"{self.name}-{i}"
@@ -147,7 +160,7 @@ class ActorGroup(Generic[A]):
         kill_quietly(self.actors[i])
         self.incarnation[i] += 1
         self.actors[i] = self._create(i, self.incarnation[i])
-        self.state[i] = "starting"
+        self._set(i, "starting")
         return self.call(i, self.cls.ping, control=True)
 
     def add(self) -> tuple[int, Any]:
@@ -155,15 +168,16 @@ class ActorGroup(Generic[A]):
         i = len(self.actors)
         self.actors.append(None)
         self.state.append("gone")
+        self._ready = None
         self.incarnation.append(-1)
         return i, self.restart(i)
 
     def mark_ready(self, i: int) -> None:
-        self.state[i] = "ready"
+        self._set(i, "ready")
 
     def retire(self, i: int) -> None:
         """Stop slot ``i``'s actor (dead, or no longer wanted)."""
-        self.state[i] = "gone"
+        self._set(i, "gone")
         kill_quietly(self.actors[i])
 
     def _method(self, method: Callable, args: tuple, kwargs: dict) -> str:
@@ -174,9 +188,9 @@ class ActorGroup(Generic[A]):
             raise TypeError(f"{self.name} group: {method!r} is not a method of {self.cls.__name__}; "
                             f"call methods as {self.cls.__name__}.<method>")
         try:
-            inspect.signature(method).bind(None, *args, **kwargs)
+            _signature(method).bind(None, *args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"{self.name} group: {self.cls.__name__}.{name}{inspect.signature(method)}: {e}") from None
+            raise TypeError(f"{self.name} group: {self.cls.__name__}.{name}{_signature(method)}: {e}") from None
         return name
 
     def call(self, i: int, method: Callable[..., Any], *args, control: bool = False, **kwargs):

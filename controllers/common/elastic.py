@@ -94,7 +94,8 @@ class Elastic:
 
     def usable(self) -> list[int]:
         """Generators that may take new work."""
-        return [i for i in self.system.generators.ready() if i not in self.draining]
+        ready = self.system.generators.ready()
+        return [i for i in ready if i not in self.draining] if self.draining else ready
 
     def resize(self, n: int) -> int:
         """Aim the generator group at ``n`` actors (clamped to min/max); returns the target."""
@@ -236,7 +237,7 @@ class Elastic:
         """Send the current weights again when generators wait for them (or hold older ones
         than the published ``confirmed`` after a sync that delivered nothing) and no train step
         (``training``) is queued to publish newer ones."""
-        if not self.system.streams_weights or training or any(w.stage == "sync" for w in self.inflight.work):
+        if not self.system.streams_weights or training or self.inflight.stages["sync"]:
             return
         if confirmed < self.system.version or any(
                 i in self.transfer_members() for i in self.awaiting):

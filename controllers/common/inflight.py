@@ -37,11 +37,14 @@ class Work:
     def __post_init__(self):
         self.pending = set(self.refs)
         self.values: dict = {}
+        self.flight: InFlight | None = None  # the table that waits for it
 
     def drop(self, ref) -> None:
         """Stop waiting for ``ref`` (a lost actor's part of a weight sync)."""
         self.pending.discard(ref)
         self.refs.remove(ref)
+        if self.flight is not None:
+            self.flight._refs.pop(ref, None)
 
 
 class InFlight:
@@ -54,6 +57,15 @@ class InFlight:
                  what: str = "GRPO"):
         self.dog, self.rc, self.G, self.score_budget, self.what = watchdog, ray_cfg, group_size, score_budget, what
         self.work: list[Work] = []
+        # Indexes of ``work``, so that a fleet of hundreds of actors with thousands of calls in
+        # flight costs the driver O(1) per call: the pending refs (-> their work, in submission
+        # order), the work on each queue, the work of each (stage, actor), of each stage, and a
+        # lower bound of the deadlines (deadlines are only ever raised after submit).
+        self._refs: dict = {}
+        self._queues: dict = {}
+        self._load: Counter = Counter()
+        self.stages: Counter = Counter()
+        self._soonest = math.inf
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
         self.turn = 0  # round-robin among equally loaded actors (pick)
         # (work, ref, error) -> True when the driver dealt with an actor lost under ``ref`` (an
@@ -74,12 +86,29 @@ class InFlight:
             budget = max(self.rc.deadline_min_s, self.rc.deadline_factor * self.rates[work.stage] * samples)
         else:
             budget = self.rc.call_timeout_s
-        ahead = [w.deadline for w in self.work if self._queue(w) == self._queue(work)]
+        queue = self._queues.setdefault(self._queue(work), [])
         # an actor that starts may wait for a node to join: no deadline (the run goes on without it)
-        work.deadline = math.inf if work.stage == "join" else max([work.started, *ahead]) + budget
+        work.deadline = math.inf if work.stage == "join" else max([work.started, *(w.deadline for w in queue)]) + budget
         work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
         self.work.append(work)
+        queue.append(work)
+        work.flight = self
+        for ref in work.pending:
+            self._refs[ref] = work
+        if work.actor is not None:
+            self._load[(work.stage, work.actor)] += 1
+        self.stages[work.stage] += 1
+        self._soonest = min(self._soonest, work.deadline)
         return work
+
+    def _forget(self, work: Work) -> None:
+        self.work.remove(work)
+        self._queues[self._queue(work)].remove(work)
+        for ref in work.pending:
+            self._refs.pop(ref, None)
+        if work.actor is not None:
+            self._load[(work.stage, work.actor)] -= 1
+        self.stages[work.stage] -= 1
 
     @staticmethod
     def _queue(w: Work):
@@ -88,28 +117,25 @@ class InFlight:
     def pick(self, stage: str, actors: int, among: list[int]) -> int:
         """The least loaded of ``among`` (of a group of ``actors``) for ``stage``; ties go
         round-robin so every actor gets work."""
-        load = self.load(stage, actors)
         self.turn += 1
-        return min(among, key=lambda i: (load[i], (i - self.turn) % len(load)))
+        return min(among, key=lambda i: (self._load[(stage, i)], (i - self.turn) % actors))
 
     def load(self, stage: str, actors: int) -> list[int]:
         """Work of ``stage`` in flight on each of ``actors`` actors."""
-        out = [0] * actors
-        for w in self.work:
-            if w.stage == stage and w.actor is not None:
-                out[w.actor] += 1
-        return out
+        return [self._load[(stage, i)] for i in range(actors)]
 
     def next_done(self) -> Work:
         """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
         while True:
-            refs = [ref for w in self.work for ref in w.pending]
-            wait_s = min(self.dog.every_s, min(w.deadline for w in self.work) - transport.now())
-            if all(w.stage == "join" for w in self.work):
+            now = transport.now()
+            if now >= self._soonest:  # (a bound gone stale: work removed, deadlines raised)
+                self._soonest = min((w.deadline for w in self.work), default=math.inf)
+            wait_s = min(self.dog.every_s, self._soonest - now)
+            if self.stages["join"] == len(self.work):
                 wait_s = min(wait_s, 1.0)  # the driver re-checks control (r1ray scale) meanwhile
-            done = transport.wait(refs, max(0.0, wait_s))
+            done = transport.wait(list(self._refs), max(0.0, wait_s))
             if done:
-                work = next(w for w in self.work if done[0] in w.pending)
+                work = self._refs[done[0]]
                 try:
                     work.values[done[0]] = transport.get(done[0])
                 except Exception as e:  # noqa: BLE001 - every failure becomes one named error
@@ -118,6 +144,7 @@ class InFlight:
                     if self.on_lost is None or not self.on_lost(work, done[0], e):
                         raise self.dog.failure(f"{self.what} {work.stage}", done[0], e) from e
                 work.pending.discard(done[0])
+                self._refs.pop(done[0], None)
                 if work in self.work and not work.pending:
                     return self._finished(work)
             self._check_deadlines()
@@ -128,17 +155,18 @@ class InFlight:
         queued behind it on the same actors, gets that much more time."""
         for w in self.work:
             w.deadline += seconds
+        self._soonest += seconds
 
     def remove(self, work: Work) -> None:
         """Forget ``work`` (its actor was lost; the driver re-queues what it carried)."""
         if work in self.work:
-            self.work.remove(work)
+            self._forget(work)
 
     def of_actor(self, stage: str, actor: int) -> list[Work]:
         return [w for w in self.work if w.stage == stage and w.actor == actor]
 
     def _finished(self, work: Work) -> Work:
-        self.work.remove(work)
+        self._forget(work)
         values = [work.values[ref] for ref in work.refs]
         work.value = values if work.stage in ("train", "sync") else values[0] if len(values) == 1 else \
             [x for part in values for x in part]  # reference log-probs sharded over the learner ranks
@@ -148,6 +176,8 @@ class InFlight:
 
     def _check_deadlines(self) -> None:
         now = transport.now()
+        if now <= self._soonest:
+            return
         late = [w for w in self.work if now > w.deadline]
         if not late:
             return

@@ -130,7 +130,8 @@ class GrpoDriver:
         self.done.tokens += sum(len(r.completion_ids) for r in rollouts)
         for g in work.groups:
             self._log(self.samples_log, *(sample_line(step, work.version, g, r) for r in g.rollouts))
-        self.tally({"samples/interrupted": sum(len(set(r.model_versions)) > 1 for r in rollouts)})
+        # (model tokens' versions never go down: more than one is its oldest below the newest)
+        self.tally({"samples/interrupted": sum(r.version != max(r.versions, default=-1) for r in rollouts)})
         self.rewards.end_step()
         version = self.elastic.publish().version
         if self.checkpoints is not None and self.checkpoints.due(step):

@@ -146,3 +146,31 @@ def test_a_simulated_call_past_its_deadline_stops_the_run_as_a_real_one_does():
     costs.train = lambda samples, tokens, ranks: next(slow)
     with pytest.raises(RemoteCallError, match="GRPO train on learner-rank-0, learner-rank-1 .* past its deadline"):
         run_driver(r, fleet)
+
+
+def test_the_in_flight_table_keeps_its_indexes_through_removals_and_drops():
+    """InFlight's indexes (pending refs, per-actor load, stage counts, the deadline bound)
+    after work is removed (a lost actor's) or a ref dropped (a lost generator's sync part)."""
+    from r1ray.cluster import transport
+    from r1ray.cluster.groups import Watchdog
+    from r1ray.controllers.common.inflight import InFlight, Work
+
+    r = _tiny()
+    tr = SimTransport()
+    with transport.use(tr):
+        flight = InFlight(Watchdog([]), r.ray, 4, lambda n: 10.0)
+        a, b, c, s1, s2 = Ref(), Ref(), Ref(), Ref(), Ref()
+        gen0 = flight.submit(Work("generate", [a], [object()], actor=0))
+        gen1 = flight.submit(Work("generate", [b], [object()], actor=1))
+        flight.submit(Work("generate", [c], [object()], actor=1))
+        sync = flight.submit(Work("sync", [s1, s2], version=1, who=["x"]))
+        assert flight.load("generate", 2) == [1, 2] and flight.stages["sync"] == 1
+        assert flight.pick("generate", 2, [0, 1]) == 0
+        flight.remove(gen1)
+        sync.drop(s2)
+        assert flight.load("generate", 2) == [1, 1] and set(flight._refs) == {a, c, s1}
+        for ref, t in ((b, 0.1), (s2, 0.2), (a, 0.3), (s1, 0.4)):
+            tr.later(t, lambda ref=ref: tr.resolve(ref, "v"))
+        assert flight.next_done() is gen0  # b (removed) and s2 (dropped) are not waited for
+        assert flight.next_done() is sync and sync.value == ["v"] and flight.stages["sync"] == 0
+        assert [w.stage for w in flight.work] == ["generate"] and flight.load("generate", 2) == [0, 1]
