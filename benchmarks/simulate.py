@@ -2,6 +2,7 @@
 
     python benchmarks/simulate.py validate [--measured runs/sim-validate] [--measure]
     python benchmarks/simulate.py predict [--steps 8] [--only 7b-64]
+    python benchmarks/simulate.py fixes [--scenario 7b-64]
     python benchmarks/simulate.py overhead [--generators 256 --ranks 64]
 
 The driver's own code (``GrpoDriver``: admission, the staleness bound, the in-flight table,
@@ -18,6 +19,9 @@ predict: seconds per step, samples/s and busy fractions for the 1.5B recipe on 8
 the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at max_staleness
 0, 1, 2, 4, with and without partial rollouts (``generator.pause_mode`` keep / wait).
 
+fixes: the changes the predictions point at, one on top of the other, for the 7B recipe on 64
+GPUs at max_staleness 0, 1, 2.
+
 overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
 simulated generators and 64 learner ranks.
 """
@@ -28,10 +32,10 @@ import itertools
 import json
 import math
 import random
+import resource
 import statistics
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -185,7 +189,9 @@ def predict_one(name: str, sets: list[str], steps: int, seed: int = 0) -> dict:
     driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(prompt_median))
     cpu = time.process_time() - t0
     eta = r.grpo.max_staleness
-    steady = records[min(len(records) - 2, eta + 2):]  # after the pipeline filled
+    # after the pipeline filled (eta + 2 steps), before it drains (the last eta steps: the run
+    # admits no work beyond its last step)
+    steady = records[eta + 2: len(records) - eta]
     step_s = statistics.fmean(x["time/step_s"] for x in steady)
     busy = {g: round(1 - statistics.fmean(x[f"util/{g}/idle_ratio"] for x in steady), 3)
             for g in ("generator", "learner", "reference", "scorer") if f"util/{g}/idle_ratio" in steady[0]}
@@ -202,7 +208,7 @@ def predict(args) -> int:
     names = args.only or list(SCENARIOS)
     for name, eta, mode in itertools.product(names, args.etas, args.modes):
         row = predict_one(name, [f"grpo.max_staleness={eta}", f"generator.pause_mode={mode}", *args.set],
-                          args.steps + eta)
+                          args.steps + 2 * eta + 2)
         row["partial_rollouts"] = mode == "keep"
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -221,22 +227,56 @@ def predict(args) -> int:
     return 0
 
 
+# -- what the predictions point at, one change at a time ------------------------------------
+FIXES = [  # (label, settings on top of the previous row's)
+    ("the 7B recipe x 8, one reference actor (before)", ["reference.num_actors=1"]),
+    ("+ a reference per 4 learner ranks (reference.num_actors=8)", ["reference.num_actors=8"]),
+    ("+ each completion streamed on its own (completions_per_request=1)", ["grpo.completions_per_request=1"]),
+    ("+ GPUs rebalanced: 16 generators, 10 references, 38 learner ranks",
+     ["generator.num_actors=16", "reference.num_actors=10", "learner.num_ranks=38", "grpo.prompts_per_step=494"]),
+    ("+ generator.max_num_seqs 256 (was 1024)", ["generator.max_num_seqs=256"]),
+]
+
+
+def fixes(args) -> int:
+    rows, sets = [], []
+    for label, more in FIXES:
+        sets = sets + more
+        row = {"change": label, "sets": list(sets)}
+        for eta in args.etas:
+            r = predict_one(args.scenario, sets + [f"grpo.max_staleness={eta}"], args.steps + 2 * eta + 2)
+            row[f"eta{eta}"] = r
+            print(label, eta, json.dumps(r), flush=True)
+        rows.append(row)
+    head = " | ".join(f"η={e} samples/s | η={e} generator / learner / reference busy" for e in args.etas)
+    lines = [f"| change ({args.scenario}, predicted) | {head} | η=1 vs η=0 |", "|---" * (2 * len(args.etas) + 2) + "|"]
+    for row in rows:
+        cells = " | ".join(f"{row[f'eta{e}']['samples_per_s']:.0f} | " + " / ".join(
+            f"{row[f'eta{e}']['busy'].get(g, 0):.2f}" for g in ("generator", "learner", "reference")) for e in args.etas)
+        ratio = row["eta1"]["samples_per_s"] / row["eta0"]["samples_per_s"] if "eta0" in row and "eta1" in row else 0
+        lines.append(f"| {row['change']} | {cells} | {ratio:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    save_results("simulate_fixes", {"scenario": args.scenario, "rows": rows}, table)
+    return 0
+
+
 # -- the driver at scale ---------------------------------------------------------------------
 def overhead(args) -> int:
     recipe = "qwen2.5-math-7b-grpo-h100.yaml"
     sets = [f"generator.num_actors={args.generators}", f"learner.num_ranks={args.ranks}",
             f"scorer.num_actors={args.generators // 8}", f"grpo.prompts_per_step={args.prompts}",
+            f"reference.num_actors={args.references}",
             f"grpo.max_staleness={args.eta}", f"grpo.steps={args.steps}"]
     r = load(HERE.parent / "configs" / recipe, sets)
     fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
-    tracemalloc.start()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.process_time()
     driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300))
     cpu = time.process_time() - t0
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sim = fleet.tr.sim_cpu_s
-    steady = records[args.eta + 2:]
+    steady = records[args.eta + 2: len(records) - args.eta]
     step_s = statistics.fmean(x["time/step_s"] for x in steady)
     per_step = {k: v / len(records) for k, v in fleet.tr.calls.items()}
     driver_cpu = (cpu - sim) / len(records)
@@ -246,7 +286,7 @@ def overhead(args) -> int:
            "eta": args.eta, "steps": len(records), "predicted_step_s": round(step_s, 2),
            "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_share_of_step": round(driver_cpu / step_s, 4),
            "simulator_cpu_s_per_step": round(sim / len(records), 3), "ray_calls_per_step": per_step,
-           "peak_python_memory_mb": round(peak / 2**20, 1),
+           "peak_rss_mb": round(rss / 1024, 1), "rss_growth_mb": round((rss - rss0) / 1024, 1),
            "token_lists_in_flight_mb_estimate": round(tokens * 72 / 2**20, 1)}
     print(json.dumps(out, indent=1))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
@@ -266,18 +306,23 @@ def main() -> int:
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
     p.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--modes", nargs="+", default=["keep", "wait"], choices=["keep", "wait"])
-    p.add_argument("--steps", type=int, default=8, help="steps after the pipeline fills (+ max_staleness)")
+    p.add_argument("--steps", type=int, default=6, help="steps measured (2 x max_staleness + 2 more run)")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--name", default="simulate_predictions")
+    f = sub.add_parser("fixes")
+    f.add_argument("--scenario", default="7b-64", choices=list(SCENARIOS))
+    f.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
+    f.add_argument("--steps", type=int, default=6)
     o = sub.add_parser("overhead")
     o.add_argument("--generators", type=int, default=256)
     o.add_argument("--ranks", type=int, default=64)
+    o.add_argument("--references", type=int, default=16)
     o.add_argument("--prompts", type=int, default=2048)
     o.add_argument("--eta", type=int, default=1)
-    o.add_argument("--steps", type=int, default=6)
+    o.add_argument("--steps", type=int, default=7)
     args = ap.parse_args()
     random.seed(0)
-    return {"validate": validate, "predict": predict, "overhead": overhead}[args.cmd](args)
+    return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead}[args.cmd](args)
 
 
 if __name__ == "__main__":
