@@ -25,6 +25,7 @@ from a run's timeline); completion lengths from ``Lengths``.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import random
@@ -71,6 +72,7 @@ class SimTransport:
         self._n = 0
         self.calls: Counter = Counter()
         self.sim_cpu_s = 0.0  # CPU seconds spent simulating the fleet (not the driver's)
+        self._depth = 0
         self.finished: list[Ref] = []  # refs done in the current event
 
     def now(self) -> float:
@@ -96,13 +98,6 @@ class SimTransport:
 
     def run_until(self, done, t_end: float) -> bool:
         """Process events up to ``t_end`` until ``done()``; returns ``done()``."""
-        t0 = time.process_time()
-        try:
-            return self._run_until(done, t_end)
-        finally:
-            self.sim_cpu_s += time.process_time() - t0
-
-    def _run_until(self, done, t_end: float) -> bool:
         while self._heap and not done():
             t, _, stamp, dev = self._heap[0]
             if stamp != dev.stamp:
@@ -120,8 +115,25 @@ class SimTransport:
             self.t = max(self.t, t_end)
         return done()
 
+    @contextlib.contextmanager
+    def simulating(self):
+        """Count the CPU time inside as the simulator's (once, however deeply nested)."""
+        self._depth += 1
+        t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self.sim_cpu_s += time.process_time() - t0
+
     def wait(self, refs: list, timeout: float) -> list:
+        with self.simulating():
+            return self._wait(refs, timeout)
+
+    def _wait(self, refs: list, timeout: float) -> list:
         self.calls["ray.wait"] += 1
+        self.calls["refs waited on"] += len(refs)
         first = next((r for r in refs if r.done), None)
         if first is not None:
             return [first]
@@ -153,7 +165,8 @@ class SimTransport:
     def wait_all(self, refs: list) -> None:
         """Run until every one of ``refs`` is done (a blocking ``ray.get`` of them)."""
         self.calls["ray.get"] += 1
-        self.run_until(lambda: all(r.done for r in refs), math.inf)
+        with self.simulating():
+            self.run_until(lambda: all(r.done for r in refs), math.inf)
 
 
 # -- devices ---------------------------------------------------------------------------------
@@ -536,8 +549,9 @@ class SimGroup(ActorGroup):
         def run():  # once the refs among the arguments are done (Ray resolves them first)
             if any(isinstance(a, Ref) and not a.done for a in args):
                 return
-            inner = self.actors[i].run(name, tuple(a.value if isinstance(a, Ref) else a for a in args), kwargs,
-                                       control)
+            with self.tr.simulating():  # (the actor's side: the simulator's time, not the driver's)
+                inner = self.actors[i].run(name, tuple(a.value if isinstance(a, Ref) else a for a in args), kwargs,
+                                           control)
             if inner.done:
                 self.tr.resolve(ref, inner.value, inner.error)
             else:

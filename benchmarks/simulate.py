@@ -3,6 +3,7 @@
     python benchmarks/simulate.py validate [--measured runs/sim-validate] [--measure]
     python benchmarks/simulate.py predict [--steps 8] [--only 7b-64]
     python benchmarks/simulate.py fixes [--scenario 7b-64]
+    python benchmarks/simulate.py ray-costs      # Ray's own driver-side CPU per call and per wait, here
     python benchmarks/simulate.py overhead [--generators 256 --ranks 64]
 
 The driver's own code (``GrpoDriver``: admission, the staleness bound, the in-flight table,
@@ -223,8 +224,47 @@ def predict(args) -> int:
                      f"{r['busy'].get('reference', 0):.2f} |" if b0 else "")
     table = "\n".join(lines)
     print(table)
-    save_results(args.name, {"steps": args.steps, "sets": args.set, "rows": rows}, table)
+    results = save_results(args.name, {"steps": args.steps, "sets": args.set, "rows": rows}, table)
+    plot(rows, results / f"{args.name}.png")
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """samples/s and generator / learner busy against max_staleness, per scenario."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+        return
+    names = list(dict.fromkeys(r["scenario"] for r in rows))
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), squeeze=False)
+    for k, name in enumerate(names):
+        top, bottom = axes[0][k], axes[1][k]
+        for partial, style in ((True, "o-"), (False, "s--")):
+            mine = sorted((r for r in rows if r["scenario"] == name and r["partial_rollouts"] == partial),
+                          key=lambda r: r["eta"])
+            if not mine:
+                continue
+            etas = [r["eta"] for r in mine]
+            label = "partial rollouts" if partial else "wait for requests"
+            top.plot(etas, [r["samples_per_s"] for r in mine], style, label=label)
+            if partial:
+                bottom.plot(etas, [r["busy"]["generator"] for r in mine], "o-", label="generator busy")
+                bottom.plot(etas, [r["busy"]["learner"] for r in mine], "^-", label="learner busy")
+                bottom.plot(etas, [r["busy"].get("reference", 0) for r in mine], "v:", label="reference busy")
+        top.set_title(f"{name} ({mine[0]['gpus']} H100s)", fontsize=9)
+        top.set_ylabel("samples / s (predicted)", fontsize=8)
+        bottom.set_ylim(0, 1.05)
+        bottom.set_xlabel("max_staleness η", fontsize=8)
+        if k == 0:
+            top.legend(fontsize=7)
+            bottom.legend(fontsize=7)
+    fig.suptitle("Predictions of the fleet simulator (a model, not a measurement: docs/simulator.md)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 # -- what the predictions point at, one change at a time ------------------------------------
@@ -282,15 +322,66 @@ def overhead(args) -> int:
     driver_cpu = (cpu - sim) / len(records)
     tokens = r.grpo.prompts_per_step * r.grpo.num_generations * (statistics.fmean(
         x["completion_len/mean"] for x in steady) + 300) * (r.grpo.max_staleness + 1)
+    ray_s = None
+    costs_file = HERE / "results" / "simulate_ray_costs.json"
+    if costs_file.exists():  # Ray's own driver-side CPU for those calls, as measured here (ray-costs)
+        c = json.loads(costs_file.read_text())
+        ray_s = (per_step["remote calls"] * c["submit_cpu_us"] + per_step["ray.wait"] * c["wait_base_cpu_us"]
+                 + per_step["refs waited on"] * c["wait_per_ref_cpu_us"]) / 1e6
     out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts,
            "eta": args.eta, "steps": len(records), "predicted_step_s": round(step_s, 2),
            "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_share_of_step": round(driver_cpu / step_s, 4),
            "simulator_cpu_s_per_step": round(sim / len(records), 3), "ray_calls_per_step": per_step,
+           "ray_cpu_s_per_step_estimate": None if ray_s is None else round(ray_s, 3),
+           "driver_and_ray_share_of_step": None if ray_s is None else round((driver_cpu + ray_s) / step_s, 4),
            "peak_rss_mb": round(rss / 1024, 1), "rss_growth_mb": round((rss - rss0) / 1024, 1),
            "token_lists_in_flight_mb_estimate": round(tokens * 72 / 2**20, 1)}
     print(json.dumps(out, indent=1))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
     save_results("simulate_overhead", out, table)
+    return 0
+
+
+def ray_costs(args) -> int:
+    """Ray's driver-side CPU on this machine: per actor call submitted, and per ``ray.wait``
+    (num_returns=1, timeout=0) as a function of the refs pending in it."""
+    import asyncio
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+
+    @ray.remote(max_concurrency=5000)
+    class Echo:
+        async def slow(self, x):
+            await asyncio.sleep(600)
+            return x
+
+        def fast(self, x):
+            return x
+
+    a = Echo.remote()
+    ray.get(a.fast.remote(0))
+    t0 = time.process_time()
+    refs = [a.fast.remote(i) for i in range(3000)]
+    submit = (time.process_time() - t0) / 3000 * 1e6
+    ray.get(refs)
+    waits = {}
+    for n in (100, 1000, 3000):
+        pending = [a.slow.remote(i) for i in range(n)]
+        time.sleep(1)
+        t0 = time.process_time()
+        for _ in range(50):
+            ray.wait(pending, num_returns=1, timeout=0)
+        waits[n] = (time.process_time() - t0) / 50 * 1e6
+        for ref in pending:
+            ray.cancel(ref)
+    ray.shutdown()
+    slope = (waits[3000] - waits[100]) / 2900
+    out = {"ray": ray.__version__, "submit_cpu_us": round(submit, 1), "wait_cpu_us": waits,
+           "wait_base_cpu_us": round(waits[100] - 100 * slope, 1), "wait_per_ref_cpu_us": round(slope, 3)}
+    print(json.dumps(out))
+    save_results("simulate_ray_costs", out, "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()]))
     return 0
 
 
@@ -302,6 +393,7 @@ def main() -> int:
     v.add_argument("--measure", action="store_true", help="run benchmarks/async_vs_sync.py first")
     v.add_argument("--steps", type=int, default=40)
     v.add_argument("--cores", type=float, default=2.0)
+    sub.add_parser("plot", help="redraw the predictions' plot from benchmarks/results/simulate_predictions.json")
     p = sub.add_parser("predict")
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
     p.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4])
@@ -313,6 +405,7 @@ def main() -> int:
     f.add_argument("--scenario", default="7b-64", choices=list(SCENARIOS))
     f.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
     f.add_argument("--steps", type=int, default=6)
+    sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
     o = sub.add_parser("overhead")
     o.add_argument("--generators", type=int, default=256)
     o.add_argument("--ranks", type=int, default=64)
@@ -322,7 +415,12 @@ def main() -> int:
     o.add_argument("--steps", type=int, default=7)
     args = ap.parse_args()
     random.seed(0)
-    return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead}[args.cmd](args)
+    if args.cmd == "plot":
+        rows = json.loads((HERE / "results" / "simulate_predictions.json").read_text())["rows"]
+        plot(rows, HERE / "results" / "simulate_predictions.png")
+        return 0
+    return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead,
+            "ray-costs": ray_costs}[args.cmd](args)
 
 
 if __name__ == "__main__":
