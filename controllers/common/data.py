@@ -78,6 +78,8 @@ def prepare_data(recipe: Recipe, tokenizer, tiny_dir: Path | None) -> PreparedDa
             if col not in split.column_names:
                 raise ConfigError(f"config key '{col_key}': got {col!r}; accepted: a column of split "
                                   f"{need.split!r} of {cfg.path} (it has: {', '.join(split.column_names)})")
+        if need.role == "train" and recipe.grpo.steps > 0:
+            _check_judge_columns(recipe, split, need)
         if len(split) == 0:
             raise ConfigError(f"config key '{need.split_key}': split {need.split!r} of {cfg.path} has no rows; "
                               f"accepted: a split with at least one row (needed because {need.why})")
@@ -255,6 +257,19 @@ class _Need:
         return _Need("test", r.data.test_split, evals or probe, why, ("data.prompt_column", "data.solution_column"),
                      True, False, r.generator.max_model_len - budget,
                      f"generator.max_model_len={r.generator.max_model_len} - {key}={budget}", r.data.on_invalid_row)
+
+
+def _check_judge_columns(recipe: Recipe, split, need: _Need) -> None:
+    """A ``judge`` reward whose template shows the reference answer reads it from its
+    ``reference_column``: refused up front when the train split has no such column."""
+    from ...actors.scorer import check_specs
+
+    for i, (spec, fn) in enumerate(zip(recipe.rewards, check_specs(recipe.rewards))):
+        col = getattr(fn, "reference_column", None)
+        if spec.name == "judge" and getattr(fn, "uses_reference", False) and col not in split.column_names:
+            raise ConfigError(f"config key 'rewards[{i}].params.reference_column': got {col!r}; accepted: a column "
+                              f"of split {need.split!r} of {recipe.data.path} (it has: {', '.join(split.column_names)}), "
+                              "or a template without {{ reference }}")
 
 
 def _split(ds, cfg: DataConfig, need: _Need):

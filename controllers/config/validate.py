@@ -511,6 +511,11 @@ def _check_judges(r: Recipe) -> None:
                                   "an integer >= 1")
             _positive(f"rewards[{i}].params.serve.cpus_per_replica", cfg.cpus_per_replica)
             _positive(f"rewards[{i}].params.serve.gpus_per_replica", cfg.gpus_per_replica, allow_zero=True)
+            model = cfg.model
+            if isinstance(model, str) and model != "tiny" and (model.startswith(("/", ".", "~")) or model.count("/") > 1) \
+                    and not Path(model).expanduser().is_dir():  # a path (a hub name is owner/name)
+                raise ConfigError(f"config key 'rewards[{i}].params.serve.model': {model!r} is not a folder here; "
+                                  "accepted: a local HF folder, a hub name, or null (the policy's model)")
         if env is not None:
             env_secret(env, f"rewards[{i}].params.api_key_env", "the judge's key")
 

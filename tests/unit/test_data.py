@@ -242,3 +242,17 @@ def test_row_indices_hold_across_tokeniser_batches(tmp_path, tok):
     data = prepare_data(recipe(path, data={"on_invalid_row": "drop"}), tok, None)
     assert data.dropped == {"train/prompt_too_long": 2} and len(data.train) == 2498
     assert data.train_rows[1499:1501] == [1499, 1501] and data.train_rows[-1] == 2498
+
+
+def test_a_judges_reference_column_is_checked_with_the_data(tmp_path, tok):
+    """A judge whose template shows the reference answer reads it from reference_column: a
+    column the train split lacks is refused by name before any actor starts."""
+    from r1ray.actors.scorer import RewardSpec
+
+    path = save(tmp_path, rows(8), rows(4))
+    r = recipe(path)
+    judge = {"model": "m", "base_url": "http://h/v1", "reference_column": "final"}
+    r.rewards = [RewardSpec("judge", 1.0, judge)]
+    refused(r, tok, "config key 'rewards[0].params.reference_column'", "got 'final'", "split 'train'", "it has: ")
+    r.rewards = [RewardSpec("judge", 1.0, {**judge, "template": "{{ problem }}\n{{ completion }}"})]  # no reference
+    assert len(prepare_data(r, tok, None).train) == 8

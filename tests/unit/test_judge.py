@@ -265,6 +265,8 @@ def test_a_recipe_judge_is_checked_placed_and_counted_before_any_actor_starts(mo
         load_recipe(TINY, [SERVED, "ray.num_cpus=4"])
     with pytest.raises(ConfigError, match=r"rewards\[1\].params.serve': got 'gpus'; accepted: replicas"):
         load_recipe(TINY, ["rewards=[{name: accuracy}, {name: judge, params: {serve: {gpus: 1}}}]"])
+    with pytest.raises(ConfigError, match=r"rewards\[0\].params.serve.model': './no/judge' is not a folder here"):
+        load_recipe(TINY, ["rewards=[{name: judge, params: {serve: {model: ./no/judge}}}]", "ray.num_cpus=4"])
     keyed = "rewards=[{name: judge, params: {model: m, base_url: 'http://h/v1', api_key_env: R1RAY_TEST_JUDGE}}]"
     monkeypatch.delenv("R1RAY_TEST_JUDGE", raising=False)
     with pytest.raises(ConfigError, match=r"rewards\[0\].params.api_key_env': the environment variable "
