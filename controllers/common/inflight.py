@@ -67,7 +67,7 @@ class InFlight:
         self.stages: Counter = Counter()
         self._soonest = math.inf
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
-        self.turn = 0  # round-robin among equally loaded actors (pick)
+        self.turns: Counter = Counter()  # stage -> picks so far: round-robin among equally loaded actors
         # (work, ref, error) -> True when the driver dealt with an actor lost under ``ref`` (an
         # elastic group's: the work was re-queued, or ``ref`` dropped from it); else the run stops
         self.on_lost: Callable[[Work, Any, BaseException], bool] | None = None
@@ -117,8 +117,9 @@ class InFlight:
     def pick(self, stage: str, actors: int, among: list[int]) -> int:
         """The least loaded of ``among`` (of a group of ``actors``) for ``stage``; ties go
         round-robin so every actor gets work."""
-        self.turn += 1
-        return min(among, key=lambda i: (self._load[(stage, i)], (i - self.turn) % actors))
+        self.turns[stage] += 1  # (per stage: one counter shared by the stages could keep landing on one actor)
+        turn = self.turns[stage]
+        return min(among, key=lambda i: (self._load[(stage, i)], (i - turn) % actors))
 
     def load(self, stage: str, actors: int) -> list[int]:
         """Work of ``stage`` in flight on each of ``actors`` actors."""

@@ -174,3 +174,18 @@ def test_the_in_flight_table_keeps_its_indexes_through_removals_and_drops():
         assert flight.next_done() is gen0  # b (removed) and s2 (dropped) are not waited for
         assert flight.next_done() is sync and sync.value == ["v"] and flight.stages["sync"] == 0
         assert [w.stage for w in flight.work] == ["generate"] and flight.load("generate", 2) == [0, 1]
+
+
+def test_ties_go_round_robin_within_each_stage():
+    """Equally loaded actors take turns per stage, however the stages' picks interleave (one
+    generator and two scorers: a counter shared with the generate picks sent every score to
+    the same scorer)."""
+    from r1ray.cluster.groups import Watchdog
+    from r1ray.controllers.common.inflight import InFlight
+
+    flight = InFlight(Watchdog([]), _tiny().ray, 4, lambda n: 1.0)
+    picks = []
+    for _ in range(4):
+        flight.pick("generate", 1, [0])
+        picks.append(flight.pick("score", 2, [0, 1]))
+    assert sorted(picks) == [0, 0, 1, 1]
