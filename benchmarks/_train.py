@@ -1,10 +1,24 @@
-"""One `r1ray train` run in its own process, as the benchmarks launch them."""
+"""One `r1ray train` run in its own process, as the benchmarks launch them; their results and plots."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None with a line on stderr when the
+    ``bench`` extra is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+        return None
+    return plt
 
 
 def save_results(name: str, data: dict, table: str) -> Path:

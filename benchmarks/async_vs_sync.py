@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from _train import save_results, train
+from _train import pyplot, save_results, train
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "configs" / "tiny-cpu.yaml"
@@ -61,13 +61,7 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+    if (plt := pyplot()) is None:
         return
     labels = [f"η={r['eta']}" for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _train import train
+from _train import pyplot, train
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "configs" / "tiny-cpu.yaml"
@@ -89,13 +89,7 @@ def main() -> int:
         f"Simulated cluster on a {os.cpu_count()}-core machine: head {args.head_cpus:g} CPUs, one "
         f"{args.node_cpus:g}-CPU node per generator; {args.steps} GRPO steps of the tiny recipe per size.\n\n"
         + table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+    if (plt := pyplot()) is None:
         return 0
     fig, ax = plt.subplots(figsize=(6, 3.6))
     xs = [r["generators"] for r in rows]

@@ -853,26 +853,30 @@ def solo_seconds(spans: list[dict], cores: float, threads: dict, background: flo
     return out
 
 
-def fit_cpu_costs(timeline: Path, cores: float, threads: dict, background: float = 0.0) -> CpuCosts:
-    """Solo costs from a run's ``timeline.json`` (its GRPO steps)."""
+def read_timeline(path: Path) -> list[dict]:
+    """A run's ``timeline.json`` back as spans (``actor``, ``kind``, ``t0``, ``t1`` in seconds, ``args``)."""
     import json
 
-    events = json.loads(Path(timeline).read_text())["traceEvents"]
+    events = json.loads(Path(path).read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["tid"]}
-    spans = [{"actor": names[e["tid"]], "kind": e["name"], "t0": e["ts"] / 1e6, "t1": (e["ts"] + e["dur"]) / 1e6,
-              "args": e.get("args", {})} for e in events if e.get("ph") == "X"]
-    spans = [sp for sp in spans if sp["kind"] in threads]
+    return [{"actor": names[e["tid"]], "kind": e["name"], "t0": e["ts"] / 1e6, "t1": (e["ts"] + e["dur"]) / 1e6,
+             "args": e.get("args", {})} for e in events if e.get("ph") == "X"]
+
+
+def fit_cpu_costs(spans: list[dict], cores: float, threads: dict, background: float = 0.0) -> CpuCosts:
+    """Solo costs from a run's spans (``read_timeline``): seconds per call (generate, train on
+    each rank, export, load) and per sample (score, reference)."""
     per: dict[str, list[tuple[float, int]]] = {}
-    for sp, solo in solo_seconds(spans, cores, threads, background):
+    for sp, solo in solo_seconds([sp for sp in spans if sp["kind"] in threads], cores, threads, background):
         size = sp["args"].get("samples") or sp["args"].get("sequences") or 1
         per.setdefault(sp["kind"], []).append((solo, size))
-    mean = {k: sum(s for s, _ in v) / len(v) for k, v in per.items()}
-    per_sample = {k: sum(s for s, _ in v) / max(1, sum(n for _, n in v)) for k, v in per.items()}
-    per_call = {k: mean[k] for k in ("generate", "export_weights", "load_weights") if k in mean}
-    ranks = len({sp["actor"] for sp in spans if sp["kind"] == "train"})
-    per_call["train"] = sum(s for s, _ in per["train"]) / len(per["train"])  # each rank's call
-    return CpuCosts(per_call, {"score": per_sample.get("score", 0.0), "ref_logprobs": per_sample.get("ref_logprobs", 0.0)},
-                    threads, cores, background) if ranks else None
+    if "train" not in per:
+        raise ValueError("the timeline has no train spans: not a GRPO run's")
+    per_call = {k: sum(s for s, _ in per[k]) / len(per[k])
+                for k in ("generate", "train", "export_weights", "load_weights") if k in per}
+    per_sample = {k: sum(s for s, _ in per[k]) / max(1, sum(n for _, n in per[k])) if k in per else 0.0
+                  for k in ("score", "ref_logprobs")}
+    return CpuCosts(per_call, per_sample, threads, cores, background)
 
 
 def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambda rng: 64, samples_log=None):

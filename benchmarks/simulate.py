@@ -42,8 +42,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _train import save_results  # noqa: E402
-from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, run_driver  # noqa: E402
+from _train import pyplot, save_results  # noqa: E402
+from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, read_timeline, run_driver  # noqa: E402
 
 from r1ray.controllers.config.load import load_recipe  # noqa: E402
 
@@ -57,21 +57,17 @@ def load(recipe, sets: list[str]):
 
 
 # -- validation on this machine -----------------------------------------------------------
-def dispatch_latency(timeline: Path) -> float:
+def dispatch_latency(spans: list[dict]) -> float:
     """Ray's dispatch latency on this machine: the median gap from a call's end to the start
     of the call it lets the driver send (generate -> score -> reference -> train -> export ->
-    load), over the run."""
-    events = json.loads(Path(timeline).read_text())["traceEvents"]
-    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["tid"]}
-    spans = sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, names[e["tid"]], e["name"])
-                   for e in events if e.get("ph") == "X")
+    load), over the run's spans (``read_timeline``)."""
     chain = ["generate", "score", "ref_logprobs", "train", "export_weights", "load_weights"]
     gaps = []
     for a, b in zip(chain, chain[1:]):
-        starts = sorted(s[0] for s in spans if s[3] == b)
+        starts = sorted(s["t0"] for s in spans if s["kind"] == b)
         for s in spans:
-            if s[3] == a:
-                later = [t - s[1] for t in starts if t >= s[1] - 1e-4]
+            if s["kind"] == a:
+                later = [t - s["t1"] for t in starts if t >= s["t1"] - 1e-4]
                 if later:
                     gaps.append(max(0.0, min(later)))
     return statistics.median(gaps)
@@ -108,12 +104,13 @@ def validate(args) -> int:
                         str(args.steps), "--name", "sim_measured", "--out", str(root)], check=True)
     meas = {eta: measured(root / f"eta-{eta}") for eta in (0, 1, 2)}
     steps = json.loads((root / "eta-0" / "summary.json").read_text())["grpo"]["steps"]
-    latency = dispatch_latency(root / "eta-0" / "timeline.json")
+    spans = read_timeline(root / "eta-0" / "timeline.json")  # (read once: the grid fits from it 36 times)
+    latency = dispatch_latency(spans)
     best = None
     grid = itertools.product([1.0, 1.5, 2.0], [1.0, 1.5], [1.0, 1.5, 2.0], [0.0, 0.3])
     for gen, train, ref, background in grid:  # the cores each kind keeps busy: fitted on eta 0 and 1
         threads = {**dict.fromkeys(KINDS, 1.0), "generate": gen, "train": train, "ref_logprobs": ref}
-        costs = fit_cpu_costs(root / "eta-0" / "timeline.json", args.cores, threads, background)
+        costs = fit_cpu_costs(spans, args.cores, threads, background)
         costs.latency_s = latency
         fit = {eta: simulate_tiny(eta, steps, costs) for eta in (0, 1)}
         worst = max(abs(e) for eta in fit for e in errors(fit[eta], meas[eta]).values())
@@ -231,13 +228,7 @@ def predict(args) -> int:
 
 def plot(rows: list[dict], path: Path) -> None:
     """samples/s and generator / learner busy against max_staleness, per scenario."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+    if (plt := pyplot()) is None:
         return
     names = list(dict.fromkeys(r["scenario"] for r in rows))
     fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), squeeze=False)

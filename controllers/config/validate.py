@@ -512,8 +512,7 @@ def _check_judges(r: Recipe) -> None:
             _positive(f"rewards[{i}].params.serve.cpus_per_replica", cfg.cpus_per_replica)
             _positive(f"rewards[{i}].params.serve.gpus_per_replica", cfg.gpus_per_replica, allow_zero=True)
             model = cfg.model
-            if isinstance(model, str) and model != "tiny" and (model.startswith(("/", ".", "~")) or model.count("/") > 1) \
-                    and not Path(model).expanduser().is_dir():  # a path (a hub name is owner/name)
+            if isinstance(model, str) and model != "tiny" and _missing_folder(model):
                 raise ConfigError(f"config key 'rewards[{i}].params.serve.model': {model!r} is not a folder here; "
                                   "accepted: a local HF folder, a hub name, or null (the policy's model)")
         if env is not None:
@@ -539,6 +538,11 @@ def judge_keys(r: Recipe) -> dict:
             for i, s in enumerate(r.rewards) if s.name == "judge" and s.params.get("api_key_env") is not None}
 
 
+def _missing_folder(model: str) -> bool:
+    """A model named by a path (a hub name is ``owner/name``) that is not a folder here."""
+    return (model.startswith(("/", ".", "~")) or model.count("/") > 1) and not Path(model).expanduser().is_dir()
+
+
 def check_teacher_tokenizer(r: Recipe, student) -> None:
     """The teacher scores the student's token ids: its tokenizer must be the student's (the same
     vocabulary, ids and special tokens). Refused by name before any actor starts."""
@@ -547,11 +551,10 @@ def check_teacher_tokenizer(r: Recipe, student) -> None:
     from transformers import AutoTokenizer
 
     model = r.teacher.model
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path (a hub name is owner/name)
-        if not Path(model).expanduser().is_dir():
-            raise ConfigError(f"config key 'teacher.model': {model!r} is not a folder here; accepted: a local HF "
-                              "folder (configs/tiny-opd.yaml's teacher is what `make demo` writes: run it first) or "
-                              "a hub name")
+    if _missing_folder(model):
+        raise ConfigError(f"config key 'teacher.model': {model!r} is not a folder here; accepted: a local HF "
+                          "folder (configs/tiny-opd.yaml's teacher is what `make demo` writes: run it first) or "
+                          "a hub name")
     try:
         teacher = AutoTokenizer.from_pretrained(r.teacher.model)
     except Exception as e:  # noqa: BLE001 - its own message says what is missing
