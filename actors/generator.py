@@ -201,6 +201,7 @@ class Generator:
                     r.loss_mask = q.mask
                     r.messages = q.messages(lambda ids: decode(ids, skip_special_tokens=True))
                     r.turns, r.tool_calls, r.tool_errors, r.tool_time_s = q.turns, q.tool_calls, q.tool_errors, q.tool_time_s
+                r.version_range()  # here, not in the driver (see Rollout.version_range)
                 out.append(r)
         return out
 

@@ -1,7 +1,7 @@
 """The record one completion carries from the generator to the learner."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -37,10 +37,29 @@ class Rollout:
     @property
     def version(self) -> int:
         """The oldest policy version that contributed a token (what staleness is measured on)."""
-        seen = self.__dict__.get("_oldest")  # (computed once per length of ``versions``: O(tokens))
+        return self.version_range()[0]
+
+    @property
+    def newest_version(self) -> int:
+        """The newest policy version that contributed a token (above ``version``: interrupted by
+        a weight update and continued)."""
+        return self.version_range()[1]
+
+    def version_range(self) -> tuple[int, int]:
+        """(oldest, newest) version of the model tokens (-1, -1 for none): O(tokens) once per
+        length of ``versions``. The generator computes it before it returns the rollout, and the
+        result travels with it (pickled in ``__dict__``), so that the driver, which reads it for
+        every rollout, never walks the tokens."""
+        seen = self.__dict__.get("_versions")
         if seen is None or seen[0] != len(self.versions):
-            seen = self.__dict__["_oldest"] = (len(self.versions), min(filter((0).__le__, self.versions), default=-1))
-        return seen[1]
+            oldest = min(filter((0).__le__, self.versions), default=-1)  # (tool turns' tokens are -1)
+            seen = self.__dict__["_versions"] = (len(self.versions), oldest, max(max(self.versions, default=-1), -1))
+        return seen[1], seen[2]
+
+    def for_scoring(self) -> "Rollout":
+        """This rollout without what no reward reads (the prompt's tokens, the log-probs and
+        versions, the loss mask): what the driver sends a scorer (a third of the numbers)."""
+        return replace(self, prompt_ids=[], logprobs=[], versions=[], loss_mask=None)
 
 
 @dataclass

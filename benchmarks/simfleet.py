@@ -59,10 +59,42 @@ class Ref:
         self.value, self.error, self.done, self.then = None, None, False, []
 
 
+class SimWatcher:
+    """Refs the driver waits on: ``wait`` runs the fleet's events in time order until one of
+    them is done or the timeout passes on the simulated clock."""
+
+    def __init__(self, tr: "SimTransport"):
+        self.tr, self.watched, self.ready = tr, set(), deque()
+
+    def watch(self, refs: list) -> None:
+        self.tr.calls["futures"] += len(refs)
+        for ref in refs:
+            self.watched.add(ref)
+            if ref.done:
+                self.ready.append(ref)
+            else:
+                ref.then.append(lambda ref=ref: self.ready.append(ref))
+
+    def forget(self, refs: list) -> None:
+        self.watched.difference_update(refs)
+
+    def wait(self, timeout: float) -> list:
+        with self.tr.simulating():
+            self.tr.calls["waits"] += 1
+            if not self.ready:  # (a real wait takes some time, even of 0 s)
+                self.tr.run_until(lambda: bool(self.ready), self.tr.t + max(timeout, 1e-6))
+            done = [ref for ref in self.ready if ref in self.watched]
+            self.ready.clear()
+            return done
+
+    def get(self, ref: "Ref"):
+        self.watched.discard(ref)
+        return self.tr.get(ref)
+
+
 class SimTransport:
-    """The driver's transport over the simulated fleet: ``wait`` runs the devices' events in
-    time order until one of the refs is done or the timeout passes on the simulated clock.
-    ``calls`` counts what a run would ask of Ray (remote calls, waits, gets)."""
+    """The driver's transport over the simulated fleet (``SimWatcher``). ``calls`` counts what
+    a run would ask of Ray (remote calls, futures, waits, gets)."""
 
     def __init__(self, latency_s: float = 0.0):
         self.t = 0.0
@@ -73,7 +105,6 @@ class SimTransport:
         self.calls: Counter = Counter()
         self.sim_cpu_s = 0.0  # CPU seconds spent simulating the fleet (not the driver's)
         self._depth = 0
-        self.finished: list[Ref] = []  # refs done in the current event
 
     def now(self) -> float:
         return self.t
@@ -83,7 +114,6 @@ class SimTransport:
 
     def resolve(self, ref: Ref, value=None, error: BaseException | None = None) -> None:
         ref.value, ref.error, ref.done = value, error, True
-        self.finished.append(ref)
         then, ref.then = ref.then, []
         for fn in then:
             fn()
@@ -127,33 +157,15 @@ class SimTransport:
             if not self._depth:
                 self.sim_cpu_s += time.process_time() - t0
 
-    def wait(self, refs: list, timeout: float) -> list:
-        with self.simulating():
-            return self._wait(refs, timeout)
-
-    def _wait(self, refs: list, timeout: float) -> list:
-        self.calls["ray.wait"] += 1
-        self.calls["refs waited on"] += len(refs)
-        first = next((r for r in refs if r.done), None)
-        if first is not None:
-            return [first]
-        wanted = set(refs)
-        self.finished = []
-        hit: list = []
-
-        def done() -> bool:
-            if self.finished:
-                hit.extend(r for r in self.finished if r in wanted)
-                self.finished = []
-            return bool(hit)
-
-        self.run_until(done, self.t + max(timeout, 1e-6))  # (a real wait takes some time, even of 0 s)
-        return hit[:1]
+    def watcher(self) -> SimWatcher:
+        return SimWatcher(self)
 
     def get(self, ref: Ref):
         self.calls["ray.get"] += 1
         if ref.error is not None:
             raise ref.error
+        with self.simulating():
+            self.calls["numbers received"] += numbers(ref.value)
         return ref.value
 
     def later(self, seconds: float, fn) -> None:
@@ -167,6 +179,22 @@ class SimTransport:
         self.calls["ray.get"] += 1
         with self.simulating():
             self.run_until(lambda: all(r.done for r in refs), math.inf)
+
+
+def numbers(x) -> int:
+    """The numbers in ``x``'s lists (token ids, log-probs, versions): what serialising it for
+    a remote call costs grows with (``simulate.py ray-costs`` measures the cost per number)."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            return 0
+        if isinstance(x[0], (int, float)):
+            return len(x)
+        return sum(map(numbers, x))
+    if isinstance(x, dict):
+        return sum(map(numbers, x.values()))
+    if hasattr(x, "__dict__") and not isinstance(x, type):
+        return sum(map(numbers, vars(x).values()))
+    return 0
 
 
 # -- devices ---------------------------------------------------------------------------------
@@ -294,6 +322,7 @@ class VllmDevice(Device):
         self.paused_until = -math.inf
         self.draining: list = []  # pause_mode wait: updates waiting for the running sequences to finish
         self.prefilled: set = set()  # prompts whose prefix is cached (a group's samples share it)
+        self.asleep = False  # colocated: the device is the learner rank's until the next update
 
     def submit(self, job: Job, seqs: list[tuple[int, int, object]]) -> None:
         """``seqs``: (prompt tokens, completion tokens, prompt key) of the call's sequences."""
@@ -304,11 +333,27 @@ class VllmDevice(Device):
         self._admit()
         self.tr.push(self)
 
+    def sleep(self, seconds: float, done) -> None:
+        """Colocated (``Generator.sleep``): the running sequences finish, admitting none, then
+        the engine frees the device in ``seconds``; it admits nothing until the next update
+        wakes it. ``done(t0, t1)`` when it sleeps."""
+        self.touch()
+        self.asleep = True
+        if self.owner:
+            self.draining.append((seconds, done))
+        else:
+            self._pause(seconds, done)
+        self.tr.push(self)
+
     def update(self, seconds: float, mode: str, done) -> None:
         """A weight update of ``seconds``: ``keep`` pauses the running sequences now (they go
         on with the new weights: partial rollouts); ``wait`` first lets them finish, admitting
-        none. ``done(t0, t1)`` when the new weights are in."""
+        none. ``done(t0, t1)`` when the new weights are in. A sleeping engine wakes first
+        (``costs.wake_s``: its weights' and KV cache's memory back)."""
         self.touch()
+        if self.asleep:
+            self.asleep = False
+            seconds += self.costs.wake_s
         if mode == "wait" and self.owner:
             self.draining.append((seconds, done))
         else:
@@ -321,7 +366,7 @@ class VllmDevice(Device):
         self.tr.later(self.paused_until - self.tr.t, lambda: done(t0, self.paused_until))
 
     def _admit(self) -> None:
-        if self.draining:
+        if self.draining or self.asleep:
             return
         new_rem, new_ctx = [], []
         while self.waiting and len(self.owner) < self.max_num_seqs:
@@ -338,7 +383,7 @@ class VllmDevice(Device):
 
     def next_time(self) -> float:
         if not self.owner:
-            if self.waiting and self.paused_until > self.t:  # resume admitting after a drained update
+            if self.waiting and self.paused_until > self.t and not self.asleep:  # resume admitting after a drained update
                 return self.paused_until
             return math.inf
         start = max(self.t, self.paused_until) + self.stall
@@ -437,6 +482,7 @@ class SimGenerator(SimActor):
                 for k, m in enumerate(ls):
                     out.append(Rollout(f"{p['prompt_id']}/{first_sample + k}", p["prompt_id"], p["prompt_ids"], f.tokens(m),
                                        f.logprobs(m), f.versions(m, v), "length" if m >= cap else "stop"))
+                    out[-1].version_range()  # (as the real generator does, so that the driver does not)
             return out
 
         if isinstance(self.device, VllmDevice):
@@ -445,6 +491,13 @@ class SimGenerator(SimActor):
         else:
             self.pool_job(ref, "generate", f.costs.generate(len(prompts) * n, sum(map(sum, lengths))), rollouts,
                           demand=f.costs.demand("generate"), sequences=len(prompts) * n)
+
+    def do_sleep(self, ref: Ref) -> None:
+        """Colocated vLLM: level 2 (the next update brings every weight), ``costs.sleep_s``."""
+        def slept(t0: float, t1: float) -> None:
+            self.span("sleep", t0, t1, {"level": 2})
+            self.fleet.tr.resolve(ref, {"level": 2, "seconds": t1 - t0})
+        self.device.sleep(self.fleet.costs.sleep_s, slept)
 
     def do_load_weights(self, ref: Ref, blob, version: int) -> None:  # hf generators: the export, loaded
         def loaded():
@@ -540,6 +593,8 @@ class SimGroup(ActorGroup):
     def call(self, i: int, method, *args, control: bool = False, **kwargs) -> Ref:
         name = self._method(method, args, kwargs)
         self.tr.calls["remote calls"] += 1
+        with self.tr.simulating():
+            self.tr.calls["numbers sent"] += numbers((args, kwargs))
         pending = [a for a in args if isinstance(a, Ref) and not a.done]
         ref = Ref()
         self._owners[ref] = (i, 0)
@@ -756,6 +811,11 @@ class GpuCosts:
     scorer_workers: int = 8
     sync_overhead_s: float = 0.25  # a weight sync beyond the wire time (verl: 0.12-0.3 s at 7B)
     optimizer_s: float = 0.5  # ZeRO-3 Adam step and gradient reduce-scatter tail
+    # colocated vLLM (placement.mode colocate): sleep level 2 frees the weights and the KV cache;
+    # waking allocates them again before the weights arrive (vLLM's sleep-mode post: level-2
+    # wakes of 0.8-2.6 s on A100s, weights reloaded from disk included; here they come by IPC)
+    sleep_s: float = 0.3
+    wake_s: float = 1.0
     cores: float = math.inf  # every actor on its own device
     background: float = 0.0
     latency_s: float = 0.002  # Ray's dispatch of a task to an actor

@@ -3,8 +3,9 @@
     python benchmarks/simulate.py validate [--measured runs/sim-validate] [--measure]
     python benchmarks/simulate.py predict [--steps 8] [--only 7b-64]
     python benchmarks/simulate.py fixes [--scenario 7b-64]
-    python benchmarks/simulate.py ray-costs      # Ray's own driver-side CPU per call and per wait, here
-    python benchmarks/simulate.py overhead [--generators 256 --ranks 64]
+    python benchmarks/simulate.py colocate [--only 7b-64]
+    python benchmarks/simulate.py ray-costs      # Ray's driver-side CPU per call, wait, completion, number pickled
+    python benchmarks/simulate.py overhead [--generators 256 --ranks 64] [--set key=value] [--name stem]
 
 The driver's own code (``GrpoDriver``: admission, the staleness bound, the in-flight table,
 elastic slots, weight-sync sequencing) runs unchanged on a simulated clock against the
@@ -14,7 +15,7 @@ validate: the tiny recipe measured on this machine (``benchmarks/async_vs_sync.p
 max_staleness 0, 1, 2; ``--measure`` runs it) against the simulator with costs fitted from
 the max_staleness=0 run's timeline (each call's solo seconds under processor sharing of the
 CPU's cores) and Ray's dispatch latency from the gaps between stages. The cores each kind of
-call keeps busy are fitted on max_staleness 0 and 1 (a grid); max_staleness 2 is held out.
+call keeps busy are fitted on max_staleness 0 and 1 (a grid); 2 and 4 are held out.
 
 predict: seconds per step, samples/s and busy fractions for the 1.5B recipe on 8 H100s and
 the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at max_staleness
@@ -22,6 +23,10 @@ the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at m
 
 fixes: the changes the predictions point at, one on top of the other, for the 7B recipe on 64
 GPUs at max_staleness 0, 1, 2.
+
+colocate: each scenario split (max_staleness 0, 1, 2) against the same GPUs colocated
+(``placement.mode: colocate``: every learner rank hosts a vLLM engine that sleeps while the
+rank trains; the reference actors keep their GPUs; max_staleness 0, the only one it allows).
 
 overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
 simulated generators and 64 learner ranks.
@@ -43,8 +48,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _train import pyplot, save_results  # noqa: E402
-from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, read_timeline, run_driver  # noqa: E402
+from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, numbers, read_timeline, run_driver  # noqa: E402
 
+from r1ray.actors.rollout import Rollout  # noqa: E402
 from r1ray.controllers.config.load import load_recipe  # noqa: E402
 
 TINY = HERE.parent / "configs" / "tiny-cpu.yaml"
@@ -100,9 +106,11 @@ def validate(args) -> int:
     if args.measure:
         import subprocess
 
-        subprocess.run([sys.executable, str(HERE / "async_vs_sync.py"), "--etas", "0", "1", "2", "--steps",
-                        str(args.steps), "--name", "sim_measured", "--out", str(root)], check=True)
-    meas = {eta: measured(root / f"eta-{eta}") for eta in (0, 1, 2)}
+        subprocess.run([sys.executable, str(HERE / "async_vs_sync.py"), "--etas", "0", "1",
+                        *map(str, args.held_out), "--steps", str(args.steps), "--name", "sim_measured", "--out",
+                        str(root)], check=True)
+    etas = (0, 1, *args.held_out)
+    meas = {eta: measured(root / f"eta-{eta}") for eta in etas}
     steps = json.loads((root / "eta-0" / "summary.json").read_text())["grpo"]["steps"]
     spans = read_timeline(root / "eta-0" / "timeline.json")  # (read once: the grid fits from it 36 times)
     latency = dispatch_latency(spans)
@@ -118,9 +126,9 @@ def validate(args) -> int:
             best = (worst, threads, background, costs)
     worst, threads, background, costs = best
     rows = []
-    for eta in (0, 1, 2):
+    for eta in etas:
         pred = simulate_tiny(eta, steps, costs)
-        rows.append({"eta": eta, "role": "held out" if eta == 2 else "fitted", "measured": meas[eta],
+        rows.append({"eta": eta, "role": "fitted" if eta < 2 else "held out", "measured": meas[eta],
                      "predicted": pred, "errors": errors(pred, meas[eta])})
     lines = [f"Tiny recipe, {steps} GRPO steps, this machine ({args.cores:g} cores). Costs: solo seconds per call "
              f"from max_staleness=0's timeline; Ray dispatch {latency * 1000:.1f} ms (median gap between stages); "
@@ -292,13 +300,58 @@ def fixes(args) -> int:
     return 0
 
 
+# -- colocated against split -----------------------------------------------------------------
+def colocated_sets(name: str) -> list[str]:
+    """The scenario's GPUs with every learner rank also hosting a vLLM engine (placement.mode
+    colocate): the reference actors keep theirs, the rest become ranks, one generator each."""
+    recipe, _, _, _, k = SCENARIOS[name]
+    r = load(HERE.parent / "configs" / recipe, scaled(recipe, k))
+    ranks = int(gpus_of(r) - (r.reference.num_actors * r.reference.gpus if r.reference_actor else 0))
+    prompts = r.grpo.prompts_per_step  # (the batch divides over the ranks: the nearest below)
+    while prompts * r.grpo.num_generations % ranks:
+        prompts -= 1
+    return ["placement.mode=colocate", f"learner.num_ranks={ranks}", f"generator.num_actors={ranks}",
+            "grpo.max_staleness=0", f"grpo.prompts_per_step={prompts}"]
+
+
+def colocate(args) -> int:
+    """Each scenario split (η = 0, 1, 2) and colocated (η = 0: the only one it has), the same GPUs."""
+    rows = []
+    for name in args.only or list(SCENARIOS):
+        row = {"scenario": name}
+        for eta in args.etas:
+            row[f"split_eta{eta}"] = predict_one(name, [f"grpo.max_staleness={eta}"], args.steps + 2 * eta + 2)
+        sets = colocated_sets(name)
+        row["colocate"] = {**predict_one(name, sets, args.steps + 2),
+                           "ranks": next(int(x.split("=")[1]) for x in sets if x.startswith("learner.num_ranks="))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    busy = "generator / learner / reference busy"
+    lines = ["| recipe | GPUs | " + " | ".join(f"split η={e} samples/s" for e in args.etas) +
+             f" | split η=0 {busy} | colocated (η=0): ranks = engines | colocated samples/s | colocated {busy} | "
+             "colocated vs split η=0 / η=1 |", "|---" * (len(args.etas) + 7) + "|"]
+    for row in rows:
+        c, s0 = row["colocate"], row["split_eta0"]
+        b = lambda x: " / ".join(f"{x['busy'].get(g, 0):.2f}" for g in ("generator", "learner", "reference"))  # noqa: E731
+        s1 = row.get("split_eta1")
+        vs1 = f"{c['samples_per_s'] / s1['samples_per_s']:.2f}x" if s1 else "-"
+        lines.append(f"| {row['scenario']} | {s0['gpus']} | " +
+                     " | ".join(f"{row[f'split_eta{e}']['samples_per_s']:.1f}" for e in args.etas) +
+                     f" | {b(s0)} | {c['ranks']} | {c['samples_per_s']:.1f} | {b(c)} | "
+                     f"{c['samples_per_s'] / s0['samples_per_s']:.2f}x / {vs1} |")
+    table = "\n".join(lines)
+    print(table)
+    save_results("simulate_colocate", {"steps": args.steps, "rows": rows}, table)
+    return 0
+
+
 # -- the driver at scale ---------------------------------------------------------------------
 def overhead(args) -> int:
     recipe = "qwen2.5-math-7b-grpo-h100.yaml"
     sets = [f"generator.num_actors={args.generators}", f"learner.num_ranks={args.ranks}",
             f"scorer.num_actors={args.generators // 8}", f"grpo.prompts_per_step={args.prompts}",
             f"reference.num_actors={args.references}",
-            f"grpo.max_staleness={args.eta}", f"grpo.steps={args.steps}"]
+            f"grpo.max_staleness={args.eta}", f"grpo.steps={args.steps}", *args.set]
     r = load(HERE.parent / "configs" / recipe, sets)
     fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -313,32 +366,40 @@ def overhead(args) -> int:
     driver_cpu = (cpu - sim) / len(records)
     tokens = r.grpo.prompts_per_step * r.grpo.num_generations * (statistics.fmean(
         x["completion_len/mean"] for x in steady) + 300) * (r.grpo.max_staleness + 1)
-    ray_s = None
+    ray_s = serial_s = None
     costs_file = HERE / "results" / "simulate_ray_costs.json"
     if costs_file.exists():  # Ray's own driver-side CPU for those calls, as measured here (ray-costs)
         c = json.loads(costs_file.read_text())
-        ray_s = (per_step["remote calls"] * c["submit_cpu_us"] + per_step["ray.wait"] * c["wait_base_cpu_us"]
-                 + per_step["refs waited on"] * c["wait_per_ref_cpu_us"]) / 1e6
-    out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts,
+        ray_s = (per_step["remote calls"] * c["submit_cpu_us"] + per_step["futures"] * c["future_cpu_us"]) / 1e6
+        serial_s = (per_step["numbers sent"] * c["serialise_ns_per_number"]
+                    + per_step["numbers received"] * c["deserialise_ns_per_number"]) / 1e9
+    out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts, "set": args.set,
            "eta": args.eta, "steps": len(records), "predicted_step_s": round(step_s, 2),
            "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_share_of_step": round(driver_cpu / step_s, 4),
            "simulator_cpu_s_per_step": round(sim / len(records), 3), "ray_calls_per_step": per_step,
            "ray_cpu_s_per_step_estimate": None if ray_s is None else round(ray_s, 3),
-           "driver_and_ray_share_of_step": None if ray_s is None else round((driver_cpu + ray_s) / step_s, 4),
+           "serialisation_cpu_s_per_step_estimate": None if serial_s is None else round(serial_s, 3),
+           "driver_ray_and_serialisation_share_of_step":
+               None if ray_s is None else round((driver_cpu + ray_s + serial_s) / step_s, 4),
            "peak_rss_mb": round(rss / 1024, 1), "rss_growth_mb": round((rss - rss0) / 1024, 1),
            "token_lists_in_flight_mb_estimate": round(tokens * 72 / 2**20, 1)}
     print(json.dumps(out, indent=1))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
-    save_results("simulate_overhead", out, table)
+    save_results(args.name, out, table)
     return 0
 
 
 def ray_costs(args) -> int:
-    """Ray's driver-side CPU on this machine: per actor call submitted, and per ``ray.wait``
-    (num_returns=1, timeout=0) as a function of the refs pending in it."""
+    """Ray's driver-side CPU on this machine: per actor call submitted; per ``ray.wait``
+    (num_returns=1, timeout=0) as a function of the refs pending in it (the driver before
+    completion callbacks); per completion through ``ObjectRef.future()`` (``RayWatcher``, now);
+    and serialising the token lists of a rollout, per number, each way."""
     import asyncio
+    import pickle
 
     import ray
+
+    from r1ray.cluster.transport import RayWatcher
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
 
@@ -351,13 +412,35 @@ def ray_costs(args) -> int:
         def fast(self, x):
             return x
 
-    a = Echo.remote()
-    ray.get(a.fast.remote(0))
+    a, b = Echo.remote(), Echo.remote()
+    ray.get([a.fast.remote(0), b.fast.remote(0)])
     t0 = time.process_time()
     refs = [a.fast.remote(i) for i in range(3000)]
     submit = (time.process_time() - t0) / 3000 * 1e6
     ray.get(refs)
-    waits = {}
+
+    def round_trips(pending: list, futures: bool, calls: int = 1000) -> float:
+        """CPU a call costs from submit to its value with ``pending`` refs in flight beside it."""
+        watcher = RayWatcher()
+        if futures:
+            watcher.watch(pending)
+        t0 = time.process_time()
+        for i in range(calls):
+            ref = b.fast.remote(i)
+            if futures:
+                watcher.watch([ref])
+                done = []
+                while not done:
+                    done = watcher.wait(10.0)
+                watcher.get(done[0])
+            else:
+                done = []
+                while not done:
+                    done = ray.wait([*pending, ref], num_returns=1, timeout=10.0, fetch_local=True)[0]
+                ray.get(done[0], timeout=0)
+        return (time.process_time() - t0) / calls * 1e6
+
+    waits, trips = {}, {}
     for n in (100, 1000, 3000):
         pending = [a.slow.remote(i) for i in range(n)]
         time.sleep(1)
@@ -365,12 +448,31 @@ def ray_costs(args) -> int:
         for _ in range(50):
             ray.wait(pending, num_returns=1, timeout=0)
         waits[n] = (time.process_time() - t0) / 50 * 1e6
+        if n in (100, 3000):
+            trips[n] = {"ray.wait": round(round_trips(pending, False), 1), "futures": round(round_trips(pending, True), 1)}
         for ref in pending:
             ray.cancel(ref)
-    ray.shutdown()
     slope = (waits[3000] - waits[100]) / 2900
+    wait_base = waits[100] - 100 * slope
+    # a completion through a future, in place of a ray.wait and its scan: the round trip with
+    # futures, less the ray.wait round trip's cost without the scan
+    future = statistics.fmean(t["futures"] for t in trips.values()) - (trips[100]["ray.wait"] - 100 * slope) + wait_base
+    ray.shutdown()
+    rollout = Rollout("p/0", "p", list(range(300)), list(range(1000, 1400)), [-0.5 - i * 1e-4 for i in range(400)],
+                      [3] * 400, "stop", "x" * 1600, {})
+    n = numbers(rollout)
+    t0 = time.process_time()
+    for _ in range(2000):
+        blob = pickle.dumps(rollout, protocol=5)
+    dumps = (time.process_time() - t0) / 2000 / n * 1e9
+    t0 = time.process_time()
+    for _ in range(2000):
+        pickle.loads(blob)
+    loads = (time.process_time() - t0) / 2000 / n * 1e9
     out = {"ray": ray.__version__, "submit_cpu_us": round(submit, 1), "wait_cpu_us": waits,
-           "wait_base_cpu_us": round(waits[100] - 100 * slope, 1), "wait_per_ref_cpu_us": round(slope, 3)}
+           "wait_base_cpu_us": round(wait_base, 1), "wait_per_ref_cpu_us": round(slope, 3),
+           "round_trip_cpu_us": trips, "future_cpu_us": round(future, 1),
+           "serialise_ns_per_number": round(dumps, 1), "deserialise_ns_per_number": round(loads, 1)}
     print(json.dumps(out))
     save_results("simulate_ray_costs", out, "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()]))
     return 0
@@ -384,6 +486,8 @@ def main() -> int:
     v.add_argument("--measure", action="store_true", help="run benchmarks/async_vs_sync.py first")
     v.add_argument("--steps", type=int, default=40)
     v.add_argument("--cores", type=float, default=2.0)
+    v.add_argument("--held-out", type=int, nargs="+", default=[2, 4],
+                   help="max_staleness values predicted without fitting on them (runs/.../eta-<n> measured)")
     sub.add_parser("plot", help="redraw the predictions' plot from benchmarks/results/simulate_predictions.json")
     p = sub.add_parser("predict")
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))
@@ -396,6 +500,10 @@ def main() -> int:
     f.add_argument("--scenario", default="7b-64", choices=list(SCENARIOS))
     f.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
     f.add_argument("--steps", type=int, default=6)
+    c = sub.add_parser("colocate", help="split against colocated (placement.mode colocate), the same GPUs")
+    c.add_argument("--only", nargs="+", choices=list(SCENARIOS))
+    c.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--steps", type=int, default=6)
     sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
     o = sub.add_parser("overhead")
     o.add_argument("--generators", type=int, default=256)
@@ -404,13 +512,15 @@ def main() -> int:
     o.add_argument("--prompts", type=int, default=2048)
     o.add_argument("--eta", type=int, default=1)
     o.add_argument("--steps", type=int, default=7)
+    o.add_argument("--set", action="append", default=[])
+    o.add_argument("--name", default="simulate_overhead")
     args = ap.parse_args()
     random.seed(0)
     if args.cmd == "plot":
         rows = json.loads((HERE / "results" / "simulate_predictions.json").read_text())["rows"]
         plot(rows, HERE / "results" / "simulate_predictions.png")
         return 0
-    return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead,
+    return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead, "colocate": colocate,
             "ray-costs": ray_costs}[args.cmd](args)
 
 

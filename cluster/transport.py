@@ -5,20 +5,39 @@ the elastic groups) waits on object refs and reads the time only through this mo
 run that is Ray and the machine's clocks (``RayTransport``); ``benchmarks/simulate.py``
 installs a simulated fleet instead (``use``), whose refs finish on a simulated clock, so
 that the same driver code can be measured against fleets this machine cannot hold.
+
+Each table of work in flight has its own ``watcher()``: it ``watch``es each ref once, when
+the work is submitted, and ``wait`` hands back the watched refs as they finish, so a
+completion costs the same however many refs are still pending (``ray.wait`` scans every ref
+it is given, each time: 0.36 us a ref on this machine, which at thousands of refs in flight
+was most of the driver's time; measured in ``benchmarks/simulate.py ray-costs``).
 """
 from __future__ import annotations
 
 import contextlib
+import queue
 import time
 from typing import Iterator, Protocol
 
 
-class Transport(Protocol):
-    def wait(self, refs: list, timeout: float) -> list:
-        """At most ``timeout`` seconds for one of ``refs`` to finish: the finished ones (maybe none)."""
+class Watcher(Protocol):
+    def watch(self, refs: list) -> None:
+        """Start waiting for ``refs``: each is handed back by ``wait`` once it finishes."""
+
+    def forget(self, refs: list) -> None:
+        """Stop waiting for ``refs`` (work given up): ``wait`` will not hand them back."""
+
+    def wait(self, timeout: float) -> list:
+        """At most ``timeout`` seconds for a watched ref to finish: the refs finished since the
+        last call, in the order they finished (maybe none)."""
 
     def get(self, ref):
-        """The value of ``ref``, which is finished (its error raised)."""
+        """The value of ``ref``, which ``wait`` handed back (its error raised); forgets it."""
+
+
+class Transport(Protocol):
+    def watcher(self) -> Watcher:
+        """A new set of refs to wait on (one per table of work in flight)."""
 
     def now(self) -> float:
         """Seconds on a monotonic clock (deadlines, durations)."""
@@ -27,17 +46,45 @@ class Transport(Protocol):
         """Seconds since the epoch (the actors' spans are stamped with it)."""
 
 
-class RayTransport:
-    def wait(self, refs: list, timeout: float) -> list:
-        import ray
+class RayWatcher:
+    """Completion callbacks (``ObjectRef.future()``) into one queue: Ray fetches each result
+    when it is ready (the value, or the error ``ray.get`` would raise), and the driver blocks on
+    the queue."""
 
-        return ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=True)[0]
+    def __init__(self):
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: dict = {}
+
+    def watch(self, refs: list) -> None:
+        for ref in refs:
+            if ref in self._futures:
+                continue
+            future = self._futures[ref] = ref.future()
+            future.add_done_callback(lambda _, ref=ref: self._done.put(ref))
+
+    def forget(self, refs: list) -> None:
+        for ref in refs:
+            self._futures.pop(ref, None)
+
+    def wait(self, timeout: float) -> list:
+        try:
+            first = self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()
+        except queue.Empty:
+            return []
+        done = [first]
+        while True:
+            try:
+                done.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        return [ref for ref in done if ref in self._futures]
 
     def get(self, ref):
-        import ray
+        return self._futures.pop(ref).result(timeout=0)
 
-        return ray.get(ref, timeout=0)
 
+class RayTransport:
+    watcher = RayWatcher
     now = staticmethod(time.perf_counter)
     wall = staticmethod(time.time)
 
@@ -45,12 +92,8 @@ class RayTransport:
 _current: Transport = RayTransport()
 
 
-def wait(refs: list, timeout: float) -> list:
-    return _current.wait(refs, timeout)
-
-
-def get(ref):
-    return _current.get(ref)
+def watcher() -> Watcher:
+    return _current.watcher()
 
 
 def now() -> float:

@@ -1,13 +1,15 @@
 """The driver's work in flight: what each piece waits on, which actors do it, and its deadline.
 
-Ray-free bookkeeping around ``ray.wait`` (through ``cluster/transport.py``): ``InFlight.next_done`` hands back finished work one
-piece at a time, while the system's watchdog pings the actors and work past its deadline
-ends the run with the actors' names and what they were doing.
+Ray-free bookkeeping around the refs' completions (a watcher of ``cluster/transport.py``):
+``InFlight.next_done`` hands back finished work one piece at a time, while the system's
+watchdog pings the actors and work past its deadline ends the run with the actors' names and
+what they were doing.
 """
 from __future__ import annotations
 
+import bisect
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -45,6 +47,7 @@ class Work:
         self.refs.remove(ref)
         if self.flight is not None:
             self.flight._refs.pop(ref, None)
+            self.flight._watch.forget([ref])
 
 
 class InFlight:
@@ -56,14 +59,16 @@ class InFlight:
     def __init__(self, watchdog: Watchdog, ray_cfg, group_size: int, score_budget: Callable[[int], float],
                  what: str = "GRPO"):
         self.dog, self.rc, self.G, self.score_budget, self.what = watchdog, ray_cfg, group_size, score_budget, what
-        self.work: list[Work] = []
+        self.work: dict[Work, None] = {}  # (a dict: ordered, and O(1) to leave)
+        self._watch = transport.watcher()  # the refs' completions, as they come
+        self._done: deque = deque()  # refs finished, not yet dealt with
         # Indexes of ``work``, so that a fleet of hundreds of actors with thousands of calls in
         # flight costs the driver O(1) per call: the pending refs (-> their work, in submission
         # order), the work on each queue, the work of each (stage, actor), of each stage, and a
         # lower bound of the deadlines (deadlines are only ever raised after submit).
         self._refs: dict = {}
         self._queues: dict = {}
-        self._load: Counter = Counter()
+        self._load: dict[str, list[int]] = {}  # stage -> work in flight on each actor
         self.stages: Counter = Counter()
         self._soonest = math.inf
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
@@ -90,24 +95,26 @@ class InFlight:
         # an actor that starts may wait for a node to join: no deadline (the run goes on without it)
         work.deadline = math.inf if work.stage == "join" else max([work.started, *(w.deadline for w in queue)]) + budget
         work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
-        self.work.append(work)
+        self.work[work] = None
         queue.append(work)
         work.flight = self
         for ref in work.pending:
             self._refs[ref] = work
+        self._watch.watch(work.refs)  # (all pending: nothing is dropped before submit)
         if work.actor is not None:
-            self._load[(work.stage, work.actor)] += 1
+            self._loads(work.stage, work.actor + 1)[work.actor] += 1
         self.stages[work.stage] += 1
         self._soonest = min(self._soonest, work.deadline)
         return work
 
     def _forget(self, work: Work) -> None:
-        self.work.remove(work)
+        del self.work[work]
         self._queues[self._queue(work)].remove(work)
         for ref in work.pending:
             self._refs.pop(ref, None)
+        self._watch.forget(list(work.pending))
         if work.actor is not None:
-            self._load[(work.stage, work.actor)] -= 1
+            self._load[work.stage][work.actor] -= 1
         self.stages[work.stage] -= 1
 
     @staticmethod
@@ -118,12 +125,26 @@ class InFlight:
         """The least loaded of ``among`` (of a group of ``actors``) for ``stage``; ties go
         round-robin so every actor gets work."""
         self.turns[stage] += 1  # (per stage: one counter shared by the stages could keep landing on one actor)
-        turn = self.turns[stage]
-        return min(among, key=lambda i: (self._load[(stage, i)], (i - turn) % actors))
+        turn = self.turns[stage] % actors
+        loads = self._loads(stage, actors)
+        if len(among) == actors:  # every actor (the usual case): scans in C
+            least = min(loads[:actors])
+            return loads.index(least, turn, actors) if least in loads[turn:actors] else loads.index(least)
+        loads = [loads[i] for i in among]
+        least = min(loads)
+        tied = sorted(i for i, n in zip(among, loads) if n == least)
+        k = bisect.bisect_left(tied, turn)  # the first at or after ``turn``, cyclically
+        return tied[k] if k < len(tied) else tied[0]
 
     def load(self, stage: str, actors: int) -> list[int]:
         """Work of ``stage`` in flight on each of ``actors`` actors."""
-        return [self._load[(stage, i)] for i in range(actors)]
+        return self._loads(stage, actors)[:actors]
+
+    def _loads(self, stage: str, actors: int) -> list[int]:
+        loads = self._load.setdefault(stage, [])
+        if len(loads) < actors:  # (an elastic group grew)
+            loads.extend([0] * (actors - len(loads)))
+        return loads
 
     def next_done(self) -> Work:
         """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
@@ -134,18 +155,22 @@ class InFlight:
             wait_s = min(self.dog.every_s, self._soonest - now)
             if self.stages["join"] == len(self.work):
                 wait_s = min(wait_s, 1.0)  # the driver re-checks control (r1ray scale) meanwhile
-            done = transport.wait(list(self._refs), max(0.0, wait_s))
-            if done:
-                work = self._refs[done[0]]
+            if not self._done:
+                self._done.extend(self._watch.wait(max(0.0, wait_s)))
+            while self._done:
+                ref = self._done.popleft()
+                work = self._refs.get(ref)
+                if work is None:  # (given up meanwhile: its actor was lost)
+                    continue
                 try:
-                    work.values[done[0]] = transport.get(done[0])
+                    work.values[ref] = self._watch.get(ref)
                 except Exception as e:  # noqa: BLE001 - every failure becomes one named error
                     # the driver may repair the work of a lost actor (dead, or its vLLM engine dead)
                     # or a weight sync a lost generator broke; anything else ends the run
-                    if self.on_lost is None or not self.on_lost(work, done[0], e):
-                        raise self.dog.failure(f"{self.what} {work.stage}", done[0], e) from e
-                work.pending.discard(done[0])
-                self._refs.pop(done[0], None)
+                    if self.on_lost is None or not self.on_lost(work, ref, e):
+                        raise self.dog.failure(f"{self.what} {work.stage}", ref, e) from e
+                work.pending.discard(ref)
+                self._refs.pop(ref, None)
                 if work in self.work and not work.pending:
                     return self._finished(work)
             self._check_deadlines()

@@ -131,7 +131,7 @@ class GrpoDriver:
         for g in work.groups:
             self._log(self.samples_log, *(sample_line(step, work.version, g, r) for r in g.rollouts))
         # (model tokens' versions never go down: more than one is its oldest below the newest)
-        self.tally({"samples/interrupted": sum(r.version != max(r.versions, default=-1) for r in rollouts)})
+        self.tally({"samples/interrupted": sum(r.version != r.newest_version for r in rollouts)})
         self.rewards.end_step()
         version = self.elastic.publish().version
         if self.checkpoints is not None and self.checkpoints.due(step):

@@ -48,7 +48,7 @@ def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size
 def sample_line(step: int, trained_at: int, group, r: Rollout) -> dict:
     """samples.jsonl: one trained sample, with the policy versions that generated it."""
     return {"step": step, "sample_id": r.sample_id, "trained_at": trained_at, "admitted_at": group.admitted_at,
-            "min_version": r.version, "max_version": max(r.versions, default=-1), "tokens": len(r.completion_ids),
+            "min_version": r.version, "max_version": r.newest_version, "tokens": len(r.completion_ids),
             "logprobs": len(r.logprobs), "reward": r.reward, "finish_reason": r.finish_reason,
             **({"turns": r.turns, "tool_calls": r.tool_calls, "tool_errors": r.tool_errors} if r.messages is not None else {})}
 

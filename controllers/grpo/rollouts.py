@@ -88,7 +88,7 @@ class RolloutStream:
 
     def score(self, units: list) -> None:
         j = self.inflight.pick("score", len(self.system.scorers), self.system.scorers.ready())
-        rollouts = [r for u in units for r in u.rollouts]
+        rollouts = [r.for_scoring() for u in units for r in u.rollouts]
         self.inflight.submit(Work("score", [self.system.scorers.call(j, RewardScorer.score, rollouts)], units, actor=j,
                                   samples=len(rollouts)))
 
@@ -112,7 +112,8 @@ class RolloutStream:
 
     def log_probs(self, units: list) -> None:
         """The reference's and the teacher's log-probs of ``units``' completions, both at once."""
-        samples = [TrainSample.of(r) for u in units for r in u.rollouts]
+        # (the tokens only: the log-probs of a forward pass need nothing else)
+        samples = [TrainSample(r.prompt_ids, r.completion_ids) for u in units for r in u.rollouts]
         parts, n = [], len(samples)
         if self.system.reference is not None:
             ref = self.system.reference

@@ -1,6 +1,8 @@
 """LoRA for GRPO on the real engines (tiny model, no Ray): the adapters-off reference, adapter-only
 weight syncs into the hf generator, the rebase after an SFT warm-up, and the final checkpoint."""
 import io
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,18 +141,23 @@ def test_reference_work_on_the_learners_waits_behind_the_train_step_without_a_sh
     """LoRA's reference log-probs run on the learner ranks after the train step queued there (and
     the checkpoint it may save): their deadline starts from the train step's and is a first
     call's, not the few seconds per sample the last reference call took."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from simfleet import Ref, SimTransport
+
+    from r1ray.cluster import transport
     from r1ray.cluster.groups import Watchdog
     from r1ray.controllers.common.inflight import InFlight, Work
     from r1ray.controllers.config.recipe import RayConfig
 
     rc = RayConfig()
-    inflight = InFlight(Watchdog([]), rc, 4, lambda n: 1.0)
-    inflight.rates["reference"] = 0.001  # what an earlier reference call on idle learners took
-    train = inflight.submit(Work("train", ["t"], who=["learner-rank-0"], queue="learner"))
-    ref = inflight.submit(Work("reference", ["r"], [object()], who=["learner-rank-0"], queue="learner"))
-    assert ref.deadline >= train.deadline + rc.call_timeout_s - 1e-6
-    # the reference actor's calls keep their own queue and the measured budget
-    actor = inflight.submit(Work("reference", ["a"], [object()], actor=0, who=["reference-0"]))
-    assert actor.deadline - actor.started == pytest.approx(rc.deadline_min_s)
-    later = inflight.submit(Work("train", ["t2"], who=["learner-rank-0"], queue="learner"))
-    assert later.deadline >= ref.deadline  # a train step queued behind the reference call
+    with transport.use(SimTransport()):  # (refs that never finish: only the deadlines matter here)
+        inflight = InFlight(Watchdog([]), rc, 4, lambda n: 1.0)
+        inflight.rates["reference"] = 0.001  # what an earlier reference call on idle learners took
+        train = inflight.submit(Work("train", [Ref()], who=["learner-rank-0"], queue="learner"))
+        ref = inflight.submit(Work("reference", [Ref()], [object()], who=["learner-rank-0"], queue="learner"))
+        assert ref.deadline >= train.deadline + rc.call_timeout_s - 1e-6
+        # the reference actor's calls keep their own queue and the measured budget
+        actor = inflight.submit(Work("reference", [Ref()], [object()], actor=0, who=["reference-0"]))
+        assert actor.deadline - actor.started == pytest.approx(rc.deadline_min_s)
+        later = inflight.submit(Work("train", [Ref()], who=["learner-rank-0"], queue="learner"))
+        assert later.deadline >= ref.deadline  # a train step queued behind the reference call

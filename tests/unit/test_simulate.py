@@ -189,3 +189,48 @@ def test_ties_go_round_robin_within_each_stage():
         flight.pick("generate", 1, [0])
         picks.append(flight.pick("score", 2, [0, 1]))
     assert sorted(picks) == [0, 0, 1, 1]
+
+
+def test_pick_is_the_least_loaded_then_the_next_in_turn():
+    """``InFlight.pick`` (scans in C when every actor may take the work) against its rule
+    written out: least work of the stage in flight, ties to the first actor at or after the
+    turn, cyclically; every actor or a subset (some starting or lost), groups that grew."""
+    import random
+
+    from r1ray.cluster.groups import Watchdog
+    from r1ray.controllers.common.inflight import InFlight
+
+    rng, rc = random.Random(0), _tiny().ray
+    for _ in range(2000):
+        flight = InFlight(Watchdog([]), rc, 4, lambda n: 1.0)
+        actors = rng.randint(1, 9)
+        flight._load["generate"] = [rng.randint(0, 2) for _ in range(actors + rng.randint(0, 2))]
+        for _ in range(4):
+            among = list(range(actors)) if rng.random() < 0.5 else sorted(rng.sample(range(actors), rng.randint(1, actors)))
+            turn, loads = flight.turns["generate"] + 1, flight.load("generate", actors)
+            rule = min(among, key=lambda i: (loads[i], (i - turn) % actors))
+            assert flight.pick("generate", actors, among) == rule
+            actors += rng.random() < 0.2  # (an elastic group grew: its new actor has no work yet)
+
+
+def test_colocated_engines_sleep_before_each_step_and_never_share_the_device_with_it():
+    """placement.mode colocate on the simulated fleet (the driver's own sequencing): every
+    engine sleeps once before each train step, after its last sequence; no engine generates
+    while its rank trains; each wakes with the next weights (``wake_s`` more than a sync)."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["placement.mode=colocate", "learner.num_ranks=4", "generator.num_actors=4", "grpo.max_staleness=0",
+                     "grpo.steps=4", "grpo.prompts_per_step=16"], cpus=1e9, gpus=1e9)
+    costs = GpuCosts(QWEN_7B)
+    fleet = Fleet(r, costs, Lengths(1024, 300), seed=2)
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200)
+    assert len(records) == 4
+    spans = driver.telemetry.spans
+    kinds = Counter((sp["actor"], sp["kind"]) for sp in spans)
+    assert all(kinds[(f"generator-{i}", "sleep")] == 4 for i in range(4))
+    for i in range(4):
+        generating = [(sp["t0"], sp["t1"]) for sp in spans if (sp["actor"], sp["kind"]) == (f"generator-{i}", "generate")]
+        training = [(sp["t0"], sp["t1"]) for sp in spans if (sp["actor"], sp["kind"]) == (f"learner-rank-{i}", "train")]
+        assert len(training) == 4 and generating
+        assert not [(g, t) for g in generating for t in training if g[0] < t[1] - 1e-5 and t[0] < g[1] - 1e-5]
+    updates = [sp["t1"] - sp["t0"] for sp in spans if sp["kind"] == "weight_update"]
+    assert updates and min(updates) >= costs.wake_s + costs.sync_seconds(4) - 1e-5  # (wall clock: 0.2 us grain)

@@ -224,3 +224,30 @@ def test_admission_follows_confirmed_versions():
     assert m.capacity() == 2 and m.admit() == (4, 4)
     m.confirm(3)  # a late, older confirmation never lowers the version
     assert m.confirmed == 4
+
+
+def test_a_rollouts_version_range_travels_with_it_and_follows_new_tokens():
+    """The generator computes (oldest, newest) before it returns a rollout; the pickled rollout
+    carries it (the driver reads it for every rollout and never walks the tokens), and tokens
+    added later (a continued partial rollout) are counted; tool turns' tokens (-1) never are."""
+    import pickle
+
+    r = Rollout("s", "p", [1, 2], [5] * 6, [0.0] * 6, [3, 3, -1, -1, 4, 4], "stop")
+    assert r.version_range() == (3, 4)
+    back = pickle.loads(pickle.dumps(r))
+    assert back.__dict__["_versions"] == (6, 3, 4) and (back.version, back.newest_version) == (3, 4)
+    back.versions.extend([6, 6])
+    assert (back.version, back.newest_version) == (3, 6)
+    tools_only = Rollout("s", "p", [1], [5, 5], [0.0, 0.0], [-1, -1], "stop")
+    assert (tools_only.version, tools_only.newest_version) == (-1, -1)
+    assert Rollout("s", "p", [1], [], [], [], "length").version_range() == (-1, -1)
+
+
+def test_a_scorer_gets_what_rewards_read_and_not_the_rest():
+    r = Rollout("p/1", "p", [1, 2, 3], [7, 8], [-0.1, -0.2], [2, 2], "stop", text="42", columns={"answer": "42"},
+                loss_mask=[1, 1], messages=[{"role": "assistant", "content": "42"}], turns=2, tool_calls=1)
+    slim = r.for_scoring()
+    assert (slim.prompt_ids, slim.logprobs, slim.versions, slim.loss_mask) == ([], [], [], None)
+    assert (slim.sample_id, slim.completion_ids, slim.text, slim.columns, slim.messages, slim.turns, slim.tool_calls) == \
+        ("p/1", [7, 8], "42", {"answer": "42"}, [{"role": "assistant", "content": "42"}], 2, 1)
+    assert r.prompt_ids == [1, 2, 3] and r.logprobs == [-0.1, -0.2]  # the driver's own rollout is untouched
