@@ -166,6 +166,11 @@ class GrpoConfig:
     # `distill_discount` (needs `teacher.model`; no rewards enter the advantage)
     advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "on_policy_distill"] = "grpo"
     distill_discount: float = 0.0  # on_policy_distill: A_t = sum_{k>=t} discount^(k-t) x (-reverse KL_k)
+    # each token's reverse KL to the teacher cut to [-c, c] before it enters an advantage
+    # (on_policy_distill's, or teacher_kl_coef's term); null: as estimated. The estimate is
+    # unbounded where the teacher all but rules a sampled token out, and such tokens then
+    # crowd out the rest of the clipped gradient (teacher/reverse_kl reports it uncut)
+    distill_kl_clip: float | None = None
     advantage_scale: Literal["group", "batch", "none"] = "group"  # TRL scale_rewards; "batch": the step's batch
     mask_truncated_completions: bool = False  # completions cut at sampling.max_new_tokens get no loss (DAPO)
     max_staleness: int = 0  # eta: samples are at most this many versions old; 0 = synchronous on-policy

@@ -478,6 +478,9 @@ def _check_teacher(r: Recipe) -> None:
     if not 0 <= g.distill_discount <= 1:
         raise ConfigError(f"config key 'grpo.distill_discount': got {g.distill_discount}; accepted: a number in [0, 1] "
                           "(0: each token's own reverse KL)")
+    if g.distill_kl_clip is not None and not g.distill_kl_clip > 0:
+        raise ConfigError(f"config key 'grpo.distill_kl_clip': got {g.distill_kl_clip}; accepted: a number > 0 (each "
+                          "token's reverse KL to the teacher cut to [-c, c]) or null (uncut)")
     if tc.model is not None:
         _positive("teacher.num_actors", tc.num_actors)
         _positive("teacher.micro_batch_size", tc.micro_batch_size)

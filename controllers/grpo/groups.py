@@ -80,14 +80,15 @@ class DynamicSampling:
         return False
 
 
-def teacher_kl(rollouts: list[Rollout]) -> list[list[float]]:
+def teacher_kl(rollouts: list[Rollout], clip: float | None = None) -> list[list[float]]:
     """Each rollout's per-token reverse KL to the teacher (behaviour minus teacher log-probs;
-    0 on a tool turn's tokens)."""
+    0 on a tool turn's tokens), cut to [-clip, clip] when ``clip`` is set."""
     missing = [r.sample_id for r in rollouts if r.teacher_logprobs is None]
     if missing:
         raise RuntimeError(f"no teacher log-probs for {missing[0]} (and {len(missing) - 1} more): the teacher "
                            "stage did not run for them")
-    return [reverse_kl(r.logprobs, r.teacher_logprobs, r.loss_mask) for r in rollouts]
+    kl = [reverse_kl(r.logprobs, r.teacher_logprobs, r.loss_mask) for r in rollouts]
+    return kl if clip is None else [[min(clip, max(-clip, x)) for x in k] for k in kl]
 
 
 def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> tuple[list[TrainSample], float, float]:
@@ -100,7 +101,7 @@ def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> 
     top of the rewards' advantages."""
     g, lc = recipe.grpo, recipe.learner.loss
     if g.advantage_estimator == "on_policy_distill":
-        advantages = [distill_advantages(k, g.distill_discount) for k in teacher_kl(rollouts)]
+        advantages = [distill_advantages(k, g.distill_discount) for k in teacher_kl(rollouts, g.distill_kl_clip)]
     else:
         kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator).tolist()
               for r in rollouts] if lc.kl_in_reward else None
@@ -108,7 +109,7 @@ def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> 
                                       g.advantage_scale, [len(r.completion_ids) for r in rollouts], kl, lc.kl_coef)
         if lc.teacher_kl_coef:
             advantages = add_token_terms(advantages, [[-lc.teacher_kl_coef * x for x in k]
-                                                      for k in teacher_kl(rollouts)])
+                                                      for k in teacher_kl(rollouts, g.distill_kl_clip)])
     samples = []
     for r, a in zip(rollouts, advantages):
         r.advantage = a

@@ -49,6 +49,17 @@ def test_train_batch_uses_the_teacher_alone_or_on_top_of_the_rewards():
     # Dr. GRPO's centred rewards (+0.5, -0.5 and 0, 0) minus 0.5 x each token's reverse KL
     assert [s.advantage for s in samples] == [[0.5, 1.0], [-1.0], [-0.5, 0.0, 0.25], [0.0]]
 
+    # grpo.distill_kl_clip 0.75: each token's KL cut to [-0.75, 0.75] first (1 and -1 here), in both uses
+    cut = load_recipe(TINY, ["grpo.advantage_estimator=on_policy_distill", "teacher.model=some/teacher",
+                             "grpo.num_generations=2", "learner.loss.kl_coef=0", "grpo.distill_kl_clip=0.75"])
+    samples, _, _ = train_batch(_rollouts(rewards, student, teacher), cut, 1)
+    assert [s.advantage for s in samples] == [[0.0, 0.75], [-0.75], [-0.75, 0.0, 0.5], [0.0]]
+    mixed_cut = load_recipe(TINY, ["learner.loss.teacher_kl_coef=0.5", "teacher.model=some/teacher",
+                                   "grpo.num_generations=2", "grpo.advantage_scale=none", "learner.loss.kl_coef=0",
+                                   "grpo.distill_kl_clip=0.75"])
+    samples, _, _ = train_batch(_rollouts(rewards, student, teacher), mixed_cut, 1)
+    assert [s.advantage for s in samples] == [[0.5, 0.875], [-0.875], [-0.375, 0.0, 0.25], [0.0]]
+
     missing = _rollouts(rewards, student, teacher)
     missing[2].teacher_logprobs = None
     with pytest.raises(RuntimeError, match="no teacher log-probs for p1/0"):
@@ -63,6 +74,8 @@ def test_train_batch_uses_the_teacher_alone_or_on_top_of_the_rewards():
     (["grpo.advantage_estimator=on_policy_distill", "teacher.model=t", "learner.loss.kl_coef=0.1",
       "learner.loss.kl_in_reward=true"], "learner.loss.kl_in_reward"),
     (["teacher.model=t", "grpo.distill_discount=1.5"], "grpo.distill_discount"),
+    (["grpo.advantage_estimator=on_policy_distill", "teacher.model=t", "grpo.distill_kl_clip=0"],
+     "grpo.distill_kl_clip"),
     (["grpo.advantage_estimator=on_policy_distill", "teacher.model=t", "grpo.dynamic_sampling=true"],
      "grpo.dynamic_sampling"),
     (["teacher.model=t", "teacher.num_actors=0"], "teacher.num_actors"),
