@@ -1,6 +1,6 @@
 """A generative judge as a GRPO reward, through the CLI: against the fault-injecting OpenAI server
 (429s, hangs, unparseable verdicts, then the server gone mid-run) the run goes on, every failure
-is counted, the 2 requests/s limit holds at the server, no scoring call outlives its deadline,
+is counted, the 4 requests/s limit holds at the server, no scoring call outlives its deadline,
 and the key is in no file or log; and against a vLLM server r1ray starts for ``serve:``."""
 import json
 import threading
