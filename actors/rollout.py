@@ -53,7 +53,7 @@ class Rollout:
         seen = self.__dict__.get("_versions")
         if seen is None or seen[0] != len(self.versions):
             oldest = min(filter((0).__le__, self.versions), default=-1)  # (tool turns' tokens are -1)
-            seen = self.__dict__["_versions"] = (len(self.versions), oldest, max(max(self.versions, default=-1), -1))
+            seen = self.__dict__["_versions"] = (len(self.versions), oldest, max(self.versions, default=-1))
         return seen[1], seen[2]
 
     def for_scoring(self) -> "Rollout":

@@ -301,9 +301,10 @@ def fixes(args) -> int:
 
 
 # -- colocated against split -----------------------------------------------------------------
-def colocated_sets(name: str) -> list[str]:
+def colocated_sets(name: str) -> tuple[list[str], int]:
     """The scenario's GPUs with every learner rank also hosting a vLLM engine (placement.mode
-    colocate): the reference actors keep theirs, the rest become ranks, one generator each."""
+    colocate): the reference actors keep theirs, the rest become ranks, one generator each.
+    The overrides, and the ranks."""
     recipe, _, _, _, k = SCENARIOS[name]
     r = load(HERE.parent / "configs" / recipe, scaled(recipe, k))
     ranks = int(gpus_of(r) - (r.reference.num_actors * r.reference.gpus if r.reference_actor else 0))
@@ -311,7 +312,7 @@ def colocated_sets(name: str) -> list[str]:
     while prompts * r.grpo.num_generations % ranks:
         prompts -= 1
     return ["placement.mode=colocate", f"learner.num_ranks={ranks}", f"generator.num_actors={ranks}",
-            "grpo.max_staleness=0", f"grpo.prompts_per_step={prompts}"]
+            "grpo.max_staleness=0", f"grpo.prompts_per_step={prompts}"], ranks
 
 
 def colocate(args) -> int:
@@ -321,9 +322,8 @@ def colocate(args) -> int:
         row = {"scenario": name}
         for eta in args.etas:
             row[f"split_eta{eta}"] = predict_one(name, [f"grpo.max_staleness={eta}"], args.steps + 2 * eta + 2)
-        sets = colocated_sets(name)
-        row["colocate"] = {**predict_one(name, sets, args.steps + 2),
-                           "ranks": next(int(x.split("=")[1]) for x in sets if x.startswith("learner.num_ranks="))}
+        sets, ranks = colocated_sets(name)
+        row["colocate"] = {**predict_one(name, sets, args.steps + 2), "ranks": ranks}
         rows.append(row)
         print(json.dumps(row), flush=True)
     busy = "generator / learner / reference busy"
