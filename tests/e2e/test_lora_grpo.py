@@ -21,7 +21,8 @@ def test_lora_grpo_learns_the_tiny_task_from_a_warmed_up_model(tmp_path, tiny_wo
     out = tmp_path / "grpo"
     proc = _ok(r1ray_cli.run("train", "configs/tiny-cpu.yaml", "--output-dir", out, "--set",
                              f"model.tiny_dir={tiny_world}", "--set", f"model.path={sft / 'checkpoint-sft'}",
-                             "--set", "sft.steps=0", "--set", "eval.num_prompts=100", *QUIET, *LORA, timeout=900))
+                             "--set", "sft.steps=0", "--set", "eval.num_prompts=100", *QUIET, *LORA,
+                             "--set", "grpo.steps=50", timeout=900))  # pass@1 0.61 -> 0.98 in 50 steps (100 before)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["eval_after"] >= summary["eval_before"] + 0.2, (summary["eval_before"], summary["eval_after"])
