@@ -33,6 +33,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -759,6 +760,27 @@ class Lengths:
     def group(self, rng: random.Random, n: int) -> list[int]:
         mu = math.log(self.median) + rng.gauss(0.0, self.prompt_sigma)
         return [max(self.floor, min(self.cap, int(math.exp(mu + rng.gauss(0.0, self.sigma))))) for _ in range(n)]
+
+    @classmethod
+    def fitted(cls, cap: int, mean: float, truncated: float, prompt_share: float = 0.45) -> "Lengths":
+        """The log-normal whose draws, cut at ``cap``, have this ``mean`` and this fraction ``truncated``
+        at the cap (two published figures, two parameters: the median and the total sigma), its
+        variance split between prompts (``prompt_share``) and a prompt's samples."""
+        z = NormalDist().inv_cdf(1.0 - truncated)  # log(cap) = mu + z sigma
+
+        def capped_mean(sigma: float) -> float:
+            mu = math.log(cap) - z * sigma
+            return math.exp(mu + sigma * sigma / 2) * NormalDist().cdf(z - sigma) + cap * truncated
+
+        lo, hi = 1e-3, 4.0  # the capped mean falls as sigma grows with the cap's quantile held
+        if not capped_mean(hi) < mean < capped_mean(lo):
+            raise ValueError(f"no log-normal cut at {cap} has mean {mean} with {truncated:.1%} at the cap")
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if capped_mean(mid) > mean else (lo, mid)
+        sigma = (lo + hi) / 2
+        return cls(cap, math.exp(math.log(cap) - z * sigma), sigma * math.sqrt(1 - prompt_share),
+                   sigma * math.sqrt(prompt_share))
 
     def stats(self, draws: int = 20000, seed: int = 0) -> dict:
         rng = random.Random(seed)

@@ -85,6 +85,17 @@ def _cpu_costs(**kw):
                     {"score": 0.001, "ref_logprobs": 0.002}, {}, cores=math.inf, **kw)
 
 
+def test_fitted_lengths_give_back_the_published_mean_and_truncation():
+    # the verl GRPO step the 7B scenarios are fitted to: mean 424.5 tokens, 7.37% at the 1,024 cap
+    lengths = Lengths.fitted(1024, 424.5, 0.0737, prompt_share=0.45)
+    assert lengths.prompt_sigma ** 2 / (lengths.prompt_sigma ** 2 + lengths.sigma ** 2) == pytest.approx(0.45)
+    drawn = lengths.stats(draws=160_000, seed=1)
+    assert drawn["mean"] == pytest.approx(424.5, abs=3)  # the draws are whole tokens (rounded down)
+    assert drawn["truncated"] == pytest.approx(0.0737, abs=0.003)
+    with pytest.raises(ValueError, match="no log-normal cut at 1024 has mean 50 "):
+        Lengths.fitted(1024, 50, 0.0737)  # 7.37% at the cap alone gives a mean of 75
+
+
 def test_synchronous_step_time_is_the_sum_of_its_stages():
     """max_staleness 0 on unshared devices: a step is one generate call (16 groups), then score,
     reference, train, export and load in turn, plus Ray's dispatch before each work call."""
