@@ -481,6 +481,13 @@ def _check_teacher(r: Recipe) -> None:
     if g.distill_kl_clip is not None and not g.distill_kl_clip > 0:
         raise ConfigError(f"config key 'grpo.distill_kl_clip': got {g.distill_kl_clip}; accepted: a number > 0 (each "
                           "token's reverse KL to the teacher cut to [-c, c]) or null (uncut)")
+    if g.distill_discount and g.advantage_estimator != "on_policy_distill":  # settings that would do nothing
+        raise ConfigError(f"config key 'grpo.distill_discount': got {g.distill_discount} with advantage_estimator "
+                          f"{g.advantage_estimator!r}; accepted: 0 (it discounts on_policy_distill's advantage only)")
+    if g.distill_kl_clip is not None and not wants:
+        raise ConfigError(f"config key 'grpo.distill_kl_clip': got {g.distill_kl_clip} with no teacher term; accepted: "
+                          "null, or a teacher term to cut (advantage_estimator on_policy_distill, or "
+                          "learner.loss.teacher_kl_coef > 0)")
     if tc.model is not None:
         _positive("teacher.num_actors", tc.num_actors)
         _positive("teacher.micro_batch_size", tc.micro_batch_size)

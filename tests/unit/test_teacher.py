@@ -80,10 +80,25 @@ def test_train_batch_uses_the_teacher_alone_or_on_top_of_the_rewards():
      "grpo.dynamic_sampling"),
     (["teacher.model=t", "teacher.num_actors=0"], "teacher.num_actors"),
     (["teacher.model=t", "learner.loss.teacher_kl_coef=-1"], "learner.loss.teacher_kl_coef"),
+    # settings that would do nothing: no teacher term to cut, no distillation advantage to discount
+    (["grpo.distill_kl_clip=1.0"], "grpo.distill_kl_clip"),
+    (["teacher.model=t", "grpo.distill_kl_clip=1.0"], "grpo.distill_kl_clip"),
+    (["grpo.distill_discount=0.5"], "grpo.distill_discount"),
+    (["teacher.model=t", "learner.loss.teacher_kl_coef=0.1", "grpo.distill_discount=0.5"], "grpo.distill_discount"),
 ])
 def test_a_teacher_recipe_that_cannot_work_is_refused_by_name(overrides, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         load_recipe(TINY, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["grpo.advantage_estimator=on_policy_distill", "teacher.model=t", "grpo.distill_discount=0.5",
+     "grpo.distill_kl_clip=1.0", "learner.loss.kl_coef=0"],
+    ["teacher.model=t", "learner.loss.teacher_kl_coef=0.1", "grpo.distill_kl_clip=1.0", "learner.loss.kl_coef=0"],
+])
+def test_the_distillation_settings_are_taken_where_a_teacher_term_uses_them(overrides):
+    r = load_recipe(TINY, overrides)
+    assert r.grpo.distill_kl_clip == 1.0
 
 
 def test_a_teacher_needs_the_students_tokenizer(tiny_model, tmp_path):
