@@ -31,7 +31,10 @@ def _colocated(out, tiny_world, warmed, gain: float, backend: str = "hf") -> lis
 
 @pytest.mark.timeout(1500)
 def test_the_tiny_recipe_learns_colocated(tmp_path, tiny_world, warmed):
-    records = _colocated(tmp_path / "colocate", tiny_world, warmed, gain=0.2)
+    # +0.1 as for vLLM: the greedy pass@1 of 100 held-out problems swings by about 0.1 from one
+    # checkpoint to the next (0.88 at step 50, 0.71 at step 70, 0.82 at 100, from 0.61), so a
+    # +0.2 bar at a fixed step tested that swing more than the learning (0.82 cleared it by one problem)
+    records = _colocated(tmp_path / "colocate", tiny_world, warmed, gain=0.1)
     # on-policy with one copy of the weights: the behaviour log-probs are the learner's own
     assert max(r["logprob_mismatch/mean_abs"] for r in records) < 1e-4
     assert max(r["time/weight_sync_s"] for r in records) < 1.0  # a version label, nothing moved
