@@ -7,8 +7,8 @@ import pytest
 import r1ray_cli
 from r1ray_cli import QUIET
 
-# grpo.steps: both keep the recipe's 100. hf's greedy pass@1 swings (0.88 at step 50, 0.71 at 70);
-# vLLM's 50-step run raised pass@1 0.61 -> 0.91 here but only to 0.67 in one CI run (it needs +0.1)
+# grpo.steps: both keep the recipe's 100 (hf: see its test); vLLM's 50-step run raised pass@1
+# 0.61 -> 0.91 here but only to 0.67 in one CI run (it needs +0.1)
 STEPS = {"hf": 100, "vllm": 100}
 
 
