@@ -245,7 +245,7 @@ def opening_messages(env_class: type, row: dict, system_prompt: str | None) -> l
 
 def load_environment(spec: str) -> type:
     """The class at ``package.module:Class``, with ``reset`` and ``step``; ValueError otherwise."""
-    from ..rewards.registry import import_callable
+    from ..rewards.plugins import import_callable
 
     cls = import_callable(spec, "environment")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]

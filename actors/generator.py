@@ -19,7 +19,7 @@ import torch
 
 from . import storage
 from .episodes import RolloutConfig, ToolTurns, Trajectory, env_step
-from .learner import LoraConfig
+from .lora import LoraConfig
 from .rollout import Rollout
 from .spans import SpanLog
 from .tools import CALL_CLOSE

@@ -23,6 +23,8 @@ import torch
 
 from . import storage
 from .batching import attention_kwargs, completion_logprobs, item_tokens, micro_batch_plan, pad_batch, token_logprobs
+from .generator import Generator
+from .lora import LoraConfig
 from .loss import LossConfig, aggregate, grpo_token_losses
 from .packing import SftExample, one_row, sft_batch, uses_flash_attention
 from .rollout import TrainSample
@@ -38,23 +40,6 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
     grad_clip: float = 1.0
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters through peft: only they train (the base weights stay frozen); HF checkpoints
-    are merged, weight syncs carry the adapters only."""
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | None = None  # null: every linear layer but the LM head ("all-linear")
-
-    def peft(self):
-        """peft's config for these adapters (the learner's and an hf generator's)."""
-        import peft
-
-        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, task_type="CAUSAL_LM",
-                               target_modules=list(self.target_modules) if self.target_modules else "all-linear")
 
 
 @dataclass
@@ -662,8 +647,6 @@ class LearnerRank:
         """Start an ``hf`` generator in this process that generates with this rank's module:
         one copy of the weights, and no weight sync (``adopt_weights`` labels the versions).
         ZeRO-0/1/2 hold the whole module on every rank."""
-        from .generator import Generator
-
         self.generator = Generator(self.model_path, cfg, seed, device=str(self.device), rollout=rollout,
                                    module=self.engine.module)
 

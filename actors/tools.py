@@ -91,7 +91,7 @@ BUILT_IN = {"python": f"{__name__}:python", "calculator": f"{__name__}:calculato
 def load(spec: str):
     """The function a recipe's tool entry names: a built-in name or ``package.module:function``.
     Raises ValueError naming the entry and what is accepted."""
-    from ..rewards.registry import import_callable
+    from ..rewards.plugins import import_callable
 
     path = BUILT_IN.get(spec, spec)
     if ":" not in path:

@@ -166,7 +166,8 @@ def run_case(path: str, model: str, n_gen: int, repeats: int, bucket_mb: int, lo
     import ray
 
     from r1ray.actors.generator import Generator, GeneratorConfig
-    from r1ray.actors.learner import LearnerConfig, LearnerRank, LoraConfig
+    from r1ray.actors.learner import LearnerConfig, LearnerRank
+    from r1ray.actors.lora import LoraConfig
     from r1ray.cluster.groups import ActorGroup, rendezvous_on
     from r1ray.cluster.weight_sync import start_transfer
 

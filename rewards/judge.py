@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ._content import text_of
 from .endpoint import DeadlineExceeded, EndpointPool, RequestFailed, scrub
+from .plugins import import_callable
 
 DEFAULT_TEMPLATE = """You are grading a student's answer to a problem against the reference answer.
 
@@ -107,8 +108,6 @@ class Judge:
             if self.regex.groups < 1:
                 raise ValueError(f"judge regex {regex!r} needs a group around the number, e.g. 'Score: ([0-9.]+)'")
         elif parser is not None:
-            from .registry import import_callable
-
             self.parse_fn = import_callable(parser, "judge parser")
         else:
             choices = DEFAULT_CHOICES if choices is None else choices

@@ -11,7 +11,6 @@ a bad recipe fails before training starts.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from typing import Callable
 
@@ -22,6 +21,7 @@ from .judge import Judge
 from .math_rewards import accuracy_reward, length_reward, make_cosine
 from .partial import digit_match_reward
 from .penalties import make_repetition_penalty, make_soft_overlong_punishment
+from .plugins import import_callable
 
 RewardFn = Callable[..., list]
 
@@ -94,24 +94,6 @@ def _reject_unknown(name: str, params: dict, accepted: list[str]) -> None:
             f"reward {name!r} has no parameter {', '.join(map(repr, unknown))}; "
             f"accepted: {', '.join(accepted) if accepted else 'none'}"
         )
-
-
-def import_callable(path: str, kind: str, name: str | None = None):
-    """The callable at ``package.module:attribute`` (a user's reward or tool); ValueError naming
-    the ``kind`` and ``name`` (default: the path) otherwise."""
-    name = path if name is None else name
-    module_name, _, attribute = path.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"{kind} import path {name!r} must look like 'package.module:function'")
-    try:
-        target = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except Exception as e:  # an import error is a recipe error: say which one
-        raise ValueError(f"cannot load {kind} {name!r}: {type(e).__name__}: {e}") from e
-    if not callable(target):
-        raise ValueError(f"{kind} {name!r} is not callable")
-    return target
 
 
 def _from_import_path(name: str, params: dict) -> RewardFn:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from r1ray.actors.batching import item_tokens, learner_shards, micro_batch_plan, shard_indices, step_micro_batches
-from r1ray.actors.learner import GrpoStats, LearnerConfig, LearnerRank, LoraConfig, OptimConfig, SftStats
+from r1ray.actors.learner import GrpoStats, LearnerConfig, LearnerRank, OptimConfig, SftStats
+from r1ray.actors.lora import LoraConfig
 from r1ray.actors.loss import LossConfig, aggregate, global_denominator, grpo_token_losses
 from r1ray.actors.packing import SftExample
 from r1ray.actors.rollout import TrainSample

@@ -20,7 +20,8 @@ import pytest
 import torch
 from learner_reference import Case, grpo_batches, learner_logprob_gap, reference_run, run_world, sft_batches, weight_gap
 
-from r1ray.actors.learner import LearnerConfig, LearnerRank, LoraConfig
+from r1ray.actors.learner import LearnerConfig, LearnerRank
+from r1ray.actors.lora import LoraConfig
 from r1ray.actors.loss import LossConfig
 from r1ray.cluster.groups import free_port
 

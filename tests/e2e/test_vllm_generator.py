@@ -287,7 +287,7 @@ def test_a_lora_adapter_sync_gives_the_learners_greedy_outputs(tiny_model):
     from tiny_actors import assert_learners_policy
     from tiny_actors import learner as _learner
 
-    from r1ray.actors.learner import LoraConfig
+    from r1ray.actors.lora import LoraConfig
 
     lora = LoraConfig(r=8, alpha=16, dropout=0.0)
     learner = _learner(tiny_model, lora=lora)

@@ -6,7 +6,7 @@ from tiny_actors import learner as _learner
 from tiny_actors import prompt as _prompt
 
 from r1ray.actors.generator import GeneratorConfig, SamplingConfig
-from r1ray.actors.learner import LoraConfig
+from r1ray.actors.lora import LoraConfig
 from r1ray.actors.rollout import TrainSample
 from r1ray.controllers.config import load_recipe
 from r1ray.controllers.config.schema import ConfigError

@@ -11,7 +11,7 @@ from tiny_actors import learner as _learner
 from tiny_actors import prompt as _prompt
 
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
-from r1ray.actors.learner import LoraConfig
+from r1ray.actors.lora import LoraConfig
 from r1ray.actors.packing import SftExample
 from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import TrainSample

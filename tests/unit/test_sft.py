@@ -164,7 +164,8 @@ def test_the_gpu_sft_and_grpo_recipes_are_valid_for_one_8_gpu_node():
 def test_lora_trains_only_the_adapters_and_exports_them_merged(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from r1ray.actors.learner import LearnerConfig, LearnerRank, LoraConfig, SftStats
+    from r1ray.actors.learner import LearnerConfig, LearnerRank, SftStats
+    from r1ray.actors.lora import LoraConfig
     from r1ray.cluster.groups import free_port
 
     learner = LearnerRank(tiny_model, LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=4,
