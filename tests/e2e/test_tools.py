@@ -1,5 +1,5 @@
 """The tiny tools recipe through the CLI: GRPO learns to call the calculator (configs/tiny-tools.yaml,
-40 of its 100 GRPO steps; about 10 minutes, most of it the 600-step SFT warm-up)."""
+40 of its 100 GRPO steps; about 5 minutes here, most of it the 600-step SFT warm-up)."""
 import json
 
 import pytest
