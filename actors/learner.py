@@ -15,7 +15,9 @@ import io
 import logging
 import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
@@ -31,6 +33,28 @@ from .rollout import TrainSample
 from .spans import SpanLog
 
 log = logging.getLogger("r1ray")
+
+# `import deepspeed` imports mlflow when it is installed (r1ray[mlflow] and the test extra install
+# it), only for the autotuner to log to, which no learner here runs: about 1.2 s of CPU a rank at
+# start-up, so a 2-rank run's actors start about 1.2 s later on 2 cores. The trackers (mlflow
+# included) run in the driver, not in a learner. (DeepSpeed's other heavy import, the Muon
+# optimizer's torch.compile kernels, cannot be skipped: ZeRO-1/2's gradient reduction and ZeRO-3's
+# optimizer import it unguarded.)
+DEEPSPEED_EXTRAS = ("mlflow",)
+
+
+@contextmanager
+def skipped_imports(*modules: str):
+    """Inside, importing one of ``modules`` not imported yet raises ImportError (a None entry in
+    ``sys.modules``), as if it were not installed; afterwards it imports as usual again."""
+    added = [m for m in modules if m not in sys.modules]
+    sys.modules.update(dict.fromkeys(added))
+    try:
+        yield
+    finally:
+        for m in added:
+            if sys.modules.get(m, ...) is None:
+                del sys.modules[m]
 
 
 @dataclass
@@ -188,6 +212,10 @@ class LearnerRank:
 
     def setup(self, master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0) -> dict:
         """Join the process group and build the DeepSpeed engine (all ranks call this together)."""
+        with skipped_imports(*DEEPSPEED_EXTRAS):
+            return self._setup(master_addr, master_port, timeout_s)
+
+    def _setup(self, master_addr: str, master_port: int, timeout_s: float) -> dict:
         import datetime
 
         import deepspeed

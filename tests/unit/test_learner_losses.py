@@ -54,3 +54,20 @@ def test_one_step_per_loss_type_moves_the_weights(learner, rollouts, loss_type):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     if loss_type == "dapo":  # iteration 2 measured its ratio against iteration 1's weights: no longer 1
         assert metrics["ratio/max"] > 1.0 + 1e-4 or metrics["ratio/min"] < 1.0 - 1e-4
+
+
+def test_a_skipped_import_fails_inside_and_imports_again_after():
+    """``skipped_imports``: a module not imported yet fails to import inside (as if not installed)
+    and imports again afterwards; one already imported is left alone."""
+    import sys
+
+    from r1ray.actors.learner import skipped_imports
+
+    name = "pydoc_data.topics"  # a standard-library module nothing here imports
+    sys.modules.pop(name, None)
+    with skipped_imports(name, "json"):
+        with pytest.raises(ImportError):
+            __import__(name)
+        import json
+        assert json.dumps([1]) == "[1]"
+    assert __import__(name, fromlist=["topics"]).topics
