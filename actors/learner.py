@@ -35,8 +35,8 @@ from .spans import SpanLog
 log = logging.getLogger("r1ray")
 
 # `import deepspeed` imports mlflow when it is installed (r1ray[mlflow] and the test extra install
-# it), only for the autotuner to log to, which no learner here runs: about 1.2 s of CPU a rank at
-# start-up, so a 2-rank run's actors start about 1.2 s later on 2 cores. The trackers (mlflow
+# it), only for the autotuner to log to, which no learner here runs: 1.2 s of CPU a rank at
+# start-up (a tiny 2-rank run's actors were up 1.5 s later on 2 cores). The trackers (mlflow
 # included) run in the driver, not in a learner. (DeepSpeed's other heavy import, the Muon
 # optimizer's torch.compile kernels, cannot be skipped: ZeRO-1/2's gradient reduction and ZeRO-3's
 # optimizer import it unguarded.)
