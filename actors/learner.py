@@ -212,13 +212,10 @@ class LearnerRank:
 
     def setup(self, master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0) -> dict:
         """Join the process group and build the DeepSpeed engine (all ranks call this together)."""
-        with skipped_imports(*DEEPSPEED_EXTRAS):
-            return self._setup(master_addr, master_port, timeout_s)
-
-    def _setup(self, master_addr: str, master_port: int, timeout_s: float) -> dict:
         import datetime
 
-        import deepspeed
+        with skipped_imports(*DEEPSPEED_EXTRAS):
+            import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
