@@ -252,7 +252,9 @@ class LearnerRank:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(gas=1))
         self.device = self.engine.device
-        return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
+        # ZeRO-3 leaves each parameter an empty placeholder here; ds_numel is its whole size
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        return {"rank": self.rank, "device": str(self.device), "params": params}
 
     def start_phase(self, lr: float, warmup_steps: int = 0, schedule: str = "constant", total_steps: int = 0,
                     min_lr_ratio: float = 0.0) -> None:

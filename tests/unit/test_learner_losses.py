@@ -71,3 +71,18 @@ def test_a_skipped_import_fails_inside_and_imports_again_after():
         import json
         assert json.dumps([1]) == "[1]"
     assert __import__(name, fromlist=["topics"]).topics
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_setup_reports_the_models_whole_parameter_count(tiny_model, zero_stage):
+    """What `actors up` logs: the plain model's count, also under ZeRO-3, whose partitioned
+    parameters are empty placeholders on the rank (it logged 0 before)."""
+    from transformers import AutoModelForCausalLM
+
+    from r1ray.actors.learner import LearnerConfig, LearnerRank
+    from r1ray.cluster.groups import free_port
+
+    plain = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    rank = LearnerRank(tiny_model, LearnerConfig(num_ranks=1, zero_stage=zero_stage, micro_batch_size=2), rank=0,
+                       world_size=1)
+    assert rank.setup("127.0.0.1", free_port())["params"] == plain
