@@ -11,13 +11,15 @@ gathered log-probs and takes 1 / sequence_parallel_size of it (``actors/sequence
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import logging
 import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
@@ -37,10 +39,44 @@ log = logging.getLogger("r1ray")
 # `import deepspeed` imports mlflow when it is installed (r1ray[mlflow] and the test extra install
 # it), only for the autotuner to log to, which no learner here runs: 1.2 s of CPU a rank at
 # start-up (a tiny 2-rank run's actors were up 1.5 s later on 2 cores). The trackers (mlflow
-# included) run in the driver, not in a learner. (DeepSpeed's other heavy import, the Muon
-# optimizer's torch.compile kernels, cannot be skipped: ZeRO-1/2's gradient reduction and ZeRO-3's
-# optimizer import it unguarded.)
+# included) run in the driver, not in a learner. DeepSpeed's other heavy import, the Muon
+# optimizer's module, cannot be skipped (ZeRO-1/2's gradient reduction and ZeRO-3's optimizer import
+# it unguarded), but what makes it heavy can wait: see ``compiled_on_first_call``.
 DEEPSPEED_EXTRAS = ("mlflow",)
+DEEPSPEED_COMPILED = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextmanager
+def compiled_on_first_call(compiler):
+    """Inside, a function decorated with ``@compiler.compile(...)`` (DeepSpeed's
+    ``runtime.compiler``, whose ``compile()`` is ``torch.compile``) is handed to it on its first
+    call instead of when decorated. torch.compile compiles on the first call anyway; what it does
+    when decorating is import inductor for its settings, 1.0-1.6 s of CPU a rank here, for the three
+    Muon kernels DeepSpeed's ZeRO imports (its optimizer check) and a learner with AdamW never
+    calls. Outside, ``compiler.compile`` is as it was."""
+    original = getattr(compiler, "compile", None)
+    if original is None:
+        yield
+        return
+
+    def deferred(*args, **kwargs):
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*a, **k):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = original(*args, **kwargs)(fn)
+                return compiled(*a, **k)
+            return call
+        return decorate
+
+    compiler.compile = deferred
+    try:
+        yield
+    finally:
+        compiler.compile = original
 
 
 @contextmanager
@@ -216,6 +252,8 @@ class LearnerRank:
 
         with skipped_imports(*DEEPSPEED_EXTRAS):
             import deepspeed
+        with suppress(ImportError), compiled_on_first_call(importlib.import_module("deepspeed.runtime.compiler")):
+            importlib.import_module(DEEPSPEED_COMPILED)  # a DeepSpeed without Muon: nothing to defer
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",

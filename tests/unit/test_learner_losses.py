@@ -73,6 +73,33 @@ def test_a_skipped_import_fails_inside_and_imports_again_after():
     assert __import__(name, fromlist=["topics"]).topics
 
 
+def test_a_function_compiled_on_first_call_is_compiled_then_and_not_when_decorated():
+    """``compiled_on_first_call`` (DeepSpeed's Muon kernels): decorating inside compiles nothing;
+    the first call compiles once with the decorator's arguments and gives the function's result;
+    the compiler's ``compile`` is its own again outside."""
+    import types
+
+    from r1ray.actors.learner import compiled_on_first_call
+
+    made = []
+
+    def compile(**kwargs):  # what deepspeed.runtime.compiler.compile() gives: torch.compile
+        def wrap(fn):
+            made.append((fn.__name__, kwargs))
+            return torch.compile(fn, backend="eager", **kwargs)
+        return wrap
+
+    compiler = types.SimpleNamespace(compile=compile)
+    with compiled_on_first_call(compiler):
+        @compiler.compile(dynamic=False)
+        def double(x):
+            return 2 * x
+    assert compiler.compile is compile and made == [] and double.__name__ == "double"
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(double(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+    assert made == [("double", {"dynamic": False})]
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_setup_reports_the_models_whole_parameter_count(tiny_model, zero_stage):
     """What `actors up` logs: the plain model's count, also under ZeRO-3, whose partitioned
