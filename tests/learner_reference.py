@@ -286,27 +286,38 @@ def learner_run(model_path: str, case: Case, rank: int, ranks: int, port: int, b
     return {"loss": losses, "grad_norm": norms, "init": init, "state": state, **extra}
 
 
-def _worker(rank: int, ranks: int, port: int, model_path: str, cases: list[Case], batches: dict, out_dir: str):
-    """``batches``: each case's, by its name."""
+def _worker(index: int, ranks: int, ports: list[int], model_path: str, cases: list[Case], batches: dict,
+            out_dir: str):
+    """Process ``index``: rank ``index % ranks`` of world ``index // ranks``, which takes every
+    ``len(ports)``-th case. ``batches``: each case's, by its name."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
+    world, rank = divmod(index, ranks)
     results = {}
-    for case in cases:
-        results[case.name] = learner_run(model_path, case, rank, ranks, port, batches[case.name])
+    for case in cases[world::len(ports)]:
+        results[case.name] = learner_run(model_path, case, rank, ranks, ports[world], batches[case.name])
     if rank == 0:
-        torch.save(results, os.path.join(out_dir, "results.pt"))
+        torch.save(results, os.path.join(out_dir, f"results-{world}.pt"))
 
 
-def run_world(model_path: str, cases: list[Case], ranks: int, batches: dict, out_dir: str) -> dict:
-    """Every case through a learner world of ``ranks`` processes (one process group for all);
-    ``batches`` maps each case's name to its batches."""
+def run_world(model_path: str, cases: list[Case], ranks: int, batches: dict, out_dir: str, worlds: int = 1) -> dict:
+    """Every case through a learner world of ``ranks`` processes (one process group for all its
+    cases); ``batches`` maps each case's name to its batches. ``worlds`` > 1: as many independent
+    worlds side by side, taking the cases in turn (a world of one rank keeps one core busy)."""
     import torch.multiprocessing as mp
 
     from r1ray.cluster.groups import free_port
 
-    mp.start_processes(_worker, args=(ranks, free_port(), model_path, cases, batches, out_dir), nprocs=ranks,
+    ports: list[int] = []
+    while len(ports) < worlds:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    mp.start_processes(_worker, args=(ranks, ports, model_path, cases, batches, out_dir), nprocs=ranks * worlds,
                        start_method="spawn")
-    return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+    results = {}
+    for world in range(worlds):
+        results.update(torch.load(os.path.join(out_dir, f"results-{world}.pt"), weights_only=False))
+    return results
 
 
 def weight_gap(a: dict, b: dict, start: dict) -> float:

@@ -95,10 +95,11 @@ def _batches_of(case: Case, batches: dict) -> list:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
 def world(request, tiny_model, batches, tmp_path_factory):
-    """Every case through one learner world of 1 or 2 ranks (one spawn, ~1 s a case)."""
+    """Every case through a learner world of 1 or 2 ranks (one spawn, ~1 s a case); the cases of
+    1 rank split over two such worlds side by side, one a core."""
     ranks = request.param
     return ranks, run_world(tiny_model, CASES, ranks, {c.name: _batches_of(c, batches) for c in CASES},
-                            str(tmp_path_factory.mktemp("eq")))
+                            str(tmp_path_factory.mktemp("eq")), worlds=2 if ranks == 1 else 1)
 
 
 @pytest.fixture(scope="module")
