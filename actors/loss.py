@@ -39,6 +39,10 @@ class LossConfig:
     sapo_temperature_neg: float = 1.05  # ... and where A <= 0
     kl_coef: float = 0.0  # beta; 0 skips the reference group
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # TRL uses k3
+    # Each token's estimate capped at +-kl_max (veRL's low_var_kl caps k3 at 10); None: uncapped,
+    # as TRL. k3's exp(ref - logp) is unbounded where the policy samples a token the reference
+    # finds far likelier: one such token can carry a step's whole gradient.
+    kl_max: float | None = None
     kl_in_reward: bool = False  # True: the driver subtracts beta x KL from the rewards instead of the loss
     # On-policy distillation beside the rewards (needs `teacher.model`): the driver adds
     # -coef x (log pi_behaviour - log pi_teacher) to each completion token's advantage (slime's
@@ -57,17 +61,24 @@ class LossConfig:
     is_cap: float = 2.0
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3",
+                cap: float | None = None) -> torch.Tensor:
     """Schulman's estimators of KL(pi || ref) per token sampled from pi, with d = ref - logp:
-    k1 = -d (unbiased, can be negative), k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased, >= 0)."""
+    k1 = -d (unbiased, can be negative), k2 = d^2 / 2, k3 = exp(d) - d - 1 (unbiased, >= 0).
+    ``cap``: each estimate clamped to [-cap, cap], so a capped token adds no gradient (veRL's
+    clamp of k3 at 10)."""
     d = ref_logp - logp
     if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.exp(d) - d - 1
-    raise ValueError(f"KL estimator {estimator!r}: accepted are 'k1', 'k2', 'k3'")
+        k = -d
+    elif estimator == "k2":
+        k = 0.5 * d * d
+    elif estimator == "k3":
+        # capped: d kept below exp's overflow (e^80 ~ 5.5e34), where the cap holds anyway and
+        # where an infinite exp would turn the clamp's zero gradient into 0 x inf = nan
+        k = torch.exp(d if cap is None else d.clamp(max=80.0)) - d - 1
+    else:
+        raise ValueError(f"KL estimator {estimator!r}: accepted are 'k1', 'k2', 'k3'")
+    return k if cap is None else k.clamp(-cap, cap)
 
 
 def log_importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor, level: str,
@@ -136,7 +147,7 @@ def grpo_token_losses(
     truncated = behaviour_ratio > cfg.is_cap if cfg.off_policy == "tis" else torch.zeros_like(logp, dtype=torch.bool)
     parts = {"ratio": behaviour_ratio, "clipped": clipped, "is_weight": weight, "is_truncated": truncated}
     if cfg.kl_coef and not cfg.kl_in_reward and ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator, cfg.kl_max)
         loss = loss + cfg.kl_coef * kl
         parts["kl"] = kl.detach()
     return loss, parts

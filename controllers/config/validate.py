@@ -397,6 +397,9 @@ def validate_loss(lc, max_new_tokens: int) -> None:
     if lc.teacher_kl_coef < 0:
         raise ConfigError(f"config key 'learner.loss.teacher_kl_coef': got {lc.teacher_kl_coef}; accepted: a number "
                           ">= 0 (0: no teacher term)")
+    if lc.kl_max is not None and lc.kl_max <= 0:
+        raise ConfigError(f"config key 'learner.loss.kl_max': got {lc.kl_max:g}; accepted: null (uncapped, as TRL) "
+                          "or a number > 0 (each token's KL estimate clamped to [-kl_max, kl_max]; veRL uses 10)")
     if lc.kl_in_reward and not lc.kl_coef:
         raise ConfigError("config key 'learner.loss.kl_in_reward': got True with kl_coef 0; accepted: false, or a "
                           "kl_coef > 0 (the KL weight in the reward)")

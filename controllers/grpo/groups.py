@@ -103,7 +103,7 @@ def train_batch(rollouts: list[Rollout], recipe: Recipe, learner_ranks: int) -> 
     if g.advantage_estimator == "on_policy_distill":
         advantages = [distill_advantages(k, g.distill_discount) for k in teacher_kl(rollouts, g.distill_kl_clip)]
     else:
-        kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator).tolist()
+        kl = [kl_estimate(torch.tensor(r.logprobs), torch.tensor(r.ref_logprobs), lc.kl_estimator, lc.kl_max).tolist()
               for r in rollouts] if lc.kl_in_reward else None
         advantages = batch_advantages([r.reward for r in rollouts], g.num_generations, g.advantage_estimator,
                                       g.advantage_scale, [len(r.completion_ids) for r in rollouts], kl, lc.kl_coef)

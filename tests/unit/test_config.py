@@ -32,6 +32,8 @@ def test_grpo_family_keys_load():
     assert r.grpo.advantage_estimator == "reinforce_pp" and r.grpo.mask_truncated_completions
     assert load_recipe(TINY).learner.loss.loss_type == "dapo"  # the shipped recipes say dapo
     assert load_recipe(TINY, ["learner.loss.loss_type=dr_grpo", "learner.loss.delta=2"]).learner.loss.delta == 2.0
+    assert load_recipe(TINY, ["learner.loss.kl_max=10"]).learner.loss.kl_max == 10.0
+    assert load_recipe(TINY).learner.loss.kl_max is None  # uncapped, as TRL
 
 
 def test_recipe_by_shipped_name():
@@ -56,6 +58,7 @@ def test_code_is_shipped_to_joined_clusters_unless_turned_off():
     (["learner.loss.num_iterations=0"], "'learner.loss.num_iterations': got 0"),
     (["learner.loss.num_iterations=2", "learner.loss.off_policy=tis"], "off_policy 'none'"),
     (["learner.loss.kl_estimator=k4"], "one of 'k1', 'k2', 'k3'"),
+    (["learner.loss.kl_max=0"], "'learner.loss.kl_max': got 0; accepted: null (uncapped, as TRL) or a number > 0"),
     (["learner.loss.kl_in_reward=true", "learner.loss.kl_coef=0"], "'learner.loss.kl_in_reward': got True"),
     (["learner.loss.importance_sampling_level=seq"], "one of 'token', 'sequence'"),
     (["learner.loss.max_completion_length=10"], "null (meaning sampling.max_new_tokens=48)"),
