@@ -80,6 +80,49 @@ def compiled_on_first_call(compiler):
 
 
 @contextmanager
+def builds_past_stale_locks(op_builder):
+    """Inside, each of DeepSpeed's just-in-time op builds (``op_builder.jit_load``) first takes an
+    OS lock on the op's build folder and, holding it, removes a ``lock`` file found there.
+
+    torch's cpp_extension marks a build in progress with that file and every later load of the
+    op waits while it exists, with no time limit; a build killed part-way leaves it behind
+    (pytorch/pytorch#189245). On a CPU a run's first learner start builds DeepSpeed's shared-memory
+    op, about 50 CPU seconds, so a first run stopped then left every later run's learners waiting
+    until the setup timeout (600 s) with no word of why. The OS lock (``flock``) is released by the
+    kernel when its holder dies and every learner's build takes it, so a ``lock`` file found while
+    holding it was left by a build that died (or by a program other than r1ray building the same op
+    in the same extensions folder at that moment: the warning names the file)."""
+    original = getattr(op_builder, "jit_load", None)
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # a torch that names its build folders otherwise: builds as before
+        original = None
+    if original is None:
+        yield
+        return
+
+    def jit_load(self, *args, **kwargs):
+        import fcntl
+
+        folder = _get_build_directory(self.name, verbose=False)
+        with open(os.path.join(folder, "r1ray-build.flock"), "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):
+                log.warning("removing %s, left by a build of DeepSpeed's %s op that was stopped part-way "
+                            "(torch waits for it to go, without limit)", stale, self.name)
+                with suppress(FileNotFoundError):
+                    os.remove(stale)
+            return original(self, *args, **kwargs)
+
+    op_builder.jit_load = jit_load
+    try:
+        yield
+    finally:
+        op_builder.jit_load = original
+
+
+@contextmanager
 def skipped_imports(*modules: str):
     """Inside, importing one of ``modules`` not imported yet raises ImportError (a None entry in
     ``sys.modules``), as if it were not installed; afterwards it imports as usual again."""
@@ -254,6 +297,7 @@ class LearnerRank:
             import deepspeed
         with suppress(ImportError), compiled_on_first_call(importlib.import_module("deepspeed.runtime.compiler")):
             importlib.import_module(DEEPSPEED_COMPILED)  # a DeepSpeed without Muon: nothing to defer
+        from deepspeed.ops.op_builder.builder import OpBuilder
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
@@ -262,8 +306,9 @@ class LearnerRank:
         if not on_gpu:
             torch.set_num_threads(self.cfg.threads_per_rank)
         torch.manual_seed(self.seed)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        with builds_past_stale_locks(OpBuilder):  # a CPU's comm backend builds DeepSpeed's shared-memory op
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                                       timeout=datetime.timedelta(seconds=timeout_s))
         storage.pull(self.model_path)  # a checkpoint on object storage (a previous stage's, a resumed run's)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -287,8 +332,9 @@ class LearnerRank:
                                       betas=tuple(o.betas), weight_decay=o.weight_decay)
         warmup = max(1, o.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(gas=1))
+        with builds_past_stale_locks(OpBuilder):
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(gas=1))
         self.device = self.engine.device
         # ZeRO-3 leaves each parameter an empty placeholder here; ds_numel is its whole size
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -157,6 +157,27 @@ def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, tiny_world, ray_head, sig, co
     assert _no_actors_left(ray_head)
 
 
+@pytest.mark.timeout(600)
+def test_a_build_lock_left_by_a_stopped_run_does_not_hold_up_the_next(tmp_path, tiny_world, monkeypatch):
+    """A run stopped while its learners build DeepSpeed's shared-memory op (a CPU's first start)
+    leaves torch's build ``lock`` file; the next run's learners remove it, say so, and start. Before,
+    they waited on it until their setup's deadline (600 s; 300 s here) and the run failed with
+    "setup (DeepSpeed init) did not answer". The run builds the op afresh in its own extensions
+    folder, as a fresh machine does."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))  # the run's, too
+    op = get_accelerator().create_op_builder("ShareMemCommBuilder").name
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    lock.touch()  # what a build stopped part-way leaves
+    out, proc = _start(tmp_path, tiny_world, 1, "--set", "ray.call_timeout_s=300")
+    got, err, seconds = _finish(proc, 540)
+    assert got == 0, err[-3000:]
+    assert _summary(out)["status"] == "completed" and not lock.exists()
+    assert f"removing {lock}, left by a build of DeepSpeed's {op} op" in err
+
+
 @pytest.mark.timeout(400)
 def test_a_second_run_on_a_shared_cluster_gets_its_own_namespace(tmp_path, tiny_world, ray_head):
     """Another run's actor holds the name learner-rank-0 in namespace r1ray while this one starts."""

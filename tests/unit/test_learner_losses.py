@@ -1,5 +1,6 @@
 """A short GRPO step per loss type through the real learner (DeepSpeed, world of one, tiny model)."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,42 @@ def test_a_function_compiled_on_first_call_is_compiled_then_and_not_when_decorat
     assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
     assert torch.equal(double(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
     assert made == [("double", {"dynamic": False})]
+
+
+def test_an_op_build_removes_a_stale_lock_while_holding_the_os_lock(tmp_path, monkeypatch, caplog):
+    """``builds_past_stale_locks``: inside, a JIT build of an op finds torch's ``lock`` file gone
+    (a killed build's, logged by name) and runs holding an flock on the op's folder that a second
+    builder cannot take meanwhile; a folder without a lock builds untouched; outside,
+    ``jit_load`` is DeepSpeed's own again."""
+    import fcntl
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from r1ray.actors.learner import builds_past_stale_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    seen = []
+
+    class Builder:  # the shape of DeepSpeed's OpBuilder: a name, and jit_load building it
+        name = "some_op"
+
+        def jit_load(self, verbose=True):
+            folder = Path(_get_build_directory(self.name, verbose=False))
+            with open(folder / "r1ray-build.flock") as other, pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the build
+            seen.append((folder / "lock").exists())
+            return f"{self.name} loaded"
+
+    own = Builder.jit_load
+    stale = Path(_get_build_directory("some_op", verbose=False)) / "lock"
+    stale.touch()
+    with caplog.at_level("WARNING", logger="r1ray"), builds_past_stale_locks(Builder):
+        assert Builder().jit_load() == "some_op loaded"
+        assert Builder().jit_load(verbose=False) == "some_op loaded"  # no lock now: nothing removed
+    assert seen == [False, False] and Builder.jit_load is own
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removing {stale}, left by a build of DeepSpeed's some_op op that was stopped part-way "
+        "(torch waits for it to go, without limit)"]
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
