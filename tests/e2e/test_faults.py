@@ -6,9 +6,11 @@ leave a run directory that says how it ended.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,8 +167,6 @@ def test_a_build_lock_left_by_a_stopped_run_does_not_hold_up_the_next(tmp_path, 
     "setup (DeepSpeed init) did not answer". The run has an extensions folder of its own, with
     the op's build copied in when an earlier run built it (ninja then finds nothing to do:
     building it afresh takes about 50 CPU seconds)."""
-    import shutil
-
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -179,8 +179,14 @@ def test_a_build_lock_left_by_a_stopped_run_does_not_hold_up_the_next(tmp_path, 
         shutil.copytree(built, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("lock", "*.flock"))
     lock = folder / "lock"
     lock.touch()  # what a build stopped part-way leaves
-    out, proc = _start(tmp_path, tiny_world, 1, "--set", "ray.call_timeout_s=300")
-    got, err, seconds = _finish(proc, 540)
+    # a Ray of the run's own (it would join this module's `ray start` head, whose workers were
+    # started without the folder), in a short folder: Ray's socket paths must stay under 108 bytes
+    ray_tmp = tempfile.mkdtemp(prefix="r1ray-")
+    try:
+        out, proc = _start(tmp_path, tiny_world, 1, "--set", "ray.call_timeout_s=300", env={"RAY_TMPDIR": ray_tmp})
+        got, err, seconds = _finish(proc, 540)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert got == 0, err[-3000:]
     assert _summary(out)["status"] == "completed" and not lock.exists()
     assert f"removing {lock}, left by a build of DeepSpeed's {op} op" in err
