@@ -104,7 +104,9 @@ def test_vllm_generators_join_and_are_replaced_through_the_weight_transfer_group
     assert "generator-1 started: it takes work once the next weight sync reaches it" in log
     assert "generator-1 joined at policy version" in log and "generator-0 joined at policy version" in log
     assert "sent again, to generator-" in log  # the first engine up did not wait for a train step
-    assert "raised EngineDeadError" in log or "ping failed" in log or "did not answer a ping" in log
+    # the dead engine is found by whichever comes first: a call, a ping, or the next weight sync
+    assert any(found in log for found in ("raised EngineDeadError", "ping failed", "did not answer a ping",
+                                          "died during a weight sync"))
     samples = _consumed_exactly_once(out, steps=steps)
     assert sorted({s["sample_id"].rsplit("/", 1)[0] for s in samples}) == _expected_prompts(tiny_world, 4 * steps)
     assert summary["grpo"]["staleness_histogram"] and max(int(k) for k in summary["grpo"]["staleness_histogram"]) <= 1
