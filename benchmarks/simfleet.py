@@ -36,6 +36,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
+from ray.exceptions import ActorDiedError
 
 from r1ray.actors.generator import Generator
 from r1ray.actors.learner import GrpoStats, LearnerRank
@@ -199,6 +200,14 @@ def numbers(x) -> int:
 
 
 # -- devices ---------------------------------------------------------------------------------
+class SimCallFailed(Exception):
+    """Raised by a job's value: the call fails with ``error``."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(eq=False)
 class Job:
     ref: Ref
@@ -231,7 +240,11 @@ class Device:
 
     def finish(self, job: Job, t: float) -> None:
         job.actor.span(job.kind, job.t0, t, job.args)
-        value = job.value() if callable(job.value) else job.value
+        try:
+            value = job.value() if callable(job.value) else job.value
+        except SimCallFailed as e:  # the call raises, as the real one would (a peer of its collective died)
+            self.tr.resolve(job.ref, None, e.error)
+            return
         self.tr.resolve(job.ref, value)
 
 
@@ -443,6 +456,7 @@ class SimActor:
         self.name, self.fleet, self.device = name, fleet, device
         self.spans: list[dict] = []
         self.version = 0
+        self.dead = False  # retired (killed): its calls fail as a dead actor's do
 
     def span(self, kind: str, t0: float, t1: float, args: dict | None = None) -> None:
         if kind:
@@ -450,6 +464,9 @@ class SimActor:
 
     def run(self, method: str, args: tuple, kwargs: dict, control: bool) -> Ref:
         ref = Ref()
+        if self.dead:
+            self.fleet.tr.resolve(ref, None, ActorDiedError())
+            return ref
         handler = getattr(self, f"do_{method}", None)
         if handler is None:
             if method not in ("ping", "drain_spans"):
@@ -545,12 +562,27 @@ class SimLearner(SimActor):
         self.pool_job(ref, "export_weights", self.fleet.costs.seconds("export_weights"), "weights",
                       demand=self.fleet.costs.demand("export_weights"))
 
-    def do_send_weights(self, ref: Ref, version: int) -> None:
-        """vLLM generators: every rank gathers (ZeRO-3), rank 0 broadcasts; the ranks are done
-        when every generator has the weights (``generator.pause_mode``: see ``VllmDevice.update``)."""
+    def do_init_weight_transfer(self, ref: Ref, client, backend: str, master_address: str, master_port: int,
+                                world_size: int, bucket_bytes: int, dtype: str, timeout_s: float = 600.0) -> None:
+        """The transfer group formed again (its members changed): ``costs.seconds``."""
         f = self.fleet
-        seconds = f.costs.sync_seconds(len(f.system.generators))
+        self.pool_job(ref, "init_weight_transfer", f.costs.seconds("init_weight_transfer"), {},
+                      demand=f.costs.demand("init_weight_transfer"))
+
+    def do_send_weights(self, ref: Ref, version: int) -> None:
+        """vLLM generators: every rank gathers (ZeRO-3), rank 0 broadcasts to the transfer
+        group's members; the ranks are done when every member has the weights
+        (``generator.pause_mode``: see ``VllmDevice.update``), or fail when one was killed."""
+        f = self.fleet
+        gens = [f.system.generators.actors[i] for i in f.system.transfer_members]
+        seconds = f.costs.sync_seconds(len(gens))
         sends = f.sends.setdefault(version, [])
+
+        def outcome():
+            if version in f.broken:
+                raise SimCallFailed(RuntimeError(f"weight transfer of version {version}: {f.broken[version]} "
+                                                 "closed its connection"))
+            return {"seconds": seconds, "lost": []}
 
         def start(job: Job) -> None:
             if version in f.landed:  # a rank that starts after the weights landed is done at once
@@ -559,12 +591,16 @@ class SimLearner(SimActor):
             sends.append(job)
             if self is not f.system.learners.actors[0]:
                 return
-            gens = f.system.generators.actors
+            if f.on_send is not None:
+                f.on_send(version)
             left = [len(gens)]
 
             def landed(g, t0, t1):
-                g.version = version
-                g.span("weight_update", t0, t1, {"version": version})
+                if g.dead:  # killed mid-transfer: the collective fails on every rank
+                    f.broken.setdefault(version, g.name)
+                else:
+                    g.version = version
+                    g.span("weight_update", t0, t1, {"version": version})
                 left[0] -= 1
                 if not left[0]:
                     f.landed.add(version)
@@ -574,7 +610,7 @@ class SimLearner(SimActor):
             for g in gens:
                 g.device.update(seconds, f.recipe.generator.pause_mode, lambda t0, t1, g=g: landed(g, t0, t1))
 
-        self.pool_job(ref, "send_weights", math.inf, {"seconds": seconds, "lost": []}, on_start=start,
+        self.pool_job(ref, "send_weights", math.inf, outcome, on_start=start,
                       demand=f.costs.demand("send_weights"), version=version)
 
 
@@ -634,8 +670,13 @@ class SimGroup(ActorGroup):
         self.tr.wait_all(refs if many else [refs])
         return [self.tr.get(r) for r in refs] if many else self.tr.get(refs)
 
+    def retire(self, i: int) -> None:
+        """Stop slot ``i``'s actor: its calls from now on fail as a dead actor's do."""
+        self._set(i, "gone")
+        self.actors[i].dead = True
+
     def restart(self, i: int):
-        raise NotImplementedError("simulated groups keep their size")
+        raise NotImplementedError("simulated groups do not replace actors")
 
     def add(self):
         raise NotImplementedError("simulated groups keep their size")
@@ -670,6 +711,9 @@ class Fleet:
         self._lists: dict = {}
         self.sends: dict[int, list[Job]] = {}  # version -> the learner ranks' send_weights jobs under way
         self.landed: set[int] = set()  # versions every generator holds
+        self.broken: dict[int, str] = {}  # versions whose transfer a member killed mid-way broke -> its name
+        self.on_send = None  # called with the version when learner rank 0 starts sending it (a test's hook)
+        self.driver = None  # the GrpoDriver run on this fleet (``run_driver``)
         self._solve: dict[str, float] = {}
 
     def later(self, seconds: float, fn) -> None:
@@ -742,7 +786,13 @@ class SimSystem(System):
         return self
 
     def form_transfer(self, members: list[int]) -> list:
-        raise NotImplementedError("simulated generators keep their weight-transfer group")
+        """The learners' side of forming the transfer group with ``members`` (the generators'
+        side is inside it, as in ``cluster/weight_sync.start_transfer``)."""
+        r = self.r
+        self.transfer_members = list(members)
+        return self.learners.call_all(LearnerRank.init_weight_transfer, None, "nccl", "", 0,
+                                      1 + len(members) * r.generator.tensor_parallel_size, r.generator.bucket_mb << 20,
+                                      r.generator.dtype, self.timeout)
 
 
 # -- what things cost ------------------------------------------------------------------------
@@ -987,7 +1037,7 @@ def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambd
     data = PreparedData(rows, [], range(prompts), [])
     system = fleet.system or SimSystem(recipe, fleet)
     with transport.use(fleet.tr):
-        driver = GrpoDriver(system, recipe, data, Renderer(), Metrics(), samples_log=samples_log)
+        driver = fleet.driver = GrpoDriver(system, recipe, data, Renderer(), Metrics(), samples_log=samples_log)
         driver.ray_metrics = _NoMetrics()
         records = driver.run()
     return driver, records

@@ -25,7 +25,9 @@ generator is paused, and the sync is repeated without it (the step's record and 
 staleness bound wait for it). A generator lost *during* a transfer may leave the others with
 part of the new weights: they are replaced too (their groups re-queued), the weights go to
 their replacements. When no train step will publish soon (the learner waits for generators
-that wait for weights) the current version is sent again (``resync``).
+that wait for weights) the current version is sent again (``resync``). A generator that drains
+is left out of the next sync's group, and leaves only once no sync it is a member of is in
+flight: stopping a member mid-transfer would break the transfer for every other member.
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ class Elastic:
                 log.info("generator group: generator-%d added (placement group reserved; it joins when placed)", j)
             active = self.active()
         for i in sorted(active, reverse=True)[: max(0, len(active) - self.target)]:
-            if gens.state[i] == "starting":
+            if gens.state[i] == "starting" and not self.in_sync(i):
                 self.drop_slot(i)
             else:
                 self.draining.add(i)
@@ -136,8 +138,9 @@ class Elastic:
         self.retire_drained()
 
     def retire_drained(self) -> None:
+        """Remove the draining generators that have no work and take part in no sync."""
         for i in sorted(self.draining):
-            if not self.inflight.of_actor("generate", i):
+            if not self.inflight.of_actor("generate", i) and not self.in_sync(i):
                 self.draining.discard(i)
                 self.drop_slot(i)
                 self.counts["generators/removed"] += 1
@@ -214,10 +217,17 @@ class Elastic:
 
     # -- weight syncs of vllm generators -----------------------------------------------------
     def transfer_members(self) -> list[int]:
-        """The generators the next sync sends to: the ready ones and those waiting to join."""
+        """The generators the next sync sends to: the ready ones and those waiting to join,
+        less those that drain (whatever they still generate ends on the weights they hold)."""
         gens = self.system.generators
-        return sorted(gens.ready() + [i for i, inc in self.awaiting.items()
-                                      if gens.state[i] == "starting" and gens.incarnation[i] == inc])
+        members = gens.ready() + [i for i, inc in self.awaiting.items()
+                                  if gens.state[i] == "starting" and gens.incarnation[i] == inc]
+        return sorted(i for i in members if i not in self.draining)
+
+    def in_sync(self, i: int) -> bool:
+        """Whether generator ``i`` is a member of a weight sync still in flight."""
+        member = (i, self.system.generators.incarnation[i])
+        return any(member in members for work, members in self.syncs.items() if work in self.inflight.work)
 
     def publish(self, new_version: bool = True) -> Work:
         """Queue a weight sync (a new version, or the current one again) and watch it."""
@@ -251,6 +261,7 @@ class Elastic:
         join are ready now); False when they reached none (see the module's note)."""
         gens = self.system.generators
         members = self.syncs.pop(work, [])
+        self.retire_drained()  # (those that waited for this sync to end)
         if work in self.undelivered:
             self.undelivered.discard(work)
             return False

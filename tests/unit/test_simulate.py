@@ -245,3 +245,40 @@ def test_colocated_engines_sleep_before_each_step_and_never_share_the_device_wit
         assert not [(g, t) for g in generating for t in training if g[0] < t[1] - 1e-5 and t[0] < g[1] - 1e-5]
     updates = [sp["t1"] - sp["t0"] for sp in spans if sp["kind"] == "weight_update"]
     assert updates and min(updates) >= costs.wake_s + costs.sync_seconds(4) - 1e-5  # (wall clock: 0.2 us grain)
+
+
+def test_a_generator_drained_during_a_weight_sync_leaves_after_it_and_breaks_nothing():
+    """``r1ray scale`` down while learner rank 0 sends a version to both vLLM generators: the
+    draining one receives it and leaves once the sync is done (stopped mid-transfer it broke
+    the sync for the other, which was then replaced as one that may hold part of the
+    weights); the next sync forms the transfer group without it. No generator is lost or
+    replaced, and every sample is trained on once."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["generator.num_actors=2", "generator.min_actors=1", "grpo.steps=6", "grpo.prompts_per_step=8"],
+                    cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(1024, 300), seed=3)
+    seen = {}
+
+    def on_send(version):
+        if version == 3:
+            fleet.driver.elastic.resize(1)  # as the driver does when it reads `r1ray scale 1`
+            seen["members"], seen["state"] = list(fleet.system.transfer_members), list(fleet.system.generators.state)
+
+    class Log:
+        lines = []
+
+        def write(self, line):
+            self.lines.append(line)
+
+    fleet.on_send = on_send
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=Log())
+    assert len(records) == 6
+    assert seen == {"members": [0, 1], "state": ["ready", "ready"]}  # draining, still in the sync
+    gens = fleet.system.generators
+    assert gens.state == ["ready", "gone"] and gens.actors[1].version == 3 and not fleet.broken
+    assert dict(driver.elastic.counts) == {"generators/removed": 1}  # nothing lost, replaced or restarted
+    assert fleet.system.transfer_members == [0]
+    forms = [sp for sp in driver.telemetry.spans if sp["kind"] == "init_weight_transfer"]
+    assert len(forms) == r.learner.num_ranks  # formed again once (without generator-1), on every rank
+    ids = [line["sample_id"] for line in Log.lines]
+    assert len(ids) == len(set(ids)) == 6 * 8 * r.grpo.num_generations
