@@ -278,6 +278,13 @@ class Pool(Device):
     def running(self) -> list[Job]:
         return [q[0] for q in self.queues.values() if q] + self.control
 
+    def drop(self, actor: "SimActor") -> None:
+        """Forget ``actor``'s jobs (it was killed)."""
+        self.touch()
+        self.queues.pop(actor, None)
+        self.control = [j for j in self.control if j.actor is not actor]
+        self.tr.push(self)
+
     def complete(self, job: Job) -> None:
         """End a running job of unknown length now (a collective its peers finished)."""
         self.touch()
@@ -456,7 +463,8 @@ class SimActor:
         self.name, self.fleet, self.device = name, fleet, device
         self.spans: list[dict] = []
         self.version = 0
-        self.dead = False  # retired (killed): its calls fail as a dead actor's do
+        self.dead = False  # killed (or retired): its calls fail as a dead actor's do
+        self.calls: set[Ref] = set()  # its callers' refs not yet answered
 
     def span(self, kind: str, t0: float, t1: float, args: dict | None = None) -> None:
         if kind:
@@ -479,6 +487,17 @@ class SimActor:
     def drain(self) -> list[dict]:
         out, self.spans = self.spans, []
         return out
+
+    def kill(self) -> None:
+        """Dead from now on: every call in flight fails with ``ActorDiedError``, and so does
+        every later one; its device drops its work (a vLLM engine is its own device: left)."""
+        self.dead = True
+        calls, self.calls = self.calls, set()
+        for ref in calls:
+            if not ref.done:
+                self.fleet.tr.resolve(ref, None, ActorDiedError())
+        if isinstance(self.device, Pool):
+            self.device.drop(self)
 
     def pool_job(self, ref: Ref, kind: str, seconds: float, value=None, control: bool = False, demand: float = 1.0,
                  on_start=None, **args) -> None:
@@ -572,40 +591,51 @@ class SimLearner(SimActor):
     def do_send_weights(self, ref: Ref, version: int) -> None:
         """vLLM generators: every rank gathers (ZeRO-3), rank 0 broadcasts to the transfer
         group's members; the ranks are done when every member has the weights
-        (``generator.pause_mode``: see ``VllmDevice.update``), or fail when one was killed."""
+        (``generator.pause_mode``: see ``VllmDevice.update``). As ``LearnerRank.send_weights``:
+        rank 0 first pings the members, and sends nothing when one is dead (``lost`` names it);
+        a member killed mid-transfer makes rank 0 raise once the others have the weights."""
         f = self.fleet
+        self.sent = n = getattr(self, "sent", 0) + 1  # the n-th send of every rank is one transfer
+        rank0 = self is f.system.learners.actors[0]
         gens = [f.system.generators.actors[i] for i in f.system.transfer_members]
         seconds = f.costs.sync_seconds(len(gens))
-        sends = f.sends.setdefault(version, [])
+        t = f.transfers.setdefault(n, {"jobs": [], "done": False, "lost": [], "broken": None})
 
         def outcome():
-            if version in f.broken:
-                raise SimCallFailed(RuntimeError(f"weight transfer of version {version}: {f.broken[version]} "
-                                                 "closed its connection"))
-            return {"seconds": seconds, "lost": []}
+            if rank0 and t["broken"]:
+                raise SimCallFailed(RuntimeError(f"weight transfer of version {version}: {t['broken']} closed "
+                                                 "its connection"))
+            return {"seconds": seconds, "lost": t["lost"] if rank0 else []}
+
+        def finish() -> None:
+            t["done"] = True
+            for j in t.pop("jobs"):
+                j.actor.device.complete(j)
 
         def start(job: Job) -> None:
-            if version in f.landed:  # a rank that starts after the weights landed is done at once
+            if t["done"]:  # a rank that starts after the weights landed is done at once
                 job.remaining = 0.0
                 return
-            sends.append(job)
-            if self is not f.system.learners.actors[0]:
+            t["jobs"].append(job)
+            if not rank0:
+                return
+            t["lost"] = [g.name for g in gens if g.dead]
+            if t["lost"] or not gens:  # nothing is sent
+                finish()
                 return
             if f.on_send is not None:
                 f.on_send(version)
             left = [len(gens)]
 
             def landed(g, t0, t1):
-                if g.dead:  # killed mid-transfer: the collective fails on every rank
-                    f.broken.setdefault(version, g.name)
+                if g.dead:  # killed mid-transfer: the broadcast fails on rank 0
+                    t["broken"] = t["broken"] or g.name
                 else:
                     g.version = version
                     g.span("weight_update", t0, t1, {"version": version})
                 left[0] -= 1
                 if not left[0]:
-                    f.landed.add(version)
-                    for j in f.sends.pop(version):
-                        j.actor.device.complete(j)
+                    finish()
 
             for g in gens:
                 g.device.update(seconds, f.recipe.generator.pause_mode, lambda t0, t1, g=g: landed(g, t0, t1))
@@ -616,9 +646,13 @@ class SimLearner(SimActor):
 
 class SimGroup(ActorGroup):
     """An ``ActorGroup`` of simulated actors: the same typed calls (``call(i, Cls.method,
-    ...)``, signatures checked), answered by the fleet on the simulated clock."""
+    ...)``, signatures checked), answered by the fleet on the simulated clock. Elastic as a
+    real group: an actor killed (``SimActor.kill``) or retired fails its calls in flight and
+    every later one with ``ActorDiedError``; ``restart`` and ``add`` start a new one (``make``),
+    which answers its first ping after the cost model's ``seconds("start")``."""
 
-    def __init__(self, name: str, cls: type, actors: list[SimActor], tr: SimTransport, timeout_s: float):
+    def __init__(self, name: str, cls: type, actors: list[SimActor], tr: SimTransport, timeout_s: float,
+                 make=None, start_s: float = 0.0):
         self.name, self.timeout_s, self.cls, self.tr = name, timeout_s, cls, tr
         self._owners: OrderedDict = OrderedDict()
         self.watchdog = None
@@ -626,6 +660,7 @@ class SimGroup(ActorGroup):
         self.actors = actors
         self.state = ["ready"] * len(actors)
         self.incarnation = [0] * len(actors)
+        self.make, self.start_s = make, start_s  # make(i): a new simulated actor for slot i
 
     def call(self, i: int, method, *args, control: bool = False, **kwargs) -> Ref:
         name = self._method(method, args, kwargs)
@@ -633,21 +668,26 @@ class SimGroup(ActorGroup):
         with self.tr.simulating():
             self.tr.calls["numbers sent"] += numbers((args, kwargs))
         pending = [a for a in args if isinstance(a, Ref) and not a.done]
-        ref = Ref()
-        self._owners[ref] = (i, 0)
+        ref, actor = Ref(), self.actors[i]  # (this incarnation: a replacement does not take its calls)
+        self._owners[ref] = (i, self.incarnation[i])
         if len(self._owners) > 4096:
             self._owners.popitem(last=False)
+        actor.calls.add(ref)
+
+        def answer(inner: Ref) -> None:
+            actor.calls.discard(ref)
+            if not ref.done:  # (a killed actor's calls failed already)
+                self.tr.resolve(ref, inner.value, inner.error)
 
         def run():  # once the refs among the arguments are done (Ray resolves them first)
             if any(isinstance(a, Ref) and not a.done for a in args):
                 return
             with self.tr.simulating():  # (the actor's side: the simulator's time, not the driver's)
-                inner = self.actors[i].run(name, tuple(a.value if isinstance(a, Ref) else a for a in args), kwargs,
-                                           control)
+                inner = actor.run(name, tuple(a.value if isinstance(a, Ref) else a for a in args), kwargs, control)
             if inner.done:
-                self.tr.resolve(ref, inner.value, inner.error)
+                answer(inner)
             else:
-                inner.then.append(lambda: self.tr.resolve(ref, inner.value, inner.error))
+                inner.then.append(lambda: answer(inner))
 
         latency = 0.0 if control else self.tr.latency_s  # Ray's dispatch of a task to its actor
         if pending:
@@ -670,22 +710,45 @@ class SimGroup(ActorGroup):
         self.tr.wait_all(refs if many else [refs])
         return [self.tr.get(r) for r in refs] if many else self.tr.get(refs)
 
+    def silent(self, slots: list[int], timeout_s: float) -> list[int]:
+        return [i for i in slots if self.actors[i].dead]  # (a live simulated actor always answers)
+
     def retire(self, i: int) -> None:
-        """Stop slot ``i``'s actor: its calls from now on fail as a dead actor's do."""
+        """Stop slot ``i``'s actor: its calls fail as a dead actor's do."""
         self._set(i, "gone")
-        self.actors[i].dead = True
+        self.actors[i].kill()
 
-    def restart(self, i: int):
-        raise NotImplementedError("simulated groups do not replace actors")
+    def restart(self, i: int) -> Ref:
+        """A new actor in slot ``i`` (the old one killed); ``starting`` until ``mark_ready``.
+        Returns its first ping, answered ``start_s`` later."""
+        if self.make is None:
+            raise NotImplementedError(f"the simulated {self.name} group cannot start actors")
+        if self.actors[i] is not None:
+            self.actors[i].kill()
+        self.incarnation[i] += 1
+        self.actors[i] = self.make(i)
+        self._set(i, "starting")
+        ref = Ref()
+        self._owners[ref] = (i, self.incarnation[i])
+        self.tr.later(self.start_s, lambda: self.tr.resolve(ref, "ok"))
+        return ref
 
-    def add(self):
-        raise NotImplementedError("simulated groups keep their size")
+    def add(self) -> tuple[int, Ref]:
+        i = len(self.actors)
+        self.actors.append(None)
+        self.state.append("gone")
+        self._ready = None
+        self.incarnation.append(-1)
+        return i, self.restart(i)
 
     def kill(self) -> None:
         pass
 
 
 class SimPlacement:
+    def add(self, plan) -> None:  # (every simulated actor has its device: nothing to reserve)
+        pass
+
     def rescheduling(self, names: list) -> list:
         return []
 
@@ -709,11 +772,12 @@ class Fleet:
         self.rng = random.Random(seed)
         self.system: SimSystem | None = None
         self._lists: dict = {}
-        self.sends: dict[int, list[Job]] = {}  # version -> the learner ranks' send_weights jobs under way
-        self.landed: set[int] = set()  # versions every generator holds
-        self.broken: dict[int, str] = {}  # versions whose transfer a member killed mid-way broke -> its name
-        self.on_send = None  # called with the version when learner rank 0 starts sending it (a test's hook)
+        # the n-th weight transfer (every rank's n-th send_weights): its ranks' jobs under way,
+        # whether it is done, the members rank 0 found dead (nothing sent), the member killed mid-way
+        self.transfers: dict[int, dict] = {}
+        self.on_send = None  # called with the version once learner rank 0's members answered and it sends (a test's hook)
         self.driver = None  # the GrpoDriver run on this fleet (``run_driver``)
+        self.on_driver = None  # called with it before it runs (a scenario's hook)
         self._solve: dict[str, float] = {}
 
     def later(self, seconds: float, fn) -> None:
@@ -769,7 +833,10 @@ class SimSystem(System):
             return shared or Pool(tr)
 
         def group(name: str, cls: type, sim: type, n: int, kind: str) -> SimGroup:
-            return SimGroup(name, cls, [sim(f"{name}-{i}", fleet, device(kind)) for i in range(n)], tr, ns)
+            def make(i: int) -> SimActor:
+                return sim(f"{name}-{i}", fleet, device(kind))
+
+            return SimGroup(name, cls, [make(i) for i in range(n)], tr, ns, make, fleet.costs.seconds("start"))
 
         self.learners = group("learner-rank", LearnerRank, SimLearner, r.learner.num_ranks, "learner")
         self.generators = group("generator", Generator, SimGenerator, r.generator.num_actors, "generator")
@@ -888,6 +955,11 @@ class GpuCosts:
     # wakes of 0.8-2.6 s on A100s, weights reloaded from disk included; here they come by IPC)
     sleep_s: float = 0.3
     wake_s: float = 1.0
+    # assumed, not measured: an actor started mid-run (replaced or added) answers after start_s
+    # (its process, the weights from local disk, a vLLM engine's CUDA graphs); a weight-transfer
+    # group formed again (its members changed) takes transfer_form_s (NCCL's communicator start)
+    start_s: float = 60.0
+    transfer_form_s: float = 2.0
     cores: float = math.inf  # every actor on its own device
     background: float = 0.0
     latency_s: float = 0.002  # Ray's dispatch of a task to an actor
@@ -921,7 +993,7 @@ class GpuCosts:
         return self.sync_overhead_s + 2 * self.model.weight_bytes / bw
 
     def seconds(self, kind: str) -> float:
-        return 0.0
+        return {"start": self.start_s, "init_weight_transfer": self.transfer_form_s}.get(kind, 0.0)
 
     def demand(self, kind: str) -> float:
         return 1.0
@@ -1038,6 +1110,8 @@ def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambd
     system = fleet.system or SimSystem(recipe, fleet)
     with transport.use(fleet.tr):
         driver = fleet.driver = GrpoDriver(system, recipe, data, Renderer(), Metrics(), samples_log=samples_log)
+        if fleet.on_driver is not None:
+            fleet.on_driver(driver)
         driver.ray_metrics = _NoMetrics()
         records = driver.run()
     return driver, records

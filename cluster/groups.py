@@ -229,6 +229,11 @@ class ActorGroup(Generic[A]):
                 bad[pings[ref]] = f"ping failed ({describe(e)})"
         return bad
 
+    def silent(self, slots: list[int], timeout_s: float) -> list[int]:
+        """Those of ``slots`` whose actor does not answer a ping with "ok" within ``timeout_s``
+        (dead, hung, or a vLLM engine that died inside a live actor)."""
+        return unanswered({self.call(i, self.cls.ping, control=True): i for i in slots}, timeout_s)
+
     def call_all(self, method: Callable[..., Any], *args, control: bool = False, **kwargs) -> list:
         return [self.call(i, method, *args, control=control, **kwargs) for i in self.ready()]
 

@@ -41,7 +41,7 @@ from ray.exceptions import RayActorError
 from ...actors.generator import Generator
 from ...actors.scorer import RewardScorer
 from ...cluster import transport
-from ...cluster.groups import ActorGroup, RemoteCallError, describe, unanswered
+from ...cluster.groups import ActorGroup, RemoteCallError, describe
 from ...cluster.placement import Bundles
 from ..config import Recipe
 from .inflight import InFlight, Work
@@ -302,8 +302,7 @@ class Elastic:
     def silent(self, group: ActorGroup, slots: list[int]) -> list[int]:
         """Those of ``slots`` that do not answer a ping (dead, hung, or a vLLM engine that died
         inside a live actor), within the liveness timeout."""
-        pings = {group.call(i, group.cls.ping, control=True): i for i in slots}
-        return unanswered(pings, min(30.0, self.system.watchdog.timeout_s))
+        return group.silent(slots, min(30.0, self.system.watchdog.timeout_s))
 
     # -- losses ------------------------------------------------------------------------------
     def actor_lost(self, group: ActorGroup, i: int, why: str, lost: bool = True) -> None:
