@@ -6,6 +6,7 @@
     python benchmarks/simulate.py colocate [--only 7b-64]
     python benchmarks/simulate.py ray-costs      # Ray's driver-side CPU per call, wait, completion, number pickled
     python benchmarks/simulate.py overhead [--generators 256 --ranks 64] [--set key=value] [--name stem]
+    python benchmarks/simulate.py elastic [--scenario 7b-64] [--eta 1] [--at 8] [--start-s 60]
 
 The driver's own code (``GrpoDriver``: admission, the staleness bound, the in-flight table,
 elastic slots, weight-sync sequencing) runs unchanged on a simulated clock against the
@@ -30,6 +31,10 @@ rank trains; the reference actors keep their GPUs; max_staleness 0, the only one
 
 overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
 simulated generators and 64 learner ranks.
+
+elastic: one generator lost while generating, lost during a weight sync, drained (``r1ray
+scale``) during a weight sync, or added, against a run without: the run's seconds, how many
+groups were generated again and what the elastic group counted.
 """
 from __future__ import annotations
 
@@ -308,6 +313,71 @@ def fixes(args) -> int:
     return 0
 
 
+# -- elastic generators at scale -------------------------------------------------------------
+def elastic_one(name: str, event: str, at: int, steps: int, eta: int, start_s: float) -> dict:
+    """``name``'s scenario at max_staleness ``eta`` with one event about learner rank 0's send
+    of version ``at``: generator-0 killed 5 s after it (generating) or during it, one
+    generator drained (``r1ray scale``) during it, or one added then."""
+    recipe, model, lengths, prompt_median, k = SCENARIOS[name]
+    sets = scaled(recipe, k) + [f"grpo.max_staleness={eta}", f"grpo.steps={steps}"]
+    n = load(HERE.parent / "configs" / recipe, sets).generator.num_actors
+    sets += ["generator.min_actors=1", f"generator.max_actors={n + 1}"]
+    r = load(HERE.parent / "configs" / recipe, sets)
+    fleet = Fleet(r, GpuCosts(model, start_s=start_s), lengths, seed=0)
+    seen = {}
+
+    def kill() -> None:
+        gens = fleet.system.generators
+        seen.update(at_s=round(fleet.tr.t, 1), calls=len(gens.actors[0].calls))
+        gens.actors[0].kill()
+
+    def on_send(version: int) -> None:
+        if version != at or seen or event == "none":
+            return
+        seen["at_s"] = round(fleet.tr.t, 1)
+        if event == "lost while generating":
+            fleet.tr.later(5.0, kill)
+        elif event == "lost during a weight sync":
+            kill()
+        elif event == "drained during a weight sync":
+            fleet.driver.elastic.resize(n - 1)
+        elif event == "added":
+            fleet.driver.elastic.resize(n + 1)
+
+    fleet.on_send = on_send
+    fleet.on_driver = lambda driver: setattr(driver.elastic, "target", n)  # (as after `r1ray scale n`)
+    driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(prompt_median))
+    samples = r.grpo.prompts_per_step * r.grpo.num_generations * steps
+    return {"scenario": name, "event": event, "eta": eta, "start_s": start_s, "generators": n, **seen,
+            "run_s": round(fleet.tr.t, 1), "samples_per_s": round(samples / fleet.tr.t, 2),
+            "counts": dict(driver.elastic.counts),
+            "requeued": sum(rec.get("groups/requeued", 0) for rec in records)}
+
+
+ELASTIC_EVENTS = ["none", "lost while generating", "lost during a weight sync", "drained during a weight sync",
+                  "added"]
+
+
+def elastic(args) -> int:
+    rows = [elastic_one(args.scenario, e, args.at, args.steps, args.eta, args.start_s) for e in ELASTIC_EVENTS]
+    base = rows[0]
+    lines = [f"| event ({args.scenario}, η={args.eta}, {args.steps} steps, a start of {args.start_s:.0f} s assumed) | at | "
+             "run s | samples/s | vs none | groups generated again | generators lost / replaced / restarted / "
+             "added / removed |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        c = row["counts"]
+        counts = " / ".join(str(c.get(k, 0)) for k in ("generator/lost", "generator/replaced", "generator/restarted",
+                                                          "generators/added", "generators/removed"))
+        lines.append(f"| {row['event']} | {row['at_s'] if 'at_s' in row else '-'} s | {row['run_s']:.0f} | "
+                     f"{row['samples_per_s']:.1f} | {row['samples_per_s'] / base['samples_per_s']:.3f} | "
+                     f"{row['requeued']} | {counts} |")
+    table = "\n".join(lines)
+    print(table)
+    save_results(args.name, {"scenario": args.scenario, "eta": args.eta, "steps": args.steps, "at_version": args.at,
+                             "start_s": args.start_s, "rows": rows}, table)
+    return 0
+
+
 # -- colocated against split -----------------------------------------------------------------
 def colocated_sets(name: str) -> tuple[list[str], int]:
     """The scenario's GPUs with every learner rank also hosting a vLLM engine (placement.mode
@@ -512,6 +582,13 @@ def main() -> int:
     c.add_argument("--only", nargs="+", choices=list(SCENARIOS))
     c.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--steps", type=int, default=6)
+    e = sub.add_parser("elastic", help="a generator lost, drained or added mid-run, against none")
+    e.add_argument("--scenario", default="7b-64", choices=list(SCENARIOS))
+    e.add_argument("--eta", type=int, default=1)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--at", type=int, default=8, help="the event when learner rank 0 sends this version")
+    e.add_argument("--start-s", type=float, default=60.0, help="seconds a new generator takes to answer (assumed)")
+    e.add_argument("--name", default="simulate_elastic")
     sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
     o = sub.add_parser("overhead")
     o.add_argument("--generators", type=int, default=256)
@@ -529,7 +606,7 @@ def main() -> int:
         plot(rows, HERE / "results" / "simulate_predictions.png")
         return 0
     return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead, "colocate": colocate,
-            "ray-costs": ray_costs}[args.cmd](args)
+            "elastic": elastic, "ray-costs": ray_costs}[args.cmd](args)
 
 
 if __name__ == "__main__":

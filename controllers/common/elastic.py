@@ -204,12 +204,25 @@ class Elastic:
 
     def flush_requeued(self) -> None:
         """Send re-queued groups to the generators and scorers that can take them."""
-        while self.requeued and self.usable():
+        while self.requeued and self.room():
             groups, self.requeued = self.requeued[: self.per_request], self.requeued[self.per_request :]
             self.hooks.generate(groups)
         if self.rescore and self.system.scorers.ready():
             groups, self.rescore = self.rescore, []
             self.hooks.score(groups)
+
+    def room(self) -> bool:
+        """Whether a usable generator may take another generate call. A vLLM generator takes
+        at most ``generator.max_requests`` at once (its actor's concurrency: more would wait in
+        its queue); held here instead, they go to whichever generator has room first, a
+        replacement that joins included, not all to the first one up after a loss."""
+        usable = self.usable()
+        if not usable:
+            return False
+        if not self.system.batches_requests:
+            return True
+        load = self.inflight.load("generate", len(self.system.generators))
+        return min(map(load.__getitem__, usable)) < self.system.generator_calls
 
     def waiting(self) -> int:
         """Groups re-queued, not yet sent again."""

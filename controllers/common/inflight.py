@@ -54,7 +54,13 @@ class InFlight:
     """Deadlines: the work queued ahead on the same actor, then ``ray.deadline_factor`` x the
     slowest seconds per sample seen for the stage x the work's samples (at least
     ``ray.deadline_min_s``); the first work of a stage gets ``ray.call_timeout_s``, and scoring
-    ``score_budget(samples)`` (the verifier timeouts bound it)."""
+    ``score_budget(samples)`` (the verifier timeouts bound it).
+
+    Stages in ``batched`` run their calls on an actor at once (vLLM's continuous batching): a
+    call's seconds grow with everything else the engine holds, which the rate seen at a lighter
+    load does not bound (the first replacement to join after a loss may get a backlog). There
+    the engine's progress is the sign of life: each call that finishes gives that actor's other
+    calls of the stage their budget again from then."""
 
     def __init__(self, watchdog: Watchdog, ray_cfg, group_size: int, score_budget: Callable[[int], float],
                  what: str = "GRPO"):
@@ -72,6 +78,7 @@ class InFlight:
         self.stages: Counter = Counter()
         self._soonest = math.inf
         self.rates: dict[str, float] = {}  # stage -> the slowest seconds per sample seen
+        self.batched: set[str] = set()  # stages whose calls run at once on their actor (see above)
         self.turns: Counter = Counter()  # stage -> picks so far: round-robin among equally loaded actors
         # (work, ref, error) -> True when the driver dealt with an actor lost under ``ref`` (an
         # elastic group's: the work was re-queued, or ``ref`` dropped from it); else the run stops
@@ -80,17 +87,20 @@ class InFlight:
     def samples(self, w: Work) -> int:
         return w.samples if w.samples is not None else len(w.groups) * self.G
 
-    def submit(self, work: Work) -> Work:
+    def budget(self, work: Work) -> float:
+        """The seconds ``work`` may take once the work ahead of it is done."""
         samples = max(1, self.samples(work))
         if work.queue == "learner" and work.stage != "train":
             # behind a train step (and any checkpoint it saves): bounded like a first call
-            budget = self.rc.call_timeout_s
-        elif work.stage == "score":
-            budget = self.score_budget(samples) + self.rc.deadline_min_s
-        elif work.stage in self.rates:
-            budget = max(self.rc.deadline_min_s, self.rc.deadline_factor * self.rates[work.stage] * samples)
-        else:
-            budget = self.rc.call_timeout_s
+            return self.rc.call_timeout_s
+        if work.stage == "score":
+            return self.score_budget(samples) + self.rc.deadline_min_s
+        if work.stage in self.rates:
+            return max(self.rc.deadline_min_s, self.rc.deadline_factor * self.rates[work.stage] * samples)
+        return self.rc.call_timeout_s
+
+    def submit(self, work: Work) -> Work:
+        budget = self.budget(work)
         queue = self._queues.setdefault(self._queue(work), [])
         # an actor that starts may wait for a node to join: no deadline (the run goes on without it)
         work.deadline = math.inf if work.stage == "join" else max([work.started, *(w.deadline for w in queue)]) + budget
@@ -196,8 +206,11 @@ class InFlight:
         values = [work.values[ref] for ref in work.refs]
         work.value = values if work.stage in ("train", "sync") else values[0] if len(values) == 1 else \
             [x for part in values for x in part]  # reference log-probs sharded over the learner ranks
-        seconds = transport.now() - work.started
-        self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), seconds / max(1, self.samples(work)))
+        now = transport.now()
+        self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), (now - work.started) / max(1, self.samples(work)))
+        if work.stage in self.batched:  # the engine makes progress: its other calls get their budget again
+            for w in self._queues.get(self._queue(work), []):
+                w.deadline = max(w.deadline, now + self.budget(w))
         return work
 
     def _check_deadlines(self) -> None:

@@ -173,6 +173,8 @@ class Evaluator:
         set aside for the evaluation and put back after it."""
         system, dog = self.system, self.system.watchdog
         inflight = InFlight(dog, system.r.ray, 1, self._judge_budget, what="evaluation")
+        if system.batches_requests:
+            inflight.batched.add("generate")
         elastic = Elastic(system, inflight, system.r, 1, Hooks(self._generate, self._judge, self.dropped_rewards,
                                                              self.counts.update))
         self.inflight, self.elastic = inflight, elastic

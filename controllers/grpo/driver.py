@@ -47,6 +47,8 @@ class GrpoDriver:
                                       system.version)
         self.books.histogram.update(self.done.histogram)
         self.inflight = InFlight(system.watchdog, recipe.ray, self.G, self.rewards.score_budget)
+        if system.batches_requests:
+            self.inflight.batched.add("generate")
         self.stream = RolloutStream(system, recipe, data, renderer, self.books, self.inflight, self.rewards,
                                     self.tally, self.done.taken0)
         self.elastic = self.stream.elastic = Elastic(system, self.inflight, recipe, self.stream.per_request, Hooks(

@@ -48,12 +48,13 @@ class RolloutStream:
         self.elastic: Elastic | None = None  # set by the driver: its generators, and the groups to redo
 
     def admit(self) -> None:
-        """Start as many groups as the staleness bound allows, ``per_request`` per generate call;
-        groups whose generator was lost go first, in admission order."""
+        """Start as many groups as the staleness bound and the generators' room allow,
+        ``per_request`` per generate call; groups whose generator was lost go first, in
+        admission order."""
         if not self.elastic.usable():
             return  # every generator is starting: their groups wait
         self.elastic.flush_requeued()
-        while self.books.may_admit():
+        while self.books.may_admit() and self.elastic.room():
             groups = []
             while self.books.may_admit() and len(groups) < self.per_request:
                 idx, pid = self.sampler.take(1)[0]

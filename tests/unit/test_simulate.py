@@ -1,5 +1,6 @@
 """The fleet simulator (benchmarks/simfleet.py): its devices against hand computations, and the
 GRPO driver's own code on it (no Ray, no model; seconds)."""
+import itertools
 import math
 import sys
 from collections import Counter
@@ -363,3 +364,58 @@ def test_a_generator_added_at_the_start_joins_through_a_sync_and_takes_work():
     first = min(sp["t0"] for sp in spans if sp["actor"] == "generator-1" and sp["kind"] == "generate")
     synced = min(sp["t1"] for sp in spans if sp["actor"] == "generator-1" and sp["kind"] == "weight_update")
     assert WALL0 + 10.0 <= synced <= first
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_finished_call_gives_its_engines_other_calls_their_budget_again_when_it_batches(batched):
+    """Deadlines (``InFlight``): a call's budget is deadline_factor x the slowest seconds per
+    sample seen x its samples. A vLLM engine runs its calls at once, so there each finished call
+    gives the engine's other calls that budget again from then; one-at-a-time stages keep
+    their deadlines, and other actors' calls are not touched."""
+    from r1ray.cluster import transport
+    from r1ray.cluster.groups import Watchdog
+    from r1ray.controllers.common.inflight import InFlight, Work
+
+    r = _tiny("ray.deadline_factor=2", "ray.deadline_min_s=1")
+    tr = SimTransport()
+    with transport.use(tr):
+        flight = InFlight(Watchdog([]), r.ray, 4, lambda n: 10.0)
+        if batched:
+            flight.batched.add("generate")
+        flight.rates["generate"] = 1.0  # s a sample: a one-group call (4 samples) gets 2 x 1 x 4 = 8 s
+        a, b, c = Ref(), Ref(), Ref()
+        first = flight.submit(Work("generate", [a], [object()], actor=0))
+        second = flight.submit(Work("generate", [b], [object()], actor=0))
+        other = flight.submit(Work("generate", [c], [object()], actor=1))
+        assert (first.deadline, second.deadline, other.deadline) == (8.0, 16.0, 8.0)  # (queued behind the first)
+        tr.later(6.0, lambda: tr.resolve(a, "v"))
+        assert flight.next_done() is first and tr.t == 6.0
+        # 1.5 s a sample now seen (6 s for 4 samples): a new budget of 2 x 1.5 x 4 = 12 s from t = 6
+        assert second.deadline == (18.0 if batched else 16.0) and other.deadline == 8.0
+
+
+def test_a_backlog_waits_in_the_driver_for_generators_with_room():
+    """Every generator replaced at once (one died during a weight sync) on the simulated fleet:
+    the first to join takes at most ``generator.max_requests`` calls, the rest wait in the
+    driver for the others (before: every group went to the first one up, whose first calls
+    then ran past their deadlines and stopped the run)."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["generator.num_actors=4", "generator.max_requests=6", "grpo.steps=6", "grpo.prompts_per_step=32",
+                     "grpo.max_staleness=1"], cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B, start_s=20.0), Lengths(1024, 300), seed=6)
+    killed = []
+
+    def on_send(version):
+        if version == 2 and not killed:
+            killed.append(fleet.tr.t)
+            fleet.system.generators.actors[0].kill()
+
+    fleet.on_send = on_send
+    driver, records, ids = _sampled(fleet, r, 6, prompts_per_step=32)
+    assert driver.elastic.counts["generator/restarted"] == 4 and driver.elastic.counts["generator/replaced"] == 3
+    spans = [sp for sp in driver.telemetry.spans if sp["kind"] == "generate"]
+    for name in {sp["actor"] for sp in spans}:
+        edges = sorted([(sp["t0"], 1) for sp in spans if sp["actor"] == name]
+                       + [(sp["t1"], -1) for sp in spans if sp["actor"] == name])
+        at_once = max(itertools.accumulate(step for _, step in edges))
+        assert at_once <= 6, name
