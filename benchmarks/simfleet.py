@@ -733,14 +733,6 @@ class SimGroup(ActorGroup):
         self.tr.later(self.start_s, lambda: self.tr.resolve(ref, "ok"))
         return ref
 
-    def add(self) -> tuple[int, Ref]:
-        i = len(self.actors)
-        self.actors.append(None)
-        self.state.append("gone")
-        self._ready = None
-        self.incarnation.append(-1)
-        return i, self.restart(i)
-
     def kill(self) -> None:
         pass
 
