@@ -569,6 +569,8 @@ class SimReference(SimActor):
 
 
 class SimLearner(SimActor):
+    sent = 0  # send_weights calls so far: every rank's n-th is one transfer
+
     def do_grpo_step(self, ref: Ref, shard: list, denom: float, tokens: float) -> None:
         f = self.fleet
         ranks = len(f.system.learners)  # (a step ends on every rank at once: the batch's tokens / ranks)
@@ -595,7 +597,7 @@ class SimLearner(SimActor):
         rank 0 first pings the members, and sends nothing when one is dead (``lost`` names it);
         a member killed mid-transfer makes rank 0 raise once the others have the weights."""
         f = self.fleet
-        self.sent = n = getattr(self, "sent", 0) + 1  # the n-th send of every rank is one transfer
+        self.sent = n = self.sent + 1
         rank0 = self is f.system.learners.actors[0]
         gens = [f.system.generators.actors[i] for i in f.system.transfer_members]
         seconds = f.costs.sync_seconds(len(gens))
