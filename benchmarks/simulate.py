@@ -47,6 +47,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -168,9 +169,12 @@ def prompt_tokens(median: int):
 # 7B: fitted to a published verl GRPO step with vLLM at the 7B recipe's cap, 8,192 completions of at most
 # 1,024 tokens: mean 424.5, 7.37% cut at the cap (the example log in llm-d-incubation/py-inference-scheduler,
 # integration/verl/README.md); its minimum, 26, is held out (the fit's draws: 11-28, median 20).
-# 1.5B: an assumption; no published length figures at its 4,096 cap were found.
+# 1.5B: fitted to DeepScaleR's GRPO run of the same model (DeepSeek-R1-Distill-Qwen-1.5B, temperature 0.6)
+# at an 8,192-token cap, where its blog gives two figures of about the same point of the run (~1,000 steps,
+# the low of its length curve): a mean of about 3,500 tokens and 4.2% of the completions clipped at the cap;
+# cut at the recipe's 4,096 instead: mean ~2,980, ~31% at the cap (docs/simulator.md, the cost model).
 LENGTHS_7B = Lengths.fitted(1024, 424.5, 0.0737)
-LENGTHS_1_5B = Lengths(4096, 1800, 0.5, 0.5)
+LENGTHS_1_5B = replace(Lengths.fitted(8192, 3500, 0.042), cap=4096)
 
 # name -> (recipe, model, completion lengths, prompt tokens, scale: the recipe's actor counts and batch x k)
 SCENARIOS = {

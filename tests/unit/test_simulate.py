@@ -4,6 +4,7 @@ import itertools
 import math
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,18 @@ def test_fitted_lengths_give_back_the_published_mean_and_truncation():
     assert drawn["truncated"] == pytest.approx(0.0737, abs=0.003)
     with pytest.raises(ValueError, match="no log-normal cut at 1024 has mean 50 "):
         Lengths.fitted(1024, 50, 0.0737)  # 7.37% at the cap alone gives a mean of 75
+
+
+def test_the_1_5b_lengths_are_deepscalers_at_8k_cut_at_the_recipes_cap():
+    from simulate import LENGTHS_1_5B  # (benchmarks/ is on the path, above)
+
+    assert LENGTHS_1_5B.cap == 4096
+    at_8k = replace(LENGTHS_1_5B, cap=8192).stats(draws=160_000, seed=1)
+    assert at_8k["mean"] == pytest.approx(3500, rel=0.01)  # DeepScaleR's 8K run: about 3,500 tokens, 4.2% clipped
+    assert at_8k["truncated"] == pytest.approx(0.042, abs=0.003)
+    at_4k = LENGTHS_1_5B.stats(draws=160_000, seed=1)
+    assert at_4k["mean"] == pytest.approx(2977, rel=0.01)  # docs/simulator.md's figures for the recipe's cap
+    assert at_4k["truncated"] == pytest.approx(0.31, abs=0.01)
 
 
 def test_synchronous_step_time_is_the_sum_of_its_stages():
