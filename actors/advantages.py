@@ -61,6 +61,8 @@ def reverse_kl(logprobs: Sequence[float], teacher_logprobs: Sequence[float],
         raise ValueError(f"{len(logprobs)} student and {len(teacher_logprobs)} teacher log-probs: one each per "
                          "completion token")
     mask = [1] * len(logprobs) if mask is None else mask
+    # float32 arrays (the teacher's log-probs) as Python floats: the difference in float64, as for lists
+    logprobs, teacher_logprobs = (x.tolist() if hasattr(x, "tolist") else x for x in (logprobs, teacher_logprobs))
     return [(s - t) if m else 0.0 for s, t, m in zip(logprobs, teacher_logprobs, mask)]
 
 

@@ -5,6 +5,7 @@ import types
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -27,8 +28,8 @@ class TokenBatch:
     def scatter(self, per_sample: Sequence[Sequence[float]]) -> torch.Tensor:
         """Place per-completion-token values (e.g. behaviour log-probs) into the ``[B, L-1]`` layout."""
         out = torch.zeros(self.completion_mask.shape, dtype=torch.float32)
-        flat = torch.tensor([v for row in per_sample for v in row], dtype=torch.float32)
-        out[self.completion_mask.bool()] = flat
+        rows = [torch.as_tensor(row, dtype=torch.float32).reshape(-1) for row in per_sample]  # (lists, float32 arrays)
+        out[self.completion_mask.bool()] = torch.cat(rows) if rows else torch.zeros(0)
         return out
 
     def gather(self, values: torch.Tensor) -> list[list[float]]:
@@ -163,16 +164,22 @@ def token_logprobs(model, packed: TokenBatch, temperature: float = 1.0, entropy:
 
 @torch.no_grad()
 def completion_logprobs(model, samples: Sequence, pad_id: int, micro_batch_size: int, temperature: float = 1.0,
-                        logits_dtype: str = "model", device="cpu") -> list[list[float]]:
+                        logits_dtype: str = "model", device="cpu") -> list[np.ndarray]:
     """Per completion token log-probs of ``samples`` (anything with ``prompt_ids`` and
     ``completion_ids``) under ``model`` (as ``token_logprobs``), ``micro_batch_size`` at a time,
-    without gradients: the reference's, and the learner's with its LoRA adapters off."""
-    out: list[list[float]] = []
+    without gradients: the reference's, and the learner's with its LoRA adapters off.
+
+    One float32 array a sample (the values as computed, nothing rounded: the log-probs are
+    float32 or narrower): they travel through the driver to the learners, and an array pickles
+    as one buffer, about 3.7 µs out and back for a completion of 430 tokens on this machine
+    against 15 µs as a list of Python floats (``benchmarks/simulate.py ray-costs``)."""
+    out: list[np.ndarray] = []
     for i in range(0, len(samples), micro_batch_size):
         mb = samples[i : i + micro_batch_size]
         packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], pad_id)
-        lp = token_logprobs(model, packed.to(device), temperature, logits_dtype=logits_dtype)
-        out.extend(packed.gather(lp.cpu()))
+        lp = token_logprobs(model, packed.to(device), temperature, logits_dtype=logits_dtype).float().cpu()
+        mask = packed.completion_mask.bool()
+        out.extend(lp[b][mask[b]].numpy() for b in range(lp.shape[0]))
     return out
 
 

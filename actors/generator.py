@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from . import storage
@@ -191,11 +192,15 @@ class Generator:
         out = []
         decode = self._engine.tokenizer.decode
         for i, p in enumerate(prompts):
+            # one list for the group's n rollouts (read-only downstream): pickled once a call, to
+            # the driver and from it to the reference and the learners (pickle keeps the sharing)
+            prompt_ids = list(p["prompt_ids"])
             for k in range(n):
                 q = seqs[i * n + k]
                 r = Rollout(
-                    sample_id=f"{p['prompt_id']}/{first_sample + k}", prompt_id=p["prompt_id"], prompt_ids=list(p["prompt_ids"]),
-                    completion_ids=q.ids, logprobs=q.lps, versions=q.versions, finish_reason=q.reason,
+                    sample_id=f"{p['prompt_id']}/{first_sample + k}", prompt_id=p["prompt_id"], prompt_ids=prompt_ids,
+                    completion_ids=q.ids, logprobs=np.asarray(q.lps, dtype=np.float32), versions=q.versions,
+                    finish_reason=q.reason,
                     text=decode(q.ids, skip_special_tokens=True), columns=dict(p.get("columns", {})))
                 if self.tools:
                     r.loss_mask = q.mask

@@ -23,6 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
 from . import storage
@@ -511,7 +512,7 @@ class LearnerRank:
             is_weight_sum=float(parts["is_weight"][m].sum()), is_truncated=float(parts["is_truncated"][m].sum()),
             logp_diff_abs_sum=float(logp_diff[m].abs().sum()), entropy_sum=float(entropy.detach()[m].sum()))
 
-    def reference_logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
+    def reference_logprobs(self, samples: list[TrainSample]) -> list[np.ndarray]:
         """LoRA: the reference log-probs of ``samples`` (per completion token, as
         ``Reference.logprobs``) from this rank's own weights with the adapters switched off: the
         frozen base, so no second copy of the model exists. Runs between train steps (the rank
@@ -667,8 +668,6 @@ class LearnerRank:
         ranks hash their shards in parallel: ``{"path": ..., "files": {name: record}}``."""
         import random
 
-        import numpy as np
-
         with self.spans.span("save_checkpoint", tag=tag):
             self.engine.save_checkpoint(path, tag=tag, save_latest=False)
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -702,8 +701,6 @@ class LearnerRank:
     def load_checkpoint(self, path: str, tag: str) -> None:
         """Restore what ``save_checkpoint`` wrote (all ranks; same world size)."""
         import random
-
-        import numpy as np
 
         storage.pull(os.path.join(path, tag))  # on object storage: what another node wrote
         rng_file = os.path.join(path, tag, f"rng_rank{self.rank}.pt")

@@ -3,6 +3,7 @@ frozen copy of the initial policy (the KL term); a teacher (on-policy distillati
 model with the same tokenizer, run by the same class under its own span name."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import storage
@@ -48,8 +49,9 @@ class Reference:
             state = state["base"]
         self.model.load_state_dict(state, strict=False)
 
-    def logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
-        """Per completion token log-probs under this model, aligned with ``completion_ids``."""
+    def logprobs(self, samples: list[TrainSample]) -> list[np.ndarray]:
+        """Per completion token log-probs under this model, aligned with ``completion_ids``: a
+        float32 array a sample (``batching.completion_logprobs``)."""
         with self.spans.span(self.span, samples=len(samples)):
             return completion_logprobs(self.model, samples, self.pad_id, self.micro_batch_size, self.temperature,
                                        self.logits_dtype, self.device)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass
@@ -11,7 +11,9 @@ class Rollout:
     prompt_id: str
     prompt_ids: list[int]
     completion_ids: list[int]
-    logprobs: list[float]  # behaviour log-probs of the sampled tokens, under logits / temperature
+    # behaviour log-probs of the sampled tokens, under logits / temperature: a float32 array from the
+    # generator (one buffer to pickle through the driver, where a list is a Python float a token)
+    logprobs: Sequence[float]
     versions: list[int]  # policy version that produced each completion token (-1: a tool turn's token)
     finish_reason: str  # "stop" (EOS), "length", or "max_turns" (an episode's last turn called a tool)
     text: str = ""
@@ -19,8 +21,8 @@ class Rollout:
     scores: dict[str, float | None] = field(default_factory=dict)  # per reward function
     reward: float = 0.0
     advantage: float | list[float] = 0.0
-    ref_logprobs: list[float] | None = None
-    teacher_logprobs: list[float] | None = None  # the teacher's log-probs of the same tokens (teacher.model)
+    ref_logprobs: Sequence[float] | None = None  # the reference's, a float32 array (batching.completion_logprobs)
+    teacher_logprobs: Sequence[float] | None = None  # the teacher's of the same tokens (teacher.model), as ref_logprobs
     # Multi-turn episodes (actors/episodes.py); None / defaults for one-turn completions.
     loss_mask: list[int] | None = None  # 1: a model token, 0: a tool turn's token (context only)
     messages: list[dict] | None = None  # the trajectory as assistant and tool messages (what rewards see)
@@ -56,6 +58,24 @@ class Rollout:
             seen = self.__dict__["_versions"] = (len(self.versions), oldest, max(self.versions, default=-1))
         return seen[1], seen[2]
 
+    def __getstate__(self) -> dict:
+        """What pickling sends: ``versions`` as ``(version, count)`` when every token has the
+        same version (all but a continued partial rollout's or a tool episode's), so that the
+        driver, which every rollout passes through, unpickles two numbers instead of one per
+        token (about 18 ns each on this machine: ``benchmarks/simulate.py ray-costs``)."""
+        v = self.versions
+        if len(v) > 2 and type(v) is list and v.count(v[0]) == len(v):
+            state = dict(self.__dict__)
+            state["versions"] = (v[0], len(v))
+            return state
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        v = state["versions"]
+        if type(v) is tuple:  # (version, count): see __getstate__
+            state = {**state, "versions": [v[0]] * v[1]}
+        self.__dict__.update(state)
+
     def for_scoring(self) -> "Rollout":
         """This rollout without what no reward reads (the prompt's tokens, the log-probs and
         versions, the loss mask): what the driver sends a scorer (a third of the numbers)."""
@@ -69,9 +89,9 @@ class TrainSample:
 
     prompt_ids: list[int]
     completion_ids: list[int]
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: Sequence[float] = field(default_factory=list)  # (a float32 array from the generator, or a list)
     advantage: float | list[float] = 0.0  # one per sample, or one per completion token (REINFORCE++)
-    ref_logprobs: list[float] | None = None
+    ref_logprobs: Sequence[float] | None = None  # a float32 array from the reference, or a list
     in_loss: bool = True  # False: kept out of the loss (a truncated completion, mask_truncated_completions)
     loss_mask: list[int] | None = None  # per completion token: 0 keeps a tool turn's token out of the loss
 

@@ -3,11 +3,13 @@ import io
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 from tiny_actors import learner as _learner
 from tiny_actors import prompt as _prompt
 
+from r1ray.actors.batching import pad_batch
 from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 from r1ray.actors.learner import GrpoStats, SftStats
 from r1ray.actors.packing import SftExample
@@ -28,9 +30,12 @@ def hf_generator(tiny_model):
 
 
 def test_hf_generator_returns_complete_rollouts(hf_generator, tiny_model):
-    out = hf_generator.generate([_prompt(tiny_model), _prompt(tiny_model, "111+222", "p1")], 3,
-                                SamplingConfig(max_new_tokens=12))
+    prompts = [_prompt(tiny_model), _prompt(tiny_model, "111+222", "p1")]
+    out = hf_generator.generate(prompts, 3, SamplingConfig(max_new_tokens=12))
     assert [r.sample_id for r in out] == ["p0/0", "p0/1", "p0/2", "p1/0", "p1/1", "p1/2"]
+    # a group's rollouts share one copy of its prompt's tokens (pickled once a call)
+    assert out[0].prompt_ids is out[1].prompt_ids is out[2].prompt_ids and out[2].prompt_ids is not out[3].prompt_ids
+    assert out[0].prompt_ids == prompts[0]["prompt_ids"] and out[0].prompt_ids is not prompts[0]["prompt_ids"]
     for r in out:
         assert 1 <= len(r.completion_ids) <= 12
         assert len(r.logprobs) == len(r.completion_ids) == len(r.versions)
@@ -46,6 +51,17 @@ def test_behaviour_logprobs_match_the_reference_model(hf_generator, tiny_model):
     ref_lp = ref.logprobs([TrainSample.of(r) for r in rollouts])
     for r, lp in zip(rollouts, ref_lp):
         assert lp == pytest.approx(r.logprobs, abs=1e-4)
+        assert isinstance(lp, np.ndarray) and lp.dtype == np.float32  # one buffer through the driver
+
+
+def test_scattering_float32_arrays_places_the_same_values_as_lists(tiny_model):
+    """The learner lays the reference's arrays and the generator's lists out alike."""
+    rollouts = [Rollout(f"p/{k}", "p", [1, 2, 3], [4] * (k + 2), [-0.25 * (j + 1) for j in range(k + 2)], [0] * (k + 2),
+                        "stop") for k in range(3)]
+    packed = pad_batch([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], 0)
+    as_lists = packed.scatter([r.logprobs for r in rollouts])
+    as_arrays = packed.scatter([np.asarray(r.logprobs, dtype=np.float32) for r in rollouts])
+    assert torch.equal(as_lists, as_arrays) and packed.gather(as_arrays) == [r.logprobs for r in rollouts]
 
 
 def test_learner_step_moves_weights_and_generator_adopts_them(tiny_model, tmp_path):

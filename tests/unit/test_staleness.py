@@ -1,5 +1,6 @@
 """The staleness bound, replayed as event sequences: no Ray, no engine, milliseconds."""
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -241,6 +242,30 @@ def test_a_rollouts_version_range_travels_with_it_and_follows_new_tokens():
     tools_only = Rollout("s", "p", [1], [5, 5], [0.0, 0.0], [-1, -1], "stop")
     assert (tools_only.version, tools_only.newest_version) == (-1, -1)
     assert Rollout("s", "p", [1], [], [], [], "length").version_range() == (-1, -1)
+
+
+def test_a_rollout_pickles_one_version_for_tokens_of_one_policy_and_its_group_one_prompt():
+    """What crosses the driver: a rollout whose tokens all come from one policy sends its
+    versions as (version, count), one whose tokens do not sends the list; rollouts of one group
+    that share their prompt's list (as the generator makes them) send it once, and come back
+    sharing it. Either way the rollout comes back equal, and the one pickled is untouched."""
+    import copy
+    import pickle
+
+    prompt = list(range(300))
+    one = [Rollout(f"p/{k}", "p", prompt, [5] * 500, [-0.1] * 500, [3] * 500, "stop") for k in range(4)]
+    mixed = Rollout("q/0", "q", [1, 2], [5] * 500, [-0.1] * 500, [3] * 250 + [4] * 250, "length")
+    tools = Rollout("t/0", "t", [1, 2], [5] * 6, [0.0] * 6, [3, 3, -1, -1, 3, 3], "stop")
+    assert one[0].__getstate__()["versions"] == (3, 500) and one[0].versions == [3] * 500
+    assert mixed.__getstate__()["versions"] is mixed.versions and tools.__getstate__()["versions"] is tools.versions
+    back = pickle.loads(pickle.dumps([*one, mixed, tools]))
+    assert back == [*one, mixed, tools] and type(back[0].versions) is list
+    assert back[0].prompt_ids is back[3].prompt_ids and back[0].versions is not back[1].versions
+    assert copy.deepcopy(one[1]) == one[1] and copy.copy(mixed) == mixed
+    # bytes: the prompt once for the group, and 500 versions in a few bytes
+    each = len(pickle.dumps(one[0])) - len(pickle.dumps(replace(one[0], prompt_ids=[])))
+    assert len(pickle.dumps(one)) < 4 * len(pickle.dumps(one[0])) - 2 * each
+    assert len(pickle.dumps(one[0])) < len(pickle.dumps(replace(one[0], versions=[3] * 499 + [4]))) - 400
 
 
 def test_a_scorer_gets_what_rewards_read_and_not_the_rest():
