@@ -167,7 +167,9 @@ class SimTransport:
         if ref.error is not None:
             raise ref.error
         with self.simulating():
-            self.calls["numbers received"] += numbers(ref.value)
+            got = payload(ref.value)
+            self.calls["numbers received"] += got["numbers"]
+            self.calls["arrays received"] += got["arrays"]
         return ref.value
 
     def later(self, seconds: float, fn) -> None:
@@ -183,20 +185,48 @@ class SimTransport:
             self.run_until(lambda: all(r.done for r in refs), math.inf)
 
 
-def numbers(x) -> int:
-    """The numbers in ``x``'s lists (token ids, log-probs, versions): what serialising it for
-    a remote call costs grows with (``simulate.py ray-costs`` measures the cost per number)."""
+def payload(x, seen: set | None = None, out: Counter | None = None) -> Counter:
+    """What serialising ``x`` for a remote call costs grows with (``simulate.py ray-costs``
+    prices each): ``numbers``, those in its lists (token ids, log-probs, versions), one Python
+    object each; ``arrays``, its numpy arrays (log-probs), one buffer each.
+    As pickle does within one object: an object counts what its ``__getstate__`` sends (a
+    rollout's uniform versions: 2 numbers), and a ``prompt_ids`` list met again counts once
+    (the real generator gives a group's rollouts one prompt list, and the rollouts' samples
+    keep it; the simulator's other lists and arrays are shared only to save memory, so they
+    count each time)."""
+    seen = set() if seen is None else seen
+    out = Counter() if out is None else out
     if isinstance(x, (list, tuple)):
-        if not x:
-            return 0
-        if isinstance(x[0], (int, float)):
-            return len(x)
-        return sum(map(numbers, x))
-    if isinstance(x, dict):
-        return sum(map(numbers, x.values()))
-    if hasattr(x, "__dict__") and not isinstance(x, type):
-        return sum(map(numbers, vars(x).values()))
-    return 0
+        if x and isinstance(x[0], (int, float)):
+            out["numbers"] += len(x)
+        else:
+            for v in x:
+                payload(v, seen, out)
+    elif isinstance(x, np.ndarray):
+        out["arrays"] += 1
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            if k == "prompt_ids" and isinstance(v, list):
+                if id(v) in seen:
+                    continue
+                seen.add(id(v))
+            payload(v, seen, out)
+    elif hasattr(x, "__dict__") and not isinstance(x, type):
+        payload(x.__getstate__(), seen, out)
+    return out
+
+
+def numbers(x) -> int:
+    return payload(x)["numbers"]
+
+
+def call_payload(args: tuple, kwargs: dict) -> Counter:
+    """What a call's arguments send: Ray pickles each argument on its own, so sharing counts
+    within an argument, not across them."""
+    out = Counter()
+    for a in (*args, *kwargs.values()):
+        out += payload(a)
+    return out
 
 
 # -- devices ---------------------------------------------------------------------------------
@@ -513,12 +543,16 @@ class SimGenerator(SimActor):
 
         v = self.version  # (what it holds when the call arrives: its tokens are no older)
 
-        def rollouts() -> list[Rollout]:
+        def rollouts() -> list[Rollout]:  # (at the call's end)
             out = []
             for p, ls in zip(prompts, lengths):
                 for k, m in enumerate(ls):
+                    # weights updated during the call (pause_mode keep): its tokens' versions are
+                    # mixed, a list the rollout pickles whole (which tokens are newer is not modelled)
+                    versions = f.versions(m, v) if self.version == v or m < 2 else \
+                        [v] * (m // 2) + [self.version] * (m - m // 2)
                     out.append(Rollout(f"{p['prompt_id']}/{first_sample + k}", p["prompt_id"], p["prompt_ids"], f.tokens(m),
-                                       f.logprobs(m), f.versions(m, v), "length" if m >= cap else "stop"))
+                                       f.logprobs(m), versions, "length" if m >= cap else "stop"))
                     out[-1].version_range()  # (as the real generator does, so that the driver does not)
             return out
 
@@ -668,7 +702,9 @@ class SimGroup(ActorGroup):
         name = self._method(method, args, kwargs)
         self.tr.calls["remote calls"] += 1
         with self.tr.simulating():
-            self.tr.calls["numbers sent"] += numbers((args, kwargs))
+            sent = call_payload(args, kwargs)
+            self.tr.calls["numbers sent"] += sent["numbers"]
+            self.tr.calls["arrays sent"] += sent["arrays"]
         pending = [a for a in args if isinstance(a, Ref) and not a.done]
         ref, actor = Ref(), self.actors[i]  # (this incarnation: a replacement does not take its calls)
         self._owners[ref] = (i, self.incarnation[i])
@@ -780,8 +816,12 @@ class Fleet:
     def tokens(self, n: int) -> list[int]:
         return self._list("t", n, 1)
 
-    def logprobs(self, n: int) -> list[float]:
-        return self._list("l", n, -0.5)
+    def logprobs(self, n: int) -> np.ndarray:
+        """As the generator's and the reference's (``batching.completion_logprobs``): float32 arrays."""
+        key = ("l32", n)
+        if key not in self._lists:
+            self._lists[key] = np.full(n, -0.5, dtype=np.float32)
+        return self._lists[key]
 
     def versions(self, n: int, v: int) -> list[int]:
         return self._list(("v", v), n, v)
@@ -1090,7 +1130,8 @@ def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambd
 
         def prompt(self, row: dict, prompt_id: str) -> dict:
             n = self.lengths.setdefault(row["row"], prompt_tokens(self.rng))
-            return {"prompt_id": prompt_id, "prompt_ids": fleet.tokens(n), "columns": {}}
+            # (its own list, as a real prompt's: ``payload`` counts a prompt list met twice in an argument once)
+            return {"prompt_id": prompt_id, "prompt_ids": [1] * n, "columns": {}}
 
     class Metrics:
         def __init__(self):

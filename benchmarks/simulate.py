@@ -435,29 +435,41 @@ def overhead(args) -> int:
             f"reference.num_actors={args.references}",
             f"grpo.max_staleness={args.eta}", f"grpo.steps={args.steps}", *args.set]
     r = load(HERE.parent / "configs" / recipe, sets)
-    fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.process_time()
-    driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300))
-    cpu = time.process_time() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    driver_cpus = []
+    for i in range(args.repeat):  # the same run (seeded): its CPU times vary by a fifth from run to run here
+        fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+        t0 = time.process_time()
+        driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300))
+        cpu = time.process_time() - t0
+        driver_cpus.append((cpu - fleet.tr.sim_cpu_s) / len(records))
+        if i == 0:  # (the peak is the first run's: later ones reuse its memory)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sim = fleet.tr.sim_cpu_s
     steady = records[args.eta + 2: len(records) - args.eta]
     step_s = statistics.fmean(x["time/step_s"] for x in steady)
     per_step = {k: v / len(records) for k, v in fleet.tr.calls.items()}
-    driver_cpu = (cpu - sim) / len(records)
+    driver_cpu = statistics.median(driver_cpus)
     tokens = r.grpo.prompts_per_step * r.grpo.num_generations * (statistics.fmean(
         x["completion_len/mean"] for x in steady) + 300) * (r.grpo.max_staleness + 1)
     ray_s = serial_s = None
     costs_file = HERE / "results" / "simulate_ray_costs.json"
     if costs_file.exists():  # Ray's own driver-side CPU for those calls, as measured here (ray-costs)
         c = json.loads(costs_file.read_text())
-        ray_s = (per_step["remote calls"] * c["submit_cpu_us"] + per_step["futures"] * c["future_cpu_us"]) / 1e6
+        # (a blocking ray.get outside the completions, a timeline drained or a sync answered: as a completion)
+        ray_s = (per_step["remote calls"] * c["submit_cpu_us"]
+                 + max(per_step["futures"], per_step.get("ray.get", 0)) * c["future_cpu_us"]) / 1e6
         serial_s = (per_step["numbers sent"] * c["serialise_ns_per_number"]
                     + per_step["numbers received"] * c["deserialise_ns_per_number"]) / 1e9
+        if per_step.get("arrays sent") or per_step.get("arrays received"):  # (a completion's log-probs each)
+            mean_len = statistics.fmean(x["completion_len/mean"] for x in steady)
+            serial_s += (per_step.get("arrays sent", 0) * (c["array_serialise_us"] + mean_len * c["array_serialise_ns_per_number"] / 1e3)
+                         + per_step.get("arrays received", 0) * (c["array_deserialise_us"]
+                                                                 + mean_len * c["array_deserialise_ns_per_number"] / 1e3)) / 1e6
     out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts, "set": args.set,
            "eta": args.eta, "steps": len(records), "predicted_step_s": round(step_s, 2),
-           "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_share_of_step": round(driver_cpu / step_s, 4),
+           "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_cpu_s_per_step_runs": [round(x, 3) for x in driver_cpus],
+           "driver_share_of_step": round(driver_cpu / step_s, 4),
            "simulator_cpu_s_per_step": round(sim / len(records), 3), "ray_calls_per_step": per_step,
            "ray_cpu_s_per_step_estimate": None if ray_s is None else round(ray_s, 3),
            "serialisation_cpu_s_per_step_estimate": None if serial_s is None else round(serial_s, 3),
@@ -475,10 +487,13 @@ def ray_costs(args) -> int:
     """Ray's driver-side CPU on this machine: per actor call submitted; per ``ray.wait``
     (num_returns=1, timeout=0) as a function of the refs pending in it (the driver before
     completion callbacks); per completion through ``ObjectRef.future()`` (``RayWatcher``, now);
-    and serialising the token lists of a rollout, per number, each way."""
+    serialising the token lists of a rollout, per number, each way; and a float32 array (the
+    reference's log-probs of a completion), per array and per element, each way. Each figure is
+    the median of ``--repeat`` runs (this machine's CPU times vary by a third from run to run)."""
     import asyncio
     import pickle
 
+    import numpy as np
     import ray
 
     from r1ray.cluster.transport import RayWatcher
@@ -496,65 +511,91 @@ def ray_costs(args) -> int:
 
     a, b = Echo.remote(), Echo.remote()
     ray.get([a.fast.remote(0), b.fast.remote(0)])
-    t0 = time.process_time()
-    refs = [a.fast.remote(i) for i in range(3000)]
-    submit = (time.process_time() - t0) / 3000 * 1e6
-    ray.get(refs)
 
-    def round_trips(pending: list, futures: bool, calls: int = 1000) -> float:
-        """CPU a call costs from submit to its value with ``pending`` refs in flight beside it."""
-        watcher = RayWatcher()
-        if futures:
-            watcher.watch(pending)
+    def measure() -> dict:
         t0 = time.process_time()
-        for i in range(calls):
-            ref = b.fast.remote(i)
+        refs = [a.fast.remote(i) for i in range(3000)]
+        submit = (time.process_time() - t0) / 3000 * 1e6
+        ray.get(refs)
+
+        def round_trips(pending: list, futures: bool, calls: int = 1000) -> float:
+            """CPU a call costs from submit to its value with ``pending`` refs in flight beside it."""
+            watcher = RayWatcher()
             if futures:
-                watcher.watch([ref])
-                done = []
-                while not done:
-                    done = watcher.wait(10.0)
-                watcher.get(done[0])
-            else:
-                done = []
-                while not done:
-                    done = ray.wait([*pending, ref], num_returns=1, timeout=10.0, fetch_local=True)[0]
-                ray.get(done[0], timeout=0)
-        return (time.process_time() - t0) / calls * 1e6
+                watcher.watch(pending)
+            t0 = time.process_time()
+            for i in range(calls):
+                ref = b.fast.remote(i)
+                if futures:
+                    watcher.watch([ref])
+                    done = []
+                    while not done:
+                        done = watcher.wait(10.0)
+                    watcher.get(done[0])
+                else:
+                    done = []
+                    while not done:
+                        done = ray.wait([*pending, ref], num_returns=1, timeout=10.0, fetch_local=True)[0]
+                    ray.get(done[0], timeout=0)
+            return (time.process_time() - t0) / calls * 1e6
 
-    waits, trips = {}, {}
-    for n in (100, 1000, 3000):
-        pending = [a.slow.remote(i) for i in range(n)]
-        time.sleep(1)
+        waits, trips = {}, {}
+        for n in (100, 1000, 3000):
+            pending = [a.slow.remote(i) for i in range(n)]
+            time.sleep(1)
+            t0 = time.process_time()
+            for _ in range(50):
+                ray.wait(pending, num_returns=1, timeout=0)
+            waits[n] = (time.process_time() - t0) / 50 * 1e6
+            if n in (100, 3000):
+                trips[n] = {"ray.wait": round(round_trips(pending, False), 1), "futures": round(round_trips(pending, True), 1)}
+            for ref in pending:
+                ray.cancel(ref)
+        slope = (waits[3000] - waits[100]) / 2900
+        wait_base = waits[100] - 100 * slope
+        # a completion through a future, in place of a ray.wait and its scan: the round trip with
+        # futures, less the ray.wait round trip's cost without the scan
+        future = statistics.fmean(t["futures"] for t in trips.values()) - (trips[100]["ray.wait"] - 100 * slope) + wait_base
+        rollout = Rollout("p/0", "p", list(range(300)), list(range(1000, 1400)), [-0.5 - i * 1e-4 for i in range(400)],
+                          [3] * 200 + [4] * 200, "stop", "x" * 1600, {})  # (versions of two policies: a list, not (version, count))
+        n = numbers(rollout)
         t0 = time.process_time()
-        for _ in range(50):
-            ray.wait(pending, num_returns=1, timeout=0)
-        waits[n] = (time.process_time() - t0) / 50 * 1e6
-        if n in (100, 3000):
-            trips[n] = {"ray.wait": round(round_trips(pending, False), 1), "futures": round(round_trips(pending, True), 1)}
-        for ref in pending:
-            ray.cancel(ref)
-    slope = (waits[3000] - waits[100]) / 2900
-    wait_base = waits[100] - 100 * slope
-    # a completion through a future, in place of a ray.wait and its scan: the round trip with
-    # futures, less the ray.wait round trip's cost without the scan
-    future = statistics.fmean(t["futures"] for t in trips.values()) - (trips[100]["ray.wait"] - 100 * slope) + wait_base
+        for _ in range(2000):
+            blob = pickle.dumps(rollout, protocol=5)
+        dumps = (time.process_time() - t0) / 2000 / n * 1e9
+        t0 = time.process_time()
+        for _ in range(2000):
+            pickle.loads(blob)
+        loads = (time.process_time() - t0) / 2000 / n * 1e9
+        arrays = {}  # a float32 array (the reference's log-probs), as one argument of many: per array
+        for size in (430, 4096):
+            rows = [np.full(size, -0.5, dtype=np.float32) + i for i in range(64)]
+            t0 = time.process_time()
+            for _ in range(200):
+                blob = pickle.dumps(rows, protocol=5)
+            dumps_us = (time.process_time() - t0) / 200 / 64 * 1e6
+            t0 = time.process_time()
+            for _ in range(200):
+                pickle.loads(blob)
+            arrays[size] = (dumps_us, (time.process_time() - t0) / 200 / 64 * 1e6)
+        slopes = [(arrays[4096][k] - arrays[430][k]) / (4096 - 430) for k in (0, 1)]
+        return {"submit_cpu_us": round(submit, 1), "wait_cpu_us": waits,
+                "wait_base_cpu_us": round(wait_base, 1), "wait_per_ref_cpu_us": round(slope, 3),
+                "round_trip_cpu_us": trips, "future_cpu_us": round(future, 1),
+                "serialise_ns_per_number": round(dumps, 1), "deserialise_ns_per_number": round(loads, 1),
+                "array_serialise_us": round(arrays[430][0] - 430 * slopes[0], 2),
+                "array_serialise_ns_per_number": round(slopes[0] * 1e3, 3),
+                "array_deserialise_us": round(arrays[430][1] - 430 * slopes[1], 2),
+                "array_deserialise_ns_per_number": round(slopes[1] * 1e3, 3)}
+
+    def median(values: list):  # of each figure over the runs (nested: per key)
+        if isinstance(values[0], dict):
+            return {k: median([v[k] for v in values]) for k in values[0]}
+        return round(statistics.median(values), 3)
+
+    runs = [measure() for _ in range(args.repeat)]
     ray.shutdown()
-    rollout = Rollout("p/0", "p", list(range(300)), list(range(1000, 1400)), [-0.5 - i * 1e-4 for i in range(400)],
-                      [3] * 400, "stop", "x" * 1600, {})
-    n = numbers(rollout)
-    t0 = time.process_time()
-    for _ in range(2000):
-        blob = pickle.dumps(rollout, protocol=5)
-    dumps = (time.process_time() - t0) / 2000 / n * 1e9
-    t0 = time.process_time()
-    for _ in range(2000):
-        pickle.loads(blob)
-    loads = (time.process_time() - t0) / 2000 / n * 1e9
-    out = {"ray": ray.__version__, "submit_cpu_us": round(submit, 1), "wait_cpu_us": waits,
-           "wait_base_cpu_us": round(wait_base, 1), "wait_per_ref_cpu_us": round(slope, 3),
-           "round_trip_cpu_us": trips, "future_cpu_us": round(future, 1),
-           "serialise_ns_per_number": round(dumps, 1), "deserialise_ns_per_number": round(loads, 1)}
+    out = {"ray": ray.__version__, "runs": args.repeat, **median(runs)}
     print(json.dumps(out))
     save_results("simulate_ray_costs", out, "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()]))
     return 0
@@ -593,7 +634,8 @@ def main() -> int:
     e.add_argument("--at", type=int, default=8, help="the event when learner rank 0 sends this version")
     e.add_argument("--start-s", type=float, default=60.0, help="seconds a new generator takes to answer (assumed)")
     e.add_argument("--name", default="simulate_elastic")
-    sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
+    rc = sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
+    rc.add_argument("--repeat", type=int, default=3, help="measure this many times and report each figure's median")
     o = sub.add_parser("overhead")
     o.add_argument("--generators", type=int, default=256)
     o.add_argument("--ranks", type=int, default=64)
@@ -603,6 +645,7 @@ def main() -> int:
     o.add_argument("--steps", type=int, default=7)
     o.add_argument("--set", action="append", default=[])
     o.add_argument("--name", default="simulate_overhead")
+    o.add_argument("--repeat", type=int, default=3, help="runs; the driver's CPU is their median")
     args = ap.parse_args()
     random.seed(0)
     if args.cmd == "plot":

@@ -23,6 +23,8 @@ from simfleet import (  # noqa: E402
     Ref,
     SimTransport,
     VllmDevice,
+    call_payload,
+    payload,
     run_driver,
 )
 
@@ -121,6 +123,22 @@ def test_the_1_5b_lengths_are_deepscalers_at_8k_cut_at_the_recipes_cap():
     at_4k = LENGTHS_1_5B.stats(draws=160_000, seed=1)
     assert at_4k["mean"] == pytest.approx(2977, rel=0.01)  # docs/simulator.md's figures for the recipe's cap
     assert at_4k["truncated"] == pytest.approx(0.31, abs=0.01)
+
+
+def test_the_payload_counts_what_pickle_sends_through_the_driver():
+    """Numbers in lists, arrays as one each; a group's shared prompt once an argument (Ray
+    pickles each argument alone); a rollout's versions as its __getstate__ sends them."""
+    import numpy as np
+
+    from r1ray.actors.rollout import Rollout, TrainSample
+
+    prompt = [1] * 300
+    group = [Rollout(f"p/{k}", "p", prompt, [5] * 10, [-0.1] * 10, [2] * 10, "stop") for k in range(4)]
+    mixed = Rollout("q/0", "q", [1] * 300, [5] * 10, [-0.1] * 10, [2] * 5 + [3] * 5, "stop")
+    assert payload([*group, mixed]) == {"numbers": 300 + 4 * (10 + 10 + 2) + 300 + 3 * 10}
+    samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, 1.0, np.zeros(10, np.float32)) for r in group]
+    assert payload(samples) == {"numbers": 300 + 4 * 20, "arrays": 4}
+    assert call_payload((samples[:2], samples[2:]), {"x": prompt}) == {"numbers": 3 * 300 + 4 * 20, "arrays": 4}
 
 
 def test_synchronous_step_time_is_the_sum_of_its_stages():
