@@ -487,8 +487,8 @@ def ray_costs(args) -> int:
     """Ray's driver-side CPU on this machine: per actor call submitted; per ``ray.wait``
     (num_returns=1, timeout=0) as a function of the refs pending in it (the driver before
     completion callbacks); per completion through ``ObjectRef.future()`` (``RayWatcher``, now);
-    serialising the token lists of a rollout, per number, each way; and a float32 array (the
-    reference's log-probs of a completion), per array and per element, each way. Each figure is
+    serialising the token lists of a rollout, per number, each way; and a float32 array (a
+    completion's log-probs), per array and per element, each way. Each figure is
     the median of ``--repeat`` runs (this machine's CPU times vary by a third from run to run)."""
     import asyncio
     import pickle
