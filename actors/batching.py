@@ -32,12 +32,14 @@ class TokenBatch:
         out[self.completion_mask.bool()] = torch.cat(rows) if rows else torch.zeros(0)
         return out
 
+    def rows(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Inverse of ``scatter``: per sample, the values on its completion positions."""
+        mask = self.completion_mask.bool()
+        return [values[b][mask[b]] for b in range(values.shape[0])]
+
     def gather(self, values: torch.Tensor) -> list[list[float]]:
-        """Inverse of ``scatter``: per-sample lists of the values on completion positions."""
-        rows = []
-        for b in range(values.shape[0]):
-            rows.append(values[b][self.completion_mask[b].bool()].tolist())
-        return rows
+        """``rows`` as lists."""
+        return [row.tolist() for row in self.rows(values)]
 
     def to(self, device) -> "TokenBatch":
         def move(t):
@@ -178,8 +180,7 @@ def completion_logprobs(model, samples: Sequence, pad_id: int, micro_batch_size:
         mb = samples[i : i + micro_batch_size]
         packed = pad_batch([s.prompt_ids for s in mb], [s.completion_ids for s in mb], pad_id)
         lp = token_logprobs(model, packed.to(device), temperature, logits_dtype=logits_dtype).float().cpu()
-        mask = packed.completion_mask.bool()
-        out.extend(lp[b][mask[b]].numpy() for b in range(lp.shape[0]))
+        out.extend(row.numpy() for row in packed.rows(lp))
     return out
 
 

@@ -4,6 +4,7 @@ teacher term on top of GRPO's advantages, and the recipes refused before anythin
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,11 @@ def test_reverse_kl_and_the_distillation_advantage_by_hand():
     assert distill_advantages(kl, 1.0) == [-0.5, 0.0, -1.0, -1.0]  # undiscounted: the return to the end
     with pytest.raises(ValueError, match="3 student and 2 teacher log-probs"):
         reverse_kl([-1.0] * 3, [-1.0] * 2)
+    # the teacher's log-probs arrive as float32 arrays: the same differences as from lists
+    # (float64 subtraction of the float32 values, not a float32 one)
+    t32, s_list = np.asarray([-1.1, -0.3, -2.7, -0.01], np.float32), [-0.7, -2.2, -0.05, -1.3]
+    assert reverse_kl(s_list, t32, mask) == reverse_kl(s_list, t32.tolist(), mask)
+    assert all(type(x) is float for x in reverse_kl(np.asarray(s_list, np.float32), t32))
 
 
 def _rollouts(rewards, student, teacher) -> list[Rollout]:
