@@ -69,8 +69,10 @@ class DynamicSampling:
         self.in_a_row = 0
 
     def keep(self, group: Group) -> bool:
+        if not self.on:
+            return True
         rewards = torch.tensor([r.reward for r in group.rollouts]).tolist()  # (compared as the learner sees them)
-        if not (self.on and len(set(rewards)) == 1):
+        if len(set(rewards)) != 1:
             self.in_a_row = 0
             return True
         self.in_a_row += 1

@@ -67,6 +67,11 @@ def step_timing(spans: list[dict], start: float, end: float, groups: list[tuple[
     return out
 
 
+def still_open(spans: list[dict], start: float) -> list[dict]:
+    """The spans that end after ``start``: all that a window from ``start`` on can overlap."""
+    return [sp for sp in spans if sp["t1"] > start]
+
+
 def write_timeline(spans: list[dict], path: Path) -> None:
     """Chrome trace format (chrome://tracing, ui.perfetto.dev): one row per actor, one box per span."""
     if not spans:
@@ -88,7 +93,11 @@ class SpanCollector:
     """The busy spans of every actor of a ``System``, labelled with their dashboard names."""
 
     def __init__(self, system):
-        self.system, self.spans = system, []
+        self.system, self.spans = system, []  # every span of the run: the timeline, the run's utilisation
+        # the spans a step's window may still overlap (``recent``): a step's timing scans those,
+        # not the run's every span (6,500 more each step with 256 generators, 0.7 µs a span to
+        # scan: a step's timing grew by 4.6 ms a step, 0.46 s by step 100)
+        self.recent: list[dict] = []
         self.window_start = transport.wall()
 
     def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
@@ -118,13 +127,15 @@ class SpanCollector:
             for sp in part:
                 sp["actor"] = name
             self.spans.extend(part)
+            self.recent.extend(part)
 
     def window(self) -> dict:
         """``step_timing`` since the previous call (a learner step's window)."""
         now = transport.wall()
         self.drain()
-        out = step_timing(self.spans, self.window_start, now, self.groups())
+        out = step_timing(self.recent, self.window_start, now, self.groups())
         self.window_start = now
+        self.recent = still_open(self.recent, now)
         return out
 
     def utilisation(self, start: float, end: float) -> dict:

@@ -271,7 +271,10 @@ def test_a_rollout_pickles_one_version_for_tokens_of_one_policy_and_its_group_on
 def test_a_scorer_gets_what_rewards_read_and_not_the_rest():
     r = Rollout("p/1", "p", [1, 2, 3], [7, 8], [-0.1, -0.2], [2, 2], "stop", text="42", columns={"answer": "42"},
                 loss_mask=[1, 1], messages=[{"role": "assistant", "content": "42"}], turns=2, tool_calls=1)
+    assert r.version_range() == (2, 2)  # (cached on the rollout: not carried to the slim copy)
     slim = r.for_scoring()
+    assert slim == replace(r, prompt_ids=[], logprobs=[], versions=[], loss_mask=None)
+    assert slim.version_range() == (-1, -1) and type(slim) is Rollout
     assert (slim.prompt_ids, slim.logprobs, slim.versions, slim.loss_mask) == ([], [], [], None)
     assert (slim.sample_id, slim.completion_ids, slim.text, slim.columns, slim.messages, slim.turns, slim.tool_calls) == \
         ("p/1", [7, 8], "42", {"answer": "42"}, [{"role": "assistant", "content": "42"}], 2, 1)

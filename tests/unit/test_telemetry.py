@@ -1,10 +1,11 @@
 """Utilisation accounting and the Chrome-trace timeline, on hand-made spans."""
 import json
+import random
 
 import pytest
 
 from r1ray.actors.spans import SpanLog
-from r1ray.controllers.grpo.telemetry import busy_seconds, utilisation, write_timeline
+from r1ray.controllers.grpo.telemetry import busy_seconds, step_timing, still_open, utilisation, write_timeline
 
 SPANS = [
     {"actor": "generator-0", "kind": "generate", "t0": 100.0, "t1": 103.0, "args": {}},
@@ -22,6 +23,25 @@ def test_utilisation_averages_over_the_actors_of_a_group():
     u = utilisation(SPANS, 100.0, 110.0, [("generator", ("generate", "load_weights"), 1), ("learner", ("train",), 2)])
     assert u["generator"] == {"actors": 1, "busy_s": 3.5, "idle_s": 6.5, "idle_ratio": 0.65}
     assert u["learner"]["busy_s"] == 3.0 and u["learner"]["idle_ratio"] == pytest.approx(0.7)
+
+
+def test_a_step_window_scans_only_the_spans_still_open_and_times_it_as_every_span():
+    # SpanCollector.window: spans arrive when drained (a long call's after windows have passed);
+    # each window is timed from the spans still open at its start, as from all of the run's
+    rng, groups = random.Random(0), [("generator", ("generate",), 4), ("learner", ("train",), 2)]
+    spans, recent, start = [], [], 0.0
+    for end in [5.0 * k for k in range(1, 40)]:
+        drained = []
+        for _ in range(rng.randint(0, 12)):
+            t1 = rng.uniform(max(0.0, end - 30.0), end)  # ended by now, some several windows ago
+            actor = rng.choice(["generator-0", "generator-1", "generator-2", "learner-rank-0", "learner-rank-1"])
+            drained.append({"actor": actor, "kind": "train" if "learner" in actor else "generate",
+                            "t0": t1 - rng.expovariate(1 / 6.0), "t1": t1})
+        spans += drained
+        recent += drained
+        assert step_timing(recent, start, end, groups) == step_timing(spans, start, end, groups)
+        recent, start = still_open(recent, end), end
+    assert len(recent) < len(spans) / 10
 
 
 def test_timeline_is_chrome_trace_json(tmp_path):
