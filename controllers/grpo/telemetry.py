@@ -41,26 +41,32 @@ def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float
     return {kind: _busy(by_actor, start, end, (kind,)) for kind in kinds}
 
 
-def utilisation(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
-    """Busy and idle seconds and the idle ratio of each actor group over [start, end]."""
+Groups = list[tuple[str, str, tuple[str, ...], int]]  # (group, its actors' name, the span kinds of its busy time, actors)
+
+
+def utilisation(spans: list[dict], start: float, end: float, groups: Groups) -> dict:
+    """Busy and idle seconds and the idle ratio of each actor group over [start, end]: the spans
+    of ``kinds`` on the group's own actors (``<actors>-<i>``), so that a kind two groups log, as
+    the reference actors' and LoRA's learner ranks' ``ref_logprobs``, counts for each group's own."""
     wall = max(end - start, 1e-9)
     by_actor = _by_actor(spans, start, end)
     out = {}
-    for name, kinds, n in groups:
-        busy = _busy(by_actor, start, end, kinds) / max(n, 1)  # n is 0 while a group's only actor is replaced
+    for name, actors, kinds, n in groups:
+        own = {a: by_kind for a, by_kind in by_actor.items() if a.rsplit("-", 1)[0] == actors}
+        busy = _busy(own, start, end, kinds) / max(n, 1)  # n is 0 while a group's only actor is replaced
         out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
                      "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
     return out
 
 
-def step_timing(spans: list[dict], start: float, end: float, groups: list[tuple[str, tuple[str, ...], int]]) -> dict:
+def step_timing(spans: list[dict], start: float, end: float, groups: Groups) -> dict:
     """A learner step's timing keys over its window [start, end]: the busy seconds of each stage
     (the learner's per rank) and each group's ``utilisation``."""
     busy = busy_seconds(spans, start, end)
-    ranks = next(n for name, _, n in groups if name == "learner")
+    ranks = next(n for name, _, _, n in groups if name == "learner")
     out = {"time/generate_s": busy.get("generate", 0.0), "time/score_s": busy.get("score", 0.0),
            "time/reference_s": busy.get("ref_logprobs", 0.0), "time/train_s": busy.get("train", 0.0) / ranks}
-    if any(name == "teacher" for name, _, _ in groups):
+    if any(name == "teacher" for name, *_ in groups):
         out["time/teacher_s"] = busy.get("teacher_logprobs", 0.0)
     for group, u in utilisation(spans, start, end, groups).items():
         out[f"util/{group}/busy_s"], out[f"util/{group}/idle_ratio"] = u["busy_s"], u["idle_ratio"]
@@ -100,17 +106,17 @@ class SpanCollector:
         self.recent: list[dict] = []
         self.window_start = transport.wall()
 
-    def groups(self) -> list[tuple[str, tuple[str, ...], int]]:
-        """(group, the span kinds that count as its busy time, actors) for utilisation."""
+    def groups(self) -> Groups:
+        """(group, its actors' name, the span kinds that count as its busy time, actors) for utilisation."""
         s = self.system
-        out = [("generator", ("generate", "load_weights", "weight_update"), len(s.generators.ready())),
-               ("scorer", ("score",), len(s.scorers.ready())),
+        out = [("generator", s.generators.name, ("generate", "load_weights", "weight_update"), len(s.generators.ready())),
+               ("scorer", s.scorers.name, ("score",), len(s.scorers.ready())),
                # ref_logprobs: LoRA's reference, the learner with its adapters off
-               ("learner", ("train", "export_weights", "send_weights", "ref_logprobs"), len(s.learners))]
+               ("learner", s.learners.name, ("train", "export_weights", "send_weights", "ref_logprobs"), len(s.learners))]
         if s.reference is not None:
-            out.append(("reference", ("ref_logprobs",), len(s.reference.ready())))
+            out.append(("reference", s.reference.name, ("ref_logprobs",), len(s.reference.ready())))
         if s.teacher is not None:
-            out.append(("teacher", ("teacher_logprobs",), len(s.teacher.ready())))
+            out.append(("teacher", s.teacher.name, ("teacher_logprobs",), len(s.teacher.ready())))
         return out
 
     def drain(self) -> None:

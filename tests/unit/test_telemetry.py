@@ -20,15 +20,29 @@ def test_busy_seconds_clips_to_the_window():
 
 
 def test_utilisation_averages_over_the_actors_of_a_group():
-    u = utilisation(SPANS, 100.0, 110.0, [("generator", ("generate", "load_weights"), 1), ("learner", ("train",), 2)])
+    u = utilisation(SPANS, 100.0, 110.0, [("generator", "generator", ("generate", "load_weights"), 1),
+                                          ("learner", "learner-rank", ("train",), 2)])
     assert u["generator"] == {"actors": 1, "busy_s": 3.5, "idle_s": 6.5, "idle_ratio": 0.65}
     assert u["learner"]["busy_s"] == 3.0 and u["learner"]["idle_ratio"] == pytest.approx(0.7)
+
+
+def test_a_kind_two_groups_log_counts_for_each_groups_own_actors():
+    # the reference actors and LoRA's learner ranks both log ref_logprobs: the reference's spans
+    # once made the learner look busy (by the reference's busy time over the learner's ranks)
+    spans = [*SPANS, {"actor": "reference-0", "kind": "ref_logprobs", "t0": 100.0, "t1": 108.0, "args": {}},
+             {"actor": "learner-rank-1", "kind": "ref_logprobs", "t0": 104.0, "t1": 105.0, "args": {}}]
+    groups = [("learner", "learner-rank", ("train", "export_weights", "send_weights", "ref_logprobs"), 2),
+              ("reference", "reference", ("ref_logprobs",), 1)]
+    u = utilisation(spans, 100.0, 110.0, groups)
+    assert u["learner"]["busy_s"] == 3.5 and u["reference"]["busy_s"] == 8.0  # (4 + 2 + 1) / 2 ranks; 8 / 1
+    timing = step_timing(spans, 100.0, 110.0, groups)
+    assert timing["util/learner/busy_s"] == 3.5 and timing["time/reference_s"] == 9.0  # (the stage: both kinds' spans)
 
 
 def test_a_step_window_scans_only_the_spans_still_open_and_times_it_as_every_span():
     # SpanCollector.window: spans arrive when drained (a long call's after windows have passed);
     # each window is timed from the spans still open at its start, as from all of the run's
-    rng, groups = random.Random(0), [("generator", ("generate",), 4), ("learner", ("train",), 2)]
+    rng, groups = random.Random(0), [("generator", "generator", ("generate",), 4), ("learner", "learner-rank", ("train",), 2)]
     spans, recent, start = [], [], 0.0
     for end in [5.0 * k for k in range(1, 40)]:
         drained = []
