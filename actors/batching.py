@@ -28,8 +28,10 @@ class TokenBatch:
     def scatter(self, per_sample: Sequence[Sequence[float]]) -> torch.Tensor:
         """Place per-completion-token values (e.g. behaviour log-probs) into the ``[B, L-1]`` layout."""
         out = torch.zeros(self.completion_mask.shape, dtype=torch.float32)
-        rows = [torch.as_tensor(row, dtype=torch.float32).reshape(-1) for row in per_sample]  # (lists, float32 arrays)
-        out[self.completion_mask.bool()] = torch.cat(rows) if rows else torch.zeros(0)
+        # (lists, or float32 arrays: read-only when Ray unpickled them from its object store, so
+        # joined by numpy into a new array, not wrapped by torch, which warns of writing to them)
+        rows = [np.asarray(row, dtype=np.float32).reshape(-1) for row in per_sample]
+        out[self.completion_mask.bool()] = torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0)
         return out
 
     def rows(self, values: torch.Tensor) -> list[torch.Tensor]:

@@ -1,7 +1,9 @@
 """Each actor as a plain in-process class on the tiny model: the real engines, no Ray."""
 import io
 import math
+import pickle
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -62,6 +64,13 @@ def test_scattering_float32_arrays_places_the_same_values_as_lists(tiny_model):
     as_lists = packed.scatter([r.logprobs for r in rollouts])
     as_arrays = packed.scatter([np.asarray(r.logprobs, dtype=np.float32) for r in rollouts])
     assert torch.equal(as_lists, as_arrays) and packed.gather(as_arrays) == [r.logprobs for r in rollouts]
+    # as Ray unpickles them from its object store: read-only, which torch warns of when it wraps one
+    frozen = [pickle.loads(pickle.dumps(np.asarray(r.logprobs, dtype=np.float32), protocol=5)) for r in rollouts]
+    for a in frozen:
+        a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(packed.scatter(frozen), as_lists)
 
 
 def test_learner_step_moves_weights_and_generator_adopts_them(tiny_model, tmp_path):
