@@ -488,7 +488,9 @@ def ray_costs(args) -> int:
     (num_returns=1, timeout=0) as a function of the refs pending in it (the driver before
     completion callbacks); per completion through ``ObjectRef.future()`` (``RayWatcher``, now);
     serialising the token lists of a rollout, per number, each way; and a float32 array (a
-    completion's log-probs), per array and per element, each way. Each figure is
+    completion's log-probs), per array and per element, each way; who pays for a pipeline of two
+    calls (an object ref passed on, or an actor calling the next); an item of a streaming call;
+    the main thread's share of a submit and of those round trips. Each figure is
     the median of ``--repeat`` runs (this machine's CPU times vary by a third from run to run)."""
     import asyncio
     import pickle
@@ -509,14 +511,46 @@ def ray_costs(args) -> int:
         def fast(self, x):
             return x
 
+        def follow(self, other):  # the next actor's handle, given once (passing it with every call costs its owner)
+            self.next = other
+
+        async def relay(self, x):  # this actor calls the next one and owns that call
+            return await self.next.fast.remote(x)
+
+        def many(self, n):  # a streaming call: each item back as it is yielded
+            for i in range(n):  # (not ``yield from``: Ray sends into the generator)
+                yield i
+
     a, b = Echo.remote(), Echo.remote()
-    ray.get([a.fast.remote(0), b.fast.remote(0)])
+    ray.get([a.fast.remote(0), b.fast.remote(0), a.follow.remote(b)])
 
     def measure() -> dict:
-        t0 = time.process_time()
+        t0, m0 = time.process_time(), time.thread_time()
         refs = [a.fast.remote(i) for i in range(3000)]
         submit = (time.process_time() - t0) / 3000 * 1e6
+        submit_main = (time.thread_time() - m0) / 3000 * 1e6
         ray.get(refs)
+
+        def cpu(work, calls: int = 1000) -> tuple[float, float]:
+            """µs of the driver's CPU per ``work(i)``: the process's (every thread), its main thread's."""
+            t0, m0 = time.process_time(), time.thread_time()
+            for i in range(calls):
+                work(i)
+            return (time.process_time() - t0) / calls * 1e6, (time.thread_time() - m0) / calls * 1e6
+
+        def stream(calls: int) -> None:
+            for item in a.many.options(num_returns="streaming").remote(calls):
+                ray.get(item)
+
+        # who pays for a pipeline of two calls: the caller, who owns every call it submits. An
+        # object ref passed on as an argument still makes the driver resolve it; an actor that
+        # calls the next actor itself owns that call.
+        pipeline = {"one call": cpu(lambda i: ray.get(b.fast.remote(i))),
+                    "two calls, the first's ref the second's argument": cpu(lambda i: ray.get(b.fast.remote(a.fast.remote(i)))),
+                    "two calls, the first actor calling the second": cpu(lambda i: ray.get(a.relay.remote(i)))}
+        t0, m0 = time.process_time(), time.thread_time()
+        stream(1000)
+        stream_item = ((time.process_time() - t0) / 1000 * 1e6, (time.thread_time() - m0) / 1000 * 1e6)
 
         def round_trips(pending: list, futures: bool, calls: int = 1000) -> float:
             """CPU a call costs from submit to its value with ``pending`` refs in flight beside it."""
@@ -579,7 +613,11 @@ def ray_costs(args) -> int:
                 pickle.loads(blob)
             arrays[size] = (dumps_us, (time.process_time() - t0) / 200 / 64 * 1e6)
         slopes = [(arrays[4096][k] - arrays[430][k]) / (4096 - 430) for k in (0, 1)]
-        return {"submit_cpu_us": round(submit, 1), "wait_cpu_us": waits,
+        return {"submit_cpu_us": round(submit, 1), "submit_main_thread_cpu_us": round(submit_main, 1),
+                "pipeline_round_trip_cpu_us": {k: round(v[0], 1) for k, v in pipeline.items()},
+                "pipeline_round_trip_main_thread_cpu_us": {k: round(v[1], 1) for k, v in pipeline.items()},
+                "streamed_item_cpu_us": round(stream_item[0], 1), "streamed_item_main_thread_cpu_us": round(stream_item[1], 1),
+                "wait_cpu_us": waits,
                 "wait_base_cpu_us": round(wait_base, 1), "wait_per_ref_cpu_us": round(slope, 3),
                 "round_trip_cpu_us": trips, "future_cpu_us": round(future, 1),
                 "serialise_ns_per_number": round(dumps, 1), "deserialise_ns_per_number": round(loads, 1),
