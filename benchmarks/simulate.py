@@ -551,9 +551,7 @@ def ray_costs(args) -> int:
         pipeline = {"one call": cpu(lambda i: ray.get(b.fast.remote(i))),
                     "two calls, the first's ref the second's argument": cpu(lambda i: ray.get(b.fast.remote(a.fast.remote(i)))),
                     "two calls, the first actor calling the second": cpu(lambda i: ray.get(a.relay.remote(i)))}
-        t0, m0 = time.process_time(), time.thread_time()
-        stream(1000)
-        stream_item = ((time.process_time() - t0) / 1000 * 1e6, (time.thread_time() - m0) / 1000 * 1e6)
+        stream_item = tuple(us / 1000 for us in cpu(lambda _: stream(1000), calls=1))  # (one call, 1,000 items)
 
         def round_trips(pending: list, futures: bool, calls: int = 1000) -> float:
             """CPU a call costs from submit to its value with ``pending`` refs in flight beside it."""

@@ -36,7 +36,10 @@ def _busy(by_actor: dict[str, dict[str, list]], start: float, end: float, kinds)
 
 def busy_seconds(spans: list[dict], start: float, end: float) -> dict[str, float]:
     """Busy seconds of each span kind inside [start, end] (summed over actors)."""
-    by_actor = _by_actor(spans, start, end)
+    return _busy_seconds(_by_actor(spans, start, end), start, end)
+
+
+def _busy_seconds(by_actor: dict[str, dict[str, list]], start: float, end: float) -> dict[str, float]:
     kinds = {k for by_kind in by_actor.values() for k in by_kind}
     return {kind: _busy(by_actor, start, end, (kind,)) for kind in kinds}
 
@@ -48,8 +51,11 @@ def utilisation(spans: list[dict], start: float, end: float, groups: Groups) -> 
     """Busy and idle seconds and the idle ratio of each actor group over [start, end]: the spans
     of ``kinds`` on the group's own actors (``<actors>-<i>``), so that a kind two groups log, as
     the reference actors' and LoRA's learner ranks' ``ref_logprobs``, counts for each group's own."""
+    return _utilisation(_by_actor(spans, start, end), start, end, groups)
+
+
+def _utilisation(by_actor: dict[str, dict[str, list]], start: float, end: float, groups: Groups) -> dict:
     wall = max(end - start, 1e-9)
-    by_actor = _by_actor(spans, start, end)
     out = {}
     for name, actors, kinds, n in groups:
         own = {a: by_kind for a, by_kind in by_actor.items() if a.rsplit("-", 1)[0] == actors}
@@ -61,14 +67,15 @@ def utilisation(spans: list[dict], start: float, end: float, groups: Groups) -> 
 
 def step_timing(spans: list[dict], start: float, end: float, groups: Groups) -> dict:
     """A learner step's timing keys over its window [start, end]: the busy seconds of each stage
-    (the learner's per rank) and each group's ``utilisation``."""
-    busy = busy_seconds(spans, start, end)
+    (the learner's per rank) and each group's ``utilisation``: one pass over ``spans`` for both."""
+    by_actor = _by_actor(spans, start, end)
+    busy = _busy_seconds(by_actor, start, end)
     ranks = next(n for name, _, _, n in groups if name == "learner")
     out = {"time/generate_s": busy.get("generate", 0.0), "time/score_s": busy.get("score", 0.0),
            "time/reference_s": busy.get("ref_logprobs", 0.0), "time/train_s": busy.get("train", 0.0) / ranks}
     if any(name == "teacher" for name, *_ in groups):
         out["time/teacher_s"] = busy.get("teacher_logprobs", 0.0)
-    for group, u in utilisation(spans, start, end, groups).items():
+    for group, u in _utilisation(by_actor, start, end, groups).items():
         out[f"util/{group}/busy_s"], out[f"util/{group}/idle_ratio"] = u["busy_s"], u["idle_ratio"]
     return out
 
