@@ -1117,9 +1117,12 @@ def fit_cpu_costs(spans: list[dict], cores: float, threads: dict, background: fl
     return CpuCosts(per_call, per_sample, threads, cores, background)
 
 
-def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambda rng: 64, samples_log=None):
+def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambda rng: 64, samples_log=None,
+               spans: list | None = None, timeline: Path | None = None):
     """``GrpoDriver`` on the simulated fleet; returns (driver, records). ``samples_log``: a
-    writer (``write(dict)``) of samples.jsonl's lines."""
+    writer (``write(dict)``) of samples.jsonl's lines; ``spans``: a list that gets every
+    actor's spans as the driver drains them (labelled, as the timeline has them); ``timeline``:
+    where to write timeline.json, as a run does."""
     from r1ray.cluster import transport
     from r1ray.controllers.grpo.driver import GrpoDriver
 
@@ -1144,11 +1147,17 @@ def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambd
     data = PreparedData(rows, [], range(prompts), [])
     system = fleet.system or SimSystem(recipe, fleet)
     with transport.use(fleet.tr):
-        driver = fleet.driver = GrpoDriver(system, recipe, data, Renderer(), Metrics(), samples_log=samples_log)
+        driver = fleet.driver = GrpoDriver(system, recipe, data, Renderer(), Metrics(), samples_log=samples_log,
+                                           timeline=timeline)
         if fleet.on_driver is not None:
             fleet.on_driver(driver)
         driver.ray_metrics = _NoMetrics()
-        records = driver.run()
+        if spans is not None:
+            driver.telemetry.sinks.append(spans.extend)
+        try:
+            records = driver.run()
+        finally:
+            driver.telemetry.close()
     return driver, records
 
 

@@ -8,6 +8,7 @@ samples.jsonl records them.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from ...actors.batching import learner_shards
 from ...actors.learner import LearnerRank
@@ -34,7 +35,7 @@ class GrpoDriver:
 
     def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer, metrics,
                  completions_log=None, samples_log=None, checkpoints: Checkpoints | None = None,
-                 resume: dict | None = None, benchmark_step=None):
+                 resume: dict | None = None, benchmark_step=None, timeline: Path | None = None):
         self.system, self.r, self.G = system, recipe, recipe.grpo.num_generations
         self.metrics, self.completions_log, self.samples_log = metrics, completions_log, samples_log
         self.done = Progress.restore(resume, self.G) if resume is not None else Progress(self.G)
@@ -55,7 +56,7 @@ class GrpoDriver:
             self.stream.generate, self.stream.score, self.rewards.dropped, self.tally))
         self.training = False
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
-        self.telemetry = SpanCollector(system)  # every actor's busy intervals: utilisation, the timeline
+        self.telemetry = SpanCollector(system, timeline)  # every actor's busy intervals: utilisation, timeline.json
         self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
         self.benchmark_step = benchmark_step  # (step, dropped rewards) -> eval/<task>/... metrics, every eval.every_steps steps
 

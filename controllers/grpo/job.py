@@ -241,14 +241,17 @@ def grpo_job(recipe: Recipe, resume: Path | None = None, fresh_if_unresumable: b
         samples_log = MetricsWriter(run_dir, "samples.jsonl")
         driver = GrpoDriver(system, recipe, inputs.data, inputs.renderer, metrics, completions_log=completions_log,
                             samples_log=samples_log, checkpoints=checkpoints, resume=resume_state,
-                            benchmark_step=benchmarks(system, recipe, inputs.tasks, run_dir) if inputs.tasks else None)
-        with progress(recipe.grpo.steps, f"GRPO (max_staleness={recipe.grpo.max_staleness})", "step",
-                      initial=resume_state["step"] if resume_state else 0) as bar:
-            driver.run(progress=bar)
+                            benchmark_step=benchmarks(system, recipe, inputs.tasks, run_dir) if inputs.tasks else None,
+                            timeline=run_dir / "timeline.json")
+        try:
+            with progress(recipe.grpo.steps, f"GRPO (max_staleness={recipe.grpo.max_staleness})", "step",
+                          initial=resume_state["step"] if resume_state else 0) as bar:
+                driver.run(progress=bar)
+        finally:  # (a run stopped or failed keeps the timeline of what was drained)
+            driver.telemetry.close()
         completions_log.close()
         samples_log.close()
         summary["grpo"] = driver.summary()
-        driver.telemetry.write_timeline(run_dir / "timeline.json")
         if inputs.eval_prompts:
             record_eval(summary, "eval_after", pass_at_1(system, inputs.eval_prompts, inputs.eval_sampling,
                                                          recipe.eval.reward, dropped_rewards=driver.rewards.dropped))

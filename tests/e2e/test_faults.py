@@ -151,6 +151,8 @@ def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, tiny_world, ray_head, sig, co
     assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
     assert len(_jsonl_whole(out / "metrics.jsonl")) == summary["grpo_steps_done"] >= 2
     _jsonl_whole(out / "samples.jsonl")
+    events = json.loads((out / "timeline.json").read_text())["traceEvents"]  # what was drained before the stop
+    assert sum(e["name"] == "train" for e in events) >= 2 and not list(out.glob(".timeline.json.part-*"))
     assert ("checkpoint_interrupted" in summary) == save == (out / "checkpoint-interrupted").exists()
     if save:
         from transformers import AutoModelForCausalLM

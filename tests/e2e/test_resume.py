@@ -88,6 +88,10 @@ def test_a_killed_driver_resumes_to_the_samples_of_an_uninterrupted_run(tmp_path
     assert summary["resumed_from_step"] == 8 and summary["grpo_steps_done"] == 10
     assert summary["grpo"]["samples"] == 10 * 16 and summary["grpo"]["steps"] == 10
     assert [p.name for p in Checkpoints(cut, 2, 2).steps()] == ["step-000008", "step-000010"]
+    # each attempt's timeline kept, the killed one's up to its last drain
+    assert sorted(p.name for p in cut.glob("*timeline*")) == ["timeline.1.json", "timeline.2.json", "timeline.json"]
+    killed = json.loads((cut / "timeline.1.json").read_text())["traceEvents"]
+    assert sum(e["name"] == "train" for e in killed) >= 4
     proc = _cli("--resume", str(cut))  # nothing left to train: said before anything starts
     assert proc.returncode == 2 and "grpo.steps" in proc.stderr and "already trained 10 steps" in proc.stderr
 

@@ -30,6 +30,7 @@ from simfleet import (  # noqa: E402
 
 from r1ray.cluster.groups import RemoteCallError  # noqa: E402
 from r1ray.controllers.config import load_recipe  # noqa: E402
+from r1ray.controllers.grpo.telemetry import utilisation  # noqa: E402
 
 
 class _Actor:
@@ -180,7 +181,8 @@ def test_groups_streamed_in_parts_are_whole_again_before_training():
         def write(self, line):
             self.lines.append(line)
 
-    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=Log())
+    spans = []
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=Log(), spans=spans)
     G = r.grpo.num_generations
     assert [rec["samples"] for rec in records] == [8 * G] * 3
     ids = [line["sample_id"] for line in Log.lines]
@@ -188,8 +190,13 @@ def test_groups_streamed_in_parts_are_whole_again_before_training():
     by_prompt = Counter(i.rsplit("/", 1)[0] for i in ids)
     assert set(by_prompt.values()) == {G}
     assert [i.rsplit("/", 1)[1] for i in ids[:G]] == [str(k) for k in range(G)]
-    calls = Counter(sp["kind"] for sp in driver.telemetry.spans)  # every actor's, as the timeline has them
+    calls = Counter(sp["kind"] for sp in spans)  # every actor's, as the timeline has them
     assert calls["generate"] >= 3 * 8 * G and calls["score"] >= 3 * 8 * G and calls["ref_logprobs"] >= 3 * 8 * G
+    # the run's utilisation, from the busy intervals the driver keeps instead of its spans, is all the spans'
+    got, want = driver.telemetry.utilisation(driver.wall0, driver.wall1), utilisation(
+        spans, driver.wall0, driver.wall1, driver.telemetry.groups())
+    assert set(got) == {"generator", "scorer", "learner", "reference"}
+    assert {g: pytest.approx(u["busy_s"], abs=2e-3) for g, u in want.items()} == {g: u["busy_s"] for g, u in got.items()}
 
 
 def test_a_simulated_call_past_its_deadline_stops_the_run_as_a_real_one_does():
@@ -278,9 +285,9 @@ def test_colocated_engines_sleep_before_each_step_and_never_share_the_device_wit
                      "grpo.steps=4", "grpo.prompts_per_step=16"], cpus=1e9, gpus=1e9)
     costs = GpuCosts(QWEN_7B)
     fleet = Fleet(r, costs, Lengths(1024, 300), seed=2)
-    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200)
+    spans = []
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, spans=spans)
     assert len(records) == 4
-    spans = driver.telemetry.spans
     kinds = Counter((sp["actor"], sp["kind"]) for sp in spans)
     assert all(kinds[(f"generator-{i}", "sleep")] == 4 for i in range(4))
     for i in range(4):
@@ -310,19 +317,21 @@ def test_a_generator_drained_during_a_weight_sync_leaves_after_it_and_breaks_not
             seen["members"], seen["state"] = list(fleet.system.transfer_members), list(fleet.system.generators.state)
 
     fleet.on_send = on_send
-    driver, records, ids = _sampled(fleet, r, 6)  # (every sample trained on once)
+    spans = []
+    driver, records, ids = _sampled(fleet, r, 6, spans=spans)  # (every sample trained on once)
     assert dict(driver.elastic.counts) == {"generators/removed": 1}  # nothing lost, replaced or restarted
     assert seen == {"members": [0, 1], "state": ["ready", "ready"]}  # draining, still in the sync
     gens = fleet.system.generators
     assert gens.state == ["ready", "gone"] and gens.actors[1].version == 3
     assert not [t for t in fleet.transfers.values() if t["broken"] or t["lost"]]
     assert fleet.system.transfer_members == [0]
-    forms = [sp for sp in driver.telemetry.spans if sp["kind"] == "init_weight_transfer"]
+    forms = [sp for sp in spans if sp["kind"] == "init_weight_transfer"]
     assert len(forms) == r.learner.num_ranks  # formed again once (without generator-1), on every rank
 
 
-def _sampled(fleet, recipe, steps, prompts_per_step=8):
-    """A run of the 7B recipe on the simulated fleet: (driver, records, sample ids)."""
+def _sampled(fleet, recipe, steps, prompts_per_step=8, spans=None):
+    """A run of the 7B recipe on the simulated fleet: (driver, records, sample ids); ``spans``
+    gets every actor's spans."""
     class Log:
         def __init__(self):
             self.lines = []
@@ -331,7 +340,7 @@ def _sampled(fleet, recipe, steps, prompts_per_step=8):
             self.lines.append(line)
 
     log = Log()
-    driver, records = run_driver(recipe, fleet, prompt_tokens=lambda rng: 200, samples_log=log)
+    driver, records = run_driver(recipe, fleet, prompt_tokens=lambda rng: 200, samples_log=log, spans=spans)
     assert len(records) == steps
     ids = [line["sample_id"] for line in log.lines]
     assert len(ids) == len(set(ids)) == steps * prompts_per_step * recipe.grpo.num_generations
@@ -356,13 +365,13 @@ def test_a_generator_lost_while_generating_is_replaced_and_joins_through_the_nex
         gens.actors[0].kill()
 
     fleet.tr.later(5.0, kill)
-    driver, records, ids = _sampled(fleet, r, 8)
+    spans = []
+    driver, records, ids = _sampled(fleet, r, 8, spans=spans)
     gens = fleet.system.generators
     assert killed["calls"] >= 1  # it died with work in flight
     assert dict(driver.elastic.counts) == {"generator/lost": 1, "generator/restarted": 1}
     assert gens.incarnation == [1, 0] and gens.state == ["ready", "ready"]
     assert sum(rec.get("groups/requeued", 0) for rec in records) >= 1
-    spans = driver.telemetry.spans
     forms = sorted({round(sp["t0"], 3) for sp in spans if sp["kind"] == "init_weight_transfer"})
     assert len(forms) == 2  # without it, then with its replacement
     joined = min(sp["t0"] for sp in spans if sp["actor"] == "generator-0" and sp["kind"] == "weight_update"
@@ -379,10 +388,10 @@ def test_a_generator_added_at_the_start_joins_through_a_sync_and_takes_work():
                     ["generator.num_actors=1", "generator.max_actors=2", "grpo.steps=6", "grpo.prompts_per_step=8"],
                     cpus=1e9, gpus=1e9)
     fleet = Fleet(r, GpuCosts(QWEN_7B, start_s=10.0), Lengths(1024, 300), seed=5)
-    driver, records, ids = _sampled(fleet, r, 6)
+    spans = []
+    driver, records, ids = _sampled(fleet, r, 6, spans=spans)
     gens = fleet.system.generators
     assert dict(driver.elastic.counts) == {"generators/added": 1} and gens.state == ["ready", "ready"]
-    spans = driver.telemetry.spans
     first = min(sp["t0"] for sp in spans if sp["actor"] == "generator-1" and sp["kind"] == "generate")
     synced = min(sp["t1"] for sp in spans if sp["actor"] == "generator-1" and sp["kind"] == "weight_update")
     assert WALL0 + 10.0 <= synced <= first
@@ -433,9 +442,10 @@ def test_a_backlog_waits_in_the_driver_for_generators_with_room():
             fleet.system.generators.actors[0].kill()
 
     fleet.on_send = on_send
-    driver, records, ids = _sampled(fleet, r, 6, prompts_per_step=32)
+    generated = []
+    driver, records, ids = _sampled(fleet, r, 6, prompts_per_step=32, spans=generated)
     assert driver.elastic.counts["generator/restarted"] == 4 and driver.elastic.counts["generator/replaced"] == 3
-    spans = [sp for sp in driver.telemetry.spans if sp["kind"] == "generate"]
+    spans = [sp for sp in generated if sp["kind"] == "generate"]
     for name in {sp["actor"] for sp in spans}:
         edges = sorted([(sp["t0"], 1) for sp in spans if sp["actor"] == name]
                        + [(sp["t1"], -1) for sp in spans if sp["actor"] == name])

@@ -5,7 +5,15 @@ import random
 import pytest
 
 from r1ray.actors.spans import SpanLog
-from r1ray.controllers.grpo.telemetry import busy_seconds, step_timing, still_open, utilisation, write_timeline
+from r1ray.controllers.grpo.telemetry import (
+    BusyIntervals,
+    TimelineWriter,
+    busy_seconds,
+    step_timing,
+    still_open,
+    utilisation,
+    write_timeline,
+)
 
 SPANS = [
     {"actor": "generator-0", "kind": "generate", "t0": 100.0, "t1": 103.0, "args": {}},
@@ -56,6 +64,78 @@ def test_a_step_window_scans_only_the_spans_still_open_and_times_it_as_every_spa
         assert step_timing(recent, start, end, groups) == step_timing(spans, start, end, groups)
         recent, start = still_open(recent, end), end
     assert len(recent) < len(spans) / 10
+
+
+def test_the_runs_busy_intervals_give_the_utilisation_of_all_its_spans():
+    # SpanCollector keeps each actor's busy time as merged intervals, not the spans: spans drained
+    # late (reaching back over earlier drains), overlapping on one actor (a vLLM engine's calls),
+    # of kinds another group counts (a reference's ref_logprobs) or none (sleep), or empty
+    rng = random.Random(1)
+    groups = [("generator", "generator", ("generate", "load_weights"), 3),
+              ("learner", "learner-rank", ("train", "ref_logprobs"), 2), ("reference", "reference", ("ref_logprobs",), 1)]
+    actors = {"generator-0": ("generate", "load_weights", "sleep"), "generator-1": ("generate",), "generator-2": ("generate",),
+              "learner-rank-0": ("train", "ref_logprobs"), "learner-rank-1": ("train",), "reference-0": ("ref_logprobs",)}
+    busy, spans = BusyIntervals(), []
+    for end in [4.0 * k for k in range(1, 60)]:
+        drained = []
+        for _ in range(rng.randint(0, 15)):
+            actor = rng.choice(sorted(actors))
+            t1 = rng.uniform(max(0.0, end - 25.0), end)
+            t0 = t1 - (0.0 if rng.random() < 0.05 else rng.expovariate(1 / 5.0))
+            drained.append({"actor": actor, "kind": rng.choice(actors[actor]), "t0": t0, "t1": t1})
+        busy.add(drained, groups)
+        spans += drained
+        for start, stop in [(0.0, end), (end / 3, end / 2), (-10.0, end + 10.0)]:
+            want, got = utilisation(spans, start, stop, groups), busy.utilisation(start, stop, groups)
+            for g in want:
+                assert got[g]["busy_s"] == pytest.approx(want[g]["busy_s"], abs=2e-3), (end, start, g)
+    assert busy.intervals() < len(spans) / 5
+
+
+def test_a_timeline_written_as_it_is_drained_has_every_span_and_keeps_the_one_before(tmp_path):
+    path = tmp_path / "timeline.json"
+    path.write_text("an earlier attempt's")
+    writer = TimelineWriter(path)
+    writer.write(SPANS[:2])
+    writer.write([])
+    writer.write(SPANS[2:])
+    assert not path.exists()  # (written under another name until closed)
+    writer.close()
+    writer.close()
+    assert (tmp_path / "timeline.1.json").read_text() == "an earlier attempt's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline.1.json", "timeline.json"]
+    assert _boxes(path) == sorted((sp["actor"], sp["kind"], (sp["t0"] - 100.0) * 1e6, (sp["t1"] - sp["t0"]) * 1e6)
+                                  for sp in SPANS)
+    write_timeline(SPANS, tmp_path / "again.json")  # at once, as in parts
+    assert _boxes(tmp_path / "again.json") == _boxes(path)
+
+
+def test_a_killed_drivers_timeline_is_kept_up_to_its_last_whole_event(tmp_path):
+    # a driver killed (SIGKILL, a node lost) leaves its hidden part file, maybe cut in a write:
+    # the next attempt closes it after its last whole event and keeps it, in the attempts' order
+    path = tmp_path / "timeline.json"
+    write_timeline(SPANS[:1], path)  # a first attempt that finished
+    killed = TimelineWriter(path)
+    killed.write(SPANS[:3])
+    killed.write(SPANS[3:])
+    killed.f.close()
+    text = killed.part.read_text()
+    killed.part.write_text(text[:-25])  # the last event cut short
+    again = TimelineWriter(path)
+    again.write(SPANS)
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline.1.json", "timeline.2.json", "timeline.json"]
+    assert len(_boxes(tmp_path / "timeline.1.json")) == 1 and len(_boxes(path)) == 4
+    assert _boxes(tmp_path / "timeline.2.json") == _boxes(path)[:3]  # all but the cut one (learner-rank-1's)
+    killed.part.write_text(text[:20])  # cut before its first event
+    TimelineWriter(path).close()
+    assert _boxes(tmp_path / "timeline.4.json") == []
+
+
+def _boxes(path):
+    events = json.loads(path.read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    return sorted((names[e["tid"]], e["name"], e["ts"], e["dur"]) for e in events if e["ph"] == "X")
 
 
 def test_timeline_is_chrome_trace_json(tmp_path):
