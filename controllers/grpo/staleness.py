@@ -56,7 +56,6 @@ class StalenessManager:
     histogram: Counter = field(default_factory=Counter, init=False)  # staleness -> consumed samples
     # admission seq -> "flight" (being generated/scored/referenced) or "ready"; consumed groups leave
     _open: dict[int, str] = field(default_factory=dict, init=False)
-    _admitted_at: dict[int, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.confirmed = self.start_version
@@ -81,12 +80,8 @@ class StalenessManager:
                                  f"{self.confirmed} (max_staleness={self.max_staleness}, B={self.groups_per_step})")
         seq = self.admitted
         self.admitted += 1
-        self._open[seq] = "flight"
-        self._admitted_at[seq] = self.confirmed
+        self._open[seq] = "flight"  # (the caller keeps the version: the books forget a group that left)
         return seq, self.confirmed
-
-    def admitted_at(self, seq: int) -> int:
-        return self._admitted_at[seq]
 
     # -- progress ----------------------------------------------------------------------------
     def ready(self, seq: int) -> None:
