@@ -802,6 +802,7 @@ class Fleet:
         self.rng = random.Random(seed)
         self.system: SimSystem | None = None
         self._lists: dict = {}
+        self._newest = 0  # the newest version a list of versions was made for
         # the n-th weight transfer (every rank's n-th send_weights): its ranks' jobs under way,
         # whether it is done, the members rank 0 found dead (nothing sent), the member killed mid-way
         self.transfers: dict[int, dict] = {}
@@ -824,6 +825,10 @@ class Fleet:
         return self._lists[key]
 
     def versions(self, n: int, v: int) -> list[int]:
+        if v > self._newest:  # the lists of versions no generator holds any more (4 MB a step at 256 generators)
+            self._newest = v
+            for key in [k for k in self._lists if isinstance(k[0], tuple) and k[0][1] < v - 4]:
+                del self._lists[key]
         return self._list(("v", v), n, v)
 
     def _list(self, kind, n: int, x):

@@ -32,6 +32,8 @@ rank trains; the reference actors keep their GPUs; max_staleness 0, the only one
 overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
 simulated generators and 64 learner ranks.
 
+memory: what the driver holds on to from step to step in that run (tracemalloc).
+
 elastic: one generator lost while generating, lost during a weight sync, drained (``r1ray
 scale``) during a weight sync, or added, against a run without: the run's seconds, how many
 groups were generated again and what the elastic group counted.
@@ -46,6 +48,7 @@ import random
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -431,20 +434,26 @@ def colocate(args) -> int:
 
 
 # -- the driver at scale ---------------------------------------------------------------------
-def overhead(args) -> int:
-    recipe = "qwen2.5-math-7b-grpo-h100.yaml"
+def at_scale(args):
+    """The 7B recipe with ``--generators``, ``--ranks``, ``--references`` (a scorer per 8 generators)."""
     sets = [f"generator.num_actors={args.generators}", f"learner.num_ranks={args.ranks}",
             f"scorer.num_actors={args.generators // 8}", f"grpo.prompts_per_step={args.prompts}",
             f"reference.num_actors={args.references}",
             f"grpo.max_staleness={args.eta}", f"grpo.steps={args.steps}", *args.set]
-    r = load(HERE.parent / "configs" / recipe, sets)
+    return load(HERE.parent / "configs" / "qwen2.5-math-7b-grpo-h100.yaml", sets)
+
+
+def overhead(args) -> int:
+    r = at_scale(args)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     driver_cpus = []
     for i in range(args.repeat):  # the same run (seeded): its CPU times vary by a fifth from run to run here
         fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
         t0 = time.process_time()
-        driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300))
-        cpu = time.process_time() - t0
+        with tempfile.TemporaryDirectory() as tmp:  # (the timeline written as a run writes it)
+            driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
+            cpu = time.process_time() - t0
+            timeline_mb = (Path(tmp) / "timeline.json").stat().st_size / 2**20
         driver_cpus.append((cpu - fleet.tr.sim_cpu_s) / len(records))
         if i == 0:  # (the peak is the first run's: later ones reuse its memory)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -479,7 +488,62 @@ def overhead(args) -> int:
            "driver_ray_and_serialisation_share_of_step":
                None if ray_s is None else round((driver_cpu + ray_s + serial_s) / step_s, 4),
            "peak_rss_mb": round(rss / 1024, 1), "rss_growth_mb": round((rss - rss0) / 1024, 1),
+           # what the driver keeps of the actors' spans at the end: those a step may still count, and
+           # the run's busy time as merged intervals (16 bytes each); the rest went to the timeline's file
+           "spans_kept": len(driver.telemetry.recent), "busy_intervals_kept": driver.telemetry.busy.intervals(),
+           "timeline_mb_per_step": round(timeline_mb / len(records), 2),
            "token_lists_in_flight_mb_estimate": round(tokens * 72 / 2**20, 1)}
+    print(json.dumps(out, indent=1))
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
+    save_results(args.name, out, table)
+    return 0
+
+
+def memory(args) -> int:
+    """What the driver holds on to from step to step: ``overhead``'s run under tracemalloc, the
+    memory allocated and still held at step ``--steps`` - 1 against step 4, per step, by where
+    it was allocated: r1ray's code, the simulator's, or the rest (Python's and numpy's own,
+    for either). An object a simulated actor made and the driver kept counts as the
+    simulator's; the simulator's own caches grow too (a list of versions per length)."""
+    import tracemalloc
+
+    first, last, snaps = 4, args.steps - 1, {}
+    if last <= first:
+        raise SystemExit(f"memory: --steps {args.steps} leaves nothing to compare; it needs at least {first + 2}")
+    r = at_scale(args)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+
+    def on_driver(driver):
+        write = driver.metrics.write
+
+        def counted(record):
+            write(record)
+            if len(driver.metrics.records) in (first, last):
+                snaps[len(driver.metrics.records)] = tracemalloc.take_snapshot()
+        driver.metrics.write = counted
+
+    fleet.on_driver = on_driver
+    tracemalloc.start(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        driver, _ = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
+    tracemalloc.stop()
+    steps, root = last - first, HERE.parent
+
+    def owner(filename: str) -> str:
+        return "simulator" if filename.startswith(str(HERE)) else "r1ray" if filename.startswith(str(root)) else "other"
+
+    grown: dict[str, float] = {}
+    sites = []
+    for d in snaps[last].compare_to(snaps[first], "lineno"):
+        frame = d.traceback[0]
+        grown[owner(frame.filename)] = grown.get(owner(frame.filename), 0.0) + d.size_diff
+        if owner(frame.filename) != "other":
+            sites.append((d.size_diff, f"{Path(frame.filename).resolve().relative_to(root)}:{frame.lineno}"))
+    out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts, "eta": args.eta,
+           "steps_between": [first, last],
+           "held_kb_per_step": {k: round(v / steps / 1024, 1) for k, v in sorted(grown.items())},
+           "largest_sites_kb_per_step": {site: round(size / steps / 1024, 1) for size, site in sorted(sites, reverse=True)[:12]},
+           "spans_kept": len(driver.telemetry.recent), "busy_intervals_kept": driver.telemetry.busy.intervals()}
     print(json.dumps(out, indent=1))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
     save_results(args.name, out, table)
@@ -676,14 +740,16 @@ def main() -> int:
     rc = sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
     rc.add_argument("--repeat", type=int, default=3, help="measure this many times and report each figure's median")
     o = sub.add_parser("overhead")
-    o.add_argument("--generators", type=int, default=256)
-    o.add_argument("--ranks", type=int, default=64)
-    o.add_argument("--references", type=int, default=16)
-    o.add_argument("--prompts", type=int, default=2048)
-    o.add_argument("--eta", type=int, default=1)
-    o.add_argument("--steps", type=int, default=7)
-    o.add_argument("--set", action="append", default=[])
-    o.add_argument("--name", default="simulate_overhead")
+    mem = sub.add_parser("memory", help="what the driver holds on to from step to step (tracemalloc)")
+    for q, steps, name in ((o, 7, "simulate_overhead"), (mem, 16, "simulate_memory")):
+        q.add_argument("--generators", type=int, default=256)
+        q.add_argument("--ranks", type=int, default=64)
+        q.add_argument("--references", type=int, default=16)
+        q.add_argument("--prompts", type=int, default=2048)
+        q.add_argument("--eta", type=int, default=1)
+        q.add_argument("--steps", type=int, default=steps)
+        q.add_argument("--set", action="append", default=[])
+        q.add_argument("--name", default=name)
     o.add_argument("--repeat", type=int, default=3, help="runs; the driver's CPU is their median")
     args = ap.parse_args()
     random.seed(0)
@@ -692,7 +758,7 @@ def main() -> int:
         plot(rows, HERE / "results" / "simulate_predictions.png")
         return 0
     return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead, "colocate": colocate,
-            "elastic": elastic, "ray-costs": ray_costs}[args.cmd](args)
+            "elastic": elastic, "ray-costs": ray_costs, "memory": memory}[args.cmd](args)
 
 
 if __name__ == "__main__":
