@@ -60,6 +60,7 @@ class Hooks:
     score: Callable[[list], None]  # send generated groups to a ready scorer
     dropped_rewards: Callable[[], list[str]]  # reward functions the run dropped (a new scorer drops them too)
     tally: Callable[[dict], None]  # add to the run's counts
+    retiring: Callable[[int], None] = lambda i: None  # generator i leaves, drained: collect what it still holds
 
 
 class Elastic:
@@ -142,6 +143,7 @@ class Elastic:
         for i in sorted(self.draining):
             if not self.inflight.of_actor("generate", i) and not self.in_sync(i):
                 self.draining.discard(i)
+                self.hooks.retiring(i)
                 self.drop_slot(i)
                 self.counts["generators/removed"] += 1
                 log.info("generator group: generator-%d removed", i)

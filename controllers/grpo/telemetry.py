@@ -252,6 +252,19 @@ class SpanCollector:
             for sp in part:
                 sp["actor"] = name
             drained += part
+        self._take(drained)
+
+    def drain_one(self, grp, i: int) -> None:
+        """The spans of one actor about to leave (a drained generator retired), before they go with it."""
+        try:
+            part = grp.get(grp.call(i, grp.cls.drain_spans, control=True), "drain_spans", self.system.timeout)
+        except RemoteCallError:  # (lost meanwhile: its spans are gone with it)
+            return
+        for sp in part:
+            sp["actor"] = grp.name_of(i)
+        self._take(part)
+
+    def _take(self, drained: list[dict]) -> None:
         self.recent += drained
         self.busy.add(drained, self.groups())
         for sink in self.sinks:

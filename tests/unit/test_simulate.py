@@ -327,6 +327,9 @@ def test_a_generator_drained_during_a_weight_sync_leaves_after_it_and_breaks_not
     assert fleet.system.transfer_members == [0]
     forms = [sp for sp in spans if sp["kind"] == "init_weight_transfer"]
     assert len(forms) == r.learner.num_ranks  # formed again once (without generator-1), on every rank
+    # what it did since the last step's spans were collected was collected as it left, not lost with it
+    assert gens.actors[1].spans == [] and any(sp["actor"] == "generator-1" and sp["kind"] == "weight_update" and
+                                              sp["args"]["version"] == 3 for sp in spans)
 
 
 def _sampled(fleet, recipe, steps, prompts_per_step=8, spans=None):
