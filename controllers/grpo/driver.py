@@ -130,7 +130,7 @@ class GrpoDriver:
         self.training = False
         step = len(self.records) + len(self.unsynced) + 1
         rollouts = [r for g in work.groups for r in g.rollouts]
-        self.done.consumed_prompts.extend(g.prompt["prompt_id"] for g in work.groups)
+        self.done.prompts_consumed += len(work.groups)
         self.done.tokens += sum(len(r.completion_ids) for r in rollouts)
         for g in work.groups:
             self._log(self.samples_log, *(sample_line(step, work.version, g, r) for r in g.rollouts))

@@ -74,12 +74,15 @@ def step_record(step: int, version: int, trained_at: int, rollouts: list[Rollout
 @dataclass
 class Progress:
     """What the run has done, as a GRPO checkpoint saves it and a resumed run restores it
-    (besides the learners' state): the steps' records, the prompts trained on in order, how
-    many prompts the sampler handed out, the totals and the staleness histogram."""
+    (besides the learners' state): the steps' records, how many prompts were trained on and how
+    many the sampler handed out, the totals and the staleness histogram. (Which prompts, each
+    sample's id: samples.jsonl. The ids were kept here too, in memory and in every checkpoint's
+    driver.json: about 140 KB more a step at 2,048 prompts a step, the ids and the list; 18 MB a
+    driver.json by step 500.)"""
 
     group_size: int
     records: list[dict] = field(default_factory=list)
-    consumed_prompts: list[str] = field(default_factory=list)
+    prompts_consumed: int = 0
     taken0: int = 0  # prompts the sampler handed out before this driver (a resumed run)
     counts: Counter = field(default_factory=Counter)  # dropped groups, interrupted samples, verifier counts
     tokens: int = 0
@@ -89,21 +92,22 @@ class Progress:
     @classmethod
     def restore(cls, state: dict, group_size: int) -> "Progress":
         """From a checkpoint's driver state (``records``: metrics.jsonl up to it)."""
-        return cls(group_size, list(state["records"]), list(state["consumed_prompts"]), state["sampler_taken"],
+        consumed = state["prompts_consumed"] if "prompts_consumed" in state else len(state["consumed_prompts"])  # (older)
+        return cls(group_size, list(state["records"]), consumed, state["sampler_taken"],
                    Counter(state["counts"]), state["tokens"],
                    Counter({int(k): v for k, v in state["staleness_histogram"].items()}), list(state["reward_names"]))
 
     @property
     def samples(self) -> int:
         """The samples the learner trained on."""
-        return len(self.consumed_prompts) * self.group_size
+        return self.prompts_consumed * self.group_size
 
     def state(self, step: int, version: int, last_seq: int, histogram: Counter, reward_names: list[str]) -> dict:
         """What a resumed run needs besides the learners' state: every group admitted up to the
         last one of this batch (``last_seq``) was consumed or dropped; the ones after it are
         admitted again."""
         return {"step": step, "policy_version": version, "sampler_taken": self.taken0 + last_seq + 1,
-                "consumed_prompts": list(self.consumed_prompts), "counts": dict(self.counts), "tokens": self.tokens,
+                "prompts_consumed": self.prompts_consumed, "counts": dict(self.counts), "tokens": self.tokens,
                 "staleness_histogram": {str(k): v for k, v in histogram.items()}, "reward_names": list(reward_names)}
 
 
