@@ -58,14 +58,24 @@ def utilisation(spans: list[dict], start: float, end: float, groups: Groups) -> 
 
 
 def _utilisation(by_actor: dict[str, dict[str, list]], start: float, end: float, groups: Groups) -> dict:
-    wall = max(end - start, 1e-9)
     out = {}
     for name, actors, kinds, n in groups:
-        own = {a: by_kind for a, by_kind in by_actor.items() if a.rsplit("-", 1)[0] == actors}
-        busy = _busy(own, start, end, kinds) / max(n, 1)  # n is 0 while a group's only actor is replaced
-        out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
-                     "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
+        own = {a: by_kind for a, by_kind in by_actor.items() if _group_of(a) == actors}
+        out[name] = _figures(n, _busy(own, start, end, kinds), start, end)
     return out
+
+
+def _group_of(actor: str) -> str:
+    """The name of an actor's group: ``learner-rank-1`` -> ``learner-rank``."""
+    return actor.rsplit("-", 1)[0]
+
+
+def _figures(n: int, busy: float, start: float, end: float) -> dict:
+    """A group's utilisation over [start, end] from its ``n`` actors' busy seconds, summed."""
+    wall = max(end - start, 1e-9)
+    busy /= max(n, 1)  # n is 0 while a group's only actor is replaced
+    return {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
+            "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
 
 
 def step_timing(spans: list[dict], start: float, end: float, groups: Groups) -> dict:
@@ -145,7 +155,7 @@ class TimelineWriter:
             if actor not in self.tid:
                 self.tid[actor] = len(self.tid) + 1
                 out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": self.tid[actor], "args": {"name": actor}})
-            out.append({"name": sp["kind"], "cat": actor.rsplit("-", 1)[0], "ph": "X", "pid": 1, "tid": self.tid[actor],
+            out.append({"name": sp["kind"], "cat": _group_of(actor), "ph": "X", "pid": 1, "tid": self.tid[actor],
                         "ts": round((sp["t0"] - self.origin) * 1e6, 1), "dur": round(max(0.0, sp["t1"] - sp["t0"]) * 1e6, 1),
                         "args": sp.get("args", {})})
         self.f.write("".join(",\n" + json.dumps(e) for e in out))  # (6 µs a span: 40 ms a step at 256 generators)
@@ -180,31 +190,31 @@ class BusyIntervals:
         kinds = {actors: set(k) for _, actors, k, _ in groups}
         new: dict[str, list] = {}
         for sp in spans:
-            if sp["t1"] > sp["t0"] and sp["kind"] in kinds.get(sp["actor"].rsplit("-", 1)[0], ()):
+            if sp["t1"] > sp["t0"] and sp["kind"] in kinds.get(_group_of(sp["actor"]), ()):
                 new.setdefault(sp["actor"], []).append((sp["t0"], sp["t1"]))
         for actor, intervals in new.items():
             t = np.array(intervals, dtype=np.float64)
             starts, ends = self.bounds.get(actor, (np.empty(0), np.empty(0)))
-            starts, ends = np.concatenate([starts, t[:, 0]]), np.concatenate([ends, t[:, 1]])
-            order = np.argsort(starts, kind="stable")
-            starts, ends = starts[order], ends[order]
-            reach = np.maximum.accumulate(ends)  # the furthest end so far: a start past it opens an interval
-            first = np.flatnonzero(np.r_[True, starts[1:] > reach[:-1]])
-            self.bounds[actor] = (starts[first], reach[np.r_[first[1:] - 1, len(starts) - 1]])
+            # the intervals that end before the earliest new start stay as they are (ends grow
+            # with starts): only the tail is merged again, not the run's history (sorting all of
+            # it each step grew a step's cost by 12.6 ms over 500 steps at 256 generators)
+            k = int(np.searchsorted(ends, t[:, 0].min()))
+            tail_s, tail_e = np.concatenate([starts[k:], t[:, 0]]), np.concatenate([ends[k:], t[:, 1]])
+            order = np.argsort(tail_s, kind="stable")
+            tail_s, tail_e = tail_s[order], tail_e[order]
+            reach = np.maximum.accumulate(tail_e)  # the furthest end so far: a start past it opens an interval
+            first = np.flatnonzero(np.r_[True, tail_s[1:] > reach[:-1]])
+            self.bounds[actor] = (np.concatenate([starts[:k], tail_s[first]]),
+                                  np.concatenate([ends[:k], reach[np.r_[first[1:] - 1, len(tail_s) - 1]]]))
 
     def intervals(self) -> int:
         return sum(len(s) for s, _ in self.bounds.values())
 
     def utilisation(self, start: float, end: float, groups: Groups) -> dict:
         """``utilisation`` of the spans added, over [start, end]."""
-        wall = max(end - start, 1e-9)
-        out = {}
-        for name, actors, _, n in groups:
-            busy = sum(float(np.sum(np.clip(e, start, end) - np.clip(s, start, end)))
-                       for a, (s, e) in self.bounds.items() if a.rsplit("-", 1)[0] == actors) / max(n, 1)
-            out[name] = {"actors": n, "busy_s": round(busy, 3), "idle_s": round(max(0.0, wall - busy), 3),
-                         "idle_ratio": round(max(0.0, 1 - busy / wall), 4)}
-        return out
+        return {name: _figures(n, sum(float(np.sum(np.clip(e, start, end) - np.clip(s, start, end)))
+                                      for a, (s, e) in self.bounds.items() if _group_of(a) == actors), start, end)
+                for name, actors, _, n in groups}
 
 
 class SpanCollector:
