@@ -136,11 +136,12 @@ def pad_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[i
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(prompts), width), dtype=torch.long)
     cmask = torch.zeros((len(prompts), width - 1), dtype=torch.long)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        seq = list(p) + list(c)
-        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attn[b, : len(seq)] = 1
-        cmask[b, len(p) - 1 : len(seq) - 1] = 1
+    for b, (p, c, n) in enumerate(zip(prompts, completions, lengths)):
+        # (a completion's ids are an int32 array from the generator; lists from anywhere else)
+        ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        ids[b, len(p) : n] = torch.as_tensor(c, dtype=torch.long)
+        attn[b, :n] = 1
+        cmask[b, len(p) - 1 : n - 1] = 1
     return TokenBatch(ids, attn, cmask)
 
 

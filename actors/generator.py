@@ -21,7 +21,7 @@ import torch
 from . import storage
 from .episodes import RolloutConfig, ToolTurns, Trajectory, env_step
 from .lora import LoraConfig
-from .rollout import Rollout
+from .rollout import Rollout, TokenIds
 from .spans import SpanLog
 from .tools import CALL_CLOSE
 
@@ -199,7 +199,8 @@ class Generator:
                 q = seqs[i * n + k]
                 r = Rollout(
                     sample_id=f"{p['prompt_id']}/{first_sample + k}", prompt_id=p["prompt_id"], prompt_ids=prompt_ids,
-                    completion_ids=q.ids, logprobs=np.asarray(q.lps, dtype=np.float32), versions=q.versions,
+                    completion_ids=TokenIds.of(q.ids), logprobs=np.asarray(q.lps, dtype=np.float32),
+                    versions=q.versions,
                     finish_reason=q.reason,
                     text=decode(q.ids, skip_special_tokens=True), columns=dict(p.get("columns", {})))
                 if self.tools:

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from .. import rewards
 from .rollout import Rollout
 from .spans import SpanLog
@@ -112,7 +114,9 @@ class RewardScorer:
         columns: dict[str, list] = {key: [r.columns.get(key) for r in rollouts]
                                     for key in (rollouts[0].columns if rollouts else {}) if key != "prompt"}
         columns["prompts"] = [r.columns.get("prompt") for r in rollouts]
-        columns["completion_ids"] = [r.completion_ids for r in rollouts]
+        # (lists, as TRL passes them: a reward function may concatenate or compare them)
+        columns["completion_ids"] = [ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+                                     for ids in (r.completion_ids for r in rollouts)]
         if rollouts and rollouts[0].messages is not None:  # episodes: what happened in each, per trajectory
             columns["num_turns"] = [r.turns for r in rollouts]
             columns["tool_calls"] = [r.tool_calls for r in rollouts]

@@ -41,7 +41,7 @@ from ray.exceptions import ActorDiedError
 from r1ray.actors.generator import Generator
 from r1ray.actors.learner import GrpoStats, LearnerRank
 from r1ray.actors.reference import Reference
-from r1ray.actors.rollout import Rollout
+from r1ray.actors.rollout import Rollout, TokenIds
 from r1ray.actors.scorer import RewardScorer, Scores
 from r1ray.cluster.groups import ActorGroup, Watchdog
 from r1ray.controllers.common.data import PreparedData
@@ -187,8 +187,8 @@ class SimTransport:
 
 def payload(x, seen: set | None = None, out: Counter | None = None) -> Counter:
     """What serialising ``x`` for a remote call costs grows with (``simulate.py ray-costs``
-    prices each): ``numbers``, those in its lists (token ids, log-probs, versions), one Python
-    object each; ``arrays``, its numpy arrays (log-probs), one buffer each.
+    prices each): ``numbers``, those in its lists (prompt ids, versions), one Python object
+    each; ``arrays``, its numpy arrays (completion ids, log-probs), one buffer each.
     As pickle does within one object: an object counts what its ``__getstate__`` sends (a
     rollout's uniform versions: 2 numbers), and a ``prompt_ids`` list met again counts once
     (the real generator gives a group's rollouts one prompt list, and the rollouts' samples
@@ -814,8 +814,12 @@ class Fleet:
     def later(self, seconds: float, fn) -> None:
         self.tr.later(seconds, fn)
 
-    def tokens(self, n: int) -> list[int]:
-        return self._list("t", n, 1)
+    def tokens(self, n: int) -> np.ndarray:
+        """As the generator's completion ids: int32 arrays."""
+        key = ("t32", n)
+        if key not in self._lists:
+            self._lists[key] = TokenIds.of([1] * n)
+        return self._lists[key]
 
     def logprobs(self, n: int) -> np.ndarray:
         """As the generator's and the reference's (``batching.completion_logprobs``): float32 arrays."""

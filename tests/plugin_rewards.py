@@ -51,3 +51,10 @@ bad_answers.with_answers = True
 def judge_verdict(text: str):
     """A judge parser: GOOD 1.0, BAD 0.0, anything else None (no verdict)."""
     return {"GOOD": 1.0, "BAD": 0.0}.get(text.strip())
+
+
+def ids_are_lists(completions, completion_ids, **kwargs):
+    """1.0 where ``completion_ids`` is a list of Python ints (as TRL passes it: a function may
+    concatenate or compare it), whatever the rollout carried (the generator's int32 array)."""
+    return [float(type(ids) is list and all(type(t) is int for t in ids) and ids + [0] == [*ids, 0])
+            for ids in completion_ids]

@@ -127,7 +127,7 @@ def assert_learners_policy(learner: LearnerRank, outs: list, version: int, abs_t
         with torch.no_grad():
             ids = module.generate(input_ids=torch.tensor([out.prompt_ids]), max_new_tokens=12, do_sample=False,
                                   pad_token_id=learner.pad_id)[0, len(out.prompt_ids):].tolist()
-        assert out.completion_ids == ids[: len(out.completion_ids)]
+        assert out.completion_ids.tolist() == ids[: len(out.completion_ids)]
     packed = pad_batch([o.prompt_ids for o in outs], [o.completion_ids for o in outs], learner.pad_id)
     with torch.no_grad():
         mine = packed.gather(token_logprobs(learner.engine, packed, learner.cfg.loss.temperature).cpu())

@@ -142,9 +142,9 @@ def test_weights_after_a_transfer_give_the_learners_greedy_outputs(vllm_setup, t
     ids = torch.tensor([prompt["prompt_ids"]])
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                               eos_token_id=gen.eos_token_id)[0, ids.shape[1]:].tolist()
-    assert out.completion_ids == expected
+    assert out.completion_ids.tolist() == expected  # (an int32 array from the generator)
     with torch.no_grad():
-        full = torch.tensor([prompt["prompt_ids"] + out.completion_ids])
+        full = torch.tensor([prompt["prompt_ids"] + out.completion_ids.tolist()])
         logp = torch.log_softmax(model(full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
         lp = logp.gather(-1, full[0, ids.shape[1]:, None]).squeeze(-1).tolist()
     assert out.logprobs == pytest.approx(lp, abs=1e-3)
@@ -208,10 +208,10 @@ def test_recomputed_kv_continues_exactly_as_the_new_weights_would(vllm_setup, ti
     r = out[0]
     k = r.versions.index(before + 1)
     assert 0 < k < len(r.completion_ids)
-    prefix = torch.tensor([r.prompt_ids + r.completion_ids[:k]])
+    prefix = torch.tensor([r.prompt_ids + r.completion_ids[:k].tolist()])
     rest = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=len(r.completion_ids) - k,
                           do_sample=False, eos_token_id=gen.eos_token_id)[0, prefix.shape[1]:].tolist()
-    assert r.completion_ids[k:] == rest
+    assert r.completion_ids[k:].tolist() == rest
 
 
 def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_model, tmp_path, monkeypatch):
@@ -249,11 +249,11 @@ def test_tool_episodes_are_token_faithful_and_take_an_update_between_turns(tiny_
         assert r.messages == [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "5"},
                               {"role": "assistant", "content": ANSWER}]
         first, rest = r.loss_mask.index(0), len(r.completion_ids) - r.loss_mask.index(0) - len(turn)
-        assert r.completion_ids[first:first + len(turn)] == turn
+        assert r.completion_ids[first:first + len(turn)].tolist() == turn
         assert r.loss_mask == [1] * first + [0] * len(turn) + [1] * rest and rest > 0
         assert r.versions == [0] * first + [-1] * len(turn) + [1] * rest and r.version == 0
         with torch.no_grad():
-            full = torch.tensor([r.prompt_ids + r.completion_ids])
+            full = torch.tensor([r.prompt_ids + r.completion_ids.tolist()])
             logp = torch.log_softmax(model(full).logits[0, len(r.prompt_ids) - 1 : -1].float(), -1)
             lp = logp.gather(-1, full[0, len(r.prompt_ids):, None]).squeeze(-1).tolist()
         model_tokens = [(a, b) for a, b, m in zip(lp, r.logprobs, r.loss_mask) if m]
@@ -278,7 +278,7 @@ def test_an_environment_episode_is_the_templates_rendering(tiny_model, tmp_path)
     e = render_conversation(AutoTokenizer.from_pretrained(path), TALK)
     for r in out:
         assert (r.turns, r.finish_reason, r.messages) == (2, "stop", TALK[1:]), r.text
-        assert r.prompt_ids + r.completion_ids == e.ids and r.loss_mask == e.trained[len(r.prompt_ids):]
+        assert r.prompt_ids + r.completion_ids.tolist() == e.ids and r.loss_mask == e.trained[len(r.prompt_ids):]
 
 
 def test_a_lora_adapter_sync_gives_the_learners_greedy_outputs(tiny_model):
@@ -344,7 +344,7 @@ def test_a_colocated_generator_sleeps_while_the_learner_trains_and_wakes_with_it
         ids = torch.tensor([prompt["prompt_ids"]])
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                   eos_token_id=gen.eos_token_id)[0, ids.shape[1]:].tolist()
-        assert out.completion_ids == expected
+        assert out.completion_ids.tolist() == expected  # (an int32 array from the generator)
         assert [s["kind"] for s in gen.drain_spans() if s["kind"] in ("sleep", "weight_update")] == ["sleep", "weight_update"]
     finally:
         gen.close()

@@ -16,7 +16,7 @@ from r1ray.actors.generator import Generator, GeneratorConfig, SamplingConfig
 from r1ray.actors.learner import GrpoStats, SftStats
 from r1ray.actors.packing import SftExample
 from r1ray.actors.reference import Reference
-from r1ray.actors.rollout import Rollout, TrainSample
+from r1ray.actors.rollout import Rollout, TokenIds, TrainSample
 from r1ray.actors.scorer import RewardScorer, RewardSpec, ScorerConfig
 
 
@@ -39,6 +39,12 @@ def test_hf_generator_returns_complete_rollouts(hf_generator, tiny_model):
     assert out[0].prompt_ids is out[1].prompt_ids is out[2].prompt_ids and out[2].prompt_ids is not out[3].prompt_ids
     assert out[0].prompt_ids == prompts[0]["prompt_ids"] and out[0].prompt_ids is not prompts[0]["prompt_ids"]
     for r in out:
+        # its ids an int32 array (one buffer through the driver) that refuses +: a list's join
+        # would be an element-wise sum; pickled, it stays one
+        assert type(r.completion_ids) is TokenIds and r.completion_ids.dtype == np.int32
+        assert type(pickle.loads(pickle.dumps(r)).completion_ids) is TokenIds
+        with pytest.raises(TypeError, match="TokenIds"):
+            r.prompt_ids + r.completion_ids
         assert 1 <= len(r.completion_ids) <= 12
         assert len(r.logprobs) == len(r.completion_ids) == len(r.versions)
         assert all(lp <= 0 for lp in r.logprobs) and r.version == 0

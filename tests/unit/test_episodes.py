@@ -309,7 +309,7 @@ def test_an_environment_answers_back_and_the_episode_is_the_templates_rendering(
     assert (r.turns, r.tool_calls, r.finish_reason) == (2, 0, "stop"), r.text
     assert r.messages == TALK[1:]
     e = render_conversation(AutoTokenizer.from_pretrained(path), TALK)
-    assert r.prompt_ids + r.completion_ids == e.ids
+    assert r.prompt_ids + r.completion_ids.tolist() == e.ids  # (an int32 array from the generator)
     assert r.loss_mask == e.trained[len(r.prompt_ids):]
     assert [v for v, m in zip(r.versions, r.loss_mask) if not m] == [-1] * r.loss_mask.count(0)
     # max_turns ends it after the wrong answer; a step that raises ends it, not the run

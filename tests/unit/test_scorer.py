@@ -53,6 +53,18 @@ def make_scorer(plugins_importable):
         s.close()
 
 
+def test_a_reward_gets_completion_ids_as_lists_of_ints(make_scorer):
+    """The generator's rollouts carry their ids as int32 arrays (cheap through the driver); reward
+    functions get lists of Python ints, as TRL passes them."""
+    import numpy as np
+
+    scorer = make_scorer(("plugin_rewards:ids_are_lists", 1.0))
+    rs = [Rollout("p/0", "p", [1], np.array([5, 6, 7], np.int32), [0.0] * 3, [0] * 3, "stop", text="a"),
+          Rollout("p/1", "p", [1], [8, 9], [0.0] * 2, [0] * 2, "stop", text="b")]
+    scored, stats = _scored(scorer, rs)
+    assert [r.reward for r in scored] == [1.0, 1.0], stats
+
+
 def _records(caplog, name):
     return [r for r in caplog.records if r.name == "r1ray.rewards" and repr(name) in r.getMessage()]
 
