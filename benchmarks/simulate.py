@@ -443,6 +443,31 @@ def at_scale(args):
     return load(HERE.parent / "configs" / "qwen2.5-math-7b-grpo-h100.yaml", sets)
 
 
+def rollout_bytes(fleet: Fleet, prompt_len: int, completion_len: int) -> int:
+    """Bytes the driver holds for one completion of ``completion_len`` tokens, unpickled as it
+    arrives from a generator (its ids of the simulated generator's type, token ids as a real
+    vocabulary's, each a Python int of its own in a list), the group's prompt a share of one
+    list, after the reference's log-probs are on it (tracemalloc)."""
+    import pickle
+    import tracemalloc
+
+    import numpy as np
+
+    n, G = completion_len, fleet.recipe.grpo.num_generations
+    arrays = isinstance(fleet.tokens(1), np.ndarray)
+    prompt = list(range(1000, 1000 + prompt_len))  # (one list for the group, as the generator's)
+    group = [Rollout(f"p/{k}", "p", prompt, np.arange(1000, 1000 + n, dtype=np.int32) if arrays else
+                     list(range(1000, 1000 + n)), np.full(n, -0.5, np.float32), [3] * n, "stop") for k in range(G)]
+    blob = pickle.dumps(group, protocol=5)
+    tracemalloc.start()
+    got = pickle.loads(blob)
+    for x in got:
+        x.ref_logprobs = np.zeros(n, np.float32)
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return size // G
+
+
 def overhead(args) -> int:
     r = at_scale(args)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -462,8 +487,8 @@ def overhead(args) -> int:
     step_s = statistics.fmean(x["time/step_s"] for x in steady)
     per_step = {k: v / len(records) for k, v in fleet.tr.calls.items()}
     driver_cpu = statistics.median(driver_cpus)
-    tokens = r.grpo.prompts_per_step * r.grpo.num_generations * (statistics.fmean(
-        x["completion_len/mean"] for x in steady) + 300) * (r.grpo.max_staleness + 1)
+    mean_len = round(statistics.fmean(x["completion_len/mean"] for x in steady))
+    held = rollout_bytes(fleet, 300, mean_len)
     ray_s = serial_s = None
     costs_file = HERE / "results" / "simulate_ray_costs.json"
     if costs_file.exists():  # Ray's own driver-side CPU for those calls, as measured here (ray-costs)
@@ -473,7 +498,7 @@ def overhead(args) -> int:
                  + max(per_step["futures"], per_step.get("ray.get", 0)) * c["future_cpu_us"]) / 1e6
         serial_s = (per_step["numbers sent"] * c["serialise_ns_per_number"]
                     + per_step["numbers received"] * c["deserialise_ns_per_number"]) / 1e9
-        if per_step.get("arrays sent") or per_step.get("arrays received"):  # (a completion's log-probs each)
+        if per_step.get("arrays sent") or per_step.get("arrays received"):  # (a completion's ids and log-probs: an array each)
             mean_len = statistics.fmean(x["completion_len/mean"] for x in steady)
             serial_s += (per_step.get("arrays sent", 0) * (c["array_serialise_us"] + mean_len * c["array_serialise_ns_per_number"] / 1e3)
                          + per_step.get("arrays received", 0) * (c["array_deserialise_us"]
@@ -492,7 +517,10 @@ def overhead(args) -> int:
            # the run's busy time as merged intervals (16 bytes each); the rest went to the timeline's file
            "spans_kept": len(driver.telemetry.recent), "busy_intervals_kept": driver.telemetry.busy.intervals(),
            "timeline_mb_per_step": round(timeline_mb / len(records), 2),
-           "token_lists_in_flight_mb_estimate": round(tokens * 72 / 2**20, 1)}
+           # the rollouts of the groups the staleness bound lets be in flight, as the driver holds them
+           "rollout_kb_in_driver": round(held / 1024, 1),
+           "rollouts_in_flight_mb_estimate": round(held * r.grpo.num_generations * r.grpo.prompts_per_step
+                                                   * (r.grpo.max_staleness + 1) / 2**20, 1)}
     print(json.dumps(out, indent=1))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
     save_results(args.name, out, table)
