@@ -28,10 +28,10 @@ class Rollout:
     sample_id: str  # "<prompt_id>/<k>": stable across retries, used to prove nothing is lost or duplicated
     prompt_id: str
     prompt_ids: list[int]
-    # an int32 array from the generator (TokenIds): one buffer to pickle through the driver and from it to
-    # the scorers, the reference and the learners, where a list is a Python int a token (16 ns to
-    # pickle and 27 to unpickle each on this machine, against 0.3 and 0.2 in an array:
-    # benchmarks/simulate.py ray-costs), and 4 bytes a token in the driver instead of about 36
+    # an int32 array from the generator (TokenIds): one buffer to pickle through the driver and
+    # from it to the scorers, the reference and the learners, where a list is a Python int a
+    # token (16 ns to pickle and 27 to unpickle each on this machine, against 0.3 and 0.2 in an
+    # array: benchmarks/simulate.py ray-costs), and 4 bytes a token in the driver instead of 40
     completion_ids: Sequence[int]
     # behaviour log-probs of the sampled tokens, under logits / temperature: a float32 array from the
     # generator (one buffer to pickle through the driver, where a list is a Python float a token)

@@ -59,7 +59,7 @@ sys.path.insert(0, str(HERE))
 from _train import pyplot, save_results  # noqa: E402
 from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, numbers, read_timeline, run_driver  # noqa: E402
 
-from r1ray.actors.rollout import Rollout  # noqa: E402
+from r1ray.actors.rollout import Rollout, TokenIds  # noqa: E402
 from r1ray.controllers.config.load import load_recipe  # noqa: E402
 
 TINY = HERE.parent / "configs" / "tiny-cpu.yaml"
@@ -456,8 +456,8 @@ def rollout_bytes(fleet: Fleet, prompt_len: int, completion_len: int) -> int:
     n, G = completion_len, fleet.recipe.grpo.num_generations
     arrays = isinstance(fleet.tokens(1), np.ndarray)
     prompt = list(range(1000, 1000 + prompt_len))  # (one list for the group, as the generator's)
-    group = [Rollout(f"p/{k}", "p", prompt, np.arange(1000, 1000 + n, dtype=np.int32) if arrays else
-                     list(range(1000, 1000 + n)), np.full(n, -0.5, np.float32), [3] * n, "stop") for k in range(G)]
+    group = [Rollout(f"p/{k}", "p", prompt, (TokenIds.of if arrays else list)(range(1000, 1000 + n)),
+                     np.full(n, -0.5, np.float32), [3] * n, "stop") for k in range(G)]
     blob = pickle.dumps(group, protocol=5)
     tracemalloc.start()
     got = pickle.loads(blob)
@@ -487,8 +487,8 @@ def overhead(args) -> int:
     step_s = statistics.fmean(x["time/step_s"] for x in steady)
     per_step = {k: v / len(records) for k, v in fleet.tr.calls.items()}
     driver_cpu = statistics.median(driver_cpus)
-    mean_len = round(statistics.fmean(x["completion_len/mean"] for x in steady))
-    held = rollout_bytes(fleet, 300, mean_len)
+    mean_len = statistics.fmean(x["completion_len/mean"] for x in steady)
+    held = rollout_bytes(fleet, 300, round(mean_len))
     ray_s = serial_s = None
     costs_file = HERE / "results" / "simulate_ray_costs.json"
     if costs_file.exists():  # Ray's own driver-side CPU for those calls, as measured here (ray-costs)
@@ -499,7 +499,6 @@ def overhead(args) -> int:
         serial_s = (per_step["numbers sent"] * c["serialise_ns_per_number"]
                     + per_step["numbers received"] * c["deserialise_ns_per_number"]) / 1e9
         if per_step.get("arrays sent") or per_step.get("arrays received"):  # (a completion's ids and log-probs: an array each)
-            mean_len = statistics.fmean(x["completion_len/mean"] for x in steady)
             serial_s += (per_step.get("arrays sent", 0) * (c["array_serialise_us"] + mean_len * c["array_serialise_ns_per_number"] / 1e3)
                          + per_step.get("arrays received", 0) * (c["array_deserialise_us"]
                                                                  + mean_len * c["array_deserialise_ns_per_number"] / 1e3)) / 1e6
