@@ -329,6 +329,11 @@ class LoggingConfig:
     # A tracker that cannot start: "fail" refuses the run before anything starts (naming the
     # tracker and the fix); "warn" goes on without it. A tracker failing mid-run never ends it.
     on_tracker_error: Literal["fail", "warn"] = "fail"
+    # The GRPO steps whose actors' busy spans timeline.json keeps: those collected at the end of
+    # each listed step (its training, and what generated, scored and referenced meanwhile);
+    # null: every step. At 256 generators a step adds about 0.8 MB (400 MB by step 500), so a
+    # large run may keep a few, as veRL's profile_steps: e.g. [1, 2, 3, 100]. []: none.
+    timeline_steps: list[int] | None = None
 
 
 @dataclass

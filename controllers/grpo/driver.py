@@ -57,7 +57,8 @@ class GrpoDriver:
             retiring=lambda i: self.telemetry.drain_one(system.generators, i)))  # (its spans kept, not lost with it)
         self.training = False
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
-        self.telemetry = SpanCollector(system, timeline)  # every actor's busy intervals: utilisation, timeline.json
+        # every actor's busy intervals (utilisation) and timeline.json (of logging.timeline_steps)
+        self.telemetry = SpanCollector(system, timeline, recipe.logging.timeline_steps, len(self.done.records) + 1)
         self.ray_metrics = RunMetrics(recipe.ray.namespace)  # the dashboard's Metrics view, Prometheus
         self.benchmark_step = benchmark_step  # (step, dropped rewards) -> eval/<task>/... metrics, every eval.every_steps steps
 

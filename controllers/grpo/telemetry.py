@@ -224,11 +224,14 @@ class SpanCollector:
     it may still count in: at 256 generators a step has 6,500 spans, 2.2 MB of dicts, and
     keeping every span of the run (as it did) grew the driver by that every step."""
 
-    def __init__(self, system, timeline: Path | None = None):
+    def __init__(self, system, timeline: Path | None = None, steps: list[int] | None = None, first_step: int = 1):
         self.system = system
         self.timeline = TimelineWriter(timeline) if timeline is not None else None
         self.busy = BusyIntervals()
-        self.sinks = [self.timeline.write] if self.timeline is not None else []  # each drained part, labelled
+        self.sinks = [self._to_timeline] if self.timeline is not None else []  # each drained part, labelled
+        # ``logging.timeline_steps``: the steps whose spans the timeline keeps (None: every one);
+        # ``step``: the step whose window is open (``window`` closes it)
+        self.steps, self.step = (None if steps is None else set(steps)), first_step
         # the spans a step's window may still overlap (``recent``): a step's timing scans those,
         # not the run's every span (6,500 more each step with 256 generators, 0.7 µs a span to
         # scan: a step's timing grew by 4.6 ms a step, 0.46 s by step 100)
@@ -280,12 +283,17 @@ class SpanCollector:
         for sink in self.sinks:
             sink(drained)
 
+    def _to_timeline(self, drained: list[dict]) -> None:
+        if self.steps is None or self.step in self.steps:
+            self.timeline.write(drained)
+
     def window(self) -> dict:
         """``step_timing`` since the previous call (a learner step's window)."""
         now = transport.wall()
         self.drain()
         out = step_timing(self.recent, self.window_start, now, self.groups())
         self.window_start = now
+        self.step += 1
         self.recent = still_open(self.recent, now)
         return out
 

@@ -25,11 +25,12 @@ from simfleet import (  # noqa: E402
     VllmDevice,
     call_payload,
     payload,
+    read_timeline,
     run_driver,
 )
 
 from r1ray.cluster.groups import RemoteCallError  # noqa: E402
-from r1ray.controllers.config import load_recipe  # noqa: E402
+from r1ray.controllers.config import ConfigError, load_recipe  # noqa: E402
 from r1ray.controllers.grpo.telemetry import utilisation  # noqa: E402
 
 
@@ -154,6 +155,37 @@ def test_synchronous_step_time_is_the_sum_of_its_stages():
     for rec in records[1:]:
         assert rec["time/step_s"] == pytest.approx(stages + dispatches * 0.005, rel=1e-6)
         assert rec["samples"] == samples and rec["staleness/max"] == 0
+
+
+def test_the_timeline_keeps_the_steps_logging_timeline_steps_lists(tmp_path):
+    """logging.timeline_steps [2, 4]: timeline.json has the spans collected at the end of steps
+    2 and 4 (synchronous: each step's generation, scoring, reference and training), the same
+    ones as every span the driver drained; [] keeps none; a step out of range is refused."""
+    def run(steps, name):
+        r = _tiny("grpo.max_staleness=0", "grpo.steps=5", f"logging.timeline_steps={steps}")
+        spans = []
+        run_driver(r, Fleet(r, _cpu_costs(latency_s=0.005), Lengths(48, 20)), spans=spans, timeline=tmp_path / name)
+        return r, spans, read_timeline(tmp_path / name)
+
+    r, spans, kept = run([2, 4], "some.json")
+    ranks = r.learner.num_ranks
+    trains = sorted((sp for sp in spans if sp["kind"] == "train"), key=lambda sp: sp["t0"])
+    assert len(trains) == 5 * ranks
+    want = trains[ranks:2 * ranks] + trains[3 * ranks:4 * ranks]  # steps 2 and 4
+    got = sorted((sp for sp in kept if sp["kind"] == "train"), key=lambda sp: sp["t0"])
+
+    def shape(ss):  # (start after the first, length), as the timeline has them (from its first span)
+        return [(round(sp["t0"] - ss[0]["t0"], 4), round(sp["t1"] - sp["t0"], 4)) for sp in ss]
+
+    assert shape(got) == shape(want)
+    assert {sp["kind"] for sp in kept} >= {"generate", "score", "ref_logprobs", "train"}
+    assert sum(sp["kind"] == "generate" for sp in kept) == 2  # one synchronous generate call a step
+    every = run("null", "all.json")[2]
+    assert sum(sp["kind"] == "train" for sp in every) == 5 * ranks and len(every) > len(kept)
+    assert run([], "none.json")[2] == []
+    with pytest.raises(ConfigError, match=r"'logging.timeline_steps': got \[0, 6\] \(step 0\); accepted: GRPO steps "
+                                          r"from 1 to grpo.steps \(5\)"):
+        _tiny("grpo.steps=5", "logging.timeline_steps=[0, 6]")
 
 
 @pytest.mark.parametrize("eta", [1, 2])
