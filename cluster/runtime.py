@@ -56,6 +56,23 @@ def unreachable(host: str, port: int, timeout_s: float, retry: bool = False) -> 
         time.sleep(0.5)
 
 
+def ray_address_file() -> str:
+    """Where ``ray start`` records its head's address on this machine (RAY_TMPDIR, TMPDIR or
+    /tmp, then ``ray/ray_current_cluster``): what ``ray.init()`` without an address joins."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def started_here() -> str | None:
+    """The address ``ray start`` recorded on this machine (``ray_address_file``), or None."""
+    try:
+        with open(ray_address_file()) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def check_reachable(address: str, timeout_s: float) -> None:
     """Fail within ``timeout_s`` when nothing listens at ``address`` (Ray itself retries for
     minutes, printing only reconnect warnings)."""
@@ -141,7 +158,18 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
         try:  # starts a local cluster, unless one was started here with `ray start` ...
             ctx = ray.init(namespace=namespace, runtime_env={"env_vars": actor_env(on_gpu)}, **kwargs)
         except ValueError:  # ... which refuses resource arguments: join it as it is (it may have other nodes)
-            ctx = ray.init(address="auto", namespace=namespace, runtime_env=joining_runtime_env(on_gpu, ship_code))
+            recorded = started_here()
+            target = recorded and _host_port(recorded)
+            if target and unreachable(*target, min(connect_timeout_s, 5.0)):
+                # its head is gone (stopped without `ray stop`, killed, OOM): Ray would retry it
+                # for minutes; a cluster of this run's own starts instead
+                log.warning("the Ray cluster `ray start` recorded on this machine (%s, in %s) does not answer: "
+                            "starting a local one for this run (`ray stop --force` forgets it)", recorded,
+                            ray_address_file())
+                ctx = ray.init(address="local", namespace=namespace, runtime_env={"env_vars": actor_env(on_gpu)},
+                               **kwargs)
+            else:
+                ctx = ray.init(address="auto", namespace=namespace, runtime_env=joining_runtime_env(on_gpu, ship_code))
     if getattr(ctx, "dashboard_url", None):
         log.info("Ray dashboard: http://%s", ctx.dashboard_url)
     resources = ray.cluster_resources()

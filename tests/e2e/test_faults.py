@@ -161,6 +161,31 @@ def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, tiny_world, ray_head, sig, co
     assert _no_actors_left(ray_head)
 
 
+@pytest.mark.timeout(300)
+def test_a_ray_start_record_whose_head_is_gone_does_not_hold_up_a_local_run():
+    """``ray start`` records its head's address on the machine (``ray/ray_current_cluster``); a
+    head that went without ``ray stop`` (killed, out of memory) leaves it behind, and
+    ``ray.init()`` without an address joins what it names. Before, the run then retried that
+    address for minutes (a fresh-clone suite hung 15 minutes on it after a killed run); now it
+    starts a Ray of its own and says why, in seconds."""
+    from r1ray.cluster.groups import free_port
+
+    ray_tmp = tempfile.mkdtemp(prefix="r1ray-")  # (Ray's socket paths must stay under 108 bytes)
+    gone = f"127.0.0.1:{free_port()}"
+    (Path(ray_tmp) / "ray").mkdir()
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(gone)
+    code = ("import ray\nfrom r1ray.cluster import runtime\n"
+            "r = runtime.start(None, 'stale', 1, 0, False, 100, False)\nprint('CPU', r['CPU'])\nray.shutdown()")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                              env=r1ray_cli.env(RAY_TMPDIR=ray_tmp))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU 1.0" in proc.stdout  # its own cluster, with the resources it asked for
+    assert f"recorded on this machine ({gone}, in {ray_tmp}/ray/ray_current_cluster) does not answer" in proc.stderr
+
+
 @pytest.mark.timeout(600)
 def test_a_build_lock_left_by_a_stopped_run_does_not_hold_up_the_next(tmp_path, tiny_world, monkeypatch):
     """A run stopped while its learners build DeepSpeed's shared-memory op (a CPU's first start)
