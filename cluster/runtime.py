@@ -153,10 +153,10 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
             raise ClusterUnreachable(f"cannot connect to the Ray cluster at {target!r}: "
                                      f"{str(e).strip().splitlines()[0][:300]}{hint}") from None
     else:
-        kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
-                      object_store_memory=max(80, object_store_mb) * 2**20)
+        local = dict(namespace=namespace, runtime_env={"env_vars": actor_env(on_gpu)}, num_cpus=num_cpus,
+                     num_gpus=num_gpus, include_dashboard=dashboard, object_store_memory=max(80, object_store_mb) * 2**20)
         try:  # starts a local cluster, unless one was started here with `ray start` ...
-            ctx = ray.init(namespace=namespace, runtime_env={"env_vars": actor_env(on_gpu)}, **kwargs)
+            ctx = ray.init(**local)
         except ValueError:  # ... which refuses resource arguments: join it as it is (it may have other nodes)
             recorded = started_here()
             target = recorded and _host_port(recorded)
@@ -166,8 +166,7 @@ def start(address: str | None, namespace: str, num_cpus: int | None, num_gpus: i
                 log.warning("the Ray cluster `ray start` recorded on this machine (%s, in %s) does not answer: "
                             "starting a local one for this run (`ray stop --force` forgets it)", recorded,
                             ray_address_file())
-                ctx = ray.init(address="local", namespace=namespace, runtime_env={"env_vars": actor_env(on_gpu)},
-                               **kwargs)
+                ctx = ray.init(address="local", **local)
             else:
                 ctx = ray.init(address="auto", namespace=namespace, runtime_env=joining_runtime_env(on_gpu, ship_code))
     if getattr(ctx, "dashboard_url", None):

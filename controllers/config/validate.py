@@ -91,9 +91,9 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
         _positive(key, value, allow_zero=True)
     _positive("checkpoint.keep_last", r.checkpoint.keep_last)
     steps = r.logging.timeline_steps
-    if stage == "grpo" and steps is not None and any(not 1 <= s <= g.steps for s in steps):
-        bad = next(s for s in steps if not 1 <= s <= g.steps)
-        raise ConfigError(f"config key 'logging.timeline_steps': got {steps} (step {bad}); accepted: GRPO steps "
+    bad = [s for s in steps or () if not 1 <= s <= g.steps]
+    if stage == "grpo" and bad:
+        raise ConfigError(f"config key 'logging.timeline_steps': got {steps} (step {bad[0]}); accepted: GRPO steps "
                           f"from 1 to grpo.steps ({g.steps}), [] for none, or null for every step")
     _positive("storage.sync_every_s", r.storage.sync_every_s)
     validate_loss(lc.loss, r.sampling.max_new_tokens)
