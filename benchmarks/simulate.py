@@ -1,6 +1,6 @@
 """r1ray's GRPO driver against simulated fleets: validated here, then predicting H100 clusters.
 
-    python benchmarks/simulate.py validate [--measured runs/sim-validate] [--measure]
+    python benchmarks/simulate.py validate [--measured runs/sim-validate] [--measure [--repeat 3]] [--fixed 1.5 1 2 1]
     python benchmarks/simulate.py predict [--steps 8] [--only 7b-64]
     python benchmarks/simulate.py fixes [--scenario 7b-64]
     python benchmarks/simulate.py colocate [--only 7b-64]
@@ -13,10 +13,12 @@ elastic slots, weight-sync sequencing) runs unchanged on a simulated clock again
 actors of ``benchmarks/simfleet.py``; see docs/simulator.md for the cost model and its sources.
 
 validate: the tiny recipe measured on this machine (``benchmarks/async_vs_sync.py`` at
-max_staleness 0, 1, 2; ``--measure`` runs it) against the simulator with costs fitted from
-the max_staleness=0 run's timeline (each call's solo seconds under processor sharing of the
-CPU's cores) and Ray's dispatch latency from the gaps between stages. The cores each kind of
-call keeps busy are fitted on max_staleness 0 and 1 (a grid); 2 and 4 are held out.
+max_staleness 0, 1, 2, 4; ``--measure`` runs it ``--repeat`` times, each figure their median)
+against the simulator with costs fitted from the max_staleness=0 runs' timelines (each call's
+solo seconds under processor sharing of the CPU's cores) and Ray's dispatch latency from the
+gaps between stages. The cores each kind of
+call keeps busy are fitted on max_staleness 0 and 1 (a grid); 2 and 4 are held out. ``--fixed``
+holds them at values fitted before (stop 48's: 1.5 1 2 1) and predicts every max_staleness.
 
 predict: seconds per step, samples/s and busy fractions for the 1.5B recipe on 8 H100s and
 the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at max_staleness
@@ -72,10 +74,10 @@ def load(recipe, sets: list[str]):
 
 
 # -- validation on this machine -----------------------------------------------------------
-def dispatch_latency(spans: list[dict]) -> float:
-    """Ray's dispatch latency on this machine: the median gap from a call's end to the start
+def stage_gaps(spans: list[dict]) -> list[float]:
+    """Ray's dispatch latency on this machine, sampled: each gap from a call's end to the start
     of the call it lets the driver send (generate -> score -> reference -> train -> export ->
-    load), over the run's spans (``read_timeline``)."""
+    load), over one run's spans (``read_timeline``)."""
     chain = ["generate", "score", "ref_logprobs", "train", "export_weights", "load_weights"]
     gaps = []
     for a, b in zip(chain, chain[1:]):
@@ -85,13 +87,45 @@ def dispatch_latency(spans: list[dict]) -> float:
                 later = [t - s["t1"] for t in starts if t >= s["t1"] - 1e-4]
                 if later:
                     gaps.append(max(0.0, min(later)))
-    return statistics.median(gaps)
+    return gaps
 
 
 def measured(run_dir: Path) -> dict:
     g = json.loads((run_dir / "summary.json").read_text())["grpo"]
     return {"time_s": g["time_s"], "samples_per_s": g["samples_per_s"],
             "busy": {k: round(1 - v["idle_ratio"], 4) for k, v in g["utilisation"].items()}}
+
+
+def measured_runs(root: Path) -> list[Path]:
+    """The measured runs under ``root``: ``run-1``, ``run-2``, ... (``--measure --repeat``), or
+    ``root`` itself holding one run's ``eta-<n>`` (as stop 48 measured)."""
+    runs = sorted((p for p in root.glob("run-*") if (p / "eta-0").is_dir()), key=lambda p: int(p.name[4:]))
+    if runs:
+        return runs
+    if (root / "eta-0").is_dir():
+        return [root]
+    raise SystemExit(f"validate: no measured runs under {root} (run-<k>/eta-<n> or eta-<n>): pass --measure")
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each figure's median over repeated runs of one max_staleness, and each one's runs."""
+    return {"time_s": statistics.median(r["time_s"] for r in runs),
+            "samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
+            "busy": {k: statistics.median(r["busy"][k] for r in runs) for k in runs[0]["busy"]},
+            "runs": runs}
+
+
+def pooled_spans(runs: list[Path]) -> tuple[list[dict], float]:
+    """The max_staleness=0 runs' spans, one after the other on one time axis (each run's own
+    clock starts at 0: they must not overlap), and Ray's dispatch latency, the median of
+    every run's gaps between stages."""
+    spans, gaps, shift = [], [], 0.0
+    for run in runs:
+        own = read_timeline(run / "eta-0" / "timeline.json")
+        gaps += stage_gaps(own)
+        spans += [{**sp, "t0": sp["t0"] + shift, "t1": sp["t1"] + shift} for sp in own]
+        shift = max(sp["t1"] for sp in spans) + 1.0
+    return spans, statistics.median(gaps)
 
 
 def simulate_tiny(eta: int, steps: int, costs) -> dict:
@@ -112,22 +146,26 @@ def errors(pred: dict, meas: dict) -> dict:
 
 def validate(args) -> int:
     root = Path(args.measured)
-    if args.measure:
+    if args.measure:  # (a run per repeat, each from its own SFT warm-up: this machine's speed varies by the hour)
         import subprocess
 
-        subprocess.run([sys.executable, str(HERE / "async_vs_sync.py"), "--etas", "0", "1",
-                        *map(str, args.held_out), "--steps", str(args.steps), "--name", "sim_measured", "--out",
-                        str(root)], check=True)
+        for k in range(1, args.repeat + 1):
+            subprocess.run([sys.executable, str(HERE / "async_vs_sync.py"), "--etas", "0", "1",
+                            *map(str, args.held_out), "--steps", str(args.steps), "--name", f"sim_measured_{k}",
+                            "--out", str(root / f"run-{k}")], check=True)
+    runs = measured_runs(root)
     etas = (0, 1, *args.held_out)
-    meas = {eta: measured(root / f"eta-{eta}") for eta in etas}
-    steps = json.loads((root / "eta-0" / "summary.json").read_text())["grpo"]["steps"]
-    spans = read_timeline(root / "eta-0" / "timeline.json")  # (read once: the grid fits from it 162 times)
-    latency = dispatch_latency(spans)
+    meas = {eta: median_of([measured(run / f"eta-{eta}") for run in runs]) for eta in etas}
+    steps = json.loads((runs[0] / "eta-0" / "summary.json").read_text())["grpo"]["steps"]
+    spans, latency = pooled_spans(runs)  # (read once: the grid fits from them 162 times)
     best = None
     # (background: the CPU of what the spans leave out, Ray's processes, the driver, the scorer's
     # verifier processes; up to 0.3 core until stop 48, when the learner's busy time, once
     # inflated by the reference's, stopped hiding that the fit wanted more)
     grid = itertools.product([1.0, 1.5, 2.0], [1.0, 1.5, 2.0], [1.0, 1.5, 2.0], [0.0, 0.25, 0.5, 0.75, 1.0, 1.25])
+    fixed = args.fixed is not None
+    if fixed:  # cores fitted before (on other runs) held: every max_staleness is then out of sample for them
+        grid = [tuple(args.fixed)]
     for gen, train, ref, background in grid:  # the cores each kind keeps busy: fitted on eta 0 and 1
         threads = {**dict.fromkeys(KINDS, 1.0), "generate": gen, "train": train, "ref_logprobs": ref}
         costs = fit_cpu_costs(spans, args.cores, threads, background)
@@ -140,11 +178,13 @@ def validate(args) -> int:
     rows = []
     for eta in etas:
         pred = simulate_tiny(eta, steps, costs)
-        rows.append({"eta": eta, "role": "fitted" if eta < 2 else "held out", "measured": meas[eta],
+        rows.append({"eta": eta, "role": "held out" if fixed or eta >= 2 else "fitted", "measured": meas[eta],
                      "predicted": pred, "errors": errors(pred, meas[eta])})
-    lines = [f"Tiny recipe, {steps} GRPO steps, this machine ({args.cores:g} cores). Costs: solo seconds per call "
-             f"from max_staleness=0's timeline; Ray dispatch {latency * 1000:.1f} ms (median gap between stages); "
-             f"cores per call fitted on max_staleness 0 and 1: {threads}, background {background:g}.", "",
+    lines = [f"Tiny recipe, {steps} GRPO steps, this machine ({args.cores:g} cores); measured: each figure the median "
+             f"of {len(runs)} run(s) ({', '.join(str(r) for r in runs)}). Costs: solo seconds per call from the "
+             f"max_staleness=0 runs' timelines; Ray dispatch {latency * 1000:.1f} ms (median gap between stages); "
+             f"cores per call {'given (--fixed)' if fixed else 'fitted on max_staleness 0 and 1'}: {threads}, "
+             f"background {background:g}.", "",
              "| max_staleness | | GRPO s | samples/s | generator busy | learner busy | reference busy | scorer busy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -153,6 +193,16 @@ def validate(args) -> int:
             lines.append(f"| {r['eta']} ({r['role']}) | {what} | {x['time_s']:.1f} | {x['samples_per_s']:.1f} | "
                          + " | ".join(f"{x['busy'][k]:.2f}" for k in ("generator", "learner", "reference", "scorer"))
                          + " |")
+        if len(runs) > 1:  # the spread of the runs the medians are of
+            m = r["measured"]["runs"]
+
+            def span(values, fmt):
+                return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+            lines.append(f"| | measured, range of {len(runs)} | {span([x['time_s'] for x in m], '{:.1f}')} | "
+                         f"{span([x['samples_per_s'] for x in m], '{:.1f}')} | "
+                         + " | ".join(span([x["busy"][k] for x in m], "{:.2f}")
+                                      for k in ("generator", "learner", "reference", "scorer")) + " |")
         e = r["errors"]
         lines.append(f"| | error | {e['time_s']:+.0%} | {-e['time_s'] / (1 + e['time_s']):+.0%} | "
                      + " | ".join(f"{e['busy/' + k]:+.0%}" for k in ("generator", "learner", "reference", "scorer"))
@@ -161,7 +211,8 @@ def validate(args) -> int:
     lines.append(f"\nLargest error: {worst_all:.1%} (aim: 15%).")
     table = "\n".join(lines)
     print(table)
-    save_results("simulate_validation", {"steps": steps, "cores": args.cores, "latency_s": latency, "threads": threads,
+    save_results(args.name, {"steps": steps, "cores": args.cores, "runs": [str(r) for r in runs], "fixed": fixed,
+                                         "latency_s": latency, "threads": threads,
                                          "background": background, "costs": vars(costs), "rows": rows,
                                          "largest_error": worst_all}, table)
     return 0
@@ -736,11 +787,17 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate")
     v.add_argument("--measured", default="runs/sim-validate")
-    v.add_argument("--measure", action="store_true", help="run benchmarks/async_vs_sync.py first")
+    v.add_argument("--measure", action="store_true", help="run benchmarks/async_vs_sync.py first (--repeat times)")
+    v.add_argument("--repeat", type=int, default=3,
+                   help="with --measure: runs per max_staleness, into <measured>/run-<k>; each figure is their median")
     v.add_argument("--steps", type=int, default=40)
     v.add_argument("--cores", type=float, default=2.0)
     v.add_argument("--held-out", type=int, nargs="+", default=[2, 4],
                    help="max_staleness values predicted without fitting on them (runs/.../eta-<n> measured)")
+    v.add_argument("--fixed", type=float, nargs=4, metavar=("GENERATE", "TRAIN", "REF_LOGPROBS", "BACKGROUND"),
+                   help="the cores each kind keeps busy and the background, as fitted before (stop 48: 1.5 1 2 1), "
+                        "instead of fitting them on max_staleness 0 and 1")
+    v.add_argument("--name", default="simulate_validation", help="stem of the result files in benchmarks/results/")
     sub.add_parser("plot", help="redraw the predictions' plot from benchmarks/results/simulate_predictions.json")
     p = sub.add_parser("predict")
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS))

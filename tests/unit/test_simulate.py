@@ -24,6 +24,7 @@ from simfleet import (  # noqa: E402
     SimTransport,
     VllmDevice,
     call_payload,
+    fit_cpu_costs,
     payload,
     read_timeline,
     run_driver,
@@ -125,6 +126,46 @@ def test_the_1_5b_lengths_are_deepscalers_at_8k_cut_at_the_recipes_cap():
     at_4k = LENGTHS_1_5B.stats(draws=160_000, seed=1)
     assert at_4k["mean"] == pytest.approx(2977, rel=0.01)  # docs/simulator.md's figures for the recipe's cap
     assert at_4k["truncated"] == pytest.approx(0.31, abs=0.01)
+
+
+def test_validation_pools_repeated_runs_without_overlapping_them_and_takes_medians(tmp_path):
+    """simulate.py validate --repeat: each run's clock starts at 0, so their timelines are laid
+    one after the other before the costs are fitted (overlaid, the processor sharing would halve
+    every call's solo seconds); the dispatch latency is the median of every run's gaps, each
+    measured figure the median of the runs."""
+    import json
+
+    from simulate import measured_runs, median_of, pooled_spans
+
+    def timeline(run, gen_s, gap_s):  # generate, then score after Ray's dispatch gap, then train; twice
+        events = [{"ph": "M", "tid": 1, "args": {"name": "generator-0"}},
+                  {"ph": "M", "tid": 2, "args": {"name": "scorer-0"}}, {"ph": "M", "tid": 3, "args": {"name": "learner-0"}}]
+        t = 0.0
+        for _ in range(2):
+            events.append({"ph": "X", "tid": 1, "name": "generate", "ts": t * 1e6, "dur": gen_s * 1e6})
+            t += gen_s + gap_s
+            events.append({"ph": "X", "tid": 2, "name": "score", "ts": t * 1e6, "dur": 0.5e6, "args": {"samples": 8}})
+            t += 0.5 + gap_s
+            events.append({"ph": "X", "tid": 3, "name": "train", "ts": t * 1e6, "dur": 1e6})
+            t += 1.0
+        (tmp_path / run / "eta-0").mkdir(parents=True)
+        (tmp_path / run / "eta-0" / "timeline.json").write_text(json.dumps({"traceEvents": events}))
+
+    timeline("run-2", 1.0, 0.010)
+    timeline("run-1", 3.0, 0.004)
+    timeline("run-10", 2.0, 0.006)
+    runs = measured_runs(tmp_path)
+    assert [r.name for r in runs] == ["run-1", "run-2", "run-10"]
+    spans, latency = pooled_spans(runs)
+    assert latency == pytest.approx(0.006)
+    assert all(a["t1"] <= b["t0"] for a, b in zip(spans, spans[1:]))  # one after the other: nothing overlaps
+    costs = fit_cpu_costs(spans, 2.0, {"generate": 1.0, "score": 1.0, "train": 1.0})
+    assert costs.per_call["generate"] == pytest.approx(2.0) and costs.per_call["train"] == pytest.approx(1.0) and costs.per_sample["score"] == pytest.approx(0.5 / 8)
+    figures = [{"time_s": t, "samples_per_s": 100 / t, "busy": {"generator": b}} for t, b in ((40, .3), (50, .5), (45, .2))]
+    m = median_of(figures)
+    assert (m["time_s"], m["samples_per_s"], m["busy"]) == (45, 100 / 45, {"generator": .3}) and m["runs"] == figures
+    with pytest.raises(SystemExit, match="no measured runs under"):
+        measured_runs(tmp_path / "none")
 
 
 def test_the_payload_counts_what_pickle_sends_through_the_driver():
