@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,6 +24,53 @@ class TokenIds(np.ndarray):
     __radd__ = __iadd__ = __add__
 
 
+class OneVersion(Sequence):
+    """``Rollout.versions`` as unpickled when every token came from one policy version (all but
+    a continued partial rollout's or a tool episode's): ``n`` times ``version`` in two numbers,
+    where a list holds a pointer a token (8 bytes: a third of what a 430-token completion
+    holds in the driver). Reads as that list: compares equal to it; ``+`` gives a list."""
+
+    __slots__ = ("version", "n")
+
+    def __init__(self, version: int, n: int):
+        self.version, self.n = version, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.version] * len(range(*i.indices(self.n)))
+        if not -self.n <= i < self.n:
+            raise IndexError("versions index out of range")
+        return self.version
+
+    def __iter__(self):
+        return repeat(self.version, self.n)
+
+    def count(self, value) -> int:
+        return self.n if value == self.version else 0
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, OneVersion):
+            return self.n == other.n and (self.n == 0 or self.version == other.version)
+        if isinstance(other, (list, tuple)):
+            return len(other) == self.n and other.count(self.version) == self.n
+        return NotImplemented
+
+    def __add__(self, other) -> list:
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list:
+        return list(other) + list(self)
+
+    def __reduce__(self):
+        return OneVersion, (self.version, self.n)
+
+    def __repr__(self) -> str:
+        return f"[{self.version}] * {self.n}"
+
+
 @dataclass
 class Rollout:
     sample_id: str  # "<prompt_id>/<k>": stable across retries, used to prove nothing is lost or duplicated
@@ -36,7 +84,9 @@ class Rollout:
     # behaviour log-probs of the sampled tokens, under logits / temperature: a float32 array from the
     # generator (one buffer to pickle through the driver, where a list is a Python float a token)
     logprobs: Sequence[float]
-    versions: list[int]  # policy version that produced each completion token (-1: a tool turn's token)
+    # the policy version that produced each completion token (-1: a tool turn's token); a list,
+    # or OneVersion once unpickled when every token has the same
+    versions: Sequence[int]
     finish_reason: str  # "stop" (EOS), "length", or "max_turns" (an episode's last turn called a tool)
     text: str = ""
     columns: dict[str, Any] = field(default_factory=dict)  # dataset columns (e.g. solution) for rewards
@@ -86,7 +136,7 @@ class Rollout:
         driver, which every rollout passes through, unpickles two numbers instead of one per
         token (about 18 ns each on this machine: ``benchmarks/simulate.py ray-costs``)."""
         v = self.versions
-        if len(v) > 2 and type(v) is list and v.count(v[0]) == len(v):
+        if (type(v) is OneVersion and v.n > 2) or (len(v) > 2 and type(v) is list and v.count(v[0]) == len(v)):
             state = dict(self.__dict__)
             state["versions"] = (v[0], len(v))
             return state
@@ -94,8 +144,8 @@ class Rollout:
 
     def __setstate__(self, state: dict) -> None:
         v = state["versions"]
-        if type(v) is tuple:  # (version, count): see __getstate__
-            state = {**state, "versions": [v[0]] * v[1]}
+        if type(v) is tuple:  # (version, count): see __getstate__; held as two numbers too
+            state = {**state, "versions": OneVersion(*v)}
         self.__dict__.update(state)
 
     def for_scoring(self) -> "Rollout":

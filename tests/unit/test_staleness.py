@@ -1,10 +1,11 @@
 """The staleness bound, replayed as event sequences: no Ray, no engine, milliseconds."""
 import random
+import sys
 from dataclasses import replace
 
 import pytest
 
-from r1ray.actors.rollout import Rollout
+from r1ray.actors.rollout import OneVersion, Rollout
 from r1ray.controllers.grpo.staleness import StalenessError, StalenessManager
 
 
@@ -261,7 +262,16 @@ def test_a_rollout_pickles_one_version_for_tokens_of_one_policy_and_its_group_on
     assert one[0].__getstate__()["versions"] == (3, 500) and one[0].versions == [3] * 500
     assert mixed.__getstate__()["versions"] is mixed.versions and tools.__getstate__()["versions"] is tools.versions
     back = pickle.loads(pickle.dumps([*one, mixed, tools]))
-    assert back == [*one, mixed, tools] and type(back[0].versions) is list
+    assert back == [*one, mixed, tools] and type(back[0].versions) is OneVersion and type(back[4].versions) is list
+    # held as two numbers, read as the list: equal, indexed, sliced, joined, counted, pickled again as two numbers
+    v = back[0].versions
+    assert v == [3] * 500 and [3] * 500 == v and v != [3] * 499 + [4] and v != [3] * 499 and list(v) == [3] * 500
+    assert (v[0], v[-1], v[10:20], v.count(3), v.count(4), max(v)) == (3, 3, [3] * 10, 500, 0, 3)
+    assert v + [4] == [3] * 500 + [4] and [2] + v == [2] + [3] * 500 and back[0].model_versions == [3] * 500
+    assert back[0].__getstate__()["versions"] == (3, 500) and pickle.loads(pickle.dumps(back[0])) == one[0]
+    assert sys.getsizeof(v) < 100 < 8 * 500
+    with pytest.raises(IndexError):
+        v[500]
     assert back[0].prompt_ids is back[3].prompt_ids and back[0].versions is not back[1].versions
     assert copy.deepcopy(one[1]) == one[1] and copy.copy(mixed) == mixed
     # bytes: the prompt once for the group, and 500 versions in a few bytes
