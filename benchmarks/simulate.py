@@ -16,9 +16,9 @@ validate: the tiny recipe measured on this machine (``benchmarks/async_vs_sync.p
 max_staleness 0, 1, 2, 4; ``--measure`` runs it ``--repeat`` times, each figure their median)
 against the simulator with costs fitted from the max_staleness=0 runs' timelines (each call's
 solo seconds under processor sharing of the CPU's cores) and Ray's dispatch latency from the
-gaps between stages. The cores each kind of
-call keeps busy are fitted on max_staleness 0 and 1 (a grid); 2 and 4 are held out. ``--fixed``
-holds them at values fitted before (stop 48's: 1.5 1 2 1) and predicts every max_staleness.
+gaps between stages. The cores each kind of call keeps busy are fitted on max_staleness 0 and 1
+(a grid); 2 and 4 are held out. ``--fixed`` holds them at values fitted before (stop 48's:
+1.5 1 2 1) and predicts every max_staleness.
 
 predict: seconds per step, samples/s and busy fractions for the 1.5B recipe on 8 H100s and
 the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at max_staleness
@@ -124,7 +124,7 @@ def pooled_spans(runs: list[Path]) -> tuple[list[dict], float]:
         own = read_timeline(run / "eta-0" / "timeline.json")
         gaps += stage_gaps(own)
         spans += [{**sp, "t0": sp["t0"] + shift, "t1": sp["t1"] + shift} for sp in own]
-        shift = max(sp["t1"] for sp in spans) + 1.0
+        shift += max(sp["t1"] for sp in own) + 1.0
     return spans, statistics.median(gaps)
 
 
@@ -142,6 +142,11 @@ def errors(pred: dict, meas: dict) -> dict:
     for k, b in meas["busy"].items():
         out[f"busy/{k}"] = pred["busy"][k] / b - 1 if b > 0 else 0.0
     return out
+
+
+def span(values, fmt: str) -> str:
+    """``min-max`` of ``values``, each formatted with ``fmt``."""
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
 def validate(args) -> int:
@@ -173,11 +178,11 @@ def validate(args) -> int:
         fit = {eta: simulate_tiny(eta, steps, costs) for eta in (0, 1)}
         worst = max(abs(e) for eta in fit for e in errors(fit[eta], meas[eta]).values())
         if best is None or worst < best[0]:
-            best = (worst, threads, background, costs)
-    worst, threads, background, costs = best
+            best = (worst, threads, background, costs, fit)
+    worst, threads, background, costs, fit = best
     rows = []
     for eta in etas:
-        pred = simulate_tiny(eta, steps, costs)
+        pred = fit[eta] if eta in fit else simulate_tiny(eta, steps, costs)  # (the fit's runs are seeded: kept)
         rows.append({"eta": eta, "role": "held out" if fixed or eta >= 2 else "fitted", "measured": meas[eta],
                      "predicted": pred, "errors": errors(pred, meas[eta])})
     lines = [f"Tiny recipe, {steps} GRPO steps, this machine ({args.cores:g} cores); measured: each figure the median "
@@ -195,10 +200,6 @@ def validate(args) -> int:
                          + " |")
         if len(runs) > 1:  # the spread of the runs the medians are of
             m = r["measured"]["runs"]
-
-            def span(values, fmt):
-                return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
-
             lines.append(f"| | measured, range of {len(runs)} | {span([x['time_s'] for x in m], '{:.1f}')} | "
                          f"{span([x['samples_per_s'] for x in m], '{:.1f}')} | "
                          + " | ".join(span([x["busy"][k] for x in m], "{:.2f}")
