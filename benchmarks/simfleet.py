@@ -359,11 +359,22 @@ class Pool(Device):
 
 
 class VllmDevice(Device):
-    """One vLLM engine: continuous batching, one token per running sequence per engine step."""
+    """One vLLM engine: continuous batching, one token per running sequence per engine step.
 
-    def __init__(self, tr: SimTransport, costs: "GpuCosts", max_num_seqs: int):
+    Its KV cache holds ``kv_tokens`` tokens (prompts and what is decoded so far, of every
+    running sequence): a waiting sequence is admitted, first come first served, while
+    ``max_num_seqs`` and the cache leave room for its prompt with 1% of the cache to spare
+    (vLLM's admission watermark); when the running sequences' next token does not fit, the
+    newest is preempted (vLLM's recompute mode: its blocks freed, back to the head of the queue,
+    its whole context prefilled again when it is admitted again). ``peak_kv`` (tokens),
+    ``peak_running``, ``peak_waiting`` and ``preempted`` count what happened."""
+
+    WATERMARK = 0.01
+
+    def __init__(self, tr: SimTransport, costs: "GpuCosts", max_num_seqs: int, kv_tokens: float = math.inf):
         super().__init__(tr)
-        self.costs, self.max_num_seqs = costs, max_num_seqs
+        self.costs, self.max_num_seqs, self.kv_tokens = costs, max_num_seqs, kv_tokens
+        self.peak_kv, self.peak_running, self.peak_waiting, self.preempted = 0.0, 0, 0, 0
         self.rem = np.zeros(0)  # tokens each running sequence still decodes
         self.ctx = np.zeros(0)  # its context so far (prompt + decoded)
         self.owner: list[Job] = []  # the call each running sequence belongs to
@@ -382,6 +393,7 @@ class VllmDevice(Device):
         self.left[job] = len(seqs)
         self.waiting.extend((job, p, n, key) for p, n, key in seqs)
         self._admit()
+        self.peak_waiting = max(self.peak_waiting, len(self.waiting))
         self.tr.push(self)
 
     def sleep(self, seconds: float, done) -> None:
@@ -420,9 +432,13 @@ class VllmDevice(Device):
         if self.draining or self.asleep:
             return
         new_rem, new_ctx = [], []
-        while self.waiting and len(self.owner) < self.max_num_seqs:
+        live, room = float(self.ctx.sum()), (1 - self.WATERMARK) * self.kv_tokens
+        while self.waiting and len(self.owner) < self.max_num_seqs and live + self.waiting[0][1] <= room:
             job, p, n, key = self.waiting.popleft()
-            if key not in self.prefilled:  # prefix caching: the group's other samples reuse it
+            live += p
+            if key is None:  # preempted: its prompt and what it had decoded, computed again
+                self.stall += self.costs.prefill(p)
+            elif key not in self.prefilled:  # prefix caching: the group's other samples reuse it
                 self.prefilled.add(key)
                 self.stall += self.costs.prefill(p)
             self.owner.append(job)
@@ -431,6 +447,27 @@ class VllmDevice(Device):
         if new_rem:
             self.rem = np.concatenate([self.rem, np.asarray(new_rem, float)])
             self.ctx = np.concatenate([self.ctx, np.asarray(new_ctx, float)])
+            self.peak_kv = max(self.peak_kv, live)
+            self.peak_running = max(self.peak_running, len(self.owner))
+        elif self.waiting and not self.owner:
+            raise RuntimeError(f"a prompt of {self.waiting[0][1]} tokens does not fit the engine's KV cache of "
+                               f"{self.kv_tokens:.0f} tokens")
+
+    def _tokens_to_go(self) -> float:
+        """Tokens every running sequence decodes before one finishes or the KV cache is full."""
+        return min(float(self.rem.min()), (self.kv_tokens - float(self.ctx.sum())) / len(self.owner))
+
+    def _preempt(self) -> None:
+        """The KV cache is full: the newest running sequence gives its blocks back and waits
+        at the head of the queue (what it decoded is computed again, as prompt)."""
+        if len(self.owner) == 1:
+            raise RuntimeError(f"a sequence of {self.ctx[0]:.0f} tokens fills the engine's KV cache of "
+                               f"{self.kv_tokens:.0f} tokens")
+        job, ctx, rem = self.owner.pop(), float(self.ctx[-1]), float(self.rem[-1])
+        self.rem, self.ctx = self.rem[:-1], self.ctx[:-1]
+        self.waiting.appendleft((job, round(ctx), rem, None))
+        self.preempted += 1
+        self.peak_waiting = max(self.peak_waiting, len(self.waiting))
 
     def next_time(self) -> float:
         if not self.owner:
@@ -438,13 +475,17 @@ class VllmDevice(Device):
                 return self.paused_until
             return math.inf
         start = max(self.t, self.paused_until) + self.stall
-        return start + self.rem.min() * self.costs.decode_step(len(self.owner), float(self.ctx.sum()))
+        return start + max(0.0, self._tokens_to_go()) * self.costs.decode_step(len(self.owner), float(self.ctx.sum()))
 
     def advance(self, t: float) -> None:
         if not self.owner and not self.draining and self.waiting and t >= self.paused_until:
             self._admit()
         while self.owner:
             start = max(self.t, self.paused_until)
+            if start <= t and self.stall <= 0 and self._tokens_to_go() < 1e-9:  # (the KV cache filled at start)
+                self.t = start
+                self._preempt()
+                continue
             if start >= t:
                 self.t = t
                 return
@@ -456,12 +497,17 @@ class VllmDevice(Device):
                     self.t = t
                     return
                 self.stall = max(0.0, self.stall)
+            k = self._tokens_to_go()
+            if k < 1e-9:  # the KV cache is full (vLLM preempts before the step that would not fit)
+                self.t = start
+                self._preempt()
+                continue
             step_s = self.costs.decode_step(len(self.owner), float(self.ctx.sum()))
-            k = float(self.rem.min())
             t_fin = start + k * step_s
             tokens = k if t_fin <= t + EPS else (t - start) / step_s
             self.rem -= tokens
             self.ctx += tokens
+            self.peak_kv = max(self.peak_kv, float(self.ctx.sum()))
             self.t = min(t_fin, t)
             if t_fin > t + EPS:
                 return
@@ -872,7 +918,9 @@ class SimSystem(System):
 
         def device(kind: str) -> Device:
             if kind == "generator" and self.batches_requests:
-                return VllmDevice(tr, fleet.costs, r.generator.max_num_seqs)
+                g = r.generator
+                return VllmDevice(tr, fleet.costs, g.max_num_seqs,
+                                  fleet.costs.kv_tokens(g.gpu_memory_utilization, g.tensor_parallel_size))
             return shared or Pool(tr)
 
         def group(name: str, cls: type, sim: type, n: int, kind: str) -> SimGroup:
@@ -1006,6 +1054,11 @@ class GpuCosts:
     cores: float = math.inf  # every actor on its own device
     background: float = 0.0
     latency_s: float = 0.002  # Ray's dispatch of a task to an actor
+    # a vLLM engine's KV cache: gpu_memory_utilization of the device's memory (an H100 SXM's
+    # 80 GB as torch reports it, 79.2 GiB), less the weights and what vLLM keeps beside them
+    # (assumed: the activations of its profiling run, CUDA graphs, the CUDA context)
+    hbm_bytes: float = 79.2 * 2**30
+    vllm_reserved_bytes: float = 3e9
 
     def decode_step(self, running: int, context_tokens: float) -> float:
         m = self.model
@@ -1015,6 +1068,12 @@ class GpuCosts:
 
     def prefill(self, tokens: int) -> float:
         return 2 * self.model.params * tokens / (self.prefill_mfu * self.peak_flops)
+
+    def kv_tokens(self, gpu_memory_utilization: float, tensor_parallel_size: int = 1) -> float:
+        """Tokens a vLLM engine's KV cache holds (over its ``tensor_parallel_size`` GPUs)."""
+        tp = tensor_parallel_size
+        free = tp * (gpu_memory_utilization * self.hbm_bytes - self.vllm_reserved_bytes) - self.model.weight_bytes
+        return free / self.model.kv_bytes_per_token
 
     def generate(self, sequences: int, tokens: int) -> float:  # (vLLM devices model it themselves)
         raise NotImplementedError

@@ -59,7 +59,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _train import pyplot, save_results  # noqa: E402
-from simfleet import QWEN_1_5B, QWEN_7B, Fleet, GpuCosts, Lengths, fit_cpu_costs, numbers, read_timeline, run_driver  # noqa: E402
+from simfleet import (  # noqa: E402
+    QWEN_1_5B,
+    QWEN_7B,
+    Fleet,
+    GpuCosts,
+    Lengths,
+    VllmDevice,
+    fit_cpu_costs,
+    numbers,
+    read_timeline,
+    run_driver,
+)
 
 from r1ray.actors.rollout import Rollout, TokenIds  # noqa: E402
 from r1ray.controllers.config.load import load_recipe  # noqa: E402
@@ -276,11 +287,23 @@ def predict_one(name: str, sets: list[str], steps: int, seed: int = 0) -> dict:
     busy = {g: round(1 - statistics.fmean(x[f"util/{g}/idle_ratio"] for x in steady), 3)
             for g in ("generator", "learner", "reference", "scorer") if f"util/{g}/idle_ratio" in steady[0]}
     samples = r.grpo.prompts_per_step * r.grpo.num_generations
+    # (the engines of every generator the run had, replacements included)
+    engines = [a.device for a in fleet.system.generators.actors if isinstance(a.device, VllmDevice)]
     return {"scenario": name, "sets": sets, "gpus": gpus_of(r), "eta": eta, "step_s": round(step_s, 2),
             "samples_per_s": round(samples / step_s, 2), "busy": busy,
             "completion_len": round(statistics.fmean(x["completion_len/mean"] for x in steady), 1),
             "truncated": round(statistics.fmean(x["completion/truncated_ratio"] for x in steady), 3),
-            "sim_cpu_s": round(cpu, 2)}
+            "sim_cpu_s": round(cpu, 2), **engine_peaks(engines)}
+
+
+def engine_peaks(engines: list) -> dict:
+    """The fullest any vLLM engine's KV cache got (a share of it), its most running and
+    waiting sequences, and the preemptions of all of them."""
+    if not engines:
+        return {}
+    return {"kv_peak": round(max(e.peak_kv / e.kv_tokens for e in engines), 3),
+            "running_peak": max(e.peak_running for e in engines),
+            "waiting_peak": max(e.peak_waiting for e in engines), "preempted": sum(e.preempted for e in engines)}
 
 
 def predict(args) -> int:

@@ -96,6 +96,43 @@ def test_vllm_device_decodes_in_steps_and_pauses_for_updates():
         assert done[1] == pytest.approx(0.56 if mode == "keep" else 0.66)  # admitted after the update
 
 
+class _PrefillCosts(_FlatCosts):
+    def prefill(self, tokens):
+        return 0.001 * tokens
+
+
+def test_vllm_device_preempts_the_newest_sequence_when_its_kv_cache_is_full():
+    """A KV cache of 100 tokens, two sequences of a 20-token prompt (prefilled once: 0.02 s)
+    and 50 tokens each: at 0.32 s both hold 50 and the next step does not fit, so the newer is
+    preempted and waits; the other ends at 0.52 s, then the preempted one is admitted again,
+    its 50 tokens prefilled again (0.05 s), and decodes its last 20 by 0.77 s. Without the
+    bound, both end at 0.52 s."""
+    for kv, expect, preempted in ((100, 0.77, 1), (math.inf, 0.52, 0)):
+        tr = SimTransport()
+        dev, call = VllmDevice(tr, _PrefillCosts(), max_num_seqs=8, kv_tokens=kv), Ref()
+        dev.submit(Job(call, _Actor("g"), "generate", 0.0), [(20, 50, "p"), (20, 50, "p")])
+        assert _done_at(tr, [call]) == pytest.approx([expect])
+        assert (dev.preempted, dev.peak_waiting) == (preempted, preempted)
+        assert dev.peak_kv == pytest.approx(min(kv, 140))
+    # a prompt that can never fit is an error, not a run that waits for ever
+    tr = SimTransport()
+    dev = VllmDevice(tr, _PrefillCosts(), max_num_seqs=8, kv_tokens=100)
+    with pytest.raises(RuntimeError, match="a prompt of 120 tokens does not fit the engine's KV cache of 100 tokens"):
+        dev.submit(Job(Ref(), _Actor("g"), "generate", 0.0), [(120, 5, "p")])
+
+
+def test_kv_cache_of_the_recipes_engines():
+    """vLLM's KV cache: gpu_memory_utilization of an H100's 79.2 GiB, less 3 GB and the
+    weights, over K and V of every layer (bf16): 7B at 0.7, 57,344 bytes a token; 1.5B at
+    0.85, 28,672."""
+    from simfleet import QWEN_1_5B
+
+    assert GpuCosts(QWEN_7B).kv_tokens(0.7) == pytest.approx((0.7 * 79.2 * 2**30 - 3e9 - 15.2e9) / 57344)
+    assert GpuCosts(QWEN_1_5B).kv_tokens(0.85) == pytest.approx(2.309e6, rel=1e-3)
+    # tensor parallel: the cache over both GPUs, the weights once
+    assert GpuCosts(QWEN_7B).kv_tokens(0.7, 2) == pytest.approx((2 * (0.7 * 79.2 * 2**30 - 3e9) - 15.2e9) / 57344)
+
+
 def _tiny(*sets):
     return load_recipe("tiny-cpu", ["ray.dashboard=false", *sets])
 
