@@ -31,7 +31,7 @@ import math
 import random
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 
@@ -990,6 +990,23 @@ class Lengths:
         return cls(cap, math.exp(math.log(cap) - z * sigma), sigma * math.sqrt(1 - prompt_share),
                    sigma * math.sqrt(prompt_share))
 
+    def with_mean(self, mean: float, at_cap: int) -> "Lengths":
+        """These spreads with the median moved so that draws cut at ``at_cap`` have ``mean``
+        (one published figure, one parameter)."""
+        s = math.hypot(self.sigma, self.prompt_sigma)
+
+        def capped_mean(median: float) -> float:
+            z = (math.log(at_cap) - math.log(median)) / s
+            return median * math.exp(s * s / 2) * NormalDist().cdf(z - s) + at_cap * (1 - NormalDist().cdf(z))
+
+        lo, hi = 1.0, 100.0 * at_cap  # the capped mean grows with the median, towards the cap
+        if not capped_mean(lo) < mean < at_cap:
+            raise ValueError(f"no median gives a mean of {mean} cut at {at_cap} with sigma {s:.2f}")
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if capped_mean(mid) < mean else (lo, mid)
+        return replace(self, median=math.sqrt(lo * hi))
+
     def stats(self, draws: int = 20000, seed: int = 0) -> dict:
         rng = random.Random(seed)
         xs = [x for _ in range(draws // 8) for x in self.group(rng, 8)]
@@ -1059,6 +1076,7 @@ class GpuCosts:
     # (assumed: the activations of its profiling run, CUDA graphs, the CUDA context)
     hbm_bytes: float = 79.2 * 2**30
     vllm_reserved_bytes: float = 3e9
+    kv_bound: bool = True  # False: the engines' caches hold everything (as the simulator assumed before)
 
     def decode_step(self, running: int, context_tokens: float) -> float:
         m = self.model
@@ -1071,6 +1089,8 @@ class GpuCosts:
 
     def kv_tokens(self, gpu_memory_utilization: float, tensor_parallel_size: int = 1) -> float:
         """Tokens a vLLM engine's KV cache holds (over its ``tensor_parallel_size`` GPUs)."""
+        if not self.kv_bound:
+            return math.inf
         tp = tensor_parallel_size
         free = tp * (gpu_memory_utilization * self.hbm_bytes - self.vllm_reserved_bytes) - self.model.weight_bytes
         return free / self.model.kv_bytes_per_token

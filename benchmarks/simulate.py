@@ -7,6 +7,7 @@
     python benchmarks/simulate.py ray-costs      # Ray's driver-side CPU per call, wait, completion, number pickled
     python benchmarks/simulate.py overhead [--generators 256 --ranks 64] [--set key=value] [--name stem]
     python benchmarks/simulate.py elastic [--scenario 7b-64] [--eta 1] [--at 8] [--start-s 60]
+    python benchmarks/simulate.py kv [--scenario 1.5b-16k] [--etas 0 1 2 4] [--max-num-seqs 512 1024]
 
 The driver's own code (``GrpoDriver``: admission, the staleness bound, the in-flight table,
 elastic slots, weight-sync sequencing) runs unchanged on a simulated clock against the
@@ -35,6 +36,9 @@ overhead: the driver's own CPU seconds and Ray calls per step, and its memory, w
 simulated generators and 64 learner ranks.
 
 memory: what the driver holds on to from step to step in that run (tracemalloc).
+
+kv: the long-trace recipe (16,384-token completions) against its engines' KV caches, at each
+max_staleness and ``generator.max_num_seqs``, with the caches' bound and without it.
 
 elastic: one generator lost while generating, lost during a weight sync, drained (``r1ray
 scale``) during a weight sync, or added, against a run without: the run's seconds, how many
@@ -73,6 +77,7 @@ from simfleet import (  # noqa: E402
 )
 
 from r1ray.actors.rollout import Rollout, TokenIds  # noqa: E402
+from r1ray.controllers.config import ConfigError  # noqa: E402
 from r1ray.controllers.config.load import load_recipe  # noqa: E402
 
 TINY = HERE.parent / "configs" / "tiny-cpu.yaml"
@@ -244,10 +249,15 @@ def prompt_tokens(median: int):
 # cut at the recipe's 4,096 instead: mean ~2,980, ~31% at the cap (docs/simulator.md, the cost model).
 LENGTHS_7B = Lengths.fitted(1024, 424.5, 0.0737)
 LENGTHS_1_5B = replace(Lengths.fitted(8192, 3500, 0.042), cap=4096)
+# The long-trace recipe (deepscaler-1.5b-16k-h100.yaml) starts from the model as distilled, whose mean
+# DeepScaleR's blog gives at the start of its 8K stage: about 5,500 tokens (cut at 8,192); the spreads
+# are the fit above's (assumed), the median moved to that mean: cut at 16,384 instead, ~6,300 and ~2.6%.
+LENGTHS_1_5B_DISTILLED = replace(LENGTHS_1_5B.with_mean(5500, at_cap=8192), cap=16384)
 
 # name -> (recipe, model, completion lengths, prompt tokens, scale: the recipe's actor counts and batch x k)
 SCENARIOS = {
     "1.5b-8": ("qwen2.5-1.5b-h100.yaml", QWEN_1_5B, LENGTHS_1_5B, 150, 1),
+    "1.5b-16k": ("deepscaler-1.5b-16k-h100.yaml", QWEN_1_5B, LENGTHS_1_5B_DISTILLED, 150, 1),
     "7b-8": ("qwen2.5-math-7b-grpo-h100.yaml", QWEN_7B, LENGTHS_7B, 300, 1),
     "7b-64": ("qwen2.5-math-7b-grpo-h100.yaml", QWEN_7B, LENGTHS_7B, 300, 8),
     "7b-256": ("qwen2.5-math-7b-grpo-h100.yaml", QWEN_7B, LENGTHS_7B, 300, 32),
@@ -272,10 +282,10 @@ def gpus_of(r) -> int:
     return int(round(g))
 
 
-def predict_one(name: str, sets: list[str], steps: int, seed: int = 0) -> dict:
+def predict_one(name: str, sets: list[str], steps: int, seed: int = 0, kv_bound: bool = True) -> dict:
     recipe, model, lengths, prompt_median, k = SCENARIOS[name]
     r = load(HERE.parent / "configs" / recipe, scaled(recipe, k) + sets + [f"grpo.steps={steps}"])
-    fleet = Fleet(r, GpuCosts(model), lengths, seed=seed)
+    fleet = Fleet(r, GpuCosts(model, kv_bound=kv_bound), lengths, seed=seed)
     t0 = time.process_time()
     driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(prompt_median))
     cpu = time.process_time() - t0
@@ -398,6 +408,31 @@ def fixes(args) -> int:
     return 0
 
 
+# -- the engines' KV caches -----------------------------------------------------------------
+def kv(args) -> int:
+    """The long-trace recipe's engines against their KV caches: each max_staleness and
+    ``generator.max_num_seqs``, with the caches' bound and without it (every sequence fits, as
+    the simulator assumed before it modelled them)."""
+    rows = []
+    for eta, seqs, bound in itertools.product(args.etas, args.max_num_seqs, (True, False)):
+        row = predict_one(args.scenario, [f"grpo.max_staleness={eta}", f"generator.max_num_seqs={seqs}"],
+                          args.steps + 2 * eta + 2, kv_bound=bound)
+        row.update(max_num_seqs=seqs, kv_bound=bound)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = [f"| η | max_num_seqs | KV cache bound | s / step | samples/s | generator busy | fullest KV cache | "
+             f"most running | most waiting | preempted ({args.scenario}, predicted) |", "|---" * 10 + "|"]
+    for r in rows:
+        kv_peak = f"{r['kv_peak']:.0%}" if r["kv_bound"] else "-"
+        lines.append(f"| {r['eta']} | {r['max_num_seqs']} | {'yes' if r['kv_bound'] else 'no'} | {r['step_s']:.1f} | "
+                     f"{r['samples_per_s']:.2f} | {r['busy']['generator']:.2f} | {kv_peak} | {r['running_peak']} | "
+                     f"{r['waiting_peak']} | {r['preempted']} |")
+    table = "\n".join(lines)
+    print(table)
+    save_results(args.name, {"scenario": args.scenario, "rows": rows}, table)
+    return 0
+
+
 # -- elastic generators at scale -------------------------------------------------------------
 def elastic_one(name: str, event: str, at: int, steps: int, eta: int, start_s: float) -> dict:
     """``name``'s scenario at max_staleness ``eta`` with one event about learner rank 0's send
@@ -482,11 +517,14 @@ def colocate(args) -> int:
     """Each scenario split (η = 0, 1, 2) and colocated (η = 0: the only one it has), the same GPUs."""
     rows = []
     for name in args.only or list(SCENARIOS):
-        row = {"scenario": name}
+        sets, ranks = colocated_sets(name)
+        try:
+            row = {"scenario": name, "colocate": {**predict_one(name, sets, args.steps + 2), "ranks": ranks}}
+        except ConfigError as e:  # (the long-trace recipe's sequence parallelism does not divide 7 ranks)
+            print(f"{name}: no colocated form on its GPUs ({e})", flush=True)
+            continue
         for eta in args.etas:
             row[f"split_eta{eta}"] = predict_one(name, [f"grpo.max_staleness={eta}"], args.steps + 2 * eta + 2)
-        sets, ranks = colocated_sets(name)
-        row["colocate"] = {**predict_one(name, sets, args.steps + 2), "ranks": ranks}
         rows.append(row)
         print(json.dumps(row), flush=True)
     busy = "generator / learner / reference busy"
@@ -845,6 +883,13 @@ def main() -> int:
     e.add_argument("--at", type=int, default=8, help="the event when learner rank 0 sends this version")
     e.add_argument("--start-s", type=float, default=60.0, help="seconds a new generator takes to answer (assumed)")
     e.add_argument("--name", default="simulate_elastic")
+    k = sub.add_parser("kv", help="the engines' KV caches: max_num_seqs and max_staleness, with and without their bound")
+    k.add_argument("--scenario", default="1.5b-16k", choices=list(SCENARIOS))
+    k.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4])
+    k.add_argument("--max-num-seqs", type=int, nargs="+", default=[512, 1024])
+    # (steps of 60-160 s whose lengths are long-tailed: 6 steps move samples/s by up to a fifth)
+    k.add_argument("--steps", type=int, default=16, help="steps measured (2 x max_staleness + 2 more run)")
+    k.add_argument("--name", default="simulate_kv")
     rc = sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
     rc.add_argument("--repeat", type=int, default=3, help="measure this many times and report each figure's median")
     o = sub.add_parser("overhead")
@@ -866,7 +911,7 @@ def main() -> int:
         plot(rows, HERE / "results" / "simulate_predictions.png")
         return 0
     return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead, "colocate": colocate,
-            "elastic": elastic, "ray-costs": ray_costs, "memory": memory}[args.cmd](args)
+            "elastic": elastic, "ray-costs": ray_costs, "memory": memory, "kv": kv}[args.cmd](args)
 
 
 if __name__ == "__main__":

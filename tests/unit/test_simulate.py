@@ -165,6 +165,22 @@ def test_the_1_5b_lengths_are_deepscalers_at_8k_cut_at_the_recipes_cap():
     assert at_4k["truncated"] == pytest.approx(0.31, abs=0.01)
 
 
+def test_the_long_trace_lengths_have_the_distilled_models_mean_at_8k():
+    """The 16K recipe starts from the model as distilled: DeepScaleR's 8K stage began at a mean
+    of about 5,500 tokens; the fit's spreads kept, the median moved to that mean."""
+    from simulate import LENGTHS_1_5B, LENGTHS_1_5B_DISTILLED
+
+    assert LENGTHS_1_5B_DISTILLED.cap == 16384
+    assert (LENGTHS_1_5B_DISTILLED.sigma, LENGTHS_1_5B_DISTILLED.prompt_sigma) == (LENGTHS_1_5B.sigma,
+                                                                                  LENGTHS_1_5B.prompt_sigma)
+    assert replace(LENGTHS_1_5B_DISTILLED, cap=8192).stats(draws=160_000, seed=1)["mean"] == pytest.approx(5500, rel=0.01)
+    at_16k = LENGTHS_1_5B_DISTILLED.stats(draws=160_000, seed=1)  # docs/simulator.md's figures
+    assert at_16k["mean"] == pytest.approx(6270, rel=0.01)
+    assert at_16k["truncated"] == pytest.approx(0.026, abs=0.003)
+    with pytest.raises(ValueError, match="no median gives a mean of 8200 cut at 8192"):
+        LENGTHS_1_5B.with_mean(8200, at_cap=8192)
+
+
 def test_validation_pools_repeated_runs_without_overlapping_them_and_takes_medians(tmp_path):
     """simulate.py validate --repeat: each run's clock starts at 0, so their timelines are laid
     one after the other before the costs are fitted (overlaid, the processor sharing would halve
