@@ -255,6 +255,15 @@ class Elastic:
         work = self.inflight.submit(Work("sync", refs, version=version, who=who))
         if forms:  # forming the group (engines' rendezvous) is not what a sync's pace measures
             work.deadline = max(work.deadline, work.started + self.r.ray.call_timeout_s)
+        if self.r.generator.pause_mode == "wait" and self.system.batches_requests:
+            # Each engine first lets the sequences it runs reach their end: the sync is queued
+            # behind its generators' generate calls (minutes of a 16K-token tail), which a
+            # sync's pace does not measure. It gets what they may take, then its own budget.
+            ahead = [w.deadline for w in self.inflight.work
+                     if w.stage == "generate" and (members is None or w.actor in members)]
+            if ahead:
+                work.deadline = max(work.deadline, max(ahead) + work.deadline - work.started,
+                                    work.started + self.r.ray.call_timeout_s)
         self.syncs[work] = [(i, gens.incarnation[i]) for i in members or []]
         return work
 

@@ -458,6 +458,21 @@ def test_a_generator_drained_during_a_weight_sync_leaves_after_it_and_breaks_not
                                               sp["args"]["version"] == 3 for sp in spans)
 
 
+def test_a_sync_that_waits_for_long_sequences_is_not_taken_for_a_stuck_one():
+    """``generator.pause_mode: wait`` with long traces: a sync waits for the sequences its
+    engines run (here about 2 minutes of a 6,000-token median), more than the deadline a
+    sync's pace gives it (60 s at least, 5x the slowest sync seen). The driver used to end
+    the run there ('past its deadline'); the sync is now bounded by the generate calls ahead
+    of it, then its own budget, and the run finishes."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["generator.pause_mode=wait", "grpo.max_staleness=1", "grpo.steps=5", "grpo.prompts_per_step=8",
+                     "sampling.max_new_tokens=8192", "generator.max_model_len=8704"], cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(8192, 6000, sigma=0.3, prompt_sigma=0.2), seed=1)
+    driver, records, ids = _sampled(fleet, r, 5)
+    waits = [x["time/weight_sync_s"] for x in records]
+    assert max(waits) > 60  # (what the old deadline allowed)
+
+
 def _sampled(fleet, recipe, steps, prompts_per_step=8, spans=None):
     """A run of the 7B recipe on the simulated fleet: (driver, records, sample ids); ``spans``
     gets every actor's spans."""
