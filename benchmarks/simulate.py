@@ -21,9 +21,10 @@ gaps between stages. The cores each kind of call keeps busy are fitted on max_st
 (a grid); 2 and 4 are held out. ``--fixed`` holds them at values fitted before (stop 48's:
 1.5 1 2 1) and predicts every max_staleness.
 
-predict: seconds per step, samples/s and busy fractions for the 1.5B recipe on 8 H100s and
-the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled together) at max_staleness
-0, 1, 2, 4, with and without partial rollouts (``generator.pause_mode`` keep / wait).
+predict: seconds per step, samples/s and busy fractions for the 1.5B recipes on 8 H100s (4K
+and 16K completions) and the 7B recipe on 8, 64 and 256 (its actor counts and batch scaled
+together) at max_staleness 0, 1, 2, 4, with and without partial rollouts
+(``generator.pause_mode`` keep / wait); each row also gives the fullest engine's KV cache.
 
 fixes: the changes the predictions point at, one on top of the other, for the 7B recipe on 64
 GPUs at max_staleness 0, 1, 2.
