@@ -259,8 +259,9 @@ class Elastic:
             # Each engine first lets the sequences it runs reach their end: the sync is queued
             # behind its generators' generate calls (minutes of a 16K-token tail), which a
             # sync's pace does not measure. It gets what they may take, then its own budget.
+            chosen = None if members is None else set(members)
             ahead = [w.deadline for w in self.inflight.work
-                     if w.stage == "generate" and (members is None or w.actor in members)]
+                     if w.stage == "generate" and (chosen is None or w.actor in chosen)]
             if ahead:
                 work.deadline = max(work.deadline, max(ahead) + work.deadline - work.started,
                                     work.started + self.r.ray.call_timeout_s)
