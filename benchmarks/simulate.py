@@ -295,8 +295,7 @@ def predict_one(name: str, sets: list[str], steps: int, seed: int = 0, kv_bound:
     # admits no work beyond its last step)
     steady = records[eta + 2: len(records) - eta]
     step_s = statistics.fmean(x["time/step_s"] for x in steady)
-    busy = {g: round(1 - statistics.fmean(x[f"util/{g}/idle_ratio"] for x in steady), 3)
-            for g in ("generator", "learner", "reference", "scorer") if f"util/{g}/idle_ratio" in steady[0]}
+    busy = steady_busy(driver, records, eta + 2, len(records) - eta)
     samples = r.grpo.prompts_per_step * r.grpo.num_generations
     # (the engines of every generator the run had, replacements included)
     engines = [a.device for a in fleet.system.generators.actors if isinstance(a.device, VllmDevice)]
@@ -305,6 +304,16 @@ def predict_one(name: str, sets: list[str], steps: int, seed: int = 0, kv_bound:
             "completion_len": round(statistics.fmean(x["completion_len/mean"] for x in steady), 1),
             "truncated": round(statistics.fmean(x["completion/truncated_ratio"] for x in steady), 3),
             "sim_cpu_s": round(cpu, 2), **engine_peaks(engines)}
+
+
+def steady_busy(driver, records: list[dict], first: int, end: int) -> dict:
+    """Each group's busy fraction over the steps ``records[first:end]``, from every span the run
+    drained (its busy intervals), so exact: a step's own ``util/*`` keys see only the calls that
+    ended by the step's end (a generate call of a long tail spans several steps and counts in the
+    last alone), and a mean of them weighs a 30-s step as a 180-s one."""
+    ends = list(itertools.accumulate((x["time/step_s"] for x in records), initial=0.0))
+    u = driver.telemetry.utilisation(driver.wall0 + ends[first], driver.wall0 + ends[end])
+    return {g: round(1 - u[g]["idle_ratio"], 3) for g in ("generator", "learner", "reference", "scorer") if g in u}
 
 
 def engine_peaks(engines: list) -> dict:

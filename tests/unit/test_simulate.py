@@ -473,6 +473,38 @@ def test_a_sync_that_waits_for_long_sequences_is_not_taken_for_a_stuck_one():
     assert max(waits) > 60  # (what the old deadline allowed)
 
 
+def test_predicted_busy_fractions_count_calls_that_span_steps():
+    """A prediction's busy fractions are each group's busy seconds over the steady steps, from
+    every span (merged per actor) against a hand computation; a step's own ``util/*`` keys see
+    only the calls that ended by then, so with long tails their mean is far below (7B with a
+    6,000-token median: generate calls last several steps)."""
+    from simulate import steady_busy
+
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["grpo.max_staleness=2", "grpo.steps=8", "grpo.prompts_per_step=8", "sampling.max_new_tokens=8192",
+                     "generator.max_model_len=8704"], cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(8192, 6000, sigma=0.3, prompt_sigma=0.2), seed=1)
+    spans = []
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, spans=spans)
+    first, end = 4, 6
+    ends = list(itertools.accumulate((x["time/step_s"] for x in records), initial=0.0))
+    a, b = driver.wall0 + ends[first], driver.wall0 + ends[end]
+    busy = 0.0
+    for i in range(r.generator.num_actors):
+        merged = []
+        for t0, t1 in sorted((sp["t0"], sp["t1"]) for sp in spans
+                             if sp["actor"] == f"generator-{i}" and sp["kind"] == "generate"):
+            if merged and t0 <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], t1)
+            else:
+                merged.append([t0, t1])
+        busy += sum(max(0.0, min(t1, b) - max(t0, a)) for t0, t1 in merged)
+    exact = busy / r.generator.num_actors / (b - a)
+    assert steady_busy(driver, records, first, end)["generator"] == pytest.approx(exact, abs=1e-3)
+    per_step = 1 - sum(x["util/generator/idle_ratio"] for x in records[first:end]) / (end - first)
+    assert exact > 0.9 and per_step < 0.35  # (1.00 against 0.24)
+
+
 def _sampled(fleet, recipe, steps, prompts_per_step=8, spans=None):
     """A run of the 7B recipe on the simulated fleet: (driver, records, sample ids); ``spans``
     gets every actor's spans."""
