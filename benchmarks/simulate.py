@@ -265,6 +265,11 @@ SCENARIOS = {
 }
 
 
+# steps measured at least, per scenario: the 16K recipe's steps of 70-160 s are long-tailed
+# enough that six of them move its samples/s by up to a fifth
+MIN_STEPS = {"1.5b-16k": 16}
+
+
 def scaled(recipe, k: int) -> list[str]:
     """The recipe's generators, learner ranks, reference and scorer actors and prompts per step, x k."""
     r = load(HERE.parent / "configs" / recipe, [])
@@ -285,12 +290,14 @@ def gpus_of(r) -> int:
 
 def predict_one(name: str, sets: list[str], steps: int, seed: int = 0, kv_bound: bool = True) -> dict:
     recipe, model, lengths, prompt_median, k = SCENARIOS[name]
+    r = load(HERE.parent / "configs" / recipe, scaled(recipe, k) + sets)
+    eta = r.grpo.max_staleness  # (the steps asked for, at least the scenario's MIN_STEPS measured)
+    steps = max(steps, MIN_STEPS.get(name, 0) + 2 * eta + 2)
     r = load(HERE.parent / "configs" / recipe, scaled(recipe, k) + sets + [f"grpo.steps={steps}"])
     fleet = Fleet(r, GpuCosts(model, kv_bound=kv_bound), lengths, seed=seed)
     t0 = time.process_time()
     driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(prompt_median))
     cpu = time.process_time() - t0
-    eta = r.grpo.max_staleness
     # after the pipeline filled (eta + 2 steps), before it drains (the last eta steps: the run
     # admits no work beyond its last step)
     steady = records[eta + 2: len(records) - eta]
@@ -897,8 +904,8 @@ def main() -> int:
     k.add_argument("--scenario", default="1.5b-16k", choices=list(SCENARIOS))
     k.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2, 4])
     k.add_argument("--max-num-seqs", type=int, nargs="+", default=[512, 1024])
-    # (steps of 60-160 s whose lengths are long-tailed: 6 steps move samples/s by up to a fifth)
-    k.add_argument("--steps", type=int, default=16, help="steps measured (2 x max_staleness + 2 more run)")
+    k.add_argument("--steps", type=int, default=6, help="steps measured (2 x max_staleness + 2 more run; "
+                   "at least the scenario's MIN_STEPS)")
     k.add_argument("--name", default="simulate_kv")
     rc = sub.add_parser("ray-costs", help="Ray's driver-side CPU per call and per wait on this machine")
     rc.add_argument("--repeat", type=int, default=3, help="measure this many times and report each figure's median")
