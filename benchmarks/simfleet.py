@@ -482,10 +482,6 @@ class VllmDevice(Device):
             self._admit()
         while self.owner:
             start = max(self.t, self.paused_until)
-            if start <= t and self.stall <= 0 and self._tokens_to_go() < 1e-9:  # (the KV cache filled at start)
-                self.t = start
-                self._preempt()
-                continue
             if start >= t:
                 self.t = t
                 return
@@ -497,11 +493,7 @@ class VllmDevice(Device):
                     self.t = t
                     return
                 self.stall = max(0.0, self.stall)
-            k = self._tokens_to_go()
-            if k < 1e-9:  # the KV cache is full (vLLM preempts before the step that would not fit)
-                self.t = start
-                self._preempt()
-                continue
+            k = self._tokens_to_go()  # (> 0: a cache filled by a step is freed at its end, below)
             step_s = self.costs.decode_step(len(self.owner), float(self.ctx.sum()))
             t_fin = start + k * step_s
             tokens = k if t_fin <= t + EPS else (t - start) / step_s
@@ -527,6 +519,8 @@ class VllmDevice(Device):
                     self._pause(seconds, done_fn)
                 self.draining = []
                 return
+            if self.owner and self._tokens_to_go() < 1e-9:  # the KV cache is full: vLLM preempts before the next step
+                self._preempt()
             self._admit()
         self.t = max(self.t, t)
 
