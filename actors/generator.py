@@ -101,7 +101,7 @@ class Generator:
         self._lock = threading.Lock()  # hf: one request at a time; weights change only between requests
         self._pending_lock = threading.Lock()
         self._pending = None  # (state dict, version) staged by load_weights
-        self._update_t0 = 0.0  # vllm: when the weight update in progress paused generation
+        self._update: int | None = None  # vllm: the open span of the weight update in progress
         self._in_transfer = False  # vllm: a member of the learner's weight-transfer group
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix and the dashboard's Repr column
@@ -274,11 +274,9 @@ class Generator:
         if self.cfg.backend != "vllm":
             raise RuntimeError("Generator.sleep: only a colocated vllm generator sleeps (a colocated hf one runs "
                                "inside the learner, on its module)")
-        t0 = time.time()
+        key = self.spans.begin("sleep")
         level = self._engine.sleep()
-        t1 = time.time()
-        self.spans.add("sleep", t0, t1, level=level)
-        return {"level": level, "seconds": t1 - t0}
+        return {"level": level, "seconds": self.spans.end(key, level=level)}
 
     # -- vLLM's weight transfer (learner rank 0 drives these through cluster.weight_sync) ----
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -292,7 +290,9 @@ class Generator:
 
     def start_weight_update(self) -> None:
         """Pause generation (``cfg.pause_mode``) and prepare the model for new weights."""
-        self._update_t0 = time.time()
+        if self._update is not None:  # a transfer that broke before it finished: its pause ends here
+            self.spans.end(self._update)
+        self._update = self.spans.begin("weight_update")
         self._engine.start_update()
 
     def update_weights(self, update_info: dict) -> None:
@@ -304,9 +304,8 @@ class Generator:
         Returns the seconds generation was paused."""
         self._engine.finish_update(version)
         self.version = version
-        t1 = time.time()
-        self.spans.add("weight_update", self._update_t0, t1, version=version)
-        return t1 - self._update_t0
+        seconds, self._update = self.spans.end(self._update, version=version), None
+        return seconds
 
     def drain_spans(self) -> list[dict]:
         return self.spans.drain()

@@ -4,26 +4,50 @@ Wall-clock ``time.time()`` so intervals from different processes line up on one 
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from contextlib import contextmanager
 
 
 class SpanLog:
-    """The driver labels each span with the actor's dashboard name when it drains them."""
+    """The driver labels each span with the actor's dashboard name when it drains them.
+
+    A span still open when drained (a generate call of long traces spans several learner
+    steps) comes as well, as far as it has run: ``open: True``, ``t1`` the time of the drain.
+    Each step's busy time then counts the work in progress in it, not only the calls that
+    ended in it; the span itself comes once more, whole, when it ends."""
 
     def __init__(self):
         self._spans: list[dict] = []
+        self._open: dict[int, dict] = {}
+        self._ids = itertools.count()
         self._lock = threading.Lock()
 
     @contextmanager
     def span(self, kind: str, **args):
-        t0 = time.time()
+        key = self.begin(kind, **args)
         try:
             yield
         finally:
-            with self._lock:
-                self._spans.append({"kind": kind, "t0": t0, "t1": time.time(), "args": args})
+            self.end(key)
+
+    def begin(self, kind: str, **args) -> int:
+        """Open a span that a later call ends (``end``): the key to end it with."""
+        with self._lock:
+            key = next(self._ids)
+            self._open[key] = {"kind": kind, "t0": time.time(), "args": args}
+        return key
+
+    def end(self, key: int, **args) -> float:
+        """Close the span ``key`` (``args`` added to its own); returns its seconds."""
+        t1 = time.time()
+        with self._lock:
+            sp = self._open.pop(key)
+            sp["t1"] = t1
+            sp["args"].update(args)
+            self._spans.append(sp)
+        return t1 - sp["t0"]
 
     def add(self, kind: str, t0: float, t1: float, **args) -> None:
         """A span whose start and end happened in different calls (``time.time()`` values)."""
@@ -31,6 +55,11 @@ class SpanLog:
             self._spans.append({"kind": kind, "t0": t0, "t1": t1, "args": args})
 
     def drain(self) -> list[dict]:
+        """The spans that ended since the last drain, then those still open as far as they have
+        run (``open: True``)."""
+        now = time.time()
         with self._lock:
             out, self._spans = self._spans, []
+            out += [{"kind": sp["kind"], "t0": sp["t0"], "t1": now, "args": dict(sp["args"]), "open": True}
+                    for sp in self._open.values()]
         return out

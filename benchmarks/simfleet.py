@@ -269,6 +269,7 @@ class Device:
             self.advance(self.tr.t)
 
     def finish(self, job: Job, t: float) -> None:
+        job.actor.open.pop(job, None)
         job.actor.span(job.kind, job.t0, t, job.args)
         try:
             value = job.value() if callable(job.value) else job.value
@@ -302,6 +303,7 @@ class Pool(Device):
 
     def _start(self, job: Job) -> None:
         job.t0 = self.t
+        job.actor.open[job] = None
         if job.on_start is not None:
             job.on_start(job)
 
@@ -390,6 +392,7 @@ class VllmDevice(Device):
         """``seqs``: (prompt tokens, completion tokens, prompt key) of the call's sequences."""
         self.touch()
         job.t0 = self.t
+        job.actor.open[job] = None
         self.left[job] = len(seqs)
         self.waiting.extend((job, p, n, key) for p, n, key in seqs)
         self._admit()
@@ -532,6 +535,7 @@ class SimActor:
     def __init__(self, name: str, fleet: "Fleet", device: Device):
         self.name, self.fleet, self.device = name, fleet, device
         self.spans: list[dict] = []
+        self.open: dict[Job, None] = {}  # its jobs started and not finished (drained as open spans)
         self.version = 0
         self.dead = False  # killed (or retired): its calls fail as a dead actor's do
         self.calls: set[Ref] = set()  # its callers' refs not yet answered
@@ -555,8 +559,10 @@ class SimActor:
         return ref
 
     def drain(self) -> list[dict]:
+        """As ``SpanLog.drain``: the spans ended, then the jobs running as far as they have run."""
         out, self.spans = self.spans, []
-        return out
+        return out + [{"kind": j.kind, "t0": WALL0 + j.t0, "t1": WALL0 + self.fleet.tr.t, "args": dict(j.args),
+                       "open": True} for j in self.open if j.kind]
 
     def kill(self) -> None:
         """Dead from now on: every call in flight fails with ``ActorDiedError``, and so does
@@ -890,7 +896,7 @@ class Fleet:
 
 class _Nobody(SimActor):
     def __init__(self):
-        self.name, self.spans = "timer", []
+        self.name, self.spans, self.open = "timer", [], {}
 
     def span(self, *a, **k) -> None:
         pass

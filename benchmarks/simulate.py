@@ -315,9 +315,8 @@ def predict_one(name: str, sets: list[str], steps: int, seed: int = 0, kv_bound:
 
 def steady_busy(driver, records: list[dict], first: int, end: int) -> dict:
     """Each group's busy fraction over the steps ``records[first:end]``, from every span the run
-    drained (its busy intervals), so exact: a step's own ``util/*`` keys see only the calls that
-    ended by the step's end (a generate call of a long tail spans several steps and counts in the
-    last alone), and a mean of them weighs a 30-s step as a 180-s one."""
+    drained (its busy intervals): a mean of the steps' own ``util/*`` keys would weigh a 30-s
+    step as a 180-s one."""
     ends = list(itertools.accumulate((x["time/step_s"] for x in records), initial=0.0))
     u = driver.telemetry.utilisation(driver.wall0 + ends[first], driver.wall0 + ends[end])
     return {g: round(1 - u[g]["idle_ratio"], 3) for g in ("generator", "learner", "reference", "scorer") if g in u}

@@ -278,10 +278,14 @@ class SpanCollector:
         self._take(part)
 
     def _take(self, drained: list[dict]) -> None:
+        """Spans as drained: each step's timing and the run's busy time count the spans still
+        open as far as they have run (``SpanLog.drain``), so that a call spanning steps counts in
+        each; the timeline and the sinks get each span once, when it has ended."""
         self.recent += drained
         self.busy.add(drained, self.groups())
+        ended = [sp for sp in drained if not sp.get("open")]
         for sink in self.sinks:
-            sink(drained)
+            sink(ended)
 
     def _to_timeline(self, drained: list[dict]) -> None:
         if self.steps is None or self.step in self.steps:
@@ -294,7 +298,8 @@ class SpanCollector:
         out = step_timing(self.recent, self.window_start, now, self.groups())
         self.window_start = now
         self.step += 1
-        self.recent = still_open(self.recent, now)
+        # (a span drained open comes again, as far as it has run or whole, with the next drain)
+        self.recent = [sp for sp in still_open(self.recent, now) if not sp.get("open")]
         return out
 
     def utilisation(self, start: float, end: float) -> dict:

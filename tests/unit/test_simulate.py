@@ -37,7 +37,7 @@ from r1ray.controllers.grpo.telemetry import utilisation  # noqa: E402
 
 class _Actor:
     def __init__(self, name):
-        self.name, self.spans = name, []
+        self.name, self.spans, self.open = name, [], {}
 
     def span(self, kind, t0, t1, args=None):
         self.spans.append((kind, t0, t1))
@@ -473,11 +473,12 @@ def test_a_sync_that_waits_for_long_sequences_is_not_taken_for_a_stuck_one():
     assert max(waits) > 60  # (what the old deadline allowed)
 
 
-def test_predicted_busy_fractions_count_calls_that_span_steps():
+def test_busy_fractions_count_calls_that_span_steps():
     """A prediction's busy fractions are each group's busy seconds over the steady steps, from
-    every span (merged per actor) against a hand computation; a step's own ``util/*`` keys see
-    only the calls that ended by then, so with long tails their mean is far below (7B with a
-    6,000-token median: generate calls last several steps)."""
+    every span (merged per actor) against a hand computation, and so is each step's own
+    ``util/generator/busy_s``: with long tails (7B with a 6,000-token median) generate calls
+    last several steps, and a step's keys saw only the calls that ended in it (0.24 busy
+    against 1.00) before the actors' spans still open were drained too."""
     from simulate import steady_busy
 
     r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
@@ -488,21 +489,28 @@ def test_predicted_busy_fractions_count_calls_that_span_steps():
     driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, spans=spans)
     first, end = 4, 6
     ends = list(itertools.accumulate((x["time/step_s"] for x in records), initial=0.0))
-    a, b = driver.wall0 + ends[first], driver.wall0 + ends[end]
+    n, at = r.generator.num_actors, [driver.wall0 + t for t in ends]
+    exact = _busy_s(spans, at[first], at[end], n) / (at[end] - at[first])
+    assert steady_busy(driver, records, first, end)["generator"] == pytest.approx(exact, abs=1e-3)
+    assert exact > 0.9
+    assert [x["util/generator/busy_s"] for x in records] == pytest.approx(
+        [_busy_s(spans, at[i], at[i + 1], n) for i in range(len(records))], abs=2e-3)
+
+
+def _busy_s(spans, a, b, n):
+    """Busy seconds per generator inside [a, b] (generating or taking weights), the spans
+    merged per actor."""
     busy = 0.0
-    for i in range(r.generator.num_actors):
+    for i in range(n):
         merged = []
         for t0, t1 in sorted((sp["t0"], sp["t1"]) for sp in spans
-                             if sp["actor"] == f"generator-{i}" and sp["kind"] == "generate"):
+                             if sp["actor"] == f"generator-{i}" and sp["kind"] in ("generate", "weight_update")):
             if merged and t0 <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], t1)
             else:
                 merged.append([t0, t1])
         busy += sum(max(0.0, min(t1, b) - max(t0, a)) for t0, t1 in merged)
-    exact = busy / r.generator.num_actors / (b - a)
-    assert steady_busy(driver, records, first, end)["generator"] == pytest.approx(exact, abs=1e-3)
-    per_step = 1 - sum(x["util/generator/idle_ratio"] for x in records[first:end]) / (end - first)
-    assert exact > 0.9 and per_step < 0.35  # (1.00 against 0.24)
+    return busy / n
 
 
 def _sampled(fleet, recipe, steps, prompts_per_step=8, spans=None):

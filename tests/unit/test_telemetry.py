@@ -1,6 +1,7 @@
 """Utilisation accounting and the Chrome-trace timeline, on hand-made spans."""
 import json
 import random
+import time
 
 import pytest
 
@@ -157,4 +158,24 @@ def test_span_log_records_even_when_the_work_raises():
             raise RuntimeError("boom")
     (sp,) = log.drain()
     assert sp["kind"] == "train" and sp["t1"] >= sp["t0"] and sp["args"] == {"samples": 3}
+    assert log.drain() == []
+
+
+def test_span_log_drains_a_span_still_open_as_far_as_it_has_run_then_whole_once():
+    # a generate call of long traces spans several learner steps: each step's drain gets it as
+    # far as it has run (so the step counts it), the drain after it ended gets it whole, once
+    log = SpanLog()
+    with log.span("generate", sequences=8):
+        update = log.begin("weight_update")
+        (a, b) = sorted(log.drain(), key=lambda sp: sp["kind"])
+        assert a["kind"] == "generate" and a["open"] and a["args"] == {"sequences": 8} and a["t1"] >= a["t0"]
+        assert b["kind"] == "weight_update" and b["open"] and b["t1"] == a["t1"]
+        time.sleep(0.01)
+        seconds = log.end(update, version=3)
+        (c, d) = sorted(log.drain(), key=lambda sp: sp["kind"])
+    assert (c["kind"], c["open"], c["t0"]) == ("generate", True, a["t0"]) and c["t1"] > a["t1"]
+    assert "open" not in d and d["t0"] == b["t0"] and d["args"] == {"version": 3}
+    assert d["t1"] - d["t0"] == pytest.approx(seconds) and seconds >= 0.01
+    (e,) = log.drain()
+    assert "open" not in e and e["t0"] == a["t0"] and e["t1"] >= c["t1"] and e["args"] == {"sequences": 8}
     assert log.drain() == []
