@@ -644,7 +644,8 @@ class LearnerRank:
         ranks gather each bucket together, also when the broadcast fails half-way (then it
         raises afterwards)."""
         t0 = time.perf_counter()
-        with self.spans.span("send_weights", version=version):
+        key = self.spans.begin("send_weights", version=version)
+        try:
             lost = []
             if self.rank == 0:
                 lost = self._client.unreachable() if self._transfer is not None else ["the weight-transfer group"]
@@ -658,6 +659,13 @@ class LearnerRank:
                 except BaseException:
                     self._source.drain()
                     raise
+        finally:
+            # rank 0 waits inside the transfer while the generators pause (generator.pause_mode
+            # wait: until their running sequences end): that wait is no busy time of its own
+            client = getattr(self, "_client", None) if self.rank == 0 else None
+            self.spans.end(key, gap=getattr(client, "paused", None), gap_kind="await_generators")
+            if client is not None:
+                client.paused = None
         return {"seconds": time.perf_counter() - t0, "lost": lost}
 
     def save_checkpoint(self, path: str, tag: str) -> dict:

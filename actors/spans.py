@@ -39,14 +39,19 @@ class SpanLog:
             self._open[key] = {"kind": kind, "t0": time.time(), "args": args}
         return key
 
-    def end(self, key: int, **args) -> float:
-        """Close the span ``key`` (``args`` added to its own); returns its seconds."""
+    def end(self, key: int, gap: tuple[float, float] | None = None, gap_kind: str = "", **args) -> float:
+        """Close the span ``key`` (``args`` added to its own); returns its seconds. ``gap``: a
+        stretch of it spent waiting on others (``time.time()`` values), logged as a span of
+        ``gap_kind`` between the span's two parts, so that it counts as no busy time."""
         t1 = time.time()
         with self._lock:
             sp = self._open.pop(key)
-            sp["t1"] = t1
             sp["args"].update(args)
-            self._spans.append(sp)
+            if gap is not None and sp["t0"] <= gap[0] <= gap[1] <= t1:
+                self._spans += [{**sp, "t1": gap[0]}, {"kind": gap_kind, "t0": gap[0], "t1": gap[1], "args": {}},
+                                {**sp, "t0": gap[1], "t1": t1, "args": dict(sp["args"])}]
+            else:
+                self._spans.append({**sp, "t1": t1})
         return t1 - sp["t0"]
 
     def add(self, kind: str, t0: float, t1: float, **args) -> None:

@@ -13,6 +13,8 @@ Two transports:
 """
 from __future__ import annotations
 
+import time
+
 import ray
 
 from ..actors.generator import Generator
@@ -32,6 +34,9 @@ class GeneratorsClient:
         self.names = names or [f"generator {i}" for i in range(len(self.generators))]
         self.ping_timeout_s = ping_timeout_s
         self.version = 0
+        # (time.time() values) when the last start_weight_update began and returned: with
+        # generator.pause_mode wait, the engines finishing their running sequences
+        self.paused: tuple[float, float] | None = None
 
     def unreachable(self) -> list[str]:
         """The generators that do not answer a ping (dead, or hung past ``ping_timeout_s``):
@@ -58,7 +63,9 @@ class GeneratorsClient:
                                                      for i in range(len(self.generators))])
 
     def start_weight_update(self) -> None:
+        t0 = time.time()
         self._all(Generator.start_weight_update)
+        self.paused = (t0, time.time())
 
     def update_weights(self, update_info: dict) -> None:
         self._all(Generator.update_weights, update_info)

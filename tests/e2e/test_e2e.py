@@ -158,8 +158,18 @@ def test_tiny_recipe_end_to_end_vllm_backend_zero3(tmp_path, tiny_world):
     for s in _samples(out):
         groups.setdefault((s["step"], s["sample_id"].rsplit("/", 1)[0]), []).append(int(s["sample_id"].rsplit("/", 1)[1]))
     assert all(sorted(ks) == [0, 1, 2, 3] for ks in groups.values()) and len(groups) == 3 * 4
-    boxes = [e for e in json.loads((out / "timeline.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    events = json.loads((out / "timeline.json").read_text())["traceEvents"]
+    boxes = [e for e in events if e["ph"] == "X"]
     assert sum(e["name"] == "score" for e in boxes) >= 3 * 16  # one call per completion
+    # each sync's wait for the generators to pause is rank 0's own box, between the two parts
+    # of its send_weights (no busy time of the learner's)
+    rank0 = next(e["tid"] for e in events if e["ph"] == "M" and e.get("args", {}).get("name") == "learner-rank-0")
+    waits = [e for e in boxes if e["name"] == "await_generators"]
+    sends = [e for e in boxes if e["name"] == "send_weights" and e["tid"] == rank0]
+    assert len(waits) >= 3 and all(e["tid"] == rank0 for e in waits)
+    for w in waits:
+        assert any(abs(s["ts"] + s["dur"] - w["ts"]) < 1 for s in sends)
+        assert any(abs(w["ts"] + w["dur"] - s["ts"]) < 1 for s in sends)
     _check_evaluated_during_training(out, every=2)  # on the vLLM generators
 
 

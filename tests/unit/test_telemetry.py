@@ -179,3 +179,28 @@ def test_span_log_drains_a_span_still_open_as_far_as_it_has_run_then_whole_once(
     (e,) = log.drain()
     assert "open" not in e and e["t0"] == a["t0"] and e["t1"] >= c["t1"] and e["args"] == {"sequences": 8}
     assert log.drain() == []
+
+
+def test_a_wait_on_others_inside_a_span_is_its_own_span_and_no_busy_time():
+    # learner rank 0's send_weights holds the generators' pause (pause_mode wait: until their
+    # running sequences end); the wait is logged apart, and the learner's busy time leaves it out
+    log = SpanLog()
+    key = log.begin("send_weights", version=4)
+    time.sleep(0.01)
+    w0 = time.time()
+    time.sleep(0.03)
+    w1 = time.time()
+    time.sleep(0.01)
+    seconds = log.end(key, gap=(w0, w1), gap_kind="await_generators")
+    a, gap, b = log.drain()
+    assert (a["kind"], gap["kind"], b["kind"]) == ("send_weights", "await_generators", "send_weights")
+    assert a["t1"] == gap["t0"] == w0 and gap["t1"] == b["t0"] == w1 and a["args"] == b["args"] == {"version": 4}
+    assert b["t1"] - a["t0"] == pytest.approx(seconds)
+    for sp in (a, gap, b):
+        sp["actor"] = "learner-rank-0"
+    u = utilisation([a, gap, b], a["t0"], b["t1"], [("learner", "learner-rank", ("train", "send_weights"), 1)])
+    assert u["learner"]["busy_s"] == pytest.approx(seconds - (w1 - w0), abs=1e-3)
+    # a gap outside the span (a stale one) is ignored: the span stays whole
+    log.end(log.begin("send_weights", version=5), gap=(w0, w1), gap_kind="await_generators")
+    (whole,) = log.drain()
+    assert whole["kind"] == "send_weights" and whole["t0"] > w1
