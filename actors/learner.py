@@ -661,12 +661,32 @@ class LearnerRank:
                     raise
         finally:
             # rank 0 waits inside the transfer while the generators pause (generator.pause_mode
-            # wait: until their running sequences end): that wait is no busy time of its own
+            # wait: until their running sequences end): that wait is no busy time of its own,
+            # nor, under ZeRO-3, of the other ranks', held in the gathers meanwhile
             client = getattr(self, "_client", None) if self.rank == 0 else None
-            self.spans.end(key, gap=getattr(client, "paused", None), gap_kind="await_generators")
+            paused = getattr(client, "paused", None)
             if client is not None:
                 client.paused = None
+            if self.cfg.zero_stage == 3 and self.world_size > 1:
+                paused = self._rank0s(paused)
+            self.spans.end(key, gap=paused, gap_kind="await_generators")
         return {"seconds": time.perf_counter() - t0, "lost": lost}
+
+    def _rank0s(self, interval: tuple[float, float] | None) -> tuple[float, float] | None:
+        """Rank 0's ``interval`` on every rank (a collective: every rank calls it). Never
+        raises: a failed broadcast (a rank gone) gives None, and the error that ended the
+        transfer is the one reported."""
+        import torch.distributed as dist
+
+        t = torch.tensor(interval if interval is not None else (math.nan, math.nan), dtype=torch.float64,
+                         device=self.device)
+        try:
+            dist.broadcast(t, 0)
+        except Exception as e:  # noqa: BLE001 - only the span's split is lost
+            log.warning("sharing rank 0's wait for the generators: %s", e)
+            return None
+        a, b = t.tolist()
+        return None if math.isnan(a) else (a, b)
 
     def save_checkpoint(self, path: str, tag: str) -> dict:
         """DeepSpeed checkpoint of the training state (every rank calls this: each writes its

@@ -42,14 +42,20 @@ class SpanLog:
     def end(self, key: int, gap: tuple[float, float] | None = None, gap_kind: str = "", **args) -> float:
         """Close the span ``key`` (``args`` added to its own); returns its seconds. ``gap``: a
         stretch of it spent waiting on others (``time.time()`` values), logged as a span of
-        ``gap_kind`` between the span's two parts, so that it counts as no busy time."""
+        ``gap_kind`` between the span's parts, so that it counts as no busy time. A gap that
+        began before the span (another process's clock: this rank joined a wait already under
+        way) is cut to the span; one that does not overlap it is ignored."""
         t1 = time.time()
         with self._lock:
             sp = self._open.pop(key)
             sp["args"].update(args)
-            if gap is not None and sp["t0"] <= gap[0] <= gap[1] <= t1:
-                self._spans += [{**sp, "t1": gap[0]}, {"kind": gap_kind, "t0": gap[0], "t1": gap[1], "args": {}},
-                                {**sp, "t0": gap[1], "t1": t1, "args": dict(sp["args"])}]
+            g0, g1 = (max(gap[0], sp["t0"]), min(gap[1], t1)) if gap is not None else (0.0, 0.0)
+            if g0 < g1:
+                if g0 > sp["t0"]:
+                    self._spans.append({**sp, "t1": g0})
+                self._spans.append({"kind": gap_kind, "t0": g0, "t1": g1, "args": {}})
+                if g1 < t1:
+                    self._spans.append({**sp, "t0": g1, "t1": t1, "args": dict(sp["args"])})
             else:
                 self._spans.append({**sp, "t1": t1})
         return t1 - sp["t0"]

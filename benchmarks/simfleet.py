@@ -251,6 +251,8 @@ class Job:
     t0: float = 0.0
     remaining: float = 0.0
     args: dict = field(default_factory=dict)
+    # (t0, t1, kind): a stretch of the call spent waiting on others, a span of its own (no busy time)
+    gap: tuple | None = None
 
 
 class Device:
@@ -270,7 +272,15 @@ class Device:
 
     def finish(self, job: Job, t: float) -> None:
         job.actor.open.pop(job, None)
-        job.actor.span(job.kind, job.t0, t, job.args)
+        g0, g1 = (max(job.gap[0], job.t0), min(job.gap[1], t)) if job.gap else (0.0, 0.0)
+        if g0 < g1:  # as ``SpanLog.end``'s gap: cut to the call, between its parts
+            if g0 > job.t0:
+                job.actor.span(job.kind, job.t0, g0, job.args)
+            job.actor.span(job.gap[2], g0, g1)
+            if g1 < t:
+                job.actor.span(job.kind, g1, t, job.args)
+        else:
+            job.actor.span(job.kind, job.t0, t, job.args)
         try:
             value = job.value() if callable(job.value) else job.value
         except SimCallFailed as e:  # the call raises, as the real one would (a peer of its collective died)
@@ -692,6 +702,11 @@ class SimLearner(SimActor):
         def finish() -> None:
             t["done"] = True
             for j in t.pop("jobs"):
+                # the ranks waited for every engine to pause (pause_mode wait: until its running
+                # sequences end) before any weight moved: rank 0 in its client's pause, the
+                # others in ZeRO-3's gathers (LearnerRank.send_weights logs it apart on each)
+                if "paused" in t:
+                    j.gap = (*t["paused"], "await_generators")
                 j.actor.device.complete(j)
 
         def start(job: Job) -> None:
@@ -707,7 +722,7 @@ class SimLearner(SimActor):
                 return
             if f.on_send is not None:
                 f.on_send(version)
-            left = [len(gens)]
+            left, asked = [len(gens)], f.tr.t
 
             def landed(g, t0, t1):
                 if g.dead:  # killed mid-transfer: the broadcast fails on rank 0
@@ -715,6 +730,7 @@ class SimLearner(SimActor):
                 else:
                     g.version = version
                     g.span("weight_update", t0, t1, {"version": version})
+                t["paused"] = (asked, max(t0, t.get("paused", (0.0, asked))[1]))
                 left[0] -= 1
                 if not left[0]:
                     finish()

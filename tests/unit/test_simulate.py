@@ -473,6 +473,41 @@ def test_a_sync_that_waits_for_long_sequences_is_not_taken_for_a_stuck_one():
     assert max(waits) > 60  # (what the old deadline allowed)
 
 
+def test_a_sync_waiting_for_the_engines_is_apart_from_every_learner_ranks_busy_time():
+    """``pause_mode: wait``: every rank waits for the engines to pause (their running sequences
+    to end) before any weight moves, as ZeRO-3's gathers make the ranks of a real run wait with
+    rank 0 (``LearnerRank.send_weights``): each rank's ``await_generators`` span runs from the
+    sync's start to the last engine's pause, and its ``send_weights`` goes on from there to the
+    last engine's new weights; the learner's busy time leaves the waits out."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["generator.pause_mode=wait", "grpo.max_staleness=1", "grpo.steps=4", "grpo.prompts_per_step=8",
+                     "sampling.max_new_tokens=8192", "generator.max_model_len=8704"], cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(8192, 6000, sigma=0.3, prompt_sigma=0.2), seed=1)
+    spans = []
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, spans=spans)
+    updates = {}
+    for sp in spans:
+        if sp["kind"] == "weight_update":
+            updates.setdefault(sp["args"]["version"], []).append(sp)
+    waited = 0.0
+    for k in range(r.learner.num_ranks):
+        mine = [sp for sp in spans if sp["actor"] == f"learner-rank-{k}"]
+        waits = [sp for sp in mine if sp["kind"] == "await_generators"]
+        assert len(waits) >= 2  # (a sync with no sequence running waits for none)
+        for w in waits:
+            (after,) = [sp for sp in mine if sp["kind"] == "send_weights" and sp["t0"] == w["t1"]]
+            engines = updates[after["args"]["version"]]
+            assert w["t1"] == pytest.approx(max(u["t0"] for u in engines), abs=1e-6)
+            assert after["t1"] == pytest.approx(max(u["t1"] for u in engines), abs=1e-6)
+            waited += w["t1"] - w["t0"]
+    assert waited / r.learner.num_ranks > 20  # seconds of long sequences ending, no busy time
+    u = utilisation(spans, driver.wall0, driver.wall1,
+                    [("learner", "learner-rank", ("train", "send_weights"), r.learner.num_ranks)])
+    busy = sum(sp["t1"] - sp["t0"] for sp in spans if sp["actor"].startswith("learner-rank")
+               and sp["kind"] in ("train", "send_weights")) / r.learner.num_ranks
+    assert u["learner"]["busy_s"] == pytest.approx(busy, abs=1e-3)  # (rounded to ms)
+
+
 def test_busy_fractions_count_calls_that_span_steps():
     """A prediction's busy fractions are each group's busy seconds over the steady steps, from
     every span (merged per actor) against a hand computation, and so is each step's own

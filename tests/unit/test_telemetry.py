@@ -204,3 +204,13 @@ def test_a_wait_on_others_inside_a_span_is_its_own_span_and_no_busy_time():
     log.end(log.begin("send_weights", version=5), gap=(w0, w1), gap_kind="await_generators")
     (whole,) = log.drain()
     assert whole["kind"] == "send_weights" and whole["t0"] > w1
+    # under ZeRO-3 another rank waits through rank 0's gap from when its own span began (rank
+    # 0's clock: the gap may begin earlier): the gap is cut to the span
+    key = log.begin("send_weights", version=6)
+    time.sleep(0.02)
+    w2 = time.time()
+    time.sleep(0.01)
+    log.end(key, gap=(w2 - 5.0, w2), gap_kind="await_generators")
+    gap, b = log.drain()
+    assert (gap["kind"], b["kind"]) == ("await_generators", "send_weights") and b["args"] == {"version": 6}
+    assert gap["t1"] == b["t0"] == w2 and w2 - 5.0 < gap["t0"] < w2 - 0.015
