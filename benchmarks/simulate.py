@@ -618,13 +618,17 @@ def overhead(args) -> int:
     driver_cpu = statistics.median(driver_cpus)
     mean_len = statistics.fmean(x["completion_len/mean"] for x in steady)
     held = rollout_bytes(fleet, 300, round(mean_len))
-    ray_s = serial_s = None
+    ray_s = serial_s = ray_main_s = None
     costs_file = HERE / "results" / "simulate_ray_costs.json"
     if costs_file.exists():  # Ray's own driver-side CPU for those calls, as measured here (ray-costs)
         c = json.loads(costs_file.read_text())
         # (a blocking ray.get outside the completions, a timeline drained or a sync answered: as a completion)
-        ray_s = (per_step["remote calls"] * c["submit_cpu_us"]
-                 + max(per_step["futures"], per_step.get("ray.get", 0)) * c["future_cpu_us"]) / 1e6
+        completions = max(per_step["futures"], per_step.get("ray.get", 0))
+        ray_s = (per_step["remote calls"] * c["submit_cpu_us"] + completions * c["future_cpu_us"]) / 1e6
+        # of it, on the driver's own thread, the loop's (the rest runs on Ray's threads in its
+        # process, beside it on another core): a submit's share, and a round trip's less it
+        main = c["pipeline_round_trip_main_thread_cpu_us"]["one call"] - c["submit_main_thread_cpu_us"]
+        ray_main_s = (per_step["remote calls"] * c["submit_main_thread_cpu_us"] + completions * main) / 1e6
         serial_s = (per_step["numbers sent"] * c["serialise_ns_per_number"]
                     + per_step["numbers received"] * c["deserialise_ns_per_number"]) / 1e9
         if per_step.get("arrays sent") or per_step.get("arrays received"):  # (a completion's ids and log-probs: an array each)
@@ -640,6 +644,10 @@ def overhead(args) -> int:
            "serialisation_cpu_s_per_step_estimate": None if serial_s is None else round(serial_s, 3),
            "driver_ray_and_serialisation_share_of_step":
                None if ray_s is None else round((driver_cpu + ray_s + serial_s) / step_s, 4),
+           "ray_main_thread_cpu_s_per_step_estimate": None if ray_main_s is None else round(ray_main_s, 3),
+           # the loop's own thread: its Python, Ray's share of each call on it, the pickling
+           "driver_main_thread_share_of_step":
+               None if ray_s is None else round((driver_cpu + ray_main_s + serial_s) / step_s, 4),
            "peak_rss_mb": round(rss / 1024, 1), "rss_growth_mb": round((rss - rss0) / 1024, 1),
            # what the driver keeps of the actors' spans at the end: those a step may still count, and
            # the run's busy time as merged intervals (16 bytes each); the rest went to the timeline's file
