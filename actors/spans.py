@@ -10,6 +10,16 @@ import time
 from contextlib import contextmanager
 
 
+def around_gap(t0: float, t1: float, gap: tuple | None) -> list[tuple[float, float, bool]]:
+    """[t0, t1] in pieces around ``gap`` (its first two items: start and end), as
+    ``(start, end, inside the gap)``: the gap cut to [t0, t1], ignored where they do not
+    overlap; pieces of no length left out."""
+    g0, g1 = (max(gap[0], t0), min(gap[1], t1)) if gap is not None else (t0, t0)
+    if g0 >= g1:
+        return [(t0, t1, False)]
+    return [piece for piece in ((t0, g0, False), (g0, g1, True), (g1, t1, False)) if piece[1] > piece[0]]
+
+
 class SpanLog:
     """The driver labels each span with the actor's dashboard name when it drains them.
 
@@ -49,15 +59,9 @@ class SpanLog:
         with self._lock:
             sp = self._open.pop(key)
             sp["args"].update(args)
-            g0, g1 = (max(gap[0], sp["t0"]), min(gap[1], t1)) if gap is not None else (0.0, 0.0)
-            if g0 < g1:
-                if g0 > sp["t0"]:
-                    self._spans.append({**sp, "t1": g0})
-                self._spans.append({"kind": gap_kind, "t0": g0, "t1": g1, "args": {}})
-                if g1 < t1:
-                    self._spans.append({**sp, "t0": g1, "t1": t1, "args": dict(sp["args"])})
-            else:
-                self._spans.append({**sp, "t1": t1})
+            for a, b, waiting in around_gap(sp["t0"], t1, gap):
+                self._spans.append({"kind": gap_kind, "t0": a, "t1": b, "args": {}} if waiting
+                                   else {**sp, "t0": a, "t1": b, "args": dict(sp["args"])})
         return t1 - sp["t0"]
 
     def add(self, kind: str, t0: float, t1: float, **args) -> None:

@@ -42,6 +42,7 @@ from r1ray.actors.learner import GrpoStats, LearnerRank
 from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import Rollout, TokenIds
 from r1ray.actors.scorer import RewardScorer, Scores
+from r1ray.actors.spans import around_gap
 from r1ray.cluster.groups import ActorGroup, Watchdog
 from r1ray.controllers.common.data import PreparedData
 from r1ray.controllers.common.system import GRPO, System
@@ -290,15 +291,8 @@ class Device:
 
     def finish(self, job: Job, t: float) -> None:
         job.actor.open.pop(job, None)
-        g0, g1 = (max(job.gap[0], job.t0), min(job.gap[1], t)) if job.gap else (0.0, 0.0)
-        if g0 < g1:  # as ``SpanLog.end``'s gap: cut to the call, between its parts
-            if g0 > job.t0:
-                job.actor.span(job.kind, job.t0, g0, job.args)
-            job.actor.span(job.gap[2], g0, g1)
-            if g1 < t:
-                job.actor.span(job.kind, g1, t, job.args)
-        else:
-            job.actor.span(job.kind, job.t0, t, job.args)
+        for a, b, waiting in around_gap(job.t0, t, job.gap):  # (as SpanLog.end splits a span)
+            job.actor.span(job.gap[2] if waiting else job.kind, a, b, None if waiting else job.args)
         try:
             value = job.value() if callable(job.value) else job.value
         except SimCallFailed as e:  # the call raises, as the real one would (a peer of its collective died)
