@@ -83,8 +83,9 @@ class SimWatcher:
             self.watched.difference_update(refs)
 
     def wait(self, timeout: float) -> list:
+        self.tr.calls["waits"] += 1
+        self.tr.driver_turn()
         with self.tr.simulating():
-            self.tr.calls["waits"] += 1
             if not self.ready:  # (a real wait takes some time, even of 0 s)
                 self.tr.run_until(lambda: bool(self.ready), self.tr.t + max(timeout, 1e-6))
             done = [ref for ref in self.ready if ref in self.watched]
@@ -110,6 +111,9 @@ class SimTransport:
         self.sim_cpu_s = 0.0  # CPU seconds spent simulating the fleet (not the driver's)
         self._depth = 0
         self._simulating = _Simulating(self)
+        self.price = None  # charge_driver: the driver's own time on the clock
+        self.driver_s = 0.0  # simulated seconds the driver's turns took (charge_driver)
+        self._mark = (0.0, 0.0, Counter())
 
     def now(self) -> float:
         return self.t
@@ -150,6 +154,33 @@ class SimTransport:
             self.t = max(self.t, t_end)
         return done()
 
+    def charge_driver(self, price) -> None:
+        """Put the driver's own time on the simulated clock. Without it the driver is free: its
+        decisions take no simulated time. With it, at each of the driver's calls and waits, what
+        it did since the previous one passes on the clock first, the fleet running meanwhile:
+        ``price(cpu_s, calls)`` seconds, from the CPU seconds its Python took (the simulator's
+        own left out) and the Ray calls, values fetched and numbers pickled meanwhile
+        (``calls``, counted as ``self.calls`` counts them). A call reaches its actor, and a
+        completion is handled, only once the driver's thread got to it: whether the driver is
+        the bottleneck shows in the steps' seconds."""
+        self.price, self.driver_s = price, 0.0
+        self._mark = (time.process_time(), self.sim_cpu_s, Counter(self.calls))
+
+    def driver_turn(self) -> None:
+        """The driver's work since its last call or wait, charged to the clock (``charge_driver``)."""
+        if self.price is None or self._depth:  # (the simulator's own calls are not the driver's)
+            return
+        cpu = time.process_time() - self._mark[0] - (self.sim_cpu_s - self._mark[1])
+        with self.simulating():
+            calls = self.calls.copy()
+            calls.subtract(self._mark[2])
+            seconds = self.price(max(0.0, cpu), calls)
+            self.driver_s += seconds
+            if seconds > 0:
+                self.run_until(lambda: False, self.t + seconds)
+            counted = Counter(self.calls)
+        self._mark = (time.process_time(), self.sim_cpu_s, counted)
+
     def simulating(self) -> "_Simulating":
         """Count the CPU time inside as the simulator's (once, however deeply nested)."""
         return self._simulating
@@ -165,6 +196,7 @@ class SimTransport:
             got = payload(ref.value)
             self.calls["numbers received"] += got["numbers"]
             self.calls["arrays received"] += got["arrays"]
+            self.calls["array numbers received"] += got["array numbers"]
         return ref.value
 
     def later(self, seconds: float, fn) -> None:
@@ -178,6 +210,7 @@ class SimTransport:
     def wait_all(self, refs: list) -> None:
         """Run until every one of ``refs`` is done (a blocking ``ray.get`` of them)."""
         self.calls["ray.get"] += 1
+        self.driver_turn()
         with self.simulating():
             self.run_until(lambda: all(r.done for r in refs), math.inf)
 
@@ -223,6 +256,7 @@ def payload(x, seen: set | None = None, out: Counter | None = None) -> Counter:
                 payload(v, seen, out)
     elif isinstance(x, np.ndarray):
         out["arrays"] += 1
+        out["array numbers"] += x.size
     elif isinstance(x, dict):
         for k, v in x.items():
             if k == "prompt_ids" and isinstance(v, list):
@@ -779,6 +813,8 @@ class SimGroup(ActorGroup):
             sent = call_payload(args, kwargs)
             self.tr.calls["numbers sent"] += sent["numbers"]
             self.tr.calls["arrays sent"] += sent["arrays"]
+            self.tr.calls["array numbers sent"] += sent["array numbers"]
+        self.tr.driver_turn()  # (the call reaches its actor once the driver made it)
         pending = [a for a in args if isinstance(a, Ref) and not a.done]
         ref, actor = Ref(), self.actors[i]  # (this incarnation: a replacement does not take its calls)
         self._owners[ref] = (i, self.incarnation[i])

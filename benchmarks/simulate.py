@@ -6,6 +6,7 @@
     python benchmarks/simulate.py colocate [--only 7b-64]
     python benchmarks/simulate.py ray-costs      # Ray's driver-side CPU per call, wait, completion, number pickled
     python benchmarks/simulate.py overhead [--generators 256 --ranks 64] [--set key=value] [--name stem]
+    python benchmarks/simulate.py driver-limit [--generators 256 512 1024] [--etas 1]
     python benchmarks/simulate.py elastic [--scenario 7b-64] [--eta 1] [--at 8] [--start-s 60]
     python benchmarks/simulate.py kv [--scenario 1.5b-16k] [--etas 0 1 2 4] [--max-num-seqs 512 1024]
 
@@ -34,7 +35,12 @@ colocate: each scenario split (max_staleness 0, 1, 2) against the same GPUs colo
 rank trains; the reference actors keep their GPUs; max_staleness 0, the only one it allows).
 
 overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
-simulated generators and 64 learner ranks.
+simulated generators and 64 learner ranks; and the step again with the driver's thread on the
+simulated clock (each of its turns taking what its Python, Ray's share of its calls and their
+pickling cost here), to see whether the fleet waits for it.
+
+driver-limit: that comparison, the driver free against the driver on the clock, at 256, 512
+and 1,024 generators in the 7B recipe's proportions: where one driver stops keeping up.
 
 memory: what the driver holds on to from step to step in that run (tracemalloc).
 
@@ -597,6 +603,73 @@ def rollout_bytes(fleet: Fleet, prompt_len: int, completion_len: int) -> int:
     return size // G
 
 
+def ray_main_thread_s(c: dict, calls) -> float:
+    """Ray's CPU on the calling thread for ``calls``' remote calls and values fetched, at the
+    prices ``ray-costs`` measured (``c``): a submit's share, and a round trip's less it for each
+    value (the rest runs on Ray's own threads of the driver's process)."""
+    main = c["pipeline_round_trip_main_thread_cpu_us"]["one call"] - c["submit_main_thread_cpu_us"]
+    return (calls["remote calls"] * c["submit_main_thread_cpu_us"] + calls["ray.get"] * main) / 1e6
+
+
+def serialise_s(c: dict, calls) -> float:
+    """Pickling what ``calls`` counts sent and received: lists' numbers one by one, arrays as a
+    buffer each (``ray-costs``' prices, ``c``)."""
+    return (calls["numbers sent"] * c["serialise_ns_per_number"]
+            + calls["numbers received"] * c["deserialise_ns_per_number"]
+            + calls.get("arrays sent", 0) * c["array_serialise_us"] * 1e3
+            + calls.get("array numbers sent", 0) * c["array_serialise_ns_per_number"]
+            + calls.get("arrays received", 0) * c["array_deserialise_us"] * 1e3
+            + calls.get("array numbers received", 0) * c["array_deserialise_ns_per_number"]) / 1e9
+
+
+def scale_run(r, eta: int, costs: dict | None = None) -> tuple[float, float]:
+    """One run of ``at_scale``'s recipe ``r``: its steady steps' mean seconds and the driver's
+    thread seconds a step on the clock. ``costs`` (``ray-costs``' prices): the driver's turns
+    take on the simulated clock what its Python took here, and what Ray and pickling take its
+    thread for the calls it made (``SimTransport.charge_driver``); None: the driver is free."""
+    fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+    if costs is not None:
+        fleet.tr.charge_driver(lambda cpu_s, calls: cpu_s + ray_main_thread_s(costs, calls) + serialise_s(costs, calls))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
+    steady = records[eta + 2: len(records) - eta]
+    return statistics.fmean(x["time/step_s"] for x in steady), fleet.tr.driver_s / len(records)
+
+
+def driver_limit(args) -> int:
+    """Where one driver stops keeping up: the 7B recipe's proportions at growing fleets (a
+    learner rank per 4 generators, a reference per 16, a scorer per 8, 8 prompts a generator
+    a step, so a step's seconds stay those of 256 generators), each run twice: the driver
+    free, and its thread on the simulated clock (``scale_run``)."""
+    costs_file = HERE / "results" / "simulate_ray_costs.json"
+    if not costs_file.exists():
+        raise SystemExit(f"driver-limit: {costs_file} is missing; run `python benchmarks/simulate.py ray-costs` first")
+    c = json.loads(costs_file.read_text())
+    rows = []
+    for n in args.generators:
+        for eta in args.etas:
+            sub = argparse.Namespace(generators=n, ranks=max(1, n // 4), references=max(1, n // 16), prompts=8 * n,
+                                     eta=eta, steps=args.steps, set=args.set)
+            r = at_scale(sub)
+            free_s, _ = scale_run(r, eta)
+            charged_s, thread_s = scale_run(r, eta, c)
+            row = {"generators": n, "learner_ranks": sub.ranks, "prompts_per_step": sub.prompts, "eta": eta,
+                   "step_s_driver_free": round(free_s, 2), "step_s_driver_on_clock": round(charged_s, 2),
+                   "driver_thread_s_per_step": round(thread_s, 2), "driver_thread_share": round(thread_s / charged_s, 3),
+                   "slower": round(charged_s / free_s - 1, 4)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = ["| generators | learner ranks | prompts a step | η | s / step, driver free | s / step, driver on the clock "
+             "| slower | driver's thread, s / step | its share of the step |", "|---" * 9 + "|"]
+    lines += [f"| {x['generators']} | {x['learner_ranks']} | {x['prompts_per_step']} | {x['eta']} | "
+              f"{x['step_s_driver_free']} | {x['step_s_driver_on_clock']} | {100 * x['slower']:+.1f}% | "
+              f"{x['driver_thread_s_per_step']} | {100 * x['driver_thread_share']:.1f}% |" for x in rows]
+    table = "\n".join(lines)
+    print(table)
+    save_results(args.name, {"steps": args.steps, "set": args.set, "rows": rows}, table)
+    return 0
+
+
 def overhead(args) -> int:
     r = at_scale(args)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -627,14 +700,14 @@ def overhead(args) -> int:
         ray_s = (per_step["remote calls"] * c["submit_cpu_us"] + completions * c["future_cpu_us"]) / 1e6
         # of it, on the driver's own thread, the loop's (the rest runs on Ray's threads in its
         # process, beside it on another core): a submit's share, and a round trip's less it
-        main = c["pipeline_round_trip_main_thread_cpu_us"]["one call"] - c["submit_main_thread_cpu_us"]
-        ray_main_s = (per_step["remote calls"] * c["submit_main_thread_cpu_us"] + completions * main) / 1e6
-        serial_s = (per_step["numbers sent"] * c["serialise_ns_per_number"]
-                    + per_step["numbers received"] * c["deserialise_ns_per_number"]) / 1e9
-        if per_step.get("arrays sent") or per_step.get("arrays received"):  # (a completion's ids and log-probs: an array each)
-            serial_s += (per_step.get("arrays sent", 0) * (c["array_serialise_us"] + mean_len * c["array_serialise_ns_per_number"] / 1e3)
-                         + per_step.get("arrays received", 0) * (c["array_deserialise_us"]
-                                                                 + mean_len * c["array_deserialise_ns_per_number"] / 1e3)) / 1e6
+        ray_main_s = ray_main_thread_s(c, {**per_step, "ray.get": completions})
+        serial_s = serialise_s(c, per_step)
+        # The driver's thread on the clock: a fourth run, each of its turns taking the simulated
+        # time its Python, Ray's share of its calls on its thread and their pickling took here.
+        charged_step_s, thread_s = scale_run(r, args.eta, c)
+        on_clock = {"predicted_step_s_driver_on_clock": round(charged_step_s, 2),
+                    "driver_thread_s_per_step_on_clock": round(thread_s, 3),
+                    "step_slower_with_driver_on_clock": round(charged_step_s / step_s - 1, 4)}
     out = {"generators": args.generators, "learner_ranks": args.ranks, "prompts_per_step": args.prompts, "set": args.set,
            "eta": args.eta, "steps": len(records), "predicted_step_s": round(step_s, 2),
            "driver_cpu_s_per_step": round(driver_cpu, 3), "driver_cpu_s_per_step_runs": [round(x, 3) for x in driver_cpus],
@@ -648,6 +721,7 @@ def overhead(args) -> int:
            # the loop's own thread: its Python, Ray's share of each call on it, the pickling
            "driver_main_thread_share_of_step":
                None if ray_s is None else round((driver_cpu + ray_main_s + serial_s) / step_s, 4),
+           **({} if ray_s is None else on_clock),
            "peak_rss_mb": round(rss / 1024, 1), "rss_growth_mb": round((rss - rss0) / 1024, 1),
            # what the driver keeps of the actors' spans at the end: those a step may still count, and
            # the run's busy time as merged intervals (16 bytes each); the rest went to the timeline's file
@@ -918,6 +992,12 @@ def main() -> int:
     rc.add_argument("--repeat", type=int, default=3, help="measure this many times and report each figure's median")
     o = sub.add_parser("overhead")
     mem = sub.add_parser("memory", help="what the driver holds on to from step to step (tracemalloc)")
+    dl = sub.add_parser("driver-limit", help="growing fleets, the driver free and on the simulated clock")
+    dl.add_argument("--generators", type=int, nargs="+", default=[256, 512, 1024])
+    dl.add_argument("--etas", type=int, nargs="+", default=[1])
+    dl.add_argument("--steps", type=int, default=7)
+    dl.add_argument("--set", action="append", default=[])
+    dl.add_argument("--name", default="simulate_driver_limit")
     for q, steps, name in ((o, 7, "simulate_overhead"), (mem, 16, "simulate_memory")):
         q.add_argument("--generators", type=int, default=256)
         q.add_argument("--ranks", type=int, default=64)
@@ -935,7 +1015,8 @@ def main() -> int:
         plot(rows, HERE / "results" / "simulate_predictions.png")
         return 0
     return {"validate": validate, "predict": predict, "fixes": fixes, "overhead": overhead, "colocate": colocate,
-            "elastic": elastic, "ray-costs": ray_costs, "memory": memory, "kv": kv}[args.cmd](args)
+            "elastic": elastic, "ray-costs": ray_costs, "memory": memory, "kv": kv,
+            "driver-limit": driver_limit}[args.cmd](args)
 
 
 if __name__ == "__main__":

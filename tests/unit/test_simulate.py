@@ -233,8 +233,9 @@ def test_the_payload_counts_what_pickle_sends_through_the_driver():
     mixed = Rollout("q/0", "q", [1] * 300, [5] * 10, [-0.1] * 10, [2] * 5 + [3] * 5, "stop")
     assert payload([*group, mixed]) == {"numbers": 300 + 4 * (10 + 10 + 2) + 300 + 3 * 10}
     samples = [TrainSample(r.prompt_ids, r.completion_ids, r.logprobs, 1.0, np.zeros(10, np.float32)) for r in group]
-    assert payload(samples) == {"numbers": 300 + 4 * 20, "arrays": 4}
-    assert call_payload((samples[:2], samples[2:]), {"x": prompt}) == {"numbers": 3 * 300 + 4 * 20, "arrays": 4}
+    assert payload(samples) == {"numbers": 300 + 4 * 20, "arrays": 4, "array numbers": 40}
+    assert call_payload((samples[:2], samples[2:]), {"x": prompt}) == {"numbers": 3 * 300 + 4 * 20, "arrays": 4,
+                                                                       "array numbers": 40}
 
 
 def test_synchronous_step_time_is_the_sum_of_its_stages():
@@ -249,6 +250,30 @@ def test_synchronous_step_time_is_the_sum_of_its_stages():
     for rec in records[1:]:
         assert rec["time/step_s"] == pytest.approx(stages + dispatches * 0.005, rel=1e-6)
         assert rec["samples"] == samples and rec["staleness/max"] == 0
+
+
+def test_the_driver_on_the_clock_delays_each_call_by_its_turn():
+    """charge_driver: priced at nothing, the run is the free driver's to the digit; at 50 ms a
+    remote call, the synchronous steps (where every call is on the critical path until the
+    next stage starts) take longer by at least the step's work calls' 50 ms each, at most by
+    every call's of the step, and the clock got exactly the calls' price."""
+    r = _tiny("grpo.max_staleness=0", "grpo.steps=5")
+
+    def run(price):
+        fleet = Fleet(r, _cpu_costs(latency_s=0.005), Lengths(48, 20))
+        if price is not None:
+            fleet.tr.charge_driver(price)
+        return fleet.tr, run_driver(r, fleet)[1]
+
+    _, free = run(None)
+    tr0, zero = run(lambda cpu_s, calls: 0.0)
+    assert [x["time/step_s"] for x in zero] == [x["time/step_s"] for x in free] and tr0.driver_s == 0
+    tr, charged = run(lambda cpu_s, calls: 0.05 * calls["remote calls"])
+    assert tr.driver_s == pytest.approx(0.05 * tr.calls["remote calls"])
+    per_step = tr.calls["remote calls"] / len(charged)
+    work_calls = 4 + r.learner.num_ranks  # generate, score, reference, export, a train call per rank
+    for c, f in zip(charged[1:], free[1:]):
+        assert 0.05 * work_calls - 1e-9 <= c["time/step_s"] - f["time/step_s"] <= 0.05 * per_step + 1e-9
 
 
 def test_the_timeline_keeps_the_steps_logging_timeline_steps_lists(tmp_path):
