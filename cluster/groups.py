@@ -19,6 +19,12 @@ def _signature(method: Callable) -> inspect.Signature:
 
 
 @functools.lru_cache(maxsize=4096)
+def _method_of(cls: type, name: str, method: Callable) -> bool:
+    """Whether ``method`` is ``cls``'s own ``name`` (or inherited): once per method, not per call."""
+    return inspect.getattr_static(cls, name, None) is method
+
+
+@functools.lru_cache(maxsize=4096)
 def _fits(method: Callable, positional: int, keywords: tuple[str, ...], group: str, cls: str) -> None:
     """Raise TypeError unless ``positional`` arguments and ``keywords`` fit ``method`` (self
     bound). Whether they fit depends on nothing else, so each shape is checked once (the driver
@@ -195,7 +201,7 @@ class ActorGroup(Generic[A]):
         """The name of ``method``, a function of this group's class (or of a class it derives
         from), after checking that ``args`` and ``kwargs`` fit its signature."""
         name = getattr(method, "__name__", None)
-        if not callable(method) or name is None or inspect.getattr_static(self.cls, name, None) is not method:
+        if not callable(method) or name is None or not _method_of(self.cls, name, method):
             raise TypeError(f"{self.name} group: {method!r} is not a method of {self.cls.__name__}; "
                             f"call methods as {self.cls.__name__}.<method>")
         _fits(method, len(args), tuple(kwargs), self.name, self.cls.__name__)

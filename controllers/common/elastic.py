@@ -254,7 +254,7 @@ class Elastic:
         who = self.system.learners.names() + (gens.names() if members is None else [gens.name_of(i) for i in members])
         work = self.inflight.submit(Work("sync", refs, version=version, who=who))
         if forms:  # forming the group (engines' rendezvous) is not what a sync's pace measures
-            work.deadline = max(work.deadline, work.started + self.r.ray.call_timeout_s)
+            self.inflight.extend(work, work.started + self.r.ray.call_timeout_s)
         if self.r.generator.pause_mode == "wait" and self.system.batches_requests:
             # Each engine first lets the sequences it runs reach their end: the sync is queued
             # behind its generators' generate calls (minutes of a 16K-token tail), which a
@@ -263,8 +263,8 @@ class Elastic:
             ahead = [w.deadline for w in self.inflight.work
                      if w.stage == "generate" and (chosen is None or w.actor in chosen)]
             if ahead:
-                work.deadline = max(work.deadline, max(ahead) + work.deadline - work.started,
-                                    work.started + self.r.ray.call_timeout_s)
+                self.inflight.extend(work, max(max(ahead) + work.deadline - work.started,
+                                               work.started + self.r.ray.call_timeout_s))
         self.syncs[work] = [(i, gens.incarnation[i]) for i in members or []]
         return work
 

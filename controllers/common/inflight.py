@@ -74,6 +74,7 @@ class InFlight:
         # lower bound of the deadlines (deadlines are only ever raised after submit).
         self._refs: dict = {}
         self._queues: dict = {}
+        self._ends: dict = {}  # queue -> the latest deadline of its work (the next work there starts after it)
         self._load: dict[str, list[int]] = {}  # stage -> work in flight on each actor
         self.stages: Counter = Counter()
         self._soonest = math.inf
@@ -101,12 +102,15 @@ class InFlight:
 
     def submit(self, work: Work) -> Work:
         budget = self.budget(work)
-        queue = self._queues.setdefault(self._queue(work), [])
+        key = self._queue(work)
+        queue = self._queues.setdefault(key, [])
         # an actor that starts may wait for a node to join: no deadline (the run goes on without it)
-        work.deadline = math.inf if work.stage == "join" else max([work.started, *(w.deadline for w in queue)]) + budget
+        work.deadline = math.inf if work.stage == "join" else max(work.started, self._ends.get(key, -math.inf)) + budget
+        # (the callers that make a call per group name its actor: looking every ref up is not free)
         work.who = work.who or sorted({self.dog.owner(ref) or "?" for ref in work.refs})
         self.work[work] = None
         queue.append(work)
+        self._ends[key] = max(self._ends.get(key, -math.inf), work.deadline)
         work.flight = self
         for ref in work.pending:
             self._refs[ref] = work
@@ -119,7 +123,13 @@ class InFlight:
 
     def _forget(self, work: Work) -> None:
         del self.work[work]
-        self._queues[self._queue(work)].remove(work)
+        key = self._queue(work)
+        queue = self._queues[key]
+        queue.remove(work)
+        if not queue:
+            del self._ends[key]
+        elif work.deadline >= self._ends[key]:  # (the latest one left: rare, work ends in order)
+            self._ends[key] = max(w.deadline for w in queue)
         for ref in work.pending:
             self._refs.pop(ref, None)
         self._watch.forget(list(work.pending))
@@ -191,7 +201,16 @@ class InFlight:
         queued behind it on the same actors, gets that much more time."""
         for w in self.work:
             w.deadline += seconds
+        for key in self._ends:
+            self._ends[key] += seconds
         self._soonest += seconds
+
+    def extend(self, work: Work, deadline: float) -> None:
+        """Give ``work`` until ``deadline`` (never less than it had)."""
+        work.deadline = max(work.deadline, deadline)
+        if work in self.work:
+            key = self._queue(work)
+            self._ends[key] = max(self._ends[key], work.deadline)
 
     def remove(self, work: Work) -> None:
         """Forget ``work`` (its actor was lost; the driver re-queues what it carried)."""
@@ -210,7 +229,7 @@ class InFlight:
         self.rates[work.stage] = max(self.rates.get(work.stage, 0.0), (now - work.started) / max(1, self.samples(work)))
         if work.stage in self.batched:  # the engine makes progress: its other calls get their budget again
             for w in self._queues.get(self._queue(work), []):
-                w.deadline = max(w.deadline, now + self.budget(w))
+                self.extend(w, now + self.budget(w))
         return work
 
     def _check_deadlines(self) -> None:

@@ -78,7 +78,8 @@ class RolloutStream:
         n, kw = (part.count, {"first_sample": part.first}) if part else (self.G, {})
         ref = self.system.generators.call(i, Generator.generate, [u.prompt for u in units], n, self.r.sampling,
                                           False, self.r.grpo.partial_rollout_tokens, **kw)
-        self.inflight.submit(Work("generate", [ref], units, actor=i, samples=self.size(units)))
+        self.inflight.submit(Work("generate", [ref], units, actor=i, samples=self.size(units),
+                                  who=[self.system.generators.name_of(i)]))
 
     def on_generated(self, work: Work) -> None:
         attach(work.groups, work.value, self.G)
@@ -91,7 +92,7 @@ class RolloutStream:
         j = self.inflight.pick("score", len(self.system.scorers), self.system.scorers.ready())
         rollouts = [r.for_scoring() for u in units for r in u.rollouts]
         self.inflight.submit(Work("score", [self.system.scorers.call(j, RewardScorer.score, rollouts)], units, actor=j,
-                                  samples=len(rollouts)))
+                                  samples=len(rollouts), who=[self.system.scorers.name_of(j)]))
 
     def on_scored(self, work: Work) -> None:
         scores = work.value  # only numbers come back: they go onto the driver's rollouts
@@ -119,14 +120,15 @@ class RolloutStream:
         if self.system.reference is not None:
             ref = self.system.reference
             k = self.inflight.pick("reference", len(ref), ref.ready())
-            parts.append(Work("reference", [ref.call(k, Reference.logprobs, samples)], units, actor=k, samples=n))
+            parts.append(Work("reference", [ref.call(k, Reference.logprobs, samples)], units, actor=k, samples=n,
+                              who=[ref.name_of(k)]))
         elif self.r.reference_on_learner:  # LoRA: the learner ranks, adapters off, between train steps
             parts.append(Work("reference", self.system.learners.shard(LearnerRank.reference_logprobs, samples), units,
                               queue="learner", samples=n))
         if self.system.teacher is not None:  # on-policy distillation: beside the reference, not after it
             k = self.inflight.pick("teacher", len(self.system.teacher), self.system.teacher.ready())
             parts.append(Work("teacher", [self.system.teacher.call(k, Reference.logprobs, samples)], units, actor=k,
-                              samples=n))
+                              samples=n, who=[self.system.teacher.name_of(k)]))
         for u in units:  # (a group's first unit sets its count: every completion through every stage)
             self.parts.setdefault(u.seq, self.G * max(1, len(parts)))
         if not parts:

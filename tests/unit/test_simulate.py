@@ -21,6 +21,7 @@ from simfleet import (  # noqa: E402
     Lengths,
     Pool,
     Ref,
+    SimGroup,
     SimTransport,
     VllmDevice,
     call_payload,
@@ -238,6 +239,25 @@ def test_the_payload_counts_what_pickle_sends_through_the_driver():
                                                                        "array numbers": 40}
 
 
+def test_an_actor_call_is_checked_against_its_class_once_per_method_and_every_time():
+    """A group's calls name their method as the class's function: another class's method of the
+    same name, a lambda or a wrong argument list is refused each time, however often the right
+    call was made before (the checks are cached per method and per shape)."""
+    from r1ray.actors.generator import Generator
+    from r1ray.actors.reference import Reference
+    from r1ray.actors.scorer import RewardScorer
+
+    group = SimGroup("reference", Reference, [], SimTransport(), 10.0)
+    for _ in range(3):
+        assert group._method(Reference.logprobs, ([],), {}) == "logprobs"
+        assert group._method(Reference.ping, (), {}) == "ping"
+        for wrong in (Generator.ping, RewardScorer.score, lambda samples: None):
+            with pytest.raises(TypeError, match="is not a method of Reference; call methods as Reference.<method>"):
+                group._method(wrong, ([],), {})
+        with pytest.raises(TypeError, match=r"reference group: Reference.logprobs\(self, samples"):
+            group._method(Reference.logprobs, ([], 1, 2), {})
+
+
 def test_synchronous_step_time_is_the_sum_of_its_stages():
     """max_staleness 0 on unshared devices: a step is one generate call (16 groups), then score,
     reference, train, export and load in turn, plus Ray's dispatch before each work call."""
@@ -388,6 +408,37 @@ def test_the_in_flight_table_keeps_its_indexes_through_removals_and_drops():
         assert flight.next_done() is gen0  # b (removed) and s2 (dropped) are not waited for
         assert flight.next_done() is sync and sync.value == ["v"] and flight.stages["sync"] == 0
         assert [w.stage for w in flight.work] == ["generate"] and flight.load("generate", 2) == [0, 1]
+
+
+def test_work_queued_on_an_actor_gets_its_deadline_after_the_latest_one_ahead():
+    """A call queued behind others on one actor is due its budget after the latest deadline
+    among them: as each leaves (the latest one included), as one is extended (a sync's, a
+    batched engine's), after a postponement, and from its own start once the queue is empty."""
+    import random
+
+    from r1ray.cluster import transport
+    from r1ray.cluster.groups import Watchdog
+    from r1ray.controllers.common.inflight import InFlight, Work
+
+    r = _tiny()
+    tr = SimTransport()
+    rng = random.Random(0)
+    with transport.use(tr):
+        flight = InFlight(Watchdog([]), r.ray, 4, lambda n: 10.0)
+        for _ in range(300):
+            queue = [w for w in flight.work if w.actor == 0]
+            move = rng.random()
+            if move < 0.45 or not queue:
+                w = flight.submit(Work("score", [Ref()], [object()], actor=0))
+                assert w.deadline == max([w.started, *(q.deadline for q in queue)]) + flight.budget(w)
+            elif move < 0.75:
+                flight.remove(rng.choice(queue))
+            elif move < 0.9:
+                w = rng.choice(queue)
+                flight.extend(w, w.deadline + rng.choice([-5.0, 50.0]))
+            else:
+                flight.postpone(7.0)
+            tr.t += 1.0
 
 
 def test_ties_go_round_robin_within_each_stage():
