@@ -622,18 +622,37 @@ def serialise_s(c: dict, calls) -> float:
             + calls.get("array numbers received", 0) * c["array_deserialise_ns_per_number"]) / 1e9
 
 
-def scale_run(r, eta: int, costs: dict | None = None) -> tuple[float, float]:
-    """One run of ``at_scale``'s recipe ``r``: its steady steps' mean seconds and the driver's
-    thread seconds a step on the clock. ``costs`` (``ray-costs``' prices): the driver's turns
-    take on the simulated clock what its Python took here, and what Ray and pickling take its
-    thread for the calls it made (``SimTransport.charge_driver``); None: the driver is free."""
-    fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+def scale_fleet(r) -> Fleet:
+    """The simulated fleet ``at_scale``'s recipe ``r`` runs on: the 7B model's H100 costs, its lengths."""
+    return Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+
+
+def run_at_scale(r, costs: dict | None = None):
+    """One run of ``at_scale``'s recipe ``r``, its timeline written as a run writes it: (fleet,
+    driver, records, the run's CPU seconds, the timeline's MB). ``costs`` (``ray-costs``'
+    prices): the driver's turns take on the simulated clock what its Python took here, and what
+    Ray and pickling take its thread for the calls it made (``SimTransport.charge_driver``);
+    None: the driver is free."""
+    fleet = scale_fleet(r)
     if costs is not None:
         fleet.tr.charge_driver(lambda cpu_s, calls: cpu_s + ray_main_thread_s(costs, calls) + serialise_s(costs, calls))
+    t0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        _, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
-    steady = records[eta + 2: len(records) - eta]
-    return statistics.fmean(x["time/step_s"] for x in steady), fleet.tr.driver_s / len(records)
+        driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
+        cpu = time.process_time() - t0
+        timeline_mb = (Path(tmp) / "timeline.json").stat().st_size / 2**20
+    return fleet, driver, records, cpu, timeline_mb
+
+
+def steady_step_s(records: list[dict], eta: int) -> float:
+    """The mean seconds of the steps after the pipeline filled and before it drains."""
+    return statistics.fmean(x["time/step_s"] for x in records[eta + 2: len(records) - eta])
+
+
+def scale_run(r, eta: int, costs: dict | None = None) -> tuple[float, float]:
+    """``run_at_scale``'s steady steps' mean seconds and the driver's thread seconds a step on the clock."""
+    fleet, _, records, _, _ = run_at_scale(r, costs)
+    return steady_step_s(records, eta), fleet.tr.driver_s / len(records)
 
 
 def driver_limit(args) -> int:
@@ -675,18 +694,13 @@ def overhead(args) -> int:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     driver_cpus = []
     for i in range(args.repeat):  # the same run (seeded): its CPU times vary by a fifth from run to run here
-        fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
-        t0 = time.process_time()
-        with tempfile.TemporaryDirectory() as tmp:  # (the timeline written as a run writes it)
-            driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
-            cpu = time.process_time() - t0
-            timeline_mb = (Path(tmp) / "timeline.json").stat().st_size / 2**20
+        fleet, driver, records, cpu, timeline_mb = run_at_scale(r)
         driver_cpus.append((cpu - fleet.tr.sim_cpu_s) / len(records))
         if i == 0:  # (the peak is the first run's: later ones reuse its memory)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sim = fleet.tr.sim_cpu_s
     steady = records[args.eta + 2: len(records) - args.eta]
-    step_s = statistics.fmean(x["time/step_s"] for x in steady)
+    step_s = steady_step_s(records, args.eta)
     per_step = {k: v / len(records) for k, v in fleet.tr.calls.items()}
     driver_cpu = statistics.median(driver_cpus)
     mean_len = statistics.fmean(x["completion_len/mean"] for x in steady)
@@ -749,7 +763,7 @@ def memory(args) -> int:
     if last <= first:
         raise SystemExit(f"memory: --steps {args.steps} leaves nothing to compare; it needs at least {first + 2}")
     r = at_scale(args)
-    fleet = Fleet(r, GpuCosts(QWEN_7B), SCENARIOS["7b-64"][2], seed=0)
+    fleet = scale_fleet(r)
 
     def on_driver(driver):
         write = driver.metrics.write
