@@ -56,7 +56,7 @@ MAX_FAILED_STARTS = 3  # a slot whose replacement dies this many times in a row 
 class Hooks:
     """What the elastic groups ask of the loop they serve."""
 
-    generate: Callable[[list], None]  # send prompt groups to a usable generator
+    generate: Callable[[list], None]  # send prompt groups to a usable generator (or its rollout manager)
     score: Callable[[list], None]  # send generated groups to a ready scorer
     dropped_rewards: Callable[[], list[str]]  # reward functions the run dropped (a new scorer drops them too)
     tally: Callable[[dict], None]  # add to the run's counts

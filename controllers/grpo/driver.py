@@ -53,7 +53,7 @@ class GrpoDriver:
         self.stream = RolloutStream(system, recipe, data, renderer, self.books, self.inflight, self.rewards,
                                     self.tally, self.done.taken0)
         self.elastic = self.stream.elastic = Elastic(system, self.inflight, recipe, self.stream.per_request, Hooks(
-            self.stream.generate, self.stream.score, self.rewards.dropped, self.tally,
+            self.stream.send, self.stream.score, self.rewards.dropped, self.tally,
             retiring=lambda i: self.telemetry.drain_one(system.generators, i)))  # (its spans kept, not lost with it)
         self.training = False
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators

@@ -20,71 +20,43 @@ from .reward_book import RewardBook
 from .staleness import StalenessManager
 
 
-class RolloutStream:
-    """Each ``on_*`` takes one finished piece of work and sends the next stage off; groups that
-    are done wait in ``ready`` until ``take_batch``. ``tally`` counts what happened."""
+class Chain:
+    """Generate -> score -> (dynamic sampling) -> reference / teacher log-probs of the units it is
+    handed: each ``on_*`` takes one finished piece of work and sends the next stage off. The
+    driver runs one (``RolloutStream``); so does each rollout manager (``manager.py``), for the
+    groups the driver hands it. What comes out goes to the callbacks: ``on_ready(groups)``
+    (every completion through every stage), ``on_drop(seq)`` (dynamic sampling dropped the
+    group), ``add_stats`` (each score call's stats), ``tally`` (counts) and ``park(units)``
+    (generated while no scorer is ready: scored once one is)."""
 
-    def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer,
-                 books: StalenessManager, inflight: InFlight, rewards: RewardBook, tally, taken: int = 0):
-        self.system, self.r, self.train, self.renderer = system, recipe, data.train, renderer
-        self.books, self.inflight, self.rewards, self.tally = books, inflight, rewards, tally
+    def __init__(self, system, recipe: Recipe, inflight: InFlight, add_stats, tally, on_ready, on_drop, park):
+        self.system, self.r, self.inflight = system, recipe, inflight
+        self.add_stats, self.tally, self.on_ready, self.on_drop, self.park = add_stats, tally, on_ready, on_drop, park
         g = recipe.grpo
         self.G = g.num_generations
-        # vLLM: one group per call, so each returns the moment its G completions are done (or one
-        # part of a group: completions_per_request).
-        self.per_request = g.groups_per_request or (
-            1 if system.batches_requests else max(1, g.prompts_per_step // len(system.generators)))
         self.split = 0 < g.completions_per_request < self.G
-        if self.split:
-            self.per_request = 1
-        self.sampler = EpochSampler(len(data.train), recipe.seed, data.train_rows)
-        if taken:
-            self.sampler.seek(taken)  # a resumed run: the same data order from where it stopped
         self.filter = DynamicSampling(g.dynamic_sampling, g.prompts_per_step)
-        self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
         # seq -> completions x log-prob stages (reference, teacher) still to come
         self.parts: dict[int, int] = {}
         self.scored: dict[int, int] = {}  # seq -> completions scored (groups in parts)
-        self.elastic: Elastic | None = None  # set by the driver: its generators, and the groups to redo
-
-    def admit(self) -> None:
-        """Start as many groups as the staleness bound and the generators' room allow,
-        ``per_request`` per generate call; groups whose generator was lost go first, in
-        admission order."""
-        if not self.elastic.usable():
-            return  # every generator is starting: their groups wait
-        self.elastic.flush_requeued()
-        while self.books.may_admit() and self.elastic.room():
-            groups = []
-            while self.books.may_admit() and len(groups) < self.per_request:
-                idx, pid = self.sampler.take(1)[0]
-                seq, at = self.books.admit()
-                groups.append(Group(seq, self.renderer.prompt(self.train[idx], pid), at))
-            if not self.split:
-                self.generate(groups)
-                continue
-            for g in groups:
-                for part in split(g, self.G, self.r.grpo.completions_per_request):
-                    self.generate([part])
 
     def size(self, units: list) -> int:
         """Completions of ``units`` (groups, or parts of groups)."""
         return sum(u.count if isinstance(u, Part) else self.G for u in units)
 
-    def generate(self, units: list) -> None:
-        """One generate call for ``units``: groups, or one part of a group."""
-        i = self.inflight.pick("generate", len(self.system.generators), self.elastic.usable())
+    def generate(self, units: list, i: int) -> Work:
+        """One generate call for ``units`` (groups, or one part of a group) on generator ``i``."""
         part = units[0] if isinstance(units[0], Part) else None
         n, kw = (part.count, {"first_sample": part.first}) if part else (self.G, {})
         ref = self.system.generators.call(i, Generator.generate, [u.prompt for u in units], n, self.r.sampling,
                                           False, self.r.grpo.partial_rollout_tokens, **kw)
-        self.inflight.submit(Work("generate", [ref], units, actor=i, samples=self.size(units),
-                                  who=[self.system.generators.name_of(i)]))
+        return self.inflight.submit(Work("generate", [ref], units, actor=i, samples=self.size(units),
+                                         who=[self.system.generators.name_of(i)]))
 
     def on_generated(self, work: Work) -> None:
         attach(work.groups, work.value, self.G)
         if not self.system.scorers.ready():  # every scorer is being replaced
-            self.elastic.rescore += work.groups
+            self.park(work.groups)
             return
         self.score(work.groups)
 
@@ -97,7 +69,7 @@ class RolloutStream:
     def on_scored(self, work: Work) -> None:
         scores = work.value  # only numbers come back: they go onto the driver's rollouts
         scores.apply([r for u in work.groups for r in u.rollouts])
-        self.rewards.add(scores.stats)
+        self.add_stats(scores.stats)
         if self.split and self.filter.on:  # dynamic sampling needs the group's every reward first
             whole = []
             for part in work.groups:
@@ -156,20 +128,74 @@ class RolloutStream:
             if self.parts[u.seq] <= 0:
                 del self.parts[u.seq]
                 done.append(u.group if isinstance(u, Part) else u)
-        self._ready(done)
-
-    def take_batch(self) -> list[Group] | None:
-        """The next batch (the next B useful groups in admission order), or None while it is not complete."""
-        seqs = self.books.next_batch()
-        return None if seqs is None else [self.ready.pop(s) for s in seqs]
+        self.on_ready(done)
 
     def _keep(self, g: Group) -> bool:
         """False when dynamic sampling drops the group (then admission may start another)."""
         if self.filter.keep(g):
             return True
-        self.books.drop(g.seq)
+        self.on_drop(g.seq)
         self.tally({"groups/dropped": 1})
         return False
+
+
+class RolloutStream(Chain):
+    """The driver's side of the rollouts: prompt groups admitted under the staleness bound, sent
+    to a generator (or to the rollout manager of its generator: ``grpo.rollout_managers``), and
+    held once ready until ``take_batch``."""
+
+    def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer,
+                 books: StalenessManager, inflight: InFlight, rewards: RewardBook, tally, taken: int = 0):
+        super().__init__(system, recipe, inflight, rewards.add, tally, self._ready, books.drop,
+                         lambda units: self.elastic.rescore.extend(units))
+        self.train, self.renderer, self.books, self.rewards = data.train, renderer, books, rewards
+        g = recipe.grpo
+        # vLLM: one group per call, so each returns the moment its G completions are done (or one
+        # part of a group: completions_per_request).
+        self.per_request = g.groups_per_request or (
+            1 if system.batches_requests else max(1, g.prompts_per_step // len(system.generators)))
+        if self.split:
+            self.per_request = 1
+        self.sampler = EpochSampler(len(data.train), recipe.seed, data.train_rows)
+        if taken:
+            self.sampler.seek(taken)  # a resumed run: the same data order from where it stopped
+        self.ready: dict[int, Group] = {}  # seq -> a group that may be consumed
+        self.elastic: Elastic | None = None  # set by the driver: its generators, and the groups to redo
+        self.managers = None  # set by the driver with grpo.rollout_managers: they run the chain
+
+    def admit(self) -> None:
+        """Start as many groups as the staleness bound and the generators' room allow,
+        ``per_request`` per generate call; groups whose generator was lost go first, in
+        admission order."""
+        if not self.elastic.usable():
+            return  # every generator is starting: their groups wait
+        self.elastic.flush_requeued()
+        while self.books.may_admit() and self.elastic.room():
+            groups = []
+            while self.books.may_admit() and len(groups) < self.per_request:
+                idx, pid = self.sampler.take(1)[0]
+                seq, at = self.books.admit()
+                groups.append(Group(seq, self.renderer.prompt(self.train[idx], pid), at))
+            if not self.split:
+                self.send(groups)
+                continue
+            for g in groups:
+                for part in split(g, self.G, self.r.grpo.completions_per_request):
+                    self.send([part])
+
+    def send(self, units: list) -> None:
+        """``units`` to the least-loaded usable generator: a generate call, or to the rollout
+        manager of that generator."""
+        i = self.inflight.pick("generate", len(self.system.generators), self.elastic.usable())
+        if self.managers is None:
+            self.generate(units, i)
+        else:
+            self.managers.dispatch(i, units)
+
+    def take_batch(self) -> list[Group] | None:
+        """The next batch (the next B useful groups in admission order), or None while it is not complete."""
+        seqs = self.books.next_batch()
+        return None if seqs is None else [self.ready.pop(s) for s in seqs]
 
     def _ready(self, groups: list[Group]) -> None:
         for g in groups:
