@@ -43,9 +43,10 @@ from r1ray.actors.reference import Reference
 from r1ray.actors.rollout import Rollout, TokenIds
 from r1ray.actors.scorer import RewardScorer, Scores
 from r1ray.actors.spans import around_gap
-from r1ray.cluster.groups import ActorGroup, Watchdog
+from r1ray.cluster.groups import ActorGroup, RemoteCallError, Watchdog
 from r1ray.controllers.common.data import PreparedData
 from r1ray.controllers.common.system import GRPO, System
+from r1ray.controllers.grpo.manager import RolloutManager
 
 WALL0 = 1.8e9  # the simulated wall clock's epoch seconds at time 0 (the actors' spans use it)
 EPS = 1e-9
@@ -95,6 +96,29 @@ class SimWatcher:
     def get(self, ref: "Ref"):
         self.watched.discard(ref)
         return self.tr.get(ref)
+
+
+class PassiveWatcher(SimWatcher):
+    """A rollout manager's refs (``SimManager``): it never runs the clock, it runs inside the
+    fleet's events; ``on_ready()`` is called as each finishes."""
+
+    def __init__(self, tr: "SimTransport", on_ready):
+        super().__init__(tr)
+        self.on_ready = on_ready
+
+    def watch(self, refs: list) -> None:
+        self.tr.calls["futures"] += len(refs)
+        for ref in refs:
+            self.watched.add(ref)
+            if ref.done:
+                self.ready.append(ref)
+            else:
+                ref.then.append(lambda ref=ref: (self.ready.append(ref), self.on_ready()))
+
+    def wait(self, timeout: float) -> list:
+        done = [ref for ref in self.ready if ref in self.watched]
+        self.ready.clear()
+        return done
 
 
 class SimTransport:
@@ -249,7 +273,7 @@ def payload(x, seen: set | None = None, out: Counter | None = None) -> Counter:
     seen = set() if seen is None else seen
     out = Counter() if out is None else out
     if isinstance(x, (list, tuple)):
-        if x and isinstance(x[0], (int, float)):
+        if x and isinstance(x[0], (int, float)) and isinstance(x[-1], (int, float)):  # (not a (key, group) pair)
             out["numbers"] += len(x)
         else:
             for v in x:
@@ -788,6 +812,94 @@ class SimLearner(SimActor):
                       demand=f.costs.demand("send_weights"), version=version)
 
 
+class SimManager(SimActor):
+    """A rollout manager: the real ``RolloutManager`` in-process, its calls to the fleet's
+    groups on the simulated clock. Its ``step`` answers as the real one's does, at the simulated
+    time: the completions of its calls are dealt with as they come (``PassiveWatcher``). Its
+    CPU time and the Ray calls it would make are counted apart from the driver's (``cpu_s``,
+    ``ray_calls``); its time is not on the clock (a manager serves a node's generators: an eighth
+    of a 256-generator fleet's groups at 32 managers)."""
+
+    def __init__(self, name: str, fleet: "Fleet", device: Device):
+        super().__init__(name, fleet, device)
+        self.watcher = PassiveWatcher(fleet.tr, self._wake)
+        self.ray_calls: Counter = Counter()
+        self.cpu_s = 0.0
+        self.pending: Ref | None = None
+        self.woken = False
+        with self.acting():
+            self.manager = RolloutManager(fleet.recipe, int(name.rsplit("-", 1)[1]), watcher=self.watcher)
+
+    def acting(self) -> "_Acting":
+        return _Acting(self)
+
+    def do_step(self, ref: Ref, dispatch: list, forget: list, urgent: int, wants_room: bool, groups,
+                report_s: float, wait_s: float) -> None:
+        tr = self.fleet.tr
+        self.pending, self.t0, self.report_s, self.wait_s, self.timed = ref, tr.t, report_s, wait_s, False
+        self._take(dispatch, forget, urgent, wants_room, groups)
+        tr.later(wait_s, lambda: self._answer(ref))
+
+    def do_submit(self, ref: Ref, dispatch: list, forget: list, urgent: int, wants_room: bool, groups) -> None:
+        self._take(dispatch, forget, urgent, wants_room, groups)
+        self.fleet.tr.resolve(ref, None)
+
+    def _take(self, dispatch: list, forget: list, urgent: int, wants_room: bool, groups) -> None:
+        # (as pickled: the driver's groups are not the manager's objects)
+        dispatch = [replace(d, units=[replace(g, rollouts=[]) for g in d.units]) for d in dispatch]
+        with self.acting():
+            self.manager.accept(dispatch, forget, urgent, wants_room, groups)
+            self.manager.pump()
+        self._answer(self.pending)
+
+    def _wake(self) -> None:
+        if not self.woken:
+            self.woken = True
+            self.fleet.tr.later(0.0, self._pump)
+
+    def _pump(self) -> None:
+        self.woken = False
+        with self.acting():
+            self.manager.pump()
+        self._answer(self.pending)
+
+    def _answer(self, ref: Ref | None) -> None:
+        """Answer ``ref`` (the step call in flight) if the manager would now."""
+        if ref is None or ref is not self.pending:
+            return
+        tr = self.fleet.tr
+        if not self.manager.answers(self.t0, self.report_s, self.wait_s):
+            if self.manager.report.news() and not self.timed:  # (it answers once report_s passed)
+                self.timed = True
+                tr.later(max(0.0, self.t0 + self.report_s - tr.t), lambda: self._answer(ref))
+            return
+        self.pending = None
+        with self.acting():
+            report = self.manager.take_report()
+        tr.resolve(ref, report)
+
+
+class _Acting:
+    """``SimManager.acting``: the manager's CPU time and Ray calls, apart from the driver's."""
+
+    __slots__ = ("m", "t0", "calls")
+
+    def __init__(self, m: SimManager):
+        self.m = m
+
+    def __enter__(self) -> None:
+        tr = self.m.fleet.tr
+        tr.simulating().__enter__()
+        self.calls, tr.calls = tr.calls, self.m.ray_calls
+        self.t0 = time.process_time()
+
+    def __exit__(self, *exc) -> None:
+        tr = self.m.fleet.tr
+        self.m.cpu_s += time.process_time() - self.t0
+        tr.calls = self.calls
+        tr.simulating().__exit__()
+
+
 class SimGroup(ActorGroup):
     """An ``ActorGroup`` of simulated actors: the same typed calls (``call(i, Cls.method,
     ...)``, signatures checked), answered by the fleet on the simulated clock. Elastic as a
@@ -854,9 +966,16 @@ class SimGroup(ActorGroup):
         return all(r.done for r in refs)
 
     def get(self, refs, what: str, timeout_s: float | None = None):
+        """As ``ActorGroup.get``: a failed call raises ``RemoteCallError`` naming its actor."""
         many = isinstance(refs, list)
         self.tr.wait_all(refs if many else [refs])
-        return [self.tr.get(r) for r in refs] if many else self.tr.get(refs)
+        values = []
+        for r in refs if many else [refs]:
+            try:
+                values.append(self.tr.get(r))
+            except ActorDiedError as e:
+                raise RemoteCallError(f"{self.name} group: {what}: {self.owner(r) or 'an actor'} died") from e
+        return values if many else values[0]
 
     def silent(self, slots: list[int], timeout_s: float) -> list[int]:
         return [i for i in slots if self.actors[i].dead]  # (a live simulated actor always answers)
@@ -998,6 +1117,12 @@ class SimSystem(System):
         self.scorers = group("reward-scorer", RewardScorer, SimScorer, r.scorer.num_actors, "scorer")
         if r.reference_actor:
             self.reference = group("reference", Reference, SimReference, r.reference.num_actors, "reference")
+        if r.grpo.rollout_managers:
+            self.managers = group("rollout-manager", RolloutManager, SimManager, r.grpo.rollout_managers, "manager")
+            for m in self.managers.actors:
+                with m.acting():
+                    m.manager.set_groups({"generators": self.generators, "scorers": self.scorers,
+                                          "reference": self.reference, "teacher": self.teacher})
         self.placement = SimPlacement()
         self.transfer_members = self.generators.ready() if self.streams_weights else None
         self.watchdog = Watchdog(self.groups(), r.ray.heartbeat_s, r.ray.liveness_timeout_s)
@@ -1006,6 +1131,10 @@ class SimSystem(System):
 
     def start(self) -> "SimSystem":
         return self
+
+    def manager_views(self) -> None:
+        """(the simulated managers call the fleet's groups themselves: nothing to send)"""
+        return None
 
     def form_transfer(self, members: list[int]) -> list:
         """The learners' side of forming the transfer group with ``members`` (the generators'

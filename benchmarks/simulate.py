@@ -6,7 +6,7 @@
     python benchmarks/simulate.py colocate [--only 7b-64]
     python benchmarks/simulate.py ray-costs      # Ray's driver-side CPU per call, wait, completion, number pickled
     python benchmarks/simulate.py overhead [--generators 256 --ranks 64] [--set key=value] [--name stem]
-    python benchmarks/simulate.py driver-limit [--generators 256 512 1024] [--etas 1]
+    python benchmarks/simulate.py driver-limit [--generators 256 512 1024] [--etas 1] [--per-manager 8]
     python benchmarks/simulate.py elastic [--scenario 7b-64] [--eta 1] [--at 8] [--start-s 60]
     python benchmarks/simulate.py kv [--scenario 1.5b-16k] [--etas 0 1 2 4] [--max-num-seqs 512 1024]
 
@@ -37,7 +37,8 @@ rank trains; the reference actors keep their GPUs; max_staleness 0, the only one
 overhead: the driver's own CPU seconds and Ray calls per step, and its memory, with 256
 simulated generators and 64 learner ranks; and the step again with the driver's thread on the
 simulated clock (each of its turns taking what its Python, Ray's share of its calls and their
-pickling cost here), to see whether the fleet waits for it.
+pickling cost here), to see whether the fleet waits for it. With ``grpo.rollout_managers`` the
+managers' side too: each one's CPU a step, and the busiest one's calls and share of the step.
 
 driver-limit: that comparison, the driver free against the driver on the clock, at 256, 512
 and 1,024 generators in the 7B recipe's proportions: where one driver stops keeping up.
@@ -667,8 +668,9 @@ def driver_limit(args) -> int:
     rows = []
     for n in args.generators:
         for eta in args.etas:
+            managers = [f"grpo.rollout_managers={n // args.per_manager}"] if args.per_manager else []
             sub = argparse.Namespace(generators=n, ranks=max(1, n // 4), references=max(1, n // 16), prompts=8 * n,
-                                     eta=eta, steps=args.steps, set=args.set)
+                                     eta=eta, steps=args.steps, set=[*args.set, *managers])
             r = at_scale(sub)
             free_s, _ = scale_run(r, eta)
             charged_s, thread_s = scale_run(r, eta, c)
@@ -685,7 +687,8 @@ def driver_limit(args) -> int:
               f"{x['driver_thread_s_per_step']} | {100 * x['driver_thread_share']:.1f}% |" for x in rows]
     table = "\n".join(lines)
     print(table)
-    save_results(args.name, {"steps": args.steps, "set": args.set, "rows": rows}, table)
+    save_results(args.name, {"steps": args.steps, "set": args.set, "per_manager": args.per_manager, "rows": rows},
+                 table)
     return 0
 
 
@@ -745,10 +748,29 @@ def overhead(args) -> int:
            "rollout_kb_in_driver": round(held / 1024, 1),
            "rollouts_in_flight_mb_estimate": round(held * r.grpo.num_generations * r.grpo.prompts_per_step
                                                    * (r.grpo.max_staleness + 1) / 2**20, 1)}
+    if fleet.system.managers is not None:
+        out.update(manager_figures(fleet, len(records), step_s, c if costs_file.exists() else None))
     print(json.dumps(out, indent=1))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in out.items()])
     save_results(args.name, out, table)
     return 0
+
+
+def manager_figures(fleet: Fleet, steps: int, step_s: float, c: dict | None) -> dict:
+    """The rollout managers' side (``grpo.rollout_managers``): each one's Python a step, and the
+    busiest one's Ray calls and share of the step, priced as the driver's are (``c``)."""
+    managers = fleet.system.managers.actors
+    busiest = max(managers, key=lambda m: m.cpu_s)
+    calls = {k: v / steps for k, v in busiest.ray_calls.items()}
+    out = {"managers": len(managers),
+           "manager_cpu_s_per_step": {"mean": round(sum(m.cpu_s for m in managers) / len(managers) / steps, 3),
+                                      "max": round(busiest.cpu_s / steps, 3)},
+           "busiest_manager_ray_calls_per_step": calls}
+    if c is not None:
+        completions = max(calls.get("futures", 0), calls.get("ray.get", 0))
+        ray_s = (calls.get("remote calls", 0) * c["submit_cpu_us"] + completions * c["future_cpu_us"]) / 1e6
+        out["busiest_manager_share_of_step"] = round((busiest.cpu_s / steps + ray_s + serialise_s(c, calls)) / step_s, 4)
+    return out
 
 
 def memory(args) -> int:
@@ -1012,6 +1034,8 @@ def main() -> int:
     dl.add_argument("--steps", type=int, default=7)
     dl.add_argument("--set", action="append", default=[])
     dl.add_argument("--name", default="simulate_driver_limit")
+    dl.add_argument("--per-manager", type=int, default=0,
+                    help="a rollout manager per this many generators (grpo.rollout_managers); 0: none")
     for q, steps, name in ((o, 7, "simulate_overhead"), (mem, 16, "simulate_memory")):
         q.add_argument("--generators", type=int, default=256)
         q.add_argument("--ranks", type=int, default=64)

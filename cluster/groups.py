@@ -317,6 +317,28 @@ class HostedGroup(ActorGroup):
         pass  # the host group's actors
 
 
+class GroupSnapshot(ActorGroup):
+    """A group's actors as they are now, for another actor to call (a rollout manager calls the
+    generators and scorers the driver started): the same typed calls, slots and states; it
+    starts, replaces and stops nothing (the driver does, and sends a new snapshot)."""
+
+    def __init__(self, group: ActorGroup):
+        self.name, self.timeout_s, self.cls = group.name, group.timeout_s, group.cls
+        self._owners: OrderedDict = OrderedDict()
+        self.watchdog: Watchdog | None = None
+        self.elastic = False
+        self.actors, self.state, self.incarnation = list(group.actors), list(group.state), list(group.incarnation)
+
+    def restart(self, i: int):
+        raise RuntimeError(f"{self.name}-{i}: a snapshot of the group cannot replace its actors")
+
+    def add(self):
+        raise RuntimeError(f"the {self.name} group's snapshot cannot grow")
+
+    def kill(self) -> None:
+        pass  # the group's actors are the driver's
+
+
 class Watchdog:
     """Liveness of a run's actor groups while the driver waits on them.
 

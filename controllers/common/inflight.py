@@ -21,7 +21,8 @@ from ...cluster.groups import RemoteCallError, Watchdog
 class Work:
     """One piece of in-flight work: done when every one of its object refs is."""
 
-    stage: Literal["generate", "score", "reference", "teacher", "train", "sync", "join"]  # join: an actor starting
+    # join: an actor starting; manage: a rollout manager's report (controllers/grpo/manager.py)
+    stage: Literal["generate", "score", "reference", "teacher", "train", "sync", "join", "manage"]
     refs: list
     groups: list = field(default_factory=list)  # the prompt groups it carries
     actor: int | None = None  # the generator or scorer doing it (load balancing)
@@ -63,10 +64,10 @@ class InFlight:
     calls of the stage their budget again from then."""
 
     def __init__(self, watchdog: Watchdog, ray_cfg, group_size: int, score_budget: Callable[[int], float],
-                 what: str = "GRPO"):
+                 what: str = "GRPO", watcher=None):
         self.dog, self.rc, self.G, self.score_budget, self.what = watchdog, ray_cfg, group_size, score_budget, what
         self.work: dict[Work, None] = {}  # (a dict: ordered, and O(1) to leave)
-        self._watch = transport.watcher()  # the refs' completions, as they come
+        self._watch = watcher or transport.watcher()  # the refs' completions, as they come
         self._done: deque = deque()  # refs finished, not yet dealt with
         # Indexes of ``work``, so that a fleet of hundreds of actors with thousands of calls in
         # flight costs the driver O(1) per call: the pending refs (-> their work, in submission
@@ -91,8 +92,9 @@ class InFlight:
     def budget(self, work: Work) -> float:
         """The seconds ``work`` may take once the work ahead of it is done."""
         samples = max(1, self.samples(work))
-        if work.queue == "learner" and work.stage != "train":
-            # behind a train step (and any checkpoint it saves): bounded like a first call
+        if work.queue == "learner" and work.stage != "train" or work.stage == "manage":
+            # behind a train step (and any checkpoint it saves), or a rollout manager's report (it
+            # answers within grpo.manager_report_s): bounded like a first call
             return self.rc.call_timeout_s
         if work.stage == "score":
             return self.score_budget(samples) + self.rc.deadline_min_s
@@ -166,13 +168,15 @@ class InFlight:
             loads.extend([0] * (actors - len(loads)))
         return loads
 
-    def next_done(self) -> Work:
-        """Wait for the next piece of work whose refs are all done; its results land in ``value``."""
+    def next_done(self, timeout: float | None = None) -> Work | None:
+        """Wait for the next piece of work whose refs are all done; its results land in ``value``.
+        With ``timeout``: None once that many seconds passed without one."""
+        end = math.inf if timeout is None else transport.now() + timeout
         while True:
             now = transport.now()
             if now >= self._soonest:  # (a bound gone stale: work removed, deadlines raised)
                 self._soonest = min((w.deadline for w in self.work), default=math.inf)
-            wait_s = min(self.dog.every_s, self._soonest - now)
+            wait_s = min(self.dog.every_s, self._soonest - now, end - now)
             if self.stages["join"] == len(self.work):
                 wait_s = min(wait_s, 1.0)  # the driver re-checks control (r1ray scale) meanwhile
             if not self._done:
@@ -195,6 +199,8 @@ class InFlight:
                     return self._finished(work)
             self._check_deadlines()
             self.dog.check(self.what)
+            if transport.now() >= end:
+                return None
 
     def postpone(self, seconds: float) -> None:
         """The driver did something else for ``seconds`` (an evaluation): the work in flight,
@@ -216,6 +222,11 @@ class InFlight:
         """Forget ``work`` (its actor was lost; the driver re-queues what it carried)."""
         if work in self.work:
             self._forget(work)
+
+    def finish(self, work: Work, value=None) -> Work:
+        """``work`` is done elsewhere (a rollout manager generated its groups: it has no refs here)."""
+        work.values = {ref: value for ref in work.refs}
+        return self._finished(work) if work in self.work else work
 
     def of_actor(self, stage: str, actor: int) -> list[Work]:
         return [w for w in self.work if w.stage == stage and w.actor == actor]

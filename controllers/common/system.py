@@ -14,7 +14,15 @@ from ...actors.scorer import RewardScorer, RewardSpec, ScorerConfig
 from ...actors.server import VllmServer
 from ...actors.weight_transfer import BACKEND as GLOO_TRANSFER
 from ...cluster import control
-from ...cluster.groups import ActorGroup, HostedGroup, RemoteCallError, Watchdog, kill_quietly, rendezvous_on
+from ...cluster.groups import (
+    ActorGroup,
+    GroupSnapshot,
+    HostedGroup,
+    RemoteCallError,
+    Watchdog,
+    kill_quietly,
+    rendezvous_on,
+)
 from ...cluster.placement import Bundles, Placement
 from ...cluster.weight_sync import start_broadcast, start_transfer
 from ..config import Recipe, judge_keys
@@ -111,6 +119,7 @@ class System:
         self.version = 0
         self.timeout = recipe.ray.call_timeout_s
         self.learners = self.generators = self.scorers = self.reference = self.teacher = None
+        self.managers: ActorGroup | None = None  # grpo.rollout_managers (started by the GRPO driver)
         self.judge_servers: list[ActorGroup] = []  # the vLLM servers of judge rewards with serve:
         self.log_dir = log_dir  # where those servers' logs go (default: a temporary folder)
         self.watchdog: Watchdog | None = None
@@ -275,6 +284,12 @@ class System:
     def groups(self) -> list[ActorGroup]:
         return [g for g in (self.learners, self.generators, self.scorers, self.reference, self.teacher) if g is not None]
 
+    def manager_views(self) -> dict:
+        """The groups a rollout manager calls, as they are now (snapshots: it runs in another process)."""
+        return {name: None if g is None else GroupSnapshot(g) for name, g in
+                [("generators", self.generators), ("scorers", self.scorers), ("reference", self.reference),
+                 ("teacher", self.teacher)]}
+
     def form_transfer(self, members: list[int]) -> list:
         """Queue the (re-)forming of the weight-transfer group: learner rank 0 and the vLLM
         generators in slots ``members``, on rank 0's node and a port it picks then (the handshake
@@ -334,7 +349,7 @@ class System:
     def shutdown(self) -> None:
         for group in self.judge_servers:
             stop_server_group(group)
-        for group in (self.scorers, self.generators, self.reference, self.teacher, self.learners):
+        for group in (self.managers, self.scorers, self.generators, self.reference, self.teacher, self.learners):
             if group is not None:
                 group.kill()
         kill_quietly(self.control)

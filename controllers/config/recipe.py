@@ -181,6 +181,11 @@ class GrpoConfig:
     # completion on its own (benchmarks/simulate.py measures the gain).
     completions_per_request: int = 0
     partial_rollout_tokens: int = 0  # > 0: generators adopt new weights mid-request every N tokens
+    # > 0: that many rollout manager actors run each group's generate -> score -> reference chain,
+    # generator i's under manager i % rollout_managers, so that the driver makes a few calls a
+    # second, not three a group (for hundreds of generators: benchmarks/simulate.py overhead)
+    rollout_managers: int = 0
+    manager_report_s: float = 1.0  # a manager reports at most this often, unless the next batch waits
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, sample until the batch is full
     log_completions_every: int = 0  # 0: never; N: write a few completions every N steps
 

@@ -82,7 +82,7 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
                        *([("scorer.memory_mb", r.scorer.memory_mb)] if isinstance(r.scorer.memory_mb, int) else [])]:
         _positive(key, value)
     for key, value in [("grpo.steps", g.steps), ("sft.steps", r.sft.steps), ("grpo.max_staleness", g.max_staleness),
-                       ("grpo.groups_per_request", g.groups_per_request),
+                       ("grpo.groups_per_request", g.groups_per_request), ("grpo.rollout_managers", g.rollout_managers),
                        ("grpo.partial_rollout_tokens", g.partial_rollout_tokens), ("learner.loss.is_cap", lc.loss.is_cap),
                        ("learner.loss.kl_coef", lc.loss.kl_coef), ("eval.num_prompts", r.eval.num_prompts),
                        ("scorer.max_failed_steps", r.scorer.max_failed_steps),
@@ -179,6 +179,8 @@ def validate(r: Recipe, available_cpus: float | None = None, available_gpus: flo
     except ValueError as e:
         raise ConfigError(f"config key '{str(e).split(' ', 1)[0]}': {str(e).split(' ', 1)[1]}") from None
     gen = r.generator
+    if g.rollout_managers:
+        _rollout_managers(r)
     if not 0 <= g.completions_per_request <= g.num_generations:
         raise ConfigError(f"config key 'grpo.completions_per_request': got {g.completions_per_request}; accepted: 0 (the "
                           f"whole group in one request) to num_generations ({g.num_generations})")
@@ -631,3 +633,21 @@ def _local_gpus() -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no torch CUDA runtime means no GPUs
         return 0
+
+
+def _rollout_managers(r: Recipe) -> None:
+    """``grpo.rollout_managers`` runs the generate -> score -> reference chain in its actors: the
+    setups whose chain needs the driver or the learner are refused before anything starts."""
+    g, key = r.grpo, "config key 'grpo.rollout_managers'"
+    _positive("grpo.manager_report_s", g.manager_report_s)
+    if g.rollout_managers > r.generator.actor_range()[1]:
+        raise ConfigError(f"{key}: got {g.rollout_managers} with generator.max_actors {r.generator.actor_range()[1]}; "
+                          "accepted: at most one manager per generator")
+    refused = [("grpo.completions_per_request", g.completions_per_request and g.completions_per_request < g.num_generations,
+                "a group in parts is re-assembled by the driver"),
+               ("placement.mode: colocate", r.colocated, "colocated generators sleep and wake with the driver's train steps"),
+               ("learner.lora with a KL term", r.reference_on_learner,
+                "the reference log-probs come from the learner ranks, between their train steps")]
+    for what, on, why in refused:
+        if on:
+            raise ConfigError(f"{key}: got {g.rollout_managers} with {what}; accepted: 0 there ({why})")

@@ -22,6 +22,7 @@ from ..common.inflight import InFlight, Work
 from ..common.system import System
 from ..config import Recipe
 from .groups import train_batch
+from .manager import Managers, start_managers
 from .records import Progress, completion_lines, phase_summary, sample_line, step_record
 from .reward_book import RewardBook
 from .rollouts import RolloutStream
@@ -55,6 +56,9 @@ class GrpoDriver:
         self.elastic = self.stream.elastic = Elastic(system, self.inflight, recipe, self.stream.per_request, Hooks(
             self.stream.send, self.stream.score, self.rewards.dropped, self.tally,
             retiring=lambda i: self.telemetry.drain_one(system.generators, i)))  # (its spans kept, not lost with it)
+        if recipe.grpo.rollout_managers and system.managers is None:
+            system.managers = start_managers(system, recipe)
+        self.managers = self.stream.managers = Managers(self) if system.managers is not None else None
         self.training = False
         self.unsynced: dict[int, dict] = {}  # a step's record waits for its weights to reach the generators
         # every actor's busy intervals (utilisation) and timeline.json (of logging.timeline_steps)
@@ -79,6 +83,8 @@ class GrpoDriver:
             interrupt.check()
             self.elastic.heartbeat(self.r.ray.heartbeat_s)
             self.stream.admit()
+            if self.managers is not None:
+                self.managers.flush()
             self.maybe_train()
             self.elastic.resync(self.training, self.books.confirmed)
             work = self.inflight.next_done()
@@ -93,6 +99,8 @@ class GrpoDriver:
                 self.stream.on_referenced(work)
             elif work.stage == "teacher":
                 self.stream.on_taught(work)
+            elif work.stage == "manage":
+                self.managers.on_report(work)
             elif work.stage == "train":
                 self.on_trained(work)
             elif self.elastic.synced(work):  # (a sync that reached no generator is sent again)
@@ -201,6 +209,9 @@ class GrpoDriver:
         while any(w.stage != "join" for w in self.inflight.work):  # only dynamic sampling's spare groups
             if (work := self.inflight.next_done()).stage == "join":
                 self.elastic.on_join(work)
+            elif work.stage == "manage":  # (the managers' spare groups: until they hold none)
+                self.managers.on_report(work)
+                self.managers.flush()
         for w in [w for w in self.inflight.work if w.stage == "join"]:
             self.inflight.remove(w)
         if self.checkpoints is not None:  # on object storage: the last checkpoints' uploads

@@ -20,14 +20,19 @@ from .reward_book import RewardBook
 from .staleness import StalenessManager
 
 
+def whole(unit) -> Group:
+    """The group of ``unit`` (a group, or a part of one)."""
+    return unit.group if isinstance(unit, Part) else unit
+
+
 class Chain:
     """Generate -> score -> (dynamic sampling) -> reference / teacher log-probs of the units it is
     handed: each ``on_*`` takes one finished piece of work and sends the next stage off. The
     driver runs one (``RolloutStream``); so does each rollout manager (``manager.py``), for the
     groups the driver hands it. What comes out goes to the callbacks: ``on_ready(groups)``
-    (every completion through every stage), ``on_drop(seq)`` (dynamic sampling dropped the
-    group), ``add_stats`` (each score call's stats), ``tally`` (counts) and ``park(units)``
-    (generated while no scorer is ready: scored once one is)."""
+    (every completion through every stage), ``on_drop(group)`` (dynamic sampling dropped it),
+    ``add_stats`` (each score call's stats), ``tally`` (counts) and ``park(units)`` (generated
+    while no scorer is ready: scored once one is)."""
 
     def __init__(self, system, recipe: Recipe, inflight: InFlight, add_stats, tally, on_ready, on_drop, park):
         self.system, self.r, self.inflight = system, recipe, inflight
@@ -36,9 +41,10 @@ class Chain:
         self.G = g.num_generations
         self.split = 0 < g.completions_per_request < self.G
         self.filter = DynamicSampling(g.dynamic_sampling, g.prompts_per_step)
-        # seq -> completions x log-prob stages (reference, teacher) still to come
+        # id(group) -> completions x log-prob stages (reference, teacher) still to come (by the
+        # group, not its seq: a manager may hold a group sent again beside the copy it gave up)
         self.parts: dict[int, int] = {}
-        self.scored: dict[int, int] = {}  # seq -> completions scored (groups in parts)
+        self.scored: dict[int, int] = {}  # id(group) -> completions scored (groups in parts)
 
     def size(self, units: list) -> int:
         """Completions of ``units`` (groups, or parts of groups)."""
@@ -73,9 +79,10 @@ class Chain:
         if self.split and self.filter.on:  # dynamic sampling needs the group's every reward first
             whole = []
             for part in work.groups:
-                self.scored[part.seq] = self.scored.get(part.seq, 0) + part.count
-                if self.scored[part.seq] == self.G:
-                    del self.scored[part.seq]
+                key = id(part.group)
+                self.scored[key] = self.scored.get(key, 0) + part.count
+                if self.scored[key] == self.G:
+                    del self.scored[key]
                     whole.append(part.group)
             units = whole
         else:
@@ -102,7 +109,7 @@ class Chain:
             parts.append(Work("teacher", [self.system.teacher.call(k, Reference.logprobs, samples)], units, actor=k,
                               samples=n, who=[self.system.teacher.name_of(k)]))
         for u in units:  # (a group's first unit sets its count: every completion through every stage)
-            self.parts.setdefault(u.seq, self.G * max(1, len(parts)))
+            self.parts.setdefault(id(whole(u)), self.G * max(1, len(parts)))
         if not parts:
             self._part_done(units)
         for part in parts:
@@ -124,9 +131,10 @@ class Chain:
         completion through every stage go to ``ready``."""
         done = []
         for u in units:
-            self.parts[u.seq] -= self.size([u])
-            if self.parts[u.seq] <= 0:
-                del self.parts[u.seq]
+            key = id(whole(u))
+            self.parts[key] -= self.size([u])
+            if self.parts[key] <= 0:
+                del self.parts[key]
                 done.append(u.group if isinstance(u, Part) else u)
         self.on_ready(done)
 
@@ -134,7 +142,7 @@ class Chain:
         """False when dynamic sampling drops the group (then admission may start another)."""
         if self.filter.keep(g):
             return True
-        self.on_drop(g.seq)
+        self.on_drop(g)
         self.tally({"groups/dropped": 1})
         return False
 
@@ -146,7 +154,7 @@ class RolloutStream(Chain):
 
     def __init__(self, system: System, recipe: Recipe, data: PreparedData, renderer: PromptRenderer,
                  books: StalenessManager, inflight: InFlight, rewards: RewardBook, tally, taken: int = 0):
-        super().__init__(system, recipe, inflight, rewards.add, tally, self._ready, books.drop,
+        super().__init__(system, recipe, inflight, rewards.add, tally, self._ready, lambda g: books.drop(g.seq),
                          lambda units: self.elastic.rescore.extend(units))
         self.train, self.renderer, self.books, self.rewards = data.train, renderer, books, rewards
         g = recipe.grpo

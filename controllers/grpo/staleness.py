@@ -135,6 +135,10 @@ class StalenessManager:
         self.histogram.update(staleness)
         return staleness
 
+    def first_open(self) -> int:
+        """The seq of the oldest group admitted and not consumed (the next batch starts there)."""
+        return next(iter(self._open), self.admitted)
+
     def in_flight(self) -> int:
         return sum(state == "flight" for state in self._open.values())
 

@@ -18,11 +18,11 @@ TESTS = Path(__file__).parents[1]  # tests/: helpers the runs import (plugin rew
 CLUSTERS = Path(__file__).parent / "clusters"  # the scripts that own the cluster and the faults
 
 
-def _run(script, tmp_path, tiny_world, steps):
+def _run(script, tmp_path, tiny_world, steps, *extra):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(CLUSTERS / script), str(out), str(tiny_world), str(steps)],
+    proc = subprocess.run([sys.executable, str(CLUSTERS / script), str(out), str(tiny_world), str(steps), *extra],
                           capture_output=True, text=True, timeout=840, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     log = (out.parent / "run.log").read_text() if (out.parent / "run.log").exists() else ""
@@ -71,8 +71,12 @@ def test_a_joining_node_grows_the_generator_group_and_scale_shrinks_it(tmp_path,
 
 
 @pytest.mark.timeout(900)
-def test_lost_generators_scorers_and_nodes_lose_no_prompt(tmp_path, tiny_world):
-    out, result, log = _run("elastic_faults.py", tmp_path, tiny_world, 100)  # room for two generators to join first
+@pytest.mark.parametrize("managers", [0, 2])
+def test_lost_generators_scorers_and_nodes_lose_no_prompt(tmp_path, tiny_world, managers):
+    """Also with two rollout managers (grpo.rollout_managers): generator-i's calls go through
+    manager i % 2, which reports the lost generator's and scorer's work to the driver."""
+    extra = ["--set", f"grpo.rollout_managers={managers}"] if managers else []
+    out, result, log = _run("elastic_faults.py", tmp_path, tiny_world, 100, *extra)  # room for two generators to join first
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     group = summary["grpo"]["generator_group"]
@@ -82,6 +86,8 @@ def test_lost_generators_scorers_and_nodes_lose_no_prompt(tmp_path, tiny_world):
     assert group["reward-scorer/restarted"] == group["reward-scorer/lost"] and group["ready"] >= 1
     assert f"{result['killed']} died" in log or f"{result['killed']} no answer" in log
     assert result["removed_at"] < 100  # the node went while the run still had work for its generator
+    if managers:  # every group went through a manager and came back in its reports
+        assert "2 rollout managers up" in log and summary["grpo"]["counts"]["managers/reports"] >= 1
     samples = _consumed_exactly_once(out, steps=100)
     assert sorted({s["sample_id"].rsplit("/", 1)[0] for s in samples}) == _expected_prompts(tiny_world, 400)
 

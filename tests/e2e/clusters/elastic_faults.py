@@ -1,17 +1,17 @@
 """A generator and the scorer are killed and replaced; then a node goes away with the other
-generator and there is no room to replace it. Usage: elastic_faults.py OUT TINY_DIR STEPS"""
+generator and there is no room to replace it. Usage: elastic_faults.py OUT TINY_DIR STEPS [--set K=V ...]"""
 import sys
 
 import ray
 from simcluster import Run, control_status, start_cluster
 
 
-def main(out: str, tiny: str, steps: int) -> None:
+def main(out: str, tiny: str, steps: int, *extra: str) -> None:
     cluster = start_cluster(num_cpus=2)
     # the learners, the scorers and generator-0 fill the head; generator-1 waits for room, and the
     # node that joins then holds it and nothing else (placed on two nodes from the start, the
     # learner ranks' group could be split onto the node that is removed below)
-    run = Run(cluster, out, tiny, steps, "--set", "generator.num_actors=1", "--set", "generator.max_actors=2")
+    run = Run(cluster, out, tiny, steps, "--set", "generator.num_actors=1", "--set", "generator.max_actors=2", *extra)
     run.wait_for("the driver's first report", lambda: control_status().get("slots") == 2)
     node = cluster.add_node(num_cpus=1)
     run.wait_for("generator-1 to join", lambda: control_status().get("ready") == 2)
@@ -31,4 +31,4 @@ def main(out: str, tiny: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
