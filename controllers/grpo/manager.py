@@ -53,10 +53,13 @@ ORDERS_S = 0.05  # a step call looks for the driver's submits at least this ofte
 
 @dataclass
 class Dispatch:
-    """Groups for one generate call on generator ``slot`` (``key``: the driver's name for it)."""
+    """Groups for one generate call on generator ``slot`` as the driver picked it (its
+    ``incarnation``: a replacement started since is not the one picked); ``key``: the driver's
+    name for the call."""
 
     key: int
     slot: int
+    incarnation: int
     units: list[Group]
 
 
@@ -79,13 +82,18 @@ class Report:
 
 class View:
     """A manager's view of one of the run's groups: its calls, less the actors it saw fail
-    (until the driver replaced them: a new incarnation)."""
+    (until the driver replaced them: a new incarnation). ``called``: the incarnation each call
+    in flight went to (a newer view may have replaced the one that made it)."""
 
-    def __init__(self, group: ActorGroup):
-        self.group, self.down = group, set()
+    def __init__(self, group: ActorGroup, old: "View | None" = None):
+        self.group = group
+        self.down: set = old.down if old is not None else set()
+        self.called: dict = old.called if old is not None else {}
 
     def call(self, i, method, *args, **kwargs):
-        return self.group.call(i, method, *args, **kwargs)
+        ref = self.group.call(i, method, *args, **kwargs)
+        self.called[ref] = (i, self.group.incarnation[i])
+        return ref
 
     def name_of(self, i: int) -> str:
         return self.group.name_of(i)
@@ -176,9 +184,14 @@ class RolloutManager:
         self.urgent, self.wants_room = urgent, wants_room
         for key in forget:
             self._forget(key)
+        gens = self.groups.generators
         for d in dispatch:
+            if gens.incarnation(d.slot) != d.incarnation:
+                # replaced (or lost) since the driver picked it: back to the driver, as a lost call's
+                self.report.lost.append((d.key, d.slot, d.incarnation, True, "replaced before its call was made"))
+                continue
             self.units[d.key] = len(d.units)
-            self.slot_of[d.key] = (d.slot, self.groups.generators.incarnation(d.slot))
+            self.slot_of[d.key] = (d.slot, d.incarnation)
             for g in d.units:
                 self.key_of[id(g)] = d.key
                 self.open[g.seq] += 1
@@ -187,7 +200,7 @@ class RolloutManager:
     def set_groups(self, groups: dict) -> None:
         """The run's groups as they are now (``generators``, ``scorers``, ``reference``, ``teacher``)."""
         for name, group in groups.items():
-            setattr(self.groups, name, None if group is None else View(group))
+            setattr(self.groups, name, None if group is None else View(group, getattr(self.groups, name)))
 
     def pump(self) -> None:
         """Deal with every piece of work done by now (no waiting)."""
@@ -197,7 +210,14 @@ class RolloutManager:
         while (work := self.inflight.next_done(0.0)) is not None:
             self.handle(work)
 
+    def view(self, stage: str) -> View:
+        return {"generate": self.groups.generators, "score": self.groups.scorers, "reference": self.groups.reference,
+                "teacher": self.groups.teacher}[stage]
+
     def handle(self, work: Work) -> None:
+        called = self.view(work.stage).called
+        for ref in work.refs:
+            called.pop(ref, None)
         if work.stage == "generate":
             key = self.key_of.get(id(work.groups[0]))
             if key in self.forgotten:  # the driver sent its groups again elsewhere
@@ -268,6 +288,9 @@ class RolloutManager:
         """A call of ``work`` failed: a generator's or a scorer's loss is reported (see the
         module); anything else ends the step call with the error."""
         self.inflight.remove(work)
+        called = self.view(work.stage).called.pop(ref, (work.actor, None))
+        for r in work.refs:
+            self.view(work.stage).called.pop(r, None)
         died, why = isinstance(error, RayActorError), describe(error)
         if work.stage == "generate":
             keys = {self.key_of.pop(id(g), None) for g in work.groups} - {None}
@@ -279,9 +302,9 @@ class RolloutManager:
                 self.report.lost.append((key, slot, incarnation, died, why))
             return True
         if work.stage == "score":
-            scorers = self.groups.scorers
-            scorers.down.add((work.actor, scorers.incarnation(work.actor)))
-            self.report.scorers_lost.append((work.actor, scorers.incarnation(work.actor), died, why))
+            slot, incarnation = called
+            self.groups.scorers.down.add((slot, incarnation))
+            self.report.scorers_lost.append((slot, incarnation, died, why))
             self._park(work.groups)
             return True
         raise RemoteCallError(f"{self.name}: {work.stage} on {', '.join(work.who)} failed: {describe(error)}") from error
@@ -337,7 +360,7 @@ class Managers:
                                                       who=[self.system.generators.name_of(i)]))
         self.units[key], self.holder[key] = len(units), m
         self.held[m] += 1
-        self.outbox[m].append(Dispatch(key, i, units))
+        self.outbox[m].append(Dispatch(key, i, self.system.generators.incarnation[i], units))
 
     def flush(self) -> None:
         """A step call to every manager that has groups to take or holds some, and none in flight."""
@@ -345,6 +368,8 @@ class Managers:
         wants_room = self.d.books.may_admit() or bool(self.d.elastic.requeued)  # (admit() stopped for room)
         seen = None
         for m in range(self.n):
+            if self.outbox[m]:  # (a call re-queued before it was sent: its generator was lost meanwhile)
+                self.outbox[m] = [d for d in self.outbox[m] if self._sendable(d.key)]
             if not (self.outbox[m] or self.forget[m] or self.held[m] and m not in self.calling):
                 continue
             seen = seen or self.membership()
@@ -405,6 +430,13 @@ class Managers:
             if not died and not elastic.silent(scorers, [slot]):
                 raise RemoteCallError(f"GRPO score on {scorers.name_of(slot)} (through {via}): raised {why}")
             elastic.actor_lost(scorers, slot, f"died ({why})" if died else f"raised {why} and fails its pings")
+
+    def _sendable(self, key: int) -> bool:
+        if self.pending[key] in self.inflight.work:
+            return True
+        del self.pending[key]
+        self._resolve(key)
+        return False
 
     def _resolve(self, key: int, units: int | None = None) -> None:
         """``units`` of ``key``'s groups are done (None: all of them)."""

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from simfleet import QWEN_7B, Fleet, GpuCosts, Lengths, run_driver  # noqa: E402
+from simfleet import QWEN_7B, WALL0, Fleet, GpuCosts, Lengths, run_driver  # noqa: E402
 
 from r1ray.controllers.config import ConfigError, load_recipe  # noqa: E402
 
@@ -30,14 +30,14 @@ class _Log:
         self.lines.append(line)
 
 
-def _run(r, seed=4, at=None, kill=None):
+def _run(r, seed=4, at=None, kill=None, spans=None):
     """A run on the simulated 7B fleet: (fleet, driver, records, samples.jsonl's lines); ``kill(fleet)``
     runs ``at`` simulated seconds in."""
     fleet = Fleet(r, GpuCosts(QWEN_7B, start_s=20.0), Lengths(1024, 300), seed=seed)
     if kill is not None:
         fleet.tr.later(at, lambda: kill(fleet))
     log = _Log()
-    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=log)
+    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=log, spans=spans)
     return fleet, driver, records, log.lines
 
 
@@ -105,6 +105,29 @@ def test_a_generator_lost_under_a_manager_has_its_groups_generated_again():
     assert dict(driver.elastic.counts) == {"generator/lost": 1, "generator/restarted": 1}
     assert fleet.system.generators.incarnation[0] == 1 and fleet.system.generators.state[0] == "ready"
     assert sum(x.get("groups/requeued", 0) for x in records) >= 1
+    _consumed_once(r, records, lines)
+    assert max(driver.books.histogram) <= 1
+
+
+def test_two_generators_of_one_manager_lost_at_once_lose_nothing():
+    """generator-0 and generator-2 (both under manager 0) die together, as a node's would: the
+    report that names the first re-queues its groups, which may go to the second before the same
+    report names it too; those are taken back before they are sent, and no call reaches a
+    replacement before it joined (on Ray such a call waits for the actor to start, for ever
+    where no node has room for it). Nothing is lost or trained on twice."""
+    r = _recipe("grpo.max_staleness=1", "grpo.steps=8", "grpo.rollout_managers=2")
+
+    def kill(fleet):
+        for i in (0, 2):
+            fleet.system.generators.actors[i].kill()
+
+    spans = []
+    fleet, driver, records, lines = _run(r, at=5.0, kill=kill, spans=spans)
+    assert dict(driver.elastic.counts) == {"generator/lost": 2, "generator/restarted": 2}
+    for name in ("generator-0", "generator-2"):  # (the replacements start 20 s after they were lost)
+        assert not [sp for sp in spans if sp["actor"] == name and sp["kind"] == "generate"
+                    and WALL0 + 5.0 < sp["t0"] < WALL0 + 25.0]
+    assert fleet.system.generators.incarnation[:3] == [1, 0, 1]
     _consumed_once(r, records, lines)
     assert max(driver.books.histogram) <= 1
 
