@@ -56,7 +56,7 @@ class GrpoDriver:
         self.elastic = self.stream.elastic = Elastic(system, self.inflight, recipe, self.stream.per_request, Hooks(
             self.stream.send, self.stream.score, self.rewards.dropped, self.tally,
             retiring=lambda i: self.telemetry.drain_one(system.generators, i)))  # (its spans kept, not lost with it)
-        if recipe.grpo.rollout_managers and system.managers is None:
+        if system.managers is None:
             system.managers = start_managers(system, recipe)
         self.managers = self.stream.managers = Managers(self) if system.managers is not None else None
         self.training = False

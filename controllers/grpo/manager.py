@@ -11,22 +11,23 @@ learner, weight syncs and the generators' membership (``Elastic``).
 The driver and a manager talk through ``RolloutManager.step``, at most one in flight per
 manager: it carries the groups admitted since the last one (each with the generator the
 driver picked; those admitted while a step is in flight go with ``submit``, which the step
-takes within ``ORDERS_S``) and returns what finished meanwhile (``Report``): the generate calls done
-(the driver frees their generator's slot), the groups through every stage (rewards and
-log-probs on their rollouts), dynamic sampling's drops, reward stats, counts, and lost work.
-It answers at once when the last of the groups it holds that the next batch waits for
+takes within ``ORDERS_S``) and returns what finished meanwhile (``Report``): the generate
+calls done (the driver frees their generator's slot), the groups through every stage (rewards
+and log-probs on their rollouts), dynamic sampling's drops, reward stats, counts, and lost
+work. It answers at once when the last of the groups it holds that the next batch waits for
 (``urgent``) is ready, a generate call returned while groups wait in the driver for a
 generator with room (``wants_room``), work was lost, or it holds nothing more; else once it
-has news and ``grpo.manager_report_s`` passed; else after ``wait_s``. So calls scale with managers x step seconds / ``manager_report_s``, not with
-groups.
+has news and ``grpo.manager_report_s`` passed; else after ``wait_s``. So calls scale with
+managers x step seconds / ``manager_report_s``, not with groups.
 
 Losses: a generator that fails under a manager's call is reported with the call's groups; the
 driver re-queues them and replaces the generator as before (``Elastic``). A scorer that fails
 is reported too: the manager scores its groups again once a scorer is ready, and the driver
-replaces the scorer. Work the driver gave up on (its generator was replaced meanwhile) is
-``forget``-ed and whatever the manager still reports of it is ignored: no group is consumed
-twice. A manager that dies stops the run, naming it, like the reference (``--resume``
-continues it).
+replaces the scorer. A manager calls only the generator incarnation the driver picked (a call
+whose generator was replaced meanwhile comes back as lost). Work the driver gave up on (its
+watchdog found the generator lost first) is ``forget``-ed, and whatever the manager still
+reports of it is ignored: no group is consumed twice. A manager that dies stops the run, naming
+it, like the reference (``--resume`` continues it).
 """
 from __future__ import annotations
 
@@ -127,6 +128,11 @@ class RolloutManager:
         self.inflight = InFlight(Watchdog([], every_s=math.inf), recipe.ray, recipe.grpo.num_generations,
                                  book.score_budget, what=self.name, watcher=watcher)
         self.inflight.on_lost = self._lost
+        # Each manager balances by its own calls only: started at the same actor, they would all
+        # send their first calls to the same scorer and reference, and go round in step.
+        for stage, actors in (("score", recipe.scorer.num_actors), ("reference", recipe.reference.num_actors),
+                              ("teacher", recipe.teacher.num_actors)):
+            self.inflight.turns[stage] = index * actors // max(1, recipe.grpo.rollout_managers)
         if recipe.generator.backend == "vllm":
             self.inflight.batched.add("generate")
         self.groups = _Groups()
@@ -310,10 +316,20 @@ class RolloutManager:
         raise RemoteCallError(f"{self.name}: {work.stage} on {', '.join(work.who)} failed: {describe(error)}") from error
 
 
-def start_managers(system, recipe: Recipe) -> ActorGroup:
+MANY_GENERATORS = 64  # from here on, a run without managers is told about them
+
+
+def start_managers(system, recipe: Recipe) -> ActorGroup | None:
     """``grpo.rollout_managers`` actors, watched with the run's other actors. No CPU is reserved
     for them (each is mostly waiting); they run on the driver's node where it has room: a node
-    that goes takes its generators' work with it, the driver's takes the run anyway."""
+    that goes takes its generators' work with it, the driver's takes the run anyway. None
+    without them (a run of many generators is told they exist)."""
+    if not recipe.grpo.rollout_managers:
+        if recipe.generator.actor_range()[1] >= MANY_GENERATORS:
+            log.info("%d generators and no rollout managers: every group's calls go through the driver; "
+                     "grpo.rollout_managers (one per node of 8 generators) takes them off it (docs/cluster.md)",
+                     recipe.generator.actor_range()[1])
+        return None
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
