@@ -833,22 +833,22 @@ class SimManager(SimActor):
     def acting(self) -> "_Acting":
         return _Acting(self)
 
-    def do_step(self, ref: Ref, dispatch: list, forget: list, urgent: int, wants_room: bool, groups,
-                report_s: float, wait_s: float) -> None:
+    def do_step(self, ref: Ref, orders, report_s: float, wait_s: float) -> None:
         tr = self.fleet.tr
         self.pending, self.t0, self.report_s, self.wait_s, self.timed = ref, tr.t, report_s, wait_s, False
-        self._take(dispatch, forget, urgent, wants_room, groups)
+        self._take(orders)
         tr.later(wait_s, lambda: self._answer(ref))
 
-    def do_submit(self, ref: Ref, dispatch: list, forget: list, urgent: int, wants_room: bool, groups) -> None:
-        self._take(dispatch, forget, urgent, wants_room, groups)
+    def do_submit(self, ref: Ref, orders) -> None:
+        self._take(orders)
         self.fleet.tr.resolve(ref, None)
 
-    def _take(self, dispatch: list, forget: list, urgent: int, wants_room: bool, groups) -> None:
+    def _take(self, orders) -> None:
         # (as pickled: the driver's groups are not the manager's objects)
-        dispatch = [replace(d, units=[replace(g, rollouts=[]) for g in d.units]) for d in dispatch]
+        orders = replace(orders, dispatch=[replace(d, units=[replace(g, rollouts=[]) for g in d.units])
+                                           for d in orders.dispatch])
         with self.acting():
-            self.manager.accept(dispatch, forget, urgent, wants_room, groups)
+            self.manager.accept(orders)
             self.manager.pump()
         self._answer(self.pending)
 

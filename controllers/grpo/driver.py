@@ -177,6 +177,8 @@ class GrpoDriver:
                 record.update(self.benchmark_step(record["step"], self.rewards.dropped))
                 record["time/eval_s"] = transport.now() - t0
                 self.inflight.postpone(record["time/eval_s"])
+                if self.managers is not None:
+                    self.managers.postpone(record["time/eval_s"])
             self.metrics.write(record)
             self.ray_metrics.record(record)
             self.records.append(record)

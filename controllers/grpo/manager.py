@@ -65,6 +65,20 @@ class Dispatch:
 
 
 @dataclass
+class Orders:
+    """What the driver sends a manager: groups to generate, keys to forget, what it waits for,
+    the groups' membership when it changed since the last orders (else None), and the seconds
+    its loop did something else (an evaluation) that its work in flight gets added."""
+
+    dispatch: list[Dispatch] = field(default_factory=list)
+    forget: list[int] = field(default_factory=list)
+    urgent: int = -1  # the next batch waits for the groups with a seq below it
+    wants_room: bool = False  # groups wait in the driver for a generator with room
+    groups: dict | None = None
+    postpone_s: float = 0.0
+
+
+@dataclass
 class Report:
     """What finished under a manager since its last report."""
 
@@ -145,7 +159,7 @@ class RolloutManager:
         self.open: Counter = Counter()  # the seqs of the groups it holds (a requeued one may come twice)
         self.forgotten: set[int] = set()
         self.parked: list = []  # generated while no scorer was ready
-        self.orders: list = []  # submit's, for the step in progress
+        self.orders: list[Orders] = []  # submit's, for the step in progress
         self.lock = threading.Lock()
         self.urgent = -1  # groups with a seq below it: the next batch waits for them
         self.wants_room = False  # groups wait in the driver for a generator with room
@@ -154,44 +168,42 @@ class RolloutManager:
         return "ok"
 
     # -- the driver's calls ------------------------------------------------------------------
-    def step(self, dispatch: list[Dispatch], forget: list[int], urgent: int, wants_room: bool, groups: dict | None,
-             report_s: float, wait_s: float) -> Report:
-        """Take ``dispatch`` (as ``submit``), then wait until there is something to report (see the module)."""
+    def step(self, orders: Orders, report_s: float, wait_s: float) -> Report:
+        """Take ``orders`` (as ``submit``), then wait until there is something to report (see the module)."""
         t0 = transport.now()
-        self.submit(dispatch, forget, urgent, wants_room, groups)
+        self.submit(orders)
         while True:
             self.take_orders()
             self.pump()
             if self.answers(t0, report_s, wait_s):
                 return self.take_report()
             end = t0 + (report_s if self.report.news() else wait_s)
-            # (in slices: groups the driver submits meanwhile, on another thread, start within one)
+            # (in slices: orders the driver submits meanwhile, on another thread, are taken within one)
             work = self.inflight.next_done(max(0.0, min(ORDERS_S, end - transport.now())))
             if work is not None:
                 self.handle(work)
 
-    def submit(self, dispatch: list[Dispatch], forget: list[int], urgent: int, wants_room: bool,
-               groups: dict | None) -> None:
-        """Groups to generate, keys to forget, what the driver waits for, the groups' membership
-        when it changed: taken by the ``step`` in progress (the driver's calls while one is)."""
+    def submit(self, orders: Orders) -> None:
+        """Orders for the ``step`` in progress (the driver's calls while one is)."""
         with self.lock:
-            self.orders.append((dispatch, forget, urgent, wants_room, groups))
+            self.orders.append(orders)
 
     def take_orders(self) -> None:
         with self.lock:
             orders, self.orders = self.orders, []
-        for dispatch, forget, urgent, wants_room, groups in orders:
-            self.accept(dispatch, forget, urgent, wants_room, groups)
+        for o in orders:
+            self.accept(o)
 
-    def accept(self, dispatch: list[Dispatch], forget: list[int], urgent: int, wants_room: bool,
-               groups: dict | None) -> None:
-        if groups is not None:
-            self.set_groups(groups)
-        self.urgent, self.wants_room = urgent, wants_room
-        for key in forget:
+    def accept(self, o: Orders) -> None:
+        if o.groups is not None:
+            self.set_groups(o.groups)
+        if o.postpone_s:
+            self.inflight.postpone(o.postpone_s)
+        self.urgent, self.wants_room = o.urgent, o.wants_room
+        for key in o.forget:
             self._forget(key)
         gens = self.groups.generators
-        for d in dispatch:
+        for d in o.dispatch:
             if gens.incarnation(d.slot) != d.incarnation:
                 # replaced (or lost) since the driver picked it: back to the driver, as a lost call's
                 self.report.lost.append((d.key, d.slot, d.incarnation, True, "replaced before its call was made"))
@@ -363,6 +375,7 @@ class Managers:
         self.holder: dict[int, int] = {}  # key -> manager
         self.held = Counter()  # manager -> keys it holds
         self.seen: list = [None] * self.n  # the groups' membership each manager was last sent
+        self.postponed = [0.0] * self.n  # seconds of the driver's loop elsewhere, not yet sent
         self.next_key = 0
 
     def of_slot(self, i: int) -> int:
@@ -386,20 +399,24 @@ class Managers:
         for m in range(self.n):
             if self.outbox[m]:  # (a call re-queued before it was sent: its generator was lost meanwhile)
                 self.outbox[m] = [d for d in self.outbox[m] if self._sendable(d.key)]
-            if not (self.outbox[m] or self.forget[m] or self.held[m] and m not in self.calling):
+            if not (self.outbox[m] or self.forget[m] or self.postponed[m] or self.held[m] and m not in self.calling):
                 continue
             seen = seen or self.membership()
-            groups = None
+            orders = Orders(self.outbox[m], self.forget[m], urgent, wants_room, postpone_s=self.postponed[m])
             if seen != self.seen[m]:
-                self.seen[m], groups = seen, self.system.manager_views()
-            args = (self.outbox[m], self.forget[m], urgent, wants_room, groups)
+                self.seen[m], orders.groups = seen, self.system.manager_views()
             if m in self.calling:  # (not watched: a manager that fails fails its step call too)
-                self.group.call(m, RolloutManager.submit, *args)
+                self.group.call(m, RolloutManager.submit, orders)
             else:
-                ref = self.group.call(m, RolloutManager.step, *args, self.report_s, self.wait_s)
+                ref = self.group.call(m, RolloutManager.step, orders, self.report_s, self.wait_s)
                 self.calling[m] = self.inflight.submit(Work("manage", [ref], actor=m, samples=1,
                                                             who=[self.group.name_of(m)]))
-            self.outbox[m], self.forget[m] = [], []
+            self.outbox[m], self.forget[m], self.postponed[m] = [], [], 0.0
+
+    def postpone(self, seconds: float) -> None:
+        """The driver's loop did something else for ``seconds`` (an evaluation, on the same
+        generators): the managers' work in flight gets that much more time, as the driver's does."""
+        self.postponed = [x + seconds for x in self.postponed]
 
     def membership(self) -> tuple:
         gens, scorers = self.system.generators, self.system.scorers

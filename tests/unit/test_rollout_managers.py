@@ -165,6 +165,28 @@ def test_a_scorer_lost_under_a_manager_is_replaced_and_its_groups_scored_again()
     assert all(line["reward"] is not None for line in lines)
 
 
+def test_time_the_driver_spends_evaluating_is_added_to_the_managers_deadlines():
+    """A step's evaluation (eval.every_steps) holds the driver's loop, and the generators serve it:
+    the driver gives its own work in flight that time (InFlight.postpone) and, with managers,
+    theirs, through their next orders."""
+    r = _recipe("grpo.max_staleness=1", "grpo.steps=3", "grpo.rollout_managers=2")
+    seen = {}
+
+    def evaluated(fleet):
+        seen["before"] = {w: w.deadline for a in fleet.system.managers.actors for w in a.manager.inflight.work}
+        fleet.driver.managers.postpone(500.0)
+
+    def check(fleet):
+        seen["after"] = {w: w.deadline for a in fleet.system.managers.actors for w in a.manager.inflight.work}
+
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(1024, 300), seed=4)
+    fleet.tr.later(5.0, lambda: evaluated(fleet))
+    fleet.tr.later(6.0, lambda: check(fleet))
+    run_driver(r, fleet, prompt_tokens=lambda rng: 200)
+    kept = [w for w in seen["before"] if w in seen["after"]]
+    assert kept and all(seen["after"][w] == pytest.approx(seen["before"][w] + 500.0) for w in kept)
+
+
 @pytest.mark.parametrize("sets, message", [
     (["grpo.completions_per_request=2"], r"'grpo.rollout_managers': got 2 with grpo.completions_per_request; "
                                          r"accepted: 0 there \(a group in parts"),
