@@ -41,6 +41,15 @@ def _run(r, seed=4, at=None, kill=None, spans=None):
     return fleet, driver, records, log.lines
 
 
+def _killer(group: str, i: int, killed: dict):
+    """What kills actor ``i`` of ``group`` (e.g. "generators"), counting its calls in flight then."""
+    def kill(fleet):
+        actor = getattr(fleet.system, group).actors[i]
+        killed["calls"] = len(actor.calls)
+        actor.kill()
+    return kill
+
+
 def _consumed_once(r, records, lines):
     ids = [line["sample_id"] for line in lines]
     assert len(ids) == len(set(ids)) == r.grpo.steps * r.grpo.prompts_per_step * r.grpo.num_generations
@@ -94,13 +103,7 @@ def test_a_generator_lost_under_a_manager_has_its_groups_generated_again():
     is lost or trained on twice, and the staleness bound holds."""
     r = _recipe("grpo.max_staleness=1", "grpo.steps=8", "grpo.rollout_managers=2")
     killed = {}
-
-    def kill(fleet):
-        gen = fleet.system.generators.actors[0]
-        killed["calls"] = len(gen.calls)
-        gen.kill()
-
-    fleet, driver, records, lines = _run(r, at=5.0, kill=kill)
+    fleet, driver, records, lines = _run(r, at=5.0, kill=_killer("generators", 0, killed))
     assert killed["calls"] >= 1
     assert dict(driver.elastic.counts) == {"generator/lost": 1, "generator/restarted": 1}
     assert fleet.system.generators.incarnation[0] == 1 and fleet.system.generators.state[0] == "ready"
@@ -150,15 +153,12 @@ def test_a_generator_the_driver_replaces_first_leaves_nothing_behind_in_its_mana
 
 
 def test_a_scorer_lost_under_a_manager_is_replaced_and_its_groups_scored_again():
+    """reward-scorer-0 dies (scoring takes milliseconds: the next call a manager sends it fails):
+    the manager reports it, the only way the simulated driver learns of it (its pings answer
+    nothing here), and scores those groups on the other scorer; the driver replaces it; every
+    sample has a reward."""
     r = _recipe("grpo.max_staleness=1", "grpo.steps=6", "grpo.rollout_managers=2")
-    killed = {}
-
-    def kill(fleet):
-        scorer = fleet.system.scorers.actors[0]
-        killed["calls"] = len(scorer.calls)
-        scorer.kill()
-
-    fleet, driver, records, lines = _run(r, at=12.0, kill=kill)
+    fleet, driver, records, lines = _run(r, at=12.0, kill=_killer("scorers", 0, {}))
     assert dict(driver.elastic.counts) == {"reward-scorer/lost": 1, "reward-scorer/restarted": 1}
     assert fleet.system.scorers.incarnation[0] == 1
     _consumed_once(r, records, lines)
