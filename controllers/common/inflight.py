@@ -223,10 +223,11 @@ class InFlight:
         if work in self.work:
             self._forget(work)
 
-    def finish(self, work: Work, value=None) -> Work:
-        """``work`` is done elsewhere (a rollout manager generated its groups: it has no refs here)."""
-        work.values = {ref: value for ref in work.refs}
-        return self._finished(work) if work in self.work else work
+    def finish(self, work: Work) -> None:
+        """``work``, which has no refs here, is done elsewhere (a rollout manager generated its
+        groups): it leaves, and its seconds count towards the stage's rate as any work's do."""
+        if work in self.work:
+            self._finished(work)
 
     def of_actor(self, stage: str, actor: int) -> list[Work]:
         return [w for w in self.work if w.stage == stage and w.actor == actor]
