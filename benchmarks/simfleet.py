@@ -77,7 +77,10 @@ class SimWatcher:
                 if ref.done:
                     self.ready.append(ref)
                 else:
-                    ref.then.append(lambda ref=ref: self.ready.append(ref))
+                    ref.then.append(lambda ref=ref: self.finished(ref))
+
+    def finished(self, ref: "Ref") -> None:
+        self.ready.append(ref)
 
     def forget(self, refs: list) -> None:
         with self.tr.simulating():
@@ -106,14 +109,9 @@ class PassiveWatcher(SimWatcher):
         super().__init__(tr)
         self.on_ready = on_ready
 
-    def watch(self, refs: list) -> None:
-        self.tr.calls["futures"] += len(refs)
-        for ref in refs:
-            self.watched.add(ref)
-            if ref.done:
-                self.ready.append(ref)
-            else:
-                ref.then.append(lambda ref=ref: (self.ready.append(ref), self.on_ready()))
+    def finished(self, ref: "Ref") -> None:
+        self.ready.append(ref)
+        self.on_ready()
 
     def wait(self, timeout: float) -> list:
         done = [ref for ref in self.ready if ref in self.watched]

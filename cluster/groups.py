@@ -329,6 +329,10 @@ class GroupSnapshot(ActorGroup):
         self.elastic = False
         self.actors, self.state, self.incarnation = list(group.actors), list(group.state), list(group.incarnation)
 
+    def follow(self, older: "GroupSnapshot") -> None:
+        """Replace ``older``: take over its record of the calls it made (``slot_of``)."""
+        self._owners.update(older._owners)
+
     def restart(self, i: int):
         raise RuntimeError(f"{self.name}-{i}: a snapshot of the group cannot replace its actors")
 

@@ -25,7 +25,7 @@ from .groups import train_batch
 from .manager import Managers, start_managers
 from .records import Progress, completion_lines, phase_summary, sample_line, step_record
 from .reward_book import RewardBook
-from .rollouts import RolloutStream
+from .rollouts import STAGES, RolloutStream
 from .staleness import StalenessManager
 from .telemetry import SpanCollector
 
@@ -90,15 +90,10 @@ class GrpoDriver:
             work = self.inflight.next_done()
             if work.stage == "join":
                 self.elastic.on_join(work)
-            elif work.stage == "generate":
-                self.stream.on_generated(work)
-                self.elastic.retire_drained()
-            elif work.stage == "score":
-                self.stream.on_scored(work)
-            elif work.stage == "reference":
-                self.stream.on_referenced(work)
-            elif work.stage == "teacher":
-                self.stream.on_taught(work)
+            elif work.stage in STAGES:  # generate -> score -> reference / teacher
+                self.stream.on_done(work)
+                if work.stage == "generate":
+                    self.elastic.retire_drained()
             elif work.stage == "manage":
                 self.managers.on_report(work)
             elif work.stage == "train":

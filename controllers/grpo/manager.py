@@ -97,18 +97,17 @@ class Report:
 
 class View:
     """A manager's view of one of the run's groups: its calls, less the actors it saw fail
-    (until the driver replaced them: a new incarnation). ``called``: the incarnation each call
-    in flight went to (a newer view may have replaced the one that made it)."""
+    (until the driver replaced them: a new incarnation). A newer view of the group keeps what the
+    older one saw fail, and its record of the calls in flight (``ActorGroup.slot_of``)."""
 
     def __init__(self, group: ActorGroup, old: "View | None" = None):
         self.group = group
         self.down: set = old.down if old is not None else set()
-        self.called: dict = old.called if old is not None else {}
+        if old is not None and old.group is not group:  # (a run's snapshots; the simulator's groups are shared)
+            group.follow(old.group)
 
     def call(self, i, method, *args, **kwargs):
-        ref = self.group.call(i, method, *args, **kwargs)
-        self.called[ref] = (i, self.group.incarnation[i])
-        return ref
+        return self.group.call(i, method, *args, **kwargs)
 
     def name_of(self, i: int) -> str:
         return self.group.name_of(i)
@@ -137,7 +136,7 @@ class RolloutManager:
     """A plain class: the simulator runs it in-process, a run as a Ray actor per ``index``."""
 
     def __init__(self, recipe: Recipe, index: int = 0, watcher=None):
-        self.r, self.index, self.name = recipe, index, f"rollout-manager-{index}"
+        self.name = f"rollout-manager-{index}"
         book = RewardBook(recipe, None, lambda counts: None)
         self.inflight = InFlight(Watchdog([], every_s=math.inf), recipe.ray, recipe.grpo.num_generations,
                                  book.score_budget, what=self.name, watcher=watcher)
@@ -228,14 +227,7 @@ class RolloutManager:
         while (work := self.inflight.next_done(0.0)) is not None:
             self.handle(work)
 
-    def view(self, stage: str) -> View:
-        return {"generate": self.groups.generators, "score": self.groups.scorers, "reference": self.groups.reference,
-                "teacher": self.groups.teacher}[stage]
-
     def handle(self, work: Work) -> None:
-        called = self.view(work.stage).called
-        for ref in work.refs:
-            called.pop(ref, None)
         if work.stage == "generate":
             key = self.key_of.get(id(work.groups[0]))
             if key in self.forgotten:  # the driver sent its groups again elsewhere
@@ -244,13 +236,7 @@ class RolloutManager:
                 return
             if key is not None:
                 self.report.generated.append(key)
-            self.chain.on_generated(work)
-        elif work.stage == "score":
-            self.chain.on_scored(work)
-        elif work.stage == "reference":
-            self.chain.on_referenced(work)
-        elif work.stage == "teacher":
-            self.chain.on_taught(work)
+        self.chain.on_done(work)
 
     def answers(self, t0: float, report_s: float, wait_s: float) -> bool:
         """Whether ``step`` returns now (see the module)."""
@@ -306,9 +292,6 @@ class RolloutManager:
         """A call of ``work`` failed: a generator's or a scorer's loss is reported (see the
         module); anything else ends the step call with the error."""
         self.inflight.remove(work)
-        called = self.view(work.stage).called.pop(ref, (work.actor, None))
-        for r in work.refs:
-            self.view(work.stage).called.pop(r, None)
         died, why = isinstance(error, RayActorError), describe(error)
         if work.stage == "generate":
             keys = {self.key_of.pop(id(g), None) for g in work.groups} - {None}
@@ -319,8 +302,8 @@ class RolloutManager:
                 del self.units[key]
                 self.report.lost.append((key, slot, incarnation, died, why))
             return True
-        if work.stage == "score":
-            slot, incarnation = called
+        if work.stage == "score":  # (the incarnation the call went to: a newer one may be in the view now)
+            slot, incarnation = self.groups.scorers.group.slot_of(ref) or (work.actor, None)
             self.groups.scorers.down.add((slot, incarnation))
             self.report.scorers_lost.append((slot, incarnation, died, why))
             self._park(work.groups)
@@ -448,7 +431,7 @@ class Managers:
         for key, group in rep.ready:
             if key in self.units:
                 self._resolve(key, 1)
-                d.stream._ready([group])
+                d.stream.on_ready([group])
         for key, seq in rep.dropped:
             if key in self.units:
                 self._resolve(key, 1)

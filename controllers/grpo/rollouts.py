@@ -25,6 +25,9 @@ def whole(unit) -> Group:
     return unit.group if isinstance(unit, Part) else unit
 
 
+STAGES = ("generate", "score", "reference", "teacher")  # the chain's work (Chain.on_done)
+
+
 class Chain:
     """Generate -> score -> (dynamic sampling) -> reference / teacher log-probs of the units it is
     handed: each ``on_*`` takes one finished piece of work and sends the next stage off. The
@@ -45,6 +48,11 @@ class Chain:
         # group, not its seq: a manager may hold a group sent again beside the copy it gave up)
         self.parts: dict[int, int] = {}
         self.scored: dict[int, int] = {}  # id(group) -> completions scored (groups in parts)
+
+    def on_done(self, work: Work) -> None:
+        """A finished piece of the chain's work (``stages``): the next stage."""
+        {"generate": self.on_generated, "score": self.on_scored, "reference": self.on_referenced,
+         "teacher": self.on_taught}[work.stage](work)
 
     def size(self, units: list) -> int:
         """Completions of ``units`` (groups, or parts of groups)."""
@@ -77,14 +85,14 @@ class Chain:
         scores.apply([r for u in work.groups for r in u.rollouts])
         self.add_stats(scores.stats)
         if self.split and self.filter.on:  # dynamic sampling needs the group's every reward first
-            whole = []
+            complete = []
             for part in work.groups:
                 key = id(part.group)
                 self.scored[key] = self.scored.get(key, 0) + part.count
                 if self.scored[key] == self.G:
                     del self.scored[key]
-                    whole.append(part.group)
-            units = whole
+                    complete.append(part.group)
+            units = complete
         else:
             units = work.groups
         kept = [u for u in units if isinstance(u, Part) or self._keep(u)]
@@ -135,7 +143,7 @@ class Chain:
             self.parts[key] -= self.size([u])
             if self.parts[key] <= 0:
                 del self.parts[key]
-                done.append(u.group if isinstance(u, Part) else u)
+                done.append(whole(u))
         self.on_ready(done)
 
     def _keep(self, g: Group) -> bool:
