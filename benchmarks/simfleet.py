@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import tempfile
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ from r1ray.actors.scorer import RewardScorer, Scores
 from r1ray.actors.spans import around_gap
 from r1ray.cluster.groups import ActorGroup, RemoteCallError, Watchdog
 from r1ray.controllers.common.data import PreparedData
+from r1ray.controllers.common.runlog import MetricsWriter, read_jsonl
 from r1ray.controllers.common.system import GRPO, System
 from r1ray.controllers.grpo.manager import RolloutManager
 
@@ -1399,7 +1401,7 @@ def fit_cpu_costs(spans: list[dict], cores: float, threads: dict, background: fl
 def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambda rng: 64, samples_log=None,
                spans: list | None = None, timeline: Path | None = None):
     """``GrpoDriver`` on the simulated fleet; returns (driver, records). ``samples_log``: a
-    writer (``write(dict)``) of samples.jsonl's lines; ``spans``: a list that gets every
+    ``MetricsWriter`` of samples.jsonl (``run_logged``); ``spans``: a list that gets every
     actor's spans as the driver drains them (labelled, as the timeline has them); ``timeline``:
     where to write timeline.json, as a run does."""
     from r1ray.cluster import transport
@@ -1438,6 +1440,18 @@ def run_driver(recipe, fleet: Fleet, prompts: int = 100_000, prompt_tokens=lambd
         finally:
             driver.telemetry.close()
     return driver, records
+
+
+def run_logged(recipe, fleet: Fleet, **kw) -> tuple:
+    """``run_driver`` with samples.jsonl written as a run writes it (``MetricsWriter``, in a
+    directory of its own): (driver, records, samples.jsonl's lines)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = MetricsWriter(Path(tmp), "samples.jsonl")
+        try:
+            driver, records = run_driver(recipe, fleet, samples_log=log, **kw)
+        finally:
+            log.close()
+        return driver, records, read_jsonl(Path(tmp) / "samples.jsonl")
 
 
 class _NoMetrics:

@@ -85,6 +85,7 @@ from simfleet import (  # noqa: E402
 )
 
 from r1ray.actors.rollout import Rollout, TokenIds  # noqa: E402
+from r1ray.controllers.common.runlog import MetricsWriter  # noqa: E402
 from r1ray.controllers.config import ConfigError  # noqa: E402
 from r1ray.controllers.config.load import load_recipe  # noqa: E402
 
@@ -629,8 +630,8 @@ def scale_fleet(r) -> Fleet:
 
 
 def run_at_scale(r, costs: dict | None = None):
-    """One run of ``at_scale``'s recipe ``r``, its timeline written as a run writes it: (fleet,
-    driver, records, the run's CPU seconds, the timeline's MB). ``costs`` (``ray-costs``'
+    """One run of ``at_scale``'s recipe ``r``, its timeline and samples.jsonl written as a run
+    writes them: (fleet, driver, records, the run's CPU seconds, the timeline's MB). ``costs`` (``ray-costs``'
     prices): the driver's turns take on the simulated clock what its Python took here, and what
     Ray and pickling take its thread for the calls it made (``SimTransport.charge_driver``);
     None: the driver is free."""
@@ -639,7 +640,10 @@ def run_at_scale(r, costs: dict | None = None):
         fleet.tr.charge_driver(lambda cpu_s, calls: cpu_s + ray_main_thread_s(costs, calls) + serialise_s(costs, calls))
     t0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json")
+        samples = MetricsWriter(Path(tmp), "samples.jsonl")
+        driver, records = run_driver(r, fleet, prompt_tokens=prompt_tokens(300), timeline=Path(tmp) / "timeline.json",
+                                     samples_log=samples)
+        samples.close()
         cpu = time.process_time() - t0
         timeline_mb = (Path(tmp) / "timeline.json").stat().st_size / 2**20
     return fleet, driver, records, cpu, timeline_mb

@@ -14,9 +14,9 @@ class MetricsWriter:
     ``trackers`` (when given): as metrics on ``axis`` ("grpo" or "sft" steps), or with ``table``
     as the rows of a table, one table per step.
 
-    Each line goes to the file in one ``os.write``; if that fails part-way (a full disk), the
-    file is cut back to its last whole line before the error is raised, so a reader never
-    meets half a record. ``count`` is the number of records written."""
+    Each ``write`` (or ``write_many``) goes to the file as one ``os.write``; if that fails
+    part-way (a full disk), the file is cut back to where it was before the error is raised, so
+    a reader never meets half a record. ``count`` is the number of records written."""
 
     def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", trackers=None, axis: str = "grpo",
                  table: str | None = None):
@@ -26,25 +26,36 @@ class MetricsWriter:
         self.trackers, self.axis, self.table, self.rows = trackers, axis, table, []
 
     def write(self, record: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        data = (json.dumps(clean) + "\n").encode()
+        self.write_many([record])
+
+    def write_many(self, records: list[dict]) -> None:
+        """``records`` as lines, in one write where the file system takes it at once (a GRPO step's
+        samples.jsonl: 14,336 lines at 256 generators, 3 µs of system calls each one by one)."""
+        if not records:
+            return
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                 for r in records]
+        data = memoryview("".join(json.dumps(c) + "\n" for c in clean).encode())
         size = os.fstat(self.fd).st_size
         try:
-            written = os.write(self.fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, f"short write to {self.path} ({written} of {len(data)} bytes)")
+            while data:  # (a regular file takes it whole unless the disk fills or a signal cuts in)
+                written = os.write(self.fd, data)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, f"short write to {self.path} ({len(data)} bytes left)")
+                data = data[written:]
         except OSError:
             os.ftruncate(self.fd, size)
             raise
-        self.count += 1
+        self.count += len(clean)
         if self.trackers is None:
             return
-        if self.table is None:
-            self.trackers.log(clean, self.axis)
-            return
-        if self.rows and self.rows[-1].get("step") != clean.get("step"):
-            self._send_table()
-        self.rows.append(clean)
+        for c in clean:
+            if self.table is None:
+                self.trackers.log(c, self.axis)
+                continue
+            if self.rows and self.rows[-1].get("step") != c.get("step"):
+                self._send_table()
+            self.rows.append(c)
 
     def _send_table(self) -> None:
         if self.rows:

@@ -23,7 +23,7 @@ from ..common.system import System
 from ..config import Recipe
 from .groups import train_batch
 from .manager import Managers, start_managers
-from .records import Progress, completion_lines, phase_summary, sample_line, step_record
+from .records import Progress, completion_lines, phase_summary, sample_lines, step_record
 from .reward_book import RewardBook
 from .rollouts import STAGES, RolloutStream
 from .staleness import StalenessManager
@@ -134,12 +134,13 @@ class GrpoDriver:
         self.training = False
         step = len(self.records) + len(self.unsynced) + 1
         rollouts = [r for g in work.groups for r in g.rollouts]
+        lines = sample_lines(step, work.version, work.groups)
         self.done.prompts_consumed += len(work.groups)
-        self.done.tokens += sum(len(r.completion_ids) for r in rollouts)
-        for g in work.groups:
-            self._log(self.samples_log, *(sample_line(step, work.version, g, r) for r in g.rollouts))
+        self.done.tokens += sum(x["tokens"] for x in lines)
+        if self.samples_log is not None:
+            self.samples_log.write_many(lines)
         # (model tokens' versions never go down: more than one is its oldest below the newest)
-        self.tally({"samples/interrupted": sum(r.version != r.newest_version for r in rollouts)})
+        self.tally({"samples/interrupted": sum(x["min_version"] != x["max_version"] for x in lines)})
         self.rewards.end_step()
         version = self.elastic.publish().version
         if self.checkpoints is not None and self.checkpoints.due(step):
@@ -149,8 +150,8 @@ class GrpoDriver:
                                                     self.books.histogram, self.rewards.names))
         window, self.window_counts = dict(self.window_counts), Counter()
         now = transport.now()
-        self.unsynced[version] = step_record(step, version, work.version, rollouts, work.value, self.rewards.names,
-                                             self.G, now - self.t_last,
+        self.unsynced[version] = step_record(step, version, work.version, rollouts, lines, work.value,
+                                             self.rewards.names, self.G, now - self.t_last,
                                              {**window, **self.telemetry.window(), **self.queue_depths()})
         self.t_last = now
         if self.r.grpo.log_completions_every and step % self.r.grpo.log_completions_every == 0:

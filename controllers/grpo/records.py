@@ -2,38 +2,44 @@
 completions (completions.jsonl), and its progress as a checkpoint saves it."""
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ...actors.advantages import reverse_kl
 from ...actors.learner import GrpoStats
 from ...actors.rollout import Rollout
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
+def _mean_std(values) -> tuple[float, float]:
+    """Mean and population standard deviation (float64; nan for none: a reward no sample got)."""
+    if not len(values):
         return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std())
 
 
-def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size: int) -> dict:
-    """Rewards per function, completion lengths and group statistics of one batch."""
+def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size: int,
+                    lengths: list[int] | None = None) -> dict:
+    """Rewards per function, completion lengths and group statistics of one batch (``lengths``:
+    each completion's tokens, when the caller has them)."""
     m: dict[str, float] = {}
-    m["reward/mean"], m["reward/std"] = _mean_std([r.reward for r in rollouts])
+    rewards = np.array([r.reward for r in rollouts], dtype=np.float64)
+    m["reward/mean"], m["reward/std"] = _mean_std(rewards)
     for name in reward_names:
-        vals = [r.scores.get(name) for r in rollouts]
-        m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _mean_std([v for v in vals if v is not None])
-    lens = [len(r.completion_ids) for r in rollouts]
-    m["completion_len/mean"], m["completion_len/max"] = statistics.fmean(lens), max(lens)
+        vals = [v for r in rollouts if (v := r.scores.get(name)) is not None]
+        m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _mean_std(vals)
+    lens = [len(r.completion_ids) for r in rollouts] if lengths is None else lengths
+    m["completion_len/mean"], m["completion_len/max"] = sum(lens) / len(lens), max(lens)
     m["completion/truncated_ratio"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
     if rollouts and all(r.teacher_logprobs is not None for r in rollouts):  # teacher.model: how far from it
         kl = [x for r in rollouts for x, m in zip(reverse_kl(r.logprobs, r.teacher_logprobs, r.loss_mask),
                                                    r.loss_mask or [1] * len(r.logprobs)) if m]
-        m["teacher/reverse_kl"] = statistics.fmean(kl) if kl else 0.0
+        m["teacher/reverse_kl"] = float(np.mean(kl)) if kl else 0.0
         m["teacher/reverse_kl_per_sample"] = sum(kl) / len(rollouts)
-    groups = [rollouts[i : i + group_size] for i in range(0, len(rollouts), group_size)]
-    m["groups/zero_std_ratio"] = sum(len({r.reward for r in g}) == 1 for g in groups) / len(groups)
+    by_group = rewards.reshape(-1, group_size)  # (a batch is whole groups)
+    m["groups/zero_std_ratio"] = float(np.mean(by_group.min(axis=1) == by_group.max(axis=1)))
     if any(r.messages is not None for r in rollouts):  # multi-turn episodes with tools
         n = len(rollouts)
         m["turns/mean"] = sum(r.turns for r in rollouts) / n
@@ -45,12 +51,20 @@ def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size
     return m
 
 
-def sample_line(step: int, trained_at: int, group, r: Rollout) -> dict:
-    """samples.jsonl: one trained sample, with the policy versions that generated it."""
-    return {"step": step, "sample_id": r.sample_id, "trained_at": trained_at, "admitted_at": group.admitted_at,
-            "min_version": r.version, "max_version": r.newest_version, "tokens": len(r.completion_ids),
-            "logprobs": len(r.logprobs), "reward": r.reward, "finish_reason": r.finish_reason,
-            **({"turns": r.turns, "tool_calls": r.tool_calls, "tool_errors": r.tool_errors} if r.messages is not None else {})}
+def sample_lines(step: int, trained_at: int, groups) -> list[dict]:
+    """samples.jsonl: the batch's trained samples in order, each with the policy versions that
+    generated it (what the step's record and counts read too: each rollout's versions read once)."""
+    out = []
+    for g in groups:
+        for r in g.rollouts:
+            oldest, newest = r.version_range()
+            line = {"step": step, "sample_id": r.sample_id, "trained_at": trained_at, "admitted_at": g.admitted_at,
+                    "min_version": oldest, "max_version": newest, "tokens": len(r.completion_ids),
+                    "logprobs": len(r.logprobs), "reward": r.reward, "finish_reason": r.finish_reason}
+            if r.messages is not None:
+                line.update(turns=r.turns, tool_calls=r.tool_calls, tool_errors=r.tool_errors)
+            out.append(line)
+    return out
 
 
 def completion_lines(step: int, group) -> list[dict]:
@@ -59,15 +73,16 @@ def completion_lines(step: int, group) -> list[dict]:
              "versions": sorted(set(r.model_versions))} for r in group.rollouts]
 
 
-def step_record(step: int, version: int, trained_at: int, rollouts: list[Rollout], stats: list, reward_names: list[str],
-                group_size: int, seconds: float, extra: dict) -> dict:
-    """metrics.jsonl: one learner step (``stats``: each learner rank's GrpoStats; ``extra``: the
-    window's counts, utilisation and queue depths)."""
-    staleness = [trained_at - r.version for r in rollouts]
-    tokens = sum(len(r.completion_ids) for r in rollouts)
+def step_record(step: int, version: int, trained_at: int, rollouts: list[Rollout], lines: list[dict], stats: list,
+                reward_names: list[str], group_size: int, seconds: float, extra: dict) -> dict:
+    """metrics.jsonl: one learner step (``lines``: its samples' ``sample_lines``; ``stats``: each
+    learner rank's GrpoStats; ``extra``: the window's counts, utilisation and queue depths)."""
+    staleness = [trained_at - x["min_version"] for x in lines]
+    lengths = [x["tokens"] for x in lines]
+    tokens = sum(lengths)
     return {"step": step, "policy_version": version, "samples": len(rollouts), **extra,
-            **rollout_metrics(rollouts, reward_names, group_size), **GrpoStats.combine(stats),
-            "staleness/mean": statistics.fmean(staleness), "staleness/max": max(staleness), "time/step_s": seconds,
+            **rollout_metrics(rollouts, reward_names, group_size, lengths), **GrpoStats.combine(stats),
+            "staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness), "time/step_s": seconds,
             "throughput/samples_per_s": len(rollouts) / seconds, "throughput/tokens_per_s": tokens / seconds}
 
 

@@ -118,7 +118,7 @@ class TimelineWriter:
         self.part = self.path.with_name(f".{self.path.name}.part-{os.getpid()}")
         self.f = self.part.open("w")
         self.f.write(self.HEAD + '{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "r1ray"}}')
-        self.tid: dict[str, int] = {}
+        self.tid: dict[str, tuple[int, str]] = {}  # actor -> (its row, its group)
         self.origin: float | None = None
 
     def _older(self) -> Path:
@@ -152,10 +152,10 @@ class TimelineWriter:
         out = []
         for sp in sorted(spans, key=lambda s: s["t0"]):
             actor = sp["actor"]
-            if actor not in self.tid:
-                self.tid[actor] = len(self.tid) + 1
-                out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": self.tid[actor], "args": {"name": actor}})
-            out.append({"name": sp["kind"], "cat": _group_of(actor), "ph": "X", "pid": 1, "tid": self.tid[actor],
+            if (row := self.tid.get(actor)) is None:
+                row = self.tid[actor] = (len(self.tid) + 1, _group_of(actor))
+                out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": row[0], "args": {"name": actor}})
+            out.append({"name": sp["kind"], "cat": row[1], "ph": "X", "pid": 1, "tid": row[0],
                         "ts": round((sp["t0"] - self.origin) * 1e6, 1), "dur": round(max(0.0, sp["t1"] - sp["t0"]) * 1e6, 1),
                         "args": sp.get("args", {})})
         self.f.write("".join(",\n" + json.dumps(e) for e in out))  # (6 µs a span: 40 ms a step at 256 generators)
@@ -188,10 +188,14 @@ class BusyIntervals:
 
     def add(self, spans: list[dict], groups: Groups) -> None:
         kinds = {actors: set(k) for _, actors, k, _ in groups}
+        counted: dict[str, set] = {}  # actor -> its group's busy kinds (an actor's spans come together)
         new: dict[str, list] = {}
         for sp in spans:
-            if sp["t1"] > sp["t0"] and sp["kind"] in kinds.get(_group_of(sp["actor"]), ()):
-                new.setdefault(sp["actor"], []).append((sp["t0"], sp["t1"]))
+            actor = sp["actor"]
+            if (own := counted.get(actor)) is None:
+                own = counted[actor] = kinds.get(_group_of(actor), set())
+            if sp["t1"] > sp["t0"] and sp["kind"] in own:
+                new.setdefault(actor, []).append((sp["t0"], sp["t1"]))
         for actor, intervals in new.items():
             t = np.array(intervals, dtype=np.float64)
             starts, ends = self.bounds.get(actor, (np.empty(0), np.empty(0)))

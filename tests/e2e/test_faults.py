@@ -300,8 +300,12 @@ w = MetricsWriter(run)
 n = 0
 try:
     while True:
-        w.write({{"step": n, "payload": "x" * 37}})
-        n += 1
+        if n % 3 == 2:  # (several lines in one write: a GRPO step's samples.jsonl)
+            w.write_many([{{"step": n + k, "payload": "x" * 37}} for k in range(4)])
+            n += 4
+        else:
+            w.write({{"step": n, "payload": "x" * 37}})
+            n += 1
 except OSError as e:
     print("written", n, e.errno)
 try:

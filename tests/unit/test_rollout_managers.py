@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from simfleet import QWEN_7B, WALL0, Fleet, GpuCosts, Lengths, run_driver  # noqa: E402
+from simfleet import QWEN_7B, WALL0, Fleet, GpuCosts, Lengths, run_driver, run_logged  # noqa: E402
 
 from r1ray.controllers.config import ConfigError, load_recipe  # noqa: E402
 
@@ -22,23 +22,14 @@ def _recipe(*sets):
                        cpus=1e9, gpus=1e9)
 
 
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def write(self, line):
-        self.lines.append(line)
-
-
 def _run(r, seed=4, at=None, kill=None, spans=None):
     """A run on the simulated 7B fleet: (fleet, driver, records, samples.jsonl's lines); ``kill(fleet)``
     runs ``at`` simulated seconds in."""
     fleet = Fleet(r, GpuCosts(QWEN_7B, start_s=20.0), Lengths(1024, 300), seed=seed)
     if kill is not None:
         fleet.tr.later(at, lambda: kill(fleet))
-    log = _Log()
-    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=log, spans=spans)
-    return fleet, driver, records, log.lines
+    driver, records, lines = run_logged(r, fleet, prompt_tokens=lambda rng: 200, spans=spans)
+    return fleet, driver, records, lines
 
 
 def _killer(group: str, i: int, killed: dict):

@@ -29,6 +29,7 @@ from simfleet import (  # noqa: E402
     payload,
     read_timeline,
     run_driver,
+    run_logged,
 )
 
 from r1ray.cluster.groups import RemoteCallError  # noqa: E402
@@ -346,17 +347,11 @@ def test_groups_streamed_in_parts_are_whole_again_before_training():
                     ["grpo.completions_per_request=1", "grpo.steps=3", "grpo.prompts_per_step=8"], cpus=1e9, gpus=1e9)
     fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(1024, 300), seed=1)
 
-    class Log:
-        lines = []
-
-        def write(self, line):
-            self.lines.append(line)
-
     spans = []
-    driver, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=Log(), spans=spans)
+    driver, records, lines = run_logged(r, fleet, prompt_tokens=lambda rng: 200, spans=spans)
     G = r.grpo.num_generations
     assert [rec["samples"] for rec in records] == [8 * G] * 3
-    ids = [line["sample_id"] for line in Log.lines]
+    ids = [line["sample_id"] for line in lines]
     assert len(ids) == len(set(ids)) == 3 * 8 * G
     by_prompt = Counter(i.rsplit("/", 1)[0] for i in ids)
     assert set(by_prompt.values()) == {G}
@@ -627,17 +622,9 @@ def _busy_s(spans, a, b, n):
 def _sampled(fleet, recipe, steps, prompts_per_step=8, spans=None):
     """A run of the 7B recipe on the simulated fleet: (driver, records, sample ids); ``spans``
     gets every actor's spans."""
-    class Log:
-        def __init__(self):
-            self.lines = []
-
-        def write(self, line):
-            self.lines.append(line)
-
-    log = Log()
-    driver, records = run_driver(recipe, fleet, prompt_tokens=lambda rng: 200, samples_log=log, spans=spans)
+    driver, records, lines = run_logged(recipe, fleet, prompt_tokens=lambda rng: 200, spans=spans)
     assert len(records) == steps
-    ids = [line["sample_id"] for line in log.lines]
+    ids = [line["sample_id"] for line in lines]
     assert len(ids) == len(set(ids)) == steps * prompts_per_step * recipe.grpo.num_generations
     return driver, records, ids
 
