@@ -33,6 +33,7 @@ from simfleet import (  # noqa: E402
 )
 
 from r1ray.cluster.groups import RemoteCallError  # noqa: E402
+from r1ray.controllers.common.runlog import MetricsWriter, read_jsonl  # noqa: E402
 from r1ray.controllers.config import ConfigError, load_recipe  # noqa: E402
 from r1ray.controllers.grpo.telemetry import utilisation  # noqa: E402
 
@@ -295,6 +296,27 @@ def test_the_driver_on_the_clock_delays_each_call_by_its_turn():
     work_calls = 4 + r.learner.num_ranks  # generate, score, reference, export, a train call per rank
     for c, f in zip(charged[1:], free[1:]):
         assert 0.05 * work_calls - 1e-9 <= c["time/step_s"] - f["time/step_s"] <= 0.05 * per_step + 1e-9
+
+
+def test_the_learner_gets_its_next_batch_before_the_step_is_written_down(tmp_path):
+    """At η = 2 on the learner-bound 7B recipe the next batch is ready when a step ends: it goes
+    to the learner right after the weights are published, before the step's samples.jsonl lines
+    and record (its spans drained from every actor), which the learner need not wait for."""
+    r = load_recipe("configs/qwen2.5-math-7b-grpo-h100.yaml",
+                    ["grpo.max_staleness=2", "grpo.steps=6"], cpus=1e9, gpus=1e9)
+    fleet = Fleet(r, GpuCosts(QWEN_7B), Lengths(1024, 300), seed=1)
+    training_when_written = []
+
+    class Samples(MetricsWriter):
+        def write_many(self, records):
+            training_when_written.append(fleet.driver.training)
+            super().write_many(records)
+
+    log = Samples(tmp_path, "samples.jsonl")
+    _, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=log)
+    log.close()
+    assert len(records) == 6 and training_when_written[1:-1] == [True] * 4  # (the last step has no next batch)
+    assert [x["step"] for x in read_jsonl(tmp_path / "samples.jsonl")] == [s for s in range(1, 7) for _ in range(r.grpo.prompts_per_step * 7)]
 
 
 def test_the_timeline_keeps_the_steps_logging_timeline_steps_lists(tmp_path):
