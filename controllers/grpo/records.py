@@ -20,18 +20,16 @@ def _mean_std(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std())
 
 
-def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size: int,
-                    lengths: list[int] | None = None) -> dict:
-    """Rewards per function, completion lengths and group statistics of one batch (``lengths``:
-    each completion's tokens, when the caller has them)."""
+def rollout_metrics(rollouts: list[Rollout], reward_names: list[str], group_size: int, lengths: list[int]) -> dict:
+    """Rewards per function, completion lengths (``lengths``: each completion's tokens) and group
+    statistics of one batch."""
     m: dict[str, float] = {}
     rewards = np.array([r.reward for r in rollouts], dtype=np.float64)
     m["reward/mean"], m["reward/std"] = _mean_std(rewards)
     for name in reward_names:
         vals = [v for r in rollouts if (v := r.scores.get(name)) is not None]
         m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _mean_std(vals)
-    lens = [len(r.completion_ids) for r in rollouts] if lengths is None else lengths
-    m["completion_len/mean"], m["completion_len/max"] = sum(lens) / len(lens), max(lens)
+    m["completion_len/mean"], m["completion_len/max"] = sum(lengths) / len(lengths), max(lengths)
     m["completion/truncated_ratio"] = sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)
     if rollouts and all(r.teacher_logprobs is not None for r in rollouts):  # teacher.model: how far from it
         kl = [x for r in rollouts for x, m in zip(reverse_kl(r.logprobs, r.teacher_logprobs, r.loss_mask),

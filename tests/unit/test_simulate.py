@@ -316,7 +316,9 @@ def test_the_learner_gets_its_next_batch_before_the_step_is_written_down(tmp_pat
     _, records = run_driver(r, fleet, prompt_tokens=lambda rng: 200, samples_log=log)
     log.close()
     assert len(records) == 6 and training_when_written[1:-1] == [True] * 4  # (the last step has no next batch)
-    assert [x["step"] for x in read_jsonl(tmp_path / "samples.jsonl")] == [s for s in range(1, 7) for _ in range(r.grpo.prompts_per_step * 7)]
+    per_step = r.grpo.prompts_per_step * r.grpo.num_generations
+    steps = [x["step"] for x in read_jsonl(tmp_path / "samples.jsonl")]
+    assert steps == [s for s in range(1, 7) for _ in range(per_step)]
 
 
 def test_the_timeline_keeps_the_steps_logging_timeline_steps_lists(tmp_path):
